@@ -1,0 +1,438 @@
+//! Manifest signing (the update authority) and verification (devices).
+//!
+//! The authority encodes an [`v1::UpdateManifest`] once and signs those exact bytes; the
+//! [`v1::SignedManifest`] carries them unchanged. A verifier checks a signature over the bytes
+//! it received **before** it decodes them as a manifest (no re-encoding, no parsing of
+//! unauthenticated data beyond the outer envelope), then checks the manifest's structure.
+//! Freshness for one device is a separate step ([`crate::manifest::check_freshness`]).
+//!
+//! Signed message: `"fleet.v1.UpdateManifest" || 0x00 || manifest bytes`, Ed25519 (RFC 8032),
+//! verified with `verify_strict`. Keys are addressed by [`key_id`].
+
+use std::collections::BTreeMap;
+
+use ed25519_dalek::pkcs8::{spki::der::pem::LineEnding, DecodePrivateKey, DecodePublicKey};
+use ed25519_dalek::pkcs8::{EncodePrivateKey, EncodePublicKey};
+use ed25519_dalek::{Signer as _, SigningKey, VerifyingKey};
+use prost::Message as _;
+use sha2::{Digest as _, Sha256};
+
+use crate::manifest::{self, ManifestError};
+use crate::merkle::Hash;
+use crate::v1::{self, SignatureAlgorithm, UpdateError};
+
+/// Prefix of every signed manifest message (domain separation).
+pub const MANIFEST_CONTEXT: &[u8] = b"fleet.v1.UpdateManifest\0";
+
+/// The key id of an Ed25519 public key: lowercase hex of the first 8 bytes of its SHA-256.
+pub fn key_id(key: &VerifyingKey) -> String {
+    hex::encode(&Sha256::digest(key.as_bytes())[..8])
+}
+
+fn signed_message(manifest: &[u8]) -> Vec<u8> {
+    [MANIFEST_CONTEXT, manifest].concat()
+}
+
+/// Why a key cannot be loaded or written.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum KeyError {
+    /// The private key PEM is not an Ed25519 PKCS#8 key.
+    #[error("not an Ed25519 PKCS#8 private key: {0}")]
+    PrivateKey(ed25519_dalek::pkcs8::Error),
+    /// The public key PEM is not an Ed25519 SubjectPublicKeyInfo.
+    #[error("not an Ed25519 public key: {0}")]
+    PublicKey(ed25519_dalek::pkcs8::spki::Error),
+}
+
+/// The update authority's signing key.
+pub struct UpdateSigner {
+    key: SigningKey,
+    key_id: String,
+}
+
+impl std::fmt::Debug for UpdateSigner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the private key.
+        f.debug_struct("UpdateSigner")
+            .field("key_id", &self.key_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl UpdateSigner {
+    fn from_key(key: SigningKey) -> Self {
+        let key_id = key_id(&key.verifying_key());
+        Self { key, key_id }
+    }
+
+    /// A new random key from the operating system's generator.
+    pub fn generate() -> Self {
+        Self::from_key(SigningKey::generate(&mut rand_core::OsRng))
+    }
+
+    /// Loads a PKCS#8 PEM private key (`-----BEGIN PRIVATE KEY-----`).
+    pub fn from_pkcs8_pem(pem: &str) -> Result<Self, KeyError> {
+        SigningKey::from_pkcs8_pem(pem)
+            .map(Self::from_key)
+            .map_err(KeyError::PrivateKey)
+    }
+
+    /// The private key as PKCS#8 PEM (write it with owner-only permissions).
+    pub fn to_pkcs8_pem(&self) -> Result<String, KeyError> {
+        self.key
+            .to_pkcs8_pem(LineEnding::LF)
+            .map(|z| z.as_str().to_owned())
+            .map_err(KeyError::PrivateKey)
+    }
+
+    /// The public key as SubjectPublicKeyInfo PEM (`-----BEGIN PUBLIC KEY-----`), for devices.
+    pub fn public_key_pem(&self) -> Result<String, KeyError> {
+        self.key
+            .verifying_key()
+            .to_public_key_pem(LineEnding::LF)
+            .map_err(KeyError::PublicKey)
+    }
+
+    /// The public key.
+    pub fn verifying_key(&self) -> VerifyingKey {
+        self.key.verifying_key()
+    }
+
+    /// This key's id.
+    pub fn key_id(&self) -> &str {
+        &self.key_id
+    }
+
+    /// A signature over encoded manifest bytes.
+    pub fn sign(&self, manifest: &[u8]) -> v1::Signature {
+        v1::Signature {
+            key_id: self.key_id.clone(),
+            algorithm: SignatureAlgorithm::Ed25519.into(),
+            signature: self.key.sign(&signed_message(manifest)).to_bytes().to_vec(),
+        }
+    }
+
+    /// Encodes `manifest` once and signs those bytes.
+    pub fn sign_manifest(&self, manifest: &v1::UpdateManifest) -> v1::SignedManifest {
+        let bytes = manifest.encode_to_vec();
+        let signature = self.sign(&bytes);
+        v1::SignedManifest {
+            manifest: bytes,
+            signatures: vec![signature],
+        }
+    }
+}
+
+/// Why a signed manifest is refused.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum VerifyError {
+    /// The SignedManifest envelope does not decode.
+    #[error("signed manifest does not decode: {0}")]
+    Envelope(prost::DecodeError),
+    /// The envelope carries no signature at all.
+    #[error("manifest carries no signature")]
+    Unsigned,
+    /// No signature is by a trusted key.
+    #[error("no signature by a trusted key (key ids: {0:?})")]
+    UnknownKey(Vec<String>),
+    /// A signature by a trusted key does not verify over the received bytes.
+    #[error("signature by key {0} does not verify")]
+    BadSignature(String),
+    /// The authenticated bytes do not decode as a manifest.
+    #[error("signed bytes are not a manifest: {0}")]
+    Decode(prost::DecodeError),
+    /// The authenticated manifest is structurally invalid.
+    #[error("invalid manifest: {0}")]
+    Invalid(#[from] ManifestError),
+}
+
+impl VerifyError {
+    /// The reason code reported upward in `UpdateProgress`.
+    pub fn code(&self) -> UpdateError {
+        match self {
+            VerifyError::Envelope(_) | VerifyError::Decode(_) => UpdateError::MalformedManifest,
+            VerifyError::Unsigned | VerifyError::UnknownKey(_) => UpdateError::UnknownKey,
+            VerifyError::BadSignature(_) => UpdateError::BadSignature,
+            VerifyError::Invalid(ManifestError::UnsupportedFormat(_)) => {
+                UpdateError::UnsupportedFormat
+            }
+            VerifyError::Invalid(_) => UpdateError::MalformedManifest,
+        }
+    }
+}
+
+/// A manifest whose signature and structure have been checked.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VerifiedManifest {
+    /// The decoded manifest.
+    pub manifest: v1::UpdateManifest,
+    /// SHA-256 of the signed manifest bytes: a stable key for resume state.
+    pub digest: Hash,
+    /// Id of the trusted key whose signature verified.
+    pub key_id: String,
+}
+
+/// The authority keys a device trusts, by key id.
+#[derive(Debug, Clone, Default)]
+pub struct TrustedKeys {
+    keys: BTreeMap<String, VerifyingKey>,
+}
+
+impl TrustedKeys {
+    /// No trusted keys (every manifest is refused).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Trusts `key`; returns its key id.
+    pub fn add(&mut self, key: VerifyingKey) -> String {
+        let id = key_id(&key);
+        self.keys.insert(id.clone(), key);
+        id
+    }
+
+    /// Trusts the key in a SubjectPublicKeyInfo PEM; returns its key id.
+    pub fn add_pem(&mut self, pem: &str) -> Result<String, KeyError> {
+        VerifyingKey::from_public_key_pem(pem)
+            .map(|k| self.add(k))
+            .map_err(KeyError::PublicKey)
+    }
+
+    /// Number of trusted keys.
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// True when no key is trusted.
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    /// Verifies an encoded SignedManifest exactly as received off the wire.
+    pub fn verify_encoded(&self, signed: &[u8]) -> Result<VerifiedManifest, VerifyError> {
+        let envelope = v1::SignedManifest::decode(signed).map_err(VerifyError::Envelope)?;
+        self.verify(&envelope)
+    }
+
+    /// Verifies a SignedManifest: a signature by a trusted key over `manifest` must verify;
+    /// only then are the bytes decoded and the manifest's structure checked.
+    pub fn verify(&self, signed: &v1::SignedManifest) -> Result<VerifiedManifest, VerifyError> {
+        if signed.signatures.is_empty() {
+            return Err(VerifyError::Unsigned);
+        }
+        let message = signed_message(&signed.manifest);
+        let mut failed = None;
+        let mut good = None;
+        for sig in &signed.signatures {
+            let Some(key) = self.keys.get(&sig.key_id) else {
+                continue;
+            };
+            let verifies = sig.algorithm == i32::from(SignatureAlgorithm::Ed25519)
+                && ed25519_dalek::Signature::from_slice(&sig.signature)
+                    .is_ok_and(|s| key.verify_strict(&message, &s).is_ok());
+            if verifies {
+                good = Some(sig.key_id.clone());
+                break;
+            }
+            failed.get_or_insert_with(|| sig.key_id.clone());
+        }
+        let key_id = match (good, failed) {
+            (Some(id), _) => id,
+            (None, Some(id)) => return Err(VerifyError::BadSignature(id)),
+            (None, None) => {
+                let ids = signed.signatures.iter().map(|s| s.key_id.clone()).collect();
+                return Err(VerifyError::UnknownKey(ids));
+            }
+        };
+        let manifest =
+            v1::UpdateManifest::decode(signed.manifest.as_slice()).map_err(VerifyError::Decode)?;
+        manifest::validate(&manifest)?;
+        Ok(VerifiedManifest {
+            manifest,
+            digest: Sha256::digest(&signed.manifest).into(),
+            key_id,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::tests::sample;
+    use crate::manifest::{check_freshness, DeviceFacts, FreshnessError};
+
+    fn trusting(signer: &UpdateSigner) -> TrustedKeys {
+        let mut t = TrustedKeys::new();
+        t.add(signer.verifying_key());
+        t
+    }
+
+    #[test]
+    fn round_trip_through_the_wire() {
+        let signer = UpdateSigner::generate();
+        let signed = signer.sign_manifest(&sample());
+        let wire = signed.encode_to_vec();
+        let v = trusting(&signer)
+            .verify_encoded(&wire)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(v.manifest, sample());
+        assert_eq!(v.key_id, signer.key_id());
+        assert_eq!(v.digest, <[u8; 32]>::from(Sha256::digest(&signed.manifest)));
+    }
+
+    #[test]
+    fn every_flipped_byte_of_the_wire_form_is_rejected() {
+        let signer = UpdateSigner::generate();
+        let trusted = trusting(&signer);
+        let wire = signer.sign_manifest(&sample()).encode_to_vec();
+        for i in 0..wire.len() {
+            for bit in [0x01u8, 0x80] {
+                let mut bad = wire.clone();
+                bad[i] ^= bit;
+                assert!(
+                    trusted.verify_encoded(&bad).is_err(),
+                    "byte {i} bit {bit:#x} accepted"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn every_flipped_manifest_byte_is_a_bad_signature() {
+        let signer = UpdateSigner::generate();
+        let trusted = trusting(&signer);
+        let signed = signer.sign_manifest(&sample());
+        for i in 0..signed.manifest.len() {
+            let mut bad = signed.clone();
+            bad.manifest[i] ^= 0x04;
+            assert_eq!(
+                trusted.verify(&bad).map_err(|e| e.code()),
+                Err(UpdateError::BadSignature),
+                "byte {i}"
+            );
+        }
+    }
+
+    #[test]
+    fn untrusted_and_missing_signatures() {
+        let signer = UpdateSigner::generate();
+        let other = UpdateSigner::generate();
+        let signed = signer.sign_manifest(&sample());
+        // Signed by a key the device does not trust.
+        assert_eq!(
+            trusting(&other).verify(&signed),
+            Err(VerifyError::UnknownKey(vec![signer.key_id().to_owned()]))
+        );
+        // A forger claims the trusted key's id with its own signature.
+        let mut forged = signer.sign_manifest(&sample());
+        forged.signatures[0].signature = other.sign(&forged.manifest).signature;
+        assert_eq!(
+            trusting(&signer).verify(&forged),
+            Err(VerifyError::BadSignature(signer.key_id().to_owned()))
+        );
+        // No signature at all.
+        let unsigned = v1::SignedManifest {
+            manifest: signed.manifest.clone(),
+            signatures: vec![],
+        };
+        assert_eq!(
+            trusting(&signer).verify(&unsigned),
+            Err(VerifyError::Unsigned)
+        );
+        // Right key, wrong algorithm tag.
+        let mut alg = signed.clone();
+        alg.signatures[0].algorithm = 0;
+        assert!(matches!(
+            trusting(&signer).verify(&alg),
+            Err(VerifyError::BadSignature(_))
+        ));
+        // Truncated signature bytes.
+        let mut short = signed.clone();
+        short.signatures[0].signature.truncate(10);
+        assert!(matches!(
+            trusting(&signer).verify(&short),
+            Err(VerifyError::BadSignature(_))
+        ));
+    }
+
+    #[test]
+    fn rotation_several_keys_and_signatures() {
+        let old = UpdateSigner::generate();
+        let new = UpdateSigner::generate();
+        let mut signed = new.sign_manifest(&sample());
+        signed.signatures.insert(0, old.sign(&signed.manifest));
+        // A device that only knows the old key, one that only knows the new, and one with both.
+        for keys in [vec![&old], vec![&new], vec![&old, &new]] {
+            let mut t = TrustedKeys::new();
+            for k in &keys {
+                t.add(k.verifying_key());
+            }
+            assert!(t.verify(&signed).is_ok());
+        }
+    }
+
+    #[test]
+    fn signature_does_not_transfer_to_other_contexts() {
+        // A raw Ed25519 signature over the bare manifest bytes (no context) is refused.
+        let signer = UpdateSigner::generate();
+        let mut signed = signer.sign_manifest(&sample());
+        signed.signatures[0].signature = signer.key.sign(&signed.manifest).to_bytes().to_vec();
+        assert!(matches!(
+            trusting(&signer).verify(&signed),
+            Err(VerifyError::BadSignature(_))
+        ));
+    }
+
+    #[test]
+    fn authentic_but_invalid_or_stale_manifests() {
+        let signer = UpdateSigner::generate();
+        let trusted = trusting(&signer);
+        // Authentic bytes that are not a manifest.
+        let garbage = v1::SignedManifest {
+            manifest: vec![0xff; 7],
+            signatures: vec![signer.sign(&[0xff; 7])],
+        };
+        assert!(matches!(
+            trusted.verify(&garbage),
+            Err(VerifyError::Decode(_))
+        ));
+        // Authentic but structurally invalid.
+        let mut m = sample();
+        m.expires_at_ms = 0;
+        assert_eq!(
+            trusted.verify(&signer.sign_manifest(&m)),
+            Err(VerifyError::Invalid(ManifestError::NoExpiry))
+        );
+        // Authentic, valid, and then judged stale by the freshness rules.
+        let v = trusted
+            .verify(&signer.sign_manifest(&sample()))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let facts = DeviceFacts {
+            device_class: "pump-v2",
+            installed_sequence: 11,
+            now_ms: 0,
+        };
+        assert!(matches!(
+            check_freshness(&v.manifest, &facts),
+            Err(FreshnessError::NotNewer { .. })
+        ));
+    }
+
+    #[test]
+    fn pem_round_trip() {
+        let signer = UpdateSigner::generate();
+        let pem = signer.to_pkcs8_pem().unwrap_or_else(|e| panic!("{e}"));
+        assert!(pem.starts_with("-----BEGIN PRIVATE KEY-----"));
+        let again = UpdateSigner::from_pkcs8_pem(&pem).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(again.key_id(), signer.key_id());
+        let mut t = TrustedKeys::new();
+        let id = t.add_pem(&signer.public_key_pem().unwrap_or_else(|e| panic!("{e}")));
+        assert_eq!(id.ok().as_deref(), Some(signer.key_id()));
+        assert!(UpdateSigner::from_pkcs8_pem("not a key").is_err());
+        assert!(t
+            .add_pem("-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n")
+            .is_err());
+    }
+}
