@@ -1,1 +1,21 @@
+//! The fleet PKI: certificates for devices, services and gateways, CRLs, and the identities
+//! certificates carry.
+//!
+//! * [`identity`]: role and id from a certificate (`urn:fleet:{role}:{id}` SAN URI, CN = id).
+//! * [`verify`]: chain + CRL + identity check outside a TLS handshake.
+//! * [`profile`]: what each certificate contains; issuing with rcgen.
+//! * [`pki`]: the development PKI directory behind the `certs` CLI.
+//! * [`inspect`]: human-readable descriptions for `certs inspect`.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
+pub mod files;
+pub mod identity;
+pub mod inspect;
+pub mod pki;
+pub mod profile;
+pub mod verify;
+
+pub use identity::{identity_from_der, Identity, IdentityError, IdentityPolicy, Role};
+pub use pki::{InitOptions, Pki, PkiError};
+pub use verify::{TrustStore, VerifyError};

@@ -12,7 +12,7 @@
 use std::collections::BTreeMap;
 
 use ed25519_dalek::pkcs8::{spki::der::pem::LineEnding, DecodePrivateKey, DecodePublicKey};
-use ed25519_dalek::pkcs8::{EncodePrivateKey, EncodePublicKey};
+use ed25519_dalek::pkcs8::{EncodePrivateKey, EncodePublicKey, KeypairBytes};
 use ed25519_dalek::{Signer as _, SigningKey, VerifyingKey};
 use prost::Message as _;
 use sha2::{Digest as _, Sha256};
@@ -78,12 +78,16 @@ impl UpdateSigner {
             .map_err(KeyError::PrivateKey)
     }
 
-    /// The private key as PKCS#8 PEM (write it with owner-only permissions).
+    /// The private key as PKCS#8 v1 PEM (write it with owner-only permissions). v1, without
+    /// the optional public key of v2, because OpenSSL 3.0 and many HSM tools read only v1.
     pub fn to_pkcs8_pem(&self) -> Result<String, KeyError> {
-        self.key
-            .to_pkcs8_pem(LineEnding::LF)
-            .map(|z| z.as_str().to_owned())
-            .map_err(KeyError::PrivateKey)
+        KeypairBytes {
+            secret_key: self.key.to_bytes(),
+            public_key: None,
+        }
+        .to_pkcs8_pem(LineEnding::LF)
+        .map(|z| z.as_str().to_owned())
+        .map_err(KeyError::PrivateKey)
     }
 
     /// The public key as SubjectPublicKeyInfo PEM (`-----BEGIN PUBLIC KEY-----`), for devices.
