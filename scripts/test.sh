@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Runs the whole test suite. Installs the third-party tools the tests drive (from Debian's
+# packages) when they are missing; a test whose tool is still missing fails loudly.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# Debian package -> command the tests run.
+declare -A tools=([openssl]=openssl)
+missing=()
+for pkg in "${!tools[@]}"; do
+    command -v "${tools[$pkg]}" >/dev/null 2>&1 || missing+=("$pkg")
+done
+if ((${#missing[@]})); then
+    echo "Installing test tools: ${missing[*]}" >&2
+    sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}"
+fi
+
+cargo test --workspace --locked "$@"
