@@ -82,38 +82,30 @@ pub enum PemError {
     },
 }
 
-/// Every certificate in a PEM file (a CA bundle may hold several).
-pub fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, PemError> {
+/// Every object of type `T` in a PEM file; `what` names it in errors.
+fn read_pem_all<T: PemObject>(path: &Path, what: &'static str) -> Result<Vec<T>, PemError> {
     let data = fs::read(path).map_err(|e| FileError::new("reading", path, e))?;
-    let certs = CertificateDer::pem_slice_iter(&data)
+    let all = T::pem_slice_iter(&data)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| PemError::Malformed {
             path: path.to_owned(),
             detail: e.to_string(),
         })?;
-    if certs.is_empty() {
+    if all.is_empty() {
         return Err(PemError::Empty {
             path: path.to_owned(),
-            what: "CERTIFICATE",
+            what,
         });
     }
-    Ok(certs)
+    Ok(all)
+}
+
+/// Every certificate in a PEM file (a CA bundle may hold several).
+pub fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, PemError> {
+    read_pem_all(path, "CERTIFICATE")
 }
 
 /// Every CRL in a PEM file.
 pub fn read_crls(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>, PemError> {
-    let data = fs::read(path).map_err(|e| FileError::new("reading", path, e))?;
-    let crls = CertificateRevocationListDer::pem_slice_iter(&data)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| PemError::Malformed {
-            path: path.to_owned(),
-            detail: e.to_string(),
-        })?;
-    if crls.is_empty() {
-        return Err(PemError::Empty {
-            path: path.to_owned(),
-            what: "X509 CRL",
-        });
-    }
-    Ok(crls)
+    read_pem_all(path, "X509 CRL")
 }

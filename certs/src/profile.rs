@@ -141,6 +141,28 @@ impl ServerNames {
     }
 }
 
+/// Signs a leaf: `extra` adds the SANs and usages beyond the common leaf profile.
+fn leaf(
+    cn: &str,
+    validity: Validity,
+    issuer: &Issuer<'_, KeyPair>,
+    extra: impl FnOnce(&mut CertificateParams) -> Result<(), ProfileError>,
+) -> Result<Issued, ProfileError> {
+    let key = KeyPair::generate()?;
+    let (mut params, serial) = base_params(cn, validity)?;
+    params.use_authority_key_identifier_extension = true;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    extra(&mut params)?;
+    let cert = params.signed_by(&key, issuer)?;
+    Ok(Issued {
+        cert_pem: cert.pem(),
+        cert_der: cert.der().to_vec(),
+        key_pem: key.serialize_pem(),
+        serial,
+    })
+}
+
 /// A leaf certificate for `identity`, signed by `issuer`. `server` is used for gateways only.
 pub fn new_leaf(
     identity: &Identity,
@@ -148,34 +170,24 @@ pub fn new_leaf(
     server: &ServerNames,
     issuer: &Issuer<'_, KeyPair>,
 ) -> Result<Issued, ProfileError> {
-    let key = KeyPair::generate()?;
-    let (mut params, serial) = base_params(&identity.id, validity)?;
-    params.use_authority_key_identifier_extension = true;
-    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-    let uri = identity.uri().try_into()?;
-    params.subject_alt_names = vec![SanType::URI(uri)];
-    if identity.role == Role::Gateway {
-        params
-            .extended_key_usages
-            .push(ExtendedKeyUsagePurpose::ServerAuth);
-        for name in &server.dns {
-            let dns = name
-                .clone()
-                .try_into()
-                .map_err(|_| ProfileError::DnsName(name.clone()))?;
-            params.subject_alt_names.push(SanType::DnsName(dns));
+    leaf(&identity.id, validity, issuer, |params| {
+        params.subject_alt_names = vec![SanType::URI(identity.uri().try_into()?)];
+        if identity.role == Role::Gateway {
+            params
+                .extended_key_usages
+                .push(ExtendedKeyUsagePurpose::ServerAuth);
+            for name in &server.dns {
+                let dns = name
+                    .clone()
+                    .try_into()
+                    .map_err(|_| ProfileError::DnsName(name.clone()))?;
+                params.subject_alt_names.push(SanType::DnsName(dns));
+            }
+            params
+                .subject_alt_names
+                .extend(server.ips.iter().copied().map(SanType::IpAddress));
         }
-        params
-            .subject_alt_names
-            .extend(server.ips.iter().copied().map(SanType::IpAddress));
-    }
-    let cert = params.signed_by(&key, issuer)?;
-    Ok(Issued {
-        cert_pem: cert.pem(),
-        cert_der: cert.der().to_vec(),
-        key_pem: key.serialize_pem(),
-        serial,
+        Ok(())
     })
 }
 
@@ -186,16 +198,5 @@ pub fn new_cn_only_leaf(
     validity: Validity,
     issuer: &Issuer<'_, KeyPair>,
 ) -> Result<Issued, ProfileError> {
-    let key = KeyPair::generate()?;
-    let (mut params, serial) = base_params(cn, validity)?;
-    params.use_authority_key_identifier_extension = true;
-    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-    let cert = params.signed_by(&key, issuer)?;
-    Ok(Issued {
-        cert_pem: cert.pem(),
-        cert_der: cert.der().to_vec(),
-        key_pem: key.serialize_pem(),
-        serial,
-    })
+    leaf(cn, validity, issuer, |_| Ok(()))
 }
