@@ -1,4 +1,21 @@
 //! The edge gateway: the mTLS edge with certificate identities and ACLs in front of an
-//! embedded rumqttd router, plus the durable services (command outbox, update server,
-//! status registry, upstream bridge). Built out by the gateway issues; see `DESIGN.md`.
+//! embedded rumqttd router.
+//!
+//! * [`config`]: typed configuration with documented defaults.
+//! * [`tls`]: the rustls server configuration (client certificates mandatory, CRLs).
+//! * [`acl`]: topic matching and the per-role policy (pure).
+//! * [`edge`]: listener, per-connection tasks, identity binding, reload, shutdown.
+//! * [`router`]: the embedded rumqttd router and its in-process links.
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod acl;
+pub mod config;
+pub mod devpki;
+pub mod edge;
+pub mod metrics;
+pub mod router;
+pub mod tls;
+
+pub use config::GatewayConfig;
+pub use edge::{Gateway, GatewayError, GatewayHandle};

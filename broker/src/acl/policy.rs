@@ -1,0 +1,384 @@
+//! The ACL policy: data (TOML), deny by default, publish and subscribe rules per role with an
+//! `{id}` placeholder. Decisions are pure functions of (identity, topic).
+//!
+//! ```toml
+//! [device]
+//! publish = ["devices/{id}/status", ...]
+//! subscribe = ["devices/{id}/cmd", ...]
+//! [service]
+//! ...
+//! ```
+//!
+//! * A PUBLISH (and a will, and a retained publish) is allowed if a publish rule matches its
+//!   topic name.
+//! * A SUBSCRIBE filter is allowed only if it lies within one subscribe rule: every topic the
+//!   filter can match is matched by that rule ([`super::filter::within`]). So `devices/+/cmd`
+//!   is never granted by `devices/{id}/cmd`, and `#` never by anything but `#`.
+//! * `{id}` must be a whole level; it is replaced by the identity's id, which the certificate
+//!   layer has already checked to be free of `/ + # $`, so it always stays one literal level.
+//! * Topics and filters starting with `$` are denied to every role whose rules do not name a
+//!   `$` level literally (the default policy names none).
+//! * A role absent from the file has no rights.
+
+use std::collections::BTreeMap;
+
+use fleet_certs::{Identity, Role};
+use serde::Deserialize;
+
+use super::filter::{self, check_filter, check_name, TopicSyntax};
+
+/// The placeholder replaced by the identity's id.
+pub const ID_PLACEHOLDER: &str = "{id}";
+
+/// The default policy, following the topic table: devices publish their reports and read
+/// their commands and update stream; services command and update any device and read all
+/// device reports and the fleet API; gateway certificates (bridges) get nothing here.
+pub const DEFAULT_POLICY: &str = include_str!("default_policy.toml");
+
+/// Rules of one role.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RoleRules {
+    /// Topic filters the role may publish to.
+    #[serde(default)]
+    pub publish: Vec<String>,
+    /// Topic filters the role's subscriptions must lie within.
+    #[serde(default)]
+    pub subscribe: Vec<String>,
+}
+
+/// Why a policy file is refused.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PolicyError {
+    /// Not TOML of the expected shape.
+    #[error("policy is not valid: {0}")]
+    Parse(#[from] toml::de::Error),
+    /// A rule is not a valid filter.
+    #[error("rule {rule:?} of role {role}: {problem}")]
+    Rule {
+        /// The role.
+        role: String,
+        /// The rule as written.
+        rule: String,
+        /// What is wrong.
+        problem: String,
+    },
+}
+
+/// A loaded, validated policy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Policy {
+    roles: BTreeMap<Role, RoleRules>,
+}
+
+/// What an ACL check decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Allowed.
+    Allow,
+    /// Denied, with the reason (for the log line).
+    Deny(DenyReason),
+}
+
+/// Why a request was denied.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DenyReason {
+    /// The topic or filter is not valid MQTT.
+    #[error("invalid topic: {0}")]
+    Syntax(TopicSyntax),
+    /// No rule of the role allows it.
+    #[error("no {0} rule allows it")]
+    NoRule(&'static str),
+}
+
+impl Policy {
+    /// Parses and validates a TOML policy.
+    pub fn from_toml(text: &str) -> Result<Self, PolicyError> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct File {
+            #[serde(default)]
+            device: Option<RoleRules>,
+            #[serde(default)]
+            service: Option<RoleRules>,
+            #[serde(default)]
+            gateway: Option<RoleRules>,
+        }
+        let file: File = toml::from_str(text)?;
+        let mut roles = BTreeMap::new();
+        for (role, rules) in [
+            (Role::Device, file.device),
+            (Role::Service, file.service),
+            (Role::Gateway, file.gateway),
+        ] {
+            let rules = rules.unwrap_or_default();
+            for rule in rules.publish.iter().chain(&rules.subscribe) {
+                validate_rule(rule).map_err(|problem| PolicyError::Rule {
+                    role: role.to_string(),
+                    rule: rule.clone(),
+                    problem,
+                })?;
+            }
+            roles.insert(role, rules);
+        }
+        Ok(Self { roles })
+    }
+
+    /// The built-in default policy.
+    pub fn default_policy() -> Self {
+        // The default policy is a constant checked by the unit tests below; parsing it cannot
+        // fail at run time, and an empty policy (deny all) would be the safe fallback anyway.
+        Self::from_toml(DEFAULT_POLICY).unwrap_or(Self {
+            roles: BTreeMap::new(),
+        })
+    }
+
+    /// The rules of `role` (empty if the policy does not name it).
+    pub fn rules(&self, role: Role) -> RoleRules {
+        self.roles.get(&role).cloned().unwrap_or_default()
+    }
+
+    /// May `who` publish to `topic` (also used for wills and retained messages)?
+    pub fn check_publish(&self, who: &Identity, topic: &str) -> Decision {
+        if let Err(e) = check_name(topic) {
+            return Decision::Deny(DenyReason::Syntax(e));
+        }
+        let allowed = self.roles.get(&who.role).is_some_and(|r| {
+            r.publish
+                .iter()
+                .any(|rule| filter::matches(&instantiate(rule, &who.id), topic))
+        });
+        if allowed {
+            Decision::Allow
+        } else {
+            Decision::Deny(DenyReason::NoRule("publish"))
+        }
+    }
+
+    /// May `who` subscribe to `filter`?
+    pub fn check_subscribe(&self, who: &Identity, topic_filter: &str) -> Decision {
+        if let Err(e) = check_filter(topic_filter) {
+            return Decision::Deny(DenyReason::Syntax(e));
+        }
+        let allowed = self.roles.get(&who.role).is_some_and(|r| {
+            r.subscribe
+                .iter()
+                .any(|rule| filter::within(topic_filter, &instantiate(rule, &who.id)))
+        });
+        if allowed {
+            Decision::Allow
+        } else {
+            Decision::Deny(DenyReason::NoRule("subscribe"))
+        }
+    }
+}
+
+fn instantiate(rule: &str, id: &str) -> String {
+    rule.replace(ID_PLACEHOLDER, id)
+}
+
+fn validate_rule(rule: &str) -> Result<(), String> {
+    for level in rule.split('/') {
+        if level.contains(ID_PLACEHOLDER) && level != ID_PLACEHOLDER {
+            return Err("{id} must be a whole topic level".into());
+        }
+        if level.contains(['{', '}']) && level != ID_PLACEHOLDER {
+            return Err("the only placeholder is {id}".into());
+        }
+    }
+    check_filter(&instantiate(rule, "x")).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn who(role: Role, id: &str) -> Identity {
+        Identity::new(role, id).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn policy() -> Policy {
+        Policy::from_toml(DEFAULT_POLICY).unwrap_or_else(|e| panic!("default policy: {e}"))
+    }
+
+    #[test]
+    fn default_policy_follows_the_topic_table() {
+        let p = policy();
+        let d = who(Role::Device, "dev-1");
+        for t in [
+            "cmd/result",
+            "status",
+            "presence",
+            "update/get",
+            "update/progress",
+        ] {
+            assert_eq!(
+                p.check_publish(&d, &format!("devices/dev-1/{t}")),
+                Decision::Allow,
+                "{t}"
+            );
+            assert_ne!(
+                p.check_publish(&d, &format!("devices/dev-2/{t}")),
+                Decision::Allow,
+                "{t}"
+            );
+        }
+        for t in ["cmd", "update/manifest", "update/chunk"] {
+            assert_ne!(
+                p.check_publish(&d, &format!("devices/dev-1/{t}")),
+                Decision::Allow,
+                "{t}"
+            );
+            assert_eq!(
+                p.check_subscribe(&d, &format!("devices/dev-1/{t}")),
+                Decision::Allow,
+                "{t}"
+            );
+            assert_ne!(
+                p.check_subscribe(&d, &format!("devices/dev-2/{t}")),
+                Decision::Allow,
+                "{t}"
+            );
+        }
+        for f in [
+            "devices/dev-2/#",
+            "devices/+/cmd",
+            "+/+/cmd",
+            "#",
+            "$SYS/#",
+            "devices/dev-1/#",
+            "devices/#",
+            "+/dev-1/cmd",
+        ] {
+            assert_ne!(p.check_subscribe(&d, f), Decision::Allow, "{f}");
+        }
+        assert_ne!(p.check_publish(&d, "$SYS/x"), Decision::Allow);
+        assert_ne!(p.check_publish(&d, "fleet/commands"), Decision::Allow);
+
+        let s = who(Role::Service, "svc-1");
+        assert_eq!(p.check_publish(&s, "devices/dev-1/cmd"), Decision::Allow);
+        assert_eq!(
+            p.check_publish(&s, "devices/dev-9/update/manifest"),
+            Decision::Allow
+        );
+        assert_ne!(p.check_publish(&s, "devices/dev-1/status"), Decision::Allow);
+        assert_eq!(p.check_subscribe(&s, "devices/+/status"), Decision::Allow);
+        assert_eq!(
+            p.check_subscribe(&s, "devices/dev-3/cmd/result"),
+            Decision::Allow
+        );
+        assert_ne!(p.check_subscribe(&s, "devices/#"), Decision::Allow);
+        assert_ne!(p.check_subscribe(&s, "#"), Decision::Allow);
+
+        let g = who(Role::Gateway, "gw-1");
+        assert_ne!(p.check_publish(&g, "devices/dev-1/cmd"), Decision::Allow);
+        assert_ne!(p.check_subscribe(&g, "devices/+/status"), Decision::Allow);
+    }
+
+    #[test]
+    fn invalid_topics_are_denied_with_their_reason() {
+        let p = policy();
+        let d = who(Role::Device, "dev-1");
+        assert_eq!(
+            p.check_publish(&d, "devices/dev-1/+"),
+            Decision::Deny(DenyReason::Syntax(TopicSyntax::WildcardInName))
+        );
+        assert_eq!(
+            p.check_publish(&d, ""),
+            Decision::Deny(DenyReason::Syntax(TopicSyntax::Empty))
+        );
+        assert_eq!(
+            p.check_publish(&d, "devices/dev-1/status\0"),
+            Decision::Deny(DenyReason::Syntax(TopicSyntax::Nul))
+        );
+        assert_eq!(
+            p.check_subscribe(&d, "devices/dev-1/#/x"),
+            Decision::Deny(DenyReason::Syntax(TopicSyntax::MisplacedWildcard))
+        );
+    }
+
+    #[test]
+    fn bad_policies_are_refused() {
+        for bad in [
+            "[device]\npublish = [\"devices/x{id}/a\"]",
+            "[device]\npublish = [\"devices/{other}/a\"]",
+            "[device]\nsubscribe = [\"a/#/b\"]",
+            "[device]\nsubscribe = [\"\"]",
+            "[robot]\npublish = []",
+            "[device]\npublsh = []",
+            "not toml [",
+        ] {
+            assert!(Policy::from_toml(bad).is_err(), "{bad}");
+        }
+        // An empty policy is valid and denies everything.
+        let empty = Policy::from_toml("").unwrap_or_else(|e| panic!("{e}"));
+        assert_ne!(
+            empty.check_publish(&who(Role::Device, "d"), "devices/d/status"),
+            Decision::Allow
+        );
+    }
+
+    fn level() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just("devices".to_owned()),
+            Just("dev-1".to_owned()),
+            Just("dev-2".to_owned()),
+            Just("cmd".to_owned()),
+            Just("result".to_owned()),
+            Just("status".to_owned()),
+            Just("update".to_owned()),
+            Just("chunk".to_owned()),
+            Just("manifest".to_owned()),
+            Just("fleet".to_owned()),
+            Just("$SYS".to_owned()),
+            Just(String::new()),
+            Just("+".to_owned()),
+            Just("#".to_owned()),
+            "[a-z0-9$-]{1,4}",
+        ]
+    }
+
+    fn topic_from(levels: Vec<String>) -> String {
+        levels.join("/")
+    }
+
+    proptest! {
+        /// No filter a device is granted can match a topic outside its own tree, and no topic it
+        /// may publish to is outside its tree.
+        #[test]
+        fn device_grants_stay_in_its_tree(
+            f in prop::collection::vec(level(), 1..6),
+            t in prop::collection::vec(level(), 1..6),
+        ) {
+            let p = policy();
+            let d = who(Role::Device, "dev-1");
+            let filter_text = topic_from(f);
+            let topic = topic_from(t).replace(['+', '#'], "x");
+            if p.check_subscribe(&d, &filter_text) == Decision::Allow && filter::matches(&filter_text, &topic) {
+                prop_assert!(topic.starts_with("devices/dev-1/"), "{filter_text} granted and matches {topic}");
+            }
+            if p.check_publish(&d, &topic) == Decision::Allow {
+                prop_assert!(topic.starts_with("devices/dev-1/"), "publish to {topic} granted");
+            }
+        }
+
+        /// `within` is sound: whenever it says inner lies within outer, every topic matched by
+        /// inner is matched by outer.
+        #[test]
+        fn within_is_sound(
+            inner in prop::collection::vec(level(), 1..5),
+            outer in prop::collection::vec(level(), 1..5),
+            t in prop::collection::vec(level(), 1..6),
+        ) {
+            let (inner, outer) = (topic_from(inner), topic_from(outer));
+            let topic = topic_from(t).replace(['+', '#'], "x");
+            if check_filter(&inner).is_ok() && check_filter(&outer).is_ok()
+                && filter::within(&inner, &outer) && filter::matches(&inner, &topic) {
+                prop_assert!(filter::matches(&outer, &topic), "{inner} within {outer}, but {topic}");
+            }
+        }
+    }
+}

@@ -1,0 +1,132 @@
+//! `gateway`: the edge gateway binary. Parses config, sets up logging, runs the library.
+//!
+//! With no configuration it runs the embedded default: a development PKI created in
+//! `gateway-data/pki` on first start, listening on 127.0.0.1:8883.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use fleet_broker::config::GatewayConfig;
+use fleet_broker::tls::TlsFiles;
+use fleet_broker::{devpki, Gateway};
+use tokio::signal::unix::{signal, SignalKind};
+use tracing::{info, warn};
+
+/// Exit code for a configuration error (EX_CONFIG would be 78; sysexits' EX_USAGE, 64, is
+/// what operators and service managers conventionally read as "fix the invocation").
+const EXIT_CONFIG: u8 = 64;
+
+#[derive(Parser)]
+#[command(
+    name = "gateway",
+    version,
+    about = "MQTT command and update gateway (mTLS edge + ACL)"
+)]
+struct Args {
+    /// Configuration file (TOML); see broker/gateway.example.toml. Environment variables
+    /// GATEWAY__SECTION__KEY override it.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Device certificates to create when the development PKI is made on first start.
+    #[arg(long, default_value_t = 3)]
+    dev_devices: u32,
+    /// How long shutdown waits for connections to close.
+    #[arg(long, default_value = "5s", value_parser = humantime_parse)]
+    grace: Duration,
+}
+
+fn humantime_parse(s: &str) -> Result<Duration, String> {
+    humantime_serde::re::humantime::parse_duration(s).map_err(|e| e.to_string())
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let args = Args::parse();
+    let config = match GatewayConfig::load(args.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("gateway: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("gateway: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(run(config, args))
+}
+
+async fn run(config: GatewayConfig, args: Args) -> ExitCode {
+    let files = match (&config.tls.ca, &config.tls.cert, &config.tls.key) {
+        (Some(ca), Some(cert), Some(key)) => TlsFiles {
+            ca: ca.clone(),
+            crl: config.tls.crl.clone(),
+            cert: cert.clone(),
+            key: key.clone(),
+        },
+        _ => match devpki::ensure(&config.data_dir, args.dev_devices) {
+            Ok((files, created)) => {
+                let dir = config.data_dir.join("pki");
+                if created {
+                    info!(dir = %dir.display(), "created a development PKI");
+                }
+                info!(dir = %dir.display(), "using the development PKI (device certificates in devices/)");
+                files
+            }
+            Err(e) => {
+                eprintln!(
+                    "gateway: development PKI in {}: {e}",
+                    config.data_dir.display()
+                );
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        },
+    };
+    let gateway = match Gateway::bind(config, files).await {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("gateway: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let handle = gateway.handle();
+    let (Ok(mut hup), Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::hangup()),
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        eprintln!("gateway: cannot install signal handlers");
+        return ExitCode::FAILURE;
+    };
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            match handle.reload() {
+                Ok(closed) => info!(closed, "SIGHUP: reloaded"),
+                Err(e) => {
+                    warn!(error = %e, "SIGHUP: reload failed; keeping the previous configuration")
+                }
+            }
+        }
+    });
+    let shutdown = async move {
+        tokio::select! {
+            _ = term.recv() => info!("SIGTERM"),
+            _ = int.recv() => info!("SIGINT"),
+        }
+    };
+    gateway.serve(shutdown, args.grace).await;
+    ExitCode::SUCCESS
+}

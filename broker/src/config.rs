@@ -1,0 +1,220 @@
+//! Gateway configuration: typed, with documented defaults, validated before any port is bound.
+//!
+//! Sources, later ones winning: built-in defaults, the TOML file given with `--config`, then
+//! environment variables `GATEWAY__SECTION__KEY` (for example `GATEWAY__LISTEN=0.0.0.0:8883`,
+//! `GATEWAY__LIMITS__MAX_CONNECTIONS=20000`). Every option is described in
+//! `broker/gateway.example.toml`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use fleet_certs::Role;
+use serde::Deserialize;
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// Address of the mTLS MQTT listener. Default `127.0.0.1:8883`: local only until the
+    /// operator decides otherwise.
+    pub listen: SocketAddr,
+    /// Directory for the gateway's state; with no TLS files configured, the development PKI is
+    /// created in `DATA_DIR/pki` on first start. Default `gateway-data`.
+    pub data_dir: PathBuf,
+    /// TLS files and handshake limits.
+    pub tls: TlsSettings,
+    /// Connection and packet limits.
+    pub limits: Limits,
+    /// Authorization.
+    pub acl: AclSettings,
+    /// How identities are read from certificates.
+    pub identity: IdentitySettings,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8883)),
+            data_dir: PathBuf::from("gateway-data"),
+            tls: TlsSettings::default(),
+            limits: Limits::default(),
+            acl: AclSettings::default(),
+            identity: IdentitySettings::default(),
+        }
+    }
+}
+
+/// TLS files. Either all of `ca`, `cert` and `key` are set, or none (embedded development PKI).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsSettings {
+    /// PEM bundle of the CAs whose certificates clients may present.
+    pub ca: Option<PathBuf>,
+    /// PEM CRL(s) of those CAs; reloaded on SIGHUP. Optional.
+    pub crl: Option<PathBuf>,
+    /// The gateway's certificate chain (PEM).
+    pub cert: Option<PathBuf>,
+    /// The gateway's private key (PEM, PKCS#8 or SEC1).
+    pub key: Option<PathBuf>,
+    /// Longest a TLS handshake may take before the connection is dropped. Default 10 s: slow
+    /// radio links need seconds; an idle socket must not hold a slot for longer.
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+}
+
+impl Default for TlsSettings {
+    fn default() -> Self {
+        Self {
+            ca: None,
+            crl: None,
+            cert: None,
+            key: None,
+            handshake_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Limits that protect the gateway from its clients.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Most simultaneous client connections (TLS handshakes included). When full, the listener
+    /// stops accepting until a slot frees: back-pressure, not failure. Default 10,000.
+    pub max_connections: usize,
+    /// Largest MQTT packet accepted, in bytes; a larger one closes the connection. Default
+    /// 2 MiB: a 1 MiB firmware chunk plus framing fits.
+    pub max_packet_size: usize,
+    /// Longest wait for CONNECT after the handshake. Default 10 s.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_connections: 10_000,
+            max_packet_size: 2 << 20,
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// What happens to a PUBLISH the ACL denies.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DeniedPublish {
+    /// Drop it (acknowledged at QoS 1 so the client does not retry forever), log and count.
+    #[default]
+    Drop,
+    /// Log, count and close the connection.
+    Disconnect,
+}
+
+/// Authorization settings.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct AclSettings {
+    /// ACL policy file (TOML); reloaded on SIGHUP. Default: the built-in policy
+    /// (`broker/src/acl/default_policy.toml`).
+    pub policy: Option<PathBuf>,
+    /// What to do with a denied PUBLISH. Default `drop`.
+    pub on_denied_publish: DeniedPublish,
+}
+
+/// Identity settings.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct IdentitySettings {
+    /// Role given to certificates without a `urn:fleet:` SAN URI (their CN is the id). Default
+    /// none: such certificates are refused.
+    pub cn_fallback_role: Option<Role>,
+}
+
+/// Why the configuration is refused.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file or environment could not be read or parsed.
+    #[error("{0}")]
+    Load(#[from] config::ConfigError),
+    /// A value is out of range or inconsistent.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+impl GatewayConfig {
+    /// Loads defaults, then `file` (if any), then `GATEWAY__*` environment variables, and
+    /// validates the result.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut builder = config::Config::builder();
+        if let Some(f) = file {
+            builder = builder.add_source(config::File::from(f).format(config::FileFormat::Toml));
+        }
+        builder = builder.add_source(
+            config::Environment::with_prefix("GATEWAY")
+                .prefix_separator("__")
+                .separator("__"),
+        );
+        let cfg: GatewayConfig = builder.build()?.try_deserialize()?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks ranges and consistency.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |s: &str| Err(ConfigError::Invalid(s.to_owned()));
+        let t = &self.tls;
+        let set = [t.ca.is_some(), t.cert.is_some(), t.key.is_some()];
+        if set.iter().any(|s| *s) && !set.iter().all(|s| *s) {
+            return bad("tls.ca, tls.cert and tls.key must be set together (or none, for the development PKI)");
+        }
+        if t.ca.is_none() && t.crl.is_some() {
+            return bad("tls.crl needs tls.ca");
+        }
+        if t.handshake_timeout.is_zero() || self.limits.connect_timeout.is_zero() {
+            return bad("timeouts must be greater than zero");
+        }
+        if self.limits.max_connections == 0 {
+            return bad("limits.max_connections must be at least 1");
+        }
+        if !(1024..=(256 << 20)).contains(&self.limits.max_packet_size) {
+            return bad("limits.max_packet_size must be between 1 KiB and 256 MiB");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_local() {
+        let c = GatewayConfig::default();
+        assert!(c.validate().is_ok());
+        assert!(c.listen.ip().is_loopback());
+    }
+
+    #[test]
+    fn file_values_and_errors() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let f = dir.path().join("g.toml");
+        std::fs::write(&f, "listen = \"127.0.0.1:0\"\n[limits]\nmax_connections = 5\nconnect_timeout = \"3s\"\n[acl]\non_denied_publish = \"disconnect\"\n").unwrap_or_else(|e| panic!("{e}"));
+        let c = GatewayConfig::load(Some(&f)).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.limits.max_connections, 5);
+        assert_eq!(c.limits.connect_timeout, Duration::from_secs(3));
+        assert_eq!(c.acl.on_denied_publish, DeniedPublish::Disconnect);
+        for bad in [
+            "listen = \"nowhere\"",
+            "[limits]\nmax_connections = 0",
+            "[limits]\nmax_packet_size = 10",
+            "[tls]\nca = \"ca.crt\"",
+            "unknown_key = 1",
+            "[identity]\ncn_fallback_role = \"admin\"",
+        ] {
+            std::fs::write(&f, bad).unwrap_or_else(|e| panic!("{e}"));
+            assert!(GatewayConfig::load(Some(&f)).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,125 @@
+//! MQTT 3.1.1 framing over rumqttd's v4 codec, made safe for hostile input: a decoder panic is
+//! contained and reported as an error, packets with v5 properties are never handed to the v4
+//! encoder (it panics on them), and the QoS and packet id of a PUBLISH are read from the raw
+//! frame (rumqttd keeps those fields crate-private).
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use bytes::BytesMut;
+use rumqttd::protocol::v4::V4;
+use rumqttd::protocol::{Packet, Protocol};
+
+/// Why bytes from a client are not a packet.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DecodeError {
+    /// The codec refused the bytes.
+    #[error("malformed packet: {0}")]
+    Malformed(rumqttd::protocol::Error),
+    /// The codec panicked on the bytes (a bug in it, contained here).
+    #[error("malformed packet: decoder failed")]
+    DecoderPanic,
+}
+
+/// Reads the next whole packet from `buf`, or `Ok(None)` if more bytes are needed.
+pub fn decode(buf: &mut BytesMut, max_packet_size: usize) -> Result<Option<Packet>, DecodeError> {
+    if buf.is_empty() {
+        return Ok(None);
+    }
+    let mut codec = V4;
+    match catch_unwind(AssertUnwindSafe(|| codec.read_mut(buf, max_packet_size))) {
+        Ok(Ok(packet)) => Ok(Some(packet)),
+        Ok(Err(rumqttd::protocol::Error::InsufficientBytes(_))) => Ok(None),
+        Ok(Err(e)) => Err(DecodeError::Malformed(e)),
+        Err(_) => Err(DecodeError::DecoderPanic),
+    }
+}
+
+/// Appends the encoding of `packet` to `out`, dropping any v5 properties first (the gateway
+/// speaks MQTT 3.1.1 to clients). Packets that only a client sends are not encoded.
+pub fn encode(packet: Packet, out: &mut BytesMut) -> Result<(), rumqttd::protocol::Error> {
+    let packet = match packet {
+        Packet::ConnAck(a, _) => Packet::ConnAck(a, None),
+        Packet::Publish(p, _) => Packet::Publish(p, None),
+        Packet::PubAck(a, _) => Packet::PubAck(a, None),
+        Packet::SubAck(a, _) => Packet::SubAck(a, None),
+        Packet::UnsubAck(a, _) => Packet::UnsubAck(a, None),
+        Packet::PubRec(a, _) => Packet::PubRec(a, None),
+        Packet::PubRel(a, _) => Packet::PubRel(a, None),
+        Packet::PubComp(a, _) => Packet::PubComp(a, None),
+        Packet::PingResp(p) => Packet::PingResp(p),
+        Packet::Disconnect(d, _) => Packet::Disconnect(d, None),
+        // Client-to-server packets never go to a client.
+        Packet::Connect(..)
+        | Packet::Subscribe(..)
+        | Packet::Unsubscribe(..)
+        | Packet::PingReq(_) => return Ok(()),
+    };
+    V4.write(packet, out).map(drop)
+}
+
+/// QoS (0-2) and packet id of the PUBLISH frame at the start of `frame`, read from the raw
+/// bytes. `None` if the frame is not a well-formed PUBLISH header.
+pub fn publish_header(frame: &[u8]) -> Option<(u8, u16)> {
+    let first = *frame.first()?;
+    if first >> 4 != 3 {
+        return None;
+    }
+    let qos = (first >> 1) & 0b11;
+    // Remaining length: 1 to 4 bytes, 7 bits each.
+    let mut at = 1;
+    loop {
+        let b = *frame.get(at)?;
+        at += 1;
+        if b & 0x80 == 0 {
+            break;
+        }
+        if at > 4 {
+            return None;
+        }
+    }
+    let topic_len = usize::from(u16::from_be_bytes([*frame.get(at)?, *frame.get(at + 1)?]));
+    at += 2 + topic_len;
+    if qos == 0 {
+        return Some((0, 0));
+    }
+    let pkid = u16::from_be_bytes([*frame.get(at)?, *frame.get(at + 1)?]);
+    Some((qos, pkid))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn publish_header_reads_qos_and_pkid() {
+        // QoS 1, topic "a/b", pkid 0x1234, payload "x".
+        let frame = [0x32, 8, 0, 3, b'a', b'/', b'b', 0x12, 0x34, b'x'];
+        assert_eq!(publish_header(&frame), Some((1, 0x1234)));
+        assert_eq!(publish_header(&[0x30, 4, 0, 1, b'a', b'x']), Some((0, 0)));
+        assert_eq!(publish_header(&[0x32, 3, 0, 1]), None);
+        assert_eq!(publish_header(&[0x10, 0]), None);
+        assert_eq!(publish_header(&[]), None);
+    }
+
+    #[test]
+    fn garbage_never_panics() {
+        // Every two-byte header, including reserved packet types 0 and 15, followed by junk.
+        for first in 0..=255u8 {
+            for len in [0u8, 1, 2, 5, 0x7f] {
+                let mut buf = BytesMut::from(&[first, len, 0, 1, 2, 3, 4, 0xff, 0xff][..]);
+                let _ = decode(&mut buf, 1024);
+            }
+        }
+    }
+
+    #[test]
+    fn oversize_is_an_error() {
+        // PUBLISH with a remaining length of 2,000 against a 1,024-byte limit.
+        let mut buf = BytesMut::from(&[0x30, 0xd0, 0x0f, 0, 1, b'a'][..]);
+        assert!(matches!(
+            decode(&mut buf, 1024),
+            Err(DecodeError::Malformed(_))
+        ));
+    }
+}

@@ -1,0 +1,132 @@
+//! Live connections by client id: one connection per identity (a second one replaces the
+//! first cleanly), and a way to close connections from outside (revocation, shutdown).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{oneshot, watch};
+
+/// Why the gateway closes a connection itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// Another connection of the same identity arrived.
+    Takeover,
+    /// The certificate no longer verifies (revoked, or its CA removed) after a reload.
+    Revoked,
+    /// The gateway is shutting down.
+    Shutdown,
+}
+
+impl std::fmt::Display for CloseReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            CloseReason::Takeover => "replaced by a new connection of the same identity",
+            CloseReason::Revoked => "certificate no longer valid",
+            CloseReason::Shutdown => "gateway shutting down",
+        })
+    }
+}
+
+struct Entry {
+    generation: u64,
+    close: watch::Sender<Option<CloseReason>>,
+    done: Option<oneshot::Receiver<()>>,
+    cert: Arc<Vec<u8>>,
+}
+
+/// The registry.
+#[derive(Default)]
+pub struct Sessions {
+    inner: Mutex<(u64, HashMap<String, Entry>)>,
+}
+
+/// Held by a connection task while it is registered; deregisters on drop and tells a
+/// successor waiting in [`Sessions::register`] that this connection is gone.
+pub struct Registration {
+    sessions: Arc<Sessions>,
+    id: String,
+    generation: u64,
+    _done: oneshot::Sender<()>,
+    /// Becomes `Some(reason)` when the gateway wants this connection closed.
+    pub close: watch::Receiver<Option<CloseReason>>,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        if let Ok(mut g) = self.sessions.inner.lock() {
+            if g.1
+                .get(&self.id)
+                .is_some_and(|e| e.generation == self.generation)
+            {
+                g.1.remove(&self.id);
+            }
+        }
+    }
+}
+
+/// How long a new connection waits for the one it replaces to finish.
+const TAKEOVER_WAIT: Duration = Duration::from_secs(5);
+
+impl Sessions {
+    /// Registers a connection for `id`, closing any previous one and waiting (bounded) until it
+    /// has left the router, so the two never overlap there.
+    pub async fn register(self: &Arc<Self>, id: &str, cert: Vec<u8>) -> Registration {
+        let (done_tx, done_rx) = oneshot::channel();
+        let (close_tx, close_rx) = watch::channel(None);
+        let (generation, previous) = {
+            let mut g = match self.inner.lock() {
+                Ok(g) => g,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            g.0 += 1;
+            let generation = g.0;
+            let entry = Entry {
+                generation,
+                close: close_tx,
+                done: Some(done_rx),
+                cert: Arc::new(cert),
+            };
+            let previous = g.1.insert(id.to_owned(), entry);
+            (generation, previous)
+        };
+        if let Some(mut old) = previous {
+            let _ = old.close.send(Some(CloseReason::Takeover));
+            if let Some(done) = old.done.take() {
+                let _ = tokio::time::timeout(TAKEOVER_WAIT, done).await;
+            }
+        }
+        Registration {
+            sessions: Arc::clone(self),
+            id: id.to_owned(),
+            generation,
+            _done: done_tx,
+            close: close_rx,
+        }
+    }
+
+    /// Asks every connection for which `keep(certificate)` is false to close with `reason`;
+    /// returns how many were asked.
+    pub fn close_unless(&self, reason: CloseReason, keep: impl Fn(&[u8]) -> bool) -> usize {
+        let g = match self.inner.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let mut asked = 0;
+        for e in g.1.values().filter(|e| !keep(&e.cert)) {
+            let _ = e.close.send(Some(reason));
+            asked += 1;
+        }
+        asked
+    }
+
+    /// Number of registered connections.
+    pub fn len(&self) -> usize {
+        self.inner.lock().map(|g| g.1.len()).unwrap_or(0)
+    }
+
+    /// True when no connection is registered.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}

@@ -1,0 +1,38 @@
+//! Counters of the gateway, cheap to bump from any task.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// The gateway's counters.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// Connections accepted at TCP level.
+    pub tcp_accepted: AtomicU64,
+    /// TLS handshakes that failed or timed out (wrong CA, revoked, expired, no certificate).
+    pub handshake_failures: AtomicU64,
+    /// Connections refused after the handshake (identity, CONNECT problems).
+    pub connects_refused: AtomicU64,
+    /// MQTT sessions established (CONNACK accepted sent).
+    pub sessions_opened: AtomicU64,
+    /// Publishes and subscriptions denied by the ACL (wills included).
+    pub acl_denials: AtomicU64,
+    /// Connections closed for a protocol violation or malformed input.
+    pub protocol_errors: AtomicU64,
+    /// PUBLISH packets received from clients and forwarded.
+    pub publishes_in: AtomicU64,
+    /// PUBLISH packets sent to clients.
+    pub publishes_out: AtomicU64,
+    /// Will messages published after an abnormal disconnect.
+    pub wills_published: AtomicU64,
+}
+
+impl Metrics {
+    /// Adds one to `counter`.
+    pub fn inc(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Reads `counter`.
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+}
