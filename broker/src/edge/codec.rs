@@ -19,12 +19,20 @@ pub enum DecodeError {
     /// The codec panicked on the bytes (a bug in it, contained here).
     #[error("malformed packet: decoder failed")]
     DecoderPanic,
+    /// The first byte names a reserved packet type (0 or 15).
+    #[error("malformed packet: reserved packet type {0}")]
+    ReservedType(u8),
 }
 
 /// Reads the next whole packet from `buf`, or `Ok(None)` if more bytes are needed.
 pub fn decode(buf: &mut BytesMut, max_packet_size: usize) -> Result<Option<Packet>, DecodeError> {
-    if buf.is_empty() {
+    let Some(first) = buf.first() else {
         return Ok(None);
+    };
+    // Refuse at the first byte rather than wait for the body a garbage length announces.
+    let kind = first >> 4;
+    if kind == 0 || kind == 15 {
+        return Err(DecodeError::ReservedType(kind));
     }
     let mut codec = V4;
     match catch_unwind(AssertUnwindSafe(|| codec.read_mut(buf, max_packet_size))) {

@@ -137,6 +137,10 @@ async fn session(
     // CONNECT first, within the connect timeout.
     let first = timeout(shared.config.limits.connect_timeout, async {
         loop {
+            // The first packet must be CONNECT: refuse anything else at its first byte.
+            if inbuf.first().is_some_and(|b| *b != 0x10) {
+                return Err("first packet is not CONNECT".to_owned());
+            }
             if let Some(p) = decode(&mut inbuf, max).map_err(|e| e.to_string())? {
                 return Ok::<_, String>(p);
             }
@@ -487,6 +491,9 @@ impl Pump {
                 Decision::Allow => {
                     slots.push(None);
                     allowed.push(f);
+                }
+                Decision::Deny(DenyReason::Syntax(e)) => {
+                    return self.violation(format!("invalid topic filter {:?}: {e}", f.path));
                 }
                 Decision::Deny(reason) => {
                     Metrics::inc(&self.shared.metrics.acl_denials);

@@ -1,0 +1,343 @@
+//! Fixtures for the gateway's integration tests: a gateway on 127.0.0.1:0 with a fresh PKI,
+//! the mosquitto command-line clients as real third-party devices and services, and a raw TLS
+//! client for sending hostile bytes.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fleet_broker::config::GatewayConfig;
+use fleet_broker::tls::TlsFiles;
+use fleet_broker::{Gateway, GatewayHandle};
+use fleet_certs::pki::{InitOptions, Pki};
+use fleet_certs::profile::{ServerNames, Validity};
+use fleet_certs::{Identity, Role};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+
+/// Polls `cond` until it holds or `within` passes.
+pub async fn eventually(within: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let end = Instant::now() + within;
+    while Instant::now() < end {
+        if cond() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("not within {within:?}: {what}");
+}
+
+/// A PKI with devices dev-1..dev-3, services svc-1 and svc-2 and gateway gw-1.
+pub fn make_pki(dir: &Path) -> Pki {
+    let mut pki = Pki::init(
+        dir,
+        &InitOptions {
+            devices: 0,
+            gateway_id: "gw-1".into(),
+            service_id: "svc-1".into(),
+            ..InitOptions::default()
+        },
+    )
+    .unwrap();
+    for id in ["dev-1", "dev-2", "dev-3"] {
+        pki.issue(
+            &Identity::new(Role::Device, id).unwrap(),
+            Validity::days_from_now(30),
+            &ServerNames::default(),
+        )
+        .unwrap();
+    }
+    // A second service, so a watcher and a publisher can be connected at once (one connection
+    // per identity: a second one replaces the first).
+    pki.issue(
+        &Identity::new(Role::Service, "svc-2").unwrap(),
+        Validity::days_from_now(30),
+        &ServerNames::default(),
+    )
+    .unwrap();
+    pki
+}
+
+pub struct TestGateway {
+    pub addr: std::net::SocketAddr,
+    pub handle: GatewayHandle,
+    pub pki: Pki,
+    pub dir: tempfile::TempDir,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl TestGateway {
+    pub async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    pub async fn start_with(tweak: impl FnOnce(&mut GatewayConfig)) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = make_pki(&dir.path().join("pki"));
+        let gw = pki.entry("gw-1").unwrap();
+        let files = TlsFiles {
+            ca: Pki::ca_cert_path(pki.dir()),
+            crl: Some(pki.crl_path()),
+            cert: pki.cert_path(gw),
+            key: pki.key_path(gw),
+        };
+        let mut config = GatewayConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            data_dir: dir.path().join("data"),
+            ..GatewayConfig::default()
+        };
+        tweak(&mut config);
+        let gateway = Gateway::bind(config, files).await.unwrap();
+        let addr = gateway.local_addr().unwrap();
+        let handle = gateway.handle();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(gateway.serve(
+            async move {
+                let _ = stopped.await;
+            },
+            Duration::from_secs(2),
+        ));
+        TestGateway {
+            addr,
+            handle,
+            pki,
+            dir,
+            stop: Some(stop),
+        }
+    }
+
+    pub fn cert(&self, id: &str) -> (PathBuf, PathBuf) {
+        let e = self
+            .pki
+            .entry(id)
+            .unwrap_or_else(|| panic!("no certificate for {id}"));
+        (self.pki.cert_path(e), self.pki.key_path(e))
+    }
+
+    pub fn ca(&self) -> PathBuf {
+        Pki::ca_cert_path(self.pki.dir())
+    }
+
+    /// Common arguments of mosquitto_pub/sub for the holder of `id`'s certificate.
+    pub fn mosq_args(&self, id: &str) -> Vec<String> {
+        let (cert, key) = self.cert(id);
+        self.mosq_args_with(&cert, &key, id)
+    }
+
+    pub fn mosq_args_with(&self, cert: &Path, key: &Path, client_id: &str) -> Vec<String> {
+        vec![
+            "-h".into(),
+            "127.0.0.1".into(),
+            "-p".into(),
+            self.addr.port().to_string(),
+            "--cafile".into(),
+            self.ca().display().to_string(),
+            "--cert".into(),
+            cert.display().to_string(),
+            "--key".into(),
+            key.display().to_string(),
+            "-i".into(),
+            client_id.into(),
+            "-V".into(),
+            "mqttv311".into(),
+        ]
+    }
+
+    /// Runs mosquitto_pub to completion.
+    pub fn publish(&self, id: &str, topic: &str, message: &str, extra: &[&str]) -> Output {
+        let mut c = Command::new(tool("mosquitto_pub"));
+        c.args(self.mosq_args(id))
+            .args(["-t", topic, "-m", message])
+            .args(extra);
+        run_output(c)
+    }
+
+    /// Starts mosquitto_sub in the background; `extra` may add -C, -W, -q, -c...
+    pub fn subscribe(&self, id: &str, topic: &str, extra: &[&str]) -> Child {
+        let mut c = Command::new(tool("mosquitto_sub"));
+        c.args(self.mosq_args(id))
+            .args(["-t", topic, "-v"])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        c.spawn().unwrap_or_else(|e| panic!("mosquitto_sub: {e}"))
+    }
+
+    /// Waits until `id` has a live session at the gateway (its SUBSCRIBE may follow shortly).
+    pub async fn wait_sessions(&self, n: usize) {
+        let h = self.handle.clone();
+        eventually(Duration::from_secs(5), &format!("{n} sessions"), || {
+            h.sessions() == n
+        })
+        .await;
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+    }
+}
+
+impl Drop for TestGateway {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The path of a third-party tool, or a loud failure naming the package to install.
+pub fn tool(name: &str) -> &str {
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {name}")])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    assert!(found, "{name} is not installed: run ./scripts/test.sh (it installs mosquitto-clients) or apt-get install mosquitto-clients");
+    name
+}
+
+pub fn run_output(mut c: Command) -> Output {
+    c.stdin(Stdio::null());
+    c.output().unwrap_or_else(|e| panic!("{c:?}: {e}"))
+}
+
+/// Waits for a background client to exit and returns its output.
+pub async fn finish(child: Child) -> Output {
+    tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap()
+}
+
+pub fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+// ---- Raw MQTT over TLS, for hostile input ----
+
+pub fn client_tls(ca: &Path, cert: &Path, key: &Path) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(ca).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let chain: Vec<_> = CertificateDer::pem_file_iter(cert)
+        .unwrap()
+        .map(|c| c.unwrap())
+        .collect();
+    let key = PrivateKeyDer::from_pem_file(key).unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(fleet_broker::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .unwrap();
+    Arc::new(config)
+}
+
+/// A TLS connection as `id`, no MQTT yet.
+pub async fn raw_tls(gw: &TestGateway, id: &str) -> TlsStream<TcpStream> {
+    let (cert, key) = gw.cert(id);
+    let config = client_tls(&gw.ca(), &cert, &key);
+    let tcp = TcpStream::connect(gw.addr).await.unwrap();
+    tokio_rustls::TlsConnector::from(config)
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap()
+}
+
+fn remaining_length(mut n: usize, out: &mut Vec<u8>) {
+    loop {
+        let mut b = (n % 128) as u8;
+        n /= 128;
+        if n > 0 {
+            b |= 0x80;
+        }
+        out.push(b);
+        if n == 0 {
+            break;
+        }
+    }
+}
+
+pub fn packet(first: u8, body: &[u8]) -> Vec<u8> {
+    let mut p = vec![first];
+    remaining_length(body.len(), &mut p);
+    p.extend_from_slice(body);
+    p
+}
+
+fn string(s: &[u8]) -> Vec<u8> {
+    let mut v = (s.len() as u16).to_be_bytes().to_vec();
+    v.extend_from_slice(s);
+    v
+}
+
+pub fn connect_packet(client_id: &str, keep_alive: u16) -> Vec<u8> {
+    let mut body = string(b"MQTT");
+    body.push(4); // protocol level 3.1.1
+    body.push(0x02); // clean session
+    body.extend_from_slice(&keep_alive.to_be_bytes());
+    body.extend_from_slice(&string(client_id.as_bytes()));
+    packet(0x10, &body)
+}
+
+pub fn publish_packet(topic: &[u8], payload: &[u8], qos: u8, pkid: u16) -> Vec<u8> {
+    let mut body = string(topic);
+    if qos > 0 {
+        body.extend_from_slice(&pkid.to_be_bytes());
+    }
+    body.extend_from_slice(payload);
+    packet(0x30 | (qos << 1), &body)
+}
+
+pub fn subscribe_packet(pkid: u16, filters: &[(&str, u8)]) -> Vec<u8> {
+    let mut body = pkid.to_be_bytes().to_vec();
+    for (f, q) in filters {
+        body.extend_from_slice(&string(f.as_bytes()));
+        body.push(*q);
+    }
+    packet(0x82, &body)
+}
+
+/// Sends bytes, then reads until the gateway closes the connection (or `within` passes).
+/// Returns what was read and whether the connection was closed.
+pub async fn send_and_wait_close(
+    s: &mut TlsStream<TcpStream>,
+    bytes: &[u8],
+    within: Duration,
+) -> (Vec<u8>, bool) {
+    let _ = s.write_all(bytes).await;
+    let _ = s.flush().await;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let end = Instant::now() + within;
+    loop {
+        let left = end.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return (got, false);
+        }
+        match tokio::time::timeout(left, s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return (got, true),
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+            Err(_) => return (got, false),
+        }
+    }
+}
+
+/// Reads exactly `n` bytes (a CONNACK is 4) or fails.
+pub async fn read_n(s: &mut TlsStream<TcpStream>, n: usize) -> Vec<u8> {
+    let mut buf = vec![0u8; n];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    buf
+}
