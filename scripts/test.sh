@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Debian package -> command the tests run.
-declare -A tools=([openssl]=openssl)
+declare -A tools=([openssl]=openssl [mosquitto-clients]=mosquitto_pub)
 missing=()
 for pkg in "${!tools[@]}"; do
     command -v "${tools[$pkg]}" >/dev/null 2>&1 || missing+=("$pkg")

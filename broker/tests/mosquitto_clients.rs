@@ -281,3 +281,75 @@ async fn offline_device_gets_its_command_on_reconnect() {
         text(&got)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn second_connection_of_an_identity_replaces_the_first() {
+    use tokio::io::AsyncWriteExt;
+    let gw = TestGateway::start().await;
+    let mut first = raw_tls(&gw, "dev-1").await;
+    first.write_all(&connect_packet("dev-1", 30)).await.unwrap();
+    assert_eq!(read_n(&mut first, 4).await, [0x20, 0x02, 0x00, 0x00]);
+    let mut second = raw_tls(&gw, "dev-1").await;
+    second
+        .write_all(&connect_packet("dev-1", 30))
+        .await
+        .unwrap();
+    assert_eq!(read_n(&mut second, 4).await, [0x20, 0x02, 0x00, 0x00]);
+    // The first is closed by the gateway; the second works.
+    let (_, closed) = send_and_wait_close(&mut first, &[], Duration::from_secs(5)).await;
+    assert!(closed, "first connection not closed");
+    second.write_all(&[0xc0, 0x00]).await.unwrap();
+    assert_eq!(read_n(&mut second, 2).await, [0xd0, 0x00]);
+    assert_eq!(gw.handle.sessions(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos2_and_retained_messages() {
+    let gw = TestGateway::start().await;
+    // QoS 2 end to end.
+    let sub = gw.subscribe(
+        "dev-1",
+        "devices/dev-1/cmd",
+        &["-q", "2", "-C", "1", "-W", "10"],
+    );
+    gw.wait_sessions(1).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let out = gw.publish("svc-1", "devices/dev-1/cmd", "exactly-once", &["-q", "2"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let got = finish(sub).await;
+    assert_eq!(
+        String::from_utf8_lossy(&got.stdout).trim(),
+        "devices/dev-1/cmd exactly-once"
+    );
+
+    // A retained manifest reaches a device that subscribes later.
+    let out = gw.publish(
+        "svc-1",
+        "devices/dev-2/update/manifest",
+        "manifest-v2",
+        &["-q", "1", "-r"],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let sub = gw.subscribe(
+        "dev-2",
+        "devices/dev-2/update/manifest",
+        &["-C", "1", "-W", "10"],
+    );
+    let got = finish(sub).await;
+    assert_eq!(
+        String::from_utf8_lossy(&got.stdout).trim(),
+        "devices/dev-2/update/manifest manifest-v2"
+    );
+
+    // A denied retained publish leaves nothing behind for the victim.
+    let out = gw.publish(
+        "dev-1",
+        "devices/dev-3/update/manifest",
+        "forged",
+        &["-q", "1", "-r"],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let sub = gw.subscribe("dev-3", "devices/dev-3/update/manifest", &["-W", "2"]);
+    let got = finish(sub).await;
+    assert!(got.stdout.is_empty(), "{}", text(&got));
+}
