@@ -365,6 +365,21 @@ impl Pki {
         Ok(())
     }
 
+    /// Signs a certificate for `identity` without writing it or recording it in the index:
+    /// for load generators that need thousands of identities in memory.
+    pub fn sign_unrecorded(
+        &self,
+        identity: &Identity,
+        validity: Validity,
+    ) -> Result<Issued, PkiError> {
+        Ok(profile::new_leaf(
+            identity,
+            validity,
+            &ServerNames::default(),
+            &self.issuer,
+        )?)
+    }
+
     /// Issues a certificate without the fleet SAN URI (CN only), for CN-fallback setups and
     /// tests; it is not recorded in the index.
     pub fn issue_cn_only(&self, cn: &str, validity: Validity) -> Result<Issued, PkiError> {

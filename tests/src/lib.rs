@@ -1,2 +1,5 @@
-//! Shared fixtures for the cross-crate integration tests in `tests/tests/`.
+//! Shared fixtures for cross-crate integration tests and the benchmark tools.
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod mqtt;

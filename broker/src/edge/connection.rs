@@ -346,7 +346,8 @@ impl Pump {
                 notification = link_rx.next() => {
                     let mut wake = false;
                     let mut next = notification;
-                    for _ in 0..WRITE_BATCH {
+                    let mut taken = 0;
+                    loop {
                         match next {
                             Ok(Some(n)) => match self.on_notification(n) {
                                 Some(true) => wake = true,
@@ -356,7 +357,12 @@ impl Pump {
                             Ok(None) => {}
                             Err(_) => { let _ = self.flush(wr).await; return End::RouterGone; }
                         }
-                        // Take what the router has already queued without waiting.
+                        taken += 1;
+                        if taken == WRITE_BATCH {
+                            break;
+                        }
+                        // Take what the router has already queued, without waiting. Only
+                        // fetch what this loop will also process: nothing may be dropped.
                         match timeout(Duration::ZERO, link_rx.next()).await {
                             Ok(n) => next = n,
                             Err(_) => break,

@@ -14,11 +14,13 @@ use fleet_broker::{Gateway, GatewayHandle};
 use fleet_certs::pki::{InitOptions, Pki};
 use fleet_certs::profile::{ServerNames, Validity};
 use fleet_certs::{Identity, Role};
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls_pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
+
+#[allow(unused_imports)] // each test file uses a different subset
+pub use fleet_tests::mqtt::{connect_packet, publish_packet, subscribe_packet};
 
 /// Polls `cond` until it holds or `within` passes.
 pub async fn eventually(within: Duration, what: &str, mut cond: impl FnMut() -> bool) {
@@ -224,22 +226,8 @@ pub fn text(o: &Output) -> String {
 // ---- Raw MQTT over TLS, for hostile input ----
 
 pub fn client_tls(ca: &Path, cert: &Path, key: &Path) -> Arc<rustls::ClientConfig> {
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_file_iter(ca).unwrap() {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let chain: Vec<_> = CertificateDer::pem_file_iter(cert)
-        .unwrap()
-        .map(|c| c.unwrap())
-        .collect();
-    let key = PrivateKeyDer::from_pem_file(key).unwrap();
-    let config = rustls::ClientConfig::builder_with_provider(fleet_broker::tls::provider())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_client_auth_cert(chain, key)
-        .unwrap();
-    Arc::new(config)
+    let pem = |p: &Path| std::fs::read_to_string(p).unwrap();
+    fleet_tests::mqtt::client_config(ca, &pem(cert), &pem(key)).unwrap()
 }
 
 /// A TLS connection as `id`, no MQTT yet.
@@ -251,60 +239,6 @@ pub async fn raw_tls(gw: &TestGateway, id: &str) -> TlsStream<TcpStream> {
         .connect(ServerName::try_from("localhost").unwrap(), tcp)
         .await
         .unwrap()
-}
-
-fn remaining_length(mut n: usize, out: &mut Vec<u8>) {
-    loop {
-        let mut b = (n % 128) as u8;
-        n /= 128;
-        if n > 0 {
-            b |= 0x80;
-        }
-        out.push(b);
-        if n == 0 {
-            break;
-        }
-    }
-}
-
-pub fn packet(first: u8, body: &[u8]) -> Vec<u8> {
-    let mut p = vec![first];
-    remaining_length(body.len(), &mut p);
-    p.extend_from_slice(body);
-    p
-}
-
-fn string(s: &[u8]) -> Vec<u8> {
-    let mut v = (s.len() as u16).to_be_bytes().to_vec();
-    v.extend_from_slice(s);
-    v
-}
-
-pub fn connect_packet(client_id: &str, keep_alive: u16) -> Vec<u8> {
-    let mut body = string(b"MQTT");
-    body.push(4); // protocol level 3.1.1
-    body.push(0x02); // clean session
-    body.extend_from_slice(&keep_alive.to_be_bytes());
-    body.extend_from_slice(&string(client_id.as_bytes()));
-    packet(0x10, &body)
-}
-
-pub fn publish_packet(topic: &[u8], payload: &[u8], qos: u8, pkid: u16) -> Vec<u8> {
-    let mut body = string(topic);
-    if qos > 0 {
-        body.extend_from_slice(&pkid.to_be_bytes());
-    }
-    body.extend_from_slice(payload);
-    packet(0x30 | (qos << 1), &body)
-}
-
-pub fn subscribe_packet(pkid: u16, filters: &[(&str, u8)]) -> Vec<u8> {
-    let mut body = pkid.to_be_bytes().to_vec();
-    for (f, q) in filters {
-        body.extend_from_slice(&string(f.as_bytes()));
-        body.push(*q);
-    }
-    packet(0x82, &body)
 }
 
 /// Sends bytes, then reads until the gateway closes the connection (or `within` passes).

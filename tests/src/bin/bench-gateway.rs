@@ -1,0 +1,329 @@
+//! `bench-gateway`: load figures for the gateway's mTLS edge (not a test).
+//!
+//! Starts the release `gateway` binary (from the same target directory) on a fresh PKI and
+//! measures, with the gateway in its own process so that its CPU and memory are its own:
+//! 1. idle mTLS device connections held, and the gateway's memory per connection;
+//! 2. mTLS connects per second (TLS handshake + CONNECT + CONNACK);
+//! 3. QoS 1 publish throughput device -> service, 256-byte payloads, with a loss check.
+//!
+//! Run: `./scripts/bench.sh` (builds in release mode, then runs this).
+
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fleet_certs::pki::{InitOptions, Pki};
+use fleet_certs::profile::Validity;
+use fleet_certs::{Identity, Role};
+use fleet_tests::mqtt::{self, Client};
+
+type Error = Box<dyn std::error::Error + Send + Sync>;
+
+struct Args {
+    idle: usize,
+    connects: usize,
+    publishers: usize,
+    seconds: u64,
+}
+
+fn parse_args() -> Result<Args, Error> {
+    let mut a = Args {
+        idle: 5_000,
+        connects: 2_000,
+        publishers: 20,
+        seconds: 10,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let value = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
+        match flag.as_str() {
+            "--idle" => a.idle = value.parse()?,
+            "--connects" => a.connects = value.parse()?,
+            "--publishers" => a.publishers = value.parse()?,
+            "--seconds" => a.seconds = value.parse()?,
+            other => {
+                return Err(format!(
+                    "unknown flag {other}; flags: --idle N --connects N --publishers N --seconds N"
+                )
+                .into())
+            }
+        }
+    }
+    Ok(a)
+}
+
+/// The gateway under test, as a child process.
+struct Gateway {
+    child: Child,
+    port: u16,
+}
+
+impl Gateway {
+    fn start(dir: &std::path::Path, pki: &Pki, max_connections: usize) -> Result<Self, Error> {
+        let exe = std::env::current_exe()?.with_file_name("gateway");
+        if !exe.exists() {
+            return Err(format!(
+                "{} not found: build it with cargo build --release --bin gateway",
+                exe.display()
+            )
+            .into());
+        }
+        let gw = pki.entry("gw-0001").ok_or("no gateway certificate")?;
+        let config = dir.join("gateway.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n[tls]\nca = \"{}\"\ncrl = \"{}\"\n\
+                 cert = \"{}\"\nkey = \"{}\"\n[limits]\nmax_connections = {}\n",
+                dir.join("data").display(),
+                Pki::ca_cert_path(pki.dir()).display(),
+                pki.crl_path().display(),
+                pki.cert_path(gw).display(),
+                pki.key_path(gw).display(),
+                max_connections,
+            ),
+        )?;
+        let mut child = Command::new(exe)
+            .arg("--config")
+            .arg(&config)
+            .env(
+                "RUST_LOG",
+                std::env::var("BENCH_GATEWAY_LOG").unwrap_or_else(|_| {
+                    "info,rumqttd=warn,fleet_broker::edge::connection=warn".into()
+                }),
+            )
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        let stdout = child.stdout.take().ok_or("no stdout")?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if line.contains(" WARN ")
+                    || line.contains("ERROR")
+                    || std::env::var_os("BENCH_GATEWAY_LOG").is_some()
+                {
+                    eprintln!("gateway: {line}");
+                }
+                if let Some(at) = line.find("addr=127.0.0.1:") {
+                    let port: String = line[at + 15..]
+                        .chars()
+                        .take_while(char::is_ascii_digit)
+                        .collect();
+                    let _ = tx.send(port);
+                }
+            }
+        });
+        let port = rx.recv_timeout(Duration::from_secs(30))?.parse()?;
+        Ok(Self { child, port })
+    }
+
+    fn status_kib(&self, key: &str) -> u64 {
+        let s = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        s.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Resident memory, KiB.
+    fn rss_kib(&self) -> u64 {
+        self.status_kib("VmRSS:")
+    }
+
+    /// CPU time used so far (user + system), seconds (at the usual 100 ticks per second).
+    fn cpu_seconds(&self) -> f64 {
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
+        // Fields after the command name, which is in parentheses: utime is the 12th, stime
+        // the 13th of those.
+        let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let field = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        (field(11) + field(12)) / 100.0
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+type Ids = Vec<(String, Arc<rustls::ClientConfig>)>;
+
+fn identities(pki: &Pki, prefix: &str, n: usize, role: Role) -> Result<Ids, Error> {
+    let ca = Pki::ca_cert_path(pki.dir());
+    (0..n)
+        .map(|i| {
+            let id = format!("{prefix}{i:05}");
+            let issued =
+                pki.sign_unrecorded(&Identity::new(role, &id)?, Validity::days_from_now(2))?;
+            Ok((
+                id,
+                mqtt::client_config(&ca, &issued.cert_pem, &issued.key_pem)?,
+            ))
+        })
+        .collect()
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> Result<(), Error> {
+    let args = parse_args()?;
+    let tmp = tempfile::tempdir()?;
+    let pki = Pki::init(
+        &tmp.path().join("pki"),
+        &InitOptions {
+            devices: 0,
+            ..InitOptions::default()
+        },
+    )?;
+    let max = args.idle.max(args.connects) + args.publishers + 100;
+    let gw = Gateway::start(tmp.path(), &pki, max)?;
+    let addr = format!("127.0.0.1:{}", gw.port);
+    println!(
+        "# bench-gateway --idle {} --connects {} --publishers {} --seconds {}",
+        args.idle, args.connects, args.publishers, args.seconds
+    );
+    println!(
+        "# {} cores shared by the gateway (release build) and this load generator",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0)
+    );
+
+    // 1. Idle connections.
+    let ids = identities(&pki, "idle-", args.idle, Role::Device)?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let base_rss = gw.rss_kib();
+    let mut held = Vec::with_capacity(ids.len());
+    let start = Instant::now();
+    for chunk in ids.chunks(50) {
+        let tasks: Vec<_> = chunk
+            .iter()
+            .map(|(id, cfg)| {
+                let (id, cfg, addr) = (id.clone(), cfg.clone(), addr.clone());
+                tokio::spawn(async move { Client::connect(&addr, cfg, &id, 600).await })
+            })
+            .collect();
+        for t in tasks {
+            held.push(t.await??);
+        }
+    }
+    let took = start.elapsed();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let rss = gw.rss_kib();
+    let per = rss.saturating_sub(base_rss) as f64 / held.len().max(1) as f64;
+    println!(
+        "idle mTLS connections held: {} (opened in {:.1} s); gateway RSS {} MiB -> {} MiB: \
+         {:.1} KiB per connection",
+        held.len(),
+        took.as_secs_f64(),
+        base_rss / 1024,
+        rss / 1024,
+        per
+    );
+    drop(held);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // 2. Connects per second, 32 at a time.
+    let ids = Arc::new(identities(&pki, "conn-", args.connects, Role::Device)?);
+    let cpu0 = gw.cpu_seconds();
+    let start = Instant::now();
+    let next = Arc::new(AtomicU64::new(0));
+    let workers: Vec<_> = (0..32)
+        .map(|_| {
+            let (next, ids, addr) = (next.clone(), ids.clone(), addr.clone());
+            tokio::spawn(async move {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                    let Some((id, cfg)) = ids.get(i) else {
+                        return Ok::<_, Error>(());
+                    };
+                    let c = Client::connect(&addr, cfg.clone(), id, 60).await?;
+                    c.disconnect().await;
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.await??;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    println!(
+        "mTLS connects (handshake + CONNECT/CONNACK, 32 concurrent): {} in {:.2} s = {:.0}/s; \
+         gateway CPU {:.0}% of one core",
+        args.connects,
+        secs,
+        args.connects as f64 / secs,
+        100.0 * (gw.cpu_seconds() - cpu0) / secs
+    );
+
+    // 3. QoS 1 throughput, device -> service, 256-byte payloads.
+    let service = identities(&pki, "svc-bench-", 1, Role::Service)?;
+    let (svc_id, svc_cfg) = &service[0];
+    let mut sub = Client::connect(&addr, svc_cfg.clone(), svc_id, 60).await?;
+    sub.subscribe("devices/+/status", 1).await?;
+    let received = Arc::new(AtomicU64::new(0));
+    let rx_count = received.clone();
+    let receiver = tokio::spawn(async move { sub.receive_and_ack(rx_count).await });
+    let pubs = identities(&pki, "pub-", args.publishers, Role::Device)?;
+    let acked = Arc::new(AtomicU64::new(0));
+    let stop = Instant::now() + Duration::from_secs(args.seconds);
+    let cpu0 = gw.cpu_seconds();
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for (id, cfg) in pubs {
+        let (addr, acked) = (addr.clone(), acked.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut c = Client::connect(&addr, cfg, &id, 60).await?;
+            c.publish_qos1_until(
+                &format!("devices/{id}/status"),
+                &[0x5a; 256],
+                64,
+                stop,
+                &acked,
+            )
+            .await?;
+            Ok::<_, Error>(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let cpu = gw.cpu_seconds() - cpu0;
+    let sent = acked.load(Ordering::Relaxed);
+    // Let the subscriber drain what is in flight.
+    let drain_end = Instant::now() + Duration::from_secs(10);
+    while received.load(Ordering::Relaxed) < sent && Instant::now() < drain_end {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let got = received.load(Ordering::Relaxed);
+    receiver.abort();
+    let loss = if got >= sent {
+        "none lost".to_owned()
+    } else {
+        format!("{} LOST", sent - got)
+    };
+    println!(
+        "QoS 1 device -> service, 256 B, {} publishers x 64 in flight, {} s: {} acked = {:.0} \
+         msg/s; received by the service: {} ({}); gateway CPU {:.0}% of one core, RSS {} MiB",
+        args.publishers,
+        args.seconds,
+        sent,
+        sent as f64 / secs,
+        got,
+        loss,
+        100.0 * cpu / secs,
+        gw.rss_kib() / 1024
+    );
+    Ok(())
+}

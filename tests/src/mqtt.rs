@@ -1,0 +1,244 @@
+//! A deliberately small MQTT 3.1.1 client over TLS for load generation and hostile-input tests:
+//! raw packet builders, and a client that pipelines QoS 1 publishes. It trusts nothing it does
+//! not check, and is not meant for devices (that is `device-client`).
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+
+/// Errors of this client.
+pub type Error = Box<dyn std::error::Error + Send + Sync>;
+
+/// A rustls client configuration trusting `ca` and presenting `cert_pem`/`key_pem`.
+pub fn client_config(
+    ca: &Path,
+    cert_pem: &str,
+    key_pem: &str,
+) -> Result<Arc<rustls::ClientConfig>, Error> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(ca)? {
+        roots.add(c?)?;
+    }
+    let chain =
+        CertificateDer::pem_slice_iter(cert_pem.as_bytes()).collect::<Result<Vec<_>, _>>()?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)?;
+    Ok(Arc::new(config))
+}
+
+/// Appends an MQTT remaining length.
+pub fn remaining_length(mut n: usize, out: &mut Vec<u8>) {
+    loop {
+        let mut b = (n % 128) as u8;
+        n /= 128;
+        if n > 0 {
+            b |= 0x80;
+        }
+        out.push(b);
+        if n == 0 {
+            break;
+        }
+    }
+}
+
+/// A packet: first byte, remaining length, body.
+pub fn packet(first: u8, body: &[u8]) -> Vec<u8> {
+    let mut p = vec![first];
+    remaining_length(body.len(), &mut p);
+    p.extend_from_slice(body);
+    p
+}
+
+fn string(s: &[u8]) -> Vec<u8> {
+    let len = u16::try_from(s.len()).unwrap_or(u16::MAX);
+    let mut v = len.to_be_bytes().to_vec();
+    v.extend_from_slice(s);
+    v
+}
+
+/// CONNECT, MQTT 3.1.1, clean session.
+pub fn connect_packet(client_id: &str, keep_alive: u16) -> Vec<u8> {
+    let mut body = string(b"MQTT");
+    body.push(4);
+    body.push(0x02);
+    body.extend_from_slice(&keep_alive.to_be_bytes());
+    body.extend_from_slice(&string(client_id.as_bytes()));
+    packet(0x10, &body)
+}
+
+/// PUBLISH with the given QoS and packet id (ignored at QoS 0).
+pub fn publish_packet(topic: &[u8], payload: &[u8], qos: u8, pkid: u16) -> Vec<u8> {
+    let mut body = string(topic);
+    if qos > 0 {
+        body.extend_from_slice(&pkid.to_be_bytes());
+    }
+    body.extend_from_slice(payload);
+    packet(0x30 | (qos << 1), &body)
+}
+
+/// SUBSCRIBE to `(filter, qos)` pairs.
+pub fn subscribe_packet(pkid: u16, filters: &[(&str, u8)]) -> Vec<u8> {
+    let mut body = pkid.to_be_bytes().to_vec();
+    for (f, q) in filters {
+        body.extend_from_slice(&string(f.as_bytes()));
+        body.push(*q);
+    }
+    packet(0x82, &body)
+}
+
+/// Splits the first whole packet off `buf`: (first byte, body), or `None` if incomplete.
+pub fn split_packet(buf: &mut Vec<u8>) -> Result<Option<(u8, Vec<u8>)>, Error> {
+    let (mut len, mut shift, mut at) = (0usize, 0, 1);
+    loop {
+        let Some(b) = buf.get(at) else {
+            return Ok(None);
+        };
+        len |= usize::from(b & 0x7f) << shift;
+        at += 1;
+        if b & 0x80 == 0 {
+            break;
+        }
+        shift += 7;
+        if shift > 21 {
+            return Err("bad remaining length".into());
+        }
+    }
+    if buf.len() < at + len {
+        return Ok(None);
+    }
+    let first = buf[0];
+    let body = buf[at..at + len].to_vec();
+    buf.drain(..at + len);
+    Ok(Some((first, body)))
+}
+
+/// A connected client.
+pub struct Client {
+    stream: TlsStream<TcpStream>,
+    inbuf: Vec<u8>,
+}
+
+impl Client {
+    /// TLS to `addr` (server name `localhost`), CONNECT as `client_id`, CONNACK accepted.
+    pub async fn connect(
+        addr: &str,
+        config: Arc<rustls::ClientConfig>,
+        client_id: &str,
+        keep_alive: u16,
+    ) -> Result<Client, Error> {
+        let tcp = TcpStream::connect(addr).await?;
+        tcp.set_nodelay(true)?;
+        let stream = tokio_rustls::TlsConnector::from(config)
+            .connect(ServerName::try_from("localhost")?, tcp)
+            .await?;
+        let mut c = Client {
+            stream,
+            inbuf: Vec::with_capacity(4096),
+        };
+        c.stream
+            .write_all(&connect_packet(client_id, keep_alive))
+            .await?;
+        let (first, body) = c.next_packet().await?;
+        if first != 0x20 || body.get(1) != Some(&0) {
+            return Err(format!("{client_id}: CONNACK refused: {first:#x} {body:?}").into());
+        }
+        Ok(c)
+    }
+
+    /// Reads the next packet.
+    pub async fn next_packet(&mut self) -> Result<(u8, Vec<u8>), Error> {
+        loop {
+            if let Some(p) = split_packet(&mut self.inbuf)? {
+                return Ok(p);
+            }
+            let mut chunk = [0u8; 16 * 1024];
+            let n = self.stream.read(&mut chunk).await?;
+            if n == 0 {
+                return Err("connection closed".into());
+            }
+            self.inbuf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    /// Sends DISCONNECT and closes.
+    pub async fn disconnect(mut self) {
+        let _ = self.stream.write_all(&[0xe0, 0x00]).await;
+        let _ = self.stream.shutdown().await;
+    }
+
+    /// Subscribes to one filter and checks the SUBACK grants it.
+    pub async fn subscribe(&mut self, filter: &str, qos: u8) -> Result<(), Error> {
+        self.stream
+            .write_all(&subscribe_packet(1, &[(filter, qos)]))
+            .await?;
+        let (first, body) = self.next_packet().await?;
+        if first != 0x90 || body.get(2).is_none_or(|c| *c == 0x80) {
+            return Err(format!("subscription to {filter} refused").into());
+        }
+        Ok(())
+    }
+
+    /// Receives publishes forever, acknowledging QoS 1 ones and counting them all.
+    pub async fn receive_and_ack(&mut self, count: Arc<AtomicU64>) -> Result<(), Error> {
+        loop {
+            let (first, body) = self.next_packet().await?;
+            if first >> 4 != 3 {
+                continue;
+            }
+            count.fetch_add(1, Ordering::Relaxed);
+            if (first >> 1) & 3 == 1 {
+                let topic_len = usize::from(u16::from_be_bytes([body[0], body[1]]));
+                let pkid = &body[2 + topic_len..4 + topic_len];
+                // Several acks may be pending in the buffer; write each as it comes.
+                self.stream
+                    .write_all(&[0x40, 0x02, pkid[0], pkid[1]])
+                    .await?;
+            }
+        }
+    }
+
+    /// Publishes QoS 1 to `topic` with up to `window` messages unacknowledged, until `stop`;
+    /// counts acknowledged messages in `acked`.
+    pub async fn publish_qos1_until(
+        &mut self,
+        topic: &str,
+        payload: &[u8],
+        window: u16,
+        stop: Instant,
+        acked: &AtomicU64,
+    ) -> Result<(), Error> {
+        let mut in_flight = 0u16;
+        let mut pkid = 0u16;
+        loop {
+            let sending = Instant::now() < stop;
+            if !sending && in_flight == 0 {
+                return Ok(());
+            }
+            if sending && in_flight < window {
+                let mut batch = Vec::new();
+                while in_flight < window {
+                    pkid = pkid % 60_000 + 1;
+                    batch.extend_from_slice(&publish_packet(topic.as_bytes(), payload, 1, pkid));
+                    in_flight += 1;
+                }
+                self.stream.write_all(&batch).await?;
+            }
+            let (first, _) = self.next_packet().await?;
+            if first == 0x40 {
+                in_flight -= 1;
+                acked.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
