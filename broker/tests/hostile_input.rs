@@ -233,3 +233,33 @@ async fn keep_alive_is_enforced() {
         assert_eq!(read_n(&mut s, 2).await, [0xd0, 0x00], "PINGRESP");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn denied_publish_can_disconnect_instead_of_dropping() {
+    let gw = TestGateway::start_with(|c| {
+        c.acl.on_denied_publish = fleet_broker::config::DeniedPublish::Disconnect
+    })
+    .await;
+    let mut s = raw_tls(&gw, "dev-1").await;
+    s.write_all(&connect_packet("dev-1", 30)).await.unwrap();
+    assert_eq!(read_n(&mut s, 4).await, [0x20, 0x02, 0x00, 0x00]);
+    // Its own status is fine (QoS 1: PUBACK comes back)...
+    s.write_all(&publish_packet(b"devices/dev-1/status", b"ok", 1, 1))
+        .await
+        .unwrap();
+    assert_eq!(read_n(&mut s, 4).await, [0x40, 0x02, 0x00, 0x01]);
+    // ...another device's command closes the connection, counted as a denial.
+    let before = Metrics::get(&gw.handle.metrics().acl_denials);
+    let (got, closed) = send_and_wait_close(
+        &mut s,
+        &publish_packet(b"devices/dev-2/cmd", b"x", 1, 2),
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(closed, "connection left open");
+    assert!(
+        got.is_empty(),
+        "the denied publish was acknowledged: {got:?}"
+    );
+    assert_eq!(Metrics::get(&gw.handle.metrics().acl_denials), before + 1);
+}

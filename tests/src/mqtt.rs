@@ -123,6 +123,14 @@ pub fn split_packet(buf: &mut Vec<u8>) -> Result<Option<(u8, Vec<u8>)>, Error> {
     Ok(Some((first, body)))
 }
 
+/// A payload of `size` bytes (at least 8) starting with the nanoseconds since `base`.
+pub fn stamp(base: Instant, size: usize) -> Vec<u8> {
+    let nanos = u64::try_from(base.elapsed().as_nanos()).unwrap_or(u64::MAX);
+    let mut p = nanos.to_be_bytes().to_vec();
+    p.resize(size.max(8), 0x5a);
+    p
+}
+
 /// A connected client.
 pub struct Client {
     stream: TlsStream<TcpStream>,
@@ -189,21 +197,92 @@ impl Client {
         Ok(())
     }
 
-    /// Receives publishes forever, acknowledging QoS 1 ones and counting them all.
-    pub async fn receive_and_ack(&mut self, count: Arc<AtomicU64>) -> Result<(), Error> {
+    /// Receives publishes forever, acknowledging QoS 1 ones and counting them all. With
+    /// `latency`, payloads are read as [`stamp`]ed and each message's latency (nanoseconds) is
+    /// recorded.
+    pub async fn receive_and_ack(
+        &mut self,
+        count: Arc<AtomicU64>,
+        latency: Option<(Instant, Arc<std::sync::Mutex<Vec<u64>>>)>,
+    ) -> Result<(), Error> {
         loop {
             let (first, body) = self.next_packet().await?;
             if first >> 4 != 3 {
                 continue;
             }
             count.fetch_add(1, Ordering::Relaxed);
-            if (first >> 1) & 3 == 1 {
-                let topic_len = usize::from(u16::from_be_bytes([body[0], body[1]]));
+            let qos = (first >> 1) & 3;
+            let topic_len = usize::from(u16::from_be_bytes([body[0], body[1]]));
+            let payload_at = 2 + topic_len + if qos > 0 { 2 } else { 0 };
+            if let Some((base, sink)) = &latency {
+                if let Some(sent) = body.get(payload_at..payload_at + 8) {
+                    let sent = u64::from_be_bytes(sent.try_into().unwrap_or([0; 8]));
+                    let now = u64::try_from(base.elapsed().as_nanos()).unwrap_or(u64::MAX);
+                    if let Ok(mut v) = sink.lock() {
+                        v.push(now.saturating_sub(sent));
+                    }
+                }
+            }
+            if qos == 1 {
                 let pkid = &body[2 + topic_len..4 + topic_len];
                 // Several acks may be pending in the buffer; write each as it comes.
                 self.stream
                     .write_all(&[0x40, 0x02, pkid[0], pkid[1]])
                     .await?;
+            }
+        }
+    }
+
+    /// Publishes QoS 1 to `topic` at `rate` messages per second (each payload [`stamp`]ed with
+    /// its send time) with up to `window` unacknowledged, until `stop`; counts acknowledged
+    /// messages in `acked`.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn publish_qos1_paced(
+        &mut self,
+        topic: &str,
+        size: usize,
+        rate: f64,
+        window: u16,
+        stop: Instant,
+        base: Instant,
+        acked: &AtomicU64,
+    ) -> Result<(), Error> {
+        let start = Instant::now();
+        let (mut sent, mut in_flight, mut pkid) = (0u64, 0u16, 0u16);
+        loop {
+            let now = Instant::now();
+            let sending = now < stop;
+            if !sending && in_flight == 0 {
+                return Ok(());
+            }
+            let due = if sending {
+                ((now - start).as_secs_f64() * rate) as u64
+            } else {
+                sent
+            };
+            let mut batch = Vec::new();
+            while sent < due && in_flight < window {
+                pkid = pkid % 60_000 + 1;
+                batch.extend_from_slice(&publish_packet(
+                    topic.as_bytes(),
+                    &stamp(base, size),
+                    1,
+                    pkid,
+                ));
+                sent += 1;
+                in_flight += 1;
+            }
+            if !batch.is_empty() {
+                self.stream.write_all(&batch).await?;
+            }
+            tokio::select! {
+                p = self.next_packet() => {
+                    if p?.0 == 0x40 {
+                        in_flight -= 1;
+                        acked.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                _ = tokio::time::sleep(std::time::Duration::from_millis(1)) => {}
             }
         }
     }

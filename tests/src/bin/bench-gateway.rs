@@ -25,6 +25,7 @@ struct Args {
     connects: usize,
     publishers: usize,
     seconds: u64,
+    rates: Vec<u64>,
 }
 
 fn parse_args() -> Result<Args, Error> {
@@ -33,6 +34,7 @@ fn parse_args() -> Result<Args, Error> {
         connects: 2_000,
         publishers: 20,
         seconds: 10,
+        rates: vec![10_000, 20_000, 40_000, 60_000],
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -42,9 +44,12 @@ fn parse_args() -> Result<Args, Error> {
             "--connects" => a.connects = value.parse()?,
             "--publishers" => a.publishers = value.parse()?,
             "--seconds" => a.seconds = value.parse()?,
+            "--rates" => {
+                a.rates = value.split(',').map(str::parse).collect::<Result<_, _>>()?;
+            }
             other => {
                 return Err(format!(
-                    "unknown flag {other}; flags: --idle N --connects N --publishers N --seconds N"
+                    "unknown flag {other}; flags: --idle N --connects N --publishers N --seconds N --rates R1,R2,.."
                 )
                 .into())
             }
@@ -189,8 +194,16 @@ async fn main() -> Result<(), Error> {
     let gw = Gateway::start(tmp.path(), &pki, max)?;
     let addr = format!("127.0.0.1:{}", gw.port);
     println!(
-        "# bench-gateway --idle {} --connects {} --publishers {} --seconds {}",
-        args.idle, args.connects, args.publishers, args.seconds
+        "# bench-gateway --idle {} --connects {} --publishers {} --seconds {} --rates {}",
+        args.idle,
+        args.connects,
+        args.publishers,
+        args.seconds,
+        args.rates
+            .iter()
+            .map(u64::to_string)
+            .collect::<Vec<_>>()
+            .join(",")
     );
     println!(
         "# {} cores shared by the gateway (release build) and this load generator",
@@ -266,32 +279,60 @@ async fn main() -> Result<(), Error> {
         100.0 * (gw.cpu_seconds() - cpu0) / secs
     );
 
-    // 3. QoS 1 throughput, device -> service, 256-byte payloads.
+    // 3. QoS 1 device -> service, 256-byte payloads: at fixed rates (loss and latency), then
+    // flat out.
     let service = identities(&pki, "svc-bench-", 1, Role::Service)?;
-    let (svc_id, svc_cfg) = &service[0];
-    let mut sub = Client::connect(&addr, svc_cfg.clone(), svc_id, 60).await?;
+    let pubs = identities(&pki, "pub-", args.publishers, Role::Device)?;
+    let mut rounds: Vec<Option<u64>> = args.rates.iter().copied().map(Some).collect();
+    rounds.push(None);
+    for rate in rounds {
+        let r = throughput(&gw, &addr, &service[0], &pubs, rate, args.seconds).await?;
+        println!("{r}");
+    }
+    Ok(())
+}
+
+/// One throughput round: `rate` messages per second in total, or as fast as 64 in flight per
+/// publisher allow (`None`).
+async fn throughput(
+    gw: &Gateway,
+    addr: &str,
+    service: &(String, Arc<rustls::ClientConfig>),
+    pubs: &Ids,
+    rate: Option<u64>,
+    seconds: u64,
+) -> Result<String, Error> {
+    let base = Instant::now();
+    let (svc_id, svc_cfg) = service;
+    let mut sub = Client::connect(addr, svc_cfg.clone(), svc_id, 60).await?;
     sub.subscribe("devices/+/status", 1).await?;
     let received = Arc::new(AtomicU64::new(0));
-    let rx_count = received.clone();
-    let receiver = tokio::spawn(async move { sub.receive_and_ack(rx_count).await });
-    let pubs = identities(&pki, "pub-", args.publishers, Role::Device)?;
+    let latencies = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (rx_count, lat) = (received.clone(), latencies.clone());
+    let receiver =
+        tokio::spawn(async move { sub.receive_and_ack(rx_count, Some((base, lat))).await });
     let acked = Arc::new(AtomicU64::new(0));
-    let stop = Instant::now() + Duration::from_secs(args.seconds);
+    let stop = Instant::now() + Duration::from_secs(seconds);
     let cpu0 = gw.cpu_seconds();
     let start = Instant::now();
     let mut tasks = Vec::new();
-    for (id, cfg) in pubs {
-        let (addr, acked) = (addr.clone(), acked.clone());
+    let per_publisher = rate.map(|r| r as f64 / pubs.len().max(1) as f64);
+    for (id, cfg) in pubs.iter().cloned() {
+        let (addr, acked) = (addr.to_owned(), acked.clone());
         tasks.push(tokio::spawn(async move {
             let mut c = Client::connect(&addr, cfg, &id, 60).await?;
-            c.publish_qos1_until(
-                &format!("devices/{id}/status"),
-                &[0x5a; 256],
-                64,
-                stop,
-                &acked,
-            )
-            .await?;
+            let topic = format!("devices/{id}/status");
+            match per_publisher {
+                Some(r) => {
+                    c.publish_qos1_paced(&topic, 256, r, 64, stop, base, &acked)
+                        .await?
+                }
+                None => {
+                    c.publish_qos1_until(&topic, &mqtt::stamp(base, 256), 64, stop, &acked)
+                        .await?
+                }
+            }
+            c.disconnect().await;
             Ok::<_, Error>(())
         }));
     }
@@ -301,29 +342,35 @@ async fn main() -> Result<(), Error> {
     let secs = start.elapsed().as_secs_f64();
     let cpu = gw.cpu_seconds() - cpu0;
     let sent = acked.load(Ordering::Relaxed);
-    // Let the subscriber drain what is in flight.
     let drain_end = Instant::now() + Duration::from_secs(10);
     while received.load(Ordering::Relaxed) < sent && Instant::now() < drain_end {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let got = received.load(Ordering::Relaxed);
     receiver.abort();
+    let mut lat = latencies.lock().map(|v| v.clone()).unwrap_or_default();
+    lat.sort_unstable();
+    let pct = |p: f64| {
+        lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
+            .map_or(0.0, |n| *n as f64 / 1e6)
+    };
     let loss = if got >= sent {
         "none lost".to_owned()
     } else {
         format!("{} LOST", sent - got)
     };
-    println!(
-        "QoS 1 device -> service, 256 B, {} publishers x 64 in flight, {} s: {} acked = {:.0} \
-         msg/s; received by the service: {} ({}); gateway CPU {:.0}% of one core, RSS {} MiB",
-        args.publishers,
-        args.seconds,
-        sent,
+    let what = match rate {
+        Some(r) => format!("at {r} msg/s offered"),
+        None => "flat out (64 in flight per publisher)".to_owned(),
+    };
+    Ok(format!(
+        "QoS 1 device -> service, 256 B, {} publishers, {what}, {seconds} s: {sent} acked = {:.0} msg/s; \
+         received {got} ({loss}); latency p50 {:.2} ms p99 {:.2} ms; gateway CPU {:.0}% of one core, RSS {} MiB",
+        pubs.len(),
         sent as f64 / secs,
-        got,
-        loss,
+        pct(0.50),
+        pct(0.99),
         100.0 * cpu / secs,
         gw.rss_kib() / 1024
-    );
-    Ok(())
+    ))
 }
