@@ -12,7 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{text, tool};
+use common::{mosquitto_args, text, tool};
 use fleet_certs::pki::Pki;
 
 struct GatewayProcess {
@@ -67,26 +67,11 @@ impl GatewayProcess {
 
     fn args(&self, role_dir: &str, id: &str) -> Vec<String> {
         let pki = self.pki();
-        vec![
-            "-h".into(),
-            "127.0.0.1".into(),
-            "-p".into(),
-            self.addr.port().to_string(),
-            "--cafile".into(),
-            pki.join("ca.crt").display().to_string(),
-            "--cert".into(),
-            pki.join(format!("{role_dir}/{id}.crt"))
-                .display()
-                .to_string(),
-            "--key".into(),
-            pki.join(format!("{role_dir}/{id}.key"))
-                .display()
-                .to_string(),
-            "-i".into(),
-            id.into(),
-            "-V".into(),
-            "mqttv311".into(),
-        ]
+        let (cert, key) = (
+            pki.join(format!("{role_dir}/{id}.crt")),
+            pki.join(format!("{role_dir}/{id}.key")),
+        );
+        mosquitto_args(self.addr.port(), &pki.join("ca.crt"), &cert, &key, id)
     }
 
     fn wait_log(&self, what: &str, pred: impl Fn(&str) -> bool) {

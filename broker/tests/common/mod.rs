@@ -132,22 +132,7 @@ impl TestGateway {
     }
 
     pub fn mosq_args_with(&self, cert: &Path, key: &Path, client_id: &str) -> Vec<String> {
-        vec![
-            "-h".into(),
-            "127.0.0.1".into(),
-            "-p".into(),
-            self.addr.port().to_string(),
-            "--cafile".into(),
-            self.ca().display().to_string(),
-            "--cert".into(),
-            cert.display().to_string(),
-            "--key".into(),
-            key.display().to_string(),
-            "-i".into(),
-            client_id.into(),
-            "-V".into(),
-            "mqttv311".into(),
-        ]
+        mosquitto_args(self.addr.port(), &self.ca(), cert, key, client_id)
     }
 
     /// Runs mosquitto_pub to completion.
@@ -190,6 +175,33 @@ impl Drop for TestGateway {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// mosquitto_pub/sub arguments: MQTT 3.1.1 over mTLS to 127.0.0.1:`port` as `client_id`.
+pub fn mosquitto_args(
+    port: u16,
+    ca: &Path,
+    cert: &Path,
+    key: &Path,
+    client_id: &str,
+) -> Vec<String> {
+    let mut args: Vec<String> = vec![
+        "-h".into(),
+        "127.0.0.1".into(),
+        "-p".into(),
+        port.to_string(),
+    ];
+    for (flag, path) in [("--cafile", ca), ("--cert", cert), ("--key", key)] {
+        args.push(flag.into());
+        args.push(path.display().to_string());
+    }
+    args.extend([
+        "-i".into(),
+        client_id.into(),
+        "-V".into(),
+        "mqttv311".into(),
+    ]);
+    args
 }
 
 /// The path of a third-party tool, or a loud failure naming the package to install.
