@@ -20,8 +20,7 @@ async fn device_talks_on_its_own_topics_and_is_denied_everything_else() {
         "devices/dev-1/cmd",
         &["-C", "1", "-W", "10", "-q", "1"],
     );
-    gw.wait_sessions(1).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    sub.subscribed().await;
     let out = gw.publish("svc-1", "devices/dev-1/cmd", "reboot", &["-q", "1"]);
     assert!(out.status.success(), "{}", text(&out));
     let got = finish(sub).await;
@@ -34,8 +33,7 @@ async fn device_talks_on_its_own_topics_and_is_denied_everything_else() {
 
     // dev-1 publishes its status; a service subscribed to all statuses sees it.
     let svc = gw.subscribe("svc-1", "devices/+/status", &["-C", "1", "-W", "10"]);
-    gw.wait_sessions(1).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    svc.subscribed().await;
     let out = gw.publish("dev-1", "devices/dev-1/status", "ok", &["-q", "1"]);
     assert!(out.status.success(), "{}", text(&out));
     let got = finish(svc).await;
@@ -65,8 +63,9 @@ async fn publishes_to_another_device_never_reach_it() {
     let victim = gw.subscribe("dev-2", "devices/dev-2/cmd", &["-W", "6", "-q", "1"]);
     let victim_updates = gw.subscribe("dev-3", "devices/dev-3/update/manifest", &["-W", "6"]);
     let svc = gw.subscribe("svc-2", "devices/+/status", &["-W", "6"]);
-    gw.wait_sessions(3).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    for s in [&victim, &victim_updates, &svc] {
+        s.subscribed().await;
+    }
     // dev-1 tries to command dev-2, forge dev-2's status and push dev-3 a manifest, at QoS 0
     // and 1 (both acknowledged and dropped: the default policy drops denied publishes).
     for (topic, qos) in [
@@ -129,8 +128,7 @@ async fn client_id_must_be_the_certificates() {
     c.args(args)
         .args(["-t", "devices/dev-1/status", "-m", "anon", "-q", "1"]);
     let svc = gw.subscribe("svc-2", "devices/+/status", &["-C", "1", "-W", "8"]);
-    gw.wait_sessions(1).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    svc.subscribed().await;
     let out = run_output(c);
     assert!(out.status.success(), "{}", text(&out));
     let got = finish(svc).await;
@@ -204,7 +202,8 @@ async fn wills_follow_the_acl() {
     let gw = TestGateway::start().await;
     let watcher = gw.subscribe("svc-1", "devices/+/presence", &["-C", "1", "-W", "10"]);
     let wide = gw.subscribe("svc-2", "devices/+/status", &["-W", "4"]);
-    gw.wait_sessions(2).await;
+    watcher.subscribed().await;
+    wide.subscribed().await;
 
     // A will on a foreign topic: the CONNECT is refused (not authorized), so it can never fire.
     let mut c = std::process::Command::new(tool("mosquitto_sub"));
@@ -312,8 +311,7 @@ async fn qos2_and_retained_messages() {
         "devices/dev-1/cmd",
         &["-q", "2", "-C", "1", "-W", "10"],
     );
-    gw.wait_sessions(1).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    sub.subscribed().await;
     let out = gw.publish("svc-1", "devices/dev-1/cmd", "exactly-once", &["-q", "2"]);
     assert!(out.status.success(), "{}", text(&out));
     let got = finish(sub).await;

@@ -145,14 +145,35 @@ impl TestGateway {
     }
 
     /// Starts mosquitto_sub in the background; `extra` may add -C, -W, -q, -c...
-    pub fn subscribe(&self, id: &str, topic: &str, extra: &[&str]) -> Child {
-        let mut c = Command::new(tool("mosquitto_sub"));
+    pub fn subscribe(&self, id: &str, topic: &str, extra: &[&str]) -> Sub {
+        // -d: debug lines tell when the SUBACK has arrived (see Sub::subscribed); stdbuf makes
+        // mosquitto_sub's stdout line-buffered, or they would only arrive when it exits.
+        let mut c = Command::new(tool("stdbuf"));
+        c.args(["-oL", tool("mosquitto_sub")]);
         c.args(self.mosq_args(id))
-            .args(["-t", topic, "-v"])
-            .args(extra)
+            .args(["-t", topic, "-v", "-d"])
+            .args(extra);
+        c.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        c.spawn().unwrap_or_else(|e| panic!("mosquitto_sub: {e}"))
+        let mut child = c.spawn().unwrap_or_else(|e| panic!("mosquitto_sub: {e}"));
+        let stdout = child.stdout.take().unwrap();
+        let lines = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = lines.clone();
+        let reader = std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        Sub {
+            child,
+            lines,
+            reader,
+        }
     }
 
     /// Waits until `id` has a live session at the gateway (its SUBSCRIBE may follow shortly).
@@ -220,11 +241,71 @@ pub fn run_output(mut c: Command) -> Output {
     c.output().unwrap_or_else(|e| panic!("{c:?}: {e}"))
 }
 
-/// Waits for a background client to exit and returns its output.
-pub async fn finish(child: Child) -> Output {
-    tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
-        .await
-        .unwrap()
+/// A mosquitto_sub running in the background.
+pub struct Sub {
+    child: Child,
+    lines: Arc<std::sync::Mutex<Vec<String>>>,
+    reader: std::thread::JoinHandle<()>,
+}
+
+impl Sub {
+    /// Waits until the subscription is acknowledged (granted or refused), instead of guessing
+    /// with a sleep.
+    pub async fn subscribed(&self) {
+        let lines = self.lines.clone();
+        eventually(Duration::from_secs(10), "SUBACK", move || {
+            lines
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|l| l.contains("received SUBACK"))
+        })
+        .await;
+    }
+
+    /// Kills the client (no DISCONNECT: its will fires).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+    }
+}
+
+fn is_debug(line: &str) -> bool {
+    line.starts_with("Client ") || line.starts_with("Subscribed (")
+}
+
+/// Waits for a background subscriber to exit. `stdout` holds the messages only, one per line;
+/// `stderr` holds its debug lines and error output.
+pub async fn finish(sub: Sub) -> Output {
+    let Sub {
+        child,
+        lines,
+        reader,
+    } = sub;
+    tokio::task::spawn_blocking(move || {
+        let out = child.wait_with_output().unwrap();
+        reader.join().unwrap();
+        let lines = lines.lock().unwrap();
+        let messages: Vec<&str> = lines
+            .iter()
+            .map(String::as_str)
+            .filter(|l| !is_debug(l))
+            .collect();
+        let debug: Vec<&str> = lines
+            .iter()
+            .map(String::as_str)
+            .filter(|l| is_debug(l))
+            .collect();
+        let mut stderr = debug.join("\n").into_bytes();
+        stderr.push(b'\n');
+        stderr.extend_from_slice(&out.stderr);
+        Output {
+            status: out.status,
+            stdout: messages.join("\n").into_bytes(),
+            stderr,
+        }
+    })
+    .await
+    .unwrap()
 }
 
 pub fn text(o: &Output) -> String {
