@@ -1,0 +1,53 @@
+//! Schema migrations. Each entry moves the schema from version `i` to `i + 1`; entries are
+//! never edited once released, only appended.
+
+use std::path::Path;
+
+use rusqlite::Connection;
+
+use super::{err, StoreError};
+
+/// The migrations, in order. Version N is reached after applying the first N.
+const MIGRATIONS: &[&str] = &[
+    // 1: the status registry: last known report and presence per device.
+    "CREATE TABLE device_state (
+        device_id        TEXT PRIMARY KEY NOT NULL,
+        status_sequence  INTEGER,            -- StatusReport.sequence of the stored report
+        status           BLOB,               -- the StatusReport as received (protobuf)
+        status_at_ms     INTEGER,            -- when the gateway stored it
+        presence         BLOB,               -- the last Presence (protobuf)
+        presence_at_ms   INTEGER
+    ) STRICT;",
+];
+
+/// The newest schema version this build knows.
+pub fn latest() -> u32 {
+    // A handful of migrations: always fits.
+    MIGRATIONS.len() as u32
+}
+
+pub(super) fn version(conn: &Connection) -> rusqlite::Result<u32> {
+    conn.query_row("PRAGMA user_version", [], |r| r.get(0))
+}
+
+/// Applies every migration the file lacks, each in its own transaction together with the
+/// version bump, so a crash leaves the file at a whole version.
+pub(super) fn apply(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
+    let found = version(conn).map_err(|e| err(path, e))?;
+    let known = latest();
+    if found > known {
+        return Err(StoreError::TooNew {
+            path: path.to_owned(),
+            found,
+            known,
+        });
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(found as usize) {
+        let tx = conn.transaction().map_err(|e| err(path, e))?;
+        tx.execute_batch(sql).map_err(|e| err(path, e))?;
+        tx.pragma_update(None, "user_version", i + 1)
+            .map_err(|e| err(path, e))?;
+        tx.commit().map_err(|e| err(path, e))?;
+    }
+    Ok(())
+}

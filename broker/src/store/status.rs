@@ -1,0 +1,147 @@
+//! The status registry's table: the last StatusReport and Presence of each device.
+//!
+//! Reports carry a per-device sequence (`StatusReport.sequence`, persisted by the device). The
+//! registry keeps a report only if its sequence is higher than the stored one, so a report
+//! delivered twice (QoS 1 re-delivery, a device re-sending its outbox after a reconnect) or late
+//! is recognised, counted by the caller and not stored twice.
+
+use rusqlite::{params, OptionalExtension};
+
+use super::{err, Store, StoreError};
+
+/// What became of a report offered to the registry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StatusOutcome {
+    /// Newer than what was stored: it is now the device's last report.
+    Stored,
+    /// Not newer than the stored report (a duplicate or a late one): not stored.
+    Stale {
+        /// The sequence of the report kept.
+        stored: u64,
+    },
+}
+
+/// A device's last known state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceState {
+    /// The device.
+    pub device_id: String,
+    /// Sequence, bytes and storage time of its last report, if any.
+    pub status: Option<(u64, Vec<u8>, u64)>,
+    /// Bytes and storage time of its last presence message, if any.
+    pub presence: Option<(Vec<u8>, u64)>,
+}
+
+// SQLite integers are i64; sequences and times are u64 on the wire. Values above i64::MAX are
+// stored as their two's complement and read back the same way.
+fn to_sql(v: u64) -> i64 {
+    v as i64
+}
+
+fn from_sql(v: i64) -> u64 {
+    v as u64
+}
+
+impl Store {
+    /// Offers a report: stored (in one transaction) only if its sequence is newer.
+    pub fn put_status(
+        &mut self,
+        device_id: &str,
+        sequence: u64,
+        report: &[u8],
+        now_ms: u64,
+    ) -> Result<StatusOutcome, StoreError> {
+        let path = self.path.clone();
+        let tx = self.conn.transaction().map_err(|e| err(&path, e))?;
+        let stored: Option<Option<i64>> = tx
+            .query_row(
+                "SELECT status_sequence FROM device_state WHERE device_id = ?1",
+                [device_id],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(|e| err(&path, e))?;
+        if let Some(Some(seq)) = stored {
+            if from_sql(seq) >= sequence {
+                return Ok(StatusOutcome::Stale {
+                    stored: from_sql(seq),
+                });
+            }
+        }
+        tx.execute(
+            "INSERT INTO device_state (device_id, status_sequence, status, status_at_ms)
+             VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (device_id) DO UPDATE SET
+               status_sequence = excluded.status_sequence,
+               status = excluded.status,
+               status_at_ms = excluded.status_at_ms",
+            params![device_id, to_sql(sequence), report, to_sql(now_ms)],
+        )
+        .map_err(|e| err(&path, e))?;
+        tx.commit().map_err(|e| err(&path, e))?;
+        Ok(StatusOutcome::Stored)
+    }
+
+    /// Records a device's presence message.
+    pub fn put_presence(
+        &mut self,
+        device_id: &str,
+        presence: &[u8],
+        now_ms: u64,
+    ) -> Result<(), StoreError> {
+        self.conn
+            .execute(
+                "INSERT INTO device_state (device_id, presence, presence_at_ms) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (device_id) DO UPDATE SET
+                   presence = excluded.presence, presence_at_ms = excluded.presence_at_ms",
+                params![device_id, presence, to_sql(now_ms)],
+            )
+            .map(drop)
+            .map_err(|e| err(&self.path, e))
+    }
+
+    /// The last known state of one device.
+    pub fn device_state(&self, device_id: &str) -> Result<Option<DeviceState>, StoreError> {
+        self.conn
+            .query_row(
+                "SELECT device_id, status_sequence, status, status_at_ms, presence, presence_at_ms
+                 FROM device_state WHERE device_id = ?1",
+                [device_id],
+                row_to_state,
+            )
+            .optional()
+            .map_err(|e| err(&self.path, e))
+    }
+
+    /// The last known state of every device, by id.
+    pub fn device_states(&self) -> Result<Vec<DeviceState>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT device_id, status_sequence, status, status_at_ms, presence, presence_at_ms
+                 FROM device_state ORDER BY device_id",
+            )
+            .map_err(|e| err(&self.path, e))?;
+        let rows = stmt
+            .query_map([], row_to_state)
+            .map_err(|e| err(&self.path, e))?;
+        rows.collect::<Result<_, _>>()
+            .map_err(|e| err(&self.path, e))
+    }
+}
+
+fn row_to_state(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeviceState> {
+    let seq: Option<i64> = r.get(1)?;
+    let status: Option<Vec<u8>> = r.get(2)?;
+    let status_at: Option<i64> = r.get(3)?;
+    let presence: Option<Vec<u8>> = r.get(4)?;
+    let presence_at: Option<i64> = r.get(5)?;
+    Ok(DeviceState {
+        device_id: r.get(0)?,
+        status: match (seq, status, status_at) {
+            (Some(s), Some(b), Some(t)) => Some((from_sql(s), b, from_sql(t))),
+            _ => None,
+        },
+        presence: presence.zip(presence_at).map(|(b, t)| (b, from_sql(t))),
+    })
+}
