@@ -1,3 +1,10 @@
 //! The device library: reconnecting session, commands, status reports and the update agent.
-//! Built out by the device-library issue; the protocol contract lives in `fleet-proto`.
+//!
+//! The protocol logic is I/O-free state machines (values in, decisions out); a tokio/rumqttc
+//! layer drives them. Built so far:
+//! * [`commands`]: the command gate (never run a command twice, even across a restart; never
+//!   run an expired one) and its persisted journal.
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod commands;

@@ -1,0 +1,118 @@
+//! The command gate across process deaths: a command that ran is never run again after a
+//! restart, whatever instant the process was killed at.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command as Process, Stdio};
+
+use device_client::commands::journal::{Journal, JournalError, FILE_NAME};
+use device_client::commands::{Verdict, DEFAULT_WINDOW};
+use fleet_proto::v1::{Command, CommandResult, CommandStatus};
+
+fn cmd(id: &str) -> Command {
+    Command {
+        command_id: id.into(),
+        name: "actuate".into(),
+        ..Command::default()
+    }
+}
+
+fn ok(id: &str) -> CommandResult {
+    CommandResult {
+        command_id: id.into(),
+        status: CommandStatus::Succeeded.into(),
+        output: id.as_bytes().to_vec(),
+        ..CommandResult::default()
+    }
+}
+
+#[test]
+fn result_survives_a_restart_and_is_replayed() {
+    let dir = tempfile::tempdir().unwrap();
+    let journal = Journal::new(dir.path());
+    let mut gate = journal.load(DEFAULT_WINDOW).unwrap();
+    assert_eq!(gate.offer(&cmd("c1"), 1), Verdict::Run);
+    journal.save(&gate).unwrap();
+    gate.complete(&ok("c1")).unwrap();
+    journal.save(&gate).unwrap();
+    // The process dies before the result is acknowledged; the gateway re-delivers.
+    let mut gate = journal.load(DEFAULT_WINDOW).unwrap();
+    assert_eq!(gate.offer(&cmd("c1"), 2), Verdict::Replay(ok("c1")));
+}
+
+#[test]
+fn corrupt_journal_is_an_error_not_amnesia() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join(FILE_NAME), b"{ not json").unwrap();
+    assert!(matches!(
+        Journal::new(dir.path()).load(DEFAULT_WINDOW),
+        Err(JournalError::Corrupt { .. })
+    ));
+}
+
+/// Child half of the crash test: runs commands c0, c1, ... through gate and journal forever,
+/// printing "ran cN" after each command's effect and before recording its result.
+#[test]
+#[ignore = "helper process of a_command_that_ran_never_runs_again_after_sigkill"]
+fn device_child() {
+    let Some(dir) = std::env::var_os("JOURNAL_CHILD") else {
+        return;
+    };
+    let journal = Journal::new(std::path::Path::new(&dir));
+    let mut gate = journal.load(DEFAULT_WINDOW).unwrap();
+    let mut out = std::io::stdout();
+    for i in 0.. {
+        let id = format!("c{i}");
+        if gate.offer(&cmd(&id), 1) != Verdict::Run {
+            continue;
+        }
+        journal.save(&gate).unwrap(); // started: persisted before the effect
+        writeln!(out, "ran {id}").unwrap(); // the effect
+        out.flush().unwrap();
+        gate.complete(&ok(&id)).unwrap();
+        journal.save(&gate).unwrap();
+    }
+}
+
+#[test]
+fn a_command_that_ran_never_runs_again_after_sigkill() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Process::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "device_child",
+            "--ignored",
+            "--nocapture",
+            "--test-threads",
+            "1",
+        ])
+        .env("JOURNAL_CHILD", dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut ran = Vec::new();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    while ran.len() < 200 {
+        let line = lines.next().expect("child stopped").unwrap();
+        if let Some(id) = line.strip_prefix("ran ") {
+            ran.push(id.to_owned());
+        }
+    }
+    child.kill().unwrap(); // SIGKILL at an arbitrary point of the loop
+    child.wait().unwrap();
+
+    // After the restart the gateway re-delivers every one of them: none runs again.
+    let mut gate = Journal::new(dir.path()).load(DEFAULT_WINDOW).unwrap();
+    for id in &ran {
+        match gate.offer(&cmd(id), 2) {
+            Verdict::Replay(r) => assert!(
+                r.status == i32::from(CommandStatus::Succeeded)
+                    || r.status == i32::from(CommandStatus::Failed)
+            ),
+            Verdict::Interrupted(_) => {} // killed between its effect and its result
+            other => panic!("{id} would run again: {other:?}"),
+        }
+    }
+}
