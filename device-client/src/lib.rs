@@ -4,7 +4,9 @@
 //! layer drives them. Built so far:
 //! * [`commands`]: the command gate (never run a command twice, even across a restart; never
 //!   run an expired one) and its persisted journal.
+//! * [`status`]: the status outbox (bounded, persisted, in order, sequence across restarts).
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod commands;
+pub mod status;
