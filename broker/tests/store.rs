@@ -3,10 +3,10 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Command, Stdio};
+use std::io::Write;
 
 use fleet_broker::store::{StatusOutcome, Store, StoreError, FILE_NAME};
+use fleet_tests::crash::CrashChild;
 
 #[test]
 fn fresh_store_is_migrated_in_wal_mode_and_reopens() {
@@ -121,30 +121,16 @@ fn committed_reports_survive_sigkill() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join(FILE_NAME);
     drop(Store::open(&path).unwrap());
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "crash_writer_child",
-            "--ignored",
-            "--nocapture",
-            "--test-threads",
-            "1",
-        ])
-        .env("STORE_CRASH_CHILD", &path)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let mut confirmed = 0u64;
-    while confirmed < 300 {
-        let line = lines.next().expect("child stopped").unwrap();
-        if let Ok(seq) = line.trim().parse::<u64>() {
-            confirmed = seq;
-        }
-    }
-    child.kill().unwrap(); // SIGKILL, mid-write
-    child.wait().unwrap();
+    let mut child = CrashChild::start(
+        "crash_writer_child",
+        ("STORE_CRASH_CHILD", path.as_os_str()),
+    );
+    let confirmed = child
+        .confirmations(300, |l| l.parse::<u64>().ok())
+        .last()
+        .copied()
+        .unwrap_or(0);
+    child.kill(); // SIGKILL, mid-write
     let s = Store::open(&path).unwrap();
     s.check_integrity().unwrap();
     let (seq, report, _) = s.device_state("dev-1").unwrap().unwrap().status.unwrap();

@@ -3,12 +3,12 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Command as Process, Stdio};
+use std::io::Write;
 
 use device_client::commands::journal::{Journal, JournalError, FILE_NAME};
 use device_client::commands::{Verdict, DEFAULT_WINDOW};
 use fleet_proto::v1::{Command, CommandResult, CommandStatus};
+use fleet_tests::crash::CrashChild;
 
 fn cmd(id: &str) -> Command {
     Command {
@@ -78,30 +78,9 @@ fn device_child() {
 #[test]
 fn a_command_that_ran_never_runs_again_after_sigkill() {
     let dir = tempfile::tempdir().unwrap();
-    let mut child = Process::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "device_child",
-            "--ignored",
-            "--nocapture",
-            "--test-threads",
-            "1",
-        ])
-        .env("JOURNAL_CHILD", dir.path())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut ran = Vec::new();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    while ran.len() < 200 {
-        let line = lines.next().expect("child stopped").unwrap();
-        if let Some(id) = line.strip_prefix("ran ") {
-            ran.push(id.to_owned());
-        }
-    }
-    child.kill().unwrap(); // SIGKILL at an arbitrary point of the loop
-    child.wait().unwrap();
+    let mut child = CrashChild::start("device_child", ("JOURNAL_CHILD", dir.path().as_os_str()));
+    let ran = child.confirmations(200, |l| l.strip_prefix("ran ").map(str::to_owned));
+    child.kill(); // SIGKILL at an arbitrary point of the loop
 
     // After the restart the gateway re-delivers every one of them: none runs again.
     let mut gate = Journal::new(dir.path()).load(DEFAULT_WINDOW).unwrap();

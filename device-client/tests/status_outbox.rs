@@ -3,12 +3,12 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Command, Stdio};
+use std::io::Write;
 
 use device_client::status::store::OutboxStore;
 use device_client::status::Pushed;
 use fleet_proto::v1::StatusReport;
+use fleet_tests::crash::CrashChild;
 
 fn report(i: u64) -> StatusReport {
     StatusReport {
@@ -115,35 +115,9 @@ fn reporter_child() {
 #[test]
 fn queued_reports_survive_sigkill() {
     let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "reporter_child",
-            "--ignored",
-            "--nocapture",
-            "--test-threads",
-            "1",
-        ])
-        .env("OUTBOX_CHILD", dir.path())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut confirmed = Vec::new();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    while confirmed.len() < 300 {
-        if let Ok(seq) = lines
-            .next()
-            .expect("child stopped")
-            .unwrap()
-            .trim()
-            .parse::<u64>()
-        {
-            confirmed.push(seq);
-        }
-    }
-    child.kill().unwrap();
-    child.wait().unwrap();
+    let mut child = CrashChild::start("reporter_child", ("OUTBOX_CHILD", dir.path().as_os_str()));
+    let confirmed: Vec<u64> = child.confirmations(300, |l| l.parse().ok());
+    child.kill();
     let mut s = OutboxStore::open(dir.path(), 10_000).unwrap();
     let have = pending(&s);
     for seq in &confirmed {
