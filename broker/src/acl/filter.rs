@@ -81,7 +81,7 @@ pub fn matches(filter: &str, topic: &str) -> bool {
 /// Whether every topic that `inner` matches is also matched by `outer`: the containment test
 /// that decides whether a subscription stays within what a rule allows. Sound (it never says
 /// yes wrongly); `$`-topics are outside any filter whose first level is a wildcard, as in
-/// [`matches`].
+/// [`matches()`].
 pub fn within(inner: &str, outer: &str) -> bool {
     // A filter starting with a wildcard never matches `$` topics, so it cannot cover a filter
     // whose first level is a literal `$...`; other literal first levels are compared below.

@@ -1,6 +1,6 @@
 //! The TLS edge: the listener, shared state, reload and shutdown.
 //!
-//! Each accepted connection runs in its own task ([`connection`]); a semaphore permit taken
+//! Each accepted connection runs in its own task (module `connection`); a semaphore permit taken
 //! *before* `accept` bounds the number of connections, so a full gateway stops accepting
 //! (back-pressure in the kernel's backlog) instead of failing.
 

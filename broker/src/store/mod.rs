@@ -2,7 +2,7 @@
 //!
 //! * WAL journal with `synchronous = FULL`: a committed transaction survives a process kill and
 //!   a power loss; readers do not block the writer.
-//! * Versioned migrations ([`migrations`]): applied in order inside one transaction each, the
+//! * Versioned migrations (module `migrations`): applied in order inside one transaction each, the
 //!   version kept in `PRAGMA user_version`. A file written by a newer gateway is refused rather
 //!   than misread.
 //! * Everything that must outlive a restart goes through here (pending commands, last known
