@@ -2,11 +2,13 @@
 //!
 //! The protocol logic is I/O-free state machines (values in, decisions out); a tokio/rumqttc
 //! layer drives them. Built so far:
+//! * [`backoff`]: reconnect delays, exponential with full jitter.
 //! * [`commands`]: the command gate (never run a command twice, even across a restart; never
 //!   run an expired one) and its persisted journal.
 //! * [`status`]: the status outbox (bounded, persisted, in order, sequence across restarts).
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod backoff;
 pub mod commands;
 pub mod status;
