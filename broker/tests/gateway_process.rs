@@ -200,6 +200,14 @@ fn embedded_default_reload_revocation_and_drain() {
 #[test]
 fn bad_configuration_exits_64_before_binding() {
     let tmp = tempfile::tempdir().unwrap();
+    let run_with = |file: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_gateway"))
+            .current_dir(tmp.path())
+            .arg("--config")
+            .arg(file)
+            .output()
+            .unwrap()
+    };
     let cases = [
         ("[limits]\nmax_connections = 0\n", "max_connections"),
         ("listen = \"not-an-address\"\n", "listen"),
@@ -210,12 +218,7 @@ fn bad_configuration_exits_64_before_binding() {
     for (body, mention) in cases {
         let file = tmp.path().join("gateway.toml");
         std::fs::write(&file, body).unwrap();
-        let out = Command::new(env!("CARGO_BIN_EXE_gateway"))
-            .current_dir(tmp.path())
-            .arg("--config")
-            .arg(&file)
-            .output()
-            .unwrap();
+        let out = run_with(&file);
         assert_eq!(out.status.code(), Some(64), "{body}: {}", text(&out));
         assert!(
             text(&out).contains(mention),
@@ -237,12 +240,7 @@ fn bad_configuration_exits_64_before_binding() {
         ),
     )
     .unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_gateway"))
-        .current_dir(tmp.path())
-        .arg("--config")
-        .arg(&file)
-        .output()
-        .unwrap();
+    let out = run_with(&file);
     assert_eq!(out.status.code(), Some(64), "{}", text(&out));
     assert!(text(&out).contains("policy"), "{}", text(&out));
 }

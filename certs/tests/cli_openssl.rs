@@ -111,16 +111,22 @@ fn init_verify_revoke_with_openssl() {
         );
     }
 
+    // `openssl crl -text` of the current CRL, verified against the CA.
+    let crl_text = || {
+        let out = run(openssl()
+            .args(["crl", "-noout", "-text", "-in"])
+            .arg(dir.join("crl.pem"))
+            .arg("-CAfile")
+            .arg(&ca));
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    };
+
     // The fresh CRL is empty and valid for the CA.
-    let out = run(openssl()
-        .arg("crl")
-        .arg("-in")
-        .arg(dir.join("crl.pem"))
-        .arg("-CAfile")
-        .arg(&ca)
-        .arg("-noout")
-        .arg("-text"));
-    let text = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
+    let text = crl_text();
     assert!(text.contains("No Revoked Certificates"), "{text}");
     assert!(text.contains("verify OK"), "{text}");
 
@@ -135,15 +141,7 @@ fn init_verify_revoke_with_openssl() {
         .trim_start_matches("serial=")
         .to_owned();
     assert_eq!(serial.len(), 32, "16-byte serial expected, got {serial}");
-    let out = run(openssl()
-        .arg("crl")
-        .arg("-in")
-        .arg(dir.join("crl.pem"))
-        .arg("-CAfile")
-        .arg(&ca)
-        .arg("-noout")
-        .arg("-text"));
-    let text = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
+    let text = crl_text();
     assert!(
         text.contains(&format!("Serial Number: {serial}")),
         "serial {serial} not in CRL:\n{text}"

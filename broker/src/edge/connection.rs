@@ -291,7 +291,6 @@ struct Pump {
 const WRITE_BATCH: usize = 64;
 
 impl Pump {
-    #[allow(clippy::too_many_arguments)]
     async fn run(
         &mut self,
         rd: &mut ReadHalf<Tls>,

@@ -70,6 +70,36 @@ enum Entry {
     },
 }
 
+impl Entry {
+    fn from_result(r: &CommandResult) -> Self {
+        Entry::Done {
+            status: r.status,
+            output: r.output.clone(),
+            message: r.message.clone(),
+            completed_at_ms: r.completed_at_ms,
+        }
+    }
+
+    /// The recorded result, for a finished command.
+    fn to_result(&self, id: &str) -> Option<CommandResult> {
+        match self {
+            Entry::Started => None,
+            Entry::Done {
+                status,
+                output,
+                message,
+                completed_at_ms,
+            } => Some(CommandResult {
+                command_id: id.to_owned(),
+                status: *status,
+                output: output.clone(),
+                message: message.clone(),
+                completed_at_ms: *completed_at_ms,
+            }),
+        }
+    }
+}
+
 /// The gate's persistent form.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct GateSnapshot {
@@ -157,22 +187,10 @@ impl CommandGate {
                 now_ms,
             ));
         }
-        match self.entries.get(id) {
-            Some(Entry::Done {
-                status,
-                output,
-                message,
-                completed_at_ms,
-            }) => {
-                return Verdict::Replay(CommandResult {
-                    command_id: id.to_owned(),
-                    status: *status,
-                    output: output.clone(),
-                    message: message.clone(),
-                    completed_at_ms: *completed_at_ms,
-                });
-            }
-            Some(Entry::Started) => {
+        // Some(Some(result)): finished before; Some(None): started, never finished.
+        match self.entries.get(id).map(|e| e.to_result(id)) {
+            Some(Some(r)) => return Verdict::Replay(r),
+            Some(None) => {
                 let r = result(
                     id,
                     CommandStatus::Failed,
@@ -199,13 +217,7 @@ impl CommandGate {
     }
 
     fn record(&mut self, r: &CommandResult) {
-        let entry = Entry::Done {
-            status: r.status,
-            output: r.output.clone(),
-            message: r.message.clone(),
-            completed_at_ms: r.completed_at_ms,
-        };
-        self.remember(r.command_id.clone(), entry);
+        self.remember(r.command_id.clone(), Entry::from_result(r));
     }
 
     /// Records the application's result for a command it was told to run.
