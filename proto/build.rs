@@ -5,7 +5,11 @@ use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = PathBuf::from("proto");
-    let files = ["fleet/v1/device.proto", "fleet/v1/update.proto"];
+    let files = [
+        "fleet/v1/device.proto",
+        "fleet/v1/update.proto",
+        "fleet/v1/fleet.proto",
+    ];
     for f in &files {
         println!("cargo:rerun-if-changed={}", root.join(f).display());
     }

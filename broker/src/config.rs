@@ -30,6 +30,8 @@ pub struct GatewayConfig {
     pub acl: AclSettings,
     /// How identities are read from certificates.
     pub identity: IdentitySettings,
+    /// The command service.
+    pub commands: CommandSettings,
 }
 
 impl Default for GatewayConfig {
@@ -41,6 +43,7 @@ impl Default for GatewayConfig {
             limits: Limits::default(),
             acl: AclSettings::default(),
             identity: IdentitySettings::default(),
+            commands: CommandSettings::default(),
         }
     }
 }
@@ -131,6 +134,36 @@ pub struct IdentitySettings {
     pub cn_fallback_role: Option<Role>,
 }
 
+/// The command service's timing.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct CommandSettings {
+    /// Time to live of a command submitted without one. Default 1 h.
+    #[serde(with = "humantime_serde")]
+    pub default_ttl: Duration,
+    /// Longest time to live a service may ask for; longer requests are cut to it. Default 7 days.
+    #[serde(with = "humantime_serde")]
+    pub max_ttl: Duration,
+    /// A command handed to a connected device without a result after this long is handed over
+    /// again (with `attempt` + 1). Reconnects re-deliver at once regardless. Default 30 s.
+    #[serde(with = "humantime_serde")]
+    pub redeliver_after: Duration,
+    /// How long finished commands stay queryable before they are forgotten. Default 7 days.
+    #[serde(with = "humantime_serde")]
+    pub retention: Duration,
+}
+
+impl Default for CommandSettings {
+    fn default() -> Self {
+        Self {
+            default_ttl: Duration::from_secs(3600),
+            max_ttl: Duration::from_secs(7 * 24 * 3600),
+            redeliver_after: Duration::from_secs(30),
+            retention: Duration::from_secs(7 * 24 * 3600),
+        }
+    }
+}
+
 /// Why the configuration is refused.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -181,6 +214,15 @@ impl GatewayConfig {
         if !(1024..=(256 << 20)).contains(&self.limits.max_packet_size) {
             return bad("limits.max_packet_size must be between 1 KiB and 256 MiB");
         }
+        let c = &self.commands;
+        if c.default_ttl.is_zero() || c.redeliver_after.is_zero() || c.retention.is_zero() {
+            return bad(
+                "commands.default_ttl, redeliver_after and retention must be greater than zero",
+            );
+        }
+        if c.max_ttl < c.default_ttl {
+            return bad("commands.max_ttl must be at least commands.default_ttl");
+        }
         Ok(())
     }
 }
@@ -212,6 +254,8 @@ mod tests {
             "[tls]\nca = \"ca.crt\"",
             "unknown_key = 1",
             "[identity]\ncn_fallback_role = \"admin\"",
+            "[commands]\nredeliver_after = \"0s\"",
+            "[commands]\nmax_ttl = \"1m\"",
         ] {
             std::fs::write(&f, bad).unwrap_or_else(|e| panic!("{e}"));
             assert!(GatewayConfig::load(Some(&f)).is_err(), "{bad}");

@@ -6,6 +6,7 @@
 //! * [`acl`]: topic matching and the per-role policy (pure).
 //! * [`edge`]: listener, per-connection tasks, identity binding, reload, shutdown.
 //! * [`router`]: the embedded rumqttd router and its in-process links.
+//! * [`services`]: the in-process command service, fleet API and status registry.
 //! * [`store`]: the durable state, one SQLite file.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -16,6 +17,7 @@ pub mod devpki;
 pub mod edge;
 pub mod metrics;
 pub mod router;
+pub mod services;
 pub mod store;
 pub mod tls;
 

@@ -23,6 +23,24 @@ pub struct Metrics {
     pub publishes_out: AtomicU64,
     /// Will messages published after an abnormal disconnect.
     pub wills_published: AtomicU64,
+    /// Messages on device or fleet API topics whose payload did not decode (bad protobuf,
+    /// missing required fields); logged and dropped.
+    pub malformed_payloads: AtomicU64,
+    /// Commands accepted by the command service (one per target device).
+    pub commands_submitted: AtomicU64,
+    /// Hand-overs of a command to a connected device (re-deliveries included).
+    pub commands_delivered: AtomicU64,
+    /// Commands closed by a device's result.
+    pub commands_completed: AtomicU64,
+    /// Commands closed because their time to live passed.
+    pub commands_expired: AtomicU64,
+    /// Status reports stored by the registry.
+    pub status_stored: AtomicU64,
+    /// Status reports not stored because an equal or newer sequence was already stored.
+    pub status_duplicates: AtomicU64,
+    /// Store operations that failed (disk full, I/O error); the message is not lost from its
+    /// sender's point of view only where the protocol re-sends it.
+    pub store_errors: AtomicU64,
 }
 
 impl Metrics {

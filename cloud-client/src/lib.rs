@@ -1,3 +1,48 @@
-//! The cloud-service SDK (commands, updates, campaigns, fleet status) and the `fleetctl` CLI.
-//! Built out by the command and update issues.
+//! The cloud-service SDK: send commands to devices and follow them, read the fleet's status,
+//! watch command events. It speaks the fleet API (`fleet/api/{service_id}/...`,
+//! `fleet/events/...`) over MQTT with the service's certificate. The CLI `fleetctl` is built on
+//! it.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), cloud_client::SdkError> {
+//! use cloud_client::{FleetClient, SendCommand};
+//! use std::time::Duration;
+//!
+//! let fleet = FleetClient::builder()
+//!     .gateway("localhost", 8883)
+//!     .pem_files("ca.crt", "svc-0001.crt", "svc-0001.key")
+//!     .connect()
+//!     .await?;
+//! let handle = fleet
+//!     .send_command(SendCommand {
+//!         device_ids: vec!["dev-0001".into()],
+//!         name: "reboot".into(),
+//!         ttl_ms: 60_000,
+//!         ..SendCommand::default()
+//!     })
+//!     .await?;
+//! for record in handle.wait(Duration::from_secs(90)).await? {
+//!     println!("{}: {:?}", record.device_id, record.state());
+//! }
+//! # Ok(()) }
+//! ```
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+mod client;
+
+pub use client::{CommandHandle, FleetClient, FleetClientBuilder, SdkError};
+pub use fleet_proto::v1::{
+    ApiErrorCode, CommandEvent, CommandRecord, CommandState, DeviceStatus, SendCommand,
+};
+
+/// Whether a command in `state` will not change again.
+pub fn is_final(state: CommandState) -> bool {
+    matches!(
+        state,
+        CommandState::Succeeded
+            | CommandState::Failed
+            | CommandState::Rejected
+            | CommandState::Expired
+    )
+}

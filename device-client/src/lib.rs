@@ -1,7 +1,8 @@
 //! The device library: reconnecting session, commands, status reports and the update agent.
 //!
 //! The protocol logic is I/O-free state machines (values in, decisions out); a tokio/rumqttc
-//! layer drives them. Built so far:
+//! layer ([`DeviceClient`]) drives them:
+//! * [`session`]: the connection's protocol logic (subscribe, presence, outbox window, acks).
 //! * [`backoff`]: reconnect delays, exponential with full jitter.
 //! * [`commands`]: the command gate (never run a command twice, even across a restart; never
 //!   run an expired one) and its persisted journal.
@@ -10,5 +11,12 @@
 #![warn(missing_docs)]
 
 pub mod backoff;
+mod client;
 pub mod commands;
+pub mod session;
 pub mod status;
+
+pub use client::{
+    ClientError, ClientStats, Commands, DeviceClient, DeviceClientBuilder, IncomingCommand,
+};
+pub use fleet_proto::v1::{Command, CommandResult, CommandStatus, Health, StatusReport};

@@ -165,6 +165,66 @@ pub fn parse(topic: &str) -> Result<Topic<'_>, TopicError> {
     Ok(Topic::Device { id, kind })
 }
 
+/// `fleet/api/{service_id}/request`: where a service sends its `ApiRequest`s.
+pub fn api_request_topic(service_id: &str) -> String {
+    format!("{FLEET}/api/{service_id}/request")
+}
+
+/// `fleet/api/{service_id}/response`: where the gateway answers a service.
+pub fn api_response_topic(service_id: &str) -> String {
+    format!("{FLEET}/api/{service_id}/response")
+}
+
+/// `fleet/api/+/request`: every service's requests (for the gateway's API service).
+pub const ALL_API_REQUESTS: &str = "fleet/api/+/request";
+
+/// `fleet/events/commands/{device_id}`: command state changes of one device.
+pub fn command_events_topic(device_id: &str) -> String {
+    format!("{FLEET}/events/commands/{device_id}")
+}
+
+/// `fleet/events/commands/+`: command state changes of every device.
+pub const ALL_COMMAND_EVENTS: &str = "fleet/events/commands/+";
+
+/// A topic of the fleet API (what follows `fleet/`), parsed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FleetTopic<'a> {
+    /// `api/{service_id}/request`.
+    ApiRequest {
+        /// The requesting service's id (not validated here).
+        service_id: &'a str,
+    },
+    /// `api/{service_id}/response`.
+    ApiResponse {
+        /// The service the response is for.
+        service_id: &'a str,
+    },
+    /// `events/commands/{device_id}`.
+    CommandEvents {
+        /// The device whose command changed.
+        device_id: &'a str,
+    },
+}
+
+impl<'a> FleetTopic<'a> {
+    /// Parses the `path` of a [`Topic::Fleet`]; `None` when it is not an API topic.
+    pub fn parse(path: &'a str) -> Option<FleetTopic<'a>> {
+        let levels: Vec<&str> = path.split('/').collect();
+        match levels.as_slice() {
+            ["api", id, "request"] if !id.is_empty() => {
+                Some(FleetTopic::ApiRequest { service_id: id })
+            }
+            ["api", id, "response"] if !id.is_empty() => {
+                Some(FleetTopic::ApiResponse { service_id: id })
+            }
+            ["events", "commands", id] if !id.is_empty() => {
+                Some(FleetTopic::CommandEvents { device_id: id })
+            }
+            _ => None,
+        }
+    }
+}
+
 /// The upstream name of a local topic: `gateways/{gateway_id}/{local}`.
 pub fn to_upstream(gateway: &GatewayId, local: &str) -> String {
     format!("{GATEWAYS}/{gateway}/{local}")
@@ -188,6 +248,42 @@ mod tests {
 
     fn dev(s: &str) -> DeviceId {
         DeviceId::new(s).unwrap_or_else(|e| panic!("{s}: {e}"))
+    }
+
+    #[test]
+    fn fleet_api_topics_round_trip() {
+        for (topic, want) in [
+            (
+                api_request_topic("svc-1"),
+                FleetTopic::ApiRequest {
+                    service_id: "svc-1",
+                },
+            ),
+            (
+                api_response_topic("svc-1"),
+                FleetTopic::ApiResponse {
+                    service_id: "svc-1",
+                },
+            ),
+            (
+                command_events_topic("dev-9"),
+                FleetTopic::CommandEvents { device_id: "dev-9" },
+            ),
+        ] {
+            let Ok(Topic::Fleet { path }) = parse(&topic) else {
+                panic!("{topic} is not a fleet topic");
+            };
+            assert_eq!(FleetTopic::parse(path), Some(want), "{topic}");
+        }
+        for bad in [
+            "api//request",
+            "api/svc-1",
+            "api/svc-1/request/x",
+            "events/commands",
+            "",
+        ] {
+            assert_eq!(FleetTopic::parse(bad), None, "{bad:?}");
+        }
     }
 
     #[test]

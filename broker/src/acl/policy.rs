@@ -272,6 +272,33 @@ mod tests {
         );
         assert_ne!(p.check_subscribe(&s, "devices/#"), Decision::Allow);
         assert_ne!(p.check_subscribe(&s, "#"), Decision::Allow);
+        // The fleet API: requests only as itself, only its own responses, every event.
+        assert_eq!(
+            p.check_publish(&s, "fleet/api/svc-1/request"),
+            Decision::Allow
+        );
+        assert_ne!(
+            p.check_publish(&s, "fleet/api/svc-2/request"),
+            Decision::Allow
+        );
+        assert_ne!(
+            p.check_publish(&s, "fleet/api/svc-1/response"),
+            Decision::Allow
+        );
+        assert_ne!(
+            p.check_publish(&s, "fleet/events/commands/dev-1"),
+            Decision::Allow
+        );
+        assert_eq!(
+            p.check_subscribe(&s, "fleet/api/svc-1/response"),
+            Decision::Allow
+        );
+        assert_ne!(
+            p.check_subscribe(&s, "fleet/api/+/response"),
+            Decision::Allow
+        );
+        assert_ne!(p.check_subscribe(&s, "fleet/#"), Decision::Allow);
+        assert_eq!(p.check_subscribe(&s, "fleet/events/#"), Decision::Allow);
 
         let g = who(Role::Gateway, "gw-1");
         assert_ne!(p.check_publish(&g, "devices/dev-1/cmd"), Decision::Allow);

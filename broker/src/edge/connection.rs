@@ -28,6 +28,7 @@ use super::Shared;
 use crate::acl::{Decision, DenyReason};
 use crate::config::DeniedPublish;
 use crate::metrics::Metrics;
+use crate::services::SessionEvent;
 
 type Tls = TlsStream<TcpStream>;
 
@@ -209,11 +210,22 @@ async fn session(
         }
         Err(e) => return Err(format!("link task failed: {e}")),
     };
+    let session_present = matches!(
+        &connack,
+        Some(Packet::ConnAck(ack, _)) if ack.session_present
+    );
     if let Some(p) = connack {
         write_packets(&mut wr, vec![p])
             .await
             .map_err(|e| e.to_string())?;
     }
+    shared.session_event(
+        &identity,
+        SessionEvent::Connected {
+            id: identity.id.clone(),
+            session_present,
+        },
+    );
     Metrics::inc(&shared.metrics.sessions_opened);
     info!(
         clean_session = clean,
@@ -257,6 +269,12 @@ async fn session(
             shared.publish_will(&pump.identity, w).await;
         }
     }
+    shared.session_event(
+        &pump.identity,
+        SessionEvent::Disconnected {
+            id: pump.identity.id.clone(),
+        },
+    );
     let _ = wr.shutdown().await;
     drop(registration);
     Ok(())
@@ -524,14 +542,25 @@ impl Pump {
         if slots.iter().any(Option::is_some) {
             self.pending_subacks.insert(pkid, slots);
         }
-        self.forward(Packet::Subscribe(
-            Subscribe {
-                pkid,
-                filters: allowed,
+        let granted: Vec<String> = allowed.iter().map(|f| f.path.clone()).collect();
+        let step = self
+            .forward(Packet::Subscribe(
+                Subscribe {
+                    pkid,
+                    filters: allowed,
+                },
+                None,
+            ))
+            .await;
+        // After the router has the SUBSCRIBE queued: what a service publishes next reaches it.
+        self.shared.session_event(
+            &self.identity,
+            SessionEvent::Subscribed {
+                id: self.identity.id.clone(),
+                filters: granted,
             },
-            None,
-        ))
-        .await
+        );
+        step
     }
 
     /// Queues what the router sent. Returns whether the router must be woken (it unscheduled

@@ -24,6 +24,8 @@ use crate::acl::{Decision, Policy};
 use crate::config::GatewayConfig;
 use crate::metrics::Metrics;
 use crate::router::{RouterHandle, INTERNAL_PREFIX};
+use crate::services::{self, SessionEvent, SharedStore};
+use crate::store::{Store, StoreError};
 use crate::tls::{self, TlsFiles};
 use sessions::{CloseReason, Sessions};
 
@@ -50,6 +52,12 @@ pub enum GatewayError {
     /// The router could not start.
     #[error(transparent)]
     Router(#[from] crate::router::RouterError),
+    /// The store cannot be opened.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A service could not start.
+    #[error(transparent)]
+    Service(#[from] services::LinkError),
     /// Binding the listener failed.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -70,9 +78,17 @@ pub(crate) struct Shared {
     pub(crate) sessions: Arc<Sessions>,
     pub(crate) metrics: Arc<Metrics>,
     wills: Mutex<LinkTx>,
+    session_events: tokio::sync::mpsc::UnboundedSender<SessionEvent>,
 }
 
 impl Shared {
+    /// Tells the services about a device session (other roles are not reported).
+    pub(crate) fn session_event(&self, who: &Identity, event: SessionEvent) {
+        if who.role == fleet_certs::Role::Device && self.session_events.send(event).is_err() {
+            warn!("command service is gone; session event dropped");
+        }
+    }
+
     pub(crate) fn tls_config(&self) -> Arc<ServerConfig> {
         match self.tls.read() {
             Ok(g) => g.clone(),
@@ -171,6 +187,19 @@ impl Gateway {
         let identity_policy = IdentityPolicy {
             cn_fallback: config.identity.cn_fallback_role,
         };
+        let metrics = Arc::new(Metrics::default());
+        let data_dir = config.data_dir.clone();
+        let store = tokio::task::spawn_blocking(move || Store::open_in(&data_dir))
+            .await
+            .map_err(|e| GatewayError::Io(e.to_string()))??;
+        info!(path = %store.path().display(), "store open");
+        let session_events = services::start(
+            &router,
+            SharedStore::new(store, metrics.clone()),
+            config.commands.clone(),
+            metrics.clone(),
+        )
+        .await?;
         let shared = Arc::new(Shared {
             config,
             tls_files,
@@ -179,8 +208,9 @@ impl Gateway {
             identity_policy,
             router,
             sessions: Arc::new(Sessions::default()),
-            metrics: Arc::new(Metrics::default()),
+            metrics,
             wills: Mutex::new(wills),
+            session_events,
         });
         Ok(Gateway { shared, listener })
     }

@@ -18,6 +18,28 @@ const MIGRATIONS: &[&str] = &[
         presence         BLOB,               -- the last Presence (protobuf)
         presence_at_ms   INTEGER
     ) STRICT;",
+    // 2: the command service's table, and what the registry learns about each device.
+    "ALTER TABLE device_state ADD COLUMN device_class TEXT;
+     ALTER TABLE device_state ADD COLUMN reports_stored INTEGER NOT NULL DEFAULT 0;
+     CREATE INDEX device_state_class ON device_state (device_class);
+     CREATE TABLE commands (
+        device_id      TEXT NOT NULL,
+        command_id     TEXT NOT NULL,
+        name           TEXT NOT NULL,
+        payload        BLOB NOT NULL,
+        issued_by      TEXT NOT NULL,
+        issued_at_ms   INTEGER NOT NULL,
+        expires_at_ms  INTEGER NOT NULL,    -- 0: never
+        attempts       INTEGER NOT NULL DEFAULT 0,
+        state          INTEGER NOT NULL,    -- fleet.v1.CommandState
+        result         BLOB,                -- the CommandResult (protobuf), once there is one
+        updated_at_ms  INTEGER NOT NULL,
+        PRIMARY KEY (device_id, command_id)
+    ) STRICT;
+    -- Open commands (PENDING = 1, DELIVERED = 2) by device and by expiry.
+    CREATE INDEX commands_open ON commands (device_id) WHERE state IN (1, 2);
+    CREATE INDEX commands_expiry ON commands (expires_at_ms) WHERE state IN (1, 2);
+    CREATE INDEX commands_id ON commands (command_id);",
 ];
 
 /// The newest schema version this build knows.

@@ -11,6 +11,7 @@
 //!
 //! The API is synchronous (rusqlite); async callers use `spawn_blocking` or a store task.
 
+mod commands;
 mod migrations;
 mod status;
 
@@ -18,7 +19,8 @@ use std::path::{Path, PathBuf};
 
 use rusqlite::{Connection, OpenFlags};
 
-pub use status::StatusOutcome;
+pub use commands::{StoredCommand, Submitted};
+pub use status::{DeviceState, StatusOutcome, StatusWrite};
 
 /// Why the store cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +52,9 @@ pub enum StoreError {
         /// The newest this build knows.
         known: u32,
     },
+    /// The task running a store operation died (a bug: it panicked).
+    #[error("store task failed: {0}")]
+    Task(String),
 }
 
 /// The open store.

@@ -30,16 +30,33 @@ pub struct DeviceState {
     pub status: Option<(u64, Vec<u8>, u64)>,
     /// Bytes and storage time of its last presence message, if any.
     pub presence: Option<(Vec<u8>, u64)>,
+    /// Its class, as last reported.
+    pub device_class: Option<String>,
+    /// Distinct reports stored (duplicates and late reports are not counted).
+    pub reports_stored: u64,
 }
 
 // SQLite integers are i64; sequences and times are u64 on the wire. Values above i64::MAX are
 // stored as their two's complement and read back the same way.
-fn to_sql(v: u64) -> i64 {
+pub(super) fn to_sql(v: u64) -> i64 {
     v as i64
 }
 
-fn from_sql(v: i64) -> u64 {
+pub(super) fn from_sql(v: i64) -> u64 {
     v as u64
+}
+
+/// One report for [`Store::put_statuses`].
+#[derive(Debug, Clone, Copy)]
+pub struct StatusWrite<'a> {
+    /// The device (authenticated by the topic it published on).
+    pub device_id: &'a str,
+    /// `StatusReport.sequence`.
+    pub sequence: u64,
+    /// The report as received.
+    pub report: &'a [u8],
+    /// `StatusReport.device_class`, if set: remembered for class-wide commands.
+    pub device_class: Option<&'a str>,
 }
 
 impl Store {
@@ -51,35 +68,99 @@ impl Store {
         report: &[u8],
         now_ms: u64,
     ) -> Result<StatusOutcome, StoreError> {
+        let w = StatusWrite {
+            device_id,
+            sequence,
+            report,
+            device_class: None,
+        };
+        let outcomes = self.put_statuses(&[w], now_ms)?;
+        Ok(outcomes
+            .first()
+            .copied()
+            .unwrap_or(StatusOutcome::Stale { stored: sequence }))
+    }
+
+    /// Offers several reports in one transaction (one disk sync for the batch), in order; each
+    /// is judged against what the ones before it left. Outcomes are in the same order.
+    pub fn put_statuses(
+        &mut self,
+        batch: &[StatusWrite<'_>],
+        now_ms: u64,
+    ) -> Result<Vec<StatusOutcome>, StoreError> {
         let path = self.path.clone();
         let tx = self.conn.transaction().map_err(|e| err(&path, e))?;
-        let stored: Option<Option<i64>> = tx
-            .query_row(
-                "SELECT status_sequence FROM device_state WHERE device_id = ?1",
-                [device_id],
-                |r| r.get(0),
-            )
-            .optional()
-            .map_err(|e| err(&path, e))?;
-        if let Some(Some(seq)) = stored {
-            if from_sql(seq) >= sequence {
-                return Ok(StatusOutcome::Stale {
-                    stored: from_sql(seq),
-                });
+        let mut outcomes = Vec::with_capacity(batch.len());
+        for w in batch {
+            let stored: Option<Option<i64>> = tx
+                .query_row(
+                    "SELECT status_sequence FROM device_state WHERE device_id = ?1",
+                    [w.device_id],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(|e| err(&path, e))?;
+            if let Some(Some(seq)) = stored {
+                if from_sql(seq) >= w.sequence {
+                    outcomes.push(StatusOutcome::Stale {
+                        stored: from_sql(seq),
+                    });
+                    continue;
+                }
             }
+            tx.execute(
+                "INSERT INTO device_state
+                   (device_id, status_sequence, status, status_at_ms, device_class, reports_stored)
+                 VALUES (?1, ?2, ?3, ?4, ?5, 1)
+                 ON CONFLICT (device_id) DO UPDATE SET
+                   status_sequence = excluded.status_sequence,
+                   status = excluded.status,
+                   status_at_ms = excluded.status_at_ms,
+                   device_class = coalesce(excluded.device_class, device_class),
+                   reports_stored = reports_stored + 1",
+                params![
+                    w.device_id,
+                    to_sql(w.sequence),
+                    w.report,
+                    to_sql(now_ms),
+                    w.device_class.filter(|c| !c.is_empty())
+                ],
+            )
+            .map_err(|e| err(&path, e))?;
+            outcomes.push(StatusOutcome::Stored);
         }
-        tx.execute(
-            "INSERT INTO device_state (device_id, status_sequence, status, status_at_ms)
-             VALUES (?1, ?2, ?3, ?4)
-             ON CONFLICT (device_id) DO UPDATE SET
-               status_sequence = excluded.status_sequence,
-               status = excluded.status,
-               status_at_ms = excluded.status_at_ms",
-            params![device_id, to_sql(sequence), report, to_sql(now_ms)],
-        )
-        .map_err(|e| err(&path, e))?;
         tx.commit().map_err(|e| err(&path, e))?;
-        Ok(StatusOutcome::Stored)
+        Ok(outcomes)
+    }
+
+    /// Remembers a device's class (from its presence), for class-wide commands.
+    pub fn set_device_class(&mut self, device_id: &str, class: &str) -> Result<(), StoreError> {
+        if class.is_empty() {
+            return Ok(());
+        }
+        self.conn
+            .execute(
+                "INSERT INTO device_state (device_id, device_class) VALUES (?1, ?2)
+                 ON CONFLICT (device_id) DO UPDATE SET device_class = excluded.device_class",
+                params![device_id, class],
+            )
+            .map(|_| ())
+            .map_err(|e| err(&self.path, e))
+    }
+
+    /// Every known device of a class, by id.
+    pub fn devices_of_class(&self, class: &str) -> Result<Vec<String>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT device_id FROM device_state WHERE device_class = ?1 ORDER BY device_id",
+            )
+            .map_err(|e| err(&self.path, e))?;
+        let rows = stmt
+            .query_map([class], |r| r.get(0))
+            .map_err(|e| err(&self.path, e))?;
+        rows.collect::<Result<_, _>>()
+            .map_err(|e| err(&self.path, e))
     }
 
     /// Records a device's presence message.
@@ -104,7 +185,8 @@ impl Store {
     pub fn device_state(&self, device_id: &str) -> Result<Option<DeviceState>, StoreError> {
         self.conn
             .query_row(
-                "SELECT device_id, status_sequence, status, status_at_ms, presence, presence_at_ms
+                "SELECT device_id, status_sequence, status, status_at_ms, presence, presence_at_ms,
+                        device_class, reports_stored
                  FROM device_state WHERE device_id = ?1",
                 [device_id],
                 row_to_state,
@@ -118,7 +200,8 @@ impl Store {
         let mut stmt = self
             .conn
             .prepare(
-                "SELECT device_id, status_sequence, status, status_at_ms, presence, presence_at_ms
+                "SELECT device_id, status_sequence, status, status_at_ms, presence, presence_at_ms,
+                        device_class, reports_stored
                  FROM device_state ORDER BY device_id",
             )
             .map_err(|e| err(&self.path, e))?;
@@ -143,5 +226,7 @@ fn row_to_state(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeviceState> {
             _ => None,
         },
         presence: presence.zip(presence_at).map(|(b, t)| (b, from_sql(t))),
+        device_class: r.get(6)?,
+        reports_stored: from_sql(r.get(7)?),
     })
 }

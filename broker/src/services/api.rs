@@ -1,0 +1,349 @@
+//! The fleet API on `fleet/api/{service_id}/request`: requests are decoded and checked here,
+//! answered on `fleet/api/{service_id}/response`. Validation is pure ([`plan_send`]); the
+//! handlers run on the command service's task, which owns the link and the set of connected
+//! devices.
+
+use std::collections::BTreeSet;
+
+use fleet_proto::ids::validate_id;
+use fleet_proto::topics;
+use fleet_proto::v1::{
+    api_request, api_response, ApiError, ApiErrorCode, ApiRequest, ApiResponse, CommandState,
+    DeviceStatus, GetCommand, GetCommandResponse, GetStatus, GetStatusResponse, Presence,
+    SendCommand, SendCommandResponse, StatusReport,
+};
+use fleet_proto::Message;
+use rand_core::RngCore;
+use tracing::{info, warn};
+
+use super::commands::{to_record, CommandService};
+use crate::config::CommandSettings;
+use crate::metrics::Metrics;
+use crate::store::{StoredCommand, Submitted};
+
+/// Longest command name accepted, in bytes.
+pub const MAX_NAME_LEN: usize = 256;
+/// Most target devices in one request.
+pub const MAX_TARGETS: usize = 10_000;
+
+fn api_error(code: ApiErrorCode, message: impl Into<String>) -> ApiError {
+    ApiError {
+        code: code.into(),
+        message: message.into(),
+    }
+}
+
+/// A fresh command id: `cmd-` and 16 random hex digits.
+fn new_command_id() -> String {
+    let mut b = [0u8; 8];
+    rand_core::OsRng.fill_bytes(&mut b);
+    format!("cmd-{}", hex::encode(b))
+}
+
+/// Checks a SendCommand and turns it into one command per target. `class_members` are the
+/// known devices of `req.device_class` (looked up by the caller).
+pub fn plan_send(
+    req: &SendCommand,
+    service: &str,
+    class_members: &[String],
+    settings: &CommandSettings,
+    now_ms: u64,
+) -> Result<Vec<StoredCommand>, ApiError> {
+    let invalid = |m: String| api_error(ApiErrorCode::Invalid, m);
+    if req.name.is_empty() || req.name.len() > MAX_NAME_LEN {
+        return Err(invalid(format!("name must be 1 to {MAX_NAME_LEN} bytes")));
+    }
+    let command_id = if req.command_id.is_empty() {
+        new_command_id()
+    } else {
+        validate_id(&req.command_id).map_err(|e| invalid(format!("command_id: {e}")))?;
+        req.command_id.clone()
+    };
+    let mut targets = BTreeSet::new();
+    for d in &req.device_ids {
+        validate_id(d).map_err(|e| invalid(format!("device id {d:?}: {e}")))?;
+        targets.insert(d.clone());
+    }
+    if !req.device_class.is_empty() {
+        if class_members.is_empty() && targets.is_empty() {
+            return Err(api_error(
+                ApiErrorCode::NotFound,
+                format!("no known device of class {:?}", req.device_class),
+            ));
+        }
+        targets.extend(class_members.iter().cloned());
+    }
+    if targets.is_empty() {
+        return Err(invalid(
+            "no target: give device_ids or a device_class".into(),
+        ));
+    }
+    if targets.len() > MAX_TARGETS {
+        return Err(invalid(format!("more than {MAX_TARGETS} targets")));
+    }
+    let max = u64::try_from(settings.max_ttl.as_millis()).unwrap_or(u64::MAX);
+    let ttl = match req.ttl_ms {
+        0 => u64::try_from(settings.default_ttl.as_millis()).unwrap_or(u64::MAX),
+        t => t.min(max),
+    };
+    let expires_at_ms = now_ms.saturating_add(ttl);
+    Ok(targets
+        .into_iter()
+        .map(|device_id| StoredCommand {
+            device_id,
+            command_id: command_id.clone(),
+            name: req.name.clone(),
+            payload: req.payload.clone(),
+            issued_by: service.to_owned(),
+            issued_at_ms: now_ms,
+            expires_at_ms,
+            attempts: 0,
+            state: CommandState::Pending,
+            result: None,
+            updated_at_ms: now_ms,
+        })
+        .collect())
+}
+
+impl CommandService {
+    /// Answers one request from `service` (the id in its request topic, which the ACL binds to
+    /// its certificate).
+    pub(super) async fn on_request(&mut self, service: &str, payload: &[u8]) {
+        let (request_id, body) = match ApiRequest::decode(payload) {
+            Ok(r) => (r.request_id, r.body),
+            Err(e) => {
+                Metrics::inc(&self.metrics.malformed_payloads);
+                warn!(service, error = %e, "API request: bad protobuf");
+                self.respond(
+                    service,
+                    String::new(),
+                    api_response::Body::Error(api_error(
+                        ApiErrorCode::Invalid,
+                        format!("request is not a fleet.v1.ApiRequest: {e}"),
+                    )),
+                );
+                return;
+            }
+        };
+        let answer = match body {
+            None => {
+                Metrics::inc(&self.metrics.malformed_payloads);
+                Err(api_error(ApiErrorCode::Invalid, "request has no body"))
+            }
+            Some(api_request::Body::SendCommand(req)) => self
+                .send_command(service, req)
+                .await
+                .map(api_response::Body::SendCommand),
+            Some(api_request::Body::GetCommand(req)) => self
+                .get_command(req)
+                .await
+                .map(api_response::Body::GetCommand),
+            Some(api_request::Body::GetStatus(req)) => self
+                .get_status(req)
+                .await
+                .map(api_response::Body::GetStatus),
+        };
+        let body = answer.unwrap_or_else(api_response::Body::Error);
+        self.respond(service, request_id, body);
+    }
+
+    fn respond(&mut self, service: &str, request_id: String, body: api_response::Body) {
+        let r = ApiResponse {
+            request_id,
+            body: Some(body),
+        };
+        if let Err(e) = self
+            .link
+            .publish(topics::api_response_topic(service), r.encode_to_vec())
+        {
+            warn!(service, error = %e, "could not publish an API response");
+        }
+    }
+
+    fn unavailable() -> ApiError {
+        api_error(
+            ApiErrorCode::Unavailable,
+            "the gateway's store failed; see its log",
+        )
+    }
+
+    async fn send_command(
+        &mut self,
+        service: &str,
+        req: SendCommand,
+    ) -> Result<SendCommandResponse, ApiError> {
+        let class = req.device_class.clone();
+        let members = if class.is_empty() {
+            Vec::new()
+        } else {
+            self.store
+                .call("devices of class", move |s| s.devices_of_class(&class))
+                .await
+                .map_err(|_| Self::unavailable())?
+        };
+        let now = fleet_proto::time::now_ms();
+        let planned = plan_send(&req, service, &members, &self.settings, now)?;
+        let command_id = planned
+            .first()
+            .map(|c| c.command_id.clone())
+            .unwrap_or_default();
+        let outcomes = self
+            .store
+            .call("submit commands", move |s| s.submit_commands(&planned))
+            .await
+            .map_err(|_| Self::unavailable())?;
+        if let Some(Submitted::Conflict(old)) = outcomes
+            .iter()
+            .find(|o| matches!(o, Submitted::Conflict(_)))
+        {
+            return Err(api_error(
+                ApiErrorCode::Conflict,
+                format!(
+                    "command id {:?} is already used on {} for a different command",
+                    old.command_id, old.device_id
+                ),
+            ));
+        }
+        let mut records = Vec::with_capacity(outcomes.len());
+        for o in outcomes {
+            match o {
+                Submitted::New(c) => {
+                    Metrics::inc(&self.metrics.commands_submitted);
+                    info!(service, device = %c.device_id, command_id = %c.command_id, name = %c.name, expires_at_ms = c.expires_at_ms, "command accepted");
+                    self.event(&c);
+                    records.push(to_record(&c));
+                    if self.online.contains(&c.device_id) {
+                        self.deliver(c).await;
+                    }
+                }
+                Submitted::Existing(c) | Submitted::Conflict(c) => records.push(to_record(&c)),
+            }
+        }
+        Ok(SendCommandResponse {
+            command_id,
+            commands: records,
+        })
+    }
+
+    async fn get_command(&mut self, req: GetCommand) -> Result<GetCommandResponse, ApiError> {
+        validate_id(&req.command_id)
+            .map_err(|e| api_error(ApiErrorCode::Invalid, format!("command_id: {e}")))?;
+        let device = (!req.device_id.is_empty()).then_some(req.device_id.clone());
+        let id = req.command_id.clone();
+        let found = self
+            .store
+            .call("get command", move |s| {
+                s.get_command(&id, device.as_deref())
+            })
+            .await
+            .map_err(|_| Self::unavailable())?;
+        if found.is_empty() {
+            return Err(api_error(
+                ApiErrorCode::NotFound,
+                format!("no command {:?}", req.command_id),
+            ));
+        }
+        Ok(GetCommandResponse {
+            commands: found.iter().map(to_record).collect(),
+        })
+    }
+
+    async fn get_status(&mut self, req: GetStatus) -> Result<GetStatusResponse, ApiError> {
+        let wanted: BTreeSet<String> = req.device_ids.into_iter().collect();
+        let states = self
+            .store
+            .call("device states", |s| s.device_states())
+            .await
+            .map_err(|_| Self::unavailable())?;
+        let devices = states
+            .into_iter()
+            .filter(|s| wanted.is_empty() || wanted.contains(&s.device_id))
+            .map(|s| {
+                let (last_report, report_received_at_ms) = match &s.status {
+                    Some((_, bytes, at)) => (StatusReport::decode(bytes.as_slice()).ok(), *at),
+                    None => (None, 0),
+                };
+                let (presence, presence_received_at_ms) = match &s.presence {
+                    Some((bytes, at)) => (Presence::decode(bytes.as_slice()).ok(), *at),
+                    None => (None, 0),
+                };
+                DeviceStatus {
+                    connected: self.online.contains(&s.device_id),
+                    device_id: s.device_id,
+                    last_report,
+                    report_received_at_ms,
+                    presence,
+                    presence_received_at_ms,
+                    reports_stored: s.reports_stored,
+                }
+            })
+            .collect();
+        Ok(GetStatusResponse { devices })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn send(ids: &[&str], class: &str) -> SendCommand {
+        SendCommand {
+            device_ids: ids.iter().map(|s| s.to_string()).collect(),
+            device_class: class.into(),
+            name: "reboot".into(),
+            ..SendCommand::default()
+        }
+    }
+
+    #[test]
+    fn plans_one_command_per_distinct_target() {
+        let s = CommandSettings::default();
+        let members = vec!["dev-2".to_string(), "dev-3".to_string()];
+        let planned = plan_send(
+            &send(&["dev-1", "dev-2"], "pump"),
+            "svc-1",
+            &members,
+            &s,
+            1_000,
+        )
+        .unwrap_or_else(|e| panic!("{e:?}"));
+        let devs: Vec<_> = planned.iter().map(|c| c.device_id.as_str()).collect();
+        assert_eq!(devs, ["dev-1", "dev-2", "dev-3"]);
+        assert!(planned.iter().all(|c| c.command_id == planned[0].command_id
+            && c.command_id.starts_with("cmd-")
+            && c.issued_by == "svc-1"
+            && c.expires_at_ms == 1_000 + 3_600_000));
+    }
+
+    #[test]
+    fn ttl_is_capped_and_defaulted() {
+        let s = CommandSettings::default();
+        let mut r = send(&["dev-1"], "");
+        r.ttl_ms = u64::MAX;
+        let c = plan_send(&r, "svc", &[], &s, 5).unwrap_or_else(|e| panic!("{e:?}"));
+        assert_eq!(c[0].expires_at_ms, 5 + 7 * 24 * 3_600_000);
+        r.ttl_ms = 2_000;
+        let c = plan_send(&r, "svc", &[], &s, 5).unwrap_or_else(|e| panic!("{e:?}"));
+        assert_eq!(c[0].expires_at_ms, 2_005);
+    }
+
+    #[test]
+    fn bad_requests_are_refused_with_a_reason() {
+        let s = CommandSettings::default();
+        let code = |r: SendCommand, members: &[String]| {
+            plan_send(&r, "svc", members, &s, 0)
+                .map(|_| ())
+                .map_err(|e| e.code())
+        };
+        assert_eq!(code(send(&[], ""), &[]), Err(ApiErrorCode::Invalid));
+        assert_eq!(code(send(&[], "pump"), &[]), Err(ApiErrorCode::NotFound));
+        assert_eq!(code(send(&["a/b"], ""), &[]), Err(ApiErrorCode::Invalid));
+        let mut r = send(&["dev-1"], "");
+        r.name.clear();
+        assert_eq!(code(r, &[]), Err(ApiErrorCode::Invalid));
+        let mut r = send(&["dev-1"], "");
+        r.command_id = "x#y".into();
+        assert_eq!(code(r, &[]), Err(ApiErrorCode::Invalid));
+        assert_eq!(code(send(&["dev-1"], ""), &[]), Ok(()));
+    }
+}

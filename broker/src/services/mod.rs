@@ -1,0 +1,109 @@
+//! The gateway's in-process services: trusted links into the router, state in the store.
+//!
+//! * [`commands`]: the command service (accept, persist, deliver, re-deliver, expire, events)
+//!   and the fleet API requests (`fleet/api/{service}/request`).
+//! * [`registry`]: the status registry (last report and presence per device).
+//!
+//! The edge tells the services about device sessions through [`SessionEvent`]s, in the order in
+//! which it forwarded the matching packets to the router: a `Subscribed` event is sent after
+//! the SUBSCRIBE went to the router, so a publish the service sends afterwards is routed to it.
+
+pub mod api;
+pub mod commands;
+mod link;
+pub mod registry;
+
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::mpsc;
+use tracing::error;
+
+use crate::config::CommandSettings;
+use crate::metrics::Metrics;
+use crate::router::RouterHandle;
+use crate::store::{Store, StoreError};
+
+pub use link::LinkError;
+
+/// What the edge reports about client sessions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionEvent {
+    /// A device's session is open (CONNACK sent).
+    Connected {
+        /// The device id.
+        id: String,
+        /// Whether the router still had its persistent session.
+        session_present: bool,
+    },
+    /// A device subscribed to these filters (forwarded to the router).
+    Subscribed {
+        /// The device id.
+        id: String,
+        /// The granted filters.
+        filters: Vec<String>,
+    },
+    /// A device's session ended.
+    Disconnected {
+        /// The device id.
+        id: String,
+    },
+}
+
+/// The store shared by the services: calls run on the blocking pool, one at a time.
+#[derive(Clone)]
+pub struct SharedStore {
+    inner: Arc<Mutex<Store>>,
+    metrics: Arc<Metrics>,
+}
+
+impl SharedStore {
+    /// Wraps an open store.
+    pub fn new(store: Store, metrics: Arc<Metrics>) -> Self {
+        Self {
+            inner: Arc::new(Mutex::new(store)),
+            metrics,
+        }
+    }
+
+    /// Runs `f` with the store on the blocking pool. A failure is logged and counted here, so
+    /// callers only decide what it means for their message.
+    pub async fn call<R: Send + 'static>(
+        &self,
+        what: &'static str,
+        f: impl FnOnce(&mut Store) -> Result<R, StoreError> + Send + 'static,
+    ) -> Result<R, StoreError> {
+        let inner = self.inner.clone();
+        let joined = tokio::task::spawn_blocking(move || {
+            let mut guard = match inner.lock() {
+                Ok(g) => g,
+                Err(p) => p.into_inner(),
+            };
+            f(&mut guard)
+        })
+        .await;
+        let result = match joined {
+            Ok(r) => r,
+            Err(e) => Err(StoreError::Task(e.to_string())),
+        };
+        if let Err(e) = &result {
+            Metrics::inc(&self.metrics.store_errors);
+            error!(error = %e, what, "store operation failed");
+        }
+        result
+    }
+}
+
+/// Starts the services on their own links. Returns the sender the edge reports sessions to.
+pub async fn start(
+    router: &RouterHandle,
+    store: SharedStore,
+    settings: CommandSettings,
+    metrics: Arc<Metrics>,
+) -> Result<mpsc::UnboundedSender<SessionEvent>, LinkError> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let registry = registry::Registry::start(router, store.clone(), metrics.clone()).await?;
+    let service = commands::CommandService::start(router, store, settings, metrics, rx).await?;
+    tokio::spawn(registry.run());
+    tokio::spawn(service.run());
+    Ok(tx)
+}

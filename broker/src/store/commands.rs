@@ -1,0 +1,424 @@
+//! The command service's table: every command for every device, from acceptance to its final
+//! state. A command is *open* while PENDING or DELIVERED; a result, or its expiry, closes it,
+//! and a closed command never changes again.
+
+use fleet_proto::v1::CommandState;
+use rusqlite::{params, OptionalExtension, Row};
+
+use super::status::{from_sql, to_sql};
+use super::{err, Store, StoreError};
+
+/// One command for one device, as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredCommand {
+    /// The target device.
+    pub device_id: String,
+    /// The command id (idempotency key per device).
+    pub command_id: String,
+    /// Command name.
+    pub name: String,
+    /// Argument bytes.
+    pub payload: Vec<u8>,
+    /// The submitting service.
+    pub issued_by: String,
+    /// When it was accepted.
+    pub issued_at_ms: u64,
+    /// When it expires (0: never).
+    pub expires_at_ms: u64,
+    /// Times handed to the device.
+    pub attempts: u32,
+    /// Where it is.
+    pub state: CommandState,
+    /// The result (protobuf CommandResult), once closed.
+    pub result: Option<Vec<u8>>,
+    /// When the state last changed.
+    pub updated_at_ms: u64,
+}
+
+impl StoredCommand {
+    /// True while PENDING or DELIVERED.
+    pub fn is_open(&self) -> bool {
+        is_open(self.state)
+    }
+
+    /// Whether `other` asks for the same thing (same device, id, name, payload, issuer).
+    fn same_request(&self, other: &StoredCommand) -> bool {
+        self.device_id == other.device_id
+            && self.command_id == other.command_id
+            && self.name == other.name
+            && self.payload == other.payload
+            && self.issued_by == other.issued_by
+    }
+}
+
+fn is_open(s: CommandState) -> bool {
+    matches!(s, CommandState::Pending | CommandState::Delivered)
+}
+
+/// What became of a submitted command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Submitted {
+    /// Stored as new.
+    New(StoredCommand),
+    /// The same command was submitted before: here is its current state.
+    Existing(StoredCommand),
+    /// The id is taken by a different command for this device.
+    Conflict(StoredCommand),
+}
+
+const COLUMNS: &str = "device_id, command_id, name, payload, issued_by, issued_at_ms, \
+                       expires_at_ms, attempts, state, result, updated_at_ms";
+
+fn row(r: &Row<'_>) -> rusqlite::Result<StoredCommand> {
+    let state: i32 = r.get(8)?;
+    Ok(StoredCommand {
+        device_id: r.get(0)?,
+        command_id: r.get(1)?,
+        name: r.get(2)?,
+        payload: r.get(3)?,
+        issued_by: r.get(4)?,
+        issued_at_ms: from_sql(r.get(5)?),
+        expires_at_ms: from_sql(r.get(6)?),
+        attempts: r.get(7)?,
+        state: CommandState::try_from(state).unwrap_or(CommandState::Unspecified),
+        result: r.get(9)?,
+        updated_at_ms: from_sql(r.get(10)?),
+    })
+}
+
+impl Store {
+    /// Stores new commands (one per target device) in one transaction. A command whose
+    /// (device, id) exists is not changed: it is answered as `Existing` when it asks for the same
+    /// thing, `Conflict` otherwise. All or nothing: if any is a `Conflict`, nothing is stored
+    /// (the `New` answers then say what would have been stored).
+    pub fn submit_commands(
+        &mut self,
+        commands: &[StoredCommand],
+    ) -> Result<Vec<Submitted>, StoreError> {
+        let path = self.path.clone();
+        let tx = self.conn.transaction().map_err(|e| err(&path, e))?;
+        let mut out = Vec::with_capacity(commands.len());
+        for c in commands {
+            let found = tx
+                .query_row(
+                    &format!(
+                        "SELECT {COLUMNS} FROM commands WHERE device_id = ?1 AND command_id = ?2"
+                    ),
+                    params![c.device_id, c.command_id],
+                    row,
+                )
+                .optional()
+                .map_err(|e| err(&path, e))?;
+            match found {
+                Some(old) if old.same_request(c) => out.push(Submitted::Existing(old)),
+                Some(old) => out.push(Submitted::Conflict(old)),
+                None => {
+                    tx.execute(
+                        &format!(
+                            "INSERT INTO commands ({COLUMNS})
+                             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"
+                        ),
+                        params![
+                            c.device_id,
+                            c.command_id,
+                            c.name,
+                            c.payload,
+                            c.issued_by,
+                            to_sql(c.issued_at_ms),
+                            to_sql(c.expires_at_ms),
+                            c.attempts,
+                            c.state as i32,
+                            c.result,
+                            to_sql(c.updated_at_ms),
+                        ],
+                    )
+                    .map_err(|e| err(&path, e))?;
+                    out.push(Submitted::New(c.clone()));
+                }
+            }
+        }
+        if out.iter().any(|o| matches!(o, Submitted::Conflict(_))) {
+            // Dropping the transaction rolls it back.
+            return Ok(out);
+        }
+        tx.commit().map_err(|e| err(&path, e))?;
+        Ok(out)
+    }
+
+    /// A device's open commands that have not expired at `now_ms`, oldest first.
+    pub fn open_commands(
+        &self,
+        device_id: &str,
+        now_ms: u64,
+    ) -> Result<Vec<StoredCommand>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare(&format!(
+                "SELECT {COLUMNS} FROM commands
+                 WHERE device_id = ?1 AND state IN (1, 2)
+                   AND (expires_at_ms = 0 OR expires_at_ms > ?2)
+                 ORDER BY issued_at_ms, command_id"
+            ))
+            .map_err(|e| err(&self.path, e))?;
+        let rows = stmt
+            .query_map(params![device_id, to_sql(now_ms)], row)
+            .map_err(|e| err(&self.path, e))?;
+        rows.collect::<Result<_, _>>()
+            .map_err(|e| err(&self.path, e))
+    }
+
+    /// DELIVERED commands last handed over at or before `before_ms` and not expired at
+    /// `now_ms`: due for another hand-over if their device is connected.
+    pub fn overdue_commands(
+        &self,
+        before_ms: u64,
+        now_ms: u64,
+    ) -> Result<Vec<StoredCommand>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare(&format!(
+                "SELECT {COLUMNS} FROM commands
+                 WHERE state = 2 AND updated_at_ms <= ?1
+                   AND (expires_at_ms = 0 OR expires_at_ms > ?2)
+                 ORDER BY device_id, issued_at_ms"
+            ))
+            .map_err(|e| err(&self.path, e))?;
+        let rows = stmt
+            .query_map(params![to_sql(before_ms), to_sql(now_ms)], row)
+            .map_err(|e| err(&self.path, e))?;
+        rows.collect::<Result<_, _>>()
+            .map_err(|e| err(&self.path, e))
+    }
+
+    /// Records one more hand-over to the device: attempts + 1, state DELIVERED. Returns the
+    /// updated command, or `None` if it is no longer open.
+    pub fn mark_delivered(
+        &mut self,
+        device_id: &str,
+        command_id: &str,
+        now_ms: u64,
+    ) -> Result<Option<StoredCommand>, StoreError> {
+        self.conn
+            .query_row(
+                &format!(
+                    "UPDATE commands SET attempts = attempts + 1, state = ?3, updated_at_ms = ?4
+                     WHERE device_id = ?1 AND command_id = ?2 AND state IN (1, 2)
+                     RETURNING {COLUMNS}"
+                ),
+                params![
+                    device_id,
+                    command_id,
+                    CommandState::Delivered as i32,
+                    to_sql(now_ms)
+                ],
+                row,
+            )
+            .optional()
+            .map_err(|e| err(&self.path, e))
+    }
+
+    /// Closes an open command with the device's result. Returns the closed command, or `None`
+    /// if there is no such open command (unknown, or already closed: a duplicate result).
+    pub fn close_command(
+        &mut self,
+        device_id: &str,
+        command_id: &str,
+        state: CommandState,
+        result: &[u8],
+        now_ms: u64,
+    ) -> Result<Option<StoredCommand>, StoreError> {
+        self.conn
+            .query_row(
+                &format!(
+                    "UPDATE commands SET state = ?3, result = ?4, updated_at_ms = ?5
+                     WHERE device_id = ?1 AND command_id = ?2 AND state IN (1, 2)
+                     RETURNING {COLUMNS}"
+                ),
+                params![device_id, command_id, state as i32, result, to_sql(now_ms)],
+                row,
+            )
+            .optional()
+            .map_err(|e| err(&self.path, e))
+    }
+
+    /// Closes every open command whose expiry is at or before `now_ms` as EXPIRED with the
+    /// `result` made by `result_for`, in one transaction. Returns the closed commands.
+    pub fn expire_commands(
+        &mut self,
+        now_ms: u64,
+        result_for: impl Fn(&StoredCommand) -> Vec<u8>,
+    ) -> Result<Vec<StoredCommand>, StoreError> {
+        let path = self.path.clone();
+        let tx = self.conn.transaction().map_err(|e| err(&path, e))?;
+        let due: Vec<StoredCommand> = {
+            let mut stmt = tx
+                .prepare(&format!(
+                    "SELECT {COLUMNS} FROM commands
+                     WHERE state IN (1, 2) AND expires_at_ms != 0 AND expires_at_ms <= ?1"
+                ))
+                .map_err(|e| err(&path, e))?;
+            let rows = stmt
+                .query_map([to_sql(now_ms)], row)
+                .map_err(|e| err(&path, e))?;
+            rows.collect::<Result<_, _>>().map_err(|e| err(&path, e))?
+        };
+        let mut closed = Vec::with_capacity(due.len());
+        for mut c in due {
+            let result = result_for(&c);
+            tx.execute(
+                "UPDATE commands SET state = ?3, result = ?4, updated_at_ms = ?5
+                 WHERE device_id = ?1 AND command_id = ?2",
+                params![
+                    c.device_id,
+                    c.command_id,
+                    CommandState::Expired as i32,
+                    result,
+                    to_sql(now_ms)
+                ],
+            )
+            .map_err(|e| err(&path, e))?;
+            c.state = CommandState::Expired;
+            c.result = Some(result);
+            c.updated_at_ms = now_ms;
+            closed.push(c);
+        }
+        tx.commit().map_err(|e| err(&path, e))?;
+        Ok(closed)
+    }
+
+    /// The earliest expiry among open commands.
+    pub fn next_expiry(&self) -> Result<Option<u64>, StoreError> {
+        self.conn
+            .query_row(
+                "SELECT min(expires_at_ms) FROM commands WHERE state IN (1, 2) AND expires_at_ms != 0",
+                [],
+                |r| r.get::<_, Option<i64>>(0),
+            )
+            .map(|v| v.map(from_sql))
+            .map_err(|e| err(&self.path, e))
+    }
+
+    /// A command's records: for one device, or for every target when `device_id` is `None`.
+    pub fn get_command(
+        &self,
+        command_id: &str,
+        device_id: Option<&str>,
+    ) -> Result<Vec<StoredCommand>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare(&format!(
+                "SELECT {COLUMNS} FROM commands
+                 WHERE command_id = ?1 AND (?2 IS NULL OR device_id = ?2)
+                 ORDER BY device_id"
+            ))
+            .map_err(|e| err(&self.path, e))?;
+        let rows = stmt
+            .query_map(params![command_id, device_id], row)
+            .map_err(|e| err(&self.path, e))?;
+        rows.collect::<Result<_, _>>()
+            .map_err(|e| err(&self.path, e))
+    }
+
+    /// Forgets closed commands last changed before `before_ms`. Returns how many.
+    pub fn prune_commands(&mut self, before_ms: u64) -> Result<usize, StoreError> {
+        self.conn
+            .execute(
+                "DELETE FROM commands WHERE state NOT IN (1, 2) AND updated_at_ms < ?1",
+                [to_sql(before_ms)],
+            )
+            .map_err(|e| err(&self.path, e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn cmd(dev: &str, id: &str, expires: u64) -> StoredCommand {
+        StoredCommand {
+            device_id: dev.into(),
+            command_id: id.into(),
+            name: "reboot".into(),
+            payload: b"now".to_vec(),
+            issued_by: "svc-1".into(),
+            issued_at_ms: 100,
+            expires_at_ms: expires,
+            attempts: 0,
+            state: CommandState::Pending,
+            result: None,
+            updated_at_ms: 100,
+        }
+    }
+
+    #[test]
+    fn a_command_lives_from_pending_to_one_final_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open_in(dir.path()).unwrap();
+        let c = cmd("dev-1", "c1", 0);
+        assert!(matches!(
+            s.submit_commands(std::slice::from_ref(&c)).unwrap()[0],
+            Submitted::New(_)
+        ));
+        // Same again: existing; different payload under the same id: conflict.
+        assert!(matches!(
+            s.submit_commands(std::slice::from_ref(&c)).unwrap()[0],
+            Submitted::Existing(_)
+        ));
+        let mut other = c.clone();
+        other.payload = b"later".to_vec();
+        let mut fresh = cmd("dev-2", "c1", 0);
+        fresh.issued_at_ms = 101;
+        let outcome = s.submit_commands(&[fresh, other]).unwrap();
+        assert!(matches!(outcome[1], Submitted::Conflict(_)));
+        // All or nothing: the new one for dev-2 was not stored either.
+        assert!(s.open_commands("dev-2", 200).unwrap().is_empty());
+        assert_eq!(s.open_commands("dev-1", 200).unwrap().len(), 1);
+        let d = s.mark_delivered("dev-1", "c1", 150).unwrap().unwrap();
+        assert_eq!((d.attempts, d.state), (1, CommandState::Delivered));
+        assert!(s.overdue_commands(149, 200).unwrap().is_empty());
+        assert_eq!(s.overdue_commands(150, 200).unwrap().len(), 1);
+        let d = s.mark_delivered("dev-1", "c1", 160).unwrap().unwrap();
+        assert_eq!(d.attempts, 2);
+        let closed = s
+            .close_command("dev-1", "c1", CommandState::Succeeded, b"r", 170)
+            .unwrap()
+            .unwrap();
+        assert_eq!(closed.result.as_deref(), Some(&b"r"[..]));
+        // A second result (a re-sent one) changes nothing.
+        assert!(s
+            .close_command("dev-1", "c1", CommandState::Failed, b"x", 180)
+            .unwrap()
+            .is_none());
+        assert!(s.mark_delivered("dev-1", "c1", 190).unwrap().is_none());
+        assert!(s.open_commands("dev-1", 200).unwrap().is_empty());
+        let got = s.get_command("c1", None).unwrap();
+        assert_eq!(got[0].state, CommandState::Succeeded);
+        assert_eq!(s.prune_commands(171).unwrap(), 1);
+        assert!(s.get_command("c1", None).unwrap().is_empty());
+    }
+
+    #[test]
+    fn expiry_closes_open_commands_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open_in(dir.path()).unwrap();
+        s.submit_commands(&[
+            cmd("dev-1", "soon", 1_000),
+            cmd("dev-1", "late", 5_000),
+            cmd("dev-2", "never", 0),
+        ])
+        .unwrap();
+        assert_eq!(s.next_expiry().unwrap(), Some(1_000));
+        // Not offered once expired, even before the sweep.
+        assert_eq!(s.open_commands("dev-1", 1_000).unwrap().len(), 1);
+        let closed = s.expire_commands(1_000, |_| b"expired".to_vec()).unwrap();
+        assert_eq!(closed.len(), 1);
+        assert_eq!(closed[0].command_id, "soon");
+        assert_eq!(s.next_expiry().unwrap(), Some(5_000));
+        assert!(s
+            .close_command("dev-1", "soon", CommandState::Succeeded, b"", 1_001)
+            .unwrap()
+            .is_none());
+        assert_eq!(s.open_commands("dev-2", u64::MAX / 2).unwrap().len(), 1);
+    }
+}

@@ -1,0 +1,435 @@
+//! The SDK's connection: one rumqttc session driven by a task, requests matched to responses
+//! by request id, events fanned out to every listener.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use fleet_proto::topics::{self, FleetTopic, Topic};
+use fleet_proto::v1::{
+    api_request, api_response, ApiErrorCode, ApiRequest, ApiResponse, CommandEvent, CommandRecord,
+    DeviceStatus, GetCommand, GetStatus, SendCommand,
+};
+use fleet_proto::Message;
+use rand_core::RngCore;
+use rumqttc::{
+    AsyncClient, Event, EventLoop, Incoming, MqttOptions, QoS, TlsConfiguration, Transport,
+};
+use tokio::sync::{broadcast, oneshot, watch};
+use tracing::{debug, warn};
+
+/// Why an SDK call failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SdkError {
+    /// A required builder setting is missing.
+    #[error("fleet client configuration: {0}")]
+    Config(String),
+    /// The TLS material is unusable.
+    #[error(transparent)]
+    Tls(#[from] fleet_certs::ClientTlsError),
+    /// The certificate is not a service's.
+    #[error("the certificate is a {0} certificate; the fleet API needs a service certificate")]
+    NotAService(String),
+    /// No connection to the gateway within the time given.
+    #[error("could not connect to the gateway within {0:?} (last error: {1})")]
+    Connect(Duration, String),
+    /// The gateway did not answer in time.
+    #[error("no answer from the gateway within {0:?}")]
+    Timeout(Duration),
+    /// The gateway refused the request.
+    #[error("the gateway refused the request ({code:?}): {message}")]
+    Api {
+        /// The class of failure.
+        code: ApiErrorCode,
+        /// The gateway's explanation.
+        message: String,
+    },
+    /// The gateway's answer was not what the request expects.
+    #[error("unexpected answer from the gateway: {0}")]
+    Protocol(String),
+    /// The client has stopped.
+    #[error("the fleet client has stopped")]
+    Stopped,
+}
+
+/// Builds a [`FleetClient`].
+#[must_use]
+pub struct FleetClientBuilder {
+    host: Option<String>,
+    port: u16,
+    pem: Option<(PathBuf, PathBuf, PathBuf)>,
+    request_timeout: Duration,
+    connect_timeout: Duration,
+}
+
+impl FleetClientBuilder {
+    /// The gateway's host name (checked against its certificate) and port.
+    pub fn gateway(mut self, host: impl Into<String>, port: u16) -> Self {
+        self.host = Some(host.into());
+        self.port = port;
+        self
+    }
+
+    /// The fleet CA bundle, and the service's certificate and key (PEM).
+    pub fn pem_files(
+        mut self,
+        ca: impl Into<PathBuf>,
+        cert: impl Into<PathBuf>,
+        key: impl Into<PathBuf>,
+    ) -> Self {
+        self.pem = Some((ca.into(), cert.into(), key.into()));
+        self
+    }
+
+    /// How long a request waits for its answer. Default 10 s.
+    pub fn request_timeout(mut self, t: Duration) -> Self {
+        self.request_timeout = t;
+        self
+    }
+
+    /// How long [`connect`](Self::connect) tries before giving up. Default 10 s.
+    pub fn connect_timeout(mut self, t: Duration) -> Self {
+        self.connect_timeout = t;
+        self
+    }
+
+    /// Connects, subscribes to the service's responses and to command events, and returns once
+    /// both subscriptions are in place. Reconnects by itself afterwards.
+    pub async fn connect(self) -> Result<FleetClient, SdkError> {
+        let host = self
+            .host
+            .ok_or_else(|| SdkError::Config("gateway(host, port) is required".into()))?;
+        let (ca, cert, key) = self
+            .pem
+            .ok_or_else(|| SdkError::Config("pem_files(ca, cert, key) is required".into()))?;
+        let tls = fleet_certs::client_tls(&ca, &cert, &key)?;
+        if tls.identity.role != fleet_certs::Role::Service {
+            return Err(SdkError::NotAService(tls.identity.role.to_string()));
+        }
+        let service_id = tls.identity.id.clone();
+        let mut options = MqttOptions::new(service_id.clone(), host, self.port);
+        options
+            .set_transport(Transport::Tls(TlsConfiguration::Rustls(tls.config)))
+            .set_clean_session(true)
+            .set_keep_alive(Duration::from_secs(30))
+            .set_max_packet_size(16 << 20, 16 << 20);
+        let (mqtt, eventloop) = AsyncClient::new(options, 256);
+        let (ready_tx, mut ready_rx) = watch::channel(Ready::Connecting(String::new()));
+        let inner = Arc::new(Inner {
+            mqtt,
+            service_id,
+            pending: Mutex::new(HashMap::new()),
+            events: broadcast::channel(4096).0,
+            request_timeout: self.request_timeout,
+        });
+        tokio::spawn(drive(inner.clone(), eventloop, ready_tx));
+        let waited = tokio::time::timeout(
+            self.connect_timeout,
+            ready_rx.wait_for(|r| matches!(r, Ready::Subscribed)),
+        )
+        .await
+        .map(|r| r.is_ok());
+        match waited {
+            Ok(true) => Ok(FleetClient { inner }),
+            Ok(false) => Err(SdkError::Stopped),
+            Err(_) => {
+                let last = match &*ready_rx.borrow() {
+                    Ready::Connecting(e) => e.clone(),
+                    Ready::Subscribed => String::new(),
+                };
+                inner.mqtt.try_disconnect().ok();
+                Err(SdkError::Connect(self.connect_timeout, last))
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Ready {
+    /// Not (yet) subscribed; the last connection error, if any.
+    Connecting(String),
+    Subscribed,
+}
+
+struct Inner {
+    mqtt: AsyncClient,
+    service_id: String,
+    pending: Mutex<HashMap<String, oneshot::Sender<ApiResponse>>>,
+    events: broadcast::Sender<CommandEvent>,
+    request_timeout: Duration,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
+async fn drive(inner: Arc<Inner>, mut eventloop: EventLoop, ready: watch::Sender<Ready>) {
+    let response_topic = topics::api_response_topic(&inner.service_id);
+    let mut delay = Duration::from_millis(200);
+    let mut sub_pkid = None;
+    loop {
+        if ready.is_closed() && Arc::strong_count(&inner) == 1 {
+            // Every FleetClient is gone.
+            break;
+        }
+        match eventloop.poll().await {
+            Ok(Event::Incoming(Incoming::ConnAck(_))) => {
+                delay = Duration::from_millis(200);
+                let filters = vec![
+                    rumqttc::SubscribeFilter::new(response_topic.clone(), QoS::AtLeastOnce),
+                    rumqttc::SubscribeFilter::new(
+                        topics::ALL_COMMAND_EVENTS.to_owned(),
+                        QoS::AtLeastOnce,
+                    ),
+                ];
+                if let Err(e) = inner.mqtt.try_subscribe_many(filters) {
+                    warn!(error = %e, "could not subscribe");
+                }
+                sub_pkid = None;
+            }
+            Ok(Event::Outgoing(rumqttc::Outgoing::Subscribe(pkid))) => sub_pkid = Some(pkid),
+            Ok(Event::Incoming(Incoming::SubAck(ack))) if Some(ack.pkid) == sub_pkid => {
+                if ack
+                    .return_codes
+                    .iter()
+                    .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure))
+                {
+                    let _ = ready.send(Ready::Connecting(
+                        "the gateway refused the API subscriptions (check its ACL)".into(),
+                    ));
+                } else {
+                    let _ = ready.send(Ready::Subscribed);
+                }
+            }
+            Ok(Event::Incoming(Incoming::Publish(p))) => on_publish(&inner, &p.topic, &p.payload),
+            Ok(Event::Incoming(Incoming::Disconnect)) => {}
+            Ok(_) => {}
+            Err(e) => {
+                debug!(error = %e, "fleet client connection failed");
+                if !matches!(&*ready.borrow(), Ready::Subscribed) {
+                    let _ = ready.send(Ready::Connecting(e.to_string()));
+                }
+                if matches!(e, rumqttc::ConnectionError::RequestsDone) {
+                    break;
+                }
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+fn on_publish(inner: &Inner, topic: &str, payload: &[u8]) {
+    let Ok(Topic::Fleet { path }) = topics::parse(topic) else {
+        return;
+    };
+    match FleetTopic::parse(path) {
+        Some(FleetTopic::ApiResponse { .. }) => match ApiResponse::decode(payload) {
+            Ok(r) => {
+                if let Some(tx) = lock(&inner.pending).remove(&r.request_id) {
+                    let _ = tx.send(r);
+                }
+            }
+            Err(e) => warn!(error = %e, "bad API response from the gateway"),
+        },
+        Some(FleetTopic::CommandEvents { .. }) => match CommandEvent::decode(payload) {
+            Ok(ev) => {
+                let _ = inner.events.send(ev);
+            }
+            Err(e) => warn!(error = %e, "bad command event from the gateway"),
+        },
+        _ => {}
+    }
+}
+
+/// A connection to the fleet API of one gateway. Cheap to clone.
+#[derive(Clone)]
+pub struct FleetClient {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for FleetClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FleetClient")
+            .field("service_id", &self.inner.service_id)
+            .finish()
+    }
+}
+
+impl FleetClient {
+    /// A builder.
+    pub fn builder() -> FleetClientBuilder {
+        FleetClientBuilder {
+            host: None,
+            port: 8883,
+            pem: None,
+            request_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+
+    /// The service id (from the certificate).
+    pub fn service_id(&self) -> &str {
+        &self.inner.service_id
+    }
+
+    /// Every command event from now on (state changes of every command on the gateway).
+    pub fn events(&self) -> broadcast::Receiver<CommandEvent> {
+        self.inner.events.subscribe()
+    }
+
+    async fn request(&self, body: api_request::Body) -> Result<api_response::Body, SdkError> {
+        let mut b = [0u8; 8];
+        rand_core::OsRng.fill_bytes(&mut b);
+        let request_id = hex::encode(b);
+        let (tx, rx) = oneshot::channel();
+        lock(&self.inner.pending).insert(request_id.clone(), tx);
+        let req = ApiRequest {
+            request_id: request_id.clone(),
+            body: Some(body),
+        };
+        let sent = self
+            .inner
+            .mqtt
+            .publish(
+                topics::api_request_topic(&self.inner.service_id),
+                QoS::AtLeastOnce,
+                false,
+                req.encode_to_vec(),
+            )
+            .await;
+        if sent.is_err() {
+            lock(&self.inner.pending).remove(&request_id);
+            return Err(SdkError::Stopped);
+        }
+        let t = self.inner.request_timeout;
+        let answer = tokio::time::timeout(t, rx).await;
+        lock(&self.inner.pending).remove(&request_id);
+        match answer {
+            Ok(Ok(ApiResponse {
+                body: Some(api_response::Body::Error(e)),
+                ..
+            })) => Err(SdkError::Api {
+                code: e.code(),
+                message: e.message,
+            }),
+            Ok(Ok(ApiResponse { body: Some(b), .. })) => Ok(b),
+            Ok(Ok(ApiResponse { body: None, .. })) => {
+                Err(SdkError::Protocol("response without a body".into()))
+            }
+            Ok(Err(_)) => Err(SdkError::Stopped),
+            Err(_) => Err(SdkError::Timeout(t)),
+        }
+    }
+
+    /// Submits a command; the handle follows it to its final state on every target.
+    pub async fn send_command(&self, req: SendCommand) -> Result<CommandHandle, SdkError> {
+        // Listen before sending, so no event is missed.
+        let events = self.events();
+        match self.request(api_request::Body::SendCommand(req)).await? {
+            api_response::Body::SendCommand(r) => Ok(CommandHandle {
+                client: self.clone(),
+                command_id: r.command_id,
+                records: r.commands,
+                events,
+            }),
+            other => Err(SdkError::Protocol(format!("{other:?}"))),
+        }
+    }
+
+    /// A command's state on each target (or one device).
+    pub async fn get_command(
+        &self,
+        command_id: &str,
+        device_id: Option<&str>,
+    ) -> Result<Vec<CommandRecord>, SdkError> {
+        let req = GetCommand {
+            command_id: command_id.to_owned(),
+            device_id: device_id.unwrap_or_default().to_owned(),
+        };
+        match self.request(api_request::Body::GetCommand(req)).await? {
+            api_response::Body::GetCommand(r) => Ok(r.commands),
+            other => Err(SdkError::Protocol(format!("{other:?}"))),
+        }
+    }
+
+    /// The last known status of these devices (all when empty), by id.
+    pub async fn status(&self, device_ids: &[String]) -> Result<Vec<DeviceStatus>, SdkError> {
+        let req = GetStatus {
+            device_ids: device_ids.to_vec(),
+        };
+        match self.request(api_request::Body::GetStatus(req)).await? {
+            api_response::Body::GetStatus(r) => Ok(r.devices),
+            other => Err(SdkError::Protocol(format!("{other:?}"))),
+        }
+    }
+}
+
+/// A submitted command, to be followed to its result.
+pub struct CommandHandle {
+    client: FleetClient,
+    command_id: String,
+    records: Vec<CommandRecord>,
+    events: broadcast::Receiver<CommandEvent>,
+}
+
+impl CommandHandle {
+    /// The command id.
+    pub fn command_id(&self) -> &str {
+        &self.command_id
+    }
+
+    /// The records as last known (one per target).
+    pub fn records(&self) -> &[CommandRecord] {
+        &self.records
+    }
+
+    fn all_final(&self) -> bool {
+        self.records.iter().all(|r| crate::is_final(r.state()))
+    }
+
+    fn update(&mut self, rec: CommandRecord) {
+        if let Some(old) = self
+            .records
+            .iter_mut()
+            .find(|r| r.device_id == rec.device_id)
+        {
+            // Never go back from a final state (events and queries may cross).
+            if !crate::is_final(old.state()) || crate::is_final(rec.state()) {
+                *old = rec;
+            }
+        }
+    }
+
+    /// Waits until every target has a final state (succeeded, failed, rejected, expired) or
+    /// `timeout` passes, and returns the records. Events bring changes at once; the state is
+    /// also re-read every few seconds, so a missed event (a reconnect) only delays the answer.
+    pub async fn wait(mut self, timeout: Duration) -> Result<Vec<CommandRecord>, SdkError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut poll = tokio::time::interval(Duration::from_secs(3));
+        poll.tick().await;
+        while !self.all_final() {
+            tokio::select! {
+                _ = tokio::time::sleep_until(deadline) => return Err(SdkError::Timeout(timeout)),
+                ev = self.events.recv() => match ev {
+                    Ok(CommandEvent { command: Some(rec) }) if rec.command_id == self.command_id => self.update(rec),
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(broadcast::error::RecvError::Closed) => return Err(SdkError::Stopped),
+                },
+                _ = poll.tick() => {
+                    if let Ok(recs) = self.client.get_command(&self.command_id, None).await {
+                        for r in recs {
+                            self.update(r);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(self.records)
+    }
+}

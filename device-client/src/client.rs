@@ -1,0 +1,743 @@
+//! The tokio/rumqttc driver around the [`Session`] state machine, and the application's API.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), device_client::ClientError> {
+//! use device_client::{DeviceClient, StatusReport};
+//!
+//! let (client, mut commands) = DeviceClient::builder()
+//!     .gateway("localhost", 8883)
+//!     .pem_files("ca.crt", "dev-0001.crt", "dev-0001.key")
+//!     .state_dir("/var/lib/my-device/fleet")
+//!     .device_class("pump")
+//!     .firmware_version("1.0.0")
+//!     .start()?;
+//! client.report(StatusReport::default()).await?; // queued on disk, sent when connected
+//! while let Some(cmd) = commands.next().await {
+//!     let output = format!("ran {}", cmd.command().name);
+//!     cmd.succeed(output.into_bytes()).await?;
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! One task drives the MQTT connection. The application's calls do not wait for the network:
+//! [`DeviceClient::report`] returns once the report is on disk, a command's answer once it is
+//! in the journal; the driver sends them when it can.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use fleet_proto::v1::{Command, CommandResult, CommandStatus, StatusReport};
+use fleet_proto::DeviceId;
+use rand_core::RngCore;
+use rumqttc::{
+    AsyncClient, ConnectionError, Event, EventLoop, Incoming, LastWill, MqttOptions, Outgoing, QoS,
+    TlsConfiguration, Transport,
+};
+use tokio::sync::{mpsc, watch, Notify};
+use tracing::{debug, info, warn};
+
+use crate::backoff::Backoff;
+use crate::commands::journal::{Journal, JournalError};
+use crate::commands::{CommandGate, GateError, DEFAULT_WINDOW};
+use crate::session::{Action, DeviceInfo, Publish, Session, Tag, DEFAULT_STATUS_WINDOW};
+use crate::status::store::{OutboxError, OutboxStore};
+use crate::status::{Pushed, DEFAULT_CAPACITY};
+
+/// Why the client cannot start or a call failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// A required builder setting is missing or invalid.
+    #[error("device client configuration: {0}")]
+    Config(String),
+    /// The TLS material is unusable.
+    #[error(transparent)]
+    Tls(#[from] fleet_certs::ClientTlsError),
+    /// The certificate is not a device's.
+    #[error("the certificate is a {0} certificate, not a device's")]
+    NotADevice(String),
+    /// The command journal cannot be read or written.
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    /// The status outbox cannot be read or written.
+    #[error(transparent)]
+    Outbox(#[from] OutboxError),
+    /// The command was already answered (or was not given to the application).
+    #[error(transparent)]
+    Gate(#[from] GateError),
+    /// The client has shut down.
+    #[error("the device client has stopped")]
+    Stopped,
+}
+
+enum TlsSource {
+    Pem {
+        ca: PathBuf,
+        cert: PathBuf,
+        key: PathBuf,
+    },
+    Rustls(Arc<rustls::ClientConfig>, String),
+}
+
+/// Builds a [`DeviceClient`]. Required: [`gateway`](Self::gateway), TLS
+/// ([`pem_files`](Self::pem_files) or [`rustls_config`](Self::rustls_config)) and
+/// [`state_dir`](Self::state_dir).
+#[must_use]
+pub struct DeviceClientBuilder {
+    host: Option<String>,
+    port: u16,
+    tls: Option<TlsSource>,
+    state_dir: Option<PathBuf>,
+    device_class: String,
+    firmware_version: String,
+    keep_alive: Duration,
+    backoff: (Duration, Duration),
+    outbox_capacity: usize,
+    status_window: usize,
+    command_window: usize,
+    command_queue: usize,
+    hold_results: bool,
+}
+
+impl Default for DeviceClientBuilder {
+    fn default() -> Self {
+        Self {
+            host: None,
+            port: 8883,
+            tls: None,
+            state_dir: None,
+            device_class: String::new(),
+            firmware_version: String::new(),
+            keep_alive: Duration::from_secs(30),
+            backoff: (Duration::from_millis(500), Duration::from_secs(60)),
+            outbox_capacity: DEFAULT_CAPACITY,
+            status_window: DEFAULT_STATUS_WINDOW,
+            command_window: DEFAULT_WINDOW,
+            command_queue: 64,
+            hold_results: false,
+        }
+    }
+}
+
+impl DeviceClientBuilder {
+    /// The gateway's host name (checked against its certificate) and port (default 8883).
+    pub fn gateway(mut self, host: impl Into<String>, port: u16) -> Self {
+        self.host = Some(host.into());
+        self.port = port;
+        self
+    }
+
+    /// TLS from PEM files: the fleet CA bundle, the device's certificate chain and its key.
+    /// The device id is read from the certificate.
+    pub fn pem_files(
+        mut self,
+        ca: impl Into<PathBuf>,
+        cert: impl Into<PathBuf>,
+        key: impl Into<PathBuf>,
+    ) -> Self {
+        self.tls = Some(TlsSource::Pem {
+            ca: ca.into(),
+            cert: cert.into(),
+            key: key.into(),
+        });
+        self
+    }
+
+    /// TLS from a ready rustls configuration (for keys in a TPM or secure element, through a
+    /// custom signer), with the device id its certificate carries.
+    pub fn rustls_config(
+        mut self,
+        config: Arc<rustls::ClientConfig>,
+        device_id: impl Into<String>,
+    ) -> Self {
+        self.tls = Some(TlsSource::Rustls(config, device_id.into()));
+        self
+    }
+
+    /// Directory for the command journal and the status outbox (created if missing). Must
+    /// survive restarts; one per device.
+    pub fn state_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.state_dir = Some(dir.into());
+        self
+    }
+
+    /// The device's hardware class, sent in presence messages.
+    pub fn device_class(mut self, class: impl Into<String>) -> Self {
+        self.device_class = class.into();
+        self
+    }
+
+    /// The running firmware version, sent in presence messages.
+    pub fn firmware_version(mut self, version: impl Into<String>) -> Self {
+        self.firmware_version = version.into();
+        self
+    }
+
+    /// MQTT keep-alive. Default 30 s.
+    pub fn keep_alive(mut self, keep_alive: Duration) -> Self {
+        self.keep_alive = keep_alive;
+        self
+    }
+
+    /// Reconnect delays: exponential from `base` up to `max`, full jitter. Default 500 ms to
+    /// 60 s.
+    pub fn backoff(mut self, base: Duration, max: Duration) -> Self {
+        self.backoff = (base, max);
+        self
+    }
+
+    /// Most status reports kept while they cannot be sent. When full, the oldest is dropped
+    /// (and counted in [`ClientStats::reports_dropped`]): the newest state matters most.
+    /// Default 1000.
+    pub fn outbox_capacity(mut self, capacity: usize) -> Self {
+        self.outbox_capacity = capacity.max(1);
+        self
+    }
+
+    /// Status reports in flight at once. Default 32.
+    pub fn status_window(mut self, window: usize) -> Self {
+        self.status_window = window.max(1);
+        self
+    }
+
+    /// Command ids remembered to never run a command twice. Default 1024.
+    pub fn command_window(mut self, window: usize) -> Self {
+        self.command_window = window.max(1);
+        self
+    }
+
+    #[doc(hidden)]
+    /// Test switch: results are recorded but never sent, as if the device always died before
+    /// its result left.
+    pub fn hold_results_for_tests(mut self, hold: bool) -> Self {
+        self.hold_results = hold;
+        self
+    }
+
+    /// Loads the state, starts the driver task (on the current tokio runtime) and returns the
+    /// handle and the command stream.
+    pub fn start(self) -> Result<(DeviceClient, Commands), ClientError> {
+        let host = self
+            .host
+            .ok_or_else(|| ClientError::Config("gateway(host, port) is required".into()))?;
+        let state_dir = self
+            .state_dir
+            .ok_or_else(|| ClientError::Config("state_dir is required".into()))?;
+        let (config, id) = match self.tls {
+            None => {
+                return Err(ClientError::Config(
+                    "pem_files(..) or rustls_config(..) is required".into(),
+                ))
+            }
+            Some(TlsSource::Pem { ca, cert, key }) => {
+                let tls = fleet_certs::client_tls(&ca, &cert, &key)?;
+                if tls.identity.role != fleet_certs::Role::Device {
+                    return Err(ClientError::NotADevice(tls.identity.role.to_string()));
+                }
+                (tls.config, tls.identity.id)
+            }
+            Some(TlsSource::Rustls(config, id)) => (config, id),
+        };
+        let id = DeviceId::new(&id).map_err(|e| ClientError::Config(format!("device id: {e}")))?;
+        std::fs::create_dir_all(&state_dir)
+            .map_err(|e| ClientError::Config(format!("state_dir {}: {e}", state_dir.display())))?;
+        let journal = Journal::new(&state_dir);
+        let gate = journal.load(self.command_window)?;
+        let outbox = OutboxStore::open(&state_dir, self.outbox_capacity)?;
+        for bad in &outbox.unreadable {
+            warn!(file = %bad.display(), "status outbox: unreadable report set aside");
+        }
+
+        let info = DeviceInfo {
+            id: id.clone(),
+            device_class: self.device_class,
+            firmware_version: self.firmware_version,
+            session_id: random_hex(),
+        };
+        let mut session = Session::new(info, self.status_window);
+        session.set_hold_results(self.hold_results);
+
+        let mut options = MqttOptions::new(id.as_str(), host, self.port);
+        options
+            .set_transport(Transport::Tls(TlsConfiguration::Rustls(config)))
+            .set_clean_session(false)
+            .set_keep_alive(self.keep_alive)
+            .set_max_packet_size(4 << 20, 4 << 20)
+            .set_inflight(100);
+        let (mqtt, eventloop) = AsyncClient::new(options, 256);
+
+        let (connected_tx, connected_rx) = watch::channel(false);
+        let (commands_tx, commands_rx) = mpsc::channel(self.command_queue.max(1));
+        let (results_tx, results_rx) = mpsc::unbounded_channel();
+        let shared = Arc::new(Shared {
+            gate: Mutex::new(gate),
+            journal,
+            outbox: Mutex::new(outbox),
+            outbox_changed: Notify::new(),
+            stop: Notify::new(),
+            stopped: watch::channel(false).0,
+            connected: connected_tx,
+            reports_dropped: std::sync::atomic::AtomicU64::new(0),
+        });
+        let driver = Driver {
+            shared: shared.clone(),
+            session,
+            mqtt,
+            eventloop,
+            backoff: Backoff::new(self.backoff.0, self.backoff.1),
+            commands: commands_tx,
+            results: results_rx,
+            results_tx: results_tx.clone(),
+        };
+        tokio::spawn(driver.run());
+        Ok((
+            DeviceClient {
+                shared,
+                id,
+                connected: connected_rx,
+            },
+            Commands { rx: commands_rx },
+        ))
+    }
+}
+
+fn random_hex() -> String {
+    let mut b = [0u8; 8];
+    rand_core::OsRng.fill_bytes(&mut b);
+    hex::encode(b)
+}
+
+fn jitter_unit() -> f64 {
+    // 53 random bits -> [0, 1).
+    (rand_core::OsRng.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+}
+
+struct Shared {
+    gate: Mutex<CommandGate>,
+    journal: Journal,
+    outbox: Mutex<OutboxStore>,
+    outbox_changed: Notify,
+    stop: Notify,
+    stopped: watch::Sender<bool>,
+    connected: watch::Sender<bool>,
+    reports_dropped: std::sync::atomic::AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
+/// Counters and state of a running client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientStats {
+    /// Whether the session is up now.
+    pub connected: bool,
+    /// Reports waiting in the outbox (queued or in flight).
+    pub outbox_len: usize,
+    /// Reports dropped because the outbox was full (oldest first), since start.
+    pub reports_dropped: u64,
+}
+
+/// The application's handle: report status, watch the connection, shut down. Cheap to clone.
+#[derive(Clone)]
+pub struct DeviceClient {
+    shared: Arc<Shared>,
+    id: DeviceId,
+    connected: watch::Receiver<bool>,
+}
+
+impl std::fmt::Debug for DeviceClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceClient")
+            .field("id", &self.id)
+            .finish()
+    }
+}
+
+impl DeviceClient {
+    /// A builder.
+    pub fn builder() -> DeviceClientBuilder {
+        DeviceClientBuilder::default()
+    }
+
+    /// The device id (from the certificate).
+    pub fn id(&self) -> &DeviceId {
+        &self.id
+    }
+
+    /// Queues a status report: it gets the next sequence number, is written to disk, and is
+    /// sent in order when connected. Never waits for the network. Returns the sequence.
+    pub async fn report(&self, report: StatusReport) -> Result<u64, ClientError> {
+        let shared = self.shared.clone();
+        let (stored, pushed) = tokio::task::spawn_blocking(move || {
+            let mut outbox = lock(&shared.outbox);
+            outbox.push(report)
+        })
+        .await
+        .map_err(|_| ClientError::Stopped)??;
+        if let Pushed::QueuedDroppingOldest { dropped, .. } = pushed {
+            self.shared
+                .reports_dropped
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            warn!(
+                dropped,
+                "status outbox full: dropped the oldest report to keep the newest"
+            );
+        }
+        self.shared.outbox_changed.notify_one();
+        Ok(stored.sequence)
+    }
+
+    /// Current counters.
+    pub fn stats(&self) -> ClientStats {
+        ClientStats {
+            connected: *self.connected.borrow(),
+            outbox_len: lock(&self.shared.outbox).outbox().len(),
+            reports_dropped: self
+                .shared
+                .reports_dropped
+                .load(std::sync::atomic::Ordering::Relaxed),
+        }
+    }
+
+    /// Waits until the session is up (or the client stopped).
+    pub async fn wait_connected(&self) -> Result<(), ClientError> {
+        let mut rx = self.connected.clone();
+        rx.wait_for(|c| *c)
+            .await
+            .map(|_| ())
+            .map_err(|_| ClientError::Stopped)
+    }
+
+    /// Waits until every queued report has been acknowledged by the gateway.
+    pub async fn flush(&self) -> Result<(), ClientError> {
+        let mut stopped = self.shared.stopped.subscribe();
+        loop {
+            if lock(&self.shared.outbox).outbox().is_empty() {
+                return Ok(());
+            }
+            if *stopped.borrow() {
+                return Err(ClientError::Stopped);
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                _ = stopped.changed() => {}
+            }
+        }
+    }
+
+    /// Says goodbye (a graceful OFFLINE presence, if connected), disconnects and stops the
+    /// driver. Queued reports stay on disk for the next start.
+    pub async fn shutdown(&self) {
+        let mut stopped = self.shared.stopped.subscribe();
+        self.shared.stop.notify_one();
+        let _ = tokio::time::timeout(Duration::from_secs(5), stopped.wait_for(|s| *s)).await;
+    }
+}
+
+/// The stream of commands for the application.
+pub struct Commands {
+    rx: mpsc::Receiver<IncomingCommand>,
+}
+
+impl Commands {
+    /// The next command to run; `None` once the client has stopped.
+    pub async fn next(&mut self) -> Option<IncomingCommand> {
+        self.rx.recv().await
+    }
+}
+
+/// A command to run, exactly once. Answer it with one of the methods; a command dropped
+/// unanswered is reported FAILED ("interrupted") when the gateway delivers it again, and is
+/// never run again.
+pub struct IncomingCommand {
+    command: Command,
+    shared: Arc<Shared>,
+    results: mpsc::UnboundedSender<CommandResult>,
+}
+
+impl std::fmt::Debug for IncomingCommand {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IncomingCommand")
+            .field("command_id", &self.command.command_id)
+            .field("name", &self.command.name)
+            .finish()
+    }
+}
+
+impl IncomingCommand {
+    /// The command.
+    pub fn command(&self) -> &Command {
+        &self.command
+    }
+
+    /// Answers SUCCEEDED with `output`.
+    pub async fn succeed(self, output: Vec<u8>) -> Result<(), ClientError> {
+        self.respond(CommandStatus::Succeeded, output, String::new())
+            .await
+    }
+
+    /// Answers FAILED with a message.
+    pub async fn fail(self, message: impl Into<String>) -> Result<(), ClientError> {
+        self.respond(CommandStatus::Failed, Vec::new(), message.into())
+            .await
+    }
+
+    /// Answers REJECTED (not run: unknown name, bad arguments) with a message.
+    pub async fn reject(self, message: impl Into<String>) -> Result<(), ClientError> {
+        self.respond(CommandStatus::Rejected, Vec::new(), message.into())
+            .await
+    }
+
+    /// Answers with a status, output and message. The result is in the journal when this
+    /// returns; it is sent now if connected, else when the gateway delivers the command again.
+    pub async fn respond(
+        self,
+        status: CommandStatus,
+        output: Vec<u8>,
+        message: String,
+    ) -> Result<(), ClientError> {
+        let result = CommandResult {
+            command_id: self.command.command_id.clone(),
+            status: status.into(),
+            output,
+            message,
+            completed_at_ms: fleet_proto::time::now_ms(),
+        };
+        let shared = self.shared.clone();
+        let r = result.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut gate = lock(&shared.gate);
+            gate.complete(&r)?;
+            shared.journal.save(&gate)?;
+            Ok::<_, ClientError>(())
+        })
+        .await
+        .map_err(|_| ClientError::Stopped)??;
+        // The driver may have stopped; the result is recorded either way.
+        let _ = self.results.send(result);
+        Ok(())
+    }
+}
+
+struct Driver {
+    shared: Arc<Shared>,
+    session: Session,
+    mqtt: AsyncClient,
+    eventloop: EventLoop,
+    backoff: Backoff,
+    commands: mpsc::Sender<IncomingCommand>,
+    results: mpsc::UnboundedReceiver<CommandResult>,
+    results_tx: mpsc::UnboundedSender<CommandResult>,
+}
+
+impl Driver {
+    async fn run(mut self) {
+        let shared = self.shared.clone();
+        loop {
+            if !self.session.is_connected() {
+                // Connecting is not cancel-safe: only a stop request interrupts it.
+                let will = self.session.will(fleet_proto::time::now_ms());
+                self.eventloop.mqtt_options.set_last_will(LastWill::new(
+                    will.topic,
+                    will.payload,
+                    QoS::AtLeastOnce,
+                    will.retain,
+                ));
+                let polled = tokio::select! {
+                    _ = shared.stop.notified() => break,
+                    ev = self.eventloop.poll() => ev,
+                };
+                if !self.on_poll(polled).await {
+                    let delay = self.backoff.next_delay(jitter_unit());
+                    debug!(?delay, "reconnecting after");
+                    tokio::select! {
+                        _ = shared.stop.notified() => break,
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+                continue;
+            }
+            tokio::select! {
+                _ = shared.stop.notified() => {
+                    self.goodbye().await;
+                    break;
+                }
+                ev = self.eventloop.poll() => {
+                    if !self.on_poll(ev).await {
+                        let delay = self.backoff.next_delay(jitter_unit());
+                        tokio::select! {
+                            _ = shared.stop.notified() => break,
+                            _ = tokio::time::sleep(delay) => {}
+                        }
+                    }
+                }
+                _ = shared.outbox_changed.notified() => {
+                    let actions = {
+                        let outbox = lock(&shared.outbox);
+                        self.session.status_actions(outbox.outbox())
+                    };
+                    self.apply(actions).await;
+                }
+                Some(result) = self.results.recv() => {
+                    // Already recorded in the journal by `respond`.
+                    let actions = self.session.send_result(result);
+                    self.apply(actions).await;
+                }
+            }
+        }
+        let _ = self.shared.connected.send(false);
+        let _ = self.shared.stopped.send(true);
+        info!(device = %self.session.info().id, "device client stopped");
+    }
+
+    async fn goodbye(&mut self) {
+        let Some(action) = self.session.goodbye(fleet_proto::time::now_ms()) else {
+            return;
+        };
+        self.apply(vec![action]).await;
+        // Give the goodbye a moment to leave, then disconnect.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        while let Ok(Ok(ev)) = tokio::time::timeout_at(deadline, self.eventloop.poll()).await {
+            if matches!(ev, Event::Incoming(Incoming::PubAck(_))) {
+                break;
+            }
+        }
+        let _ = self.mqtt.try_disconnect();
+        let _ = tokio::time::timeout(Duration::from_millis(500), self.eventloop.poll()).await;
+    }
+
+    /// Handles one event; false when the connection failed.
+    async fn on_poll(&mut self, ev: Result<Event, ConnectionError>) -> bool {
+        match ev {
+            Ok(Event::Incoming(Incoming::ConnAck(ack))) => {
+                // Everything unacknowledged is re-sent from the outbox and the journal, in
+                // order; rumqttc's own copies would only duplicate it.
+                self.eventloop.pending.clear();
+                self.backoff.reset();
+                info!(
+                    session_present = ack.session_present,
+                    "connected to the gateway"
+                );
+                let _ = self.shared.connected.send(true);
+                let actions = {
+                    let outbox = lock(&self.shared.outbox);
+                    self.session
+                        .on_connected(outbox.outbox(), fleet_proto::time::now_ms())
+                };
+                self.apply(actions).await;
+            }
+            Ok(Event::Incoming(Incoming::Publish(p))) => {
+                let topic = p.topic.clone();
+                let now = fleet_proto::time::now_ms();
+                let actions = {
+                    let mut gate = lock(&self.shared.gate);
+                    self.session.on_message(&topic, &p.payload, &mut gate, now)
+                };
+                self.apply(actions).await;
+            }
+            Ok(Event::Incoming(Incoming::PubAck(ack))) => {
+                if let Some(Tag::Status(seq)) = self.session.on_acked(ack.pkid) {
+                    let shared = self.shared.clone();
+                    let acked =
+                        tokio::task::spawn_blocking(move || lock(&shared.outbox).acknowledge(seq))
+                            .await;
+                    match acked {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => {
+                            warn!(error = %e, "status outbox: could not remove an acknowledged report")
+                        }
+                        Err(e) => warn!(error = %e, "status outbox task failed"),
+                    }
+                    let actions = {
+                        let outbox = lock(&self.shared.outbox);
+                        self.session.status_actions(outbox.outbox())
+                    };
+                    self.apply(actions).await;
+                }
+            }
+            Ok(Event::Incoming(Incoming::SubAck(ack))) => {
+                if ack
+                    .return_codes
+                    .iter()
+                    .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure))
+                {
+                    warn!("the gateway refused the command subscription (check its ACL)");
+                }
+            }
+            Ok(Event::Outgoing(Outgoing::Publish(pkid))) => self.session.on_sent(pkid),
+            Ok(_) => {}
+            Err(e) => {
+                if self.session.is_connected() {
+                    warn!(error = %e, "connection to the gateway lost");
+                } else {
+                    debug!(error = %e, "cannot reach the gateway");
+                }
+                self.session.on_disconnected();
+                let _ = self.shared.connected.send(false);
+                return false;
+            }
+        }
+        true
+    }
+
+    async fn apply(&mut self, actions: Vec<Action>) {
+        for a in actions {
+            match a {
+                Action::Subscribe(filters) => {
+                    for f in filters {
+                        if let Err(e) = self.mqtt.try_subscribe(f, QoS::AtLeastOnce) {
+                            warn!(error = %e, "could not queue a subscription");
+                        }
+                    }
+                }
+                Action::Publish(Publish {
+                    topic,
+                    payload,
+                    retain,
+                    ..
+                }) => {
+                    if let Err(e) = self
+                        .mqtt
+                        .try_publish(topic, QoS::AtLeastOnce, retain, payload)
+                    {
+                        // Only when rumqttc's queue is full; the reconnect path re-sends.
+                        warn!(error = %e, "could not queue a publish");
+                    }
+                }
+                Action::SaveGate => {
+                    let shared = self.shared.clone();
+                    let saved = tokio::task::spawn_blocking(move || {
+                        let gate = lock(&shared.gate);
+                        shared.journal.save(&gate)
+                    })
+                    .await;
+                    if !matches!(saved, Ok(Ok(()))) {
+                        // Running a command whose start is not on disk could run it twice
+                        // after a crash: stop here, the gateway will deliver it again.
+                        warn!("command journal could not be saved; not running the command");
+                        return;
+                    }
+                }
+                Action::Run(command) => {
+                    info!(command_id = %command.command_id, name = %command.name, attempt = command.attempt, "running command");
+                    let incoming = IncomingCommand {
+                        command,
+                        shared: self.shared.clone(),
+                        results: self.results_tx.clone(),
+                    };
+                    if self.commands.send(incoming).await.is_err() {
+                        warn!("the application dropped its command stream; command not run");
+                    }
+                }
+                Action::Malformed { topic, reason } => {
+                    warn!(topic, reason, "message dropped");
+                }
+            }
+        }
+    }
+}
