@@ -4,3 +4,4 @@
 
 pub mod crash;
 pub mod mqtt;
+pub mod procs;

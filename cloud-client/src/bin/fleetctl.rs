@@ -72,6 +72,9 @@ struct Conn {
     /// How long to wait for the gateway to answer a request.
     #[arg(long, default_value = "10s", value_parser = duration, global = true)]
     request_timeout: Duration,
+    /// How long to try to connect to the gateway.
+    #[arg(long, default_value = "10s", value_parser = duration, global = true)]
+    connect_timeout: Duration,
 }
 
 #[derive(Subcommand)]
@@ -313,6 +316,7 @@ async fn connect(conn: &Conn) -> Result<FleetClient, Failure> {
         .gateway(host, port)
         .pem_files(ca, cert, key)
         .request_timeout(conn.request_timeout)
+        .connect_timeout(conn.connect_timeout)
         .connect()
         .await?)
 }

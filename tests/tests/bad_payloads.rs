@@ -1,0 +1,116 @@
+//! Malformed protobuf on every topic a client may publish to is logged, counted and dropped;
+//! the store stays sound and everybody else keeps their service. Published with the real
+//! `mosquitto_pub` (Debian's mosquitto-clients), as a misbehaving device or service would.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use cloud_client::{CommandState, SendCommand};
+use fleet_tests::procs::{DeviceOpts, DeviceProc, GatewayProc};
+
+fn mosquitto_pub(gw: &GatewayProc, role_dir: &str, id: &str, topic: &str, payload: &Path) {
+    let pki = gw.pki();
+    let out = Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &gw.addr.port().to_string()])
+        .arg("--cafile")
+        .arg(pki.join("ca.crt"))
+        .arg("--cert")
+        .arg(pki.join(role_dir).join(format!("{id}.crt")))
+        .arg("--key")
+        .arg(pki.join(role_dir).join(format!("{id}.key")))
+        .args(["-i", id, "-V", "mqttv311", "-q", "1", "-t", topic, "-f"])
+        .arg(payload)
+        .output()
+        .expect("mosquitto_pub is required (Debian package mosquitto-clients; scripts/test.sh installs it)");
+    assert!(
+        out.status.success(),
+        "mosquitto_pub {topic}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_protobuf_is_dropped_and_the_store_stays_sound() {
+    let dir = tempfile::tempdir().unwrap();
+    let gw = GatewayProc::start(dir.path(), 0, 2, &[]);
+    let garbage = dir.path().join("garbage");
+    // An invalid varint, then a length running past the end.
+    std::fs::write(
+        &garbage,
+        [
+            0x08, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x12, 0x7f,
+        ],
+    )
+    .unwrap();
+    for suffix in ["status", "presence", "cmd/result"] {
+        mosquitto_pub(
+            &gw,
+            "devices",
+            "dev-0002",
+            &format!("devices/dev-0002/{suffix}"),
+            &garbage,
+        );
+    }
+    mosquitto_pub(
+        &gw,
+        "services",
+        "svc-0001",
+        "fleet/api/svc-0001/request",
+        &garbage,
+    );
+    for needle in [
+        "registry: message dropped topic=devices/dev-0002/status",
+        "registry: message dropped topic=devices/dev-0002/presence",
+        "command result: bad protobuf",
+        "API request: bad protobuf",
+    ] {
+        assert!(
+            gw.log.wait_for(needle, Duration::from_secs(10)),
+            "no log line {needle:?}"
+        );
+    }
+
+    // Everybody else is served: a real device runs a command and its reports are stored.
+    let mut opts = DeviceOpts::new(dir.path(), "dev-0001");
+    opts.reports = 3;
+    let dev = DeviceProc::start(&gw.address(), &gw.pki(), &opts);
+    assert!(dev.out.wait_for("connected", Duration::from_secs(20)));
+    let fleet = gw.fleet().await;
+    let recs = fleet
+        .send_command(SendCommand {
+            device_ids: vec!["dev-0001".into()],
+            name: "ping".into(),
+            ..SendCommand::default()
+        })
+        .await
+        .unwrap()
+        .wait(Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(recs[0].state(), CommandState::Succeeded);
+    let mut stored = 0;
+    for _ in 0..100 {
+        let st = fleet.status(&[]).await.unwrap();
+        stored = st
+            .iter()
+            .find(|s| s.device_id == "dev-0001")
+            .map_or(0, |s| s.reports_stored);
+        if stored == 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(stored, 3);
+    // Nothing of the garbage reached the registry.
+    let st = fleet.status(&["dev-0002".into()]).await.unwrap();
+    assert!(
+        st.iter()
+            .all(|s| s.last_report.is_none() && s.presence.is_none()),
+        "{st:?}"
+    );
+    // And the file is sound (read beside the running gateway: WAL allows it).
+    let store = fleet_broker::store::Store::open(&dir.path().join("data/gateway.db")).unwrap();
+    store.check_integrity().unwrap();
+}

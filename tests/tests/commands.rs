@@ -1,0 +1,315 @@
+//! Commands and status end to end, with real processes: the `gateway` binary, `test-device`
+//! devices on the device library, the SDK (and `fleetctl`) with a service certificate.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::{Duration, Instant};
+
+use cloud_client::{CommandState, SendCommand};
+use fleet_tests::procs::{bin, free_port, DeviceOpts, DeviceProc, GatewayProc};
+
+/// Polls `cond` every 50 ms until it holds or `timeout` passes.
+async fn until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + timeout;
+    while Instant::now() < end {
+        if cond() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    cond()
+}
+
+fn send(device: &str, name: &str, ttl_ms: u64) -> SendCommand {
+    SendCommand {
+        device_ids: vec![device.into()],
+        name: name.into(),
+        payload: b"p".to_vec(),
+        ttl_ms,
+        ..SendCommand::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_to_an_online_device_returns_its_result() {
+    let dir = tempfile::tempdir().unwrap();
+    let gw = GatewayProc::start(dir.path(), 0, 2, &[]);
+    let opts = DeviceOpts::new(dir.path(), "dev-0001");
+    let dev = DeviceProc::start(&gw.address(), &gw.pki(), &opts);
+    let fleet = gw.fleet().await;
+    assert!(until(Duration::from_secs(20), || dev.out.contains("connected")).await);
+    // The device is online once the gateway has seen it subscribe; a command sent now is
+    // delivered at once.
+    let handle = fleet
+        .send_command(send("dev-0001", "ping", 0))
+        .await
+        .unwrap();
+    let recs = handle.wait(Duration::from_secs(30)).await.unwrap();
+    assert_eq!(recs.len(), 1);
+    assert_eq!(recs[0].state(), CommandState::Succeeded);
+    let result = recs[0].result.as_ref().unwrap();
+    assert_eq!(result.output, b"ok:ping:p");
+    assert_eq!(recs[0].issued_by, "svc-0001");
+    assert_eq!(opts.ran(), vec![recs[0].command_id.clone()]);
+
+    // A failing command reports FAILED with the device's message; an unknown device id is
+    // accepted (it may come later) and a bad one refused.
+    let recs = fleet
+        .send_command(send("dev-0001", "fail", 0))
+        .await
+        .unwrap()
+        .wait(Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(recs[0].state(), CommandState::Failed);
+    assert_eq!(recs[0].result.as_ref().unwrap().message, "asked to fail");
+    let err = fleet.send_command(send("a/b", "x", 0)).await.err().unwrap();
+    assert!(err.to_string().contains("device id"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_to_an_offline_device_runs_exactly_once_when_it_connects() {
+    let dir = tempfile::tempdir().unwrap();
+    let gw = GatewayProc::start(dir.path(), 0, 2, &[]);
+    let fleet = gw.fleet().await;
+    let handle = fleet
+        .send_command(send("dev-0002", "ping", 60_000))
+        .await
+        .unwrap();
+    assert_eq!(handle.records()[0].state(), CommandState::Pending);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let opts = DeviceOpts::new(dir.path(), "dev-0002");
+    let _dev = DeviceProc::start(&gw.address(), &gw.pki(), &opts);
+    let id = handle.command_id().to_owned();
+    let recs = handle.wait(Duration::from_secs(30)).await.unwrap();
+    assert_eq!(recs[0].state(), CommandState::Succeeded);
+    // Give a re-delivery the chance to run it twice; it must not.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(opts.ran(), vec![id]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_command_survives_a_gateway_sigkill() {
+    let dir = tempfile::tempdir().unwrap();
+    let gw = GatewayProc::start(dir.path(), free_port(), 1, &[]);
+    let port = gw.addr.port();
+    let id = {
+        let fleet = gw.fleet().await;
+        let handle = fleet
+            .send_command(send("dev-0001", "ping", 120_000))
+            .await
+            .unwrap();
+        handle.command_id().to_owned()
+    };
+    gw.kill();
+    let gw = GatewayProc::start(dir.path(), port, 1, &[]);
+    let opts = DeviceOpts::new(dir.path(), "dev-0001");
+    let _dev = DeviceProc::start(&gw.address(), &gw.pki(), &opts);
+    let fleet = gw.fleet().await;
+    let mut state = CommandState::Pending;
+    let done = until(Duration::from_secs(30), || {
+        // Polled from a blocking context: ask through a fresh runtime-free path.
+        opts.ran().len() == 1
+    })
+    .await;
+    assert!(done, "the command was not delivered after the restart");
+    for _ in 0..100 {
+        let recs = fleet.get_command(&id, None).await.unwrap();
+        state = recs[0].state();
+        if state == CommandState::Succeeded {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(state, CommandState::Succeeded);
+    assert_eq!(opts.ran(), vec![id]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_killed_before_its_result_left_does_not_run_it_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let gw = GatewayProc::start(dir.path(), 0, 1, &[]);
+    let fleet = gw.fleet().await;
+    let mut opts = DeviceOpts::new(dir.path(), "dev-0001");
+    opts.hold_results = true;
+    let dev = DeviceProc::start(&gw.address(), &gw.pki(), &opts);
+    assert!(until(Duration::from_secs(20), || dev.out.contains("connected")).await);
+    let handle = fleet
+        .send_command(send("dev-0001", "ping", 120_000))
+        .await
+        .unwrap();
+    let id = handle.command_id().to_owned();
+    // It ran, and its result is in the journal, but it never left the device.
+    assert!(until(Duration::from_secs(20), || opts.ran().len() == 1).await);
+    dev.kill();
+    opts.hold_results = false;
+    let _dev = DeviceProc::start(&gw.address(), &gw.pki(), &opts);
+    let recs = handle.wait(Duration::from_secs(30)).await.unwrap();
+    assert_eq!(recs[0].state(), CommandState::Succeeded);
+    assert_eq!(recs[0].result.as_ref().unwrap().output, b"ok:ping:p");
+    assert!(recs[0].attempts >= 2, "delivered again after the restart");
+    assert_eq!(opts.ran(), vec![id], "run once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_command_is_never_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let gw = GatewayProc::start(dir.path(), 0, 1, &[]);
+    let fleet = gw.fleet().await;
+    let handle = fleet
+        .send_command(send("dev-0001", "ping", 2_000))
+        .await
+        .unwrap();
+    let id = handle.command_id().to_owned();
+    let recs = handle.wait(Duration::from_secs(10)).await.unwrap();
+    assert_eq!(recs[0].state(), CommandState::Expired);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let opts = DeviceOpts::new(dir.path(), "dev-0001");
+    let dev = DeviceProc::start(&gw.address(), &gw.pki(), &opts);
+    assert!(until(Duration::from_secs(20), || dev.out.contains("connected")).await);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(opts.ran().is_empty(), "ran {:?}", opts.ran());
+    let recs = fleet.get_command(&id, None).await.unwrap();
+    assert_eq!(recs[0].state(), CommandState::Expired);
+    assert_eq!(recs[0].attempts, 0, "never delivered");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_reports_made_while_the_gateway_is_down_all_arrive_once_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    // The PKI comes from the gateway's first start.
+    drop(GatewayProc::start(dir.path(), port, 1, &[]));
+    let pki = dir.path().join("data/pki");
+    let mut opts = DeviceOpts::new(dir.path(), "dev-0001");
+    opts.reports = 500;
+    opts.exit_after_flush = true;
+    let dev = DeviceProc::start(&format!("127.0.0.1:{port}"), &pki, &opts);
+    assert!(until(Duration::from_secs(20), || dev.out.contains("queued 500")).await);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!dev.out.contains("connected"));
+    let gw = GatewayProc::start(dir.path(), port, 1, &[]);
+    assert!(
+        tokio::task::spawn_blocking(move || dev.wait_exit(Duration::from_secs(60)))
+            .await
+            .unwrap(),
+        "the device did not flush its outbox"
+    );
+    let fleet = gw.fleet().await;
+    let mut st = Vec::new();
+    // The registry writes in batches: wait for the last one.
+    for _ in 0..100 {
+        st = fleet.status(&["dev-0001".into()]).await.unwrap();
+        if st.first().is_some_and(|s| s.reports_stored == 500) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let s = &st[0];
+    // Stored only when newer than the last: 500 stored means all 500, each once, in order.
+    assert_eq!(s.reports_stored, 500);
+    let last = s.last_report.as_ref().unwrap();
+    assert_eq!(last.sequence, 500);
+    assert_eq!(last.metrics.get("i"), Some(&499.0));
+}
+
+/// Runs `fleetctl` against `gw` with `args`; returns (exit code, stdout).
+fn fleetctl(gw: &GatewayProc, args: &[&str]) -> (i32, String) {
+    let out = std::process::Command::new(bin("fleetctl"))
+        .arg("--gateway")
+        .arg(format!("localhost:{}", gw.addr.port()))
+        .arg("--pki")
+        .arg(gw.pki())
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleetctl_sends_commands_and_shows_status() {
+    let dir = tempfile::tempdir().unwrap();
+    let gw = GatewayProc::start(dir.path(), 0, 2, &[]);
+    let opts = DeviceOpts::new(dir.path(), "dev-0001");
+    let dev = DeviceProc::start(&gw.address(), &gw.pki(), &opts);
+    assert!(until(Duration::from_secs(20), || dev.out.contains("connected")).await);
+    let (code, out) = tokio::task::spawn_blocking({
+        let args = [
+            "command",
+            "send",
+            "-d",
+            "dev-0001",
+            "--name",
+            "blink",
+            "--payload",
+            "3",
+            "--json",
+        ];
+        let gw_port = gw.addr.port();
+        let pki = gw.pki();
+        move || {
+            let out = std::process::Command::new(bin("fleetctl"))
+                .arg("--gateway")
+                .arg(format!("localhost:{gw_port}"))
+                .arg("--pki")
+                .arg(pki)
+                .args(args)
+                .output()
+                .unwrap();
+            (
+                out.status.code().unwrap_or(-1),
+                String::from_utf8_lossy(&out.stdout).into_owned(),
+            )
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 0, "{out}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v[0]["device_id"], "dev-0001");
+    assert_eq!(v[0]["state"], "succeeded");
+    assert_eq!(v[0]["result_output"], "ok:blink:3");
+
+    // Status: the device's presence (ONLINE, its class) is in the registry.
+    assert!(
+        until(Duration::from_secs(10), || {
+            let (_, out) = fleetctl(&gw, &["status", "--json"]);
+            serde_json::from_str::<serde_json::Value>(&out)
+                .map(|v| v[0]["presence"] == "online" && v[0]["connected"] == true)
+                .unwrap_or(false)
+        })
+        .await
+    );
+    let (code, out) = fleetctl(&gw, &["status", "--json", "dev-0001"]);
+    assert_eq!(code, 0);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v[0]["device_class"], "test-class");
+
+    // A command to an offline device that expires: exit code 1, state expired.
+    let (code, out) = fleetctl(
+        &gw,
+        &[
+            "command", "send", "-d", "dev-0002", "--name", "x", "--ttl", "1s", "--json",
+        ],
+    );
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("\"expired\""), "{out}");
+    // Usage errors and an unreachable gateway have their own codes.
+    let (code, _) = fleetctl(&gw, &["command", "send", "--name", "x"]);
+    assert_eq!(code, 2);
+    let out = std::process::Command::new(bin("fleetctl"))
+        .args([
+            "--gateway",
+            "localhost:1",
+            "--request-timeout",
+            "1s",
+            "status",
+        ])
+        .arg("--pki")
+        .arg(gw.pki())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3));
+}
