@@ -20,3 +20,8 @@ pub use client::{
     ClientError, ClientStats, Commands, DeviceClient, DeviceClientBuilder, IncomingCommand,
 };
 pub use fleet_proto::v1::{Command, CommandResult, CommandStatus, Health, StatusReport};
+
+/// The README's Rust examples, compiled as doc tests so they cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+struct ReadmeDoctests;
