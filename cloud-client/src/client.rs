@@ -109,7 +109,11 @@ impl FleetClientBuilder {
             return Err(SdkError::NotAService(tls.identity.role.to_string()));
         }
         let service_id = tls.identity.id.clone();
-        let mut options = MqttOptions::new(service_id.clone(), host, self.port);
+        // `{id}:{instance}`: several processes of one service may be connected at once.
+        let mut b = [0u8; 6];
+        rand_core::OsRng.fill_bytes(&mut b);
+        let client_id = format!("{service_id}:{}", hex::encode(b));
+        let mut options = MqttOptions::new(client_id, host, self.port);
         options
             .set_transport(Transport::Tls(TlsConfiguration::Rustls(tls.config)))
             .set_clean_session(true)

@@ -23,7 +23,14 @@ fn every_command_has_help() {
     for (args, must) in [
         (
             &["--help"][..],
-            &["command", "status", "--gateway", "--json", "Exit codes"][..],
+            &[
+                "command",
+                "status",
+                "events",
+                "--gateway",
+                "--json",
+                "Exit codes",
+            ][..],
         ),
         (&["command", "--help"], &["send", "get"]),
         (
@@ -39,6 +46,7 @@ fn every_command_has_help() {
             ],
         ),
         (&["command", "get", "--help"], &["--device"]),
+        (&["events", "--help"], &["--device", "--count"]),
         (&["status", "--help"], &["DEVICES"]),
     ] {
         let out = fleetctl(args);

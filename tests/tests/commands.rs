@@ -272,6 +272,54 @@ async fn fleetctl_sends_commands_and_shows_status() {
     assert_eq!(v[0]["state"], "succeeded");
     assert_eq!(v[0]["result_output"], "ok:blink:3");
 
+    // Events: one JSON object per line, as the command moves.
+    let mut watcher = std::process::Command::new(bin("fleetctl"))
+        .arg("--gateway")
+        .arg(format!("localhost:{}", gw.addr.port()))
+        .arg("--pki")
+        .arg(gw.pki())
+        .args(["events", "--json", "-d", "dev-0001", "--count", "3"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // It says when it is subscribed; the command starts moving only then.
+    let stderr = watcher.stderr.take().unwrap();
+    let ready = tokio::time::timeout(
+        Duration::from_secs(20),
+        tokio::task::spawn_blocking(move || {
+            use std::io::BufRead;
+            std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+                .any(|l| l.contains("watching command events"))
+        }),
+    )
+    .await;
+    if !matches!(ready, Ok(Ok(true))) {
+        let _ = watcher.kill();
+        panic!("fleetctl events did not start watching");
+    }
+    let (code, _) = fleetctl(
+        &gw,
+        &["command", "send", "-d", "dev-0001", "--name", "ping"],
+    );
+    assert_eq!(code, 0);
+    let got = tokio::task::spawn_blocking(move || {
+        let out = watcher.wait_with_output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    })
+    .await
+    .unwrap();
+    let states: Vec<String> = got
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["state"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    assert_eq!(states, ["pending", "delivered", "succeeded"], "{got}");
+
     // Status: the device's presence (ONLINE, its class) is in the registry.
     assert!(
         until(Duration::from_secs(10), || {

@@ -171,13 +171,14 @@ async fn session(
     };
 
     // The client id is the certificate's id: an empty one is assigned, another is refused.
-    if !connect.client_id.is_empty() && connect.client_id != identity.id {
+    // A service may run several connections, each as `{id}:{instance}`.
+    let Some(client_id) = session_client_id(&identity, &connect.client_id) else {
         Metrics::inc(&shared.metrics.connects_refused);
         warn!(client_id = %connect.client_id, "client id differs from the certificate's id; refused");
         refuse(&mut wr, ConnectReturnCode::ClientIdentifierNotValid).await;
         return Err("client id mismatch".into());
-    }
-    tracing::Span::current().record("client_id", identity.id.as_str());
+    };
+    tracing::Span::current().record("client_id", client_id.as_str());
 
     // The will is a publish like any other: the ACL decides now, not when it fires.
     if let Some(w) = &will {
@@ -191,10 +192,10 @@ async fn session(
     }
 
     // One connection per identity: the previous one is closed and gone from the router first.
-    let mut registration = shared.sessions.register(&identity.id, cert).await;
+    let mut registration = shared.sessions.register(&client_id, cert).await;
 
     let router = shared.router.clone();
-    let id = identity.id.clone();
+    let id = client_id.clone();
     let clean = connect.clean_session;
     let link = tokio::task::spawn_blocking(move || router.link(&id, clean)).await;
     let crate::router::Link {
@@ -278,6 +279,27 @@ async fn session(
     let _ = wr.shutdown().await;
     drop(registration);
     Ok(())
+}
+
+/// Most bytes of the instance part of a service's client id (`{id}:{instance}`).
+pub(crate) const MAX_INSTANCE_LEN: usize = 32;
+
+/// The client id a connection gets: the certificate's id (asked for, or assigned when empty),
+/// or for a service `{id}:{instance}` with an instance of 1-32 ASCII letters, digits, `-` or
+/// `_`, so that several processes of one service can be connected at once. `None`: refused.
+pub(crate) fn session_client_id(identity: &Identity, asked: &str) -> Option<String> {
+    if asked.is_empty() || asked == identity.id {
+        return Some(identity.id.clone());
+    }
+    let instance = asked
+        .strip_prefix(identity.id.as_str())?
+        .strip_prefix(':')?;
+    let ok = identity.role == fleet_certs::Role::Service
+        && (1..=MAX_INSTANCE_LEN).contains(&instance.len())
+        && instance
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    ok.then(|| asked.to_owned())
 }
 
 fn disconnect_packet() -> rumqttd::protocol::Disconnect {
@@ -631,4 +653,34 @@ pub(crate) fn will_packet(w: LastWill) -> Packet {
         rumqttd::protocol::Publish::new::<Bytes>(topic, message, retain),
         None,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fleet_certs::Role;
+
+    #[test]
+    fn client_ids_are_bound_to_the_certificate() {
+        let dev = Identity::new(Role::Device, "dev-1").unwrap_or_else(|e| panic!("{e}"));
+        let svc = Identity::new(Role::Service, "svc-1").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(session_client_id(&dev, "").as_deref(), Some("dev-1"));
+        assert_eq!(session_client_id(&dev, "dev-1").as_deref(), Some("dev-1"));
+        assert_eq!(
+            session_client_id(&svc, "svc-1:a1-b_2").as_deref(),
+            Some("svc-1:a1-b_2")
+        );
+        for (who, asked) in [
+            (&dev, "dev-2"),
+            (&dev, "dev-1:x"),
+            (&svc, "svc-2:x"),
+            (&svc, "svc-1:"),
+            (&svc, "svc-1x"),
+            (&svc, "svc-1:a:b"),
+            (&svc, "svc-1:a b"),
+            (&svc, &format!("svc-1:{}", "x".repeat(33))),
+        ] {
+            assert_eq!(session_client_id(who, asked), None, "{asked}");
+        }
+    }
 }

@@ -87,6 +87,16 @@ enum Cmd {
         /// Device ids.
         devices: Vec<String>,
     },
+    /// Print command state changes as they happen, until interrupted (with --json: one JSON
+    /// object per line).
+    Events {
+        /// Only this device's commands (repeatable).
+        #[arg(long = "device", short = 'd')]
+        devices: Vec<String>,
+        /// Stop after this many events.
+        #[arg(long)]
+        count: Option<u64>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -429,6 +439,45 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
                 cli.json,
             );
             Ok(outcome(&recs, true))
+        }
+        Cmd::Events { devices, count } => {
+            let fleet = connect(&cli.conn).await?;
+            let mut events = fleet.events();
+            // Subscribed from here on (connect waits for it): say so, for people and scripts.
+            eprintln!("fleetctl: watching command events (Ctrl-C to stop)");
+            let mut seen = 0u64;
+            while count.is_none_or(|c| seen < c) {
+                let ev = tokio::select! {
+                    _ = tokio::signal::ctrl_c() => break,
+                    ev = events.recv() => ev,
+                };
+                let rec = match ev {
+                    Ok(cloud_client::CommandEvent { command: Some(rec) }) => rec,
+                    Ok(_) => continue,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        eprintln!("fleetctl: {n} events missed (too slow)");
+                        continue;
+                    }
+                    Err(_) => return Err(Failure::Unreachable("connection closed".into())),
+                };
+                if !devices.is_empty() && !devices.contains(&rec.device_id) {
+                    continue;
+                }
+                seen += 1;
+                let v = RecordView::from(&rec);
+                if cli.json {
+                    match serde_json::to_string(&v) {
+                        Ok(s) => println!("{s}"),
+                        Err(e) => eprintln!("fleetctl: cannot encode JSON: {e}"),
+                    }
+                } else {
+                    println!(
+                        "{:<20} {:<24} {:<10} attempt {}",
+                        v.device_id, v.command_id, v.state, v.attempts
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Cmd::Status { devices } => {
             let fleet = connect(&cli.conn).await?;
