@@ -6,6 +6,7 @@
 //! * [`backoff`]: reconnect delays, exponential with full jitter.
 //! * [`commands`]: the command gate (never run a command twice, even across a restart; never
 //!   run an expired one) and its persisted journal.
+//! * [`update`]: the update agent's manifest judgement and verified, resumable download.
 //! * [`status`]: the status outbox (bounded, persisted, in order, sequence across restarts).
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -15,6 +16,7 @@ mod client;
 pub mod commands;
 pub mod session;
 pub mod status;
+pub mod update;
 
 pub use client::{
     ClientError, ClientStats, Commands, DeviceClient, DeviceClientBuilder, IncomingCommand,

@@ -49,6 +49,16 @@ pub enum ManifestError {
     },
 }
 
+impl ManifestError {
+    /// The reason code reported upward in `UpdateProgress`.
+    pub fn code(&self) -> UpdateError {
+        match self {
+            ManifestError::UnsupportedFormat(_) => UpdateError::UnsupportedFormat,
+            _ => UpdateError::MalformedManifest,
+        }
+    }
+}
+
 /// Why a component is invalid.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
