@@ -10,6 +10,9 @@ use std::time::Duration;
 use common::*;
 use fleet_broker::metrics::Metrics;
 
+/// An encoded StatusReport with sequence 1 (field 1, varint 1), as mosquitto_pub -m text.
+const STATUS_SEQ_1: &str = "\u{8}\u{1}";
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn device_talks_on_its_own_topics_and_is_denied_everything_else() {
     let gw = TestGateway::start().await;
@@ -34,12 +37,13 @@ async fn device_talks_on_its_own_topics_and_is_denied_everything_else() {
     // dev-1 publishes its status; a service subscribed to all statuses sees it.
     let svc = gw.subscribe("svc-1", "devices/+/status", &["-C", "1", "-W", "10"]);
     svc.subscribed().await;
-    let out = gw.publish("dev-1", "devices/dev-1/status", "ok", &["-q", "1"]);
+    // Status payloads are StatusReports (stored before they are routed): 08 01 is sequence 1.
+    let out = gw.publish("dev-1", "devices/dev-1/status", STATUS_SEQ_1, &["-q", "1"]);
     assert!(out.status.success(), "{}", text(&out));
     let got = finish(svc).await;
     assert_eq!(
-        String::from_utf8_lossy(&got.stdout).trim(),
-        "devices/dev-1/status ok"
+        String::from_utf8_lossy(&got.stdout).trim_end_matches('\n'),
+        format!("devices/dev-1/status {STATUS_SEQ_1}")
     );
 
     // Each of these subscriptions is refused with SUBACK 0x80, and counted.
@@ -87,13 +91,13 @@ async fn publishes_to_another_device_never_reach_it() {
         .status
         .success());
     assert!(gw
-        .publish("dev-2", "devices/dev-2/status", "real", &[])
+        .publish("dev-2", "devices/dev-2/status", STATUS_SEQ_1, &[])
         .status
         .success());
     for (child, want) in [
         (victim, "devices/dev-2/cmd real"),
         (victim_updates, "devices/dev-3/update/manifest real"),
-        (svc, "devices/dev-2/status real"),
+        (svc, "devices/dev-2/status \u{8}\u{1}"),
     ] {
         let got = finish(child).await;
         assert_eq!(
@@ -126,7 +130,7 @@ async fn client_id_must_be_the_certificates() {
     let at = args.iter().position(|a| a == "-i").unwrap_or(0);
     args.drain(at..at + 2);
     c.args(args)
-        .args(["-t", "devices/dev-1/status", "-m", "anon", "-q", "1"]);
+        .args(["-t", "devices/dev-1/status", "-m", STATUS_SEQ_1, "-q", "1"]);
     let svc = gw.subscribe("svc-2", "devices/+/status", &["-C", "1", "-W", "8"]);
     svc.subscribed().await;
     let out = run_output(c);
@@ -134,7 +138,7 @@ async fn client_id_must_be_the_certificates() {
     let got = finish(svc).await;
     assert_eq!(
         String::from_utf8_lossy(&got.stdout).trim(),
-        "devices/dev-1/status anon"
+        format!("devices/dev-1/status {STATUS_SEQ_1}")
     );
 }
 

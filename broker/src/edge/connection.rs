@@ -28,7 +28,10 @@ use super::Shared;
 use crate::acl::{Decision, DenyReason};
 use crate::config::DeniedPublish;
 use crate::metrics::Metrics;
+use crate::services::registry::status_item;
 use crate::services::SessionEvent;
+use crate::store::StatusOutcome;
+use fleet_proto::topics::{self, DeviceTopic, Topic};
 
 type Tls = TlsStream<TcpStream>;
 
@@ -451,6 +454,14 @@ impl Pump {
                 match self.shared.policy().check_publish(&self.identity, topic) {
                     Decision::Allow => {
                         Metrics::inc(&self.shared.metrics.publishes_in);
+                        if self.identity.role == fleet_certs::Role::Device {
+                            let topic = topic.to_owned();
+                            if let Some(step) =
+                                self.store_status(&topic, &publish.payload, header).await
+                            {
+                                return step;
+                            }
+                        }
                         self.forward(Packet::Publish(publish, None)).await
                     }
                     Decision::Deny(DenyReason::Syntax(e)) => {
@@ -462,26 +473,7 @@ impl Pump {
                         if self.shared.config.acl.on_denied_publish == DeniedPublish::Disconnect {
                             return Step::Stop(End::Abnormal(format!("publish to {topic} denied")));
                         }
-                        match header {
-                            Some((1, pkid)) => self.out.push(Packet::PubAck(
-                                PubAck {
-                                    pkid,
-                                    reason: PubAckReason::Success,
-                                },
-                                None,
-                            )),
-                            Some((2, pkid)) => {
-                                self.denied_qos2.insert(pkid);
-                                self.out.push(Packet::PubRec(
-                                    PubRec {
-                                        pkid,
-                                        reason: PubRecReason::Success,
-                                    },
-                                    None,
-                                ));
-                            }
-                            _ => {}
-                        }
+                        self.ack_dropped(header);
                         Step::Continue
                     }
                 }
@@ -583,6 +575,68 @@ impl Pump {
             },
         );
         step
+    }
+
+    /// Acknowledges a publish that is not forwarded (denied, malformed, duplicate), so the
+    /// client does not send it again forever.
+    fn ack_dropped(&mut self, header: Option<(u8, u16)>) {
+        match header {
+            Some((1, pkid)) => self.out.push(Packet::PubAck(
+                PubAck {
+                    pkid,
+                    reason: PubAckReason::Success,
+                },
+                None,
+            )),
+            Some((2, pkid)) => {
+                self.denied_qos2.insert(pkid);
+                self.out.push(Packet::PubRec(
+                    PubRec {
+                        pkid,
+                        reason: PubRecReason::Success,
+                    },
+                    None,
+                ));
+            }
+            _ => {}
+        }
+    }
+
+    /// A device's status report is stored before it may be acknowledged. `None`: stored and
+    /// new, forward it; `Some(step)`: handled here (malformed or duplicate: acknowledged and
+    /// dropped; store failure: the connection closes and the device sends it again later).
+    async fn store_status(
+        &mut self,
+        topic: &str,
+        payload: &Bytes,
+        header: Option<(u8, u16)>,
+    ) -> Option<Step> {
+        let Ok(Topic::Device {
+            id,
+            kind: DeviceTopic::Status,
+        }) = topics::parse(topic)
+        else {
+            return None;
+        };
+        let item = match status_item(id.as_str(), payload) {
+            Ok(i) => i,
+            Err(e) => {
+                Metrics::inc(&self.shared.metrics.malformed_payloads);
+                warn!(topic = %topic, error = %e, "status report dropped: not a valid StatusReport");
+                self.ack_dropped(header);
+                return Some(Step::Continue);
+            }
+        };
+        match self.shared.status.store(item).await {
+            Some(StatusOutcome::Stored) => None,
+            Some(StatusOutcome::Stale { .. }) => {
+                self.ack_dropped(header);
+                Some(Step::Continue)
+            }
+            None => Some(Step::Stop(End::Abnormal(
+                "status report could not be stored".into(),
+            ))),
+        }
     }
 
     /// Queues what the router sent. Returns whether the router must be woken (it unscheduled

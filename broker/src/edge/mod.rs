@@ -79,6 +79,7 @@ pub(crate) struct Shared {
     pub(crate) metrics: Arc<Metrics>,
     wills: Mutex<LinkTx>,
     session_events: tokio::sync::mpsc::UnboundedSender<SessionEvent>,
+    pub(crate) status: services::registry::StatusWriter,
 }
 
 impl Shared {
@@ -193,7 +194,10 @@ impl Gateway {
             .await
             .map_err(|e| GatewayError::Io(e.to_string()))??;
         info!(path = %store.path().display(), "store open");
-        let session_events = services::start(
+        let services::ServiceHandles {
+            session_events,
+            status,
+        } = services::start(
             &router,
             SharedStore::new(store, metrics.clone()),
             config.commands.clone(),
@@ -211,6 +215,7 @@ impl Gateway {
             metrics,
             wills: Mutex::new(wills),
             session_events,
+            status,
         });
         Ok(Gateway { shared, listener })
     }

@@ -82,14 +82,6 @@ impl ServiceLink {
         }
     }
 
-    /// A publish already waiting, without blocking (for batching).
-    pub(crate) async fn try_recv(&mut self) -> Option<Received> {
-        tokio::time::timeout(std::time::Duration::ZERO, self.recv())
-            .await
-            .ok()
-            .flatten()
-    }
-
     /// Publishes `payload` on `topic` (not retained). Subscribers get it at their
     /// subscription's QoS.
     pub(crate) fn publish(&mut self, topic: String, payload: Vec<u8>) -> Result<(), LinkError> {

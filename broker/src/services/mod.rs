@@ -2,7 +2,8 @@
 //!
 //! * [`commands`]: the command service (accept, persist, deliver, re-deliver, expire, events)
 //!   and the fleet API requests (`fleet/api/{service}/request`).
-//! * [`registry`]: the status registry (last report and presence per device).
+//! * [`registry`]: the status registry (last report and presence per device); status reports
+//!   are stored before the edge lets them be acknowledged.
 //!
 //! The edge tells the services about device sessions through [`SessionEvent`]s, in the order in
 //! which it forwarded the matching packets to the router: a `Subscribed` event is sent after
@@ -93,17 +94,29 @@ impl SharedStore {
     }
 }
 
-/// Starts the services on their own links. Returns the sender the edge reports sessions to.
+/// What the edge needs from the services.
+pub struct ServiceHandles {
+    /// Where device sessions are reported.
+    pub session_events: mpsc::UnboundedSender<SessionEvent>,
+    /// Where status reports are stored before they are acknowledged.
+    pub status: registry::StatusWriter,
+}
+
+/// Starts the services on their own links.
 pub async fn start(
     router: &RouterHandle,
     store: SharedStore,
     settings: CommandSettings,
     metrics: Arc<Metrics>,
-) -> Result<mpsc::UnboundedSender<SessionEvent>, LinkError> {
+) -> Result<ServiceHandles, LinkError> {
     let (tx, rx) = mpsc::unbounded_channel();
+    let status = registry::StatusWriter::start(store.clone(), metrics.clone());
     let registry = registry::Registry::start(router, store.clone(), metrics.clone()).await?;
     let service = commands::CommandService::start(router, store, settings, metrics, rx).await?;
     tokio::spawn(registry.run());
     tokio::spawn(service.run());
-    Ok(tx)
+    Ok(ServiceHandles {
+        session_events: tx,
+        status,
+    })
 }

@@ -305,7 +305,9 @@ async fn throughput(
     let base = Instant::now();
     let (svc_id, svc_cfg) = service;
     let mut sub = Client::connect(addr, svc_cfg.clone(), svc_id, 60).await?;
-    sub.subscribe("devices/+/status", 1).await?;
+    // A device topic with no store in its path: this measures the edge and the router. Status
+    // reports are stored before they are acknowledged, and their payloads must decode.
+    sub.subscribe("devices/+/update/progress", 1).await?;
     let received = Arc::new(AtomicU64::new(0));
     let latencies = Arc::new(std::sync::Mutex::new(Vec::new()));
     let (rx_count, lat) = (received.clone(), latencies.clone());
@@ -321,7 +323,7 @@ async fn throughput(
         let (addr, acked) = (addr.to_owned(), acked.clone());
         tasks.push(tokio::spawn(async move {
             let mut c = Client::connect(&addr, cfg, &id, 60).await?;
-            let topic = format!("devices/{id}/status");
+            let topic = format!("devices/{id}/update/progress");
             match per_publisher {
                 Some(r) => {
                     c.publish_qos1_paced(&topic, 256, r, 64, stop, base, &acked)
