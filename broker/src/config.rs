@@ -151,6 +151,10 @@ pub struct CommandSettings {
     /// How long finished commands stay queryable before they are forgotten. Default 7 days.
     #[serde(with = "humantime_serde")]
     pub retention: Duration,
+    /// Most open (pending or delivered) commands per device; a submission that would exceed it
+    /// is refused with LIMIT, so an absent device cannot grow the store without bound.
+    /// Default 1000.
+    pub max_open_per_device: u32,
 }
 
 impl Default for CommandSettings {
@@ -160,6 +164,7 @@ impl Default for CommandSettings {
             max_ttl: Duration::from_secs(7 * 24 * 3600),
             redeliver_after: Duration::from_secs(30),
             retention: Duration::from_secs(7 * 24 * 3600),
+            max_open_per_device: 1000,
         }
     }
 }
@@ -219,6 +224,9 @@ impl GatewayConfig {
             return bad(
                 "commands.default_ttl, redeliver_after and retention must be greater than zero",
             );
+        }
+        if c.max_open_per_device == 0 {
+            return bad("commands.max_open_per_device must be at least 1");
         }
         if c.max_ttl < c.default_ttl {
             return bad("commands.max_ttl must be at least commands.default_ttl");

@@ -151,6 +151,44 @@ async fn a_device_killed_before_its_result_left_does_not_run_it_again() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_absent_device_cannot_collect_commands_without_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let gw = GatewayProc::start(
+        dir.path(),
+        0,
+        1,
+        &[("GATEWAY__COMMANDS__MAX_OPEN_PER_DEVICE", "2")],
+    );
+    let fleet = gw.fleet().await;
+    for _ in 0..2 {
+        fleet
+            .send_command(send("dev-0001", "x", 60_000))
+            .await
+            .unwrap();
+    }
+    let err = fleet
+        .send_command(send("dev-0001", "x", 60_000))
+        .await
+        .err()
+        .unwrap();
+    assert!(
+        matches!(
+            err,
+            cloud_client::SdkError::Api {
+                code: cloud_client::ApiErrorCode::Limit,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    // Other devices are not affected.
+    fleet
+        .send_command(send("dev-0002", "x", 60_000))
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_expired_command_is_never_run() {
     let dir = tempfile::tempdir().unwrap();
     let gw = GatewayProc::start(dir.path(), 0, 1, &[]);

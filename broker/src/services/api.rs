@@ -187,11 +187,36 @@ impl CommandService {
             .first()
             .map(|c| c.command_id.clone())
             .unwrap_or_default();
+        let max_open = self.settings.max_open_per_device;
         let outcomes = self
             .store
-            .call("submit commands", move |s| s.submit_commands(&planned))
+            .call("submit commands", move |s| {
+                let targets: Vec<String> = planned.iter().map(|c| c.device_id.clone()).collect();
+                let full: Vec<String> = s
+                    .open_counts(&targets)?
+                    .into_iter()
+                    .zip(targets)
+                    .filter(|(n, _)| *n >= max_open)
+                    .map(|(_, d)| d)
+                    .collect();
+                if !full.is_empty() {
+                    return Ok(Err(full));
+                }
+                s.submit_commands(&planned).map(Ok)
+            })
             .await
-            .map_err(|_| Self::unavailable())?;
+            .map_err(|_| Self::unavailable())?
+            .map_err(|full| {
+                api_error(
+                    ApiErrorCode::Limit,
+                    format!(
+                        "{} device(s) already have {max_open} open commands (first: {}); \
+                         retry when some have finished or expired",
+                        full.len(),
+                        full.first().map_or("", String::as_str)
+                    ),
+                )
+            })?;
         if let Some(Submitted::Conflict(old)) = outcomes
             .iter()
             .find(|o| matches!(o, Submitted::Conflict(_)))

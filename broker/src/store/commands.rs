@@ -167,6 +167,21 @@ impl Store {
             .map_err(|e| err(&self.path, e))
     }
 
+    /// How many open commands each of `devices` has.
+    pub fn open_counts(&self, devices: &[String]) -> Result<Vec<u32>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT count(*) FROM commands WHERE device_id = ?1 AND state IN (1, 2)")
+            .map_err(|e| err(&self.path, e))?;
+        devices
+            .iter()
+            .map(|d| {
+                stmt.query_row([d], |r| r.get(0))
+                    .map_err(|e| err(&self.path, e))
+            })
+            .collect()
+    }
+
     /// DELIVERED commands last handed over at or before `before_ms` and not expired at
     /// `now_ms`: due for another hand-over if their device is connected.
     pub fn overdue_commands(
@@ -374,6 +389,10 @@ mod tests {
         // All or nothing: the new one for dev-2 was not stored either.
         assert!(s.open_commands("dev-2", 200).unwrap().is_empty());
         assert_eq!(s.open_commands("dev-1", 200).unwrap().len(), 1);
+        assert_eq!(
+            s.open_counts(&["dev-1".into(), "dev-9".into()]).unwrap(),
+            [1, 0]
+        );
         let d = s.mark_delivered("dev-1", "c1", 150).unwrap().unwrap();
         assert_eq!((d.attempts, d.state), (1, CommandState::Delivered));
         assert!(s.overdue_commands(149, 200).unwrap().is_empty());
