@@ -230,6 +230,39 @@ pub fn verify<P: AsRef<[u8]>>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn verify_chunk_checks_index_length_and_proof() {
+        let data: Vec<u8> = (0..5000u32).map(|i| (i % 253) as u8).collect();
+        let summary =
+            crate::chunker::summarize(data.as_slice(), 1024).unwrap_or_else(|e| panic!("{e}"));
+        let c = summary.component("rootfs");
+        let digests: Vec<Hash> = data.chunks(1024).map(chunk_digest).collect();
+        let tree = MerkleTree::from_chunk_digests(&digests).unwrap_or_else(|e| panic!("{e}"));
+        let proof = |i| tree.proof(i).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            verify_chunk(&c, 4, &data[4096..], &proof(4)),
+            Ok((4096, digests[4]))
+        );
+        assert!(matches!(
+            verify_chunk(&c, 5, &data[..1], &proof(4)),
+            Err(ChunkCheckError::Index { index: 5, count: 5 })
+        ));
+        assert!(matches!(
+            verify_chunk(&c, 4, &data[4095..], &proof(4)),
+            Err(ChunkCheckError::Length { .. })
+        ));
+        assert!(matches!(
+            verify_chunk(&c, 1, &data[..1024], &proof(1)),
+            Err(ChunkCheckError::Proof { index: 1, .. })
+        ));
+        let mut rootless = c.clone();
+        rootless.merkle_root.pop();
+        assert_eq!(
+            verify_chunk(&rootless, 0, &data[..1024], &proof(0)),
+            Err(ChunkCheckError::Root)
+        );
+    }
     use proptest::prelude::*;
 
     fn digests(n: u32) -> Vec<Hash> {
@@ -381,4 +414,71 @@ mod tests {
             }
         }
     }
+}
+
+/// Why a received chunk is not the chunk the manifest describes.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ChunkCheckError {
+    /// The component's Merkle root is not 32 bytes.
+    #[error("the component has no usable Merkle root")]
+    Root,
+    /// The index is past the component's last chunk.
+    #[error("index {index} is beyond the {count} chunks")]
+    Index {
+        /// The index received.
+        index: u32,
+        /// Chunks in the component.
+        count: u32,
+    },
+    /// The data is not the chunk's length.
+    #[error("chunk {index} is {got} bytes, expected {expected}")]
+    Length {
+        /// The index.
+        index: u32,
+        /// Bytes received.
+        got: usize,
+        /// Bytes the chunk has.
+        expected: usize,
+    },
+    /// The proof does not lead from this data at this index to the root.
+    #[error("chunk {index}: {source}")]
+    Proof {
+        /// The index.
+        index: u32,
+        /// What failed.
+        source: MerkleError,
+    },
+}
+
+/// Checks chunk `index` of component `c` as received (data and proof from the wire) against
+/// the component's signed description. Returns the chunk's byte offset and digest.
+pub fn verify_chunk<P: AsRef<[u8]>>(
+    c: &crate::v1::Component,
+    index: u32,
+    data: &[u8],
+    proof: &[P],
+) -> Result<(u64, Hash), ChunkCheckError> {
+    let root: Hash = c
+        .merkle_root
+        .as_slice()
+        .try_into()
+        .map_err(|_| ChunkCheckError::Root)?;
+    let (offset, len) = crate::chunker::chunk_span(index, c.size, c.chunk_size)
+        .filter(|_| index < c.chunk_count)
+        .ok_or(ChunkCheckError::Index {
+            index,
+            count: c.chunk_count,
+        })?;
+    if data.len() != len {
+        return Err(ChunkCheckError::Length {
+            index,
+            got: data.len(),
+            expected: len,
+        });
+    }
+    let digest = chunk_digest(data);
+    verify(&root, c.chunk_count, index, &digest, proof)
+        .map_err(|source| ChunkCheckError::Proof { index, source })?;
+    Ok((offset, digest))
 }

@@ -17,8 +17,7 @@
 
 use std::collections::BTreeSet;
 
-use fleet_proto::chunker::chunk_span;
-use fleet_proto::merkle::{self, Hash};
+use fleet_proto::merkle;
 use fleet_proto::v1::{Chunk, ChunkRange, ChunkRequest, Component, UpdateError};
 
 use super::bitmap::{BitmapSizeError, ChunkBitmap};
@@ -55,10 +54,8 @@ impl Default for DownloadSettings {
 #[derive(Debug, Clone)]
 struct Part {
     name: String,
-    size: u64,
-    chunk_size: u32,
     count: u32,
-    root: Hash,
+    component: Component,
     held: ChunkBitmap,
     rejections: std::collections::HashMap<u32, u32>,
 }
@@ -170,11 +167,9 @@ impl Download {
         }
         let mut parts = Vec::with_capacity(components.len());
         for (c, bits) in components.iter().zip(saved) {
-            let root: Hash = c
-                .merkle_root
-                .as_slice()
-                .try_into()
-                .map_err(|_| DownloadError::Root(c.name.clone()))?;
+            if c.merkle_root.len() != 32 {
+                return Err(DownloadError::Root(c.name.clone()));
+            }
             let held = if bits.is_empty() {
                 ChunkBitmap::new(c.chunk_count)
             } else {
@@ -187,10 +182,8 @@ impl Download {
             };
             parts.push(Part {
                 name: c.name.clone(),
-                size: c.size,
-                chunk_size: c.chunk_size,
                 count: c.chunk_count,
-                root,
+                component: c.clone(),
                 held,
                 rejections: Default::default(),
             });
@@ -360,20 +353,9 @@ impl Download {
 
 /// Verifies `chunk` against `part`; the byte offset on success.
 fn check(part: &Part, chunk: &Chunk) -> Result<u64, String> {
-    let (offset, len) = chunk_span(chunk.index, part.size, part.chunk_size)
-        .filter(|_| chunk.index < part.count)
-        .ok_or_else(|| format!("index {} is beyond the {} chunks", chunk.index, part.count))?;
-    if chunk.data.len() != len {
-        return Err(format!(
-            "chunk {} is {} bytes, expected {len}",
-            chunk.index,
-            chunk.data.len()
-        ));
-    }
-    let digest = merkle::chunk_digest(&chunk.data);
-    merkle::verify(&part.root, part.count, chunk.index, &digest, &chunk.proof)
-        .map_err(|e| format!("chunk {}: {e}", chunk.index))?;
-    Ok(offset)
+    merkle::verify_chunk(&part.component, chunk.index, &chunk.data, &chunk.proof)
+        .map(|(offset, _)| offset)
+        .map_err(|e| e.to_string())
 }
 
 /// Coalesces sorted indexes into half-open ranges.
@@ -396,7 +378,7 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use fleet_proto::chunker::summarize;
-    use fleet_proto::merkle::MerkleTree;
+    use fleet_proto::merkle::{Hash, MerkleTree};
 
     const CS: u32 = 1024;
 
