@@ -5,6 +5,7 @@
 //! * [`tls`]: the rustls server configuration (client certificates mandatory, CRLs).
 //! * [`acl`]: topic matching and the per-role policy (pure).
 //! * [`edge`]: listener, per-connection tasks, identity binding, reload, shutdown.
+//! * [`firmware`]: the firmware cache on disk (content-addressed, chunk-verified, resumable).
 //! * [`router`]: the embedded rumqttd router and its in-process links.
 //! * [`services`]: the in-process command service, fleet API and status registry.
 //! * [`store`]: the durable state, one SQLite file.
@@ -15,6 +16,7 @@ pub mod acl;
 pub mod config;
 pub mod devpki;
 pub mod edge;
+pub mod firmware;
 pub mod metrics;
 pub mod router;
 pub mod services;

@@ -40,6 +40,23 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX commands_open ON commands (device_id) WHERE state IN (1, 2);
     CREATE INDEX commands_expiry ON commands (expires_at_ms) WHERE state IN (1, 2);
     CREATE INDEX commands_id ON commands (command_id);",
+    // 3: the firmware cache: content-addressed images and, while an image is incomplete, which
+    // chunks are on disk (a row per chunk, written after the chunk's bytes are synced).
+    "CREATE TABLE images (
+        sha256         TEXT PRIMARY KEY NOT NULL,   -- lowercase hex of the whole image
+        size           INTEGER NOT NULL,
+        chunk_size     INTEGER NOT NULL,
+        chunk_count    INTEGER NOT NULL,
+        merkle_root    BLOB NOT NULL,
+        complete       INTEGER NOT NULL DEFAULT 0,
+        created_at_ms  INTEGER NOT NULL
+    ) STRICT;
+    CREATE TABLE image_chunks (
+        sha256  TEXT NOT NULL REFERENCES images (sha256) ON DELETE CASCADE,
+        idx     INTEGER NOT NULL,
+        digest  BLOB NOT NULL,                      -- SHA-256 of the chunk, for proofs
+        PRIMARY KEY (sha256, idx)
+    ) STRICT, WITHOUT ROWID;",
 ];
 
 /// The newest schema version this build knows.

@@ -12,6 +12,7 @@
 //! The API is synchronous (rusqlite); async callers use `spawn_blocking` or a store task.
 
 mod commands;
+mod images;
 mod migrations;
 mod status;
 
@@ -20,6 +21,7 @@ use std::path::{Path, PathBuf};
 use rusqlite::{Connection, OpenFlags};
 
 pub use commands::{StoredCommand, Submitted};
+pub use images::ImageRow;
 pub use status::{DeviceState, StatusOutcome, StatusWrite};
 
 /// Why the store cannot be used.
