@@ -455,9 +455,8 @@ impl Pump {
                     Decision::Allow => {
                         Metrics::inc(&self.shared.metrics.publishes_in);
                         if self.identity.role == fleet_certs::Role::Device {
-                            let topic = topic.to_owned();
                             if let Some(step) =
-                                self.store_status(&topic, &publish.payload, header).await
+                                self.store_status(topic, &publish.payload, header).await
                             {
                                 return step;
                             }

@@ -151,17 +151,26 @@ impl Store {
         device_id: &str,
         now_ms: u64,
     ) -> Result<Vec<StoredCommand>, StoreError> {
+        self.select_commands(
+            "WHERE device_id = ?1 AND state IN (1, 2)
+               AND (expires_at_ms = 0 OR expires_at_ms > ?2)
+             ORDER BY issued_at_ms, command_id",
+            params![device_id, to_sql(now_ms)],
+        )
+    }
+
+    /// `SELECT {COLUMNS} FROM commands {tail}` with `params`, as stored commands.
+    fn select_commands(
+        &self,
+        tail: &str,
+        params: impl rusqlite::Params,
+    ) -> Result<Vec<StoredCommand>, StoreError> {
         let mut stmt = self
             .conn
-            .prepare(&format!(
-                "SELECT {COLUMNS} FROM commands
-                 WHERE device_id = ?1 AND state IN (1, 2)
-                   AND (expires_at_ms = 0 OR expires_at_ms > ?2)
-                 ORDER BY issued_at_ms, command_id"
-            ))
+            .prepare(&format!("SELECT {COLUMNS} FROM commands {tail}"))
             .map_err(|e| err(&self.path, e))?;
         let rows = stmt
-            .query_map(params![device_id, to_sql(now_ms)], row)
+            .query_map(params, row)
             .map_err(|e| err(&self.path, e))?;
         rows.collect::<Result<_, _>>()
             .map_err(|e| err(&self.path, e))
@@ -189,20 +198,12 @@ impl Store {
         before_ms: u64,
         now_ms: u64,
     ) -> Result<Vec<StoredCommand>, StoreError> {
-        let mut stmt = self
-            .conn
-            .prepare(&format!(
-                "SELECT {COLUMNS} FROM commands
-                 WHERE state = 2 AND updated_at_ms <= ?1
-                   AND (expires_at_ms = 0 OR expires_at_ms > ?2)
-                 ORDER BY device_id, issued_at_ms"
-            ))
-            .map_err(|e| err(&self.path, e))?;
-        let rows = stmt
-            .query_map(params![to_sql(before_ms), to_sql(now_ms)], row)
-            .map_err(|e| err(&self.path, e))?;
-        rows.collect::<Result<_, _>>()
-            .map_err(|e| err(&self.path, e))
+        self.select_commands(
+            "WHERE state = 2 AND updated_at_ms <= ?1
+               AND (expires_at_ms = 0 OR expires_at_ms > ?2)
+             ORDER BY device_id, issued_at_ms",
+            params![to_sql(before_ms), to_sql(now_ms)],
+        )
     }
 
     /// Records one more hand-over to the device: attempts + 1, state DELIVERED. Returns the
@@ -319,19 +320,10 @@ impl Store {
         command_id: &str,
         device_id: Option<&str>,
     ) -> Result<Vec<StoredCommand>, StoreError> {
-        let mut stmt = self
-            .conn
-            .prepare(&format!(
-                "SELECT {COLUMNS} FROM commands
-                 WHERE command_id = ?1 AND (?2 IS NULL OR device_id = ?2)
-                 ORDER BY device_id"
-            ))
-            .map_err(|e| err(&self.path, e))?;
-        let rows = stmt
-            .query_map(params![command_id, device_id], row)
-            .map_err(|e| err(&self.path, e))?;
-        rows.collect::<Result<_, _>>()
-            .map_err(|e| err(&self.path, e))
+        self.select_commands(
+            "WHERE command_id = ?1 AND (?2 IS NULL OR device_id = ?2) ORDER BY device_id",
+            params![command_id, device_id],
+        )
     }
 
     /// Forgets closed commands last changed before `before_ms`. Returns how many.

@@ -63,7 +63,6 @@ struct Part {
 #[derive(Debug, Clone)]
 struct Outstanding {
     part: usize,
-    request_id: u64,
     waiting: BTreeSet<u32>,
     sent_at_ms: u64,
 }
@@ -277,7 +276,6 @@ impl Download {
         };
         self.outstanding = Some(Outstanding {
             part: part_idx,
-            request_id,
             waiting: wanted,
             sent_at_ms: now_ms,
         });
@@ -343,11 +341,6 @@ impl Download {
         self.parts
             .get_mut(c.component)
             .is_some_and(|p| p.held.set(c.index))
-    }
-
-    /// The request id of the outstanding request, if any.
-    pub fn outstanding_request(&self) -> Option<u64> {
-        self.outstanding.as_ref().map(|o| o.request_id)
     }
 }
 
