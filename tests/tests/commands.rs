@@ -139,7 +139,9 @@ async fn a_device_killed_before_its_result_left_does_not_run_it_again() {
         .unwrap();
     let id = handle.command_id().to_owned();
     // It ran, and its result is in the journal, but it never left the device.
-    assert!(until(Duration::from_secs(20), || opts.ran().len() == 1).await);
+    let answered = format!("answered {id}");
+    assert!(until(Duration::from_secs(20), || dev.out.contains(&answered)).await);
+    assert_eq!(opts.ran().len(), 1);
     dev.kill();
     opts.hold_results = false;
     let _dev = DeviceProc::start(&gw.address(), &gw.pki(), &opts);

@@ -1,6 +1,7 @@
 //! `test-device`: one device on the real `device-client` library, for process-level tests
 //! (SIGKILL, restarts). Prints what it does on stdout, one line per event:
-//! `connected`, `ran COMMAND_ID`, `queued N`, `flushed`.
+//! `connected`, `ran COMMAND_ID`, `answered COMMAND_ID` (result journaled), `queued N`,
+//! `flushed`.
 //!
 //! Every command run is appended (and synced) to `--ran-log` before it is answered, so a test
 //! can count executions across restarts.
@@ -116,6 +117,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             let out = format!("ok:{}:{}", c.name, String::from_utf8_lossy(&c.payload));
             cmd.succeed(out.into_bytes()).await?;
         }
+        // The result is in the journal now.
+        say(format!("answered {}", c.command_id));
     }
     Ok(())
 }
