@@ -32,6 +32,8 @@ pub struct GatewayConfig {
     pub identity: IdentitySettings,
     /// The command service.
     pub commands: CommandSettings,
+    /// The update server.
+    pub updates: UpdateSettings,
 }
 
 impl Default for GatewayConfig {
@@ -44,6 +46,7 @@ impl Default for GatewayConfig {
             acl: AclSettings::default(),
             identity: IdentitySettings::default(),
             commands: CommandSettings::default(),
+            updates: UpdateSettings::default(),
         }
     }
 }
@@ -157,6 +160,31 @@ pub struct CommandSettings {
     pub max_open_per_device: u32,
 }
 
+/// The update server: how chunks are handed out to devices.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct UpdateSettings {
+    /// Chunks sent for one request that names no window. Default 16.
+    pub default_window: u32,
+    /// Most chunks sent for one request, whatever window it names: with fair round-robin
+    /// serving this bounds what one device can hold queued. Default 64.
+    pub max_window: u32,
+    /// Test switch, never read from the configuration: corrupt every Nth chunk served (one
+    /// byte flipped). 0 is off. The gateway binary sets it from `GATEWAY_TEST_CORRUPT_CHUNKS`.
+    #[serde(skip)]
+    pub test_corrupt_every: u32,
+}
+
+impl Default for UpdateSettings {
+    fn default() -> Self {
+        Self {
+            default_window: 16,
+            max_window: 64,
+            test_corrupt_every: 0,
+        }
+    }
+}
+
 impl Default for CommandSettings {
     fn default() -> Self {
         Self {
@@ -230,6 +258,12 @@ impl GatewayConfig {
         }
         if c.max_ttl < c.default_ttl {
             return bad("commands.max_ttl must be at least commands.default_ttl");
+        }
+        let u = &self.updates;
+        if u.default_window == 0 || u.max_window < u.default_window || u.max_window > 1024 {
+            return bad(
+                "updates.default_window must be at least 1, and updates.max_window between it and 1024",
+            );
         }
         Ok(())
     }

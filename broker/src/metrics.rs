@@ -41,6 +41,12 @@ pub struct Metrics {
     /// Store operations that failed (disk full, I/O error); the message is not lost from its
     /// sender's point of view only where the protocol re-sends it.
     pub store_errors: AtomicU64,
+    /// Firmware chunks uploaded into the cache (verified and written).
+    pub chunks_uploaded: AtomicU64,
+    /// Firmware chunks sent to devices.
+    pub chunks_served: AtomicU64,
+    /// Update progress reports recorded.
+    pub update_reports: AtomicU64,
 }
 
 impl Metrics {

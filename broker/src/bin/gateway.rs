@@ -52,13 +52,23 @@ fn main() -> ExitCode {
         )
         .init();
     let args = Args::parse();
-    let config = match GatewayConfig::load(args.config.as_deref()) {
+    let mut config = match GatewayConfig::load(args.config.as_deref()) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("gateway: {e}");
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    // Test switch (integration tests of chunk verification): corrupt every Nth chunk served.
+    if let Ok(v) = std::env::var("GATEWAY_TEST_CORRUPT_CHUNKS") {
+        match v.parse() {
+            Ok(n) => config.updates.test_corrupt_every = n,
+            Err(_) => {
+                eprintln!("gateway: GATEWAY_TEST_CORRUPT_CHUNKS must be a number, not {v:?}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        }
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -22,6 +22,7 @@ use tracing::{error, info, warn};
 
 use crate::acl::{Decision, Policy};
 use crate::config::GatewayConfig;
+use crate::firmware::FirmwareDir;
 use crate::metrics::Metrics;
 use crate::router::{RouterHandle, INTERNAL_PREFIX};
 use crate::services::{self, SessionEvent, SharedStore};
@@ -194,6 +195,8 @@ impl Gateway {
             .await
             .map_err(|e| GatewayError::Io(e.to_string()))??;
         info!(path = %store.path().display(), "store open");
+        let firmware =
+            FirmwareDir::open(&config.data_dir).map_err(|e| GatewayError::Io(e.to_string()))?;
         let services::ServiceHandles {
             session_events,
             status,
@@ -201,6 +204,8 @@ impl Gateway {
             &router,
             SharedStore::new(store, metrics.clone()),
             config.commands.clone(),
+            config.updates.clone(),
+            firmware,
             metrics.clone(),
         )
         .await?;

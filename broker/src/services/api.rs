@@ -17,6 +17,7 @@ use rand_core::RngCore;
 use tracing::{info, warn};
 
 use super::commands::{to_record, CommandService};
+use super::updates::ApiCall;
 use crate::config::CommandSettings;
 use crate::metrics::Metrics;
 use crate::store::{StoredCommand, Submitted};
@@ -26,7 +27,8 @@ pub const MAX_NAME_LEN: usize = 256;
 /// Most target devices in one request.
 pub const MAX_TARGETS: usize = 10_000;
 
-fn api_error(code: ApiErrorCode, message: impl Into<String>) -> ApiError {
+/// An error answer.
+pub(crate) fn api_error(code: ApiErrorCode, message: impl Into<String>) -> ApiError {
     ApiError {
         code: code.into(),
         message: message.into(),
@@ -105,6 +107,19 @@ pub fn plan_send(
         .collect())
 }
 
+/// The topic and bytes of a response to `service`.
+pub(crate) fn response(
+    service: &str,
+    request_id: String,
+    body: api_response::Body,
+) -> (String, Vec<u8>) {
+    let r = ApiResponse {
+        request_id,
+        body: Some(body),
+    };
+    (topics::api_response_topic(service), r.encode_to_vec())
+}
+
 impl CommandService {
     /// Answers one request from `service` (the id in its request topic, which the ACL binds to
     /// its certificate).
@@ -142,20 +157,35 @@ impl CommandService {
                 .get_status(req)
                 .await
                 .map(api_response::Body::GetStatus),
+            Some(body) => {
+                // The update server answers update requests itself.
+                let call = ApiCall {
+                    service: service.to_owned(),
+                    request_id,
+                    body,
+                };
+                if let Err(e) = self.updates.send(call) {
+                    warn!(service, "update server is gone; request dropped");
+                    let call = e.0;
+                    self.respond(
+                        service,
+                        call.request_id,
+                        api_response::Body::Error(api_error(
+                            ApiErrorCode::Unavailable,
+                            "the update server has stopped",
+                        )),
+                    );
+                }
+                return;
+            }
         };
         let body = answer.unwrap_or_else(api_response::Body::Error);
         self.respond(service, request_id, body);
     }
 
     fn respond(&mut self, service: &str, request_id: String, body: api_response::Body) {
-        let r = ApiResponse {
-            request_id,
-            body: Some(body),
-        };
-        if let Err(e) = self
-            .link
-            .publish(topics::api_response_topic(service), r.encode_to_vec())
-        {
+        let (topic, bytes) = response(service, request_id, body);
+        if let Err(e) = self.link.publish(topic, bytes) {
             warn!(service, error = %e, "could not publish an API response");
         }
     }

@@ -40,6 +40,8 @@ pub struct CommandService {
     /// Devices with a live session.
     pub(super) online: HashSet<String>,
     events: mpsc::UnboundedReceiver<SessionEvent>,
+    /// Where update requests of the fleet API go.
+    pub(super) updates: mpsc::UnboundedSender<super::updates::ApiCall>,
 }
 
 /// The device-facing form of a stored command, for delivery number `attempt`.
@@ -116,6 +118,7 @@ impl CommandService {
         settings: CommandSettings,
         metrics: Arc<Metrics>,
         events: mpsc::UnboundedReceiver<SessionEvent>,
+        updates: mpsc::UnboundedSender<super::updates::ApiCall>,
     ) -> Result<Self, LinkError> {
         let results = topics::all_devices_filter(DeviceTopic::CmdResult);
         let link =
@@ -127,6 +130,7 @@ impl CommandService {
             metrics,
             online: HashSet::new(),
             events,
+            updates,
         })
     }
 

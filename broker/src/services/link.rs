@@ -93,4 +93,21 @@ impl ServiceLink {
                 reason: e.to_string(),
             })
     }
+
+    /// Publishes `payload` retained on `topic`; an empty payload clears the retained message.
+    pub(crate) async fn publish_retained(
+        &mut self,
+        topic: String,
+        payload: Vec<u8>,
+    ) -> Result<(), LinkError> {
+        let publish = rumqttd::protocol::Publish::new::<Bytes>(topic.into(), payload.into(), true);
+        self.tx
+            .send(rumqttd::protocol::Packet::Publish(publish, None))
+            .await
+            .map(|_| ())
+            .map_err(|e| LinkError {
+                name: self.name.clone(),
+                reason: e.to_string(),
+            })
+    }
 }

@@ -4,6 +4,8 @@
 //!   and the fleet API requests (`fleet/api/{service}/request`).
 //! * [`registry`]: the status registry (last report and presence per device); status reports
 //!   are stored before the edge lets them be acknowledged.
+//! * [`updates`]: the update server (firmware cache uploads, campaigns, chunk serving,
+//!   progress); the API dispatcher passes it the update requests.
 //!
 //! The edge tells the services about device sessions through [`SessionEvent`]s, in the order in
 //! which it forwarded the matching packets to the router: a `Subscribed` event is sent after
@@ -13,13 +15,15 @@ pub mod api;
 pub mod commands;
 mod link;
 pub mod registry;
+pub mod updates;
 
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::mpsc;
 use tracing::error;
 
-use crate::config::CommandSettings;
+use crate::config::{CommandSettings, UpdateSettings};
+use crate::firmware::FirmwareDir;
 use crate::metrics::Metrics;
 use crate::router::RouterHandle;
 use crate::store::{Store, StoreError};
@@ -107,13 +111,27 @@ pub async fn start(
     router: &RouterHandle,
     store: SharedStore,
     settings: CommandSettings,
+    update_settings: UpdateSettings,
+    firmware: FirmwareDir,
     metrics: Arc<Metrics>,
 ) -> Result<ServiceHandles, LinkError> {
     let (tx, rx) = mpsc::unbounded_channel();
+    let (calls_tx, calls_rx) = mpsc::unbounded_channel();
     let status = registry::StatusWriter::start(store.clone(), metrics.clone());
     let registry = registry::Registry::start(router, store.clone(), metrics.clone()).await?;
-    let service = commands::CommandService::start(router, store, settings, metrics, rx).await?;
+    let updates = updates::UpdateService::start(
+        router,
+        store.clone(),
+        firmware,
+        update_settings,
+        metrics.clone(),
+        calls_rx,
+    )
+    .await?;
+    let service =
+        commands::CommandService::start(router, store, settings, metrics, rx, calls_tx).await?;
     tokio::spawn(registry.run());
+    tokio::spawn(updates.run());
     tokio::spawn(service.run());
     Ok(ServiceHandles {
         session_events: tx,

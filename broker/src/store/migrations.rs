@@ -57,6 +57,27 @@ const MIGRATIONS: &[&str] = &[
         digest  BLOB NOT NULL,                      -- SHA-256 of the chunk, for proofs
         PRIMARY KEY (sha256, idx)
     ) STRICT, WITHOUT ROWID;",
+    // 4: updates (the signed manifest exactly as received), their campaigns and per-device
+    // progress. Campaign and target records are fleet.v1 CampaignRecord / TargetRecord
+    // (protobuf), with the columns the gateway looks things up by beside them.
+    "CREATE TABLE updates (
+        update_id        TEXT PRIMARY KEY NOT NULL,
+        signed_manifest  BLOB NOT NULL,               -- SignedManifest as received
+        created_by       TEXT NOT NULL,
+        created_at_ms    INTEGER NOT NULL
+    ) STRICT;
+    CREATE TABLE campaigns (
+        update_id  TEXT PRIMARY KEY NOT NULL REFERENCES updates (update_id),
+        state      INTEGER NOT NULL,                  -- fleet.v1.CampaignState
+        record     BLOB NOT NULL                      -- fleet.v1.CampaignRecord
+    ) STRICT;
+    CREATE TABLE update_targets (
+        update_id  TEXT NOT NULL REFERENCES campaigns (update_id),
+        device_id  TEXT NOT NULL,
+        position   INTEGER NOT NULL,                  -- rollout order
+        record     BLOB NOT NULL,                     -- fleet.v1.TargetRecord
+        PRIMARY KEY (update_id, device_id)
+    ) STRICT, WITHOUT ROWID;",
 ];
 
 /// The newest schema version this build knows.

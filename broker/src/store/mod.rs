@@ -15,6 +15,7 @@ mod commands;
 mod images;
 mod migrations;
 mod status;
+mod updates;
 
 use std::path::{Path, PathBuf};
 
@@ -23,6 +24,7 @@ use rusqlite::{Connection, OpenFlags};
 pub use commands::{StoredCommand, Submitted};
 pub use images::ImageRow;
 pub use status::{DeviceState, StatusOutcome, StatusWrite};
+pub use updates::{StoredUpdate, UpdatePut};
 
 /// Why the store cannot be used.
 #[derive(Debug, thiserror::Error)]

@@ -1,0 +1,388 @@
+//! The update requests of the fleet API: register an update, upload its images chunk by chunk,
+//! read it, deploy it, steer its campaign.
+
+use fleet_proto::ids::validate_id;
+use fleet_proto::manifest;
+use fleet_proto::v1::{
+    api_request, api_response, ApiError, ApiErrorCode, CampaignAction, CampaignState,
+    ControlCampaign, CreateUpdate, DeployUpdate, GetUpdate, ImageState, UpdateRecord, UploadChunk,
+    UploadChunkResponse,
+};
+use fleet_proto::Message;
+use tracing::{info, warn};
+
+use super::campaign::Campaign;
+use super::{decode_signed, ApiCall, UpdateService};
+use crate::firmware::{Accepted, FirmwareError};
+use crate::metrics::Metrics;
+use crate::services::api::{api_error, response};
+use crate::store::{ImageRow, StoredUpdate, UpdatePut};
+
+/// Most target devices in one deployment.
+pub const MAX_TARGETS: usize = 10_000;
+
+fn invalid(m: impl Into<String>) -> ApiError {
+    api_error(ApiErrorCode::Invalid, m)
+}
+
+fn unavailable() -> ApiError {
+    api_error(
+        ApiErrorCode::Unavailable,
+        "the gateway's store failed; see its log",
+    )
+}
+
+fn not_found(update_id: &str) -> ApiError {
+    api_error(
+        ApiErrorCode::NotFound,
+        format!("no update {update_id:?}; register it with CreateUpdate first"),
+    )
+}
+
+/// The upload state of each component of a registered manifest.
+fn image_states(
+    s: &mut crate::store::Store,
+    m: &fleet_proto::v1::UpdateManifest,
+) -> Result<Vec<ImageState>, crate::store::StoreError> {
+    let mut out = Vec::with_capacity(m.components.len());
+    for c in &m.components {
+        let hex = hex::encode(&c.sha256);
+        let row = s.image(&hex)?;
+        let complete = row.as_ref().is_some_and(|r| r.complete);
+        let (held, count) = if complete {
+            (Vec::new(), c.chunk_count)
+        } else {
+            let mut bits = vec![0u8; c.chunk_count.div_ceil(8) as usize];
+            let mut n = 0;
+            for (i, _) in s.image_chunks(&hex)? {
+                if let Some(b) = bits.get_mut(i as usize / 8) {
+                    *b |= 1 << (i % 8);
+                    n += 1;
+                }
+            }
+            (bits, n)
+        };
+        out.push(ImageState {
+            component: c.name.clone(),
+            chunk_count: c.chunk_count,
+            chunks_held: count,
+            complete,
+            held,
+        });
+    }
+    Ok(out)
+}
+
+impl UpdateService {
+    pub(super) async fn on_call(&mut self, call: ApiCall) {
+        let ApiCall {
+            service,
+            request_id,
+            body,
+        } = call;
+        let answer = match body {
+            api_request::Body::CreateUpdate(req) => self
+                .create_update(&service, req)
+                .await
+                .map(api_response::Body::Update),
+            api_request::Body::UploadChunk(req) => self
+                .upload_chunk(req)
+                .await
+                .map(api_response::Body::UploadChunk),
+            api_request::Body::GetUpdate(GetUpdate { update_id }) => self
+                .record(&update_id)
+                .await
+                .map(api_response::Body::Update),
+            api_request::Body::DeployUpdate(req) => self
+                .deploy(&service, req)
+                .await
+                .map(api_response::Body::Update),
+            api_request::Body::ControlCampaign(req) => self
+                .control(&service, req)
+                .await
+                .map(api_response::Body::Update),
+            _ => Err(invalid("not an update request")),
+        };
+        let body = answer.unwrap_or_else(api_response::Body::Error);
+        let (topic, bytes) = response(&service, request_id, body);
+        if let Err(e) = self.link.publish(topic, bytes) {
+            warn!(service, error = %e, "could not publish an API response");
+        }
+    }
+
+    async fn create_update(
+        &mut self,
+        service: &str,
+        req: CreateUpdate,
+    ) -> Result<UpdateRecord, ApiError> {
+        let signed = req
+            .manifest
+            .ok_or_else(|| invalid("CreateUpdate needs a signed manifest"))?;
+        let bytes = signed.encode_to_vec();
+        let (signed, m) = decode_signed(&bytes).map_err(invalid)?;
+        if signed.signatures.is_empty() {
+            return Err(invalid("the manifest carries no signature"));
+        }
+        manifest::validate(&m).map_err(|e| invalid(format!("manifest: {e}")))?;
+        let now = fleet_proto::time::now_ms();
+        if m.expires_at_ms <= now {
+            return Err(invalid(format!(
+                "the manifest expired at {} ms (now {now} ms); sign a new one",
+                m.expires_at_ms
+            )));
+        }
+        let update_id = m.update_id.clone();
+        let row = StoredUpdate {
+            update_id: update_id.clone(),
+            signed_manifest: bytes,
+            created_by: service.to_owned(),
+            created_at_ms: now,
+        };
+        let components = m.components.clone();
+        let put = self
+            .store
+            .call("register update", move |s| {
+                // Every image must be new or chunked the same way as before.
+                for c in &components {
+                    let image = s.put_image(&ImageRow::of(c), now)?;
+                    if !image.matches(c) {
+                        return Ok(Err(image.sha256));
+                    }
+                }
+                s.put_update(&row).map(Ok)
+            })
+            .await
+            .map_err(|_| unavailable())?
+            .map_err(|sha| {
+                api_error(
+                    ApiErrorCode::Conflict,
+                    format!("image {sha} is already in the cache with another chunk size or Merkle root"),
+                )
+            })?;
+        match put {
+            UpdatePut::Conflict => {
+                return Err(api_error(
+                    ApiErrorCode::Conflict,
+                    format!("update {update_id:?} is deployed with a different manifest; use a new update id"),
+                ))
+            }
+            UpdatePut::New | UpdatePut::Replaced => {
+                self.served.remove(&update_id);
+                info!(service, update_id = %update_id, version = %m.version, class = %m.device_class, sequence = m.sequence, components = m.components.len(), replaced = put == UpdatePut::Replaced, "update registered");
+            }
+            UpdatePut::Same => {}
+        }
+        self.record(&update_id).await
+    }
+
+    async fn upload_chunk(&mut self, req: UploadChunk) -> Result<UploadChunkResponse, ApiError> {
+        let id = req.update_id.clone();
+        let stored = self
+            .store
+            .call("get update", move |s| s.update(&id))
+            .await
+            .map_err(|_| unavailable())?
+            .ok_or_else(|| not_found(&req.update_id))?;
+        let (_, m) = decode_signed(&stored.signed_manifest).map_err(invalid)?;
+        let c = m
+            .components
+            .iter()
+            .find(|c| c.name == req.component)
+            .cloned()
+            .ok_or_else(|| invalid(format!("update has no component {:?}", req.component)))?;
+        let firmware = self.firmware.clone();
+        let now = fleet_proto::time::now_ms();
+        let (name, index) = (c.name.clone(), req.index);
+        let accepted = self
+            .store
+            .call("upload chunk", move |s| {
+                let r = firmware.accept_chunk(s, &c, req.index, &req.data, &req.proof, now);
+                let hex = hex::encode(&c.sha256);
+                let complete = s.image(&hex)?.is_some_and(|i| i.complete);
+                let held = if complete {
+                    c.chunk_count
+                } else {
+                    s.image_chunk_held(&hex, 0)?.1
+                };
+                Ok((r, held, complete))
+            })
+            .await
+            .map_err(|_| unavailable())?;
+        match accepted {
+            (Ok(a), chunks_held, complete) => {
+                if a != Accepted::Duplicate {
+                    Metrics::inc(&self.metrics.chunks_uploaded);
+                }
+                if a == Accepted::Complete {
+                    self.served.remove(&req.update_id);
+                    info!(update_id = %req.update_id, component = %name, "image complete and checked");
+                }
+                Ok(UploadChunkResponse {
+                    component: name,
+                    chunks_held,
+                    complete,
+                })
+            }
+            (Err(FirmwareError::Chunk(e)), ..) => Err(invalid(format!("chunk {index}: {e}"))),
+            (Err(FirmwareError::DigestMismatch(sha)), ..) => Err(invalid(format!(
+                "every chunk matched its proof but the whole image {sha} did not: the manifest is inconsistent; its chunks were dropped"
+            ))),
+            (Err(FirmwareError::Mismatch(sha)), ..) => Err(api_error(
+                ApiErrorCode::Conflict,
+                format!("image {sha} is already in the cache with another chunking"),
+            )),
+            (Err(e), ..) => {
+                warn!(update_id = %req.update_id, error = %e, "firmware cache write failed");
+                Err(api_error(ApiErrorCode::Unavailable, format!("firmware cache: {e}")))
+            }
+        }
+    }
+
+    /// The full record of an update: images, campaign, targets.
+    pub(super) async fn record(&mut self, update_id: &str) -> Result<UpdateRecord, ApiError> {
+        validate_id(update_id).map_err(|e| invalid(format!("update_id: {e}")))?;
+        let id = update_id.to_owned();
+        let (stored, images) = self
+            .store
+            .call("get update", move |s| {
+                let Some(u) = s.update(&id)? else {
+                    return Ok(None);
+                };
+                let images = match decode_signed(&u.signed_manifest) {
+                    Ok((_, m)) => image_states(s, &m)?,
+                    Err(_) => Vec::new(),
+                };
+                Ok(Some((u, images)))
+            })
+            .await
+            .map_err(|_| unavailable())?
+            .ok_or_else(|| not_found(update_id))?;
+        let (_, m) = decode_signed(&stored.signed_manifest).map_err(invalid)?;
+        let campaign = self.campaigns.get(update_id);
+        Ok(UpdateRecord {
+            update_id: m.update_id,
+            version: m.version,
+            device_class: m.device_class,
+            sequence: m.sequence,
+            expires_at_ms: m.expires_at_ms,
+            created_at_ms: stored.created_at_ms,
+            created_by: stored.created_by,
+            images,
+            campaign: campaign.map(|c| c.record.clone()),
+            targets: campaign.map(|c| c.targets.clone()).unwrap_or_default(),
+        })
+    }
+
+    async fn deploy(&mut self, service: &str, req: DeployUpdate) -> Result<UpdateRecord, ApiError> {
+        let record = self.record(&req.update_id).await?;
+        if let Some(i) = record.images.iter().find(|i| !i.complete) {
+            return Err(invalid(format!(
+                "image of component {:?} is not complete on the gateway ({} of {} chunks); finish the upload first",
+                i.component, i.chunks_held, i.chunk_count
+            )));
+        }
+        if self.campaigns.contains_key(&req.update_id) {
+            return Err(api_error(
+                ApiErrorCode::Conflict,
+                format!(
+                    "update {:?} is already deployed; see its campaign",
+                    req.update_id
+                ),
+            ));
+        }
+        if req.max_failures_percent > 100 {
+            return Err(invalid("max_failures_percent must be 0 to 100"));
+        }
+        let mut devices = Vec::new();
+        for d in &req.device_ids {
+            validate_id(d).map_err(|e| invalid(format!("device id {d:?}: {e}")))?;
+            devices.push(d.clone());
+        }
+        let class = if req.device_class.is_empty() && devices.is_empty() {
+            record.device_class.clone()
+        } else {
+            req.device_class.clone()
+        };
+        if !class.is_empty() {
+            let c = class.clone();
+            let mut members = self
+                .store
+                .call("devices of class", move |s| s.devices_of_class(&c))
+                .await
+                .map_err(|_| unavailable())?;
+            members.sort();
+            devices.extend(members);
+        }
+        if devices.is_empty() {
+            return Err(api_error(
+                ApiErrorCode::NotFound,
+                format!("no target: no device given and no known device of class {class:?}"),
+            ));
+        }
+        if devices.len() > MAX_TARGETS {
+            return Err(invalid(format!("more than {MAX_TARGETS} targets")));
+        }
+        if record.expires_at_ms <= fleet_proto::time::now_ms() {
+            return Err(invalid("the manifest has expired; sign a new one"));
+        }
+        let now = fleet_proto::time::now_ms();
+        let mut c = Campaign::plan(
+            &req.update_id,
+            &devices,
+            req.batch_size,
+            req.max_failures_percent,
+            service,
+            now,
+        );
+        let (id, rec, targets) = (req.update_id.clone(), c.record.clone(), c.targets.clone());
+        let created = self
+            .store
+            .call("create campaign", move |s| {
+                s.create_campaign(&id, &rec, &targets)
+            })
+            .await
+            .map_err(|_| unavailable())?;
+        if !created {
+            return Err(api_error(ApiErrorCode::Conflict, "already deployed"));
+        }
+        info!(service, update_id = %req.update_id, devices = c.targets.len(), batch_size = c.record.batch_size, max_failures_percent = c.record.max_failures_percent, "campaign deployed");
+        let effects = c.start(now);
+        self.campaigns.insert(req.update_id.clone(), c);
+        self.apply(&req.update_id, effects).await;
+        self.record(&req.update_id).await
+    }
+
+    async fn control(
+        &mut self,
+        service: &str,
+        req: ControlCampaign,
+    ) -> Result<UpdateRecord, ApiError> {
+        let action = req.action();
+        let now = fleet_proto::time::now_ms();
+        let c = self.campaigns.get_mut(&req.update_id).ok_or_else(|| {
+            api_error(
+                ApiErrorCode::NotFound,
+                format!(
+                    "update {:?} has no campaign; deploy it first",
+                    req.update_id
+                ),
+            )
+        })?;
+        let effects = c
+            .control(action, now)
+            .map_err(|e| api_error(ApiErrorCode::Conflict, e.0))?;
+        let state: CampaignState = c.record.state();
+        info!(service, update_id = %req.update_id, ?action, ?state, "campaign control");
+        if action == CampaignAction::Abort {
+            for t in &c.targets {
+                if t.aborted {
+                    self.queue.remove(&t.device_id);
+                }
+            }
+        }
+        if !self.apply(&req.update_id, effects).await {
+            return Err(unavailable());
+        }
+        self.record(&req.update_id).await
+    }
+}
