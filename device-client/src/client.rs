@@ -27,7 +27,9 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use fleet_proto::v1::{Command, CommandResult, CommandStatus, StatusReport};
+use fleet_proto::signing::TrustedKeys;
+use fleet_proto::topics::{self, DeviceTopic};
+use fleet_proto::v1::{Command, CommandResult, CommandStatus, StatusReport, UpdateProgress};
 use fleet_proto::DeviceId;
 use rand_core::RngCore;
 use rumqttc::{
@@ -43,6 +45,10 @@ use crate::commands::{CommandGate, GateError, DEFAULT_WINDOW};
 use crate::session::{Action, DeviceInfo, Publish, Session, Tag, DEFAULT_STATUS_WINDOW};
 use crate::status::store::{OutboxError, OutboxStore};
 use crate::status::{Pushed, DEFAULT_CAPACITY};
+use crate::update::agent::{Agent, AgentIn, AgentOut};
+use crate::update::download::DownloadSettings;
+use crate::update::state::{StateError, UpdateDir};
+use crate::update::{SlotInstaller, UpdateConfig, UpdateHandler};
 
 /// Why the client cannot start or a call failed.
 #[derive(Debug, thiserror::Error)]
@@ -66,6 +72,9 @@ pub enum ClientError {
     /// The command was already answered (or was not given to the application).
     #[error(transparent)]
     Gate(#[from] GateError),
+    /// The update agent's state cannot be read.
+    #[error("update state: {0}")]
+    Update(#[from] StateError),
     /// The client has shut down.
     #[error("the device client has stopped")]
     Stopped,
@@ -98,6 +107,11 @@ pub struct DeviceClientBuilder {
     command_window: usize,
     command_queue: usize,
     hold_results: bool,
+    update_keys: TrustedKeys,
+    update_handler: Option<Arc<dyn UpdateHandler>>,
+    download: DownloadSettings,
+    factory_sequence: u64,
+    defer_retry: Duration,
 }
 
 impl Default for DeviceClientBuilder {
@@ -116,6 +130,11 @@ impl Default for DeviceClientBuilder {
             command_window: DEFAULT_WINDOW,
             command_queue: 64,
             hold_results: false,
+            update_keys: TrustedKeys::new(),
+            update_handler: None,
+            download: DownloadSettings::default(),
+            factory_sequence: 0,
+            defer_retry: Duration::from_secs(300),
         }
     }
 }
@@ -217,6 +236,42 @@ impl DeviceClientBuilder {
 
     /// Loads the state, starts the driver task (on the current tokio runtime) and returns the
     /// handle and the command stream.
+    /// Enables updates: manifests must carry a valid signature by one of these update
+    /// authority keys (provisioned at manufacture). Without keys the device takes no updates.
+    pub fn update_keys(mut self, keys: TrustedKeys) -> Self {
+        self.update_keys = keys;
+        self
+    }
+
+    /// The application's update hooks (accept/defer, install, self-test, commit, rollback).
+    /// Default: [`SlotInstaller`], A/B slot files in `STATE_DIR/slots`.
+    pub fn update_handler(mut self, handler: impl UpdateHandler) -> Self {
+        self.update_handler = Some(Arc::new(handler));
+        self
+    }
+
+    /// Download window, request timeout and rejection limit.
+    pub fn download_settings(mut self, settings: DownloadSettings) -> Self {
+        self.download = settings;
+        self
+    }
+
+    /// Anti-rollback sequence of the firmware the device shipped with (default 0): manifests
+    /// must be newer than this and than anything installed since.
+    pub fn factory_sequence(mut self, sequence: u64) -> Self {
+        self.factory_sequence = sequence;
+        self
+    }
+
+    /// How long a deferred update waits before it is offered to the application again
+    /// (default 5 minutes; also on every reconnection).
+    pub fn defer_retry(mut self, after: Duration) -> Self {
+        self.defer_retry = after;
+        self
+    }
+
+    /// Starts the client: loads the journal, the outbox and the update state, and spawns the
+    /// connection driver (and the update agent when update keys are set).
     pub fn start(self) -> Result<(DeviceClient, Commands), ClientError> {
         let host = self
             .host
@@ -255,8 +310,10 @@ impl DeviceClientBuilder {
             firmware_version: self.firmware_version,
             session_id: random_hex(),
         };
-        let mut session = Session::new(info, self.status_window);
+        let mut session = Session::new(info.clone(), self.status_window);
         session.set_hold_results(self.hold_results);
+        let updates_on = !self.update_keys.is_empty();
+        session.set_updates(updates_on);
 
         let mut options = MqttOptions::new(id.as_str(), host, self.port);
         options
@@ -280,7 +337,41 @@ impl DeviceClientBuilder {
             connected: connected_tx,
             reports_dropped: std::sync::atomic::AtomicU64::new(0),
         });
+        let (agent_tx, agent_rx) = mpsc::unbounded_channel();
+        let (agent_out_tx, agent_out_rx) = mpsc::unbounded_channel();
+        let (reports_tx, reports_rx) = watch::channel(None);
+        let agent = if updates_on {
+            let handler = self
+                .update_handler
+                .unwrap_or_else(|| Arc::new(SlotInstaller::new(&state_dir)));
+            let cfg = UpdateConfig {
+                trusted: self.update_keys,
+                handler,
+                settings: self.download,
+                factory_sequence: self.factory_sequence,
+                defer_retry: self.defer_retry,
+            };
+            let agent = Agent::new(
+                cfg,
+                info.device_class.clone(),
+                info.firmware_version.clone(),
+                UpdateDir::open(&state_dir)?,
+                agent_rx,
+                agent_out_tx.clone(),
+                shared.connected.subscribe(),
+                reports_tx,
+            )?;
+            Some(agent)
+        } else {
+            None
+        };
         let driver = Driver {
+            agent: agent.is_some().then_some(agent_tx),
+            agent_out: agent_out_rx,
+            _agent_out_tx: agent_out_tx,
+            manifest_topic: topics::device_topic(&id, DeviceTopic::UpdateManifest),
+            chunk_topic: topics::device_topic(&id, DeviceTopic::UpdateChunk),
+            request_topic: topics::device_topic(&id, DeviceTopic::UpdateGet),
             shared: shared.clone(),
             session,
             mqtt,
@@ -290,12 +381,16 @@ impl DeviceClientBuilder {
             results: results_rx,
             results_tx: results_tx.clone(),
         };
+        if let Some(agent) = agent {
+            tokio::spawn(agent.run());
+        }
         tokio::spawn(driver.run());
         Ok((
             DeviceClient {
                 shared,
                 id,
                 connected: connected_rx,
+                update_reports: reports_rx,
             },
             Commands { rx: commands_rx },
         ))
@@ -348,6 +443,7 @@ pub struct DeviceClient {
     shared: Arc<Shared>,
     id: DeviceId,
     connected: watch::Receiver<bool>,
+    update_reports: watch::Receiver<Option<UpdateProgress>>,
 }
 
 impl std::fmt::Debug for DeviceClient {
@@ -367,6 +463,13 @@ impl DeviceClient {
     /// The device id (from the certificate).
     pub fn id(&self) -> &DeviceId {
         &self.id
+    }
+
+    /// The update agent's latest report (what it last told, or will tell, the gateway): watch
+    /// it to follow an update's phases. `None` until there is one, and always without update
+    /// keys.
+    pub fn update_reports(&self) -> watch::Receiver<Option<UpdateProgress>> {
+        self.update_reports.clone()
     }
 
     /// Queues a status report: it gets the next sequence number, is written to disk, and is
@@ -525,6 +628,14 @@ impl IncomingCommand {
 }
 
 struct Driver {
+    /// The update agent's inbox, when updates are on.
+    agent: Option<mpsc::UnboundedSender<AgentIn>>,
+    agent_out: mpsc::UnboundedReceiver<AgentOut>,
+    /// Keeps `agent_out` open when there is no agent.
+    _agent_out_tx: mpsc::UnboundedSender<AgentOut>,
+    manifest_topic: String,
+    chunk_topic: String,
+    request_topic: String,
     shared: Arc<Shared>,
     session: Session,
     mqtt: AsyncClient,
@@ -588,6 +699,22 @@ impl Driver {
                     let actions = self.session.send_result(result);
                     self.apply(actions).await;
                 }
+                Some(out) = self.agent_out.recv() => match out {
+                    AgentOut::Request(bytes) => {
+                        if let Err(e) = self.mqtt.try_publish(
+                            self.request_topic.clone(),
+                            QoS::AtMostOnce,
+                            false,
+                            bytes,
+                        ) {
+                            debug!(error = %e, "could not queue a chunk request");
+                        }
+                    }
+                    AgentOut::Progress(p) => {
+                        let actions = self.session.progress(&p);
+                        self.apply(actions).await;
+                    }
+                },
             }
         }
         let _ = self.shared.connected.send(false);
@@ -630,6 +757,19 @@ impl Driver {
                         .on_connected(outbox.outbox(), fleet_proto::time::now_ms())
                 };
                 self.apply(actions).await;
+            }
+            Ok(Event::Incoming(Incoming::Publish(p)))
+                if self.agent.is_some()
+                    && (p.topic == self.manifest_topic || p.topic == self.chunk_topic) =>
+            {
+                let msg = if p.topic == self.chunk_topic {
+                    AgentIn::Chunk(p.payload.to_vec())
+                } else {
+                    AgentIn::Manifest(p.payload.to_vec())
+                };
+                if let Some(agent) = &self.agent {
+                    let _ = agent.send(msg);
+                }
             }
             Ok(Event::Incoming(Incoming::Publish(p))) => {
                 let topic = p.topic.clone();
@@ -691,6 +831,13 @@ impl Driver {
                 Action::Subscribe(filters) => {
                     for f in filters {
                         if let Err(e) = self.mqtt.try_subscribe(f, QoS::AtLeastOnce) {
+                            warn!(error = %e, "could not queue a subscription");
+                        }
+                    }
+                }
+                Action::SubscribeAtMostOnce(filters) => {
+                    for f in filters {
+                        if let Err(e) = self.mqtt.try_subscribe(f, QoS::AtMostOnce) {
                             warn!(error = %e, "could not queue a subscription");
                         }
                     }

@@ -16,7 +16,7 @@
 use std::collections::{HashMap, VecDeque};
 
 use fleet_proto::topics::{self, DeviceTopic};
-use fleet_proto::v1::{Command, CommandResult, Presence, PresenceState};
+use fleet_proto::v1::{Command, CommandResult, Presence, PresenceState, UpdateProgress};
 use fleet_proto::{DeviceId, Message};
 
 use crate::commands::{CommandGate, GateError, Verdict};
@@ -34,6 +34,8 @@ pub enum Tag {
     Result(String),
     /// A presence message.
     Presence,
+    /// An update progress report.
+    Progress,
 }
 
 /// One publish for the driver to send.
@@ -54,6 +56,8 @@ pub struct Publish {
 pub enum Action {
     /// Subscribe (QoS 1) to these filters.
     Subscribe(Vec<String>),
+    /// Subscribe at QoS 0 (update chunks: the update agent asks again for what is lost).
+    SubscribeAtMostOnce(Vec<String>),
     /// Publish at QoS 1.
     Publish(Publish),
     /// Persist the command gate (before the actions that follow).
@@ -98,6 +102,8 @@ pub struct Session {
     status_inflight: usize,
     /// Results to hold back (tests of the device crashing before its result is delivered).
     hold_results: bool,
+    /// Whether the update agent runs (subscribe to manifests and chunks).
+    updates: bool,
 }
 
 impl Session {
@@ -112,7 +118,28 @@ impl Session {
             status_sent_upto: None,
             status_inflight: 0,
             hold_results: false,
+            updates: false,
         }
+    }
+
+    /// Subscribe to update manifests and chunks on every connection.
+    pub fn set_updates(&mut self, on: bool) {
+        self.updates = on;
+    }
+
+    /// Publishes an update progress report (QoS 1; nothing while disconnected: the agent
+    /// re-sends its latest report on every connection).
+    pub fn progress(&mut self, p: &UpdateProgress) -> Vec<Action> {
+        if !self.connected {
+            return Vec::new();
+        }
+        let p = Publish {
+            topic: topics::device_topic(&self.info.id, DeviceTopic::UpdateProgress),
+            payload: p.encode_to_vec(),
+            retain: false,
+            tag: Tag::Progress,
+        };
+        vec![self.publish(p)]
     }
 
     /// Results are recorded but never published (a test switch: the device behaves as if it
@@ -169,10 +196,20 @@ impl Session {
     pub fn on_connected(&mut self, outbox: &Outbox, now_ms: u64) -> Vec<Action> {
         self.forget_connection();
         self.connected = true;
-        let mut out = vec![Action::Subscribe(vec![topics::device_topic(
-            &self.info.id,
-            DeviceTopic::Cmd,
-        )])];
+        let mut filters = vec![topics::device_topic(&self.info.id, DeviceTopic::Cmd)];
+        if self.updates {
+            filters.push(topics::device_topic(
+                &self.info.id,
+                DeviceTopic::UpdateManifest,
+            ));
+        }
+        let mut out = vec![Action::Subscribe(filters)];
+        if self.updates {
+            out.push(Action::SubscribeAtMostOnce(vec![topics::device_topic(
+                &self.info.id,
+                DeviceTopic::UpdateChunk,
+            )]));
+        }
         let birth = self.presence(PresenceState::Online, false, now_ms);
         out.push(self.publish(birth));
         out.extend(self.status_actions(outbox));
@@ -194,6 +231,10 @@ impl Session {
 
     /// The client gave packet id `pkid` to the oldest publish not yet numbered.
     pub fn on_sent(&mut self, pkid: u16) {
+        // QoS 0 publishes (the update agent's chunk requests) have no packet id.
+        if pkid == 0 {
+            return;
+        }
         if let Some(tag) = self.unnumbered.pop_front() {
             self.by_pkid.insert(pkid, tag);
         }

@@ -245,6 +245,24 @@ impl Download {
         }
     }
 
+    /// Whether [`Download::next_request`] would send a request now (the caller persists what
+    /// it holds first).
+    pub fn request_due(&self, now_ms: u64) -> bool {
+        match &self.outstanding {
+            None => !self.is_complete(),
+            Some(o) => {
+                o.waiting.is_empty()
+                    || now_ms.saturating_sub(o.sent_at_ms) >= self.settings.request_timeout_ms
+            }
+        }
+    }
+
+    /// Forgets the outstanding request (the connection was lost: its answers will not come),
+    /// so the next call to [`Download::next_request`] asks again at once.
+    pub fn reset_outstanding(&mut self) {
+        self.outstanding = None;
+    }
+
     /// The request to send now, if any: when nothing is outstanding, when everything asked for
     /// has come, or when the outstanding request timed out.
     pub fn next_request(&mut self, now_ms: u64) -> Option<ChunkRequest> {
