@@ -287,7 +287,10 @@ impl FleetClient {
         self.inner.events.subscribe()
     }
 
-    async fn request(&self, body: api_request::Body) -> Result<api_response::Body, SdkError> {
+    pub(crate) async fn request(
+        &self,
+        body: api_request::Body,
+    ) -> Result<api_response::Body, SdkError> {
         let mut b = [0u8; 8];
         rand_core::OsRng.fill_bytes(&mut b);
         let request_id = hex::encode(b);

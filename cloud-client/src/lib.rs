@@ -30,11 +30,15 @@
 #![warn(missing_docs)]
 
 mod client;
+pub mod updates;
 
 pub use client::{CommandHandle, FleetClient, FleetClientBuilder, SdkError};
 pub use fleet_proto::v1::{
-    ApiErrorCode, CommandEvent, CommandRecord, CommandState, DeviceStatus, SendCommand,
+    ApiErrorCode, CampaignAction, CampaignRecord, CampaignState, CommandEvent, CommandRecord,
+    CommandState, DeployUpdate, DeviceStatus, ImageState, SendCommand, TargetRecord, UpdateError,
+    UpdatePhase, UpdateRecord,
 };
+pub use updates::{build_update, BuildError, BuiltUpdate, ImageSpec, UpdateSpec};
 
 /// Whether a command in `state` will not change again.
 pub fn is_final(state: CommandState) -> bool {

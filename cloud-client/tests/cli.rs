@@ -71,5 +71,5 @@ fn usage_and_certificate_errors_have_their_exit_codes() {
     let out = fleetctl(&["--pki", dir.to_str().unwrap(), "status"]);
     assert_eq!(out.status.code(), Some(5));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("--ca/--cert/--key"), "{err}");
+    assert!(err.contains("--ca/--cert/--cert-key"), "{err}");
 }

@@ -4,6 +4,8 @@
 //! 2 bad usage; 3 the gateway could not be reached or did not answer; 4 the gateway refused the
 //! request; 5 unusable certificates.
 
+mod update;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -16,9 +18,9 @@ use serde::Serialize;
 #[command(
     name = "fleetctl",
     version,
-    about = "Send commands to devices and read fleet status through a gateway's fleet API",
-    long_about = "Send commands to devices and read fleet status through a gateway's fleet API.\n\n\
-        Connects with a service certificate over mTLS. Without --ca/--cert/--key it uses the \
+    about = "Send commands and signed updates to devices and read fleet status through a gateway's fleet API",
+    long_about = "Send commands and signed updates to devices and read fleet status through a gateway's fleet API.\n\n\
+        Connects with a service certificate over mTLS. Without --ca/--cert/--cert-key it uses the \
         development PKI of the README's gateway (--pki, default gateway-data/pki, service \
         svc-0001).\n\n\
         Exit codes: 0 done; 1 a target failed, was rejected or expired; 2 bad usage; \
@@ -66,9 +68,10 @@ struct Conn {
     /// Service certificate (PEM); overrides --pki.
     #[arg(long, env = "FLEETCTL_CERT", global = true)]
     cert: Option<PathBuf>,
-    /// Service private key (PEM); overrides --pki.
+    /// Service private key (PEM); overrides --pki. (`--key` is the update signing key of
+    /// `update create`.)
     #[arg(long, env = "FLEETCTL_KEY", global = true)]
-    key: Option<PathBuf>,
+    cert_key: Option<PathBuf>,
     /// How long to wait for the gateway to answer a request.
     #[arg(long, default_value = "10s", value_parser = duration, global = true)]
     request_timeout: Duration,
@@ -82,6 +85,9 @@ enum Cmd {
     /// Commands: send one, read one.
     #[command(subcommand)]
     Command(CommandCmd),
+    /// Firmware updates: sign and upload, deploy in batches, follow, pause, resume, abort.
+    #[command(subcommand)]
+    Update(update::UpdateCmd),
     /// Last known status and presence of devices (all when none is named).
     Status {
         /// Device ids.
@@ -296,7 +302,7 @@ fn main() -> ExitCode {
                 Failure::Refused(m) => (4, m),
                 Failure::Certs(m) => (
                     5,
-                    format!("{m}\n  give --ca/--cert/--key, or --pki with the gateway's development PKI"),
+                    format!("{m}\n  give --ca/--cert/--cert-key, or --pki with the gateway's development PKI"),
                 ),
             };
             eprintln!("fleetctl: {msg}");
@@ -317,7 +323,7 @@ async fn connect(conn: &Conn) -> Result<FleetClient, Failure> {
             .join("services")
             .join(format!("{}.crt", conn.service))
     });
-    let key = conn.key.clone().unwrap_or_else(|| {
+    let key = conn.cert_key.clone().unwrap_or_else(|| {
         conn.pki
             .join("services")
             .join(format!("{}.key", conn.service))
@@ -374,6 +380,7 @@ fn outcome(records: &[CommandRecord], open_ok: bool) -> ExitCode {
 
 async fn run(cli: Cli) -> Result<ExitCode, Failure> {
     match cli.cmd {
+        Cmd::Update(cmd) => update::run(cmd, &cli.conn, cli.json).await,
         Cmd::Command(CommandCmd::Send {
             devices,
             class,
