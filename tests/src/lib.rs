@@ -5,3 +5,5 @@
 pub mod crash;
 pub mod mqtt;
 pub mod procs;
+pub mod proxy;
+pub mod updates;

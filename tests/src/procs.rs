@@ -204,6 +204,8 @@ pub struct DeviceOpts {
     pub reports: u64,
     /// Exit once the reports are acknowledged.
     pub exit_after_flush: bool,
+    /// More arguments (update keys, test switches).
+    pub args: Vec<String>,
 }
 
 impl DeviceOpts {
@@ -216,6 +218,7 @@ impl DeviceOpts {
             hold_results: false,
             reports: 0,
             exit_after_flush: false,
+            args: Vec::new(),
         }
     }
 
@@ -252,6 +255,7 @@ impl DeviceProc {
         if o.exit_after_flush {
             cmd.arg("--exit-after-flush");
         }
+        cmd.args(&o.args);
         let mut child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("starting test-device: {e}"));

@@ -1,7 +1,8 @@
 //! `test-device`: one device on the real `device-client` library, for process-level tests
 //! (SIGKILL, restarts). Prints what it does on stdout, one line per event:
 //! `connected`, `ran COMMAND_ID`, `answered COMMAND_ID` (result journaled), `queued N`,
-//! `flushed`.
+//! `flushed`, and with `--update-key` one line per update report:
+//! `update UPDATE_ID PHASE HELD/TOTAL rejected=N error=ERROR` (phase and error in lower case).
 //!
 //! Every command run is appended (and synced) to `--ran-log` before it is answered, so a test
 //! can count executions across restarts.
@@ -11,7 +12,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
+use device_client::update::{SlotInstaller, StagedImage, UpdateHandler};
 use device_client::{DeviceClient, Health, StatusReport};
+use fleet_proto::signing::TrustedKeys;
+use fleet_proto::v1::UpdateManifest;
 
 #[derive(Parser)]
 struct Args {
@@ -42,6 +46,40 @@ struct Args {
     /// Device class.
     #[arg(long, default_value = "test-class")]
     class: String,
+    /// Update authority public key (PEM): takes updates signed by it.
+    #[arg(long)]
+    update_key: Option<PathBuf>,
+    /// Anti-rollback sequence of the factory firmware.
+    #[arg(long, default_value_t = 0)]
+    factory_sequence: u64,
+    /// Fail every update's self-test (it is then rolled back).
+    #[arg(long)]
+    fail_self_test: bool,
+}
+
+/// The default A/B slots, with a self-test that can be told to fail.
+struct Slots {
+    inner: SlotInstaller,
+    fail_self_test: bool,
+}
+
+impl UpdateHandler for Slots {
+    fn install(&self, m: &UpdateManifest, images: &[StagedImage]) -> Result<(), String> {
+        self.inner.install(m, images)
+    }
+    fn self_test(&self, _m: &UpdateManifest) -> Result<(), String> {
+        if self.fail_self_test {
+            Err("self-test failed (test switch)".into())
+        } else {
+            Ok(())
+        }
+    }
+    fn commit(&self, m: &UpdateManifest) -> Result<(), String> {
+        self.inner.commit(m)
+    }
+    fn rollback(&self, m: &UpdateManifest) -> Result<(), String> {
+        self.inner.rollback(m)
+    }
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -56,7 +94,19 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let a = Args::parse();
     let (host, port) = a.gateway.rsplit_once(':').ok_or("--gateway HOST:PORT")?;
     let dev = a.pki.join("devices");
-    let (client, mut commands) = DeviceClient::builder()
+    let mut builder = DeviceClient::builder();
+    if let Some(key) = &a.update_key {
+        let mut keys = TrustedKeys::new();
+        keys.add_pem(&std::fs::read_to_string(key)?)?;
+        builder = builder
+            .update_keys(keys)
+            .factory_sequence(a.factory_sequence)
+            .update_handler(Slots {
+                inner: SlotInstaller::new(&a.state),
+                fail_self_test: a.fail_self_test,
+            });
+    }
+    let (client, mut commands) = builder
         .gateway(host, port.parse()?)
         .pem_files(
             a.pki.join("ca.crt"),
@@ -93,6 +143,38 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 let mut out = std::io::stdout().lock();
                 let _ = writeln!(out, "connected");
                 let _ = out.flush();
+            }
+        });
+    }
+    {
+        let mut reports = client.update_reports();
+        tokio::spawn(async move {
+            loop {
+                let line = reports.borrow_and_update().as_ref().map(|p| {
+                    format!(
+                        "update {} {} {}/{} rejected={} error={}",
+                        p.update_id,
+                        p.phase()
+                            .as_str_name()
+                            .trim_start_matches("UPDATE_PHASE_")
+                            .to_lowercase(),
+                        p.chunks_held,
+                        p.chunks_total,
+                        p.chunks_rejected,
+                        p.error()
+                            .as_str_name()
+                            .trim_start_matches("UPDATE_ERROR_")
+                            .to_lowercase(),
+                    )
+                });
+                if let Some(line) = line {
+                    let mut out = std::io::stdout().lock();
+                    let _ = writeln!(out, "{line}");
+                    let _ = out.flush();
+                }
+                if reports.changed().await.is_err() {
+                    break;
+                }
             }
         });
     }

@@ -1,0 +1,578 @@
+//! Signed, resumable, chunk-verified updates end to end, with real processes: the `gateway`
+//! binary, `test-device` devices on the device library (A/B slot files), `fleetctl` and the SDK
+//! as the update authority and operator.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use cloud_client::{
+    CampaignState, DeployUpdate, FleetClient, UpdateError, UpdatePhase, UpdateRecord,
+};
+use fleet_tests::procs::{bin, DeviceOpts, DeviceProc, GatewayProc};
+use fleet_tests::updates::{authority, write_image, Publish};
+
+/// Polls `cond` every 50 ms until it holds or `timeout` passes.
+async fn until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + timeout;
+    while Instant::now() < end {
+        if cond() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    cond()
+}
+
+/// Polls the update until `cond` holds on its record.
+async fn until_update(
+    fleet: &FleetClient,
+    id: &str,
+    timeout: Duration,
+    cond: impl Fn(&UpdateRecord) -> bool,
+) -> UpdateRecord {
+    let end = Instant::now() + timeout;
+    loop {
+        let r = fleet.get_update(id).await.unwrap();
+        if cond(&r) {
+            return r;
+        }
+        assert!(
+            Instant::now() < end,
+            "update {id} did not get there in {timeout:?}: {r:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn device_opts(dir: &Path, id: &str, key: &Path, extra: &[&str]) -> DeviceOpts {
+    let mut o = DeviceOpts::new(dir, id);
+    o.args = vec!["--update-key".into(), key.display().to_string()];
+    o.args.extend(extra.iter().map(|s| s.to_string()));
+    o
+}
+
+/// The running slot's image of a test device.
+fn active_image(o: &DeviceOpts) -> PathBuf {
+    device_client::update::SlotInstaller::new(&o.state).active_image("rootfs")
+}
+
+fn fleetctl(gw: &GatewayProc, args: &[&str]) -> std::process::Output {
+    Command::new(bin("fleetctl"))
+        .args(["--gateway", &format!("localhost:{}", gw.addr.port())])
+        .arg("--pki")
+        .arg(gw.pki())
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn target<'a>(r: &'a UpdateRecord, device: &str) -> &'a cloud_client::TargetRecord {
+    r.targets
+        .iter()
+        .find(|t| t.device_id == device)
+        .unwrap_or_else(|| panic!("{device} is not a target: {r:#?}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_devices_go_from_1_0_to_1_1_with_an_8_mib_image() {
+    const N: usize = 20;
+    let dir = tempfile::tempdir().unwrap();
+    let gw = GatewayProc::start(dir.path(), 0, N as u32, &[]);
+    let (_, key, public) = authority(dir.path());
+    let image_path = dir.path().join("rootfs-1.1.img");
+    let image = write_image(&image_path, 8 << 20, 1);
+    let opts: Vec<DeviceOpts> = (1..=N)
+        .map(|i| device_opts(dir.path(), &format!("dev-{i:04}"), &public, &[]))
+        .collect();
+    let devs: Vec<DeviceProc> = opts
+        .iter()
+        .map(|o| DeviceProc::start(&gw.address(), &gw.pki(), o))
+        .collect();
+    for d in &devs {
+        assert!(until(Duration::from_secs(30), || d.out.contains("connected")).await);
+    }
+
+    // The update authority signs and uploads with fleetctl.
+    let out = fleetctl(
+        &gw,
+        &[
+            "update",
+            "create",
+            "--image",
+            image_path.to_str().unwrap(),
+            "--component",
+            "rootfs",
+            "--version",
+            "1.1.0",
+            "--class",
+            "test-class",
+            "--sequence",
+            "11",
+            "--key",
+            key.to_str().unwrap(),
+            "--id",
+            "fw-1.1",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "create: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Every known device of the class (they told the gateway with their presence), at once.
+    let out = fleetctl(
+        &gw,
+        &[
+            "--json",
+            "update",
+            "deploy",
+            "fw-1.1",
+            "--class",
+            "test-class",
+            "--wait",
+        ],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "deploy: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(v["campaign"]["state"], "completed");
+    assert_eq!(v["summary"]["committed"], N);
+    let targets = v["targets"].as_array().unwrap();
+    assert_eq!(targets.len(), N);
+    for t in targets {
+        assert_eq!(t["phase"], "committed", "{t}");
+        assert_eq!(t["running_version"], "1.1.0", "{t}");
+    }
+    for o in &opts {
+        let slot = std::fs::read(active_image(o)).unwrap();
+        assert!(
+            slot == image,
+            "{}: the running slot differs from the source image",
+            o.id
+        );
+    }
+    // Human output of status shows the summary line.
+    let out = fleetctl(&gw, &["update", "status", "fw-1.1"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!("{N} devices: {N} committed, 0 failed")),
+        "{text}"
+    );
+}
+
+/// Held chunks in the device's latest `update ... downloading H/T` line.
+fn held(dev: &DeviceProc) -> u32 {
+    dev.out
+        .lines()
+        .iter()
+        .rev()
+        .find_map(|l| {
+            let rest = l.strip_prefix("update ")?;
+            let mut parts = rest.split_whitespace();
+            let (_, phase, ht) = (parts.next()?, parts.next()?, parts.next()?);
+            (phase == "downloading").then_some(())?;
+            ht.split_once('/')?.0.parse().ok()
+        })
+        .unwrap_or(0)
+}
+
+async fn deploy(fleet: &FleetClient, id: &str, devices: &[&str], batch: u32, max_failures: u32) {
+    fleet
+        .deploy_update(DeployUpdate {
+            update_id: id.into(),
+            device_ids: devices.iter().map(|d| d.to_string()).collect(),
+            batch_size: batch,
+            max_failures_percent: max_failures,
+            ..DeployUpdate::default()
+        })
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_killed_half_way_resumes_and_fetches_under_1_6x_the_chunks() {
+    let dir = tempfile::tempdir().unwrap();
+    let gw = GatewayProc::start(dir.path(), 0, 1, &[]);
+    let fleet = gw.fleet().await;
+    let (signer, _, public) = authority(dir.path());
+    let image_path = dir.path().join("img");
+    let image = write_image(&image_path, 8 << 20, 2);
+    let rec = Publish::new("fw-resume", &image_path)
+        .run(&fleet, &signer)
+        .await;
+    let count = rec.images[0].chunk_count;
+    assert_eq!(count, 512);
+    // A small window makes the download take many round trips, so "half way" is a moment the
+    // test can catch.
+    let o = device_opts(dir.path(), "dev-0001", &public, &[]);
+    let dev = DeviceProc::start(&gw.address(), &gw.pki(), &o);
+    deploy(&fleet, "fw-resume", &["dev-0001"], 0, 0).await;
+    assert!(
+        until(Duration::from_secs(60), || held(&dev) >= count / 2).await,
+        "no progress"
+    );
+    dev.kill();
+    let at_kill = fleet.get_update("fw-resume").await.unwrap();
+    let sent_before = target(&at_kill, "dev-0001").chunks_sent;
+    assert!(
+        sent_before < u64::from(count),
+        "killed too late: {sent_before} sent"
+    );
+
+    let dev = DeviceProc::start(&gw.address(), &gw.pki(), &o);
+    let r = until_update(&fleet, "fw-resume", Duration::from_secs(120), |r| {
+        target(r, "dev-0001").phase() == UpdatePhase::Committed
+    })
+    .await;
+    let t = target(&r, "dev-0001");
+    assert!(
+        (t.chunks_sent as f64) < 1.6 * f64::from(count),
+        "fetched {} chunks for a {count}-chunk image",
+        t.chunks_sent
+    );
+    // It resumed: its first report after the restart already held about half.
+    let first = dev
+        .out
+        .lines()
+        .into_iter()
+        .find(|l| l.contains("downloading"))
+        .unwrap();
+    let resumed: u32 = first
+        .split_whitespace()
+        .nth(3)
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(resumed >= count / 3, "restarted from {resumed}: {first}");
+    assert!(std::fs::read(active_image(&o)).unwrap() == image);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_cut_every_hundred_chunks_still_completes() {
+    let dir = tempfile::tempdir().unwrap();
+    let gw = GatewayProc::start(dir.path(), 0, 1, &[]);
+    let fleet = gw.fleet().await;
+    let (signer, _, public) = authority(dir.path());
+    let image_path = dir.path().join("img");
+    let image = write_image(&image_path, 8 << 20, 3);
+    Publish::new("fw-flaky", &image_path)
+        .run(&fleet, &signer)
+        .await;
+    // ~100 chunks of 16 KiB (plus framing) per connection.
+    let proxy = fleet_tests::proxy::CuttingProxy::start(gw.addr, 100 * 16 * 1024)
+        .await
+        .unwrap();
+    let o = device_opts(dir.path(), "dev-0001", &public, &[]);
+    let _dev = DeviceProc::start(&format!("localhost:{}", proxy.addr.port()), &gw.pki(), &o);
+    deploy(&fleet, "fw-flaky", &["dev-0001"], 0, 0).await;
+    until_update(&fleet, "fw-flaky", Duration::from_secs(180), |r| {
+        target(r, "dev-0001").phase() == UpdatePhase::Committed
+    })
+    .await;
+    assert!(proxy.cuts() >= 4, "only {} cuts", proxy.cuts());
+    assert!(std::fs::read(active_image(&o)).unwrap() == image);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupted_chunks_are_rejected_and_persistent_corruption_fails_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let (signer, _, public) = authority(dir.path());
+    let image_path = dir.path().join("img");
+    let image = write_image(&image_path, 1 << 20, 4);
+
+    // Every 7th chunk corrupted: each is caught, asked again, and the update commits.
+    let sporadic = dir.path().join("sporadic");
+    std::fs::create_dir_all(&sporadic).unwrap();
+    let gw = GatewayProc::start(&sporadic, 0, 2, &[("GATEWAY_TEST_CORRUPT_CHUNKS", "7")]);
+    let fleet = gw.fleet().await;
+    Publish::new("fw-c", &image_path).run(&fleet, &signer).await;
+    let o = device_opts(&sporadic, "dev-0001", &public, &[]);
+    let _dev = DeviceProc::start(&gw.address(), &gw.pki(), &o);
+    deploy(&fleet, "fw-c", &["dev-0001"], 0, 0).await;
+    let r = until_update(&fleet, "fw-c", Duration::from_secs(120), |r| {
+        target(r, "dev-0001").phase() == UpdatePhase::Committed
+    })
+    .await;
+    let t = target(&r, "dev-0001");
+    assert!(t.chunks_rejected >= 64 / 7, "{t:?}");
+    assert!(std::fs::read(active_image(&o)).unwrap() == image);
+    drop(fleet);
+    gw.kill();
+
+    // Every chunk corrupted: the update fails with the reason; the running slot is untouched.
+    let always = dir.path().join("always");
+    std::fs::create_dir_all(&always).unwrap();
+    let gw = GatewayProc::start(&always, 0, 2, &[("GATEWAY_TEST_CORRUPT_CHUNKS", "1")]);
+    let fleet = gw.fleet().await;
+    Publish::new("fw-c", &image_path).run(&fleet, &signer).await;
+    let o = device_opts(&always, "dev-0002", &public, &[]);
+    let dev = DeviceProc::start(&gw.address(), &gw.pki(), &o);
+    deploy(&fleet, "fw-c", &["dev-0002"], 0, 0).await;
+    let r = until_update(&fleet, "fw-c", Duration::from_secs(120), |r| {
+        target(r, "dev-0002").phase() == UpdatePhase::Failed
+    })
+    .await;
+    let t = target(&r, "dev-0002");
+    assert_eq!(t.error(), UpdateError::ChunkVerification, "{t:?}");
+    assert!(t.detail.contains("failed verification"), "{t:?}");
+    assert_eq!(t.chunks_held, 0);
+    assert!(dev.out.contains("update fw-c failed"));
+    let slots = o.state.join("slots");
+    assert!(!slots.join("rootfs/active").exists() && !slots.join("rootfs/pending").exists());
+    assert!(!active_image(&o).exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_modified_stale_foreign_and_expired_manifests_are_rejected_with_nothing_downloaded()
+{
+    use fleet_proto::signing::UpdateSigner;
+    use fleet_proto::Message;
+
+    let dir = tempfile::tempdir().unwrap();
+    let gw = GatewayProc::start(dir.path(), 0, 1, &[]);
+    let fleet = gw.fleet().await;
+    let (signer, _, public) = authority(dir.path());
+    let image_path = dir.path().join("img");
+    write_image(&image_path, 256 << 10, 5);
+    // The factory firmware has sequence 5.
+    let o = device_opts(
+        dir.path(),
+        "dev-0001",
+        &public,
+        &["--factory-sequence", "5"],
+    );
+    let dev = DeviceProc::start(&gw.address(), &gw.pki(), &o);
+    assert!(until(Duration::from_secs(30), || dev.out.contains("connected")).await);
+
+    let forger = UpdateSigner::generate();
+    let mut cases: Vec<(&str, UpdateError)> = Vec::new();
+    // Signed by a key the device does not trust.
+    Publish::new("u-forged", &image_path)
+        .run(&fleet, &forger)
+        .await;
+    cases.push(("u-forged", UpdateError::UnknownKey));
+    // One manifest byte changed after signing (a letter of the description).
+    let built =
+        cloud_client::build_update(&Publish::new("u-modified", &image_path).spec(), &signer)
+            .unwrap();
+    let mut signed = built.signed.clone();
+    let at = signed.manifest.len() - 2;
+    signed.manifest[at] ^= 0x01;
+    assert!(fleet_proto::v1::UpdateManifest::decode(signed.manifest.as_slice()).is_ok());
+    fleet.create_update(signed).await.unwrap();
+    cases.push(("u-modified", UpdateError::BadSignature));
+    // Equal and older sequences.
+    let mut p = Publish::new("u-equal", &image_path);
+    p.sequence = 5;
+    p.run(&fleet, &signer).await;
+    cases.push(("u-equal", UpdateError::NotNewer));
+    let mut p = Publish::new("u-older", &image_path);
+    p.sequence = 3;
+    p.run(&fleet, &signer).await;
+    cases.push(("u-older", UpdateError::NotNewer));
+    // Another device class.
+    let mut p = Publish::new("u-class", &image_path);
+    p.class = "valve";
+    p.run(&fleet, &signer).await;
+    cases.push(("u-class", UpdateError::WrongClass));
+
+    for (id, want) in &cases {
+        deploy(&fleet, id, &["dev-0001"], 0, 0).await;
+        let r = until_update(&fleet, id, Duration::from_secs(30), |r| {
+            target(r, "dev-0001").phase() == UpdatePhase::Rejected
+        })
+        .await;
+        let t = target(&r, "dev-0001");
+        assert_eq!(t.error(), *want, "{id}: {t:?}");
+        assert!(!t.detail.is_empty(), "{id}: no reason given");
+        assert_eq!(t.chunks_sent, 0, "{id}: chunks were downloaded");
+    }
+
+    // Expired: valid when deployed, expired by the time the device comes back.
+    dev.kill();
+    let mut p = Publish::new("u-expired", &image_path);
+    p.expires_in_ms = 3_000;
+    p.run(&fleet, &signer).await;
+    deploy(&fleet, "u-expired", &["dev-0001"], 0, 0).await;
+    tokio::time::sleep(Duration::from_millis(3_500)).await;
+    let _dev = DeviceProc::start(&gw.address(), &gw.pki(), &o);
+    let r = until_update(&fleet, "u-expired", Duration::from_secs(30), |r| {
+        target(r, "dev-0001").phase() == UpdatePhase::Rejected
+    })
+    .await;
+    let t = target(&r, "dev-0001");
+    assert_eq!(t.error(), UpdateError::Expired, "{t:?}");
+    assert_eq!(t.chunks_sent, 0);
+    assert!(!active_image(&o).exists(), "nothing was installed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_self_test_rolls_back_and_the_campaign_pauses_at_its_failure_threshold() {
+    let dir = tempfile::tempdir().unwrap();
+    let gw = GatewayProc::start(dir.path(), 0, 4, &[]);
+    let (_, key, public) = authority(dir.path());
+    let image_path = dir.path().join("img");
+    let image = write_image(&image_path, 512 << 10, 6);
+    let opts: Vec<DeviceOpts> = (1..=4)
+        .map(|i| {
+            let extra: &[&str] = if i == 1 { &["--fail-self-test"] } else { &[] };
+            device_opts(dir.path(), &format!("dev-{i:04}"), &public, extra)
+        })
+        .collect();
+    let _devs: Vec<DeviceProc> = opts
+        .iter()
+        .map(|o| DeviceProc::start(&gw.address(), &gw.pki(), o))
+        .collect();
+    let out = fleetctl(
+        &gw,
+        &[
+            "update",
+            "create",
+            "--image",
+            image_path.to_str().unwrap(),
+            "--component",
+            "rootfs",
+            "--version",
+            "1.1.0",
+            "--class",
+            "test-class",
+            "--sequence",
+            "11",
+            "--key",
+            key.to_str().unwrap(),
+            "--id",
+            "fw-st",
+            "--chunk-size",
+            "8KiB",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "create: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Two batches of two; more than 25 % failed after the first pauses the campaign.
+    let out = fleetctl(
+        &gw,
+        &[
+            "update",
+            "deploy",
+            "fw-st",
+            "-d",
+            "dev-0001",
+            "-d",
+            "dev-0002",
+            "-d",
+            "dev-0003",
+            "-d",
+            "dev-0004",
+            "--batch",
+            "2",
+            "--max-failures",
+            "25",
+            "--wait",
+        ],
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "a paused campaign is not a success: {text}"
+    );
+    assert!(text.contains("campaign paused"), "{text}");
+    let fleet = gw.fleet().await;
+    let r = fleet.get_update("fw-st").await.unwrap();
+    assert_eq!(r.campaign.as_ref().unwrap().state(), CampaignState::Paused);
+    let t1 = target(&r, "dev-0001");
+    assert_eq!(t1.phase(), UpdatePhase::RolledBack, "{t1:?}");
+    assert_eq!(t1.error(), UpdateError::SelfTestFailed);
+    assert_eq!(target(&r, "dev-0002").phase(), UpdatePhase::Committed);
+    for d in ["dev-0003", "dev-0004"] {
+        let t = target(&r, d);
+        assert!(!t.offered && t.phase() == UpdatePhase::Unspecified, "{t:?}");
+    }
+    // The rolled-back device still runs its old slot; the other got the new image.
+    assert!(!active_image(&opts[0]).exists());
+    assert!(!opts[0].state.join("slots/rootfs/pending").exists());
+    assert!(std::fs::read(active_image(&opts[1])).unwrap() == image);
+
+    // The operator resumes: the second batch goes out and the campaign completes.
+    let out = fleetctl(&gw, &["update", "resume", "fw-st"]);
+    assert!(out.status.success());
+    let out = fleetctl(
+        &gw,
+        &[
+            "--json",
+            "update",
+            "status",
+            "fw-st",
+            "--wait",
+            "--timeout",
+            "2m",
+        ],
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["campaign"]["state"], "completed", "{v}");
+    assert_eq!(v["summary"]["committed"], 3);
+    assert_eq!(v["summary"]["failed"], 1);
+    assert_eq!(out.status.code(), Some(1), "one device failed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_restarted_mid_campaign_continues_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let gw = GatewayProc::start(dir.path(), 0, 4, &[]);
+    let port = gw.addr.port();
+    let fleet = gw.fleet().await;
+    let (signer, _, public) = authority(dir.path());
+    let image_path = dir.path().join("img");
+    let image = write_image(&image_path, 8 << 20, 7);
+    Publish::new("fw-restart", &image_path)
+        .run(&fleet, &signer)
+        .await;
+    let opts: Vec<DeviceOpts> = (1..=4)
+        .map(|i| device_opts(dir.path(), &format!("dev-{i:04}"), &public, &[]))
+        .collect();
+    let devs: Vec<DeviceProc> = opts
+        .iter()
+        .map(|o| DeviceProc::start(&gw.address(), &gw.pki(), o))
+        .collect();
+    for d in &devs {
+        assert!(until(Duration::from_secs(30), || d.out.contains("connected")).await);
+    }
+    deploy(
+        &fleet,
+        "fw-restart",
+        &["dev-0001", "dev-0002", "dev-0003", "dev-0004"],
+        2,
+        0,
+    )
+    .await;
+    // Mid-campaign: the first batch is downloading.
+    assert!(until(Duration::from_secs(60), || held(&devs[0]) > 0).await);
+    drop(fleet);
+    gw.kill();
+    let gw = GatewayProc::start(dir.path(), port, 4, &[]);
+    let fleet = gw.fleet().await;
+    let r = until_update(&fleet, "fw-restart", Duration::from_secs(180), |r| {
+        r.campaign
+            .as_ref()
+            .is_some_and(|c| c.state() == CampaignState::Completed)
+    })
+    .await;
+    for t in &r.targets {
+        assert_eq!(t.phase(), UpdatePhase::Committed, "{t:?}");
+    }
+    for o in &opts {
+        assert!(std::fs::read(active_image(o)).unwrap() == image, "{}", o.id);
+    }
+}
