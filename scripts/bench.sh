@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
-# Benchmarks (not tests): builds the gateway and the load generator in release mode and prints
-# figures with the command that made them. Arguments go to bench-gateway, e.g.
-#   ./scripts/bench.sh --idle 10000 --connects 3000 --publishers 20 --seconds 10
-# Results are recorded in BENCHMARKS.md.
+# Benchmarks (not tests): builds the gateway and the load generators in release mode and prints
+# figures with the command that made them. Results are recorded in BENCHMARKS.md.
+#   ./scripts/bench.sh --idle 10000 --connects 3000 --publishers 20 --seconds 10   (edge)
+#   ./scripts/bench.sh updates --devices 200 --image-mib 32                        (fan-out)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --release --locked -p fleet-broker --bin gateway -p fleet-tests --bin bench-gateway
-echo "# ./scripts/bench.sh $*"
-exec target/release/bench-gateway "$@"
+tool=bench-gateway
+if [ "${1:-}" = "updates" ]; then
+    tool=bench-updates
+    shift
+fi
+cargo build --release --locked -p fleet-broker --bin gateway -p fleet-tests --bin "$tool"
+echo "# ./scripts/bench.sh $([ "$tool" = bench-updates ] && echo "updates ")$*"
+exec "target/release/$tool" "$@"

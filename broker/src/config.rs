@@ -166,8 +166,8 @@ pub struct CommandSettings {
 pub struct UpdateSettings {
     /// Chunks sent for one request that names no window. Default 16.
     pub default_window: u32,
-    /// Most chunks sent for one request, whatever window it names: with fair round-robin
-    /// serving this bounds what one device can hold queued. Default 64.
+    /// Most chunks sent for one request, whatever window it names (at most 256): with fair
+    /// round-robin serving this bounds what one device can hold queued. Default 64.
     pub max_window: u32,
     /// Test switch, never read from the configuration: corrupt every Nth chunk served (one
     /// byte flipped). 0 is off. The gateway binary sets it from `GATEWAY_TEST_CORRUPT_CHUNKS`.
@@ -260,9 +260,9 @@ impl GatewayConfig {
             return bad("commands.max_ttl must be at least commands.default_ttl");
         }
         let u = &self.updates;
-        if u.default_window == 0 || u.max_window < u.default_window || u.max_window > 1024 {
+        if u.default_window == 0 || u.max_window < u.default_window || u.max_window > 256 {
             return bad(
-                "updates.default_window must be at least 1, and updates.max_window between it and 1024",
+                "updates.default_window must be at least 1, and updates.max_window between it and 256",
             );
         }
         Ok(())

@@ -45,6 +45,9 @@ pub struct Metrics {
     pub chunks_uploaded: AtomicU64,
     /// Firmware chunks sent to devices.
     pub chunks_served: AtomicU64,
+    /// Firmware chunks not sent because the device's connection queue was full (it asks
+    /// again after its request timeout).
+    pub chunks_dropped: AtomicU64,
     /// Update progress reports recorded.
     pub update_reports: AtomicU64,
 }

@@ -6,11 +6,14 @@
 //!
 //! Defaults: `localhost:8883` and `gateway-data/pki` (the development PKI the gateway creates);
 //! state in `gateway-data/device-state/ID`. It answers the commands `blink` and `reboot`
-//! (any payload), rejects others, and reports its status every 10 seconds.
+//! (any payload), rejects others, reports its status every 10 seconds, and takes updates
+//! signed by the development PKI's update authority (`PKI_DIR/update-signing.pub`) into A/B
+//! slot files in its state directory, printing each phase.
 
 use std::time::Duration;
 
 use device_client::{DeviceClient, Health, StatusReport};
+use fleet_proto::signing::TrustedKeys;
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -30,6 +33,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .rsplit_once(':')
         .ok_or("gateway must be HOST:PORT")?;
 
+    // The update authority's public key, provisioned "at manufacture".
+    let mut keys = TrustedKeys::new();
+    keys.add_pem(&std::fs::read_to_string(pki.join("update-signing.pub"))?)?;
+
     let (client, mut commands) = DeviceClient::builder()
         .gateway(host, port.parse()?)
         .pem_files(
@@ -40,7 +47,25 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .state_dir(format!("gateway-data/device-state/{id}"))
         .device_class("demo-pump")
         .firmware_version("1.0.0")
+        .update_keys(keys)
         .start()?;
+
+    // Follow updates: verified, downloaded, installed into the inactive slot, committed.
+    let mut updates = client.update_reports();
+    tokio::spawn(async move {
+        while updates.changed().await.is_ok() {
+            if let Some(p) = updates.borrow_and_update().clone() {
+                println!(
+                    "update {} {:?} {}/{} chunks {}",
+                    p.update_id,
+                    p.phase(),
+                    p.chunks_held,
+                    p.chunks_total,
+                    p.detail
+                );
+            }
+        }
+    });
 
     // Status every 10 s; reports made while offline are kept and sent in order later.
     let reporter = client.clone();

@@ -3,6 +3,7 @@
 #![warn(missing_docs)]
 
 pub mod crash;
+pub mod fleet;
 pub mod mqtt;
 pub mod procs;
 pub mod proxy;

@@ -13,11 +13,15 @@ use std::time::{Duration, Instant};
 /// Path of a binary of this workspace next to the running test's directory.
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap_or_else(|e| panic!("current_exe: {e}"));
-    // target/debug/deps/TEST-HASH -> target/debug/NAME
-    let dir = exe
+    // A tool in target/PROFILE/ looks beside itself; a test in target/PROFILE/deps/ one up.
+    let here = exe
         .parent()
-        .and_then(Path::parent)
-        .unwrap_or_else(|| panic!("no target directory above {}", exe.display()));
+        .unwrap_or_else(|| panic!("no directory above {}", exe.display()));
+    let dir = if here.ends_with("deps") {
+        here.parent().unwrap_or(here)
+    } else {
+        here
+    };
     let path = dir.join(name);
     assert!(
         path.exists(),
@@ -141,6 +145,11 @@ impl GatewayProc {
             log,
             dir: dir.to_owned(),
         }
+    }
+
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// The development PKI directory.
@@ -287,4 +296,24 @@ impl Drop for DeviceProc {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A `/proc/PID/status` field in KiB (`VmRSS:`, `VmHWM:`); 0 when unreadable.
+pub fn status_kib(pid: u32, key: &str) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    s.lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// User + system CPU seconds a process has used; 0 when unreadable.
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name, which is in parentheses: utime is the 12th, stime the
+    // 13th of those.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let field = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (field(11) + field(12)) / 100.0
 }

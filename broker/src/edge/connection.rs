@@ -251,7 +251,7 @@ async fn session(
             &mut wr,
             &mut inbuf,
             &mut link_rx,
-            &mut registration.close,
+            &mut registration,
             connect.keep_alive,
         )
         .await;
@@ -340,9 +340,10 @@ impl Pump {
         wr: &mut WriteHalf<Tls>,
         inbuf: &mut BytesMut,
         link_rx: &mut LinkRx,
-        close: &mut tokio::sync::watch::Receiver<Option<CloseReason>>,
+        registration: &mut super::sessions::Registration,
         keep_alive: u16,
     ) -> End {
+        let super::sessions::Registration { close, direct, .. } = registration;
         // MQTT 3.1.1: the server closes a connection silent for 1.5 x keep-alive (0: never).
         let idle = (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500));
         let far = Duration::from_secs(365 * 24 * 3600);
@@ -415,6 +416,23 @@ impl Pump {
                     }
                     if wake && link_rx.wake().await.is_err() {
                         return End::RouterGone;
+                    }
+                }
+                Some(packet) = direct.recv() => {
+                    // Bulk data from a service (firmware chunks): batched like the router's.
+                    Metrics::inc(&self.shared.metrics.publishes_out);
+                    self.out.push(packet);
+                    while self.out.len() < WRITE_BATCH {
+                        match direct.try_recv() {
+                            Ok(p) => {
+                                Metrics::inc(&self.shared.metrics.publishes_out);
+                                self.out.push(p);
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    if let Err(e) = self.flush(wr).await {
+                        return End::Abnormal(format!("write error: {e}"));
                     }
                 }
                 _ = sleep_until(deadline), if idle.is_some() => {

@@ -197,6 +197,7 @@ impl Gateway {
         info!(path = %store.path().display(), "store open");
         let firmware =
             FirmwareDir::open(&config.data_dir).map_err(|e| GatewayError::Io(e.to_string()))?;
+        let sessions = Arc::new(Sessions::default());
         let services::ServiceHandles {
             session_events,
             status,
@@ -206,6 +207,7 @@ impl Gateway {
             config.commands.clone(),
             config.updates.clone(),
             firmware,
+            sessions.clone(),
             metrics.clone(),
         )
         .await?;
@@ -216,7 +218,7 @@ impl Gateway {
             policy: RwLock::new(Arc::new(policy)),
             identity_policy,
             router,
-            sessions: Arc::new(Sessions::default()),
+            sessions,
             metrics,
             wills: Mutex::new(wills),
             session_events,

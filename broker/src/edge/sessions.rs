@@ -5,7 +5,22 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::{oneshot, watch};
+use rumqttd::protocol::Packet;
+use tokio::sync::{mpsc, oneshot, watch};
+
+/// Packets a service may queue for direct delivery to one connection (firmware chunks; the
+/// update server sends at most one window per device, so this is never reached in normal
+/// operation).
+pub const DIRECT_CAPACITY: usize = 256;
+
+/// Why a direct delivery did not happen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeliverError {
+    /// No live connection for the id.
+    NotConnected,
+    /// Its direct queue is full (a stalled client).
+    Full,
+}
 
 /// Why the gateway closes a connection itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,6 +46,7 @@ impl std::fmt::Display for CloseReason {
 struct Entry {
     generation: u64,
     close: watch::Sender<Option<CloseReason>>,
+    direct: mpsc::Sender<Packet>,
     done: Option<oneshot::Receiver<()>>,
     cert: Arc<Vec<u8>>,
 }
@@ -50,6 +66,8 @@ pub struct Registration {
     _done: oneshot::Sender<()>,
     /// Becomes `Some(reason)` when the gateway wants this connection closed.
     pub close: watch::Receiver<Option<CloseReason>>,
+    /// Packets services deliver to this connection directly, bypassing the router.
+    pub direct: mpsc::Receiver<Packet>,
 }
 
 impl Drop for Registration {
@@ -74,6 +92,7 @@ impl Sessions {
     pub async fn register(self: &Arc<Self>, id: &str, cert: Vec<u8>) -> Registration {
         let (done_tx, done_rx) = oneshot::channel();
         let (close_tx, close_rx) = watch::channel(None);
+        let (direct_tx, direct_rx) = mpsc::channel(DIRECT_CAPACITY);
         let (generation, previous) = {
             let mut g = match self.inner.lock() {
                 Ok(g) => g,
@@ -84,6 +103,7 @@ impl Sessions {
             let entry = Entry {
                 generation,
                 close: close_tx,
+                direct: direct_tx,
                 done: Some(done_rx),
                 cert: Arc::new(cert),
             };
@@ -102,7 +122,23 @@ impl Sessions {
             generation,
             _done: done_tx,
             close: close_rx,
+            direct: direct_rx,
         }
+    }
+
+    /// Queues `packet` for the live connection of `id`, to be written as it is: for bulk data
+    /// that must not sit in the router's in-memory logs (firmware chunks). The caller has
+    /// checked that `id` may receive it.
+    pub fn deliver(&self, id: &str, packet: Packet) -> Result<(), DeliverError> {
+        let g = match self.inner.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let entry = g.1.get(id).ok_or(DeliverError::NotConnected)?;
+        entry.direct.try_send(packet).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => DeliverError::Full,
+            mpsc::error::TrySendError::Closed(_) => DeliverError::NotConnected,
+        })
     }
 
     /// Asks every connection for which `keep(certificate)` is false to close with `reason`;

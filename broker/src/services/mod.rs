@@ -113,6 +113,7 @@ pub async fn start(
     settings: CommandSettings,
     update_settings: UpdateSettings,
     firmware: FirmwareDir,
+    sessions: Arc<crate::edge::sessions::Sessions>,
     metrics: Arc<Metrics>,
 ) -> Result<ServiceHandles, LinkError> {
     let (tx, rx) = mpsc::unbounded_channel();
@@ -124,6 +125,7 @@ pub async fn start(
         store.clone(),
         firmware,
         update_settings,
+        sessions,
         metrics.clone(),
         calls_rx,
     )

@@ -129,12 +129,7 @@ impl Gateway {
     }
 
     fn status_kib(&self, key: &str) -> u64 {
-        let s = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .unwrap_or_default();
-        s.lines()
-            .find_map(|l| l.strip_prefix(key))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap_or(0)
+        fleet_tests::procs::status_kib(self.child.id(), key)
     }
 
     /// Resident memory, KiB.
@@ -142,16 +137,9 @@ impl Gateway {
         self.status_kib("VmRSS:")
     }
 
-    /// CPU time used so far (user + system), seconds (at the usual 100 ticks per second).
+    /// User + system CPU seconds used so far.
     fn cpu_seconds(&self) -> f64 {
-        let stat =
-            std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
-        // Fields after the command name, which is in parentheses: utime is the 12th, stime
-        // the 13th of those.
-        let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        let field = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-        (field(11) + field(12)) / 100.0
+        fleet_tests::procs::cpu_seconds(self.child.id())
     }
 }
 

@@ -34,6 +34,7 @@ use self::queue::{FairQueue, Job};
 use super::link::{LinkError, Received, ServiceLink};
 use super::SharedStore;
 use crate::config::UpdateSettings;
+use crate::edge::sessions::{DeliverError, Sessions};
 use crate::firmware::FirmwareDir;
 use crate::metrics::Metrics;
 use crate::router::RouterHandle;
@@ -125,6 +126,9 @@ pub struct UpdateService {
     link: ServiceLink,
     store: SharedStore,
     firmware: FirmwareDir,
+    /// Chunks go straight to the device's connection: through the router they would stay in
+    /// its per-topic in-memory log (up to 80 MiB per device).
+    sessions: Arc<Sessions>,
     metrics: Arc<Metrics>,
     settings: UpdateSettings,
     calls: mpsc::UnboundedReceiver<ApiCall>,
@@ -141,6 +145,7 @@ impl UpdateService {
         store: SharedStore,
         firmware: FirmwareDir,
         settings: UpdateSettings,
+        sessions: Arc<Sessions>,
         metrics: Arc<Metrics>,
         calls: mpsc::UnboundedReceiver<ApiCall>,
     ) -> Result<Self, LinkError> {
@@ -157,6 +162,7 @@ impl UpdateService {
             link,
             store,
             firmware,
+            sessions,
             metrics,
             settings,
             calls,
@@ -252,7 +258,18 @@ impl UpdateService {
             .get(&req.update_id)
             .is_some_and(|c| c.is_active(device));
         if !active {
-            debug!(device, update_id = %req.update_id, "chunk request for an update not offered to this device; ignored");
+            debug!(device, update_id = %req.update_id, "chunk request for an update not offered to this device");
+            // A device that missed the withdrawal (offline when its campaign was aborted)
+            // would ask forever: tell it the offer is gone, unless another update is offered
+            // to it (its manifest supersedes this one, and an empty publish would clear it).
+            if !self.campaigns.values().any(|c| c.is_active(device)) {
+                if let Ok(id) = fleet_proto::DeviceId::new(device) {
+                    let topic = topics::device_topic(&id, DeviceTopic::UpdateManifest);
+                    if let Err(e) = self.link.publish(topic, Vec::new()) {
+                        warn!(device, error = %e, "could not tell a device its offer is gone");
+                    }
+                }
+            }
             return;
         }
         let Some(served) = self.served(&req.update_id).await else {
@@ -351,9 +368,26 @@ impl UpdateService {
                 continue;
             };
             let topic = topics::device_topic(&id, DeviceTopic::UpdateChunk);
-            if let Err(e) = self.link.publish(topic, chunk.encode_to_vec()) {
-                warn!(error = %e, "could not hand a chunk to the router");
-                return;
+            let publish = rumqttd::protocol::Publish::new::<bytes::Bytes>(
+                topic.into(),
+                chunk.encode_to_vec().into(),
+                false,
+            );
+            match self
+                .sessions
+                .deliver(&device, rumqttd::protocol::Packet::Publish(publish, None))
+            {
+                Ok(()) => {}
+                Err(DeliverError::NotConnected) => {
+                    // Gone: it asks again when it is back.
+                    self.queue.remove(&device);
+                    continue;
+                }
+                Err(DeliverError::Full) => {
+                    Metrics::inc(&self.metrics.chunks_dropped);
+                    debug!(device = %device, "device's queue is full; chunk dropped (it asks again)");
+                    continue;
+                }
             }
             Metrics::inc(&self.metrics.chunks_served);
             if let Some(c) = self.campaigns.get_mut(&*job.update_id) {

@@ -42,9 +42,10 @@ pub enum UpdateCmd {
         /// Anti-rollback sequence: devices install only what is newer than what they have.
         #[arg(long)]
         sequence: u64,
-        /// Update authority signing key (PKCS#8 PEM, see `fleetctl update keygen`).
+        /// Update authority signing key (PKCS#8 PEM, see `fleetctl update keygen`). Default:
+        /// the development PKI's (`--pki`/update-signing.key).
         #[arg(long)]
-        key: PathBuf,
+        key: Option<PathBuf>,
         /// Chunk size (1KiB to 1MiB).
         #[arg(long, default_value = "16KiB", value_parser = size)]
         chunk_size: u32,
@@ -457,6 +458,7 @@ pub async fn run(cmd: UpdateCmd, conn: &Conn, json: bool) -> Result<ExitCode, Fa
                     components.len()
                 )));
             }
+            let key = key.unwrap_or_else(|| conn.pki.join("update-signing.key"));
             let pem = std::fs::read_to_string(&key)
                 .map_err(|e| Failure::Usage(format!("--key {}: {e}", key.display())))?;
             let signer = UpdateSigner::from_pkcs8_pem(&pem)
