@@ -31,6 +31,18 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
+/// Polls `cond` every 50 ms until it holds or `timeout` passes; its last value.
+pub async fn until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + timeout;
+    while Instant::now() < end {
+        if cond() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    cond()
+}
+
 /// A free port on 127.0.0.1 (bound, then released).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

@@ -2,22 +2,10 @@
 //! devices on the device library, the SDK (and `fleetctl`) with a service certificate.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use cloud_client::{CommandState, SendCommand};
-use fleet_tests::procs::{bin, free_port, DeviceOpts, DeviceProc, GatewayProc};
-
-/// Polls `cond` every 50 ms until it holds or `timeout` passes.
-async fn until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let end = Instant::now() + timeout;
-    while Instant::now() < end {
-        if cond() {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    cond()
-}
+use fleet_tests::procs::{bin, free_port, until, DeviceOpts, DeviceProc, GatewayProc};
 
 fn send(device: &str, name: &str, ttl_ms: u64) -> SendCommand {
     SendCommand {

@@ -10,20 +10,8 @@ use std::time::{Duration, Instant};
 use cloud_client::{
     CampaignState, DeployUpdate, FleetClient, UpdateError, UpdatePhase, UpdateRecord,
 };
-use fleet_tests::procs::{bin, DeviceOpts, DeviceProc, GatewayProc};
+use fleet_tests::procs::{bin, until, DeviceOpts, DeviceProc, GatewayProc};
 use fleet_tests::updates::{authority, write_image, Publish};
-
-/// Polls `cond` every 50 ms until it holds or `timeout` passes.
-async fn until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let end = Instant::now() + timeout;
-    while Instant::now() < end {
-        if cond() {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    cond()
-}
 
 /// Polls the update until `cond` holds on its record.
 async fn until_update(
@@ -68,6 +56,36 @@ fn fleetctl(gw: &GatewayProc, args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
+/// `fleetctl update create` of `image` as component rootfs, version 1.1.0 of test-class,
+/// sequence 11, signed with `key`, under `id`, with `extra` options.
+fn fleetctl_create(gw: &GatewayProc, image: &Path, key: &Path, id: &str, extra: &[&str]) {
+    let mut args = vec!["update", "create", "--image"];
+    args.push(image.to_str().unwrap());
+    args.extend([
+        "--component",
+        "rootfs",
+        "--version",
+        "1.1.0",
+        "--class",
+        "test-class",
+    ]);
+    args.extend([
+        "--sequence",
+        "11",
+        "--key",
+        key.to_str().unwrap(),
+        "--id",
+        id,
+    ]);
+    args.extend(extra);
+    let out = fleetctl(gw, &args);
+    assert!(
+        out.status.success(),
+        "create: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn target<'a>(r: &'a UpdateRecord, device: &str) -> &'a cloud_client::TargetRecord {
     r.targets
         .iter()
@@ -95,32 +113,7 @@ async fn twenty_devices_go_from_1_0_to_1_1_with_an_8_mib_image() {
     }
 
     // The update authority signs and uploads with fleetctl.
-    let out = fleetctl(
-        &gw,
-        &[
-            "update",
-            "create",
-            "--image",
-            image_path.to_str().unwrap(),
-            "--component",
-            "rootfs",
-            "--version",
-            "1.1.0",
-            "--class",
-            "test-class",
-            "--sequence",
-            "11",
-            "--key",
-            key.to_str().unwrap(),
-            "--id",
-            "fw-1.1",
-        ],
-    );
-    assert!(
-        out.status.success(),
-        "create: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    fleetctl_create(&gw, &image_path, &key, "fw-1.1", &[]);
     // Every known device of the class (they told the gateway with their presence), at once.
     let out = fleetctl(
         &gw,
@@ -432,34 +425,7 @@ async fn a_failing_self_test_rolls_back_and_the_campaign_pauses_at_its_failure_t
         .iter()
         .map(|o| DeviceProc::start(&gw.address(), &gw.pki(), o))
         .collect();
-    let out = fleetctl(
-        &gw,
-        &[
-            "update",
-            "create",
-            "--image",
-            image_path.to_str().unwrap(),
-            "--component",
-            "rootfs",
-            "--version",
-            "1.1.0",
-            "--class",
-            "test-class",
-            "--sequence",
-            "11",
-            "--key",
-            key.to_str().unwrap(),
-            "--id",
-            "fw-st",
-            "--chunk-size",
-            "8KiB",
-        ],
-    );
-    assert!(
-        out.status.success(),
-        "create: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    fleetctl_create(&gw, &image_path, &key, "fw-st", &["--chunk-size", "8KiB"]);
     // Two batches of two; more than 25 % failed after the first pauses the campaign.
     let out = fleetctl(
         &gw,

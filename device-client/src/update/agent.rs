@@ -703,12 +703,7 @@ impl Agent {
             }
         }
         self.phase(&id, &signed, UpdatePhase::Installing).await;
-        let handler = self.cfg.handler.clone();
-        let (m2, s2) = (m.clone(), staged);
-        if let Err(e) = blocking(move || handler.install(&m2, &s2)).await {
-            let handler = self.cfg.handler.clone();
-            let m2 = m.clone();
-            let _ = blocking(move || handler.rollback(&m2)).await;
+        if let Err(e) = self.hook(&m, move |h, m| h.install(m, &staged)).await {
             self.finish(
                 &id,
                 &signed,
@@ -720,38 +715,19 @@ impl Agent {
             return;
         }
         self.phase(&id, &signed, UpdatePhase::SelfTest).await;
-        let handler = self.cfg.handler.clone();
-        let m2 = m.clone();
-        let tested = blocking(move || {
-            handler.self_test(&m2).map(|()| None).or_else(|e| {
-                handler
-                    .rollback(&m2)
-                    .map(|()| Some(e.clone()))
-                    .or_else(|r| Ok(Some(format!("{e}; rollback also failed: {r}"))))
-            })
-        })
-        .await;
-        match tested {
-            Ok(None) => {}
-            Ok(Some(e)) | Err(e) => {
-                warn!(update_id = %id, error = %e, "self-test failed; rolled back");
-                self.finish(
-                    &id,
-                    &signed,
-                    UpdatePhase::RolledBack,
-                    UpdateError::SelfTestFailed,
-                    e,
-                )
-                .await;
-                return;
-            }
+        if let Err(e) = self.hook(&m, |h, m| h.self_test(m)).await {
+            warn!(update_id = %id, error = %e, "self-test failed; rolled back");
+            self.finish(
+                &id,
+                &signed,
+                UpdatePhase::RolledBack,
+                UpdateError::SelfTestFailed,
+                e,
+            )
+            .await;
+            return;
         }
-        let handler = self.cfg.handler.clone();
-        let m2 = m.clone();
-        if let Err(e) = blocking(move || handler.commit(&m2)).await {
-            let handler = self.cfg.handler.clone();
-            let m2 = m.clone();
-            let _ = blocking(move || handler.rollback(&m2)).await;
+        if let Err(e) = self.hook(&m, |h, m| h.commit(m)).await {
             self.finish(
                 &id,
                 &signed,
@@ -773,6 +749,25 @@ impl Agent {
             String::new(),
         )
         .await;
+    }
+
+    /// Runs one of the application's hooks on the blocking pool; when it fails, the
+    /// installation is rolled back too (the running firmware stays).
+    async fn hook(
+        &self,
+        m: &UpdateManifest,
+        f: impl FnOnce(&dyn UpdateHandler, &UpdateManifest) -> Result<(), String> + Send + 'static,
+    ) -> Result<(), String> {
+        let handler = self.cfg.handler.clone();
+        let m = m.clone();
+        blocking(move || match f(handler.as_ref(), &m) {
+            Ok(()) => Ok(()),
+            Err(e) => Err(match handler.rollback(&m) {
+                Ok(()) => e,
+                Err(r) => format!("{e}; rollback also failed: {r}"),
+            }),
+        })
+        .await
     }
 
     /// Records and reports a phase change of the update in progress.
