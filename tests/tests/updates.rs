@@ -203,7 +203,7 @@ async fn a_device_killed_half_way_resumes_and_fetches_under_1_6x_the_chunks() {
     assert_eq!(count, 512);
     // A small window makes the download take many round trips, so "half way" is a moment the
     // test can catch.
-    let o = device_opts(dir.path(), "dev-0001", &public, &[]);
+    let o = device_opts(dir.path(), "dev-0001", &public, &["--window", "2"]);
     let dev = DeviceProc::start(&gw.address(), &gw.pki(), &o);
     deploy(&fleet, "fw-resume", &["dev-0001"], 0, 0).await;
     assert!(
@@ -224,6 +224,10 @@ async fn a_device_killed_half_way_resumes_and_fetches_under_1_6x_the_chunks() {
     })
     .await;
     let t = target(&r, "dev-0001");
+    eprintln!(
+        "resume: killed after {sent_before} chunks sent; {} sent in total for {count}",
+        t.chunks_sent
+    );
     assert!(
         (t.chunks_sent as f64) < 1.6 * f64::from(count),
         "fetched {} chunks for a {count}-chunk image",
@@ -271,6 +275,12 @@ async fn a_connection_cut_every_hundred_chunks_still_completes() {
         target(r, "dev-0001").phase() == UpdatePhase::Committed
     })
     .await;
+    let r = fleet.get_update("fw-flaky").await.unwrap();
+    eprintln!(
+        "cuts: {} connections cut, {} chunks sent for 512",
+        proxy.cuts(),
+        target(&r, "dev-0001").chunks_sent
+    );
     assert!(proxy.cuts() >= 4, "only {} cuts", proxy.cuts());
     assert!(std::fs::read(active_image(&o)).unwrap() == image);
 }
@@ -541,4 +551,157 @@ async fn a_gateway_restarted_mid_campaign_continues_it() {
     for o in &opts {
         assert!(std::fs::read(active_image(o)).unwrap() == image, "{}", o.id);
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_upload_resumes_and_two_components_install_together() {
+    let dir = tempfile::tempdir().unwrap();
+    let gw = GatewayProc::start(dir.path(), 0, 1, &[]);
+    let fleet = gw.fleet().await;
+    let (signer, key, public) = authority(dir.path());
+    let rootfs_path = dir.path().join("rootfs.img");
+    let modem_path = dir.path().join("modem.img");
+    let rootfs = write_image(&rootfs_path, 600 << 10, 8);
+    let modem = write_image(&modem_path, 100 << 10, 9);
+    let spec = cloud_client::UpdateSpec {
+        update_id: "fw-two".into(),
+        version: "1.1.0".into(),
+        device_class: "test-class".into(),
+        sequence: 11,
+        chunk_size: 16 * 1024,
+        expires_at_ms: fleet_proto::time::now_ms() + 86_400_000,
+        description: String::new(),
+        images: vec![
+            cloud_client::ImageSpec {
+                component: "rootfs".into(),
+                path: rootfs_path.clone(),
+            },
+            cloud_client::ImageSpec {
+                component: "modem".into(),
+                path: modem_path.clone(),
+            },
+        ],
+    };
+    // The upload stops half way: only the even chunks of the rootfs reach the gateway.
+    let built = cloud_client::build_update(&spec, &signer).unwrap();
+    let rec = fleet.create_update(built.signed.clone()).await.unwrap();
+    let mut pretend = rec.images.clone();
+    let rootfs_chunks = pretend[0].chunk_count;
+    pretend[0].held = vec![0b1010_1010; rootfs_chunks.div_ceil(8) as usize];
+    pretend[1].complete = true;
+    let sent = fleet
+        .upload_images(&built, &pretend, |_, _| {})
+        .await
+        .unwrap();
+    assert_eq!(sent, u64::from(rootfs_chunks.div_ceil(2)));
+    let rec = fleet.get_update("fw-two").await.unwrap();
+    assert_eq!(rec.images[0].chunks_held, rootfs_chunks.div_ceil(2));
+    assert!(!rec.images[0].complete && rec.images[1].chunks_held == 0);
+    // Deploying an incomplete update is refused with what is missing.
+    let err = fleet
+        .deploy_update(DeployUpdate {
+            update_id: "fw-two".into(),
+            device_ids: vec!["dev-0001".into()],
+            ..DeployUpdate::default()
+        })
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("not complete"), "{err}");
+
+    // Running the same create again (a newly signed manifest of the same images) sends only
+    // what the gateway lacks.
+    let out = fleetctl(
+        &gw,
+        &[
+            "update",
+            "create",
+            "--image",
+            rootfs_path.to_str().unwrap(),
+            "--component",
+            "rootfs",
+            "--image",
+            modem_path.to_str().unwrap(),
+            "--component",
+            "modem",
+            "--version",
+            "1.1.0",
+            "--class",
+            "test-class",
+            "--sequence",
+            "11",
+            "--key",
+            key.to_str().unwrap(),
+            "--id",
+            "fw-two",
+        ],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let missing = rootfs_chunks / 2 + 7; // the odd rootfs chunks and the 7 modem chunks
+    assert!(
+        err.contains(&format!("{missing} chunk(s) uploaded")),
+        "{err}"
+    );
+
+    // Both components are installed together.
+    let o = device_opts(dir.path(), "dev-0001", &public, &[]);
+    let _dev = DeviceProc::start(&gw.address(), &gw.pki(), &o);
+    deploy(&fleet, "fw-two", &["dev-0001"], 0, 0).await;
+    until_update(&fleet, "fw-two", Duration::from_secs(60), |r| {
+        target(r, "dev-0001").phase() == UpdatePhase::Committed
+    })
+    .await;
+    let slots = device_client::update::SlotInstaller::new(&o.state);
+    assert!(std::fs::read(slots.active_image("rootfs")).unwrap() == rootfs);
+    assert!(std::fs::read(slots.active_image("modem")).unwrap() == modem);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deferred_update_installs_later_and_abort_withdraws_an_offer() {
+    let dir = tempfile::tempdir().unwrap();
+    let gw = GatewayProc::start(dir.path(), 0, 2, &[]);
+    let fleet = gw.fleet().await;
+    let (signer, _, public) = authority(dir.path());
+    let image_path = dir.path().join("img");
+    let image = write_image(&image_path, 128 << 10, 10);
+    Publish::new("fw-later", &image_path)
+        .run(&fleet, &signer)
+        .await;
+    // dev-0001 defers for 3 s, then accepts; dev-0002 defers for an hour.
+    let o1 = device_opts(dir.path(), "dev-0001", &public, &["--defer-for", "3"]);
+    let o2 = device_opts(dir.path(), "dev-0002", &public, &["--defer-for", "3600"]);
+    let d1 = DeviceProc::start(&gw.address(), &gw.pki(), &o1);
+    let _d2 = DeviceProc::start(&gw.address(), &gw.pki(), &o2);
+    deploy(&fleet, "fw-later", &["dev-0001", "dev-0002"], 0, 0).await;
+    until_update(&fleet, "fw-later", Duration::from_secs(30), |r| {
+        target(r, "dev-0001").phase() == UpdatePhase::Deferred
+            && target(r, "dev-0002").phase() == UpdatePhase::Deferred
+    })
+    .await;
+    let r = until_update(&fleet, "fw-later", Duration::from_secs(60), |r| {
+        target(r, "dev-0001").phase() == UpdatePhase::Committed
+    })
+    .await;
+    assert_eq!(
+        r.campaign.unwrap().state(),
+        CampaignState::Running,
+        "dev-0002 still defers"
+    );
+    assert!(d1.out.contains("update fw-later deferred"));
+    assert!(std::fs::read(active_image(&o1)).unwrap() == image);
+
+    let out = fleetctl(&gw, &["--json", "update", "abort", "fw-later"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["campaign"]["state"], "aborted", "{v}");
+    assert_eq!(v["summary"]["committed"], 1);
+    assert_eq!(v["summary"]["aborted"], 1);
+    // An aborted campaign cannot be resumed.
+    let out = fleetctl(&gw, &["update", "resume", "fw-later"]);
+    assert_eq!(out.status.code(), Some(4), "refused by the gateway");
+    assert!(!active_image(&o2).exists());
 }

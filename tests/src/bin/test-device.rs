@@ -12,7 +12,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use device_client::update::{SlotInstaller, StagedImage, UpdateHandler};
+use device_client::update::download::DownloadSettings;
+use device_client::update::{Decision, SlotInstaller, StagedImage, UpdateHandler};
 use device_client::{DeviceClient, Health, StatusReport};
 use fleet_proto::signing::TrustedKeys;
 use fleet_proto::v1::UpdateManifest;
@@ -55,15 +56,30 @@ struct Args {
     /// Fail every update's self-test (it is then rolled back).
     #[arg(long)]
     fail_self_test: bool,
+    /// Defer every update offered during the first SECS seconds after start (asked again
+    /// every second).
+    #[arg(long, default_value_t = 0)]
+    defer_for: u64,
+    /// Chunks asked for per request (the library's default is 16).
+    #[arg(long)]
+    window: Option<u32>,
 }
 
 /// The default A/B slots, with a self-test that can be told to fail.
 struct Slots {
     inner: SlotInstaller,
     fail_self_test: bool,
+    defer_until: std::time::Instant,
 }
 
 impl UpdateHandler for Slots {
+    fn offer(&self, _m: &UpdateManifest) -> Decision {
+        if std::time::Instant::now() < self.defer_until {
+            Decision::Defer
+        } else {
+            Decision::Accept
+        }
+    }
     fn install(&self, m: &UpdateManifest, images: &[StagedImage]) -> Result<(), String> {
         self.inner.install(m, images)
     }
@@ -101,9 +117,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         builder = builder
             .update_keys(keys)
             .factory_sequence(a.factory_sequence)
+            .defer_retry(Duration::from_secs(1))
+            .download_settings(DownloadSettings {
+                window: a.window.unwrap_or(DownloadSettings::default().window),
+                ..DownloadSettings::default()
+            })
             .update_handler(Slots {
                 inner: SlotInstaller::new(&a.state),
                 fail_self_test: a.fail_self_test,
+                defer_until: std::time::Instant::now() + Duration::from_secs(a.defer_for),
             });
     }
     let (client, mut commands) = builder
