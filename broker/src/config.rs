@@ -34,6 +34,10 @@ pub struct GatewayConfig {
     pub commands: CommandSettings,
     /// The update server.
     pub updates: UpdateSettings,
+    /// The bridge to the cloud MQTT broker.
+    pub bridge: BridgeSettings,
+    /// The metrics and health endpoint.
+    pub metrics: MetricsSettings,
 }
 
 impl Default for GatewayConfig {
@@ -47,6 +51,8 @@ impl Default for GatewayConfig {
             identity: IdentitySettings::default(),
             commands: CommandSettings::default(),
             updates: UpdateSettings::default(),
+            bridge: BridgeSettings::default(),
+            metrics: MetricsSettings::default(),
         }
     }
 }
@@ -160,6 +166,89 @@ pub struct CommandSettings {
     pub max_open_per_device: u32,
 }
 
+/// The bridge: an MQTT client of the cloud broker that carries this gateway's tree there
+/// under `gateways/{gateway_id}/`, and the fleet API requests addressed to it back down.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct BridgeSettings {
+    /// Upstream broker, `HOST:PORT` (mTLS; HOST is checked against its certificate). Unset
+    /// (the default): no bridge.
+    pub upstream: Option<String>,
+    /// This gateway's id upstream. Default: the id in the gateway's certificate.
+    pub gateway_id: Option<String>,
+    /// CA bundle the upstream broker's certificate must chain to. Default: `tls.ca` (or the
+    /// development PKI's CA).
+    pub ca: Option<PathBuf>,
+    /// Client certificate and key presented upstream. Default: the gateway's own.
+    pub cert: Option<PathBuf>,
+    /// See `cert`.
+    pub key: Option<PathBuf>,
+    /// MQTT keep-alive upstream. Default 30 s.
+    #[serde(with = "humantime_serde")]
+    pub keep_alive: Duration,
+    /// Reconnect delay: exponential from `reconnect_min` to `reconnect_max`, with full jitter.
+    /// Defaults 500 ms and 30 s.
+    #[serde(with = "humantime_serde")]
+    pub reconnect_min: Duration,
+    /// See `reconnect_min`.
+    #[serde(with = "humantime_serde")]
+    pub reconnect_max: Duration,
+    /// Disk budget of the store-and-forward queue (bytes of topics and payloads). Over it the
+    /// oldest queued messages are dropped, logged and counted (`bridge_dropped`). Default
+    /// 256 MiB.
+    pub max_queue_bytes: u64,
+    /// Local topic filters that flow up. Default: API responses, fleet events, device status,
+    /// presence and update progress.
+    pub up: Vec<String>,
+    /// Local topic filters that flow down (subscribed upstream under the gateway's prefix).
+    /// Default: the fleet API requests.
+    pub down: Vec<String>,
+}
+
+impl Default for BridgeSettings {
+    fn default() -> Self {
+        Self {
+            upstream: None,
+            gateway_id: None,
+            ca: None,
+            cert: None,
+            key: None,
+            keep_alive: Duration::from_secs(30),
+            reconnect_min: Duration::from_millis(500),
+            reconnect_max: Duration::from_secs(30),
+            max_queue_bytes: 256 << 20,
+            up: [
+                "fleet/api/+/response",
+                "fleet/events/#",
+                "devices/+/status",
+                "devices/+/presence",
+                "devices/+/update/progress",
+            ]
+            .map(String::from)
+            .to_vec(),
+            down: vec!["fleet/api/+/request".into()],
+        }
+    }
+}
+
+/// The Prometheus metrics and health endpoint (plain HTTP; keep it on a local address).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsSettings {
+    /// Address of `GET /metrics` (Prometheus text format) and `GET /health`. Default
+    /// `127.0.0.1:9464`. Unset (`metrics = {}` with no listen, or the environment variable
+    /// set to an empty string) disables it.
+    pub listen: Option<SocketAddr>,
+}
+
+impl Default for MetricsSettings {
+    fn default() -> Self {
+        Self {
+            listen: Some(SocketAddr::from(([127, 0, 0, 1], 9464))),
+        }
+    }
+}
+
 /// The update server: how chunks are handed out to devices.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(default, deny_unknown_fields)]
@@ -258,6 +347,34 @@ impl GatewayConfig {
         }
         if c.max_ttl < c.default_ttl {
             return bad("commands.max_ttl must be at least commands.default_ttl");
+        }
+        let b = &self.bridge;
+        if let Some(up) = &b.upstream {
+            let ok = up
+                .rsplit_once(':')
+                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
+            if !ok {
+                return bad("bridge.upstream must be HOST:PORT");
+            }
+        }
+        if b.cert.is_some() != b.key.is_some() {
+            return bad("bridge.cert and bridge.key must be set together");
+        }
+        if b.keep_alive < Duration::from_secs(5)
+            || b.reconnect_min.is_zero()
+            || b.reconnect_max < b.reconnect_min
+        {
+            return bad(
+                "bridge.keep_alive must be at least 5 s, and 0 < reconnect_min <= reconnect_max",
+            );
+        }
+        if b.max_queue_bytes < (1 << 20) {
+            return bad("bridge.max_queue_bytes must be at least 1 MiB");
+        }
+        for f in b.up.iter().chain(&b.down) {
+            if crate::acl::filter::check_filter(f).is_err() || f.starts_with('$') {
+                return bad("bridge.up and bridge.down must be valid MQTT topic filters");
+            }
         }
         let u = &self.updates;
         if u.default_window == 0 || u.max_window < u.default_window || u.max_window > 256 {

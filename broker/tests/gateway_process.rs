@@ -28,6 +28,7 @@ impl GatewayProcess {
         let mut child = Command::new(env!("CARGO_BIN_EXE_gateway"))
             .current_dir(dir)
             .env("GATEWAY__LISTEN", "127.0.0.1:0")
+            .env("GATEWAY__METRICS__LISTEN", "127.0.0.1:0")
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

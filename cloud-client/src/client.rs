@@ -62,6 +62,7 @@ pub struct FleetClientBuilder {
     pem: Option<(PathBuf, PathBuf, PathBuf)>,
     request_timeout: Duration,
     connect_timeout: Duration,
+    via: Option<fleet_proto::GatewayId>,
 }
 
 impl FleetClientBuilder {
@@ -97,6 +98,18 @@ impl FleetClientBuilder {
 
     /// Connects, subscribes to the service's responses and to command events, and returns once
     /// both subscriptions are in place. Reconnects by itself afterwards.
+    /// Reach the gateway `gateway_id` through a cloud MQTT broker (the address given to
+    /// [`gateway`](Self::gateway)) that its bridge connects to: the same API, under
+    /// `gateways/{gateway_id}/`.
+    pub fn via_broker(mut self, gateway_id: &str) -> Result<Self, SdkError> {
+        let id = fleet_proto::GatewayId::new(gateway_id)
+            .map_err(|e| SdkError::Config(format!("gateway id {gateway_id:?}: {e}")))?;
+        self.via = Some(id);
+        Ok(self)
+    }
+
+    /// Connects, subscribes to the service's responses and the command events, and returns
+    /// once both subscriptions are granted.
     pub async fn connect(self) -> Result<FleetClient, SdkError> {
         let host = self
             .host
@@ -127,6 +140,7 @@ impl FleetClientBuilder {
             pending: Mutex::new(HashMap::new()),
             events: broadcast::channel(4096).0,
             request_timeout: self.request_timeout,
+            via: self.via,
         });
         tokio::spawn(drive(inner.clone(), eventloop, ready_tx));
         let waited = tokio::time::timeout(
@@ -163,6 +177,18 @@ struct Inner {
     pending: Mutex<HashMap<String, oneshot::Sender<ApiResponse>>>,
     events: broadcast::Sender<CommandEvent>,
     request_timeout: Duration,
+    /// Through a cloud broker: topics are under `gateways/{id}/`.
+    via: Option<fleet_proto::GatewayId>,
+}
+
+impl Inner {
+    /// The topic on the broker the client is connected to.
+    fn topic(&self, local: &str) -> String {
+        match &self.via {
+            Some(gw) => topics::to_upstream(gw, local),
+            None => local.to_owned(),
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -173,7 +199,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 async fn drive(inner: Arc<Inner>, mut eventloop: EventLoop, ready: watch::Sender<Ready>) {
-    let response_topic = topics::api_response_topic(&inner.service_id);
+    let response_topic = inner.topic(&topics::api_response_topic(&inner.service_id));
+    let events_topic = inner.topic(topics::ALL_COMMAND_EVENTS);
     let mut delay = Duration::from_millis(200);
     let mut sub_pkid = None;
     loop {
@@ -186,10 +213,7 @@ async fn drive(inner: Arc<Inner>, mut eventloop: EventLoop, ready: watch::Sender
                 delay = Duration::from_millis(200);
                 let filters = vec![
                     rumqttc::SubscribeFilter::new(response_topic.clone(), QoS::AtLeastOnce),
-                    rumqttc::SubscribeFilter::new(
-                        topics::ALL_COMMAND_EVENTS.to_owned(),
-                        QoS::AtLeastOnce,
-                    ),
+                    rumqttc::SubscribeFilter::new(events_topic.clone(), QoS::AtLeastOnce),
                 ];
                 if let Err(e) = inner.mqtt.try_subscribe_many(filters) {
                     warn!(error = %e, "could not subscribe");
@@ -229,6 +253,13 @@ async fn drive(inner: Arc<Inner>, mut eventloop: EventLoop, ready: watch::Sender
 }
 
 fn on_publish(inner: &Inner, topic: &str, payload: &[u8]) {
+    let topic = match &inner.via {
+        Some(gw) => match topics::from_upstream(gw, topic) {
+            Some(local) => local,
+            None => return,
+        },
+        None => topic,
+    };
     let Ok(Topic::Fleet { path }) = topics::parse(topic) else {
         return;
     };
@@ -274,6 +305,7 @@ impl FleetClient {
             pem: None,
             request_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(10),
+            via: None,
         }
     }
 
@@ -304,7 +336,8 @@ impl FleetClient {
             .inner
             .mqtt
             .publish(
-                topics::api_request_topic(&self.inner.service_id),
+                self.inner
+                    .topic(&topics::api_request_topic(&self.inner.service_id)),
                 QoS::AtLeastOnce,
                 false,
                 req.encode_to_vec(),

@@ -114,6 +114,8 @@ pub struct GatewayProc {
     pub addr: SocketAddr,
     /// Its log (stdout).
     pub log: Output,
+    /// Its metrics endpoint.
+    pub metrics_addr: Option<SocketAddr>,
     dir: PathBuf,
 }
 
@@ -125,6 +127,7 @@ impl GatewayProc {
         cmd.current_dir(dir)
             .args(["--dev-devices", &devices.to_string(), "--grace", "1s"])
             .env("GATEWAY__LISTEN", format!("127.0.0.1:{port}"))
+            .env("GATEWAY__METRICS__LISTEN", "127.0.0.1:0")
             .env("GATEWAY__DATA_DIR", dir.join("data"))
             .env("RUST_LOG", "info,rumqttd=warn")
             .stdin(Stdio::null())
@@ -138,11 +141,17 @@ impl GatewayProc {
             .unwrap_or_else(|e| panic!("starting the gateway: {e}"));
         let (log, rx) = capture(&mut child, "gateway");
         let end = Instant::now() + Duration::from_secs(60);
+        let mut metrics_addr = None;
         let addr = loop {
             let left = end.saturating_duration_since(Instant::now());
             let line = rx
                 .recv_timeout(left)
                 .unwrap_or_else(|_| panic!("the gateway did not start listening"));
+            if let Some(at) = line.find("metrics endpoint listening addr=") {
+                let rest = &line[at + "metrics endpoint listening addr=".len()..];
+                let a: String = rest.chars().take_while(|c| !c.is_whitespace()).collect();
+                metrics_addr = a.parse().ok();
+            }
             if let Some(at) = line.find("gateway listening addr=") {
                 let rest = &line[at + "gateway listening addr=".len()..];
                 let a: String = rest.chars().take_while(|c| !c.is_whitespace()).collect();
@@ -155,8 +164,37 @@ impl GatewayProc {
             child,
             addr,
             log,
+            metrics_addr,
             dir: dir.to_owned(),
         }
+    }
+
+    /// `GET path` on the metrics endpoint: the response body.
+    pub fn http_get(&self, path: &str) -> String {
+        use std::io::{Read, Write};
+        let addr = self
+            .metrics_addr
+            .unwrap_or_else(|| panic!("the gateway has no metrics endpoint"));
+        let mut s = std::net::TcpStream::connect(addr).unwrap_or_else(|e| panic!("{addr}: {e}"));
+        write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            .unwrap_or_else(|e| panic!("{addr}: {e}"));
+        let mut out = String::new();
+        s.read_to_string(&mut out)
+            .unwrap_or_else(|e| panic!("{addr}: {e}"));
+        assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+        out.split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default()
+    }
+
+    /// A metric's value from `/metrics` (`fleet_gateway_` prefix added).
+    pub fn metric(&self, name: &str) -> f64 {
+        let body = self.http_get("/metrics");
+        let key = format!("fleet_gateway_{name} ");
+        body.lines()
+            .find_map(|l| l.strip_prefix(&key))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no series {name} in:\n{body}"))
     }
 
     /// Its process id.

@@ -59,6 +59,9 @@ pub enum GatewayError {
     /// A service could not start.
     #[error(transparent)]
     Service(#[from] services::LinkError),
+    /// The bridge could not start.
+    #[error(transparent)]
+    Bridge(#[from] crate::bridge::BridgeError),
     /// Binding the listener failed.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -198,12 +201,39 @@ impl Gateway {
         let firmware =
             FirmwareDir::open(&config.data_dir).map_err(|e| GatewayError::Io(e.to_string()))?;
         let sessions = Arc::new(Sessions::default());
+        let store = SharedStore::new(store, metrics.clone());
+        if let Some(addr) = config.metrics.listen {
+            let sources = crate::http::Sources {
+                metrics: metrics.clone(),
+                sessions: sessions.clone(),
+            };
+            crate::http::start(addr, sources)
+                .await
+                .map_err(|source| GatewayError::Bind { addr, source })?;
+        }
+        if config.bridge.upstream.is_some() {
+            let b = &config.bridge;
+            let bridge_tls = crate::bridge::BridgeTls {
+                ca: b.ca.clone().unwrap_or_else(|| tls_files.ca.clone()),
+                cert: b.cert.clone().unwrap_or_else(|| tls_files.cert.clone()),
+                key: b.key.clone().unwrap_or_else(|| tls_files.key.clone()),
+            };
+            let bridge = crate::bridge::Bridge::start(
+                &router,
+                store.clone(),
+                b.clone(),
+                &bridge_tls,
+                metrics.clone(),
+            )
+            .await?;
+            tokio::spawn(bridge.run());
+        }
         let services::ServiceHandles {
             session_events,
             status,
         } = services::start(
             &router,
-            SharedStore::new(store, metrics.clone()),
+            store,
             config.commands.clone(),
             config.updates.clone(),
             firmware,

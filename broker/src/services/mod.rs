@@ -13,7 +13,7 @@
 
 pub mod api;
 pub mod commands;
-mod link;
+pub(crate) mod link;
 pub mod registry;
 pub mod updates;
 

@@ -78,6 +78,14 @@ const MIGRATIONS: &[&str] = &[
         record     BLOB NOT NULL,                     -- fleet.v1.TargetRecord
         PRIMARY KEY (update_id, device_id)
     ) STRICT, WITHOUT ROWID;",
+    // 5: the bridge's store-and-forward queue: every message bound upstream, in order, until
+    // the upstream broker acknowledges it.
+    "CREATE TABLE uplink_queue (
+        seq            INTEGER PRIMARY KEY AUTOINCREMENT,
+        topic          TEXT NOT NULL,               -- local topic (mapped upstream when sent)
+        payload        BLOB NOT NULL,
+        enqueued_at_ms INTEGER NOT NULL
+    ) STRICT;",
 ];
 
 /// The newest schema version this build knows.

@@ -16,6 +16,7 @@ mod images;
 mod migrations;
 mod status;
 mod updates;
+mod uplink;
 
 use std::path::{Path, PathBuf};
 
@@ -25,6 +26,7 @@ pub use commands::{StoredCommand, Submitted};
 pub use images::ImageRow;
 pub use status::{DeviceState, StatusOutcome, StatusWrite};
 pub use updates::{StoredUpdate, UpdatePut};
+pub use uplink::{QueueStats, Queued};
 
 /// Why the store cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +67,8 @@ pub enum StoreError {
 pub struct Store {
     conn: Connection,
     path: PathBuf,
+    /// Stored status reports are also queued for the bridge, in the same transaction.
+    uplink_status: bool,
 }
 
 impl std::fmt::Debug for Store {
@@ -97,6 +101,7 @@ impl Store {
         let mut store = Store {
             conn,
             path: path.to_owned(),
+            uplink_status: false,
         };
         store.configure()?;
         migrations::apply(&mut store.conn, path)?;

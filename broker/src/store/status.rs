@@ -127,6 +127,15 @@ impl Store {
                 ],
             )
             .map_err(|e| err(&path, e))?;
+            if self.uplink_status {
+                super::uplink::enqueue_in(
+                    &tx,
+                    &format!("devices/{}/status", w.device_id),
+                    w.report,
+                    now_ms,
+                )
+                .map_err(|e| err(&path, e))?;
+            }
             outcomes.push(StatusOutcome::Stored);
         }
         tx.commit().map_err(|e| err(&path, e))?;

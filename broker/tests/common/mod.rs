@@ -91,6 +91,9 @@ impl TestGateway {
         let mut config = GatewayConfig {
             listen: "127.0.0.1:0".parse().unwrap(),
             data_dir: dir.path().join("data"),
+            metrics: fleet_broker::config::MetricsSettings {
+                listen: Some("127.0.0.1:0".parse().unwrap()),
+            },
             ..GatewayConfig::default()
         };
         tweak(&mut config);

@@ -92,6 +92,7 @@ impl Gateway {
         let mut child = Command::new(exe)
             .arg("--config")
             .arg(&config)
+            .env("GATEWAY__METRICS__LISTEN", "127.0.0.1:0")
             .env(
                 "RUST_LOG",
                 std::env::var("BENCH_GATEWAY_LOG").unwrap_or_else(|_| {

@@ -72,6 +72,10 @@ struct Conn {
     /// `update create`.)
     #[arg(long, env = "FLEETCTL_KEY", global = true)]
     cert_key: Option<PathBuf>,
+    /// Reach this gateway through the cloud MQTT broker given as --gateway (its bridge maps
+    /// the API under gateways/GATEWAY_ID/).
+    #[arg(long, env = "FLEETCTL_VIA", global = true, value_name = "GATEWAY_ID")]
+    via: Option<String>,
     /// How long to wait for the gateway to answer a request.
     #[arg(long, default_value = "10s", value_parser = duration, global = true)]
     request_timeout: Duration,
@@ -328,13 +332,15 @@ async fn connect(conn: &Conn) -> Result<FleetClient, Failure> {
             .join("services")
             .join(format!("{}.key", conn.service))
     });
-    Ok(FleetClient::builder()
+    let mut b = FleetClient::builder()
         .gateway(host, port)
         .pem_files(ca, cert, key)
         .request_timeout(conn.request_timeout)
-        .connect_timeout(conn.connect_timeout)
-        .connect()
-        .await?)
+        .connect_timeout(conn.connect_timeout);
+    if let Some(gw) = &conn.via {
+        b = b.via_broker(gw)?;
+    }
+    Ok(b.connect().await?)
 }
 
 fn print_json<T: Serialize>(v: &T) {

@@ -1,0 +1,110 @@
+//! Which topics cross the bridge and what they are called on each side, I/O-free. Upstream,
+//! this gateway's tree is `gateways/{gateway_id}/{local topic}`. Only topics matching a `down`
+//! filter come in: the cloud cannot publish into the rest of the local tree (device command
+//! topics, other services' responses) through the bridge.
+
+use fleet_proto::topics::{self, DeviceTopic, Topic};
+use fleet_proto::GatewayId;
+
+use crate::acl::filter;
+
+/// The bridge's topic rules.
+#[derive(Debug, Clone)]
+pub struct Mapping {
+    gateway: GatewayId,
+    up: Vec<String>,
+    down: Vec<String>,
+}
+
+impl Mapping {
+    /// Rules for `gateway` with local filters `up` and `down`.
+    pub fn new(gateway: GatewayId, up: Vec<String>, down: Vec<String>) -> Self {
+        Mapping { gateway, up, down }
+    }
+
+    /// The gateway id.
+    pub fn gateway(&self) -> &GatewayId {
+        &self.gateway
+    }
+
+    /// The upstream name of a local topic.
+    pub fn upstream(&self, local: &str) -> String {
+        topics::to_upstream(&self.gateway, local)
+    }
+
+    /// The local topic of an upstream one, if it is this gateway's and may come down.
+    pub fn local<'a>(&self, upstream: &'a str) -> Option<&'a str> {
+        let local = topics::from_upstream(&self.gateway, upstream)?;
+        self.down
+            .iter()
+            .any(|f| filter::matches(f, local))
+            .then_some(local)
+    }
+
+    /// What the bridge subscribes to upstream.
+    pub fn down_subscriptions(&self) -> Vec<String> {
+        self.down.iter().map(|f| self.upstream(f)).collect()
+    }
+
+    /// Whether device status reports flow up. They are queued by the store in the transaction
+    /// that stores them (before the device's acknowledgement), not by the bridge's link.
+    pub fn status_up(&self) -> bool {
+        self.up
+            .iter()
+            .any(|f| filter::matches(f, "devices/x/status"))
+    }
+
+    /// What the bridge's local link subscribes to.
+    pub fn up_filters(&self) -> &[String] {
+        &self.up
+    }
+
+    /// Whether a message the link received is queued by the link (status reports are not:
+    /// the store queued them already).
+    pub fn queue_from_link(&self, local: &str) -> bool {
+        !matches!(
+            topics::parse(local),
+            Ok(Topic::Device {
+                kind: DeviceTopic::Status,
+                ..
+            })
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::config::BridgeSettings;
+
+    fn mapping() -> Mapping {
+        let d = BridgeSettings::default();
+        Mapping::new(GatewayId::new("gw-1").unwrap(), d.up, d.down)
+    }
+
+    #[test]
+    fn only_the_down_filters_come_in_and_only_for_this_gateway() {
+        let m = mapping();
+        assert_eq!(
+            m.upstream("devices/d1/status"),
+            "gateways/gw-1/devices/d1/status"
+        );
+        assert_eq!(
+            m.local("gateways/gw-1/fleet/api/svc-1/request"),
+            Some("fleet/api/svc-1/request")
+        );
+        assert_eq!(m.local("gateways/gw-1/devices/d1/cmd"), None);
+        assert_eq!(m.local("gateways/gw-1/fleet/api/svc-1/response"), None);
+        assert_eq!(m.local("gateways/gw-2/fleet/api/svc-1/request"), None);
+        assert_eq!(m.local("fleet/api/svc-1/request"), None);
+        assert_eq!(
+            m.down_subscriptions(),
+            ["gateways/gw-1/fleet/api/+/request"]
+        );
+        assert!(m.status_up());
+        assert!(!m.queue_from_link("devices/d1/status"));
+        assert!(m.queue_from_link("devices/d1/presence"));
+        assert!(m.queue_from_link("fleet/events/commands/d1"));
+    }
+}
