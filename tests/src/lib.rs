@@ -4,6 +4,7 @@
 
 pub mod crash;
 pub mod fleet;
+pub mod mosquitto;
 pub mod mqtt;
 pub mod procs;
 pub mod proxy;
