@@ -46,6 +46,9 @@ pub struct FleetOptions {
     pub version: String,
     /// Update authority keys (none: no updates).
     pub keys: TrustedKeys,
+    /// Install updates into the library's A/B slot files (as a real device would) instead of
+    /// only verifying them.
+    pub slots: bool,
 }
 
 /// One simulated device.
@@ -59,9 +62,13 @@ pub struct SimDevice {
 
 /// Starts every device; each answers commands with success (`ok:NAME`).
 pub fn start(o: &FleetOptions) -> Result<Vec<SimDevice>, ClientError> {
+    o.ids.iter().map(|id| start_one(o, id)).collect()
+}
+
+/// Starts device `id` of the fleet (again, after [`churn`] stopped it: same state).
+pub fn start_one(o: &FleetOptions, id: &str) -> Result<SimDevice, ClientError> {
     let dev = o.pki.join("devices");
-    let mut out = Vec::with_capacity(o.ids.len());
-    for id in &o.ids {
+    {
         let mut b = DeviceClient::builder()
             .gateway(o.host.clone(), o.port)
             .pem_files(
@@ -74,7 +81,10 @@ pub fn start(o: &FleetOptions) -> Result<Vec<SimDevice>, ClientError> {
             .firmware_version(&o.version)
             .backoff(Duration::from_millis(200), Duration::from_secs(2));
         if !o.keys.is_empty() {
-            b = b.update_keys(o.keys.clone()).update_handler(VerifyOnly);
+            b = b.update_keys(o.keys.clone());
+            if !o.slots {
+                b = b.update_handler(VerifyOnly);
+            }
         }
         let (client, mut commands) = b.start()?;
         tokio::spawn(async move {
@@ -85,12 +95,42 @@ pub fn start(o: &FleetOptions) -> Result<Vec<SimDevice>, ClientError> {
                 }
             }
         });
-        out.push(SimDevice {
-            id: id.clone(),
+        Ok(SimDevice {
+            id: id.to_owned(),
             client,
-        });
+        })
     }
-    Ok(out)
+}
+
+/// Connection churn: every `every`, `count` devices chosen round-robin go away (shut down,
+/// goodbye sent) and come back with the same state, as devices that sleep or reboot do. Runs
+/// until the returned task is aborted; the devices live in `fleet`.
+pub fn churn(
+    o: FleetOptions,
+    fleet: std::sync::Arc<tokio::sync::Mutex<Vec<SimDevice>>>,
+    every: Duration,
+    count: usize,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut next = 0usize;
+        let mut tick = tokio::time::interval(every);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            let mut devices = fleet.lock().await;
+            let n = devices.len();
+            for _ in 0..count.min(n) {
+                let i = next % n;
+                next += 1;
+                let id = devices[i].id.clone();
+                devices[i].client.shutdown().await;
+                match start_one(&o, &id) {
+                    Ok(d) => devices[i] = d,
+                    Err(e) => tracing::warn!(device = %id, error = %e, "churn: restart failed"),
+                }
+            }
+        }
+    })
 }
 
 /// The latest update report of every device.

@@ -94,6 +94,7 @@ async fn main() -> Result<(), Error> {
         class: "test-class".into(),
         version: "1.0.0".into(),
         keys,
+        slots: false,
     })?;
     fleet::wait_connected(&devices).await?;
 

@@ -1,0 +1,58 @@
+//! The README's main command: the demo runs unattended to a successful summary (here with a
+//! smaller fleet and image, the same code path).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::process::Command;
+
+use fleet_tests::procs::bin;
+
+#[test]
+fn the_demo_runs_to_a_successful_summary() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("demo-data");
+    let out = Command::new(bin("demo"))
+        .args(["--devices", "12", "--image-kib", "512", "--data"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for want in [
+        "12 devices connected",
+        "command 'blink' to class demo-pump: 12/12 succeeded",
+        "version after          1.1.0 x 12",
+        "12 committed, 0 failed (completed)",
+        "demo: everything succeeded",
+    ] {
+        assert!(text.contains(want), "missing {want:?} in:\n{text}");
+    }
+    // Each device's running slot holds the released image.
+    let image = std::fs::read(data.join("rootfs-1.1.0.img")).unwrap();
+    for i in 1..=12 {
+        let state = data.join(format!("devices/dev-{i:04}"));
+        let slot = device_client::update::SlotInstaller::new(&state).active_image("rootfs");
+        assert!(std::fs::read(slot).unwrap() == image, "dev-{i:04}");
+    }
+    // A second run wipes the first one's directory; another directory is never wiped.
+    let again = Command::new(bin("demo"))
+        .args(["--devices", "2", "--image-kib", "64", "--data"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(again.status.success());
+    let foreign = dir.path().join("mine");
+    std::fs::create_dir_all(&foreign).unwrap();
+    std::fs::write(foreign.join("keep"), b"x").unwrap();
+    let refused = Command::new(bin("demo"))
+        .args(["--devices", "2", "--data"])
+        .arg(&foreign)
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("not a demo directory"));
+    assert!(foreign.join("keep").exists());
+}
