@@ -22,5 +22,17 @@ pub mod v1 {
     include!(concat!(env!("OUT_DIR"), "/fleet.v1.rs"));
 }
 
+impl v1::UpdatePhase {
+    /// Whether a device is done with the update: committed, rolled back, rejected or failed.
+    pub fn is_final(self) -> bool {
+        self == Self::Committed || self.is_failure()
+    }
+
+    /// Whether this final phase is a failure (rolled back, rejected or failed).
+    pub fn is_failure(self) -> bool {
+        matches!(self, Self::RolledBack | Self::Rejected | Self::Failed)
+    }
+}
+
 pub use ids::{DeviceId, GatewayId, IdError};
 pub use prost::Message;

@@ -86,20 +86,22 @@ impl<'a> Publish<'a> {
         }
     }
 
-    /// Builds, signs with `signer`, registers and uploads.
+    /// Builds, signs with `signer`, registers and uploads; the update's record afterwards.
+    pub async fn try_run(
+        &self,
+        fleet: &FleetClient,
+        signer: &UpdateSigner,
+    ) -> Result<UpdateRecord, Box<dyn std::error::Error + Send + Sync>> {
+        let built = build_update(&self.spec(), signer)?;
+        let rec = fleet.create_update(built.signed.clone()).await?;
+        fleet.upload_images(&built, &rec.images, |_, _| {}).await?;
+        Ok(fleet.get_update(self.id).await?)
+    }
+
+    /// [`Publish::try_run`] for tests: panics on failure.
     pub async fn run(&self, fleet: &FleetClient, signer: &UpdateSigner) -> UpdateRecord {
-        let built = build_update(&self.spec(), signer).unwrap_or_else(|e| panic!("build: {e}"));
-        let rec = fleet
-            .create_update(built.signed.clone())
+        self.try_run(fleet, signer)
             .await
-            .unwrap_or_else(|e| panic!("create: {e}"));
-        fleet
-            .upload_images(&built, &rec.images, |_, _| {})
-            .await
-            .unwrap_or_else(|e| panic!("upload: {e}"));
-        fleet
-            .get_update(self.id)
-            .await
-            .unwrap_or_else(|e| panic!("get: {e}"))
+            .unwrap_or_else(|e| panic!("publishing {}: {e}", self.id))
     }
 }

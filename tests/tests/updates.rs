@@ -292,39 +292,35 @@ async fn corrupted_chunks_are_rejected_and_persistent_corruption_fails_cleanly()
     let image_path = dir.path().join("img");
     let image = write_image(&image_path, 1 << 20, 4);
 
+    // A gateway in `dir/name` corrupting every `every`th chunk it sends, fw-c published and
+    // deployed to `device`; the device's target record once it reaches `until`.
+    let run =
+        |name: &'static str, every: &'static str, device: &'static str, until: UpdatePhase| {
+            let (dir, image_path, signer, public) = (dir.path(), &image_path, &signer, &public);
+            async move {
+                let at = dir.join(name);
+                std::fs::create_dir_all(&at).unwrap();
+                let gw = GatewayProc::start(&at, 0, 2, &[("GATEWAY_TEST_CORRUPT_CHUNKS", every)]);
+                let fleet = gw.fleet().await;
+                Publish::new("fw-c", image_path).run(&fleet, signer).await;
+                let o = device_opts(&at, device, public, &[]);
+                let dev = DeviceProc::start(&gw.address(), &gw.pki(), &o);
+                deploy(&fleet, "fw-c", &[device], 0, 0).await;
+                let r = until_update(&fleet, "fw-c", Duration::from_secs(120), |r| {
+                    target(r, device).phase() == until
+                })
+                .await;
+                (target(&r, device).clone(), o, dev)
+            }
+        };
+
     // Every 7th chunk corrupted: each is caught, asked again, and the update commits.
-    let sporadic = dir.path().join("sporadic");
-    std::fs::create_dir_all(&sporadic).unwrap();
-    let gw = GatewayProc::start(&sporadic, 0, 2, &[("GATEWAY_TEST_CORRUPT_CHUNKS", "7")]);
-    let fleet = gw.fleet().await;
-    Publish::new("fw-c", &image_path).run(&fleet, &signer).await;
-    let o = device_opts(&sporadic, "dev-0001", &public, &[]);
-    let _dev = DeviceProc::start(&gw.address(), &gw.pki(), &o);
-    deploy(&fleet, "fw-c", &["dev-0001"], 0, 0).await;
-    let r = until_update(&fleet, "fw-c", Duration::from_secs(120), |r| {
-        target(r, "dev-0001").phase() == UpdatePhase::Committed
-    })
-    .await;
-    let t = target(&r, "dev-0001");
+    let (t, o, _dev) = run("sporadic", "7", "dev-0001", UpdatePhase::Committed).await;
     assert!(t.chunks_rejected >= 64 / 7, "{t:?}");
     assert!(std::fs::read(active_image(&o)).unwrap() == image);
-    drop(fleet);
-    gw.kill();
 
     // Every chunk corrupted: the update fails with the reason; the running slot is untouched.
-    let always = dir.path().join("always");
-    std::fs::create_dir_all(&always).unwrap();
-    let gw = GatewayProc::start(&always, 0, 2, &[("GATEWAY_TEST_CORRUPT_CHUNKS", "1")]);
-    let fleet = gw.fleet().await;
-    Publish::new("fw-c", &image_path).run(&fleet, &signer).await;
-    let o = device_opts(&always, "dev-0002", &public, &[]);
-    let dev = DeviceProc::start(&gw.address(), &gw.pki(), &o);
-    deploy(&fleet, "fw-c", &["dev-0002"], 0, 0).await;
-    let r = until_update(&fleet, "fw-c", Duration::from_secs(120), |r| {
-        target(r, "dev-0002").phase() == UpdatePhase::Failed
-    })
-    .await;
-    let t = target(&r, "dev-0002");
+    let (t, o, dev) = run("always", "1", "dev-0002", UpdatePhase::Failed).await;
     assert_eq!(t.error(), UpdateError::ChunkVerification, "{t:?}");
     assert!(t.detail.contains("failed verification"), "{t:?}");
     assert_eq!(t.chunks_held, 0);

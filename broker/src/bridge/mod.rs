@@ -242,9 +242,7 @@ impl Bridge {
             }
             Ok(Event::Incoming(Incoming::Publish(p))) => {
                 Metrics::inc(&self.metrics.bridge_messages_down);
-                self.metrics
-                    .bridge_bytes_down
-                    .fetch_add(p.payload.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                Metrics::add(&self.metrics.bridge_bytes_down, p.payload.len() as u64);
                 match self.mapping.local(&p.topic) {
                     Some(local) => {
                         if let Err(e) = self.link.publish(local.to_owned(), p.payload.to_vec()) {
@@ -265,9 +263,7 @@ impl Bridge {
             Ok(Event::Incoming(Incoming::PubAck(ack))) => {
                 if let Some((seq, bytes)) = self.inflight.remove(&ack.pkid) {
                     Metrics::inc(&self.metrics.bridge_messages_up);
-                    self.metrics
-                        .bridge_bytes_up
-                        .fetch_add(bytes as u64, std::sync::atomic::Ordering::Relaxed);
+                    Metrics::add(&self.metrics.bridge_bytes_up, bytes as u64);
                     self.acked.push(seq);
                     if self.acked.len() >= ACK_BATCH {
                         self.flush_acks().await;
@@ -366,9 +362,7 @@ impl Bridge {
             return;
         };
         if dropped > 0 {
-            self.metrics
-                .bridge_dropped
-                .fetch_add(dropped, std::sync::atomic::Ordering::Relaxed);
+            Metrics::add(&self.metrics.bridge_dropped, dropped);
             warn!(
                 dropped,
                 max_queue_bytes = max,

@@ -15,13 +15,13 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use cloud_client::{
-    build_update, CampaignState, DeployUpdate, FleetClient, ImageSpec, SendCommand, UpdatePhase,
-    UpdateRecord, UpdateSpec,
+    CampaignState, DeployUpdate, FleetClient, SendCommand, UpdatePhase, UpdateRecord,
 };
 use fleet_broker::config::{GatewayConfig, MetricsSettings};
 use fleet_broker::Gateway;
 use fleet_proto::signing::{TrustedKeys, UpdateSigner};
 use fleet_tests::fleet::{self, FleetOptions};
+use fleet_tests::updates::Publish;
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
@@ -219,23 +219,16 @@ async fn run(a: Args) -> Result<bool, Error> {
     fleet_tests::updates::write_image(&image, a.image_kib * 1024, 7);
     let signer =
         UpdateSigner::from_pkcs8_pem(&std::fs::read_to_string(pki.join("update-signing.key"))?)?;
-    let spec = UpdateSpec {
-        update_id: "demo-1.1.0".into(),
-        version: "1.1.0".into(),
-        device_class: CLASS.into(),
+    let publish = Publish {
+        id: "demo-1.1.0",
+        version: "1.1.0",
+        class: CLASS,
         sequence: 2,
-        chunk_size: 16 * 1024,
-        expires_at_ms: fleet_proto::time::now_ms() + 86_400_000,
-        description: "demo release".into(),
-        images: vec![ImageSpec {
-            component: "rootfs".into(),
-            path: image.clone(),
-        }],
+        ..Publish::new("demo-1.1.0", &image)
     };
-    let built = build_update(&spec, &signer)?;
     let t_up = Instant::now();
-    let rec = sdk.create_update(built.signed.clone()).await?;
-    let chunks = sdk.upload_images(&built, &rec.images, |_, _| {}).await?;
+    let rec = publish.try_run(&sdk, &signer).await?;
+    let chunks = rec.images.first().map_or(0, |i| i.chunk_count);
     step(t0, &format!("update demo-1.1.0 signed (Ed25519) and uploaded: {} KiB, {chunks} chunks of 16 KiB, each checked by the gateway, in {:.2} s", a.image_kib, t_up.elapsed().as_secs_f64()));
 
     let t_roll = Instant::now();

@@ -242,22 +242,23 @@ impl UpdateService {
     pub(super) async fn record(&mut self, update_id: &str) -> Result<UpdateRecord, ApiError> {
         validate_id(update_id).map_err(|e| invalid(format!("update_id: {e}")))?;
         let id = update_id.to_owned();
-        let (stored, images) = self
+        let (stored, m, images) = self
             .store
             .call("get update", move |s| {
                 let Some(u) = s.update(&id)? else {
                     return Ok(None);
                 };
-                let images = match decode_signed(&u.signed_manifest) {
-                    Ok((_, m)) => image_states(s, &m)?,
+                let m = decode_signed(&u.signed_manifest).map(|(_, m)| m);
+                let images = match &m {
+                    Ok(m) => image_states(s, m)?,
                     Err(_) => Vec::new(),
                 };
-                Ok(Some((u, images)))
+                Ok(Some((u, m, images)))
             })
             .await
             .map_err(|_| unavailable())?
             .ok_or_else(|| not_found(update_id))?;
-        let (_, m) = decode_signed(&stored.signed_manifest).map_err(invalid)?;
+        let m = m.map_err(invalid)?;
         let campaign = self.campaigns.get(update_id);
         Ok(UpdateRecord {
             update_id: m.update_id,

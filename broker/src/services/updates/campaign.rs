@@ -14,26 +14,13 @@
 use std::collections::HashMap;
 
 use fleet_proto::v1::{
-    CampaignAction, CampaignRecord, CampaignState, TargetRecord, UpdatePhase, UpdateProgress,
+    CampaignAction, CampaignRecord, CampaignState, TargetRecord, UpdateProgress,
 };
 
-/// Whether a device is done with the update (successfully or not).
-pub fn is_final(phase: UpdatePhase) -> bool {
-    matches!(
-        phase,
-        UpdatePhase::Committed
-            | UpdatePhase::RolledBack
-            | UpdatePhase::Rejected
-            | UpdatePhase::Failed
-    )
-}
-
-/// Whether a final phase counts as a failure.
-pub fn is_failure(phase: UpdatePhase) -> bool {
-    matches!(
-        phase,
-        UpdatePhase::RolledBack | UpdatePhase::Rejected | UpdatePhase::Failed
-    )
+/// Whether a target was offered the update and is still working on it (not aborted, not
+/// finished): its chunk requests are served, its progress recorded, its offer renewed.
+fn working(t: &TargetRecord) -> bool {
+    t.offered && !t.aborted && !t.phase().is_final()
 }
 
 /// What a change requires of the service.
@@ -144,8 +131,7 @@ impl Campaign {
     /// Whether `device` has been offered the update and is still working on it (so its chunk
     /// requests are served).
     pub fn is_active(&self, device: &str) -> bool {
-        self.target(device)
-            .is_some_and(|t| t.offered && !t.aborted && !is_final(t.phase()))
+        self.target(device).is_some_and(working)
     }
 
     /// Devices offered the update and not finished: their manifests are re-published after a
@@ -153,7 +139,7 @@ impl Campaign {
     pub fn offered_unfinished(&self) -> Vec<String> {
         self.targets
             .iter()
-            .filter(|t| t.offered && !t.aborted && !is_final(t.phase()))
+            .filter(|t| working(t))
             .map(|t| t.device_id.clone())
             .collect()
     }
@@ -196,15 +182,15 @@ impl Campaign {
             let unfinished = self
                 .targets
                 .iter()
-                .any(|t| t.batch == batch && !t.aborted && !is_final(t.phase()));
+                .any(|t| t.batch == batch && !t.aborted && !t.phase().is_final());
             if unfinished {
                 return;
             }
-            let finished = self.targets.iter().filter(|t| is_final(t.phase())).count() as u64;
+            let finished = self.targets.iter().filter(|t| t.phase().is_final()).count() as u64;
             let failed = self
                 .targets
                 .iter()
-                .filter(|t| is_failure(t.phase()))
+                .filter(|t| t.phase().is_failure())
                 .count() as u64;
             let max = u64::from(self.record.max_failures_percent);
             e.campaign_changed = true;
@@ -244,7 +230,7 @@ impl Campaign {
     ) -> Option<Effects> {
         let &i = self.index.get(device)?;
         let t = &mut self.targets[i];
-        if !t.offered || t.aborted || is_final(t.phase()) {
+        if !working(t) {
             return None;
         }
         let phase_changed = t.phase != p.phase;
@@ -260,7 +246,7 @@ impl Campaign {
         if phase_changed {
             e.changed.push(i);
         }
-        if is_final(p.phase()) {
+        if p.phase().is_final() {
             e.withdraw.push(device.to_owned());
             self.advance(now_ms, &mut e, false);
         }
@@ -293,7 +279,7 @@ impl Campaign {
                 self.record.state = CampaignState::Aborted.into();
                 self.record.reason = "aborted by an operator".into();
                 for (i, t) in self.targets.iter_mut().enumerate() {
-                    if !is_final(t.phase()) && !t.aborted {
+                    if !t.phase().is_final() && !t.aborted {
                         t.aborted = true;
                         e.changed.push(i);
                         if t.offered {
@@ -327,6 +313,7 @@ impl Campaign {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use fleet_proto::v1::UpdatePhase;
 
     fn devices(n: usize) -> Vec<String> {
         (0..n).map(|i| format!("d{i}")).collect()

@@ -420,7 +420,7 @@ impl UpdateService {
             return;
         };
         Metrics::inc(&self.metrics.update_reports);
-        if campaign::is_final(p.phase()) {
+        if p.phase().is_final() {
             self.queue.remove(device);
             info!(device, update_id = %p.update_id, phase = ?p.phase(), error = ?p.error(), detail = %p.detail, "device finished an update");
         } else if !effects.changed.is_empty() {

@@ -188,16 +188,6 @@ fn lower(name: &str, prefix: &str) -> String {
     name.trim_start_matches(prefix).to_lowercase()
 }
 
-fn is_final(p: UpdatePhase) -> bool {
-    matches!(
-        p,
-        UpdatePhase::Committed
-            | UpdatePhase::RolledBack
-            | UpdatePhase::Rejected
-            | UpdatePhase::Failed
-    )
-}
-
 impl From<&UpdateRecord> for UpdateView {
     fn from(r: &UpdateRecord) -> Self {
         let mut summary = Summary {
@@ -207,7 +197,7 @@ impl From<&UpdateRecord> for UpdateView {
         for t in &r.targets {
             match t.phase() {
                 UpdatePhase::Committed => summary.committed += 1,
-                p if is_final(p) => summary.failed += 1,
+                p if p.is_failure() => summary.failed += 1,
                 _ if t.aborted => summary.aborted += 1,
                 _ if !t.offered => summary.waiting += 1,
                 _ => summary.in_progress += 1,
