@@ -19,4 +19,10 @@ if ((${#missing[@]})); then
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}"
 fi
 
-cargo test --workspace --locked "$@"
+# Build first (a clean build on 2 cores takes minutes and cannot hang), then run under a
+# deadline: a test that hangs fails the run with a message naming it, well inside CI's limit,
+# instead of running until something kills it. Every test bounds its own waits; this is the
+# backstop. FLEET_TEST_DEADLINE (seconds) overrides the run's deadline.
+./scripts/deadline.sh 2400 "building the tests" cargo test --workspace --locked --no-run "$@"
+./scripts/deadline.sh "${FLEET_TEST_DEADLINE:-1200}" "the test suite" \
+    cargo test --workspace --locked "$@"

@@ -372,26 +372,125 @@ mod tests {
         levels.join("/")
     }
 
-    proptest! {
-        /// No filter a device is granted can match a topic outside its own tree, and no topic it
-        /// may publish to is outside its tree.
-        #[test]
-        fn device_grants_stay_in_its_tree(
-            f in prop::collection::vec(level(), 1..6),
-            t in prop::collection::vec(level(), 1..6),
-        ) {
-            let p = policy();
-            let d = who(Role::Device, "dev-1");
-            let filter_text = topic_from(f);
-            let topic = topic_from(t).replace(['+', '#'], "x");
-            if p.check_subscribe(&d, &filter_text) == Decision::Allow && filter::matches(&filter_text, &topic) {
-                prop_assert!(topic.starts_with("devices/dev-1/"), "{filter_text} granted and matches {topic}");
-            }
-            if p.check_publish(&d, &topic) == Decision::Allow {
-                prop_assert!(topic.starts_with("devices/dev-1/"), "publish to {topic} granted");
-            }
-        }
+    /// Topic levels near a device's tree: its own id, a neighbour's, ids that share a prefix,
+    /// the topic table's leaves and the wildcards.
+    fn near_level() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just("dev-1".to_owned()),
+            Just("dev-2".to_owned()),
+            Just("dev-10".to_owned()),
+            Just("cmd".to_owned()),
+            Just("result".to_owned()),
+            Just("status".to_owned()),
+            Just("update".to_owned()),
+            Just("manifest".to_owned()),
+            Just("chunk".to_owned()),
+            Just("presence".to_owned()),
+            Just("get".to_owned()),
+            Just("progress".to_owned()),
+            Just("+".to_owned()),
+            Just("#".to_owned()),
+        ]
+    }
 
+    /// Filters and topics: the device's own table entries and wildcard variants of them,
+    /// filters that reach into other trees, shapes like the table (`devices/<level>/...`), and
+    /// anything built from `level()`.
+    fn near_topic() -> impl Strategy<Value = String> {
+        let own = prop::sample::select(vec![
+            "cmd",
+            "cmd/result",
+            "status",
+            "presence",
+            "update/get",
+            "update/progress",
+            "update/manifest",
+            "update/chunk",
+            "update/+",
+            "+",
+            "#",
+            "cmd/#",
+            "+/+",
+        ])
+        .prop_map(|leaf| format!("devices/dev-1/{leaf}"));
+        // Filters that reach into other devices' trees.
+        let wide = prop::sample::select(vec![
+            "#",
+            "devices/#",
+            "devices/+/cmd",
+            "+/+/cmd",
+            "devices/+/update/#",
+            "+/dev-2/#",
+            "devices/dev-2/+",
+            "devices/+/+",
+        ])
+        .prop_map(str::to_owned);
+        prop_oneof![
+            2 => own,
+            1 => wide,
+            3 => prop::collection::vec(near_level(), 1..4)
+                .prop_map(|rest| format!("devices/{}", rest.join("/"))),
+            1 => prop::collection::vec(level(), 1..6).prop_map(topic_from),
+        ]
+    }
+
+    /// No filter a device is granted can match a topic outside its own tree, and no topic
+    /// outside its tree may be published to. The test counts how many cases reached each
+    /// check (a filter that matches a foreign topic, a topic outside the tree) and how many
+    /// were granted at all, and fails if any is too rare to mean something.
+    #[test]
+    fn device_grants_stay_in_its_tree() {
+        use proptest::test_runner::{Config, TestRunner};
+        use std::cell::Cell;
+        let p = policy();
+        let d = who(Role::Device, "dev-1");
+        let in_tree = |topic: &str| topic.starts_with("devices/dev-1/");
+        let (foreign_match, sub_granted, foreign_publish, pub_granted) = (
+            Cell::new(0u32),
+            Cell::new(0u32),
+            Cell::new(0u32),
+            Cell::new(0u32),
+        );
+        let mut runner = TestRunner::new(Config {
+            cases: 4000,
+            failure_persistence: None,
+            ..Config::default()
+        });
+        let result = runner.run(&(near_topic(), near_topic()), |(filter_text, topic)| {
+            let topic = topic.replace(['+', '#'], "x");
+            let granted = p.check_subscribe(&d, &filter_text) == Decision::Allow;
+            if granted {
+                sub_granted.set(sub_granted.get() + 1);
+            }
+            if filter::matches(&filter_text, &topic) && !in_tree(&topic) {
+                // The check: a filter that reaches outside the tree is never granted.
+                foreign_match.set(foreign_match.get() + 1);
+                prop_assert!(!granted, "{filter_text} granted and matches {topic}");
+            }
+            let may_publish = p.check_publish(&d, &topic) == Decision::Allow;
+            if may_publish {
+                pub_granted.set(pub_granted.get() + 1);
+            }
+            if !in_tree(&topic) {
+                foreign_publish.set(foreign_publish.get() + 1);
+                prop_assert!(!may_publish, "publish to {topic} granted");
+            }
+            Ok(())
+        });
+        if let Err(e) = result {
+            panic!("{e}");
+        }
+        for (what, n) in [
+            ("filters matching a foreign topic", foreign_match.get()),
+            ("subscriptions granted", sub_granted.get()),
+            ("publishes outside the tree", foreign_publish.get()),
+            ("publishes granted", pub_granted.get()),
+        ] {
+            assert!(n >= 100, "only {n} of 4000 cases were {what}");
+        }
+    }
+
+    proptest! {
         /// `within` is sound: whenever it says inner lies within outer, every topic matched by
         /// inner is matched by outer.
         #[test]
