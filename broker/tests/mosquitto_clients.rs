@@ -64,9 +64,19 @@ async fn device_talks_on_its_own_topics_and_is_denied_everything_else() {
 async fn publishes_to_another_device_never_reach_it() {
     let gw = TestGateway::start().await;
     // dev-2 listens on everything it may read.
-    let victim = gw.subscribe("dev-2", "devices/dev-2/cmd", &["-W", "6", "-q", "1"]);
-    let victim_updates = gw.subscribe("dev-3", "devices/dev-3/update/manifest", &["-W", "6"]);
-    let svc = gw.subscribe("svc-2", "devices/+/status", &["-W", "6"]);
+    // Each stops at its first message (-C 1): the forgeries are sent, and acknowledged, before
+    // the legitimate message below, so a forgery that got through would be that first one.
+    let victim = gw.subscribe(
+        "dev-2",
+        "devices/dev-2/cmd",
+        &["-C", "1", "-W", "60", "-q", "1"],
+    );
+    let victim_updates = gw.subscribe(
+        "dev-3",
+        "devices/dev-3/update/manifest",
+        &["-C", "1", "-W", "60"],
+    );
+    let svc = gw.subscribe("svc-2", "devices/+/status", &["-C", "1", "-W", "60"]);
     for s in [&victim, &victim_updates, &svc] {
         s.subscribed().await;
     }
@@ -205,7 +215,7 @@ async fn bad_certificates_are_refused_at_the_handshake() {
 async fn wills_follow_the_acl() {
     let gw = TestGateway::start().await;
     let watcher = gw.subscribe("svc-1", "devices/+/presence", &["-C", "1", "-W", "10"]);
-    let wide = gw.subscribe("svc-2", "devices/+/status", &["-W", "4"]);
+    let wide = gw.subscribe("svc-2", "devices/+/status", &["-C", "1", "-W", "60"]);
     watcher.subscribed().await;
     wide.subscribed().await;
 
@@ -251,17 +261,24 @@ async fn wills_follow_the_acl() {
         String::from_utf8_lossy(&got.stdout).trim(),
         "devices/dev-1/presence lost"
     );
+    // The refused connection ended before the presence will fired, and wills go out in order:
+    // had the forged will been published, it would arrive before this control status.
+    let out = gw.publish("dev-2", "devices/dev-2/status", STATUS_SEQ_1, &["-q", "1"]);
+    assert!(out.status.success(), "{}", text(&out));
     let got = finish(wide).await;
-    assert!(!String::from_utf8_lossy(&got.stdout).contains("forged-will"));
+    assert_eq!(
+        String::from_utf8_lossy(&got.stdout).trim_end_matches('\n'),
+        format!("devices/dev-2/status {STATUS_SEQ_1}"),
+        "{}",
+        text(&got)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn offline_device_gets_its_command_on_reconnect() {
     let gw = TestGateway::start().await;
     // dev-1 subscribes with a persistent session (-c) at QoS 1, then goes away.
-    let sub = gw.subscribe("dev-1", "devices/dev-1/cmd", &["-c", "-q", "1", "-W", "2"]);
-    let _ = finish(sub).await;
-    gw.wait_sessions(0).await;
+    persistent_session(&gw, "dev-1", "devices/dev-1/cmd").await;
     // While it is offline, the service commands it.
     let out = gw.publish(
         "svc-1",
@@ -343,7 +360,9 @@ async fn qos2_and_retained_messages() {
         "devices/dev-2/update/manifest manifest-v2"
     );
 
-    // A denied retained publish leaves nothing behind for the victim.
+    // A denied retained publish leaves nothing behind for the victim. A retained message is
+    // sent right after the SUBACK, before anything published later; so once the subscription
+    // is acknowledged, a live control message must be the first (and only) thing to arrive.
     let out = gw.publish(
         "dev-1",
         "devices/dev-3/update/manifest",
@@ -351,9 +370,21 @@ async fn qos2_and_retained_messages() {
         &["-q", "1", "-r"],
     );
     assert!(out.status.success(), "{}", text(&out));
-    let sub = gw.subscribe("dev-3", "devices/dev-3/update/manifest", &["-W", "2"]);
+    let sub = gw.subscribe(
+        "dev-3",
+        "devices/dev-3/update/manifest",
+        &["-C", "1", "-W", "60"],
+    );
+    sub.subscribed().await;
+    let out = gw.publish("svc-1", "devices/dev-3/update/manifest", "control", &[]);
+    assert!(out.status.success(), "{}", text(&out));
     let got = finish(sub).await;
-    assert!(got.stdout.is_empty(), "{}", text(&got));
+    assert_eq!(
+        String::from_utf8_lossy(&got.stdout).trim(),
+        "devices/dev-3/update/manifest control",
+        "{}",
+        text(&got)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -361,8 +392,7 @@ async fn a_backlog_arrives_complete_and_in_order() {
     use std::io::Write;
     let gw = TestGateway::start().await;
     // dev-1 has a persistent session and goes offline.
-    let _ = finish(gw.subscribe("dev-1", "devices/dev-1/cmd", &["-c", "-q", "1", "-W", "1"])).await;
-    gw.wait_sessions(0).await;
+    persistent_session(&gw, "dev-1", "devices/dev-1/cmd").await;
     // 300 QoS 1 commands queue up for it (mosquitto_pub -l publishes each stdin line).
     let mut c = std::process::Command::new(tool("mosquitto_pub"));
     c.args(gw.mosq_args("svc-1"))
@@ -399,4 +429,14 @@ async fn a_backlog_arrives_complete_and_in_order() {
         text(&got)
     );
     assert_eq!(lines, want);
+}
+
+/// `id` subscribes to `filter` at QoS 1 with a persistent session, the SUBACK arrives, and it
+/// goes away (killed: the session stays, as after a power cut).
+async fn persistent_session(gw: &TestGateway, id: &str, filter: &str) {
+    let mut sub = gw.subscribe(id, filter, &["-c", "-q", "1", "-W", "60"]);
+    sub.subscribed().await;
+    sub.kill();
+    let _ = finish(sub).await;
+    gw.wait_sessions(0).await;
 }
