@@ -33,6 +33,7 @@ mod client;
 pub mod updates;
 
 pub use client::{CommandHandle, FleetClient, FleetClientBuilder, SdkError};
+pub use fleet_backoff::BackoffConfig;
 pub use fleet_proto::v1::{
     ApiErrorCode, CampaignAction, CampaignRecord, CampaignState, CommandEvent, CommandRecord,
     CommandState, DeployUpdate, DeviceStatus, ImageState, SendCommand, TargetRecord, UpdateError,
