@@ -27,10 +27,10 @@
 //! # Ok(()) }
 //! ```
 #![forbid(unsafe_code)]
-#![warn(missing_docs)]
+#![warn(missing_docs, unreachable_pub)]
 
 mod client;
-pub mod updates;
+mod updates;
 
 pub use client::{CommandHandle, FleetClient, FleetClientBuilder, SdkError};
 pub use fleet_backoff::BackoffConfig;

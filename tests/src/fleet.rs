@@ -5,8 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use device_client::update::{StagedImage, UpdateHandler};
-use device_client::{ClientError, DeviceClient};
+use device_client::{ClientError, DeviceClient, StagedImage, UpdateHandler};
 use fleet_proto::signing::TrustedKeys;
 use fleet_proto::v1::{UpdateManifest, UpdatePhase, UpdateProgress};
 

@@ -40,7 +40,7 @@ const TICK: Duration = Duration::from_millis(100);
 
 /// What the agent is configured with.
 #[derive(Clone)]
-pub struct UpdateConfig {
+pub(crate) struct UpdateConfig {
     /// The update authority's keys.
     pub trusted: TrustedKeys,
     /// The application's hooks.

@@ -12,9 +12,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use device_client::update::download::DownloadSettings;
-use device_client::update::{Decision, SlotInstaller, StagedImage, UpdateHandler};
-use device_client::{DeviceClient, Health, StatusReport};
+use device_client::{
+    Decision, DeviceClient, DownloadSettings, Health, SlotInstaller, StagedImage, StatusReport,
+    UpdateHandler,
+};
 use fleet_proto::signing::TrustedKeys;
 use fleet_proto::v1::UpdateManifest;
 
