@@ -34,6 +34,7 @@
 //!   [`TrustedKeys`] before anything is downloaded, chunks are verified one by one and the
 //!   download resumes after a restart. Your [`UpdateHandler`] decides ([`Decision`]) and installs
 //!   ([`StagedImage`]); [`SlotInstaller`] is the default, an A/B slot file per component.
+//!   A step that fails returns a [`HandlerError`], reported upward with its causes.
 //!   Progress: [`DeviceClient::update_reports`] ([`UpdateProgress`]).
 //! * **Reconnects** back off exponentially with full jitter ([`BackoffConfig`]).
 //!
@@ -66,7 +67,7 @@ pub use fleet_proto::v1::{
 pub use status::store::{OutboxError, OutboxStore};
 pub use status::{Outbox, Pushed};
 pub use update::download::DownloadSettings;
-pub use update::{Decision, SlotInstaller, StagedImage, UpdateHandler};
+pub use update::{Decision, HandlerError, SlotInstaller, StagedImage, UpdateHandler};
 
 /// The README's Rust examples, compiled as doc tests so they cannot rot.
 #[cfg(doctest)]

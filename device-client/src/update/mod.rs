@@ -17,4 +17,4 @@ pub(crate) mod judge;
 pub(crate) mod state;
 
 pub(crate) use agent::UpdateConfig;
-pub use install::{Decision, SlotInstaller, StagedImage, UpdateHandler};
+pub use install::{Decision, HandlerError, SlotInstaller, StagedImage, UpdateHandler};
