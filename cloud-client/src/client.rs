@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use fleet_backoff::{Backoff, BackoffConfig};
 use fleet_proto::topics::{self, FleetTopic, Topic};
 use fleet_proto::v1::{
     api_request, api_response, ApiErrorCode, ApiRequest, ApiResponse, CommandEvent, CommandRecord,
@@ -62,6 +63,7 @@ pub struct FleetClientBuilder {
     pem: Option<(PathBuf, PathBuf, PathBuf)>,
     request_timeout: Duration,
     connect_timeout: Duration,
+    reconnect: BackoffConfig,
     via: Option<fleet_proto::GatewayId>,
 }
 
@@ -96,8 +98,13 @@ impl FleetClientBuilder {
         self
     }
 
-    /// Connects, subscribes to the service's responses and to command events, and returns once
-    /// both subscriptions are in place. Reconnects by itself afterwards.
+    /// Reconnect delays, exponential with full jitter. Default: from 200 ms up to 5 s (an
+    /// operator's tool waits for its answer), otherwise as [`BackoffConfig::default`].
+    pub fn reconnect(mut self, policy: BackoffConfig) -> Self {
+        self.reconnect = policy;
+        self
+    }
+
     /// Reach the gateway `gateway_id` through a cloud MQTT broker (the address given to
     /// [`gateway`](Self::gateway)) that its bridge connects to: the same API, under
     /// `gateways/{gateway_id}/`.
@@ -109,7 +116,7 @@ impl FleetClientBuilder {
     }
 
     /// Connects, subscribes to the service's responses and the command events, and returns
-    /// once both subscriptions are granted.
+    /// once both subscriptions are granted. Reconnects by itself afterwards.
     pub async fn connect(self) -> Result<FleetClient, SdkError> {
         let host = self
             .host
@@ -142,7 +149,8 @@ impl FleetClientBuilder {
             request_timeout: self.request_timeout,
             via: self.via,
         });
-        tokio::spawn(drive(inner.clone(), eventloop, ready_tx));
+        let backoff = Backoff::new(self.reconnect);
+        tokio::spawn(drive(inner.clone(), eventloop, ready_tx, backoff));
         let waited = tokio::time::timeout(
             self.connect_timeout,
             ready_rx.wait_for(|r| matches!(r, Ready::Subscribed)),
@@ -198,10 +206,14 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     }
 }
 
-async fn drive(inner: Arc<Inner>, mut eventloop: EventLoop, ready: watch::Sender<Ready>) {
+async fn drive(
+    inner: Arc<Inner>,
+    mut eventloop: EventLoop,
+    ready: watch::Sender<Ready>,
+    mut backoff: Backoff,
+) {
     let response_topic = inner.topic(&topics::api_response_topic(&inner.service_id));
     let events_topic = inner.topic(topics::ALL_COMMAND_EVENTS);
-    let mut delay = Duration::from_millis(200);
     let mut sub_pkid = None;
     loop {
         if ready.is_closed() && Arc::strong_count(&inner) == 1 {
@@ -210,7 +222,7 @@ async fn drive(inner: Arc<Inner>, mut eventloop: EventLoop, ready: watch::Sender
         }
         match eventloop.poll().await {
             Ok(Event::Incoming(Incoming::ConnAck(_))) => {
-                delay = Duration::from_millis(200);
+                backoff.connected(tokio::time::Instant::now().into_std());
                 let filters = vec![
                     rumqttc::SubscribeFilter::new(response_topic.clone(), QoS::AtLeastOnce),
                     rumqttc::SubscribeFilter::new(events_topic.clone(), QoS::AtLeastOnce),
@@ -245,8 +257,11 @@ async fn drive(inner: Arc<Inner>, mut eventloop: EventLoop, ready: watch::Sender
                 if matches!(e, rumqttc::ConnectionError::RequestsDone) {
                     break;
                 }
+                let delay = backoff.failed(
+                    tokio::time::Instant::now().into_std(),
+                    rand_core::OsRng.next_u64(),
+                );
                 tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(5));
             }
         }
     }
@@ -305,6 +320,10 @@ impl FleetClient {
             pem: None,
             request_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(10),
+            reconnect: BackoffConfig::exponential(
+                Duration::from_millis(200),
+                Duration::from_secs(5),
+            ),
             via: None,
         }
     }

@@ -27,12 +27,13 @@
 //! # Ok(()) }
 //! ```
 #![forbid(unsafe_code)]
-#![warn(missing_docs)]
+#![warn(missing_docs, unreachable_pub)]
 
 mod client;
-pub mod updates;
+mod updates;
 
 pub use client::{CommandHandle, FleetClient, FleetClientBuilder, SdkError};
+pub use fleet_backoff::BackoffConfig;
 pub use fleet_proto::v1::{
     ApiErrorCode, CampaignAction, CampaignRecord, CampaignState, CommandEvent, CommandRecord,
     CommandState, DeployUpdate, DeviceStatus, ImageState, SendCommand, TargetRecord, UpdateError,

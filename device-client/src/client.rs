@@ -27,6 +27,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use fleet_backoff::{Backoff, BackoffConfig};
 use fleet_proto::signing::TrustedKeys;
 use fleet_proto::topics::{self, DeviceTopic};
 use fleet_proto::v1::{Command, CommandResult, CommandStatus, StatusReport, UpdateProgress};
@@ -39,7 +40,6 @@ use rumqttc::{
 use tokio::sync::{mpsc, watch, Notify};
 use tracing::{debug, info, warn};
 
-use crate::backoff::Backoff;
 use crate::commands::journal::{Journal, JournalError};
 use crate::commands::{CommandGate, GateError, DEFAULT_WINDOW};
 use crate::session::{Action, DeviceInfo, Publish, Session, Tag, DEFAULT_STATUS_WINDOW};
@@ -101,7 +101,7 @@ pub struct DeviceClientBuilder {
     device_class: String,
     firmware_version: String,
     keep_alive: Duration,
-    backoff: (Duration, Duration),
+    reconnect: BackoffConfig,
     outbox_capacity: usize,
     status_window: usize,
     command_window: usize,
@@ -124,7 +124,7 @@ impl Default for DeviceClientBuilder {
             device_class: String::new(),
             firmware_version: String::new(),
             keep_alive: Duration::from_secs(30),
-            backoff: (Duration::from_millis(500), Duration::from_secs(60)),
+            reconnect: BackoffConfig::default(),
             outbox_capacity: DEFAULT_CAPACITY,
             status_window: DEFAULT_STATUS_WINDOW,
             command_window: DEFAULT_WINDOW,
@@ -199,10 +199,20 @@ impl DeviceClientBuilder {
         self
     }
 
-    /// Reconnect delays: exponential from `base` up to `max`, full jitter. Default 500 ms to
-    /// 60 s.
+    /// Reconnect delays: exponential from `base` up to `max`, full jitter; the rest of the
+    /// policy as in [`BackoffConfig::default`]. Default 500 ms to 60 s.
     pub fn backoff(mut self, base: Duration, max: Duration) -> Self {
-        self.backoff = (base, max);
+        self.reconnect = BackoffConfig {
+            initial: base,
+            max,
+            ..self.reconnect
+        };
+        self
+    }
+
+    /// The whole reconnect policy (see [`BackoffConfig`] for its defaults).
+    pub fn reconnect(mut self, policy: BackoffConfig) -> Self {
+        self.reconnect = policy;
         self
     }
 
@@ -376,7 +386,7 @@ impl DeviceClientBuilder {
             session,
             mqtt,
             eventloop,
-            backoff: Backoff::new(self.backoff.0, self.backoff.1),
+            backoff: Backoff::new(self.reconnect),
             commands: commands_tx,
             results: results_rx,
             results_tx: results_tx.clone(),
@@ -403,9 +413,12 @@ fn random_hex() -> String {
     hex::encode(b)
 }
 
-fn jitter_unit() -> f64 {
-    // 53 random bits -> [0, 1).
-    (rand_core::OsRng.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+/// Records a lost connection or failed attempt; returns how long to wait before the next.
+fn reconnect_delay(backoff: &mut Backoff) -> Duration {
+    backoff.failed(
+        tokio::time::Instant::now().into_std(),
+        rand_core::OsRng.next_u64(),
+    )
 }
 
 struct Shared {
@@ -664,7 +677,7 @@ impl Driver {
                     ev = self.eventloop.poll() => ev,
                 };
                 if !self.on_poll(polled).await {
-                    let delay = self.backoff.next_delay(jitter_unit());
+                    let delay = reconnect_delay(&mut self.backoff);
                     debug!(?delay, "reconnecting after");
                     tokio::select! {
                         _ = shared.stop.notified() => break,
@@ -680,7 +693,7 @@ impl Driver {
                 }
                 ev = self.eventloop.poll() => {
                     if !self.on_poll(ev).await {
-                        let delay = self.backoff.next_delay(jitter_unit());
+                        let delay = reconnect_delay(&mut self.backoff);
                         tokio::select! {
                             _ = shared.stop.notified() => break,
                             _ = tokio::time::sleep(delay) => {}
@@ -745,7 +758,8 @@ impl Driver {
                 // Everything unacknowledged is re-sent from the outbox and the journal, in
                 // order; rumqttc's own copies would only duplicate it.
                 self.eventloop.pending.clear();
-                self.backoff.reset();
+                self.backoff
+                    .connected(tokio::time::Instant::now().into_std());
                 info!(
                     session_present = ack.session_present,
                     "connected to the gateway"

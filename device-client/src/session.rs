@@ -19,15 +19,15 @@ use fleet_proto::topics::{self, DeviceTopic};
 use fleet_proto::v1::{Command, CommandResult, Presence, PresenceState, UpdateProgress};
 use fleet_proto::{DeviceId, Message};
 
-use crate::commands::{CommandGate, GateError, Verdict};
+use crate::commands::{CommandGate, Verdict};
 use crate::status::Outbox;
 
 /// Status reports in flight (sent, not yet acknowledged) on one connection.
-pub const DEFAULT_STATUS_WINDOW: usize = 32;
+pub(crate) const DEFAULT_STATUS_WINDOW: usize = 32;
 
 /// What a publish is, so its acknowledgement can be acted on.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Tag {
+pub(crate) enum Tag {
     /// A status report with this sequence.
     Status(u64),
     /// The result of this command.
@@ -40,7 +40,7 @@ pub enum Tag {
 
 /// One publish for the driver to send.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Publish {
+pub(crate) struct Publish {
     /// Topic name.
     pub topic: String,
     /// Encoded protobuf.
@@ -53,7 +53,7 @@ pub struct Publish {
 
 /// What the driver must do, in order.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Action {
+pub(crate) enum Action {
     /// Subscribe (QoS 1) to these filters.
     Subscribe(Vec<String>),
     /// Subscribe at QoS 0 (update chunks: the update agent asks again for what is lost).
@@ -75,7 +75,7 @@ pub enum Action {
 
 /// Fixed facts about the device, carried in presence messages.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DeviceInfo {
+pub(crate) struct DeviceInfo {
     /// The device id (its certificate's).
     pub id: DeviceId,
     /// Hardware class.
@@ -88,7 +88,7 @@ pub struct DeviceInfo {
 
 /// The session state machine.
 #[derive(Debug)]
-pub struct Session {
+pub(crate) struct Session {
     info: DeviceInfo,
     connected: bool,
     window: usize,
@@ -108,7 +108,7 @@ pub struct Session {
 
 impl Session {
     /// A disconnected session keeping at most `window` status reports in flight.
-    pub fn new(info: DeviceInfo, window: usize) -> Self {
+    pub(crate) fn new(info: DeviceInfo, window: usize) -> Self {
         Session {
             info,
             connected: false,
@@ -123,13 +123,13 @@ impl Session {
     }
 
     /// Subscribe to update manifests and chunks on every connection.
-    pub fn set_updates(&mut self, on: bool) {
+    pub(crate) fn set_updates(&mut self, on: bool) {
         self.updates = on;
     }
 
     /// Publishes an update progress report (QoS 1; nothing while disconnected: the agent
     /// re-sends its latest report on every connection).
-    pub fn progress(&mut self, p: &UpdateProgress) -> Vec<Action> {
+    pub(crate) fn progress(&mut self, p: &UpdateProgress) -> Vec<Action> {
         if !self.connected {
             return Vec::new();
         }
@@ -145,17 +145,17 @@ impl Session {
     /// Results are recorded but never published (a test switch: the device behaves as if it
     /// died before its result left).
     #[doc(hidden)]
-    pub fn set_hold_results(&mut self, hold: bool) {
+    pub(crate) fn set_hold_results(&mut self, hold: bool) {
         self.hold_results = hold;
     }
 
     /// Whether the session is connected.
-    pub fn is_connected(&self) -> bool {
+    pub(crate) fn is_connected(&self) -> bool {
         self.connected
     }
 
     /// The device's facts.
-    pub fn info(&self) -> &DeviceInfo {
+    pub(crate) fn info(&self) -> &DeviceInfo {
         &self.info
     }
 
@@ -177,12 +177,12 @@ impl Session {
     }
 
     /// The will to register with the next CONNECT: OFFLINE, not graceful.
-    pub fn will(&self, now_ms: u64) -> Publish {
+    pub(crate) fn will(&self, now_ms: u64) -> Publish {
         self.presence(PresenceState::Offline, false, now_ms)
     }
 
     /// The goodbye to publish before a deliberate disconnect: OFFLINE, graceful.
-    pub fn goodbye(&mut self, now_ms: u64) -> Option<Action> {
+    pub(crate) fn goodbye(&mut self, now_ms: u64) -> Option<Action> {
         self.connected
             .then(|| self.publish(self.presence(PresenceState::Offline, true, now_ms)))
     }
@@ -193,7 +193,7 @@ impl Session {
     }
 
     /// The connection is up (CONNACK accepted): subscribe, say hello, send the outbox.
-    pub fn on_connected(&mut self, outbox: &Outbox, now_ms: u64) -> Vec<Action> {
+    pub(crate) fn on_connected(&mut self, outbox: &Outbox, now_ms: u64) -> Vec<Action> {
         self.forget_connection();
         self.connected = true;
         let mut filters = vec![topics::device_topic(&self.info.id, DeviceTopic::Cmd)];
@@ -224,13 +224,13 @@ impl Session {
     }
 
     /// The connection is gone: everything unacknowledged will be sent again.
-    pub fn on_disconnected(&mut self) {
+    pub(crate) fn on_disconnected(&mut self) {
         self.connected = false;
         self.forget_connection();
     }
 
     /// The client gave packet id `pkid` to the oldest publish not yet numbered.
-    pub fn on_sent(&mut self, pkid: u16) {
+    pub(crate) fn on_sent(&mut self, pkid: u16) {
         // QoS 0 publishes (the update agent's chunk requests) have no packet id.
         if pkid == 0 {
             return;
@@ -241,7 +241,7 @@ impl Session {
     }
 
     /// The gateway acknowledged `pkid`: what it was, if the session asked for it.
-    pub fn on_acked(&mut self, pkid: u16) -> Option<Tag> {
+    pub(crate) fn on_acked(&mut self, pkid: u16) -> Option<Tag> {
         let tag = self.by_pkid.remove(&pkid)?;
         if matches!(tag, Tag::Status(_)) {
             self.status_inflight = self.status_inflight.saturating_sub(1);
@@ -251,7 +251,7 @@ impl Session {
 
     /// Status reports to send now: the outbox's oldest not yet sent on this connection, up to
     /// the window. Call after the outbox changed (a report queued or acknowledged).
-    pub fn status_actions(&mut self, outbox: &Outbox) -> Vec<Action> {
+    pub(crate) fn status_actions(&mut self, outbox: &Outbox) -> Vec<Action> {
         if !self.connected {
             return Vec::new();
         }
@@ -278,7 +278,7 @@ impl Session {
     }
 
     /// A message arrived on `topic`.
-    pub fn on_message(
+    pub(crate) fn on_message(
         &mut self,
         topic: &str,
         payload: &[u8],
@@ -314,7 +314,7 @@ impl Session {
 
     /// Publishes a result already recorded in the gate (nothing while disconnected: the
     /// gateway delivers the command again and the gate replays the result).
-    pub fn send_result(&mut self, r: CommandResult) -> Vec<Action> {
+    pub(crate) fn send_result(&mut self, r: CommandResult) -> Vec<Action> {
         if !self.connected || self.hold_results {
             // Recorded in the gate; sent when the gateway delivers the command again.
             return Vec::new();
@@ -327,25 +327,29 @@ impl Session {
         };
         vec![self.publish(p)]
     }
-
-    /// The application finished a command it was given: record, then send the result.
-    pub fn on_completed(
-        &mut self,
-        result: CommandResult,
-        gate: &mut CommandGate,
-    ) -> Result<Vec<Action>, GateError> {
-        gate.complete(&result)?;
-        let mut out = vec![Action::SaveGate];
-        out.extend(self.send_result(result));
-        Ok(out)
-    }
 }
 
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use crate::commands::GateError;
     use fleet_proto::v1::{CommandStatus, StatusReport};
+
+    impl Session {
+        /// What `IncomingCommand::respond` and the driver do when the application finished a
+        /// command: record the result in the gate, then send it.
+        fn on_completed(
+            &mut self,
+            result: CommandResult,
+            gate: &mut CommandGate,
+        ) -> Result<Vec<Action>, GateError> {
+            gate.complete(&result)?;
+            let mut out = vec![Action::SaveGate];
+            out.extend(self.send_result(result));
+            Ok(out)
+        }
+    }
 
     fn session() -> Session {
         Session::new(

@@ -5,8 +5,10 @@
 
 use std::io::Write;
 
-use device_client::commands::journal::{Journal, JournalError, FILE_NAME};
-use device_client::commands::{Verdict, DEFAULT_WINDOW};
+use device_client::{
+    Journal, JournalError, Verdict, DEFAULT_COMMAND_WINDOW as DEFAULT_WINDOW,
+    JOURNAL_FILE_NAME as FILE_NAME,
+};
 use fleet_proto::v1::{Command, CommandResult, CommandStatus};
 use fleet_tests::crash::CrashChild;
 

@@ -5,8 +5,7 @@
 
 use std::io::Write;
 
-use device_client::status::store::OutboxStore;
-use device_client::status::Pushed;
+use device_client::{OutboxStore, Pushed};
 use fleet_proto::v1::StatusReport;
 use fleet_tests::crash::CrashChild;
 

@@ -5,8 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use device_client::update::{StagedImage, UpdateHandler};
-use device_client::{ClientError, DeviceClient};
+use device_client::{ClientError, DeviceClient, HandlerError, StagedImage, UpdateHandler};
 use fleet_proto::signing::TrustedKeys;
 use fleet_proto::v1::{UpdateManifest, UpdatePhase, UpdateProgress};
 
@@ -16,13 +15,13 @@ use fleet_proto::v1::{UpdateManifest, UpdatePhase, UpdateProgress};
 pub struct VerifyOnly;
 
 impl UpdateHandler for VerifyOnly {
-    fn install(&self, _m: &UpdateManifest, _images: &[StagedImage]) -> Result<(), String> {
+    fn install(&self, _m: &UpdateManifest, _images: &[StagedImage]) -> Result<(), HandlerError> {
         Ok(())
     }
-    fn commit(&self, _m: &UpdateManifest) -> Result<(), String> {
+    fn commit(&self, _m: &UpdateManifest) -> Result<(), HandlerError> {
         Ok(())
     }
-    fn rollback(&self, _m: &UpdateManifest) -> Result<(), String> {
+    fn rollback(&self, _m: &UpdateManifest) -> Result<(), HandlerError> {
         Ok(())
     }
 }

@@ -311,7 +311,7 @@ async fn an_update_through_the_cloud_broker_crosses_the_uplink_once() {
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     for o in &opts {
-        let slot = device_client::update::SlotInstaller::new(&o.state).active_image("rootfs");
+        let slot = device_client::SlotInstaller::new(&o.state).active_image("rootfs");
         assert!(std::fs::read(slot).unwrap() == image, "{}", o.id);
     }
     let carried = gw.metric("bridge_bytes_down_total") - down_before;

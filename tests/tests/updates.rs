@@ -43,7 +43,7 @@ fn device_opts(dir: &Path, id: &str, key: &Path, extra: &[&str]) -> DeviceOpts {
 
 /// The running slot's image of a test device.
 fn active_image(o: &DeviceOpts) -> PathBuf {
-    device_client::update::SlotInstaller::new(&o.state).active_image("rootfs")
+    device_client::SlotInstaller::new(&o.state).active_image("rootfs")
 }
 
 fn fleetctl(gw: &GatewayProc, args: &[&str]) -> std::process::Output {
@@ -647,7 +647,7 @@ async fn an_interrupted_upload_resumes_and_two_components_install_together() {
         target(r, "dev-0001").phase() == UpdatePhase::Committed
     })
     .await;
-    let slots = device_client::update::SlotInstaller::new(&o.state);
+    let slots = device_client::SlotInstaller::new(&o.state);
     assert!(std::fs::read(slots.active_image("rootfs")).unwrap() == rootfs);
     assert!(std::fs::read(slots.active_image("modem")).unwrap() == modem);
 }

@@ -21,6 +21,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
+use fleet_backoff::{Backoff, BackoffConfig};
 use rand_core::RngCore;
 use rumqttc::{
     AsyncClient, ConnectionError, Event, EventLoop, Incoming, MqttOptions, Outgoing, QoS,
@@ -90,7 +91,7 @@ pub struct Bridge {
     cursor: i64,
     /// Acknowledged, to be removed from the queue.
     acked: Vec<i64>,
-    failures: u32,
+    backoff: Backoff,
     retry_at: Option<Instant>,
 }
 
@@ -136,6 +137,13 @@ impl Bridge {
             .set_inflight(100);
         let (mqtt, eventloop) = AsyncClient::new(options, 256);
         info!(gateway_id = %id, upstream = %upstream, "bridge configured");
+        let backoff = Backoff::new(BackoffConfig {
+            initial: settings.reconnect_min,
+            max: settings.reconnect_max,
+            // Never retry at once: the upstream broker may be refusing us on purpose.
+            floor: Duration::from_millis(50),
+            ..BackoffConfig::default()
+        });
         Ok(Bridge {
             mapping,
             store,
@@ -149,7 +157,7 @@ impl Bridge {
             inflight: HashMap::new(),
             cursor: 0,
             acked: Vec::new(),
-            failures: 0,
+            backoff,
             retry_at: None,
         })
     }
@@ -226,7 +234,7 @@ impl Bridge {
                 self.inflight.clear();
                 self.cursor = 0;
                 self.connected = true;
-                self.failures = 0;
+                self.backoff.connected(Instant::now().into_std());
                 Metrics::set(&self.metrics.bridge_connected, 1);
                 Metrics::inc(&self.metrics.bridge_connects);
                 info!(
@@ -289,14 +297,11 @@ impl Bridge {
                 }
                 self.connected = false;
                 Metrics::set(&self.metrics.bridge_connected, 0);
-                self.failures = self.failures.saturating_add(1);
-                let delay = backoff(
-                    self.settings.reconnect_min,
-                    self.settings.reconnect_max,
-                    self.failures,
-                    rand_core::OsRng.next_u64(),
-                );
-                self.retry_at = Some(Instant::now() + delay);
+                let now = Instant::now();
+                let delay = self
+                    .backoff
+                    .failed(now.into_std(), rand_core::OsRng.next_u64());
+                self.retry_at = Some(now + delay);
             }
         }
     }
@@ -372,30 +377,5 @@ impl Bridge {
         Metrics::set(&self.metrics.bridge_queue_depth, stats.depth);
         Metrics::set(&self.metrics.bridge_queue_bytes, stats.bytes);
         Metrics::set(&self.metrics.bridge_queue_oldest_ms, stats.oldest_at_ms);
-    }
-}
-
-/// Reconnect delay after `failures` consecutive failures: exponential from `min`, capped at
-/// `max`, with full jitter (`random` picks the point in [0, cap)).
-pub fn backoff(min: Duration, max: Duration, failures: u32, random: u64) -> Duration {
-    let exp = min.saturating_mul(1u32 << failures.saturating_sub(1).min(20));
-    let cap = exp.min(max).max(Duration::from_millis(1));
-    let unit = (random >> 11) as f64 / (1u64 << 53) as f64;
-    cap.mul_f64(unit).max(Duration::from_millis(50))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_grows_caps_and_jitters() {
-        let (min, max) = (Duration::from_millis(500), Duration::from_secs(30));
-        assert!(backoff(min, max, 1, u64::MAX) <= min);
-        assert!(backoff(min, max, 4, u64::MAX) <= Duration::from_secs(4));
-        assert!(backoff(min, max, 4, u64::MAX) > Duration::from_secs(3));
-        assert!(backoff(min, max, 30, u64::MAX) <= max);
-        assert!(backoff(min, max, 30, u64::MAX) > Duration::from_secs(29));
-        assert_eq!(backoff(min, max, 3, 0), Duration::from_millis(50));
     }
 }

@@ -18,7 +18,7 @@
 //! forgotten, oldest first. The gateway stops re-delivering a command once it has the result
 //! or once it expires, so the window only needs to cover the commands still in flight.
 
-pub mod journal;
+pub(crate) mod journal;
 
 use std::collections::{HashMap, VecDeque};
 

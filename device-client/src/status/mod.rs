@@ -11,14 +11,14 @@
 //!
 //! [`Outbox`] does no I/O; [`store::OutboxStore`] keeps it on disk.
 
-pub mod store;
+pub(crate) mod store;
 
 use std::collections::VecDeque;
 
 use fleet_proto::v1::StatusReport;
 
 /// Reports kept by default while the gateway is unreachable.
-pub const DEFAULT_CAPACITY: usize = 1000;
+pub(crate) const DEFAULT_CAPACITY: usize = 1000;
 
 /// What `push` did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

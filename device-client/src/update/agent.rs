@@ -31,7 +31,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
 use super::download::{ChunkOutcome, Download, DownloadSettings};
-use super::install::{Decision, StagedImage, UpdateHandler};
+use super::install::{Decision, HandlerError, StagedImage, UpdateHandler};
 use super::judge::{judge, Rejection};
 use super::state::{file_sha256, AgentState, Current, StateError, UpdateDir};
 
@@ -40,7 +40,7 @@ const TICK: Duration = Duration::from_millis(100);
 
 /// What the agent is configured with.
 #[derive(Clone)]
-pub struct UpdateConfig {
+pub(crate) struct UpdateConfig {
     /// The update authority's keys.
     pub trusted: TrustedKeys,
     /// The application's hooks.
@@ -756,15 +756,15 @@ impl Agent {
     async fn hook(
         &self,
         m: &UpdateManifest,
-        f: impl FnOnce(&dyn UpdateHandler, &UpdateManifest) -> Result<(), String> + Send + 'static,
+        f: impl FnOnce(&dyn UpdateHandler, &UpdateManifest) -> Result<(), HandlerError> + Send + 'static,
     ) -> Result<(), String> {
         let handler = self.cfg.handler.clone();
         let m = m.clone();
         blocking(move || match f(handler.as_ref(), &m) {
             Ok(()) => Ok(()),
             Err(e) => Err(match handler.rollback(&m) {
-                Ok(()) => e,
-                Err(r) => format!("{e}; rollback also failed: {r}"),
+                Ok(()) => e.report(),
+                Err(r) => format!("{}; rollback also failed: {}", e.report(), r.report()),
             }),
         })
         .await

@@ -3,7 +3,7 @@
 
 /// A fixed-size set of chunk indexes.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ChunkBitmap {
+pub(crate) struct ChunkBitmap {
     bits: Vec<u8>,
     len: u32,
     held: u32,
@@ -12,7 +12,7 @@ pub struct ChunkBitmap {
 /// Why stored bytes are not a bitmap of the expected size.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("bitmap of {got} bytes does not fit {len} chunks")]
-pub struct BitmapSizeError {
+pub(crate) struct BitmapSizeError {
     got: usize,
     len: u32,
 }
@@ -23,7 +23,7 @@ fn bytes_for(len: u32) -> usize {
 
 impl ChunkBitmap {
     /// An empty bitmap for `len` chunks.
-    pub fn new(len: u32) -> Self {
+    pub(crate) fn new(len: u32) -> Self {
         ChunkBitmap {
             bits: vec![0; bytes_for(len)],
             len,
@@ -33,7 +33,7 @@ impl ChunkBitmap {
 
     /// Restores a bitmap for `len` chunks from [`ChunkBitmap::as_bytes`]. Bits past `len` must
     /// be clear.
-    pub fn from_bytes(len: u32, bytes: &[u8]) -> Result<Self, BitmapSizeError> {
+    pub(crate) fn from_bytes(len: u32, bytes: &[u8]) -> Result<Self, BitmapSizeError> {
         let err = BitmapSizeError {
             got: bytes.len(),
             len,
@@ -54,37 +54,27 @@ impl ChunkBitmap {
     }
 
     /// The persistent form.
-    pub fn as_bytes(&self) -> &[u8] {
+    pub(crate) fn as_bytes(&self) -> &[u8] {
         &self.bits
     }
 
-    /// Number of chunks.
-    pub fn len(&self) -> u32 {
-        self.len
-    }
-
-    /// True for a bitmap of no chunks.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
     /// Chunks held.
-    pub fn held(&self) -> u32 {
+    pub(crate) fn held(&self) -> u32 {
         self.held
     }
 
     /// Whether every chunk is held.
-    pub fn is_complete(&self) -> bool {
+    pub(crate) fn is_complete(&self) -> bool {
         self.held == self.len
     }
 
     /// Whether chunk `i` is held (false out of range).
-    pub fn has(&self, i: u32) -> bool {
+    pub(crate) fn has(&self, i: u32) -> bool {
         i < self.len && self.bits[(i / 8) as usize] & (1 << (i % 8)) != 0
     }
 
     /// Marks chunk `i` held; false if out of range or already held.
-    pub fn set(&mut self, i: u32) -> bool {
+    pub(crate) fn set(&mut self, i: u32) -> bool {
         if i >= self.len || self.has(i) {
             return false;
         }
@@ -94,7 +84,7 @@ impl ChunkBitmap {
     }
 
     /// Missing chunks from `from` on, in order.
-    pub fn missing_from(&self, from: u32) -> impl Iterator<Item = u32> + '_ {
+    pub(crate) fn missing_from(&self, from: u32) -> impl Iterator<Item = u32> + '_ {
         (from..self.len).filter(move |i| !self.has(*i))
     }
 }

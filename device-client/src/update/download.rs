@@ -24,11 +24,11 @@ use super::bitmap::{BitmapSizeError, ChunkBitmap};
 use super::judge::Rejection;
 
 /// Chunks asked for in one request, by default.
-pub const DEFAULT_WINDOW: u32 = 16;
+pub(crate) const DEFAULT_WINDOW: u32 = 16;
 /// How long a request may go unanswered before it is sent again, by default.
-pub const DEFAULT_REQUEST_TIMEOUT_MS: u64 = 5_000;
+pub(crate) const DEFAULT_REQUEST_TIMEOUT_MS: u64 = 5_000;
 /// Failed verifications of one chunk before the download is abandoned, by default.
-pub const DEFAULT_MAX_REJECTIONS: u32 = 5;
+pub(crate) const DEFAULT_MAX_REJECTIONS: u32 = 5;
 
 /// Tuning of a download.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,7 +69,7 @@ struct Outstanding {
 
 /// A chunk that passed verification, to be written at `offset` of component `component`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VerifiedChunk {
+pub(crate) struct VerifiedChunk {
     /// Index of the component in the manifest.
     pub component: usize,
     /// Chunk index.
@@ -80,7 +80,7 @@ pub struct VerifiedChunk {
 
 /// What an arriving chunk turned out to be.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ChunkOutcome {
+pub(crate) enum ChunkOutcome {
     /// Genuine and new: write `chunk.data` at the offset, then [`Download::mark_held`].
     Verified(VerifiedChunk),
     /// Genuine or not, already held: ignore.
@@ -100,7 +100,7 @@ pub enum ChunkOutcome {
 
 /// The download state machine.
 #[derive(Debug, Clone)]
-pub struct Download {
+pub(crate) struct Download {
     update_id: String,
     parts: Vec<Part>,
     settings: DownloadSettings,
@@ -113,7 +113,7 @@ pub struct Download {
 /// Why a download cannot be set up from a manifest and saved bitmaps.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
-pub enum DownloadError {
+pub(crate) enum DownloadError {
     /// A component's Merkle root is not 32 bytes (the manifest was not validated).
     #[error("component {0:?} has no usable Merkle root")]
     Root(String),
@@ -137,7 +137,7 @@ pub enum DownloadError {
 
 impl Download {
     /// A fresh download of a (validated) manifest's components.
-    pub fn new(
+    pub(crate) fn new(
         update_id: &str,
         components: &[Component],
         settings: DownloadSettings,
@@ -152,7 +152,7 @@ impl Download {
 
     /// A download resuming with the saved bitmaps ([`Download::bitmap`] of each component; an
     /// empty one means nothing held).
-    pub fn resume(
+    pub(crate) fn resume(
         update_id: &str,
         components: &[Component],
         saved: &[Vec<u8>],
@@ -204,27 +204,27 @@ impl Download {
     }
 
     /// The held-chunk bitmap of component `i`, to persist.
-    pub fn bitmap(&self, i: usize) -> Option<&[u8]> {
+    pub(crate) fn bitmap(&self, i: usize) -> Option<&[u8]> {
         self.parts.get(i).map(|p| p.held.as_bytes())
     }
 
     /// Chunks held, over all components.
-    pub fn held(&self) -> u32 {
+    pub(crate) fn held(&self) -> u32 {
         self.parts.iter().map(|p| p.held.held()).sum()
     }
 
     /// Chunks in the update, over all components.
-    pub fn total(&self) -> u32 {
+    pub(crate) fn total(&self) -> u32 {
         self.parts.iter().map(|p| p.count).sum()
     }
 
     /// Chunks rejected so far.
-    pub fn rejected(&self) -> u32 {
+    pub(crate) fn rejected(&self) -> u32 {
         self.rejected
     }
 
     /// Whether every chunk of every component is held.
-    pub fn is_complete(&self) -> bool {
+    pub(crate) fn is_complete(&self) -> bool {
         self.parts.iter().all(|p| p.held.is_complete())
     }
 
@@ -235,7 +235,7 @@ impl Download {
     }
 
     /// True once each time progress crosses another 5 % since the last `true`.
-    pub fn progress_due(&mut self) -> bool {
+    pub(crate) fn progress_due(&mut self) -> bool {
         let s = self.step();
         if s > self.reported_step {
             self.reported_step = s;
@@ -247,7 +247,7 @@ impl Download {
 
     /// Whether [`Download::next_request`] would send a request now (the caller persists what
     /// it holds first).
-    pub fn request_due(&self, now_ms: u64) -> bool {
+    pub(crate) fn request_due(&self, now_ms: u64) -> bool {
         match &self.outstanding {
             None => !self.is_complete(),
             Some(o) => {
@@ -259,13 +259,13 @@ impl Download {
 
     /// Forgets the outstanding request (the connection was lost: its answers will not come),
     /// so the next call to [`Download::next_request`] asks again at once.
-    pub fn reset_outstanding(&mut self) {
+    pub(crate) fn reset_outstanding(&mut self) {
         self.outstanding = None;
     }
 
     /// The request to send now, if any: when nothing is outstanding, when everything asked for
     /// has come, or when the outstanding request timed out.
-    pub fn next_request(&mut self, now_ms: u64) -> Option<ChunkRequest> {
+    pub(crate) fn next_request(&mut self, now_ms: u64) -> Option<ChunkRequest> {
         if let Some(o) = &self.outstanding {
             let answered = o.waiting.is_empty();
             let timed_out = now_ms.saturating_sub(o.sent_at_ms) >= self.settings.request_timeout_ms;
@@ -301,7 +301,7 @@ impl Download {
     }
 
     /// Checks an arriving chunk.
-    pub fn on_chunk(&mut self, chunk: &Chunk) -> ChunkOutcome {
+    pub(crate) fn on_chunk(&mut self, chunk: &Chunk) -> ChunkOutcome {
         if chunk.update_id != self.update_id {
             return ChunkOutcome::Stray;
         }
@@ -355,7 +355,7 @@ impl Download {
     }
 
     /// The verified chunk is written and durable: count it held.
-    pub fn mark_held(&mut self, c: &VerifiedChunk) -> bool {
+    pub(crate) fn mark_held(&mut self, c: &VerifiedChunk) -> bool {
         self.parts
             .get_mut(c.component)
             .is_some_and(|p| p.held.set(c.index))

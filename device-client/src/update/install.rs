@@ -2,6 +2,7 @@
 //! verified images, test them, commit or roll back. [`SlotInstaller`] is the default: an A/B
 //! slot per component in `STATE_DIR/slots/`.
 
+use std::error::Error as StdError;
 use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
@@ -30,8 +31,103 @@ pub struct StagedImage {
     pub size: u64,
 }
 
-/// The application's side of updates. Methods run on a blocking thread; an `Err` carries the
-/// reason reported upward.
+/// Any error an application's own code returns, kept as the cause of a [`HandlerError`].
+type BoxError = Box<dyn StdError + Send + Sync + 'static>;
+
+/// Why a step of an [`UpdateHandler`] failed. The update is then reported upward as failed (or
+/// rolled back) with this error and its causes as the reason.
+///
+/// Build one from a message ([`HandlerError::msg`], or `?`/`.into()` on a `String` or `&str`),
+/// from any error ([`HandlerError::new`], or `?` on an [`io::Error`]), or from an error and
+/// what was being done ([`HandlerError::context`]). The cause stays reachable through
+/// [`std::error::Error::source`] and can be downcast.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum HandlerError {
+    /// A failure described by a message only.
+    #[error("{0}")]
+    Message(String),
+    /// An error of the application's own code.
+    #[error(transparent)]
+    Other(BoxError),
+    /// An error of the application's own code, with what was being done.
+    #[error("{context}")]
+    Context {
+        /// What was being done ("writing the boot flag").
+        context: String,
+        /// Why it failed.
+        #[source]
+        source: BoxError,
+    },
+    /// A file operation of the default [`SlotInstaller`] failed.
+    #[error("{action} {}", path.display())]
+    Io {
+        /// What was being done to the file.
+        action: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// Why it failed.
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl HandlerError {
+    /// A failure described by `message`.
+    pub fn msg(message: impl Into<String>) -> Self {
+        Self::Message(message.into())
+    }
+
+    /// A failure caused by `error`, which is kept as it is.
+    pub fn new(error: impl StdError + Send + Sync + 'static) -> Self {
+        Self::Other(Box::new(error))
+    }
+
+    /// A failure caused by `error` while doing `context`.
+    pub fn context(
+        context: impl Into<String>,
+        error: impl StdError + Send + Sync + 'static,
+    ) -> Self {
+        Self::Context {
+            context: context.into(),
+            source: Box::new(error),
+        }
+    }
+
+    /// The error and all its causes on one line, `outer: inner: ...`: the reason reported
+    /// upward.
+    pub fn report(&self) -> String {
+        let mut out = self.to_string();
+        let mut next = self.source();
+        while let Some(e) = next {
+            out.push_str(": ");
+            out.push_str(&e.to_string());
+            next = e.source();
+        }
+        out
+    }
+}
+
+impl From<String> for HandlerError {
+    fn from(message: String) -> Self {
+        Self::Message(message)
+    }
+}
+
+impl From<&str> for HandlerError {
+    fn from(message: &str) -> Self {
+        Self::Message(message.to_owned())
+    }
+}
+
+impl From<io::Error> for HandlerError {
+    fn from(error: io::Error) -> Self {
+        Self::new(error)
+    }
+}
+
+/// The application's side of updates. Methods run on a blocking thread; an `Err` is the reason
+/// reported upward (see [`HandlerError`]).
 pub trait UpdateHandler: Send + Sync + 'static {
     /// Whether to install `manifest` now. The default accepts.
     fn offer(&self, manifest: &UpdateManifest) -> Decision {
@@ -40,19 +136,23 @@ pub trait UpdateHandler: Send + Sync + 'static {
     }
 
     /// Installs the verified images (all or nothing), without activating them yet.
-    fn install(&self, manifest: &UpdateManifest, images: &[StagedImage]) -> Result<(), String>;
+    fn install(
+        &self,
+        manifest: &UpdateManifest,
+        images: &[StagedImage],
+    ) -> Result<(), HandlerError>;
 
     /// Checks the installed update. The default passes.
-    fn self_test(&self, manifest: &UpdateManifest) -> Result<(), String> {
+    fn self_test(&self, manifest: &UpdateManifest) -> Result<(), HandlerError> {
         let _ = manifest;
         Ok(())
     }
 
     /// Makes the installed update the running one.
-    fn commit(&self, manifest: &UpdateManifest) -> Result<(), String>;
+    fn commit(&self, manifest: &UpdateManifest) -> Result<(), HandlerError>;
 
     /// Abandons the installed update; the running firmware stays.
-    fn rollback(&self, manifest: &UpdateManifest) -> Result<(), String>;
+    fn rollback(&self, manifest: &UpdateManifest) -> Result<(), HandlerError>;
 }
 
 /// A/B slots: each component has `STATE_DIR/slots/{component}/{a,b}.img` and a file `active`
@@ -63,21 +163,26 @@ pub struct SlotInstaller {
     dir: PathBuf,
 }
 
-fn io_str(path: &Path) -> impl FnOnce(io::Error) -> String + '_ {
-    move |e| format!("{}: {e}", path.display())
+/// Maps an [`io::Error`] on `path` during `action` to a [`HandlerError::Io`].
+fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> HandlerError + 'a {
+    move |source| HandlerError::Io {
+        action,
+        path: path.to_owned(),
+        source,
+    }
 }
 
-fn write_durably(path: &Path, bytes: &[u8]) -> Result<(), String> {
+fn write_durably(path: &Path, bytes: &[u8]) -> Result<(), HandlerError> {
     let tmp = path.with_extension("tmp");
-    let mut f = File::create(&tmp).map_err(io_str(&tmp))?;
+    let mut f = File::create(&tmp).map_err(io_err("creating", &tmp))?;
     f.write_all(bytes)
         .and_then(|()| f.sync_all())
-        .map_err(io_str(&tmp))?;
-    fs::rename(&tmp, path).map_err(io_str(path))?;
+        .map_err(io_err("writing", &tmp))?;
+    fs::rename(&tmp, path).map_err(io_err("renaming into", path))?;
     if let Some(dir) = path.parent() {
         File::open(dir)
             .and_then(|d| d.sync_all())
-            .map_err(io_str(dir))?;
+            .map_err(io_err("syncing", dir))?;
     }
     Ok(())
 }
@@ -119,15 +224,15 @@ impl SlotInstaller {
 }
 
 impl UpdateHandler for SlotInstaller {
-    fn install(&self, _m: &UpdateManifest, images: &[StagedImage]) -> Result<(), String> {
+    fn install(&self, _m: &UpdateManifest, images: &[StagedImage]) -> Result<(), HandlerError> {
         for img in images {
             let dir = self.component_dir(&img.component);
-            fs::create_dir_all(&dir).map_err(io_str(&dir))?;
+            fs::create_dir_all(&dir).map_err(io_err("creating", &dir))?;
             let target = dir.join(format!("{}.img", self.inactive_slot(&img.component)));
-            fs::copy(&img.path, &target).map_err(io_str(&target))?;
+            fs::copy(&img.path, &target).map_err(io_err("copying the image to", &target))?;
             File::open(&target)
                 .and_then(|f| f.sync_all())
-                .map_err(io_str(&target))?;
+                .map_err(io_err("syncing", &target))?;
             write_durably(
                 &dir.join("pending"),
                 self.inactive_slot(&img.component).as_bytes(),
@@ -136,24 +241,24 @@ impl UpdateHandler for SlotInstaller {
         Ok(())
     }
 
-    fn commit(&self, m: &UpdateManifest) -> Result<(), String> {
+    fn commit(&self, m: &UpdateManifest) -> Result<(), HandlerError> {
         for c in &m.components {
             let dir = self.component_dir(&c.name);
             let pending = dir.join("pending");
-            let slot = fs::read_to_string(&pending).map_err(io_str(&pending))?;
+            let slot = fs::read_to_string(&pending).map_err(io_err("reading", &pending))?;
             write_durably(&dir.join("active"), slot.trim().as_bytes())?;
-            fs::remove_file(&pending).map_err(io_str(&pending))?;
+            fs::remove_file(&pending).map_err(io_err("removing", &pending))?;
         }
         Ok(())
     }
 
-    fn rollback(&self, m: &UpdateManifest) -> Result<(), String> {
+    fn rollback(&self, m: &UpdateManifest) -> Result<(), HandlerError> {
         for c in &m.components {
             let pending = self.component_dir(&c.name).join("pending");
             match fs::remove_file(&pending) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(io_str(&pending)(e)),
+                Err(e) => return Err(io_err("removing", &pending)(e)),
             }
         }
         Ok(())
@@ -201,5 +306,60 @@ mod tests {
         slots.commit(&m).unwrap();
         assert_eq!(fs::read(slots.active_image("rootfs")).unwrap(), b"v3");
         assert_eq!(slots.active_slot("rootfs"), "a");
+    }
+
+    #[test]
+    fn a_failed_step_names_the_file_and_keeps_the_cause() {
+        let dir = tempfile::tempdir().unwrap();
+        let slots = SlotInstaller::new(dir.path());
+        let m = UpdateManifest {
+            components: vec![Component {
+                name: "rootfs".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        // Nothing was installed, so there is no pending slot to commit.
+        let e = slots.commit(&m).unwrap_err();
+        let HandlerError::Io {
+            action,
+            path,
+            source,
+        } = &e
+        else {
+            panic!("not an I/O error: {e:?}");
+        };
+        assert_eq!(*action, "reading");
+        assert!(path.ends_with("slots/rootfs/pending"), "{path:?}");
+        assert_eq!(source.kind(), io::ErrorKind::NotFound);
+        let cause = e.source().unwrap().downcast_ref::<io::Error>().unwrap();
+        assert_eq!(cause.kind(), io::ErrorKind::NotFound);
+        let report = e.report();
+        assert!(report.starts_with("reading "), "{report}");
+        assert!(report.contains("pending: "), "{report}");
+    }
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("bootloader says no")]
+    struct Bootloader(#[source] io::Error);
+
+    #[test]
+    fn implementors_keep_their_own_errors() {
+        let e = HandlerError::context("writing the boot flag", Bootloader(io::Error::other("EIO")));
+        assert_eq!(e.to_string(), "writing the boot flag");
+        assert_eq!(e.report(), "writing the boot flag: bootloader says no: EIO");
+        assert!(e.source().unwrap().downcast_ref::<Bootloader>().is_some());
+
+        let e = HandlerError::new(Bootloader(io::Error::other("EIO")));
+        assert_eq!(e.report(), "bootloader says no: EIO");
+        let HandlerError::Other(inner) = &e else {
+            panic!("{e:?}");
+        };
+        assert!(inner.downcast_ref::<Bootloader>().is_some());
+
+        let from_str: HandlerError = "checksum mismatch".into();
+        assert_eq!(from_str.report(), "checksum mismatch");
+        let from_io: HandlerError = io::Error::other("disk full").into();
+        assert_eq!(from_io.report(), "disk full");
     }
 }

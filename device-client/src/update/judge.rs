@@ -9,7 +9,7 @@ use fleet_proto::v1::UpdateError;
 /// Why a manifest was refused: the code reported upward in `UpdateProgress`, and a detail.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{code:?}: {detail}")]
-pub struct Rejection {
+pub(crate) struct Rejection {
     /// The reason code.
     pub code: UpdateError,
     /// What exactly, for a human.
@@ -17,7 +17,7 @@ pub struct Rejection {
 }
 
 /// Judges an encoded `SignedManifest` as received on `devices/{id}/update/manifest`.
-pub fn judge(
+pub(crate) fn judge(
     signed: &[u8],
     trusted: &TrustedKeys,
     facts: &DeviceFacts<'_>,

@@ -10,11 +10,11 @@
 //! * `agent`: the task that runs all of it beside the connection.
 
 pub(crate) mod agent;
-pub mod bitmap;
-pub mod download;
-pub mod install;
-pub mod judge;
-pub mod state;
+pub(crate) mod bitmap;
+pub(crate) mod download;
+pub(crate) mod install;
+pub(crate) mod judge;
+pub(crate) mod state;
 
-pub use agent::UpdateConfig;
-pub use install::{Decision, SlotInstaller, StagedImage, UpdateHandler};
+pub(crate) use agent::UpdateConfig;
+pub use install::{Decision, HandlerError, SlotInstaller, StagedImage, UpdateHandler};

@@ -33,7 +33,7 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StateError + '_ {
 
 /// The update in progress.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Current {
+pub(crate) struct Current {
     /// The encoded SignedManifest as received (hex).
     pub signed_manifest: String,
     /// Its phase (fleet.v1.UpdatePhase as i32).
@@ -42,7 +42,7 @@ pub struct Current {
 
 /// The persisted agent state.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AgentState {
+pub(crate) struct AgentState {
     /// Highest manifest sequence ever installed (anti-rollback).
     pub installed_sequence: u64,
     /// Version of the firmware committed last (empty: the factory version).
@@ -56,13 +56,13 @@ pub struct AgentState {
 
 /// The agent's directory.
 #[derive(Debug, Clone)]
-pub struct UpdateDir {
+pub(crate) struct UpdateDir {
     dir: PathBuf,
 }
 
 impl UpdateDir {
     /// `STATE_DIR/update` (created).
-    pub fn open(state_dir: &Path) -> Result<Self, StateError> {
+    pub(crate) fn open(state_dir: &Path) -> Result<Self, StateError> {
         let dir = state_dir.join("update");
         let staging = dir.join("staging");
         fs::create_dir_all(&staging).map_err(io_err(&staging))?;
@@ -74,7 +74,7 @@ impl UpdateDir {
     }
 
     /// The staged image of component `i`.
-    pub fn staged(&self, i: usize) -> PathBuf {
+    pub(crate) fn staged(&self, i: usize) -> PathBuf {
         self.dir.join("staging").join(format!("{i}.img"))
     }
 
@@ -84,7 +84,7 @@ impl UpdateDir {
 
     /// Loads the state (default when there is none). A corrupt file is an error: forgetting
     /// the installed sequence would reopen rollback.
-    pub fn load(&self) -> Result<AgentState, StateError> {
+    pub(crate) fn load(&self) -> Result<AgentState, StateError> {
         let path = self.state_path();
         match fs::read(&path) {
             Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| StateError {
@@ -97,7 +97,7 @@ impl UpdateDir {
     }
 
     /// Saves the state atomically and durably.
-    pub fn save(&self, state: &AgentState) -> Result<(), StateError> {
+    pub(crate) fn save(&self, state: &AgentState) -> Result<(), StateError> {
         let path = self.state_path();
         let json = serde_json::to_vec(state)
             .map_err(|e| io_err(&path)(io::Error::new(io::ErrorKind::InvalidData, e)))?;
@@ -113,7 +113,7 @@ impl UpdateDir {
     }
 
     /// The saved bitmap of component `i` (empty when none).
-    pub fn load_bitmap(&self, i: usize) -> Result<Vec<u8>, StateError> {
+    pub(crate) fn load_bitmap(&self, i: usize) -> Result<Vec<u8>, StateError> {
         let path = self.bitmap_path(i);
         match fs::read(&path) {
             Ok(b) => Ok(b),
@@ -123,7 +123,7 @@ impl UpdateDir {
     }
 
     /// Opens component `i`'s staging file for writing at offsets.
-    pub fn open_staged(&self, i: usize) -> Result<File, StateError> {
+    pub(crate) fn open_staged(&self, i: usize) -> Result<File, StateError> {
         let path = self.staged(i);
         OpenOptions::new()
             .create(true)
@@ -137,7 +137,7 @@ impl UpdateDir {
     /// Syncs the staged bytes, then writes and syncs the bitmap that names them. The bitmap
     /// is written in place: its bits only ever go from 0 to 1, so a torn write leaves a mix of
     /// old and new bits, each naming synced chunks.
-    pub fn persist(&self, i: usize, staged: &File, bitmap: &[u8]) -> Result<(), StateError> {
+    pub(crate) fn persist(&self, i: usize, staged: &File, bitmap: &[u8]) -> Result<(), StateError> {
         staged.sync_data().map_err(io_err(&self.staged(i)))?;
         let path = self.bitmap_path(i);
         let f = OpenOptions::new()
@@ -152,7 +152,7 @@ impl UpdateDir {
     }
 
     /// Deletes every staged file.
-    pub fn clear_staging(&self) -> Result<(), StateError> {
+    pub(crate) fn clear_staging(&self) -> Result<(), StateError> {
         let staging = self.dir.join("staging");
         for entry in fs::read_dir(&staging).map_err(io_err(&staging))? {
             let entry = entry.map_err(io_err(&staging))?;
@@ -163,7 +163,7 @@ impl UpdateDir {
 }
 
 /// SHA-256 of a file, streamed.
-pub fn file_sha256(path: &Path) -> Result<[u8; 32], StateError> {
+pub(crate) fn file_sha256(path: &Path) -> Result<[u8; 32], StateError> {
     let mut f = File::open(path).map_err(io_err(path))?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 64 * 1024];

@@ -12,9 +12,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use device_client::update::download::DownloadSettings;
-use device_client::update::{Decision, SlotInstaller, StagedImage, UpdateHandler};
-use device_client::{DeviceClient, Health, StatusReport};
+use device_client::{
+    Decision, DeviceClient, DownloadSettings, HandlerError, Health, SlotInstaller, StagedImage,
+    StatusReport, UpdateHandler,
+};
 use fleet_proto::signing::TrustedKeys;
 use fleet_proto::v1::UpdateManifest;
 
@@ -80,20 +81,20 @@ impl UpdateHandler for Slots {
             Decision::Accept
         }
     }
-    fn install(&self, m: &UpdateManifest, images: &[StagedImage]) -> Result<(), String> {
+    fn install(&self, m: &UpdateManifest, images: &[StagedImage]) -> Result<(), HandlerError> {
         self.inner.install(m, images)
     }
-    fn self_test(&self, _m: &UpdateManifest) -> Result<(), String> {
+    fn self_test(&self, _m: &UpdateManifest) -> Result<(), HandlerError> {
         if self.fail_self_test {
             Err("self-test failed (test switch)".into())
         } else {
             Ok(())
         }
     }
-    fn commit(&self, m: &UpdateManifest) -> Result<(), String> {
+    fn commit(&self, m: &UpdateManifest) -> Result<(), HandlerError> {
         self.inner.commit(m)
     }
-    fn rollback(&self, m: &UpdateManifest) -> Result<(), String> {
+    fn rollback(&self, m: &UpdateManifest) -> Result<(), HandlerError> {
         self.inner.rollback(m)
     }
 }
