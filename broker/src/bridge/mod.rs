@@ -33,8 +33,8 @@ use self::mapping::Mapping;
 use crate::config::BridgeSettings;
 use crate::metrics::Metrics;
 use crate::router::RouterHandle;
-use crate::services::link::{LinkError, ServiceLink};
-use crate::services::SharedStore;
+use crate::router::{LinkError, Received, ServiceLink};
+use crate::store::SharedStore;
 
 /// Upward messages in flight (sent, not yet acknowledged).
 const WINDOW: usize = 64;
@@ -184,7 +184,7 @@ impl Bridge {
     }
 
     /// Queues what the local link received (and whatever else it has ready).
-    async fn take_local(&mut self, first: crate::services::link::Received) {
+    async fn take_local(&mut self, first: Received) {
         let mut batch = Vec::new();
         let mut next = Some(first);
         while let Some(m) = next.take() {

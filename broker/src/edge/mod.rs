@@ -25,7 +25,8 @@ use crate::config::GatewayConfig;
 use crate::firmware::FirmwareDir;
 use crate::metrics::Metrics;
 use crate::router::{RouterHandle, INTERNAL_PREFIX};
-use crate::services::{self, SessionEvent, SharedStore};
+use crate::services::{self, SessionEvent};
+use crate::store::SharedStore;
 use crate::store::{Store, StoreError};
 use crate::tls::{self, TlsFiles};
 use sessions::{CloseReason, Sessions};
@@ -58,7 +59,7 @@ pub enum GatewayError {
     Store(#[from] StoreError),
     /// A service could not start.
     #[error(transparent)]
-    Service(#[from] services::LinkError),
+    Service(#[from] crate::router::LinkError),
     /// The bridge could not start.
     #[error(transparent)]
     Bridge(#[from] crate::bridge::BridgeError),

@@ -13,22 +13,18 @@
 
 pub mod api;
 pub mod commands;
-pub(crate) mod link;
 pub mod registry;
 pub mod updates;
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use tokio::sync::mpsc;
-use tracing::error;
 
 use crate::config::{CommandSettings, UpdateSettings};
 use crate::firmware::FirmwareDir;
 use crate::metrics::Metrics;
-use crate::router::RouterHandle;
-use crate::store::{Store, StoreError};
-
-pub use link::LinkError;
+use crate::router::{LinkError, RouterHandle};
+use crate::store::SharedStore;
 
 /// What the edge reports about client sessions.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,50 +48,6 @@ pub enum SessionEvent {
         /// The device id.
         id: String,
     },
-}
-
-/// The store shared by the services: calls run on the blocking pool, one at a time.
-#[derive(Clone)]
-pub struct SharedStore {
-    inner: Arc<Mutex<Store>>,
-    metrics: Arc<Metrics>,
-}
-
-impl SharedStore {
-    /// Wraps an open store.
-    pub fn new(store: Store, metrics: Arc<Metrics>) -> Self {
-        Self {
-            inner: Arc::new(Mutex::new(store)),
-            metrics,
-        }
-    }
-
-    /// Runs `f` with the store on the blocking pool. A failure is logged and counted here, so
-    /// callers only decide what it means for their message.
-    pub async fn call<R: Send + 'static>(
-        &self,
-        what: &'static str,
-        f: impl FnOnce(&mut Store) -> Result<R, StoreError> + Send + 'static,
-    ) -> Result<R, StoreError> {
-        let inner = self.inner.clone();
-        let joined = tokio::task::spawn_blocking(move || {
-            let mut guard = match inner.lock() {
-                Ok(g) => g,
-                Err(p) => p.into_inner(),
-            };
-            f(&mut guard)
-        })
-        .await;
-        let result = match joined {
-            Ok(r) => r,
-            Err(e) => Err(StoreError::Task(e.to_string())),
-        };
-        if let Err(e) = &result {
-            Metrics::inc(&self.metrics.store_errors);
-            error!(error = %e, what, "store operation failed");
-        }
-        result
-    }
 }
 
 /// What the edge needs from the services.

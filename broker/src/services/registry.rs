@@ -20,10 +20,10 @@ use fleet_proto::Message;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
-use super::link::{LinkError, Received, ServiceLink};
-use super::SharedStore;
 use crate::metrics::Metrics;
 use crate::router::RouterHandle;
+use crate::router::{LinkError, Received, ServiceLink};
+use crate::store::SharedStore;
 use crate::store::{StatusOutcome, StatusWrite};
 
 /// Most reports written in one transaction.

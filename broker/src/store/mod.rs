@@ -14,6 +14,7 @@
 mod commands;
 mod images;
 mod migrations;
+mod shared;
 mod status;
 mod updates;
 mod uplink;
@@ -24,6 +25,7 @@ use rusqlite::{Connection, OpenFlags};
 
 pub use commands::{StoredCommand, Submitted};
 pub use images::ImageRow;
+pub use shared::SharedStore;
 pub use status::{DeviceState, StatusOutcome, StatusWrite};
 pub use updates::{StoredUpdate, UpdatePut};
 pub use uplink::{QueueStats, Queued};
@@ -154,6 +156,16 @@ impl Store {
             ))
         }
     }
+}
+
+// SQLite integers are i64; sequences and times are u64 on the wire. Values above i64::MAX are
+// stored as their two's complement and read back the same way.
+fn to_sql(v: u64) -> i64 {
+    v as i64
+}
+
+fn from_sql(v: i64) -> u64 {
+    v as u64
 }
 
 fn err(path: &Path, source: rusqlite::Error) -> StoreError {

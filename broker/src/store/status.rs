@@ -7,7 +7,7 @@
 
 use rusqlite::{params, OptionalExtension};
 
-use super::{err, Store, StoreError};
+use super::{err, from_sql, to_sql, Store, StoreError};
 
 /// What became of a report offered to the registry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,16 +34,6 @@ pub struct DeviceState {
     pub device_class: Option<String>,
     /// Distinct reports stored (duplicates and late reports are not counted).
     pub reports_stored: u64,
-}
-
-// SQLite integers are i64; sequences and times are u64 on the wire. Values above i64::MAX are
-// stored as their two's complement and read back the same way.
-pub(super) fn to_sql(v: u64) -> i64 {
-    v as i64
-}
-
-pub(super) fn from_sql(v: i64) -> u64 {
-    v as u64
 }
 
 /// One report for [`Store::put_statuses`].

@@ -5,8 +5,7 @@
 
 use rusqlite::{params, Transaction};
 
-use super::status::{from_sql, to_sql};
-use super::{err, Store, StoreError};
+use super::{err, from_sql, to_sql, Store, StoreError};
 
 /// One queued message.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -31,13 +31,13 @@ use tracing::{debug, info, warn};
 
 use self::campaign::{Campaign, Effects};
 use self::queue::{FairQueue, Job};
-use super::link::{LinkError, Received, ServiceLink};
-use super::SharedStore;
 use crate::config::UpdateSettings;
 use crate::edge::sessions::{DeliverError, Sessions};
 use crate::firmware::FirmwareDir;
 use crate::metrics::Metrics;
 use crate::router::RouterHandle;
+use crate::router::{LinkError, Received, ServiceLink};
+use crate::store::SharedStore;
 use crate::store::StoreError;
 
 /// Chunks read and published per turn of the service loop.
