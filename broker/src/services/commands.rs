@@ -19,9 +19,9 @@ use fleet_proto::Message;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
-use super::SessionEvent;
 use crate::config::CommandSettings;
 use crate::metrics::Metrics;
+use crate::ports::SessionEvent;
 use crate::router::RouterHandle;
 use crate::router::{LinkError, Received, ServiceLink};
 use crate::store::SharedStore;

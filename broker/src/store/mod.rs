@@ -69,13 +69,25 @@ pub enum StoreError {
 pub struct Store {
     conn: Connection,
     path: PathBuf,
-    /// Stored status reports are also queued for the bridge, in the same transaction.
-    uplink_status: bool,
 }
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Store")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+/// An open write transaction (see [`Store::write`]); each table's module adds its writes.
+pub struct WriteTx<'a> {
+    tx: rusqlite::Transaction<'a>,
+    path: &'a Path,
+}
+
+impl std::fmt::Debug for WriteTx<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WriteTx")
             .field("path", &self.path)
             .finish_non_exhaustive()
     }
@@ -103,7 +115,6 @@ impl Store {
         let mut store = Store {
             conn,
             path: path.to_owned(),
-            uplink_status: false,
         };
         store.configure()?;
         migrations::apply(&mut store.conn, path)?;
@@ -139,6 +150,24 @@ impl Store {
     /// The database file.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Runs `f` in one write transaction, committed (one disk sync) when it returns `Ok`, rolled
+    /// back when it returns an error. Writes to several tables that must be durable together
+    /// (a status report and its upward copy) go through one of these.
+    pub fn write<R>(
+        &mut self,
+        f: impl FnOnce(&mut WriteTx<'_>) -> Result<R, StoreError>,
+    ) -> Result<R, StoreError> {
+        let tx = self.conn.transaction().map_err(|e| err(&self.path, e))?;
+        let mut w = WriteTx {
+            tx,
+            path: &self.path,
+        };
+        let r = f(&mut w)?;
+        let WriteTx { tx, path } = w;
+        tx.commit().map_err(|e| err(path, e))?;
+        Ok(r)
     }
 
     /// Runs SQLite's own consistency check; `Ok(())` when the file is sound.
