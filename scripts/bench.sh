@@ -3,6 +3,7 @@
 # figures with the command that made them. Results are recorded in BENCHMARKS.md.
 #   ./scripts/bench.sh --idle 10000 --connects 3000 --publishers 20 --seconds 10   (edge)
 #   ./scripts/bench.sh updates --devices 200 --image-mib 32                        (fan-out)
+#   ./scripts/bench.sh updates --status-during-upload --image-mib 64    (status acks vs upload)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tool=bench-gateway

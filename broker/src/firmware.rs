@@ -15,7 +15,7 @@ use fleet_proto::merkle::{self, ChunkCheckError};
 use fleet_proto::v1::Component;
 use sha2::{Digest as _, Sha256};
 
-use crate::store::{ImageRow, Store, StoreError};
+use crate::store::{ImageRow, SharedStore, StoreError};
 
 /// Why a firmware operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +48,9 @@ pub enum FirmwareError {
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The task doing the file work died (a bug: it panicked).
+    #[error("firmware file task failed: {0}")]
+    Task(String),
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> FirmwareError + '_ {
@@ -71,6 +74,55 @@ pub enum Accepted {
     Complete,
 }
 
+/// What the store says about an offered chunk.
+enum Plan {
+    /// The digest is known with another chunking or root.
+    Mismatch,
+    /// Held already (or the image is complete): nothing to do.
+    Duplicate,
+    /// Not held: write it.
+    Write,
+    /// Held, and so is every other chunk, but the image was not finished (a crash during the
+    /// final check): finish it now.
+    Finish,
+}
+
+/// Runs file work on the blocking pool.
+async fn blocking<R: Send + 'static>(
+    f: impl FnOnce() -> Result<R, FirmwareError> + Send + 'static,
+) -> Result<R, FirmwareError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| FirmwareError::Task(e.to_string()))?
+}
+
+/// Writes `data` at `offset` of `path` (created if needed) and syncs it.
+fn write_synced(path: &Path, offset: u64, data: &[u8]) -> Result<(), FirmwareError> {
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .map_err(io_err(path))?;
+    f.write_all_at(data, offset).map_err(io_err(path))?;
+    f.sync_data().map_err(io_err(path))
+}
+
+/// The SHA-256 of a whole file.
+fn sha256_file(path: &Path) -> Result<[u8; 32], FirmwareError> {
+    let mut f = File::open(path).map_err(io_err(path))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = f.read(&mut buf).map_err(io_err(path))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(h.finalize().into())
+}
+
 /// The firmware directory.
 #[derive(Debug, Clone)]
 pub struct FirmwareDir {
@@ -92,12 +144,23 @@ impl FirmwareDir {
     /// Checks chunk `index` of component `c` against its Merkle root, writes it at its offset
     /// (synced), then records it in the store. When it was the last one, checks the whole image
     /// and makes it available.
-    pub fn accept_chunk<P: AsRef<[u8]>>(
+    ///
+    /// Only the store lookups and records run under the store's lock (short transactions);
+    /// writing and syncing the chunk and hashing the whole image run outside it, so devices'
+    /// status acknowledgements do not wait behind an upload. A chunk is recorded as held only
+    /// after its bytes are durable, and an image is marked complete only after its file is
+    /// checked and renamed, so a crash at any point leaves the record true; an image whose
+    /// every chunk was recorded but which was not finished (a crash during the final check) is
+    /// finished by the next chunk offered for it.
+    ///
+    /// Uploads of one image must not run concurrently (the update server handles one API call
+    /// at a time).
+    pub async fn accept_chunk<P: AsRef<[u8]>>(
         &self,
-        store: &mut Store,
+        store: &SharedStore,
         c: &Component,
         index: u32,
-        data: &[u8],
+        data: Vec<u8>,
         proof: &[P],
         now_ms: u64,
     ) -> Result<Accepted, FirmwareError> {
@@ -106,60 +169,83 @@ impl FirmwareDir {
             .as_slice()
             .try_into()
             .map_err(|_| FirmwareError::BadDigest(c.name.clone()))?;
-        let (offset, digest) = merkle::verify_chunk(c, index, data, proof)?;
-        let image = store.put_image(&ImageRow::of(c), now_ms)?;
-        if !image.matches(c) {
-            return Err(FirmwareError::Mismatch(image.sha256));
+        let (offset, digest) = merkle::verify_chunk(c, index, &data, proof)?;
+        let component = c.clone();
+        let name = hex::encode(sha);
+        let chunk_count = c.chunk_count;
+        let plan = store
+            .call("firmware: look up a chunk", move |s| {
+                let image = s.put_image(&ImageRow::of(&component), now_ms)?;
+                if !image.matches(&component) {
+                    return Ok(Plan::Mismatch);
+                }
+                if image.complete {
+                    return Ok(Plan::Duplicate);
+                }
+                let (already, held) = s.image_chunk_held(&image.sha256, index)?;
+                Ok(match (already, held >= chunk_count) {
+                    (false, _) => Plan::Write,
+                    (true, true) => Plan::Finish,
+                    (true, false) => Plan::Duplicate,
+                })
+            })
+            .await?;
+        match plan {
+            Plan::Mismatch => return Err(FirmwareError::Mismatch(name)),
+            Plan::Duplicate => return Ok(Accepted::Duplicate),
+            Plan::Finish => {}
+            Plan::Write => {
+                let part = self.path(&sha, "part");
+                blocking(move || write_synced(&part, offset, &data)).await?;
+                let n = name.clone();
+                let held = store
+                    .call("firmware: record a chunk", move |s| {
+                        s.put_image_chunk(&n, index, &digest)?;
+                        Ok(s.image_chunk_held(&n, index)?.1)
+                    })
+                    .await?;
+                if held < chunk_count {
+                    return Ok(Accepted::Held { held });
+                }
+            }
         }
-        if image.complete {
-            return Ok(Accepted::Duplicate);
-        }
-        let (already, held) = store.image_chunk_held(&image.sha256, index)?;
-        if already {
-            return Ok(Accepted::Duplicate);
-        }
-        let part = self.path(&sha, "part");
-        let f = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&part)
-            .map_err(io_err(&part))?;
-        f.write_all_at(data, offset).map_err(io_err(&part))?;
-        f.sync_data().map_err(io_err(&part))?;
-        store.put_image_chunk(&image.sha256, index, &digest)?;
-        let count = held + 1;
-        if count < c.chunk_count {
-            return Ok(Accepted::Held { held: count });
-        }
-        self.finish(store, &sha, &image.sha256)?;
+        self.finish(store, sha, name).await?;
         Ok(Accepted::Complete)
     }
 
-    /// Every chunk is held: hash the whole file, then publish it as `.img`.
-    fn finish(&self, store: &mut Store, sha: &[u8; 32], name: &str) -> Result<(), FirmwareError> {
-        let part = self.path(sha, "part");
-        let mut f = File::open(&part).map_err(io_err(&part))?;
-        let mut h = Sha256::new();
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            let n = f.read(&mut buf).map_err(io_err(&part))?;
-            if n == 0 {
-                break;
-            }
-            h.update(&buf[..n]);
+    /// Every chunk is held: hash the whole file, then publish it as `.img` and mark it
+    /// complete; on a digest mismatch forget its chunks and remove the file.
+    async fn finish(
+        &self,
+        store: &SharedStore,
+        sha: [u8; 32],
+        name: String,
+    ) -> Result<(), FirmwareError> {
+        let part = self.path(&sha, "part");
+        let p = part.clone();
+        let digest = blocking(move || sha256_file(&p)).await?;
+        if digest != sha {
+            let n = name.clone();
+            store
+                .call("firmware: drop a bad image", move |s| s.reset_image(&n))
+                .await?;
+            blocking(move || fs::remove_file(&part).map_err(io_err(&part))).await?;
+            return Err(FirmwareError::DigestMismatch(name));
         }
-        if h.finalize().as_slice() != sha {
-            store.reset_image(name)?;
-            fs::remove_file(&part).map_err(io_err(&part))?;
-            return Err(FirmwareError::DigestMismatch(name.to_owned()));
-        }
-        let img = self.path(sha, "img");
-        fs::rename(&part, &img).map_err(io_err(&img))?;
-        File::open(&self.dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io_err(&self.dir))?;
-        store.set_image_complete(name)?;
+        let img = self.path(&sha, "img");
+        let dir = self.dir.clone();
+        blocking(move || {
+            fs::rename(&part, &img).map_err(io_err(&img))?;
+            File::open(&dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io_err(&dir))
+        })
+        .await?;
+        store
+            .call("firmware: mark an image complete", move |s| {
+                s.set_image_complete(&name)
+            })
+            .await?;
         Ok(())
     }
 
@@ -183,8 +269,11 @@ impl FirmwareDir {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use crate::metrics::Metrics;
+    use crate::store::Store;
     use fleet_proto::chunker::summarize;
     use fleet_proto::merkle::{Hash, MerkleTree};
+    use std::sync::Arc;
 
     fn image(n: usize) -> (Vec<u8>, Component, MerkleTree) {
         let data: Vec<u8> = (0..n).map(|i| (i * 31 % 251) as u8).collect();
@@ -195,37 +284,53 @@ mod tests {
         (data, c, MerkleTree::from_chunk_digests(&digests).unwrap())
     }
 
-    fn chunk(data: &[u8], i: u32) -> &[u8] {
+    fn chunk(data: &[u8], i: u32) -> Vec<u8> {
         let s = i as usize * 1024;
-        &data[s..(s + 1024).min(data.len())]
+        data[s..(s + 1024).min(data.len())].to_vec()
     }
 
-    #[test]
-    fn an_upload_resumes_after_a_restart_and_completes_verified() {
+    fn open(dir: &Path) -> (SharedStore, FirmwareDir) {
+        let store = SharedStore::new(Store::open_in(dir).unwrap(), Arc::new(Metrics::default()));
+        (store, FirmwareDir::open(dir).unwrap())
+    }
+
+    async fn offer(
+        fw: &FirmwareDir,
+        store: &SharedStore,
+        (data, c, tree): &(Vec<u8>, Component, MerkleTree),
+        i: u32,
+    ) -> Result<Accepted, FirmwareError> {
+        fw.accept_chunk(store, c, i, chunk(data, i), &tree.proof(i).unwrap(), 1)
+            .await
+    }
+
+    async fn held(store: &SharedStore, hex: &str) -> usize {
+        let hex = hex.to_owned();
+        store
+            .call("test", move |s| s.image_chunks(&hex))
+            .await
+            .unwrap()
+            .len()
+    }
+
+    #[tokio::test]
+    async fn an_upload_resumes_after_a_restart_and_completes_verified() {
         let dir = tempfile::tempdir().unwrap();
-        let (data, c, tree) = image(5 * 1024 - 100);
+        let img = image(5 * 1024 - 100);
+        let (data, c, tree) = &img;
         let sha: [u8; 32] = c.sha256.as_slice().try_into().unwrap();
         {
-            let mut store = Store::open_in(dir.path()).unwrap();
-            let fw = FirmwareDir::open(dir.path()).unwrap();
+            let (store, fw) = open(dir.path());
             for i in [3, 0] {
-                let got = fw
-                    .accept_chunk(
-                        &mut store,
-                        &c,
-                        i,
-                        chunk(&data, i),
-                        &tree.proof(i).unwrap(),
-                        1,
-                    )
-                    .unwrap();
+                let got = offer(&fw, &store, &img, i).await.unwrap();
                 assert!(matches!(got, Accepted::Held { .. }));
             }
             // A corrupt chunk is refused before anything is written.
-            let mut bad = chunk(&data, 1).to_vec();
+            let mut bad = chunk(data, 1);
             bad[0] ^= 1;
             assert!(matches!(
-                fw.accept_chunk(&mut store, &c, 1, &bad, &tree.proof(1).unwrap(), 1),
+                fw.accept_chunk(&store, c, 1, bad, &tree.proof(1).unwrap(), 1)
+                    .await,
                 Err(FirmwareError::Chunk(_))
             ));
             assert!(matches!(
@@ -234,72 +339,79 @@ mod tests {
             ));
         }
         // "Restart": a new store handle and directory see the two chunks held.
-        let mut store = Store::open_in(dir.path()).unwrap();
-        let fw = FirmwareDir::open(dir.path()).unwrap();
+        let (store, fw) = open(dir.path());
         let hex = hex::encode(sha);
-        assert_eq!(store.image_chunks(&hex).unwrap().len(), 2);
+        assert_eq!(held(&store, &hex).await, 2);
         assert_eq!(
-            fw.accept_chunk(
-                &mut store,
-                &c,
-                0,
-                chunk(&data, 0),
-                &tree.proof(0).unwrap(),
-                2
-            )
-            .unwrap(),
+            offer(&fw, &store, &img, 0).await.unwrap(),
             Accepted::Duplicate
         );
         let mut last = Accepted::Duplicate;
         for i in [1, 2, 4] {
-            last = fw
-                .accept_chunk(
-                    &mut store,
-                    &c,
-                    i,
-                    chunk(&data, i),
-                    &tree.proof(i).unwrap(),
-                    2,
-                )
-                .unwrap();
+            last = offer(&fw, &store, &img, i).await.unwrap();
         }
         assert_eq!(last, Accepted::Complete);
-        assert!(store.image(&hex).unwrap().unwrap().complete);
-        assert_eq!(fw.read(&sha, 0, data.len()).unwrap(), data);
+        let h = hex.clone();
+        let complete = store
+            .call("test", move |s| s.image(&h))
+            .await
+            .unwrap()
+            .unwrap()
+            .complete;
+        assert!(complete);
+        assert_eq!(fw.read(&sha, 0, data.len()).unwrap(), *data);
         assert_eq!(fw.read(&sha, 4096, 10).unwrap(), &data[4096..4106]);
+        assert_eq!(
+            offer(&fw, &store, &img, 2).await.unwrap(),
+            Accepted::Duplicate
+        );
     }
 
-    #[test]
-    fn an_inconsistent_manifest_is_caught_by_the_whole_image_digest() {
+    #[tokio::test]
+    async fn an_image_left_unfinished_by_a_crash_is_finished_by_the_next_offer() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = image(3 * 1024);
+        let (data, c, _) = &img;
+        let sha: [u8; 32] = c.sha256.as_slice().try_into().unwrap();
+        // The state a crash after the last chunk's record, before the final check, leaves:
+        // every chunk durable and recorded, the file still `.part`, the image not complete.
+        {
+            let mut s = Store::open_in(dir.path()).unwrap();
+            let fw = FirmwareDir::open(dir.path()).unwrap();
+            let row = s.put_image(&ImageRow::of(c), 1).unwrap();
+            for i in 0..3 {
+                let bytes = chunk(data, i);
+                write_synced(&fw.path(&sha, "part"), u64::from(i) * 1024, &bytes).unwrap();
+                s.put_image_chunk(&row.sha256, i, &merkle::chunk_digest(&bytes))
+                    .unwrap();
+            }
+        }
+        let (store, fw) = open(dir.path());
+        assert!(matches!(
+            fw.read(&sha, 0, 10),
+            Err(FirmwareError::Missing(_))
+        ));
+        assert_eq!(
+            offer(&fw, &store, &img, 1).await.unwrap(),
+            Accepted::Complete
+        );
+        assert_eq!(fw.read(&sha, 0, data.len()).unwrap(), *data);
+    }
+
+    #[tokio::test]
+    async fn an_inconsistent_manifest_is_caught_by_the_whole_image_digest() {
         let dir = tempfile::tempdir().unwrap();
         let (data, mut c, tree) = image(2048);
         // Right chunks and root, wrong whole-image digest.
         c.sha256 = vec![0x11; 32];
-        let mut store = Store::open_in(dir.path()).unwrap();
-        let fw = FirmwareDir::open(dir.path()).unwrap();
-        fw.accept_chunk(
-            &mut store,
-            &c,
-            0,
-            chunk(&data, 0),
-            &tree.proof(0).unwrap(),
-            1,
-        )
-        .unwrap();
+        let img = (data, c, tree);
+        let (store, fw) = open(dir.path());
+        offer(&fw, &store, &img, 0).await.unwrap();
         assert!(matches!(
-            fw.accept_chunk(
-                &mut store,
-                &c,
-                1,
-                chunk(&data, 1),
-                &tree.proof(1).unwrap(),
-                1
-            ),
+            offer(&fw, &store, &img, 1).await,
             Err(FirmwareError::DigestMismatch(_))
         ));
-        assert!(store
-            .image_chunks(&hex::encode([0x11; 32]))
-            .unwrap()
-            .is_empty());
+        assert_eq!(held(&store, &hex::encode([0x11; 32])).await, 0);
+        assert!(!fw.path(&[0x11; 32], "part").exists());
     }
 }

@@ -46,12 +46,9 @@ impl Mapping {
         self.down.iter().map(|f| self.upstream(f)).collect()
     }
 
-    /// Whether device status reports flow up. They are queued by the store in the transaction
-    /// that stores them (before the device's acknowledgement), not by the bridge's link.
+    /// Whether device status reports flow up (see [`status_up`]).
     pub fn status_up(&self) -> bool {
-        self.up
-            .iter()
-            .any(|f| filter::matches(f, "devices/x/status"))
+        status_up(&self.up)
     }
 
     /// What the bridge's local link subscribes to.
@@ -70,6 +67,12 @@ impl Mapping {
             })
         )
     }
+}
+
+/// Whether the `up` filters carry device status reports. Those are queued in the transaction
+/// that stores them (before the device's acknowledgement), not by the bridge's link.
+pub fn status_up(up: &[String]) -> bool {
+    up.iter().any(|f| filter::matches(f, "devices/x/status"))
 }
 
 #[cfg(test)]

@@ -5,7 +5,8 @@
 //! * **Up** (store and forward): every message bound upstream is in the store's queue before
 //!   it is sent, and leaves it only when the upstream broker acknowledges it (QoS 1). Status
 //!   reports enter the queue in the transaction that stores them, before the device gets its
-//!   acknowledgement; other upward topics (API responses, events, presence, update progress)
+//!   acknowledgement (the status owner, `services::status`, does that when
+//!   [`carries_status`]); other upward topics (API responses, events, presence, update progress)
 //!   are queued as the bridge's link receives them. Order is kept; after a reconnect the queue
 //!   is sent again from its head (at least once: subscribers drop duplicates by sequence or
 //!   id). The queue has a disk budget; over it the oldest messages are dropped and counted.
@@ -34,8 +35,8 @@ use self::mapping::Mapping;
 use crate::config::BridgeSettings;
 use crate::metrics::Metrics;
 use crate::router::RouterHandle;
-use crate::services::link::{LinkError, ServiceLink};
-use crate::services::SharedStore;
+use crate::router::{LinkError, Received, ServiceLink};
+use crate::store::SharedStore;
 
 /// Upward messages in flight (sent, not yet acknowledged).
 const WINDOW: usize = 64;
@@ -119,15 +120,6 @@ impl Bridge {
         let mapping = Mapping::new(gateway, settings.up.clone(), settings.down.clone());
         let filters: Vec<&str> = mapping.up_filters().iter().map(String::as_str).collect();
         let link = ServiceLink::open(router, "bridge", &filters).await?;
-        if mapping.status_up() {
-            store
-                .call("enable status uplink", |s| {
-                    s.set_uplink_status(true);
-                    Ok(())
-                })
-                .await
-                .ok();
-        }
         let mut options = MqttOptions::new(id.clone(), host, port);
         options
             .set_transport(Transport::Tls(TlsConfiguration::Rustls(client.config)))
@@ -192,7 +184,7 @@ impl Bridge {
     }
 
     /// Queues what the local link received (and whatever else it has ready).
-    async fn take_local(&mut self, first: crate::services::link::Received) {
+    async fn take_local(&mut self, first: Received) {
         let mut batch = Vec::new();
         let mut next = Some(first);
         while let Some(m) = next.take() {
@@ -378,4 +370,11 @@ impl Bridge {
         Metrics::set(&self.metrics.bridge_queue_bytes, stats.bytes);
         Metrics::set(&self.metrics.bridge_queue_oldest_ms, stats.oldest_at_ms);
     }
+}
+
+/// Whether stored status reports are to be queued upward: a bridge is configured and its `up`
+/// filters carry device status. The assembly decides this from the configuration and tells
+/// the status owner, which queues them in the transaction that stores them.
+pub fn carries_status(settings: &BridgeSettings) -> bool {
+    settings.upstream.is_some() && mapping::status_up(&settings.up)
 }

@@ -28,9 +28,7 @@ use super::Shared;
 use crate::acl::{Decision, DenyReason};
 use crate::config::DeniedPublish;
 use crate::metrics::Metrics;
-use crate::services::registry::status_item;
-use crate::services::SessionEvent;
-use crate::store::StatusOutcome;
+use crate::ports::{SessionEvent, StatusVerdict};
 use fleet_proto::topics::{self, DeviceTopic, Topic};
 
 type Tls = TlsStream<TcpStream>;
@@ -619,9 +617,10 @@ impl Pump {
         }
     }
 
-    /// A device's status report is stored before it may be acknowledged. `None`: stored and
-    /// new, forward it; `Some(step)`: handled here (malformed or duplicate: acknowledged and
-    /// dropped; store failure: the connection closes and the device sends it again later).
+    /// A device's status report goes to the status owner before it may be acknowledged.
+    /// `None`: stored, forward it (the router acknowledges it); `Some(step)`: handled here
+    /// (malformed or duplicate: acknowledged and dropped; store failure: the connection closes
+    /// and the device sends it again later).
     async fn store_status(
         &mut self,
         topic: &str,
@@ -635,22 +634,13 @@ impl Pump {
         else {
             return None;
         };
-        let item = match status_item(id.as_str(), payload) {
-            Ok(i) => i,
-            Err(e) => {
-                Metrics::inc(&self.shared.metrics.malformed_payloads);
-                warn!(topic = %topic, error = %e, "status report dropped: not a valid StatusReport");
-                self.ack_dropped(header);
-                return Some(Step::Continue);
-            }
-        };
-        match self.shared.status.store(item).await {
-            Some(StatusOutcome::Stored) => None,
-            Some(StatusOutcome::Stale { .. }) => {
+        match self.shared.status.offer(id.as_str(), payload.clone()).await {
+            StatusVerdict::Stored => None,
+            StatusVerdict::Dropped => {
                 self.ack_dropped(header);
                 Some(Step::Continue)
             }
-            None => Some(Step::Stop(End::Abnormal(
+            StatusVerdict::Failed => Some(Step::Stop(End::Abnormal(
                 "status report could not be stored".into(),
             ))),
         }

@@ -1,4 +1,8 @@
-//! The TLS edge: the listener, shared state, reload and shutdown.
+//! The TLS edge: the listener, TLS and identity, the per-connection tasks that drive the
+//! router, reload of its own TLS material and policy, and shutdown.
+//!
+//! The edge knows the router below it and, through [`crate::ports`], where device sessions and
+//! status reports go; the assembly builds it and hands it those ends. It imports no service.
 //!
 //! Each accepted connection runs in its own task (module `connection`); a semaphore permit taken
 //! *before* `accept` bounds the number of connections, so a full gateway stops accepting
@@ -22,20 +26,19 @@ use tracing::{error, info, warn};
 
 use crate::acl::{Decision, Policy};
 use crate::config::GatewayConfig;
-use crate::firmware::FirmwareDir;
 use crate::metrics::Metrics;
+use crate::ports::{SessionEvent, StatusIntake};
 use crate::router::{RouterHandle, INTERNAL_PREFIX};
-use crate::services::{self, SessionEvent, SharedStore};
-use crate::store::{Store, StoreError};
 use crate::tls::{self, TlsFiles};
-use sessions::{CloseReason, Sessions};
+use sessions::CloseReason;
+pub use sessions::Sessions;
 
 pub use codec::{decode, DecodeError};
 
-/// Why the gateway cannot start or reload.
+/// Why the edge cannot start or reload.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
-pub enum GatewayError {
+pub enum EdgeError {
     /// TLS material is unusable.
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
@@ -47,21 +50,9 @@ pub enum GatewayError {
         /// What is wrong.
         source: crate::acl::PolicyError,
     },
-    /// Reading a file failed.
+    /// Reading a file failed, or the router refused the edge's own link.
     #[error("{0}")]
     Io(String),
-    /// The router could not start.
-    #[error(transparent)]
-    Router(#[from] crate::router::RouterError),
-    /// The store cannot be opened.
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    /// A service could not start.
-    #[error(transparent)]
-    Service(#[from] services::LinkError),
-    /// The bridge could not start.
-    #[error(transparent)]
-    Bridge(#[from] crate::bridge::BridgeError),
     /// Binding the listener failed.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -83,7 +74,7 @@ pub(crate) struct Shared {
     pub(crate) metrics: Arc<Metrics>,
     wills: Mutex<LinkTx>,
     session_events: tokio::sync::mpsc::UnboundedSender<SessionEvent>,
-    pub(crate) status: services::registry::StatusWriter,
+    pub(crate) status: StatusIntake,
 }
 
 impl Shared {
@@ -128,13 +119,13 @@ impl Shared {
     }
 }
 
-fn load_policy(path: Option<&std::path::Path>) -> Result<Policy, GatewayError> {
+fn load_policy(path: Option<&std::path::Path>) -> Result<Policy, EdgeError> {
     match path {
         None => Ok(Policy::default_policy()),
         Some(p) => {
             let text = std::fs::read_to_string(p)
-                .map_err(|e| GatewayError::Io(format!("{}: {e}", p.display())))?;
-            Policy::from_toml(&text).map_err(|source| GatewayError::Policy {
+                .map_err(|e| EdgeError::Io(format!("{}: {e}", p.display())))?;
+            Policy::from_toml(&text).map_err(|source| EdgeError::Policy {
                 path: p.display().to_string(),
                 source,
             })
@@ -142,25 +133,64 @@ fn load_policy(path: Option<&std::path::Path>) -> Result<Policy, GatewayError> {
     }
 }
 
-/// A gateway bound to its port, ready to serve.
-pub struct Gateway {
+/// What the edge is built from; the assembly fills it in.
+pub struct EdgeParts {
+    /// The configuration.
+    pub config: GatewayConfig,
+    /// The gateway's TLS files (reloaded from the same paths).
+    pub tls_files: TlsFiles,
+    /// The router the connections are driven into.
+    pub router: RouterHandle,
+    /// The live connections (shared with whoever delivers to them directly).
+    pub sessions: Arc<Sessions>,
+    /// Counters.
+    pub metrics: Arc<Metrics>,
+    /// Where device sessions are reported.
+    pub session_events: tokio::sync::mpsc::UnboundedSender<SessionEvent>,
+    /// Where device status reports are offered before they are acknowledged.
+    pub status: StatusIntake,
+}
+
+/// The edge bound to its port, ready to serve.
+pub struct Edge {
     shared: Arc<Shared>,
     listener: TcpListener,
 }
 
-/// A handle to a running gateway: reload and metrics, usable from signal handlers and tests.
+/// A handle to a running edge: reload and counts, usable from signal handlers and tests.
 #[derive(Clone)]
-pub struct GatewayHandle {
+pub struct EdgeHandle {
     shared: Arc<Shared>,
 }
 
-impl Gateway {
-    /// Loads TLS material and policy, starts the router and binds the listener. Nothing is
-    /// served until [`Gateway::serve`].
-    pub async fn bind(config: GatewayConfig, tls_files: TlsFiles) -> Result<Gateway, GatewayError> {
-        let tls = tls::server_config(&tls_files)?;
-        let policy = load_policy(config.acl.policy.as_deref())?;
-        let router = RouterHandle::start(config.limits.max_connections)?;
+/// Loads the TLS material and the ACL policy, so that a bad file stops the gateway before any
+/// port is bound.
+pub fn load_security(
+    config: &GatewayConfig,
+    tls_files: &TlsFiles,
+) -> Result<(Arc<ServerConfig>, Policy), EdgeError> {
+    Ok((
+        tls::server_config(tls_files)?,
+        load_policy(config.acl.policy.as_deref())?,
+    ))
+}
+
+impl Edge {
+    /// Opens the edge's own router link (for wills) and binds the listener with the TLS
+    /// material and policy from [`load_security`]. Nothing is served until [`Edge::serve`].
+    pub async fn bind(
+        parts: EdgeParts,
+        (tls, policy): (Arc<ServerConfig>, Policy),
+    ) -> Result<Edge, EdgeError> {
+        let EdgeParts {
+            config,
+            tls_files,
+            router,
+            sessions,
+            metrics,
+            session_events,
+            status,
+        } = parts;
         let will_router = router.clone();
         let crate::router::Link {
             tx: wills,
@@ -170,8 +200,8 @@ impl Gateway {
             will_router.link(&format!("{INTERNAL_PREFIX}wills"), true)
         })
         .await
-        .map_err(|e| GatewayError::Io(e.to_string()))?
-        .map_err(|e| GatewayError::Io(e.to_string()))?;
+        .map_err(|e| EdgeError::Io(e.to_string()))?
+        .map_err(|e| EdgeError::Io(e.to_string()))?;
         // The will link only publishes at QoS 0; keep its receiving side drained.
         tokio::spawn(async move {
             while let Ok(n) = wills_rx.next().await {
@@ -185,62 +215,13 @@ impl Gateway {
         let listener =
             TcpListener::bind(config.listen)
                 .await
-                .map_err(|source| GatewayError::Bind {
+                .map_err(|source| EdgeError::Bind {
                     addr: config.listen,
                     source,
                 })?;
         let identity_policy = IdentityPolicy {
             cn_fallback: config.identity.cn_fallback_role,
         };
-        let metrics = Arc::new(Metrics::default());
-        let data_dir = config.data_dir.clone();
-        let store = tokio::task::spawn_blocking(move || Store::open_in(&data_dir))
-            .await
-            .map_err(|e| GatewayError::Io(e.to_string()))??;
-        info!(path = %store.path().display(), "store open");
-        let firmware =
-            FirmwareDir::open(&config.data_dir).map_err(|e| GatewayError::Io(e.to_string()))?;
-        let sessions = Arc::new(Sessions::default());
-        let store = SharedStore::new(store, metrics.clone());
-        if let Some(addr) = config.metrics.listen {
-            let sources = crate::http::Sources {
-                metrics: metrics.clone(),
-                sessions: sessions.clone(),
-            };
-            crate::http::start(addr, sources)
-                .await
-                .map_err(|source| GatewayError::Bind { addr, source })?;
-        }
-        if config.bridge.upstream.is_some() {
-            let b = &config.bridge;
-            let bridge_tls = crate::bridge::BridgeTls {
-                ca: b.ca.clone().unwrap_or_else(|| tls_files.ca.clone()),
-                cert: b.cert.clone().unwrap_or_else(|| tls_files.cert.clone()),
-                key: b.key.clone().unwrap_or_else(|| tls_files.key.clone()),
-            };
-            let bridge = crate::bridge::Bridge::start(
-                &router,
-                store.clone(),
-                b.clone(),
-                &bridge_tls,
-                metrics.clone(),
-            )
-            .await?;
-            tokio::spawn(bridge.run());
-        }
-        let services::ServiceHandles {
-            session_events,
-            status,
-        } = services::start(
-            &router,
-            store,
-            config.commands.clone(),
-            config.updates.clone(),
-            firmware,
-            sessions.clone(),
-            metrics.clone(),
-        )
-        .await?;
         let shared = Arc::new(Shared {
             config,
             tls_files,
@@ -254,7 +235,7 @@ impl Gateway {
             session_events,
             status,
         });
-        Ok(Gateway { shared, listener })
+        Ok(Edge { shared, listener })
     }
 
     /// The bound address (useful with port 0).
@@ -262,9 +243,9 @@ impl Gateway {
         self.listener.local_addr()
     }
 
-    /// A handle for reload and metrics.
-    pub fn handle(&self) -> GatewayHandle {
-        GatewayHandle {
+    /// A handle for reload and counts.
+    pub fn handle(&self) -> EdgeHandle {
+        EdgeHandle {
             shared: self.shared.clone(),
         }
     }
@@ -320,11 +301,11 @@ impl Gateway {
     }
 }
 
-impl GatewayHandle {
+impl EdgeHandle {
     /// Reloads the CA bundle, CRL and policy from their files. Keeps the old ones if a file is
     /// unusable (and says so). Closes live connections whose certificate no longer verifies.
     /// Returns how many connections were closed.
-    pub fn reload(&self) -> Result<usize, GatewayError> {
+    pub fn reload(&self) -> Result<usize, EdgeError> {
         let shared = &self.shared;
         let tls = tls::server_config(&shared.tls_files)?;
         let policy = load_policy(shared.config.acl.policy.as_deref())?;
@@ -333,7 +314,7 @@ impl GatewayHandle {
             shared.tls_files.crl.as_deref(),
             shared.identity_policy,
         )
-        .map_err(|e| GatewayError::Io(e.to_string()))?;
+        .map_err(|e| EdgeError::Io(e.to_string()))?;
         match shared.tls.write() {
             Ok(mut g) => *g = tls,
             Err(p) => *p.into_inner() = tls,
@@ -348,11 +329,6 @@ impl GatewayHandle {
         });
         info!(closed, "reloaded CA bundle, CRL and ACL policy");
         Ok(closed)
-    }
-
-    /// The gateway's counters.
-    pub fn metrics(&self) -> Arc<Metrics> {
-        self.shared.metrics.clone()
     }
 
     /// Number of live MQTT sessions.

@@ -8,19 +8,12 @@ use std::time::Duration;
 use rumqttd::protocol::Packet;
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::ports::{DeliverError, DirectSink};
+
 /// Packets a service may queue for direct delivery to one connection (firmware chunks; the
 /// update server sends at most one window per device, so this is never reached in normal
 /// operation).
 pub const DIRECT_CAPACITY: usize = 256;
-
-/// Why a direct delivery did not happen.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DeliverError {
-    /// No live connection for the id.
-    NotConnected,
-    /// Its direct queue is full (a stalled client).
-    Full,
-}
 
 /// Why the gateway closes a connection itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -164,5 +157,11 @@ impl Sessions {
     /// True when no connection is registered.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+impl DirectSink for Sessions {
+    fn deliver(&self, client_id: &str, packet: Packet) -> Result<(), DeliverError> {
+        Sessions::deliver(self, client_id, packet)
     }
 }

@@ -19,11 +19,12 @@ use fleet_proto::Message;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
-use super::link::{LinkError, Received, ServiceLink};
-use super::{SessionEvent, SharedStore};
 use crate::config::CommandSettings;
 use crate::metrics::Metrics;
+use crate::ports::SessionEvent;
 use crate::router::RouterHandle;
+use crate::router::{LinkError, Received, ServiceLink};
+use crate::store::SharedStore;
 use crate::store::StoredCommand;
 
 /// How often expiries and overdue re-deliveries are looked for.

@@ -5,8 +5,7 @@
 use fleet_proto::v1::CommandState;
 use rusqlite::{params, OptionalExtension, Row};
 
-use super::status::{from_sql, to_sql};
-use super::{err, Store, StoreError};
+use super::{err, from_sql, to_sql, Store, StoreError};
 
 /// One command for one device, as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]

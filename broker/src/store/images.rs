@@ -9,8 +9,7 @@ use fleet_proto::merkle::Hash;
 use fleet_proto::v1::Component;
 use rusqlite::{params, OptionalExtension};
 
-use super::status::{from_sql, to_sql};
-use super::{err, Store, StoreError};
+use super::{err, from_sql, to_sql, Store, StoreError};
 
 /// An image as the cache knows it.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -14,6 +14,7 @@
 mod commands;
 mod images;
 mod migrations;
+mod shared;
 mod status;
 mod updates;
 mod uplink;
@@ -24,6 +25,7 @@ use rusqlite::{Connection, OpenFlags};
 
 pub use commands::{StoredCommand, Submitted};
 pub use images::ImageRow;
+pub use shared::SharedStore;
 pub use status::{DeviceState, StatusOutcome, StatusWrite};
 pub use updates::{StoredUpdate, UpdatePut};
 pub use uplink::{QueueStats, Queued};
@@ -67,13 +69,25 @@ pub enum StoreError {
 pub struct Store {
     conn: Connection,
     path: PathBuf,
-    /// Stored status reports are also queued for the bridge, in the same transaction.
-    uplink_status: bool,
 }
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Store")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+/// An open write transaction (see [`Store::write`]); each table's module adds its writes.
+pub struct WriteTx<'a> {
+    tx: rusqlite::Transaction<'a>,
+    path: &'a Path,
+}
+
+impl std::fmt::Debug for WriteTx<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WriteTx")
             .field("path", &self.path)
             .finish_non_exhaustive()
     }
@@ -101,7 +115,6 @@ impl Store {
         let mut store = Store {
             conn,
             path: path.to_owned(),
-            uplink_status: false,
         };
         store.configure()?;
         migrations::apply(&mut store.conn, path)?;
@@ -139,6 +152,24 @@ impl Store {
         &self.path
     }
 
+    /// Runs `f` in one write transaction, committed (one disk sync) when it returns `Ok`, rolled
+    /// back when it returns an error. Writes to several tables that must be durable together
+    /// (a status report and its upward copy) go through one of these.
+    pub fn write<R>(
+        &mut self,
+        f: impl FnOnce(&mut WriteTx<'_>) -> Result<R, StoreError>,
+    ) -> Result<R, StoreError> {
+        let tx = self.conn.transaction().map_err(|e| err(&self.path, e))?;
+        let mut w = WriteTx {
+            tx,
+            path: &self.path,
+        };
+        let r = f(&mut w)?;
+        let WriteTx { tx, path } = w;
+        tx.commit().map_err(|e| err(path, e))?;
+        Ok(r)
+    }
+
     /// Runs SQLite's own consistency check; `Ok(())` when the file is sound.
     pub fn check_integrity(&self) -> Result<(), StoreError> {
         let verdict: String = self
@@ -154,6 +185,16 @@ impl Store {
             ))
         }
     }
+}
+
+// SQLite integers are i64; sequences and times are u64 on the wire. Values above i64::MAX are
+// stored as their two's complement and read back the same way.
+fn to_sql(v: u64) -> i64 {
+    v as i64
+}
+
+fn from_sql(v: i64) -> u64 {
+    v as u64
 }
 
 fn err(path: &Path, source: rusqlite::Error) -> StoreError {

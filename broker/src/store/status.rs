@@ -7,7 +7,7 @@
 
 use rusqlite::{params, OptionalExtension};
 
-use super::{err, Store, StoreError};
+use super::{err, from_sql, to_sql, Store, StoreError, WriteTx};
 
 /// What became of a report offered to the registry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,16 +34,6 @@ pub struct DeviceState {
     pub device_class: Option<String>,
     /// Distinct reports stored (duplicates and late reports are not counted).
     pub reports_stored: u64,
-}
-
-// SQLite integers are i64; sequences and times are u64 on the wire. Values above i64::MAX are
-// stored as their two's complement and read back the same way.
-pub(super) fn to_sql(v: u64) -> i64 {
-    v as i64
-}
-
-pub(super) fn from_sql(v: i64) -> u64 {
-    v as u64
 }
 
 /// One report for [`Store::put_statuses`].
@@ -88,58 +78,7 @@ impl Store {
         batch: &[StatusWrite<'_>],
         now_ms: u64,
     ) -> Result<Vec<StatusOutcome>, StoreError> {
-        let path = self.path.clone();
-        let tx = self.conn.transaction().map_err(|e| err(&path, e))?;
-        let mut outcomes = Vec::with_capacity(batch.len());
-        for w in batch {
-            let stored: Option<Option<i64>> = tx
-                .query_row(
-                    "SELECT status_sequence FROM device_state WHERE device_id = ?1",
-                    [w.device_id],
-                    |r| r.get(0),
-                )
-                .optional()
-                .map_err(|e| err(&path, e))?;
-            if let Some(Some(seq)) = stored {
-                if from_sql(seq) >= w.sequence {
-                    outcomes.push(StatusOutcome::Stale {
-                        stored: from_sql(seq),
-                    });
-                    continue;
-                }
-            }
-            tx.execute(
-                "INSERT INTO device_state
-                   (device_id, status_sequence, status, status_at_ms, device_class, reports_stored)
-                 VALUES (?1, ?2, ?3, ?4, ?5, 1)
-                 ON CONFLICT (device_id) DO UPDATE SET
-                   status_sequence = excluded.status_sequence,
-                   status = excluded.status,
-                   status_at_ms = excluded.status_at_ms,
-                   device_class = coalesce(excluded.device_class, device_class),
-                   reports_stored = reports_stored + 1",
-                params![
-                    w.device_id,
-                    to_sql(w.sequence),
-                    w.report,
-                    to_sql(now_ms),
-                    w.device_class.filter(|c| !c.is_empty())
-                ],
-            )
-            .map_err(|e| err(&path, e))?;
-            if self.uplink_status {
-                super::uplink::enqueue_in(
-                    &tx,
-                    &format!("devices/{}/status", w.device_id),
-                    w.report,
-                    now_ms,
-                )
-                .map_err(|e| err(&path, e))?;
-            }
-            outcomes.push(StatusOutcome::Stored);
-        }
-        tx.commit().map_err(|e| err(&path, e))?;
-        Ok(outcomes)
+        self.write(|tx| batch.iter().map(|w| tx.put_status(w, now_ms)).collect())
     }
 
     /// Remembers a device's class (from its presence), for class-wide commands.
@@ -219,6 +158,55 @@ impl Store {
             .map_err(|e| err(&self.path, e))?;
         rows.collect::<Result<_, _>>()
             .map_err(|e| err(&self.path, e))
+    }
+}
+
+impl WriteTx<'_> {
+    /// Offers a report inside a larger transaction: stored only if its sequence is newer than
+    /// the stored one.
+    pub fn put_status(
+        &mut self,
+        w: &StatusWrite<'_>,
+        now_ms: u64,
+    ) -> Result<StatusOutcome, StoreError> {
+        let path = self.path;
+        let stored: Option<Option<i64>> = self
+            .tx
+            .query_row(
+                "SELECT status_sequence FROM device_state WHERE device_id = ?1",
+                [w.device_id],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(|e| err(path, e))?;
+        if let Some(Some(seq)) = stored {
+            if from_sql(seq) >= w.sequence {
+                return Ok(StatusOutcome::Stale {
+                    stored: from_sql(seq),
+                });
+            }
+        }
+        self.tx
+            .execute(
+                "INSERT INTO device_state
+                   (device_id, status_sequence, status, status_at_ms, device_class, reports_stored)
+                 VALUES (?1, ?2, ?3, ?4, ?5, 1)
+                 ON CONFLICT (device_id) DO UPDATE SET
+                   status_sequence = excluded.status_sequence,
+                   status = excluded.status,
+                   status_at_ms = excluded.status_at_ms,
+                   device_class = coalesce(excluded.device_class, device_class),
+                   reports_stored = reports_stored + 1",
+                params![
+                    w.device_id,
+                    to_sql(w.sequence),
+                    w.report,
+                    to_sql(now_ms),
+                    w.device_class.filter(|c| !c.is_empty())
+                ],
+            )
+            .map_err(|e| err(path, e))?;
+        Ok(StatusOutcome::Stored)
     }
 }
 

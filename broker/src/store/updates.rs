@@ -8,8 +8,7 @@ use fleet_proto::v1::{CampaignRecord, TargetRecord};
 use fleet_proto::Message;
 use rusqlite::{params, OptionalExtension};
 
-use super::status::{from_sql, to_sql};
-use super::{err, Store, StoreError};
+use super::{err, from_sql, to_sql, Store, StoreError};
 
 /// An update as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]

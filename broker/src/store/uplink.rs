@@ -1,12 +1,11 @@
 //! The bridge's store-and-forward queue: messages bound upstream, in the order they were
-//! taken, kept until the upstream broker acknowledges them. Stored status reports enter it in
-//! the same transaction that stores them (before the device's acknowledgement), so nothing a
-//! device saw acknowledged can be lost on its way up, even to a SIGKILL.
+//! taken, kept until the upstream broker acknowledges them. A caller that must store something
+//! and queue it upward atomically (a status report, before the device's acknowledgement) uses
+//! [`WriteTx::enqueue_uplink`] inside one [`Store::write`].
 
-use rusqlite::{params, Transaction};
+use rusqlite::params;
 
-use super::status::{from_sql, to_sql};
-use super::{err, Store, StoreError};
+use super::{err, from_sql, to_sql, Store, StoreError, WriteTx};
 
 /// One queued message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,37 +31,35 @@ pub struct QueueStats {
     pub oldest_at_ms: u64,
 }
 
-pub(super) fn enqueue_in(
-    tx: &Transaction<'_>,
-    topic: &str,
-    payload: &[u8],
-    now_ms: u64,
-) -> rusqlite::Result<()> {
-    tx.execute(
-        "INSERT INTO uplink_queue (topic, payload, enqueued_at_ms) VALUES (?1, ?2, ?3)",
-        params![topic, payload, to_sql(now_ms)],
-    )
-    .map(|_| ())
+impl WriteTx<'_> {
+    /// Queues one message (local topic, payload) upward inside a larger transaction.
+    pub fn enqueue_uplink(
+        &mut self,
+        topic: &str,
+        payload: &[u8],
+        now_ms: u64,
+    ) -> Result<(), StoreError> {
+        self.tx
+            .prepare_cached(
+                "INSERT INTO uplink_queue (topic, payload, enqueued_at_ms) VALUES (?1, ?2, ?3)",
+            )
+            .and_then(|mut st| st.execute(params![topic, payload, to_sql(now_ms)]))
+            .map(|_| ())
+            .map_err(|e| err(self.path, e))
+    }
 }
 
 impl Store {
-    /// Stored status reports are also queued upstream (the bridge is on).
-    pub fn set_uplink_status(&mut self, on: bool) {
-        self.uplink_status = on;
-    }
-
     /// Queues messages (local topic, payload) in one transaction, in order.
     pub fn enqueue_uplink(
         &mut self,
         msgs: &[(String, Vec<u8>)],
         now_ms: u64,
     ) -> Result<(), StoreError> {
-        let path = self.path.clone();
-        let tx = self.conn.transaction().map_err(|e| err(&path, e))?;
-        for (topic, payload) in msgs {
-            enqueue_in(&tx, topic, payload, now_ms).map_err(|e| err(&path, e))?;
-        }
-        tx.commit().map_err(|e| err(&path, e))
+        self.write(|tx| {
+            msgs.iter()
+                .try_for_each(|(topic, payload)| tx.enqueue_uplink(topic, payload, now_ms))
+        })
     }
 
     /// Up to `limit` queued messages after position `after`, oldest first.
@@ -148,10 +145,9 @@ impl Store {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use crate::store::StatusWrite;
 
     #[test]
-    fn the_queue_keeps_order_until_acknowledged_and_status_joins_it_atomically() {
+    fn the_queue_keeps_order_until_acknowledged() {
         let dir = tempfile::tempdir().unwrap();
         let mut s = Store::open_in(dir.path()).unwrap();
         s.enqueue_uplink(
@@ -159,17 +155,10 @@ mod tests {
             5,
         )
         .unwrap();
-        s.set_uplink_status(true);
-        let w = StatusWrite {
-            device_id: "dev-1",
-            sequence: 1,
-            report: b"r",
-            device_class: None,
-        };
-        s.put_statuses(&[w, w], 6).unwrap(); // the second is stale: queued once
+        s.write(|tx| tx.enqueue_uplink("c", b"3", 6)).unwrap();
         let q = s.uplink_after(0, 10).unwrap();
         let topics: Vec<&str> = q.iter().map(|m| m.topic.as_str()).collect();
-        assert_eq!(topics, ["a", "b", "devices/dev-1/status"]);
+        assert_eq!(topics, ["a", "b", "c"]);
         assert_eq!(s.uplink_after(q[1].seq, 10).unwrap().len(), 1);
         s.uplink_done(&[q[0].seq]).unwrap();
         let st = s.uplink_stats().unwrap();

@@ -8,13 +8,23 @@
 //! pushes the same number of bytes through one plain rustls stream over loopback.
 //!
 //! Run: `./scripts/bench.sh updates [--devices 200] [--image-mib 32]`.
+//!
+//! With `--status-during-upload`, it measures instead how long devices wait for the
+//! acknowledgement of their status reports (each stored before it is acknowledged) while a
+//! service uploads an image: `--reporters` devices each publish one report (QoS 1) every
+//! `--report-ms` and wait for its PUBACK, first for `--baseline-s` seconds with nothing else
+//! going on, then while the image (`--image-mib`, 64 by default in this mode) is uploaded
+//! through the fleet API. Prints p50, p99 and the maximum of both phases.
+//! Run: `./scripts/bench.sh updates --status-during-upload --image-mib 64`.
 
-use std::path::PathBuf;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use fleet_proto::signing::TrustedKeys;
-use fleet_proto::v1::UpdatePhase;
+use fleet_proto::v1::{StatusReport, UpdatePhase};
+use fleet_proto::Message;
 use fleet_tests::fleet::{self, FleetOptions};
 use fleet_tests::procs::{cpu_seconds, status_kib, GatewayProc};
 use fleet_tests::updates::{authority, write_image, Publish};
@@ -29,6 +39,10 @@ struct Args {
     image_mib: usize,
     chunk_kib: u32,
     state: PathBuf,
+    status_during_upload: bool,
+    reporters: usize,
+    report_ms: u64,
+    baseline_s: u64,
 }
 
 fn parse_args() -> Result<Args, Error> {
@@ -42,30 +56,45 @@ fn parse_args() -> Result<Args, Error> {
         } else {
             std::env::temp_dir().join("fleet-bench-updates")
         },
+        status_during_upload: false,
+        reporters: 20,
+        report_ms: 20,
+        baseline_s: 5,
     };
+    let mut image_mib = None;
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let mut val = || it.next().ok_or_else(|| format!("{flag} needs a value"));
         match flag.as_str() {
             "--devices" => a.devices = val()?.parse()?,
-            "--image-mib" => a.image_mib = val()?.parse()?,
+            "--image-mib" => image_mib = Some(val()?.parse()?),
             "--chunk-kib" => a.chunk_kib = val()?.parse()?,
             "--state" => a.state = val()?.into(),
+            "--status-during-upload" => a.status_during_upload = true,
+            "--reporters" => a.reporters = val()?.parse()?,
+            "--report-ms" => a.report_ms = val()?.parse()?,
+            "--baseline-s" => a.baseline_s = val()?.parse()?,
             "--help" | "-h" => {
                 println!(
-                    "bench-updates [--devices N] [--image-mib M] [--chunk-kib K] [--state DIR]"
+                    "bench-updates [--devices N] [--image-mib M] [--chunk-kib K] [--state DIR]\n\
+                     bench-updates --status-during-upload [--image-mib M] [--chunk-kib K] \
+                     [--reporters N] [--report-ms MS] [--baseline-s S]"
                 );
                 std::process::exit(0);
             }
             other => return Err(format!("unknown flag {other}").into()),
         }
     }
+    a.image_mib = image_mib.unwrap_or(if a.status_during_upload { 64 } else { 32 });
     Ok(a)
 }
 
 #[tokio::main]
 async fn main() -> Result<(), Error> {
     let a = parse_args()?;
+    if a.status_during_upload {
+        return status_during_upload(&a).await;
+    }
     let dir = tempfile::tempdir()?;
     let gw = GatewayProc::start(dir.path(), 0, a.devices as u32, &[]);
     let pki = gw.pki();
@@ -161,6 +190,191 @@ async fn main() -> Result<(), Error> {
     );
     println!("ratio fan-out / raw TLS: {:.2}", rate / raw_rate);
     Ok(())
+}
+
+/// Which phase a status acknowledgement was measured in.
+const WARMUP: u8 = 0;
+const BASELINE: u8 = 1;
+const UPLOAD: u8 = 2;
+const STOP: u8 = 3;
+
+/// Status acknowledgement latencies (microseconds) per phase.
+type Samples = Arc<Mutex<[Vec<u64>; 3]>>;
+
+async fn status_during_upload(a: &Args) -> Result<(), Error> {
+    let dir = tempfile::tempdir()?;
+    let gw = GatewayProc::start(dir.path(), 0, a.reporters as u32, &[]);
+    let pki = gw.pki();
+    let (signer, _, _) = authority(dir.path());
+    let image_path = dir.path().join("image");
+    write_image(&image_path, a.image_mib << 20, 42);
+    let sdk = gw.fleet().await;
+
+    let phase = Arc::new(AtomicU8::new(WARMUP));
+    let samples: Samples = Arc::default();
+    let mut reporters = Vec::new();
+    for i in 1..=a.reporters {
+        let id = format!("dev-{i:04}");
+        let stream = connect(&gw.address(), &pki, &id).await?;
+        reporters.push(tokio::spawn(report_loop(
+            stream,
+            id,
+            Duration::from_millis(a.report_ms),
+            phase.clone(),
+            samples.clone(),
+        )));
+    }
+    // Let every reporter store its first reports before measuring.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let cpu0 = cpu_seconds(gw.pid());
+    phase.store(BASELINE, Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_secs(a.baseline_s)).await;
+    let cpu1 = cpu_seconds(gw.pid());
+    phase.store(UPLOAD, Ordering::Relaxed);
+    let t = Instant::now();
+    let mut p = Publish::new("bench-status-1", &image_path);
+    p.chunk_size = a.chunk_kib * 1024;
+    p.run(&sdk, &signer).await;
+    let upload = t.elapsed();
+    phase.store(STOP, Ordering::Relaxed);
+    let cpu2 = cpu_seconds(gw.pid());
+    for r in reporters {
+        r.await??;
+    }
+    let hwm_mib = status_kib(gw.pid(), "VmHWM:") as f64 / 1024.0;
+
+    println!(
+        "# bench-updates --status-during-upload --image-mib {} --chunk-kib {} --reporters {} --report-ms {} --baseline-s {}",
+        a.image_mib, a.chunk_kib, a.reporters, a.report_ms, a.baseline_s
+    );
+    let all = samples.lock().map_err(|_| "samples poisoned")?.clone();
+    let line = |name: &str, v: &[u64], secs: f64, cpu: f64| {
+        println!(
+            "{name}: {} status acks in {secs:.2} s, p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; gateway CPU {:.0} % of one core",
+            v.len(),
+            percentile(v, 50.0),
+            percentile(v, 99.0),
+            percentile(v, 100.0),
+            100.0 * cpu / secs
+        );
+    };
+    line(
+        "no upload",
+        &all[usize::from(BASELINE)],
+        a.baseline_s as f64,
+        cpu1 - cpu0,
+    );
+    line(
+        &format!(
+            "during the upload of {} MiB ({:.2} s, {:.1} MiB/s)",
+            a.image_mib,
+            upload.as_secs_f64(),
+            a.image_mib as f64 / upload.as_secs_f64()
+        ),
+        &all[usize::from(UPLOAD)],
+        upload.as_secs_f64(),
+        cpu2 - cpu1,
+    );
+    println!("gateway: peak RSS {hwm_mib:.0} MiB");
+    Ok(())
+}
+
+/// The `q`th percentile of `v` (microseconds) in milliseconds; 0 when empty.
+fn percentile(v: &[u64], q: f64) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_unstable();
+    if v.is_empty() {
+        return 0.0;
+    }
+    let at = ((q / 100.0) * (v.len() - 1) as f64).round() as usize;
+    v[at.min(v.len() - 1)] as f64 / 1000.0
+}
+
+type Tls = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
+
+/// mTLS to the gateway as device `id`, CONNECT, CONNACK accepted.
+async fn connect(addr: &str, pki: &Path, id: &str) -> Result<(Tls, Vec<u8>), Error> {
+    let config = fleet_tests::mqtt::client_config(
+        &pki.join("ca.crt"),
+        &std::fs::read_to_string(pki.join(format!("devices/{id}.crt")))?,
+        &std::fs::read_to_string(pki.join(format!("devices/{id}.key")))?,
+    )?;
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    tcp.set_nodelay(true)?;
+    let mut tls = tokio_rustls::TlsConnector::from(config)
+        .connect(ServerName::try_from("localhost")?.to_owned(), tcp)
+        .await?;
+    tls.write_all(&fleet_tests::mqtt::connect_packet(id, 60))
+        .await?;
+    let mut inbuf = Vec::new();
+    let (first, body) = next_packet(&mut tls, &mut inbuf).await?;
+    if first != 0x20 || body.get(1) != Some(&0) {
+        return Err(format!("{id}: CONNACK refused").into());
+    }
+    Ok((tls, inbuf))
+}
+
+async fn next_packet(tls: &mut Tls, inbuf: &mut Vec<u8>) -> Result<(u8, Vec<u8>), Error> {
+    loop {
+        if let Some(p) = fleet_tests::mqtt::split_packet(inbuf)? {
+            return Ok(p);
+        }
+        let mut chunk = [0u8; 4096];
+        let n = tls.read(&mut chunk).await?;
+        if n == 0 {
+            return Err("connection closed".into());
+        }
+        inbuf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// One device: a status report every `every`, each waiting for its PUBACK; the wait is
+/// recorded in the phase it started in.
+async fn report_loop(
+    (mut tls, mut inbuf): (Tls, Vec<u8>),
+    id: String,
+    every: Duration,
+    phase: Arc<AtomicU8>,
+    samples: Samples,
+) -> Result<(), Error> {
+    let topic = format!("devices/{id}/status");
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut sequence = 0u64;
+    loop {
+        tick.tick().await;
+        let now_phase = phase.load(Ordering::Relaxed);
+        if now_phase == STOP {
+            return Ok(());
+        }
+        sequence += 1;
+        let pkid = (sequence % 60_000 + 1) as u16;
+        let report = StatusReport {
+            sequence,
+            ..StatusReport::default()
+        }
+        .encode_to_vec();
+        let t = Instant::now();
+        tls.write_all(&fleet_tests::mqtt::publish_packet(
+            topic.as_bytes(),
+            &report,
+            1,
+            pkid,
+        ))
+        .await?;
+        loop {
+            let (first, body) = next_packet(&mut tls, &mut inbuf).await?;
+            if first == 0x40 && body.get(..2) == Some(&pkid.to_be_bytes()[..]) {
+                break;
+            }
+        }
+        let waited = u64::try_from(t.elapsed().as_micros()).unwrap_or(u64::MAX);
+        if now_phase != WARMUP {
+            if let Ok(mut s) = samples.lock() {
+                s[usize::from(now_phase)].push(waited);
+            }
+        }
+    }
 }
 
 /// Time to push `total` bytes through one TLS 1.3 stream (the gateway's certificate, a

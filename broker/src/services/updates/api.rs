@@ -175,7 +175,10 @@ impl UpdateService {
         self.record(&update_id).await
     }
 
-    async fn upload_chunk(&mut self, req: UploadChunk) -> Result<UploadChunkResponse, ApiError> {
+    async fn upload_chunk(
+        &mut self,
+        mut req: UploadChunk,
+    ) -> Result<UploadChunkResponse, ApiError> {
         let id = req.update_id.clone();
         let stored = self
             .store
@@ -190,26 +193,28 @@ impl UpdateService {
             .find(|c| c.name == req.component)
             .cloned()
             .ok_or_else(|| invalid(format!("update has no component {:?}", req.component)))?;
-        let firmware = self.firmware.clone();
         let now = fleet_proto::time::now_ms();
         let (name, index) = (c.name.clone(), req.index);
+        // The file work runs outside the store's lock; only its records take it.
+        let data = std::mem::take(&mut req.data);
         let accepted = self
-            .store
-            .call("upload chunk", move |s| {
-                let r = firmware.accept_chunk(s, &c, req.index, &req.data, &req.proof, now);
-                let hex = hex::encode(&c.sha256);
-                let complete = s.image(&hex)?.is_some_and(|i| i.complete);
-                let held = if complete {
-                    c.chunk_count
-                } else {
-                    s.image_chunk_held(&hex, 0)?.1
-                };
-                Ok((r, held, complete))
-            })
-            .await
-            .map_err(|_| unavailable())?;
+            .firmware
+            .accept_chunk(&self.store, &c, index, data, &req.proof, now)
+            .await;
         match accepted {
-            (Ok(a), chunks_held, complete) => {
+            Ok(a) => {
+                let hex = hex::encode(&c.sha256);
+                let count = c.chunk_count;
+                let (chunks_held, complete) = self
+                    .store
+                    .call("upload chunk state", move |s| {
+                        if s.image(&hex)?.is_some_and(|i| i.complete) {
+                            return Ok((count, true));
+                        }
+                        Ok((s.image_chunk_held(&hex, 0)?.1, false))
+                    })
+                    .await
+                    .map_err(|_| unavailable())?;
                 if a != Accepted::Duplicate {
                     Metrics::inc(&self.metrics.chunks_uploaded);
                 }
@@ -223,15 +228,15 @@ impl UpdateService {
                     complete,
                 })
             }
-            (Err(FirmwareError::Chunk(e)), ..) => Err(invalid(format!("chunk {index}: {e}"))),
-            (Err(FirmwareError::DigestMismatch(sha)), ..) => Err(invalid(format!(
+            Err(FirmwareError::Chunk(e)) => Err(invalid(format!("chunk {index}: {e}"))),
+            Err(FirmwareError::DigestMismatch(sha)) => Err(invalid(format!(
                 "every chunk matched its proof but the whole image {sha} did not: the manifest is inconsistent; its chunks were dropped"
             ))),
-            (Err(FirmwareError::Mismatch(sha)), ..) => Err(api_error(
+            Err(FirmwareError::Mismatch(sha)) => Err(api_error(
                 ApiErrorCode::Conflict,
                 format!("image {sha} is already in the cache with another chunking"),
             )),
-            (Err(e), ..) => {
+            Err(e) => {
                 warn!(update_id = %req.update_id, error = %e, "firmware cache write failed");
                 Err(api_error(ApiErrorCode::Unavailable, format!("firmware cache: {e}")))
             }

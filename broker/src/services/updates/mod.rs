@@ -31,13 +31,13 @@ use tracing::{debug, info, warn};
 
 use self::campaign::{Campaign, Effects};
 use self::queue::{FairQueue, Job};
-use super::link::{LinkError, Received, ServiceLink};
-use super::SharedStore;
 use crate::config::UpdateSettings;
-use crate::edge::sessions::{DeliverError, Sessions};
 use crate::firmware::FirmwareDir;
 use crate::metrics::Metrics;
+use crate::ports::{DeliverError, DirectSink};
 use crate::router::RouterHandle;
+use crate::router::{LinkError, Received, ServiceLink};
+use crate::store::SharedStore;
 use crate::store::StoreError;
 
 /// Chunks read and published per turn of the service loop.
@@ -128,7 +128,7 @@ pub struct UpdateService {
     firmware: FirmwareDir,
     /// Chunks go straight to the device's connection: through the router they would stay in
     /// its per-topic in-memory log (up to 80 MiB per device).
-    sessions: Arc<Sessions>,
+    direct: Arc<dyn DirectSink>,
     metrics: Arc<Metrics>,
     settings: UpdateSettings,
     calls: mpsc::UnboundedReceiver<ApiCall>,
@@ -145,7 +145,7 @@ impl UpdateService {
         store: SharedStore,
         firmware: FirmwareDir,
         settings: UpdateSettings,
-        sessions: Arc<Sessions>,
+        direct: Arc<dyn DirectSink>,
         metrics: Arc<Metrics>,
         calls: mpsc::UnboundedReceiver<ApiCall>,
     ) -> Result<Self, LinkError> {
@@ -162,7 +162,7 @@ impl UpdateService {
             link,
             store,
             firmware,
-            sessions,
+            direct,
             metrics,
             settings,
             calls,
@@ -374,7 +374,7 @@ impl UpdateService {
                 false,
             );
             match self
-                .sessions
+                .direct
                 .deliver(&device, rumqttd::protocol::Packet::Publish(publish, None))
             {
                 Ok(()) => {}

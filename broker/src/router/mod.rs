@@ -4,11 +4,16 @@
 //! (`rumqttd::local::LinkBuilder`); this module hides the router's channel type (which rumqttd
 //! does not export) behind [`RouterHandle::link`].
 
+mod link;
+
 use std::sync::Arc;
 
 use rumqttd::local::{LinkBuilder, LinkRx, LinkTx};
 use rumqttd::protocol::Packet;
 use rumqttd::{Router, RouterConfig};
+
+pub use link::LinkError;
+pub(crate) use link::{Received, ServiceLink};
 
 /// Client ids of the gateway's own in-process links start with this. DEL is a control
 /// character, which no certificate id may contain, so no client can ever claim these sessions.

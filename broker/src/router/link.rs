@@ -4,7 +4,7 @@ use bytes::Bytes;
 use rumqttd::local::{LinkRx, LinkTx};
 use rumqttd::Notification;
 
-use crate::router::{RouterHandle, INTERNAL_PREFIX};
+use super::{RouterHandle, INTERNAL_PREFIX};
 
 /// The router refused the service's link or dropped it.
 #[derive(Debug, thiserror::Error)]

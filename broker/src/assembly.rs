@@ -1,0 +1,199 @@
+//! The assembly: builds every part of the gateway and wires them together. It is the only
+//! module that knows all the others; each part gets what it needs from here (the store handle,
+//! the router, the ends of the [`crate::ports`] channels, the [`crate::ports::DirectSink`]) and
+//! imports nothing of its peers.
+//!
+//! Order: TLS material and policy are loaded first (a bad file stops the gateway before any
+//! port is bound), then the router, the edge's listener, the store and firmware cache, the
+//! metrics endpoint, the bridge and the services.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tracing::info;
+
+use crate::bridge::{self, Bridge, BridgeTls};
+use crate::config::GatewayConfig;
+use crate::edge::{self, Edge, EdgeHandle, EdgeParts, Sessions};
+use crate::firmware::FirmwareDir;
+use crate::metrics::Metrics;
+use crate::ports::{DirectSink, StatusIntake};
+use crate::router::RouterHandle;
+use crate::services::{self, ServiceDeps};
+use crate::store::{SharedStore, Store, StoreError};
+use crate::tls::TlsFiles;
+
+/// Why the gateway cannot start or reload.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum GatewayError {
+    /// The edge cannot start or reload (TLS material, ACL policy, its listener).
+    #[error(transparent)]
+    Edge(#[from] edge::EdgeError),
+    /// Opening a directory or joining a start-up task failed.
+    #[error("{0}")]
+    Io(String),
+    /// The router could not start.
+    #[error(transparent)]
+    Router(#[from] crate::router::RouterError),
+    /// The store cannot be opened.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A service could not start.
+    #[error(transparent)]
+    Service(#[from] crate::router::LinkError),
+    /// The bridge could not start.
+    #[error(transparent)]
+    Bridge(#[from] crate::bridge::BridgeError),
+    /// Binding the metrics endpoint failed.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+/// A gateway bound to its ports, ready to serve.
+pub struct Gateway {
+    edge: Edge,
+    metrics: Arc<Metrics>,
+    metrics_addr: Option<SocketAddr>,
+}
+
+/// A handle to a running gateway: reload and metrics, usable from signal handlers and tests.
+#[derive(Clone)]
+pub struct GatewayHandle {
+    edge: EdgeHandle,
+    metrics: Arc<Metrics>,
+}
+
+impl Gateway {
+    /// Loads TLS material and policy, starts the router, binds the listener, opens the store
+    /// and starts the metrics endpoint, the bridge and the services. Connections are accepted
+    /// from [`Gateway::serve`] on.
+    pub async fn bind(config: GatewayConfig, tls_files: TlsFiles) -> Result<Gateway, GatewayError> {
+        let security = edge::load_security(&config, &tls_files)?;
+        let router = RouterHandle::start(config.limits.max_connections)?;
+        let metrics = Arc::new(Metrics::default());
+        let sessions = Arc::new(Sessions::default());
+        let (session_events, session_events_rx) = mpsc::unbounded_channel();
+        let (status, status_offers) = StatusIntake::channel(services::status::QUEUE);
+        let edge_parts = EdgeParts {
+            config: config.clone(),
+            tls_files: tls_files.clone(),
+            router: router.clone(),
+            sessions: sessions.clone(),
+            metrics: metrics.clone(),
+            session_events,
+            status,
+        };
+        let edge = Edge::bind(edge_parts, security).await?;
+
+        let data_dir = config.data_dir.clone();
+        let store = tokio::task::spawn_blocking(move || Store::open_in(&data_dir))
+            .await
+            .map_err(|e| GatewayError::Io(e.to_string()))??;
+        info!(path = %store.path().display(), "store open");
+        let firmware =
+            FirmwareDir::open(&config.data_dir).map_err(|e| GatewayError::Io(e.to_string()))?;
+        let store = SharedStore::new(store, metrics.clone());
+
+        let mut metrics_addr = None;
+        if let Some(addr) = config.metrics.listen {
+            let live = sessions.clone();
+            let sources = crate::http::Sources {
+                metrics: metrics.clone(),
+                connections: Arc::new(move || live.len()),
+            };
+            let bound = crate::http::start(addr, sources)
+                .await
+                .map_err(|source| GatewayError::Bind { addr, source })?;
+            metrics_addr = Some(bound);
+        }
+
+        if config.bridge.upstream.is_some() {
+            let b = &config.bridge;
+            let bridge_tls = BridgeTls {
+                ca: b.ca.clone().unwrap_or_else(|| tls_files.ca.clone()),
+                cert: b.cert.clone().unwrap_or_else(|| tls_files.cert.clone()),
+                key: b.key.clone().unwrap_or_else(|| tls_files.key.clone()),
+            };
+            let bridge = Bridge::start(
+                &router,
+                store.clone(),
+                b.clone(),
+                &bridge_tls,
+                metrics.clone(),
+            )
+            .await?;
+            tokio::spawn(bridge.run());
+        }
+
+        let direct: Arc<dyn DirectSink> = sessions;
+        services::start(ServiceDeps {
+            router,
+            store,
+            commands: config.commands.clone(),
+            updates: config.updates.clone(),
+            firmware,
+            direct,
+            status_uplink: bridge::carries_status(&config.bridge),
+            metrics: metrics.clone(),
+            session_events: session_events_rx,
+            status_offers,
+        })
+        .await?;
+        Ok(Gateway {
+            edge,
+            metrics,
+            metrics_addr,
+        })
+    }
+
+    /// The bound address of the device listener (useful with port 0).
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.edge.local_addr()
+    }
+
+    /// The bound address of the metrics endpoint, when one is configured.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
+    }
+
+    /// A handle for reload and metrics.
+    pub fn handle(&self) -> GatewayHandle {
+        GatewayHandle {
+            edge: self.edge.handle(),
+            metrics: self.metrics.clone(),
+        }
+    }
+
+    /// Serves until `shutdown` resolves, then stops accepting, asks every connection to close
+    /// (publishing wills) and waits up to `grace` for them.
+    pub async fn serve(self, shutdown: impl std::future::Future<Output = ()>, grace: Duration) {
+        self.edge.serve(shutdown, grace).await;
+    }
+}
+
+impl GatewayHandle {
+    /// Reloads the CA bundle, CRL and policy from their files. Keeps the old ones if a file is
+    /// unusable (and says so). Closes live connections whose certificate no longer verifies.
+    /// Returns how many connections were closed.
+    pub fn reload(&self) -> Result<usize, GatewayError> {
+        Ok(self.edge.reload()?)
+    }
+
+    /// The gateway's counters.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
+    }
+
+    /// Number of live MQTT sessions.
+    pub fn sessions(&self) -> usize {
+        self.edge.sessions()
+    }
+}
