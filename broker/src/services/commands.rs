@@ -371,6 +371,7 @@ mod tests {
             (CommandStatus::Expired, CommandState::Expired),
         ] {
             assert_eq!(closing_state(s), Some(want));
+            assert!(want.is_final(), "{want:?} closes a command");
         }
     }
 }
