@@ -6,6 +6,7 @@
 //! * [`tls`]: the rustls server configuration (client certificates mandatory, CRLs).
 //! * [`acl`]: topic matching and the per-role policy (pure).
 //! * [`edge`]: listener, per-connection tasks, identity binding, reload, shutdown.
+//! * `fault`: test-only fault injection (feature `fault-injection`, off by default).
 //! * [`http`]: the metrics and health endpoint.
 //! * [`firmware`]: the firmware cache on disk (content-addressed, chunk-verified, resumable).
 //! * [`router`]: the embedded rumqttd router and its in-process links.
@@ -19,6 +20,8 @@ pub mod bridge;
 pub mod config;
 pub mod devpki;
 pub mod edge;
+#[cfg(feature = "fault-injection")]
+pub mod fault;
 pub mod firmware;
 pub mod http;
 pub mod metrics;
