@@ -9,6 +9,7 @@ mod connection;
 pub mod sessions;
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -142,10 +143,36 @@ fn load_policy(path: Option<&std::path::Path>) -> Result<Policy, GatewayError> {
     }
 }
 
+/// What `/health` checks: the accept loop, a probe write into the store, the bridge if one is
+/// configured.
+fn health_sources(
+    config: &GatewayConfig,
+    store: &SharedStore,
+    listening: &Arc<AtomicBool>,
+) -> crate::http::HealthSources {
+    let store = store.clone();
+    crate::http::HealthSources {
+        listening: listening.clone(),
+        store_probe: Arc::new(move || {
+            let store = store.clone();
+            Box::pin(async move {
+                let now = fleet_proto::time::now_ms();
+                store
+                    .call("health probe", move |s| s.probe_write(now))
+                    .await
+                    .map_err(|e| e.to_string())
+            })
+        }),
+        bridge_configured: config.bridge.upstream.is_some(),
+    }
+}
+
 /// A gateway bound to its port, ready to serve.
 pub struct Gateway {
     shared: Arc<Shared>,
     listener: TcpListener,
+    /// True while the accept loop runs (the health endpoint's `listener` check).
+    listening: Arc<AtomicBool>,
 }
 
 /// A handle to a running gateway: reload and metrics, usable from signal handlers and tests.
@@ -202,10 +229,12 @@ impl Gateway {
             FirmwareDir::open(&config.data_dir).map_err(|e| GatewayError::Io(e.to_string()))?;
         let sessions = Arc::new(Sessions::default());
         let store = SharedStore::new(store, metrics.clone());
+        let listening = Arc::new(AtomicBool::new(false));
         if let Some(addr) = config.metrics.listen {
             let sources = crate::http::Sources {
                 metrics: metrics.clone(),
                 sessions: sessions.clone(),
+                health: health_sources(&config, &store, &listening),
             };
             crate::http::start(addr, sources)
                 .await
@@ -254,7 +283,11 @@ impl Gateway {
             session_events,
             status,
         });
-        Ok(Gateway { shared, listener })
+        Ok(Gateway {
+            shared,
+            listener,
+            listening,
+        })
     }
 
     /// The bound address (useful with port 0).
@@ -277,6 +310,7 @@ impl Gateway {
         info!(addr = %self.listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), max_connections = limit, "gateway listening");
         tokio::pin!(shutdown);
         let mut backoff = Duration::from_millis(10);
+        self.listening.store(true, Ordering::Relaxed);
         loop {
             let permit = tokio::select! {
                 _ = &mut shutdown => break,
@@ -305,6 +339,7 @@ impl Gateway {
                 }
             }
         }
+        self.listening.store(false, Ordering::Relaxed);
         info!("shutting down: closing connections");
         self.shared
             .sessions
