@@ -320,6 +320,28 @@ impl Store {
             .map_err(|e| err(&self.path, e))
     }
 
+    /// The earliest last hand-over among DELIVERED, unexpired (at `now_ms`) commands handed
+    /// over after `after_ms`, i.e. those not yet overdue when `after_ms` is `now_ms` minus
+    /// `redeliver_after`: the next re-delivery falls due `redeliver_after` after it. Overdue
+    /// ones are left out: a sweep already handled them (re-delivered, or kept for the device's
+    /// reconnection, which delivers every open command).
+    pub fn oldest_fresh_delivery(
+        &self,
+        after_ms: u64,
+        now_ms: u64,
+    ) -> Result<Option<u64>, StoreError> {
+        self.conn
+            .query_row(
+                "SELECT min(updated_at_ms) FROM commands
+                 WHERE state = 2 AND updated_at_ms > ?1
+                   AND (expires_at_ms = 0 OR expires_at_ms > ?2)",
+                params![to_sql(after_ms), to_sql(now_ms)],
+                |r| r.get::<_, Option<i64>>(0),
+            )
+            .map(|v| v.map(from_sql))
+            .map_err(|e| err(&self.path, e))
+    }
+
     /// A command's records: for one device, or for every target when `device_id` is `None`.
     pub fn get_command(
         &self,
@@ -395,6 +417,9 @@ mod tests {
         assert_eq!((d.attempts, d.state), (1, CommandState::Delivered));
         assert!(s.overdue_commands(149, 200).unwrap().is_empty());
         assert_eq!(s.overdue_commands(150, 200).unwrap().len(), 1);
+        // Fresh (not yet overdue) hand-overs are what the next re-delivery waits for.
+        assert_eq!(s.oldest_fresh_delivery(149, 200).unwrap(), Some(150));
+        assert_eq!(s.oldest_fresh_delivery(150, 200).unwrap(), None);
         let d = s.mark_delivered("dev-1", "c1", 160).unwrap().unwrap();
         assert_eq!(d.attempts, 2);
         let closed = s
