@@ -1,6 +1,6 @@
 //! Counters of the gateway, cheap to bump from any task.
 //!
-//! Every series is declared once, in the [`series!`] table below: the field (with its rustdoc),
+//! Every series is declared once, in the `series!` table below: the field (with its rustdoc),
 //! the Prometheus name, type and help text. [`Metrics::render`] walks that same table.
 
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -163,7 +163,7 @@ impl CommandService {
     }
 
     /// Runs until the router is gone. Sleeps until the next expiry or re-delivery is due (see
-    /// [`next_sweep_in`]) or a message or session event arrives; the first sweep runs at once
+    /// `next_sweep_in`) or a message or session event arrives; the first sweep runs at once
     /// (what expired while the gateway was down).
     pub async fn run(mut self) {
         let mut prune = tokio::time::interval(PRUNE_EVERY);
