@@ -8,6 +8,7 @@
 //! metrics endpoint, the bridge and the services.
 
 use std::net::SocketAddr;
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -55,6 +56,30 @@ pub enum GatewayError {
         /// The error.
         source: std::io::Error,
     },
+}
+
+/// What `/health` checks: the accept loop, a probe write into the store, the bridge if one is
+/// configured.
+fn health_sources(
+    config: &GatewayConfig,
+    store: &SharedStore,
+    listening: Arc<AtomicBool>,
+) -> crate::http::HealthSources {
+    let store = store.clone();
+    crate::http::HealthSources {
+        listening,
+        store_probe: Arc::new(move || {
+            let store = store.clone();
+            Box::pin(async move {
+                let now = fleet_proto::time::now_ms();
+                store
+                    .call("health probe", move |s| s.probe_write(now))
+                    .await
+                    .map_err(|e| e.to_string())
+            })
+        }),
+        bridge_configured: config.bridge.upstream.is_some(),
+    }
 }
 
 /// A gateway bound to its ports, ready to serve.
@@ -108,6 +133,7 @@ impl Gateway {
             let sources = crate::http::Sources {
                 metrics: metrics.clone(),
                 connections: Arc::new(move || live.len()),
+                health: health_sources(&config, &store, edge.listening()),
             };
             let bound = crate::http::start(addr, sources)
                 .await

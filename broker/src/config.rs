@@ -258,10 +258,6 @@ pub struct UpdateSettings {
     /// Most chunks sent for one request, whatever window it names (at most 256): with fair
     /// round-robin serving this bounds what one device can hold queued. Default 64.
     pub max_window: u32,
-    /// Test switch, never read from the configuration: corrupt every Nth chunk served (one
-    /// byte flipped). 0 is off. The gateway binary sets it from `GATEWAY_TEST_CORRUPT_CHUNKS`.
-    #[serde(skip)]
-    pub test_corrupt_every: u32,
 }
 
 impl Default for UpdateSettings {
@@ -269,7 +265,6 @@ impl Default for UpdateSettings {
         Self {
             default_window: 16,
             max_window: 64,
-            test_corrupt_every: 0,
         }
     }
 }

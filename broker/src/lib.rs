@@ -23,6 +23,7 @@
 //!    * [`config`]: typed configuration with documented defaults.
 //!    * [`metrics`]: the counters and gauges.
 //!    * [`tls`]: the rustls server configuration (client certificates mandatory, CRLs).
+//!    * `fault`: test-only fault injection (feature `fault-injection`, off by default).
 //!    * [`devpki`]: the development PKI the binary creates when no certificates are configured.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -33,6 +34,8 @@ pub mod bridge;
 pub mod config;
 pub mod devpki;
 pub mod edge;
+#[cfg(feature = "fault-injection")]
+pub mod fault;
 pub mod firmware;
 pub mod http;
 pub mod metrics;

@@ -1,75 +1,123 @@
 //! Counters of the gateway, cheap to bump from any task.
+//!
+//! Every series is declared once, in the `series!` table below: the field (with its rustdoc),
+//! the Prometheus name, type and help text. [`Metrics::render`] walks that same table.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// The gateway's counters.
-#[derive(Debug, Default)]
-pub struct Metrics {
+/// Declares the [`Metrics`] struct and its render table from one list of series.
+///
+/// Each entry: field doc comments, `field: kind "name" "help"`, and optionally `via f`, where
+/// `f(raw, now_ms) -> f64` turns the stored value into the exported one. Names get the
+/// `fleet_gateway_` prefix when rendered; `kind` is `counter` or `gauge`.
+macro_rules! series {
+    ($(
+        $(#[doc = $doc:literal])+
+        $field:ident: $kind:ident $name:literal $help:literal $(via $via:path)?,
+    )+) => {
+        /// The gateway's counters.
+        #[derive(Debug, Default)]
+        pub struct Metrics {
+            $(
+                $(#[doc = $doc])+
+                pub $field: AtomicU64,
+            )+
+        }
+
+        impl Metrics {
+            /// Every stored series as (name, type, help, value at `now_ms`), in declaration order.
+            fn stored(&self, now_ms: u64) -> Vec<(&'static str, &'static str, &'static str, f64)> {
+                let _ = now_ms; // only `via` conversions read it
+                vec![$((
+                    $name,
+                    series!(@kind $kind),
+                    $help,
+                    series!(@value Self::get(&self.$field), now_ms $(, $via)?),
+                ),)+]
+            }
+        }
+    };
+    (@kind counter) => { "counter" };
+    (@kind gauge) => { "gauge" };
+    (@value $raw:expr, $now:ident) => { $raw as f64 };
+    (@value $raw:expr, $now:ident, $via:path) => { $via($raw, $now) };
+}
+
+/// Seconds since `oldest_ms` (Unix ms) at `now_ms`; 0 when nothing is queued (`oldest_ms` 0).
+fn age_seconds(oldest_ms: u64, now_ms: u64) -> f64 {
+    if oldest_ms == 0 {
+        0.0
+    } else {
+        now_ms.saturating_sub(oldest_ms) as f64 / 1000.0
+    }
+}
+
+series! {
     /// Connections accepted at TCP level.
-    pub tcp_accepted: AtomicU64,
+    tcp_accepted: counter "tcp_accepted_total" "TCP connections accepted.",
     /// TLS handshakes that failed or timed out (wrong CA, revoked, expired, no certificate).
-    pub handshake_failures: AtomicU64,
+    handshake_failures: counter "handshake_failures_total" "TLS handshakes failed or timed out.",
     /// Connections refused after the handshake (identity, CONNECT problems).
-    pub connects_refused: AtomicU64,
+    connects_refused: counter "connects_refused_total" "Connections refused after the handshake.",
     /// MQTT sessions established (CONNACK accepted sent).
-    pub sessions_opened: AtomicU64,
+    sessions_opened: counter "sessions_opened_total" "MQTT sessions established.",
     /// Publishes and subscriptions denied by the ACL (wills included).
-    pub acl_denials: AtomicU64,
+    acl_denials: counter "acl_denials_total" "Publishes and subscriptions denied by the ACL.",
     /// Connections closed for a protocol violation or malformed input.
-    pub protocol_errors: AtomicU64,
+    protocol_errors: counter "protocol_errors_total" "Connections closed for a protocol violation.",
     /// PUBLISH packets received from clients and forwarded.
-    pub publishes_in: AtomicU64,
+    publishes_in: counter "messages_in_total" "PUBLISH packets received from clients.",
     /// PUBLISH packets sent to clients.
-    pub publishes_out: AtomicU64,
+    publishes_out: counter "messages_out_total" "PUBLISH packets sent to clients.",
     /// Will messages published after an abnormal disconnect.
-    pub wills_published: AtomicU64,
+    wills_published: counter "wills_published_total" "Wills published after an abnormal loss.",
     /// Messages on device or fleet API topics whose payload did not decode (bad protobuf,
     /// missing required fields); logged and dropped.
-    pub malformed_payloads: AtomicU64,
+    malformed_payloads: counter "malformed_payloads_total" "Payloads that did not decode; dropped.",
     /// Commands accepted by the command service (one per target device).
-    pub commands_submitted: AtomicU64,
+    commands_submitted: counter "commands_submitted_total" "Commands accepted (one per target).",
     /// Hand-overs of a command to a connected device (re-deliveries included).
-    pub commands_delivered: AtomicU64,
+    commands_delivered: counter "commands_delivered_total" "Command hand-overs to devices.",
     /// Commands closed by a device's result.
-    pub commands_completed: AtomicU64,
+    commands_completed: counter "commands_completed_total" "Commands closed by a device's result.",
     /// Commands closed because their time to live passed.
-    pub commands_expired: AtomicU64,
+    commands_expired: counter "commands_expired_total" "Commands expired.",
     /// Status reports stored by the registry.
-    pub status_stored: AtomicU64,
+    status_stored: counter "status_stored_total" "Status reports stored.",
     /// Status reports not stored because an equal or newer sequence was already stored.
-    pub status_duplicates: AtomicU64,
+    status_duplicates: counter "status_duplicates_total" "Status reports not stored (not newer).",
     /// Store operations that failed (disk full, I/O error); the message is not lost from its
     /// sender's point of view only where the protocol re-sends it.
-    pub store_errors: AtomicU64,
+    store_errors: counter "store_errors_total" "Store operations that failed.",
     /// Firmware chunks uploaded into the cache (verified and written).
-    pub chunks_uploaded: AtomicU64,
+    chunks_uploaded: counter "update_chunks_uploaded_total" "Firmware chunks uploaded into the cache.",
     /// Firmware chunks sent to devices.
-    pub chunks_served: AtomicU64,
+    chunks_served: counter "update_chunks_served_total" "Firmware chunks sent to devices.",
     /// Firmware chunks not sent because the device's connection queue was full (it asks
     /// again after its request timeout).
-    pub chunks_dropped: AtomicU64,
+    chunks_dropped: counter "update_chunks_dropped_total" "Firmware chunks dropped on a full device queue.",
     /// Update progress reports recorded.
-    pub update_reports: AtomicU64,
+    update_reports: counter "update_progress_reports_total" "Update progress reports recorded.",
     /// 1 while the bridge is connected upstream (gauge).
-    pub bridge_connected: AtomicU64,
-    /// Messages in the store-and-forward queue (gauge).
-    pub bridge_queue_depth: AtomicU64,
-    /// Bytes in the store-and-forward queue (gauge).
-    pub bridge_queue_bytes: AtomicU64,
-    /// When the oldest queued message was queued, Unix ms; 0 when empty (gauge).
-    pub bridge_queue_oldest_ms: AtomicU64,
-    /// Messages sent upstream and acknowledged.
-    pub bridge_messages_up: AtomicU64,
-    /// Messages received from upstream.
-    pub bridge_messages_down: AtomicU64,
-    /// Payload bytes sent upstream (acknowledged).
-    pub bridge_bytes_up: AtomicU64,
-    /// Payload bytes received from upstream.
-    pub bridge_bytes_down: AtomicU64,
-    /// Queued messages dropped to keep the queue within its disk budget.
-    pub bridge_dropped: AtomicU64,
+    bridge_connected: gauge "bridge_connected" "1 while the bridge is connected upstream.",
     /// Upstream connections established.
-    pub bridge_connects: AtomicU64,
+    bridge_connects: counter "bridge_connects_total" "Upstream connections established.",
+    /// Messages in the store-and-forward queue (gauge).
+    bridge_queue_depth: gauge "bridge_queue_depth" "Messages waiting in the store-and-forward queue.",
+    /// Bytes in the store-and-forward queue (gauge).
+    bridge_queue_bytes: gauge "bridge_queue_bytes" "Bytes waiting in the store-and-forward queue.",
+    /// When the oldest queued message was queued, Unix ms; 0 when empty. Exported as its age.
+    bridge_queue_oldest_ms: gauge "bridge_queue_age_seconds" "Age of the oldest queued message." via age_seconds,
+    /// Messages sent upstream and acknowledged.
+    bridge_messages_up: counter "bridge_messages_up_total" "Messages sent upstream and acknowledged.",
+    /// Messages received from upstream.
+    bridge_messages_down: counter "bridge_messages_down_total" "Messages received from upstream.",
+    /// Payload bytes sent upstream (acknowledged).
+    bridge_bytes_up: counter "bridge_bytes_up_total" "Payload bytes sent upstream.",
+    /// Payload bytes received from upstream.
+    bridge_bytes_down: counter "bridge_bytes_down_total" "Payload bytes received from upstream.",
+    /// Queued messages dropped to keep the queue within its disk budget.
+    bridge_dropped: counter "bridge_dropped_total" "Queued messages dropped over the disk budget.",
 }
 
 impl Metrics {
@@ -93,217 +141,105 @@ impl Metrics {
         gauge.store(v, Ordering::Relaxed);
     }
 
-    /// Every series in the Prometheus text format (0.0.4), names prefixed `fleet_gateway_`.
-    /// `connections` is the number of live client sessions; `now_ms` dates the queue's age.
+    /// Every series in the Prometheus text format (0.0.4), names prefixed `fleet_gateway_`:
+    /// `connections` (the live client sessions, passed in), then the table above. `now_ms`
+    /// dates the queue's age.
     pub fn render(&self, connections: usize, now_ms: u64) -> String {
         use std::fmt::Write as _;
-        let oldest = Self::get(&self.bridge_queue_oldest_ms);
-        let age = if oldest == 0 {
-            0.0
-        } else {
-            now_ms.saturating_sub(oldest) as f64 / 1000.0
-        };
-        let c = |v: &AtomicU64| Self::get(v) as f64;
-        let series: [(&str, &str, &str, f64); 32] = [
-            (
-                "connections",
-                "gauge",
-                "Live client sessions.",
-                connections as f64,
-            ),
-            (
-                "tcp_accepted_total",
-                "counter",
-                "TCP connections accepted.",
-                c(&self.tcp_accepted),
-            ),
-            (
-                "handshake_failures_total",
-                "counter",
-                "TLS handshakes failed or timed out.",
-                c(&self.handshake_failures),
-            ),
-            (
-                "connects_refused_total",
-                "counter",
-                "Connections refused after the handshake.",
-                c(&self.connects_refused),
-            ),
-            (
-                "sessions_opened_total",
-                "counter",
-                "MQTT sessions established.",
-                c(&self.sessions_opened),
-            ),
-            (
-                "acl_denials_total",
-                "counter",
-                "Publishes and subscriptions denied by the ACL.",
-                c(&self.acl_denials),
-            ),
-            (
-                "protocol_errors_total",
-                "counter",
-                "Connections closed for a protocol violation.",
-                c(&self.protocol_errors),
-            ),
-            (
-                "messages_in_total",
-                "counter",
-                "PUBLISH packets received from clients.",
-                c(&self.publishes_in),
-            ),
-            (
-                "messages_out_total",
-                "counter",
-                "PUBLISH packets sent to clients.",
-                c(&self.publishes_out),
-            ),
-            (
-                "wills_published_total",
-                "counter",
-                "Wills published after an abnormal loss.",
-                c(&self.wills_published),
-            ),
-            (
-                "malformed_payloads_total",
-                "counter",
-                "Payloads that did not decode; dropped.",
-                c(&self.malformed_payloads),
-            ),
-            (
-                "commands_submitted_total",
-                "counter",
-                "Commands accepted (one per target).",
-                c(&self.commands_submitted),
-            ),
-            (
-                "commands_delivered_total",
-                "counter",
-                "Command hand-overs to devices.",
-                c(&self.commands_delivered),
-            ),
-            (
-                "commands_completed_total",
-                "counter",
-                "Commands closed by a device's result.",
-                c(&self.commands_completed),
-            ),
-            (
-                "commands_expired_total",
-                "counter",
-                "Commands expired.",
-                c(&self.commands_expired),
-            ),
-            (
-                "status_stored_total",
-                "counter",
-                "Status reports stored.",
-                c(&self.status_stored),
-            ),
-            (
-                "status_duplicates_total",
-                "counter",
-                "Status reports not stored (not newer).",
-                c(&self.status_duplicates),
-            ),
-            (
-                "store_errors_total",
-                "counter",
-                "Store operations that failed.",
-                c(&self.store_errors),
-            ),
-            (
-                "update_chunks_uploaded_total",
-                "counter",
-                "Firmware chunks uploaded into the cache.",
-                c(&self.chunks_uploaded),
-            ),
-            (
-                "update_chunks_served_total",
-                "counter",
-                "Firmware chunks sent to devices.",
-                c(&self.chunks_served),
-            ),
-            (
-                "update_chunks_dropped_total",
-                "counter",
-                "Firmware chunks dropped on a full device queue.",
-                c(&self.chunks_dropped),
-            ),
-            (
-                "update_progress_reports_total",
-                "counter",
-                "Update progress reports recorded.",
-                c(&self.update_reports),
-            ),
-            (
-                "bridge_connected",
-                "gauge",
-                "1 while the bridge is connected upstream.",
-                c(&self.bridge_connected),
-            ),
-            (
-                "bridge_connects_total",
-                "counter",
-                "Upstream connections established.",
-                c(&self.bridge_connects),
-            ),
-            (
-                "bridge_queue_depth",
-                "gauge",
-                "Messages waiting in the store-and-forward queue.",
-                c(&self.bridge_queue_depth),
-            ),
-            (
-                "bridge_queue_bytes",
-                "gauge",
-                "Bytes waiting in the store-and-forward queue.",
-                c(&self.bridge_queue_bytes),
-            ),
-            (
-                "bridge_queue_age_seconds",
-                "gauge",
-                "Age of the oldest queued message.",
-                age,
-            ),
-            (
-                "bridge_messages_up_total",
-                "counter",
-                "Messages sent upstream and acknowledged.",
-                c(&self.bridge_messages_up),
-            ),
-            (
-                "bridge_messages_down_total",
-                "counter",
-                "Messages received from upstream.",
-                c(&self.bridge_messages_down),
-            ),
-            (
-                "bridge_bytes_up_total",
-                "counter",
-                "Payload bytes sent upstream.",
-                c(&self.bridge_bytes_up),
-            ),
-            (
-                "bridge_bytes_down_total",
-                "counter",
-                "Payload bytes received from upstream.",
-                c(&self.bridge_bytes_down),
-            ),
-            (
-                "bridge_dropped_total",
-                "counter",
-                "Queued messages dropped over the disk budget.",
-                c(&self.bridge_dropped),
-            ),
-        ];
+        let live = (
+            "connections",
+            "gauge",
+            "Live client sessions.",
+            connections as f64,
+        );
         let mut out = String::with_capacity(4096);
-        for (name, kind, help, v) in series {
+        for (name, kind, help, v) in std::iter::once(live).chain(self.stored(now_ms)) {
             let _ = writeln!(out, "# HELP fleet_gateway_{name} {help}");
             let _ = writeln!(out, "# TYPE fleet_gateway_{name} {kind}");
             let _ = writeln!(out, "fleet_gateway_{name} {v}");
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The series as the README and the dashboards know them: name and type, in order.
+    const EXPORTED: [(&str, &str); 32] = [
+        ("connections", "gauge"),
+        ("tcp_accepted_total", "counter"),
+        ("handshake_failures_total", "counter"),
+        ("connects_refused_total", "counter"),
+        ("sessions_opened_total", "counter"),
+        ("acl_denials_total", "counter"),
+        ("protocol_errors_total", "counter"),
+        ("messages_in_total", "counter"),
+        ("messages_out_total", "counter"),
+        ("wills_published_total", "counter"),
+        ("malformed_payloads_total", "counter"),
+        ("commands_submitted_total", "counter"),
+        ("commands_delivered_total", "counter"),
+        ("commands_completed_total", "counter"),
+        ("commands_expired_total", "counter"),
+        ("status_stored_total", "counter"),
+        ("status_duplicates_total", "counter"),
+        ("store_errors_total", "counter"),
+        ("update_chunks_uploaded_total", "counter"),
+        ("update_chunks_served_total", "counter"),
+        ("update_chunks_dropped_total", "counter"),
+        ("update_progress_reports_total", "counter"),
+        ("bridge_connected", "gauge"),
+        ("bridge_connects_total", "counter"),
+        ("bridge_queue_depth", "gauge"),
+        ("bridge_queue_bytes", "gauge"),
+        ("bridge_queue_age_seconds", "gauge"),
+        ("bridge_messages_up_total", "counter"),
+        ("bridge_messages_down_total", "counter"),
+        ("bridge_bytes_up_total", "counter"),
+        ("bridge_bytes_down_total", "counter"),
+        ("bridge_dropped_total", "counter"),
+    ];
+
+    #[test]
+    fn every_series_keeps_its_name_type_and_value() {
+        let m = Metrics::default();
+        Metrics::add(&m.tcp_accepted, 7);
+        Metrics::inc(&m.commands_expired);
+        Metrics::set(&m.bridge_connected, 1);
+        Metrics::set(&m.bridge_queue_oldest_ms, 1_000);
+        let text = m.render(3, 3_500);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 3 * EXPORTED.len(), "{text}");
+        for ((name, kind), block) in EXPORTED.iter().zip(lines.chunks(3)) {
+            let full = format!("fleet_gateway_{name}");
+            assert!(
+                block[0].starts_with(&format!("# HELP {full} ")),
+                "{block:?}"
+            );
+            assert!(
+                block[0].len() > "# HELP ".len() + full.len() + 1,
+                "{name} has no help"
+            );
+            assert_eq!(block[1], format!("# TYPE {full} {kind}"));
+            assert!(block[2].starts_with(&format!("{full} ")), "{block:?}");
+        }
+        for (series, value) in [
+            ("connections", "3"),
+            ("tcp_accepted_total", "7"),
+            ("commands_expired_total", "1"),
+            ("bridge_connected", "1"),
+            ("bridge_queue_age_seconds", "2.5"),
+            ("bridge_dropped_total", "0"),
+        ] {
+            let line = format!("\nfleet_gateway_{series} {value}\n");
+            assert!(text.contains(&line), "{series} != {value}:\n{text}");
+        }
+        // An empty queue has no age, whatever the time.
+        Metrics::set(&m.bridge_queue_oldest_ms, 0);
+        assert!(m
+            .render(0, 9_999)
+            .contains("\nfleet_gateway_bridge_queue_age_seconds 0\n"));
     }
 }

@@ -25,11 +25,17 @@ struct GatewayProcess {
 impl GatewayProcess {
     /// Starts `gateway` in `dir` with no configuration but a free port.
     fn start(dir: &Path) -> Self {
+        Self::start_with(dir, &[])
+    }
+
+    /// The same with `env` added.
+    fn start_with(dir: &Path, env: &[(&str, &str)]) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_gateway"))
             .current_dir(dir)
             .env("GATEWAY__LISTEN", "127.0.0.1:0")
             .env("GATEWAY__METRICS__LISTEN", "127.0.0.1:0")
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -87,6 +93,34 @@ impl GatewayProcess {
             "no log line for {what}:\n{}",
             self.log.lock().unwrap().join("\n")
         );
+    }
+
+    /// `GET path` on the metrics endpoint: the status code and the body.
+    fn http_get(&self, path: &str) -> (u16, String) {
+        use std::io::{Read, Write};
+        let key = "metrics endpoint listening addr=";
+        let addr: SocketAddr = self
+            .log
+            .lock()
+            .unwrap()
+            .iter()
+            .find_map(|l| {
+                let rest = &l[l.find(key)? + key.len()..];
+                rest.split_whitespace().next()?.parse().ok()
+            })
+            .expect("no metrics endpoint in the log");
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        let code = out
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or_else(|| panic!("not an HTTP response: {out}"));
+        let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_owned());
+        (code, body.unwrap_or_default())
     }
 
     fn signal(&self, sig: &str) {
@@ -196,6 +230,49 @@ fn embedded_default_reload_revocation_and_drain() {
     };
     assert!(status.success(), "exit status {status:?}");
     gw.wait_log("stopped", |l| l.contains("gateway stopped"));
+}
+
+#[test]
+fn health_is_200_when_serving_and_503_naming_an_unreachable_bridge() {
+    let tmp = tempfile::tempdir().unwrap();
+    let json = |(code, body): (u16, String)| {
+        let v: serde_json::Value =
+            serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
+        (code, v)
+    };
+
+    // No bridge configured: listener and store are all there is to check.
+    let alone = tmp.path().join("alone");
+    std::fs::create_dir_all(&alone).unwrap();
+    let gw = GatewayProcess::start(&alone);
+    let (code, h) = json(gw.http_get("/health"));
+    assert_eq!(code, 200, "{h}");
+    assert_eq!(h["status"], "ok");
+    assert_eq!(h["failed"], serde_json::json!([]));
+    assert_eq!(h["checks"]["listener"], "ok");
+    assert_eq!(h["checks"]["store"], "ok");
+    assert_eq!(h["checks"]["bridge"], "not configured");
+    drop(gw);
+
+    // A bridge whose upstream refuses connections (a port just released): unavailable, and
+    // the answer says it is the bridge.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let bridged = tmp.path().join("bridged");
+    std::fs::create_dir_all(&bridged).unwrap();
+    let gw = GatewayProcess::start_with(
+        &bridged,
+        &[("GATEWAY__BRIDGE__UPSTREAM", &closed.to_string())],
+    );
+    let (code, h) = json(gw.http_get("/health"));
+    assert_eq!(code, 503, "{h}");
+    assert_eq!(h["status"], "unavailable");
+    assert_eq!(h["failed"], serde_json::json!(["bridge"]));
+    assert_eq!(h["checks"]["bridge"], "not connected upstream");
+    assert_eq!(h["checks"]["listener"], "ok");
+    assert_eq!(h["checks"]["store"], "ok");
 }
 
 #[test]

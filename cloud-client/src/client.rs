@@ -449,7 +449,7 @@ impl CommandHandle {
     }
 
     fn all_final(&self) -> bool {
-        self.records.iter().all(|r| crate::is_final(r.state()))
+        self.records.iter().all(|r| r.state().is_final())
     }
 
     fn update(&mut self, rec: CommandRecord) {
@@ -459,7 +459,7 @@ impl CommandHandle {
             .find(|r| r.device_id == rec.device_id)
         {
             // Never go back from a final state (events and queries may cross).
-            if !crate::is_final(old.state()) || crate::is_final(rec.state()) {
+            if !old.state().is_final() || rec.state().is_final() {
                 *old = rec;
             }
         }

@@ -40,14 +40,3 @@ pub use fleet_proto::v1::{
     UpdatePhase, UpdateRecord,
 };
 pub use updates::{build_update, BuildError, BuiltUpdate, ImageSpec, UpdateSpec};
-
-/// Whether a command in `state` will not change again.
-pub fn is_final(state: CommandState) -> bool {
-    matches!(
-        state,
-        CommandState::Succeeded
-            | CommandState::Failed
-            | CommandState::Rejected
-            | CommandState::Expired
-    )
-}

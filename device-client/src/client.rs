@@ -106,6 +106,7 @@ pub struct DeviceClientBuilder {
     status_window: usize,
     command_window: usize,
     command_queue: usize,
+    #[cfg(feature = "fault-injection")]
     hold_results: bool,
     update_keys: TrustedKeys,
     update_handler: Option<Arc<dyn UpdateHandler>>,
@@ -129,6 +130,7 @@ impl Default for DeviceClientBuilder {
             status_window: DEFAULT_STATUS_WINDOW,
             command_window: DEFAULT_WINDOW,
             command_queue: 64,
+            #[cfg(feature = "fault-injection")]
             hold_results: false,
             update_keys: TrustedKeys::new(),
             update_handler: None,
@@ -236,9 +238,10 @@ impl DeviceClientBuilder {
         self
     }
 
-    #[doc(hidden)]
     /// Test switch: results are recorded but never sent, as if the device always died before
-    /// its result left.
+    /// its result left. Only with the `fault-injection` feature (the test suite's).
+    #[cfg(feature = "fault-injection")]
+    #[doc(hidden)]
     pub fn hold_results_for_tests(mut self, hold: bool) -> Self {
         self.hold_results = hold;
         self
@@ -321,6 +324,7 @@ impl DeviceClientBuilder {
             session_id: random_hex(),
         };
         let mut session = Session::new(info.clone(), self.status_window);
+        #[cfg(feature = "fault-injection")]
         session.set_hold_results(self.hold_results);
         let updates_on = !self.update_keys.is_empty();
         session.set_updates(updates_on);

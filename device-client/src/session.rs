@@ -101,6 +101,7 @@ pub(crate) struct Session {
     /// Status reports in flight on this connection.
     status_inflight: usize,
     /// Results to hold back (tests of the device crashing before its result is delivered).
+    #[cfg(feature = "fault-injection")]
     hold_results: bool,
     /// Whether the update agent runs (subscribe to manifests and chunks).
     updates: bool,
@@ -117,6 +118,7 @@ impl Session {
             by_pkid: HashMap::new(),
             status_sent_upto: None,
             status_inflight: 0,
+            #[cfg(feature = "fault-injection")]
             hold_results: false,
             updates: false,
         }
@@ -143,7 +145,8 @@ impl Session {
     }
 
     /// Results are recorded but never published (a test switch: the device behaves as if it
-    /// died before its result left).
+    /// died before its result left). Only with the `fault-injection` feature.
+    #[cfg(feature = "fault-injection")]
     #[doc(hidden)]
     pub(crate) fn set_hold_results(&mut self, hold: bool) {
         self.hold_results = hold;
@@ -315,7 +318,11 @@ impl Session {
     /// Publishes a result already recorded in the gate (nothing while disconnected: the
     /// gateway delivers the command again and the gate replays the result).
     pub(crate) fn send_result(&mut self, r: CommandResult) -> Vec<Action> {
-        if !self.connected || self.hold_results {
+        #[cfg(feature = "fault-injection")]
+        if self.hold_results {
+            return Vec::new();
+        }
+        if !self.connected {
             // Recorded in the gate; sent when the gateway delivers the command again.
             return Vec::new();
         }

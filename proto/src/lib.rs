@@ -22,6 +22,24 @@ pub mod v1 {
     include!(concat!(env!("OUT_DIR"), "/fleet.v1.rs"));
 }
 
+impl v1::CommandState {
+    /// Whether a command in this state will not change again: a result closed it
+    /// (succeeded, failed, rejected) or its time to live passed (expired). The one definition
+    /// the gateway, the SDK and the CLI share.
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            Self::Succeeded | Self::Failed | Self::Rejected | Self::Expired
+        )
+    }
+
+    /// Whether a command in this state is still waiting for a result (pending or delivered).
+    /// `Unspecified` (an unknown value off the wire) is neither open nor final.
+    pub fn is_open(self) -> bool {
+        matches!(self, Self::Pending | Self::Delivered)
+    }
+}
+
 impl v1::UpdatePhase {
     /// Whether a device is done with the update: committed, rolled back, rejected or failed.
     pub fn is_final(self) -> bool {

@@ -301,6 +301,10 @@ async fn corrupted_chunks_are_rejected_and_persistent_corruption_fails_cleanly()
                 let at = dir.join(name);
                 std::fs::create_dir_all(&at).unwrap();
                 let gw = GatewayProc::start(&at, 0, 2, &[("GATEWAY_TEST_CORRUPT_CHUNKS", every)]);
+                assert!(
+                    gw.log.wait_for("corrupts chunks", Duration::from_secs(10)),
+                    "the gateway binary lacks the fault-injection feature (cargo test builds it)"
+                );
                 let fleet = gw.fleet().await;
                 Publish::new("fw-c", image_path).run(&fleet, signer).await;
                 let o = device_opts(&at, device, public, &[]);

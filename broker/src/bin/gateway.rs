@@ -52,22 +52,17 @@ fn main() -> ExitCode {
         )
         .init();
     let args = Args::parse();
-    let mut config = match GatewayConfig::load(args.config.as_deref()) {
+    let config = match GatewayConfig::load(args.config.as_deref()) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("gateway: {e}");
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    // Test switch (integration tests of chunk verification): corrupt every Nth chunk served.
-    if let Ok(v) = std::env::var("GATEWAY_TEST_CORRUPT_CHUNKS") {
-        match v.parse() {
-            Ok(n) => config.updates.test_corrupt_every = n,
-            Err(_) => {
-                eprintln!("gateway: GATEWAY_TEST_CORRUPT_CHUNKS must be a number, not {v:?}");
-                return ExitCode::from(EXIT_CONFIG);
-            }
-        }
+    #[cfg(feature = "fault-injection")]
+    if let Err(e) = fault_switches() {
+        eprintln!("gateway: {e}");
+        return ExitCode::from(EXIT_CONFIG);
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -80,6 +75,20 @@ fn main() -> ExitCode {
         }
     };
     runtime.block_on(run(config, args))
+}
+
+/// Test switches from the environment; they exist only in a build with the `fault-injection`
+/// feature (the test suite's), never in a release binary.
+#[cfg(feature = "fault-injection")]
+fn fault_switches() -> Result<(), String> {
+    const CORRUPT: &str = "GATEWAY_TEST_CORRUPT_CHUNKS";
+    if let Ok(v) = std::env::var(CORRUPT) {
+        let n = v
+            .parse()
+            .map_err(|_| format!("{CORRUPT} must be a number, not {v:?}"))?;
+        fleet_broker::fault::corrupt_chunks_every(n);
+    }
+    Ok(())
 }
 
 async fn run(config: GatewayConfig, args: Args) -> ExitCode {

@@ -13,6 +13,7 @@ mod connection;
 pub mod sessions;
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -155,6 +156,8 @@ pub struct EdgeParts {
 pub struct Edge {
     shared: Arc<Shared>,
     listener: TcpListener,
+    /// True while the accept loop runs (the health endpoint's `listener` check).
+    listening: Arc<AtomicBool>,
 }
 
 /// A handle to a running edge: reload and counts, usable from signal handlers and tests.
@@ -235,7 +238,16 @@ impl Edge {
             session_events,
             status,
         });
-        Ok(Edge { shared, listener })
+        Ok(Edge {
+            shared,
+            listener,
+            listening: Arc::new(AtomicBool::new(false)),
+        })
+    }
+
+    /// A flag that is true while the accept loop runs (for the health endpoint).
+    pub fn listening(&self) -> Arc<AtomicBool> {
+        self.listening.clone()
     }
 
     /// The bound address (useful with port 0).
@@ -258,6 +270,7 @@ impl Edge {
         info!(addr = %self.listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), max_connections = limit, "gateway listening");
         tokio::pin!(shutdown);
         let mut backoff = Duration::from_millis(10);
+        self.listening.store(true, Ordering::Relaxed);
         loop {
             let permit = tokio::select! {
                 _ = &mut shutdown => break,
@@ -286,6 +299,7 @@ impl Edge {
                 }
             }
         }
+        self.listening.store(false, Ordering::Relaxed);
         info!("shutting down: closing connections");
         self.shared
             .sessions

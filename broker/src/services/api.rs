@@ -264,6 +264,8 @@ impl CommandService {
             match o {
                 Submitted::New(c) => {
                     Metrics::inc(&self.metrics.commands_submitted);
+                    // Its expiry may come before anything scheduled.
+                    self.reschedule = true;
                     info!(service, device = %c.device_id, command_id = %c.command_id, name = %c.name, expires_at_ms = c.expires_at_ms, "command accepted");
                     self.event(&c);
                     records.push(to_record(&c));

@@ -27,8 +27,11 @@ use crate::router::{LinkError, Received, ServiceLink};
 use crate::store::SharedStore;
 use crate::store::StoredCommand;
 
-/// How often expiries and overdue re-deliveries are looked for.
-const SWEEP_EVERY: Duration = Duration::from_millis(250);
+/// Longest the service sleeps without a sweep, even with nothing scheduled: bounds how late an
+/// expiry is noticed if the wall clock steps (deadlines are wall-clock times, sleeps are not).
+const MAX_SLEEP: Duration = Duration::from_secs(30);
+/// How soon the schedule is asked for again after the store failed to answer.
+const RETRY_AFTER_ERROR: Duration = Duration::from_secs(1);
 /// How often closed commands past their retention are deleted.
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 
@@ -43,6 +46,30 @@ pub struct CommandService {
     events: mpsc::UnboundedReceiver<SessionEvent>,
     /// Where update requests of the fleet API go.
     pub(super) updates: mpsc::UnboundedSender<super::updates::ApiCall>,
+    /// Set when something may have moved the next deadline earlier (a command accepted or
+    /// handed over, a sweep done): the schedule is read again before the next wait.
+    pub(super) reschedule: bool,
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// How long the service may sleep at `now_ms` before its next sweep: until the earliest of the
+/// next expiry and the next re-delivery (the oldest hand-over not yet overdue plus
+/// `redeliver_after`), zero if one is already due, and never more than [`MAX_SLEEP`]. All
+/// times are Unix ms.
+pub(super) fn next_sweep_in(
+    now_ms: u64,
+    next_expiry: Option<u64>,
+    oldest_fresh_delivery: Option<u64>,
+    redeliver_after: Duration,
+) -> Duration {
+    let redelivery = oldest_fresh_delivery.map(|t| t.saturating_add(millis(redeliver_after)));
+    match next_expiry.into_iter().chain(redelivery).min() {
+        Some(due) => Duration::from_millis(due.saturating_sub(now_ms)).min(MAX_SLEEP),
+        None => MAX_SLEEP,
+    }
 }
 
 /// The device-facing form of a stored command, for delivery number `attempt`.
@@ -132,16 +159,22 @@ impl CommandService {
             online: HashSet::new(),
             events,
             updates,
+            reschedule: false,
         })
     }
 
-    /// Runs until the router is gone.
+    /// Runs until the router is gone. Sleeps until the next expiry or re-delivery is due (see
+    /// `next_sweep_in`) or a message or session event arrives; the first sweep runs at once
+    /// (what expired while the gateway was down).
     pub async fn run(mut self) {
-        let mut sweep = tokio::time::interval(SWEEP_EVERY);
-        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut prune = tokio::time::interval(PRUNE_EVERY);
         prune.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut wake = tokio::time::Instant::now();
         loop {
+            if self.reschedule {
+                self.reschedule = false;
+                wake = tokio::time::Instant::now() + self.next_sweep().await;
+            }
             tokio::select! {
                 ev = self.events.recv() => match ev {
                     Some(ev) => self.on_session(ev).await,
@@ -151,7 +184,10 @@ impl CommandService {
                     Some(msg) => self.on_message(msg).await,
                     None => break,
                 },
-                _ = sweep.tick() => self.sweep().await,
+                _ = tokio::time::sleep_until(wake) => {
+                    self.sweep().await;
+                    self.reschedule = true;
+                }
                 _ = prune.tick() => self.prune().await,
             }
         }
@@ -278,9 +314,27 @@ impl CommandService {
             return;
         }
         Metrics::inc(&self.metrics.commands_delivered);
+        self.reschedule = true;
         info!(device = %updated.device_id, command_id = %updated.command_id, attempt = updated.attempts, "command delivered");
         if c.state != CommandState::Delivered {
             self.event(&updated);
+        }
+    }
+
+    /// How long to sleep before the next sweep, from the store's deadlines.
+    async fn next_sweep(&self) -> Duration {
+        let now = fleet_proto::time::now_ms();
+        let redeliver_after = self.settings.redeliver_after;
+        let after = now.saturating_sub(millis(redeliver_after));
+        match self
+            .store
+            .call("command deadlines", move |s| {
+                Ok((s.next_expiry()?, s.oldest_fresh_delivery(after, now)?))
+            })
+            .await
+        {
+            Ok((expiry, delivery)) => next_sweep_in(now, expiry, delivery, redeliver_after),
+            Err(_) => RETRY_AFTER_ERROR,
         }
     }
 
@@ -303,9 +357,7 @@ impl CommandService {
         if self.online.is_empty() {
             return;
         }
-        let before = now.saturating_sub(
-            u64::try_from(self.settings.redeliver_after.as_millis()).unwrap_or(u64::MAX),
-        );
+        let before = now.saturating_sub(millis(self.settings.redeliver_after));
         let Ok(overdue) = self
             .store
             .call("overdue commands", move |s| s.overdue_commands(before, now))
@@ -351,6 +403,56 @@ impl CommandService {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn sleeps_until_the_earliest_deadline() {
+        let r = Duration::from_secs(10);
+        assert_eq!(next_sweep_in(1_000, None, None, r), MAX_SLEEP);
+        assert_eq!(
+            next_sweep_in(1_000, Some(1_500), None, r),
+            Duration::from_millis(500)
+        );
+        // Handed over at 900: due again at 10_900.
+        assert_eq!(
+            next_sweep_in(1_000, Some(20_000), Some(900), r),
+            Duration::from_millis(9_900)
+        );
+        // Already due: at once.
+        assert_eq!(next_sweep_in(1_000, Some(999), None, r), Duration::ZERO);
+        // Far away: no longer than the cap.
+        assert_eq!(next_sweep_in(0, Some(u64::MAX), None, r), MAX_SLEEP);
+        assert_eq!(next_sweep_in(0, None, Some(u64::MAX), r), MAX_SLEEP);
+    }
+
+    proptest! {
+        /// The sweep never comes after a deadline (so an expiry is acted on at its time and a
+        /// re-delivery at `redeliver_after`), never sleeps past the cap, and sleeps exactly until
+        /// the earliest deadline when that is within the cap.
+        #[test]
+        fn the_next_sweep_is_at_the_earliest_deadline(
+            now in 0u64..1_000_000_000,
+            expiry in proptest::option::of(0u64..2_000_000_000),
+            delivered in proptest::option::of(0u64..2_000_000_000),
+            redeliver_ms in 0u64..100_000_000,
+        ) {
+            let r = Duration::from_millis(redeliver_ms);
+            let wait = next_sweep_in(now, expiry, delivered, r);
+            prop_assert!(wait <= MAX_SLEEP);
+            let at = now + millis(wait);
+            let deadlines: Vec<u64> =
+                expiry.into_iter().chain(delivered.map(|d| d + redeliver_ms)).collect();
+            for d in &deadlines {
+                prop_assert!(at <= (*d).max(now), "sweep at {at} after deadline {d}");
+            }
+            match deadlines.iter().min() {
+                Some(&first) if first.saturating_sub(now) < millis(MAX_SLEEP) => {
+                    prop_assert_eq!(at, first.max(now));
+                }
+                _ => prop_assert_eq!(wait, MAX_SLEEP),
+            }
+        }
+    }
 
     #[test]
     fn cmd_topic_coverage() {
@@ -372,6 +474,7 @@ mod tests {
             (CommandStatus::Expired, CommandState::Expired),
         ] {
             assert_eq!(closing_state(s), Some(want));
+            assert!(want.is_final(), "{want:?} closes a command");
         }
     }
 }

@@ -35,9 +35,9 @@ pub struct StoredCommand {
 }
 
 impl StoredCommand {
-    /// True while PENDING or DELIVERED.
+    /// True while PENDING or DELIVERED ([`CommandState::is_open`]).
     pub fn is_open(&self) -> bool {
-        is_open(self.state)
+        self.state.is_open()
     }
 
     /// Whether `other` asks for the same thing (same device, id, name, payload, issuer).
@@ -50,9 +50,9 @@ impl StoredCommand {
     }
 }
 
-fn is_open(s: CommandState) -> bool {
-    matches!(s, CommandState::Pending | CommandState::Delivered)
-}
+/// [`CommandState::is_open`] in SQL (the partial indexes of migration 2 use the same text);
+/// a unit test checks that the two agree on every state.
+const OPEN: &str = "state IN (1, 2)";
 
 /// What became of a submitted command.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -151,9 +151,11 @@ impl Store {
         now_ms: u64,
     ) -> Result<Vec<StoredCommand>, StoreError> {
         self.select_commands(
-            "WHERE device_id = ?1 AND state IN (1, 2)
-               AND (expires_at_ms = 0 OR expires_at_ms > ?2)
-             ORDER BY issued_at_ms, command_id",
+            &format!(
+                "WHERE device_id = ?1 AND {OPEN}
+                   AND (expires_at_ms = 0 OR expires_at_ms > ?2)
+                 ORDER BY issued_at_ms, command_id"
+            ),
             params![device_id, to_sql(now_ms)],
         )
     }
@@ -179,7 +181,9 @@ impl Store {
     pub fn open_counts(&self, devices: &[String]) -> Result<Vec<u32>, StoreError> {
         let mut stmt = self
             .conn
-            .prepare("SELECT count(*) FROM commands WHERE device_id = ?1 AND state IN (1, 2)")
+            .prepare(&format!(
+                "SELECT count(*) FROM commands WHERE device_id = ?1 AND {OPEN}"
+            ))
             .map_err(|e| err(&self.path, e))?;
         devices
             .iter()
@@ -217,7 +221,7 @@ impl Store {
             .query_row(
                 &format!(
                     "UPDATE commands SET attempts = attempts + 1, state = ?3, updated_at_ms = ?4
-                     WHERE device_id = ?1 AND command_id = ?2 AND state IN (1, 2)
+                     WHERE device_id = ?1 AND command_id = ?2 AND {OPEN}
                      RETURNING {COLUMNS}"
                 ),
                 params![
@@ -246,7 +250,7 @@ impl Store {
             .query_row(
                 &format!(
                     "UPDATE commands SET state = ?3, result = ?4, updated_at_ms = ?5
-                     WHERE device_id = ?1 AND command_id = ?2 AND state IN (1, 2)
+                     WHERE device_id = ?1 AND command_id = ?2 AND {OPEN}
                      RETURNING {COLUMNS}"
                 ),
                 params![device_id, command_id, state as i32, result, to_sql(now_ms)],
@@ -269,7 +273,7 @@ impl Store {
             let mut stmt = tx
                 .prepare(&format!(
                     "SELECT {COLUMNS} FROM commands
-                     WHERE state IN (1, 2) AND expires_at_ms != 0 AND expires_at_ms <= ?1"
+                     WHERE {OPEN} AND expires_at_ms != 0 AND expires_at_ms <= ?1"
                 ))
                 .map_err(|e| err(&path, e))?;
             let rows = stmt
@@ -305,8 +309,32 @@ impl Store {
     pub fn next_expiry(&self) -> Result<Option<u64>, StoreError> {
         self.conn
             .query_row(
-                "SELECT min(expires_at_ms) FROM commands WHERE state IN (1, 2) AND expires_at_ms != 0",
+                &format!(
+                    "SELECT min(expires_at_ms) FROM commands WHERE {OPEN} AND expires_at_ms != 0"
+                ),
                 [],
+                |r| r.get::<_, Option<i64>>(0),
+            )
+            .map(|v| v.map(from_sql))
+            .map_err(|e| err(&self.path, e))
+    }
+
+    /// The earliest last hand-over among DELIVERED, unexpired (at `now_ms`) commands handed
+    /// over after `after_ms`, i.e. those not yet overdue when `after_ms` is `now_ms` minus
+    /// `redeliver_after`: the next re-delivery falls due `redeliver_after` after it. Overdue
+    /// ones are left out: a sweep already handled them (re-delivered, or kept for the device's
+    /// reconnection, which delivers every open command).
+    pub fn oldest_fresh_delivery(
+        &self,
+        after_ms: u64,
+        now_ms: u64,
+    ) -> Result<Option<u64>, StoreError> {
+        self.conn
+            .query_row(
+                "SELECT min(updated_at_ms) FROM commands
+                 WHERE state = 2 AND updated_at_ms > ?1
+                   AND (expires_at_ms = 0 OR expires_at_ms > ?2)",
+                params![to_sql(after_ms), to_sql(now_ms)],
                 |r| r.get::<_, Option<i64>>(0),
             )
             .map(|v| v.map(from_sql))
@@ -329,7 +357,7 @@ impl Store {
     pub fn prune_commands(&mut self, before_ms: u64) -> Result<usize, StoreError> {
         self.conn
             .execute(
-                "DELETE FROM commands WHERE state NOT IN (1, 2) AND updated_at_ms < ?1",
+                &format!("DELETE FROM commands WHERE NOT {OPEN} AND updated_at_ms < ?1"),
                 [to_sql(before_ms)],
             )
             .map_err(|e| err(&self.path, e))
@@ -388,6 +416,9 @@ mod tests {
         assert_eq!((d.attempts, d.state), (1, CommandState::Delivered));
         assert!(s.overdue_commands(149, 200).unwrap().is_empty());
         assert_eq!(s.overdue_commands(150, 200).unwrap().len(), 1);
+        // Fresh (not yet overdue) hand-overs are what the next re-delivery waits for.
+        assert_eq!(s.oldest_fresh_delivery(149, 200).unwrap(), Some(150));
+        assert_eq!(s.oldest_fresh_delivery(150, 200).unwrap(), None);
         let d = s.mark_delivered("dev-1", "c1", 160).unwrap().unwrap();
         assert_eq!(d.attempts, 2);
         let closed = s
@@ -406,6 +437,28 @@ mod tests {
         assert_eq!(got[0].state, CommandState::Succeeded);
         assert_eq!(s.prune_commands(171).unwrap(), 1);
         assert!(s.get_command("c1", None).unwrap().is_empty());
+    }
+
+    #[test]
+    fn sql_open_predicate_is_the_proto_definition() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open_in(dir.path()).unwrap();
+        // Every declared state and a value off the wire that is none of them.
+        for v in 0..=8i32 {
+            let sql: bool = s
+                .conn
+                .query_row(
+                    &format!("SELECT {}", OPEN.replace("state", &v.to_string())),
+                    [],
+                    |r| r.get(0),
+                )
+                .unwrap();
+            let state = CommandState::try_from(v).unwrap_or(CommandState::Unspecified);
+            assert_eq!(sql, state.is_open(), "state value {v}");
+            if state.is_final() {
+                assert!(!sql, "final state {v} counted as open");
+            }
+        }
     }
 
     #[test]

@@ -86,6 +86,11 @@ const MIGRATIONS: &[&str] = &[
         payload        BLOB NOT NULL,
         enqueued_at_ms INTEGER NOT NULL
     ) STRICT;",
+    // 6: one row the health endpoint rewrites to prove the file takes writes.
+    "CREATE TABLE health_probe (
+        id           INTEGER PRIMARY KEY CHECK (id = 1),
+        probed_at_ms INTEGER NOT NULL
+    ) STRICT;",
 ];
 
 /// The newest schema version this build knows.

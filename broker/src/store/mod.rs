@@ -170,6 +170,20 @@ impl Store {
         Ok(r)
     }
 
+    /// Proves the file takes writes: rewrites the one row of `health_probe` in a committed,
+    /// synced transaction like any other write. A read-only file, a full disk or an I/O error
+    /// makes it fail.
+    pub fn probe_write(&mut self, now_ms: u64) -> Result<(), StoreError> {
+        self.conn
+            .execute(
+                "INSERT INTO health_probe (id, probed_at_ms) VALUES (1, ?1)
+                 ON CONFLICT (id) DO UPDATE SET probed_at_ms = excluded.probed_at_ms",
+                [to_sql(now_ms)],
+            )
+            .map(|_| ())
+            .map_err(|e| err(&self.path, e))
+    }
+
     /// Runs SQLite's own consistency check; `Ok(())` when the file is sound.
     pub fn check_integrity(&self) -> Result<(), StoreError> {
         let verdict: String = self
@@ -201,5 +215,27 @@ fn err(path: &Path, source: rusqlite::Error) -> StoreError {
     StoreError::Sqlite {
         path: path.to_owned(),
         source,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn the_probe_write_commits_and_fails_when_the_file_takes_no_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open_in(dir.path()).unwrap();
+        s.probe_write(10).unwrap();
+        s.probe_write(20).unwrap();
+        let at: i64 = s
+            .conn
+            .query_row("SELECT probed_at_ms FROM health_probe", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(at, 20);
+        // SQLite refusing writes (as on a read-only file) fails the probe.
+        s.conn.execute_batch("PRAGMA query_only = ON").unwrap();
+        assert!(s.probe_write(30).is_err());
     }
 }

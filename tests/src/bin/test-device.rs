@@ -36,7 +36,9 @@ struct Args {
     /// File the ids of executed commands are appended to.
     #[arg(long)]
     ran_log: PathBuf,
-    /// Record results but never send them (the test then kills the process).
+    /// Record results but never send them (the test then kills the process). Only in a build
+    /// with the `fault-injection` feature (the test suite's).
+    #[cfg(feature = "fault-injection")]
     #[arg(long)]
     hold_results: bool,
     /// Status reports to queue at start.
@@ -129,6 +131,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 defer_until: std::time::Instant::now() + Duration::from_secs(a.defer_for),
             });
     }
+    #[cfg(feature = "fault-injection")]
+    let builder = builder.hold_results_for_tests(a.hold_results);
     let (client, mut commands) = builder
         .gateway(host, port.parse()?)
         .pem_files(
@@ -140,7 +144,6 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .device_class(&a.class)
         .firmware_version("1.0.0")
         .backoff(Duration::from_millis(100), Duration::from_millis(500))
-        .hold_results_for_tests(a.hold_results)
         .start()?;
     let say = |s: String| {
         let mut out = std::io::stdout().lock();

@@ -152,9 +152,10 @@ impl UpdateService {
         let gets = topics::all_devices_filter(DeviceTopic::UpdateGet);
         let progress = topics::all_devices_filter(DeviceTopic::UpdateProgress);
         let link = ServiceLink::open(router, "updates", &[&gets, &progress]).await?;
-        if settings.test_corrupt_every > 0 {
+        #[cfg(feature = "fault-injection")]
+        if crate::fault::corrupt_every() > 0 {
             warn!(
-                every = settings.test_corrupt_every,
+                every = crate::fault::corrupt_every(),
                 "TEST SWITCH: the update server corrupts chunks it sends"
             );
         }
@@ -349,6 +350,7 @@ impl UpdateService {
                 .as_ref()
                 .and_then(|t| t.proof(job.index).ok())
                 .unwrap_or_default();
+            #[cfg_attr(not(feature = "fault-injection"), allow(unused_mut))]
             let mut chunk = Chunk {
                 update_id: job.update_id.to_string(),
                 component: c.name.clone(),
@@ -358,12 +360,8 @@ impl UpdateService {
                 request_id: job.request_id,
             };
             self.sent += 1;
-            let every = u64::from(self.settings.test_corrupt_every);
-            if every > 0 && self.sent.is_multiple_of(every) {
-                if let Some(b) = chunk.data.first_mut() {
-                    *b ^= 0xff;
-                }
-            }
+            #[cfg(feature = "fault-injection")]
+            crate::fault::corrupt_chunk(self.sent, &mut chunk.data);
             let Ok(id) = fleet_proto::DeviceId::new(&device) else {
                 continue;
             };

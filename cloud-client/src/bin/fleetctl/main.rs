@@ -374,9 +374,9 @@ fn print_records(records: &[RecordView], json: bool) {
 
 /// 0 when every record succeeded (or is still open with `open_ok`), 1 otherwise.
 fn outcome(records: &[CommandRecord], open_ok: bool) -> ExitCode {
-    let ok = records.iter().all(|r| {
-        r.state() == CommandState::Succeeded || (open_ok && !cloud_client::is_final(r.state()))
-    });
+    let ok = records
+        .iter()
+        .all(|r| r.state() == CommandState::Succeeded || (open_ok && !r.state().is_final()));
     if ok {
         ExitCode::SUCCESS
     } else {
