@@ -4,11 +4,12 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::Write;
+use std::time::Duration;
 
 use device_client::commands::journal::{Journal, JournalError, FILE_NAME};
 use device_client::commands::{Verdict, DEFAULT_WINDOW};
 use fleet_proto::v1::{Command, CommandResult, CommandStatus};
-use fleet_tests::crash::CrashChild;
+use fleet_testkit::CrashChild;
 
 fn cmd(id: &str) -> Command {
     Command {
@@ -79,7 +80,9 @@ fn device_child() {
 fn a_command_that_ran_never_runs_again_after_sigkill() {
     let dir = tempfile::tempdir().unwrap();
     let mut child = CrashChild::start("device_child", ("JOURNAL_CHILD", dir.path().as_os_str()));
-    let ran = child.confirmations(200, |l| l.strip_prefix("ran ").map(str::to_owned));
+    let ran = child.confirmations(200, Duration::from_secs(60), |l| {
+        l.strip_prefix("ran ").map(str::to_owned)
+    });
     child.kill(); // SIGKILL at an arbitrary point of the loop
 
     // After the restart the gateway re-delivers every one of them: none runs again.
