@@ -146,6 +146,7 @@ fn load_policy(path: Option<&std::path::Path>) -> Result<Policy, GatewayError> {
 pub struct Gateway {
     shared: Arc<Shared>,
     listener: TcpListener,
+    metrics_addr: Option<SocketAddr>,
 }
 
 /// A handle to a running gateway: reload and metrics, usable from signal handlers and tests.
@@ -202,14 +203,17 @@ impl Gateway {
             FirmwareDir::open(&config.data_dir).map_err(|e| GatewayError::Io(e.to_string()))?;
         let sessions = Arc::new(Sessions::default());
         let store = SharedStore::new(store, metrics.clone());
+        let mut metrics_addr = None;
         if let Some(addr) = config.metrics.listen {
             let sources = crate::http::Sources {
                 metrics: metrics.clone(),
                 sessions: sessions.clone(),
             };
-            crate::http::start(addr, sources)
-                .await
-                .map_err(|source| GatewayError::Bind { addr, source })?;
+            metrics_addr = Some(
+                crate::http::start(addr, sources)
+                    .await
+                    .map_err(|source| GatewayError::Bind { addr, source })?,
+            );
         }
         if config.bridge.upstream.is_some() {
             let b = &config.bridge;
@@ -254,12 +258,21 @@ impl Gateway {
             session_events,
             status,
         });
-        Ok(Gateway { shared, listener })
+        Ok(Gateway {
+            shared,
+            listener,
+            metrics_addr,
+        })
     }
 
     /// The bound address (useful with port 0).
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.listener.local_addr()
+    }
+
+    /// The metrics endpoint's bound address, when `metrics.listen` is set.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// A handle for reload and metrics.
