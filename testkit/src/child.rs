@@ -2,6 +2,7 @@
 //! killed when a deadline passes (the panic shows the command line and what it printed) and
 //! when the fixture is dropped.
 
+use std::borrow::BorrowMut;
 use std::io::{BufRead, BufReader, Read};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -85,7 +86,8 @@ impl Proc {
     /// Spawns `cmd` with stdin closed and stdout and stderr captured. With `FLEET_TEST_ECHO`
     /// set, every line is also echoed to the test's stderr as it arrives. Panics (this is test
     /// support) if the program cannot be started.
-    pub fn spawn(mut cmd: Command) -> Proc {
+    pub fn spawn(mut cmd: impl BorrowMut<Command>) -> Proc {
+        let cmd = cmd.borrow_mut();
         let cmdline = format!("{cmd:?}");
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -268,7 +270,7 @@ fn parse_ready<T: DeserializeOwned>(line: &str) -> Option<T> {
 
 /// Runs `cmd` to completion, as `Command::output()` does, but kills it and panics with its
 /// command line and output if it takes longer than `within`.
-pub fn run(cmd: Command, within: Duration) -> Output {
+pub fn run(cmd: impl BorrowMut<Command>, within: Duration) -> Output {
     Proc::spawn(cmd).finish(within)
 }
 

@@ -146,6 +146,19 @@ impl TestGateway {
         mosquitto_sub(self.mosq_args(id), topic, extra)
     }
 
+    /// Gives `id` a persistent session (clean session off) subscribed to `topic` at QoS 1, and
+    /// leaves. mosquitto_sub -E exits once the SUBACK has arrived, so the subscription is
+    /// known to exist when this returns (a fixed -W window only hopes so).
+    pub async fn persistent_session(&self, id: &str, topic: &str) {
+        let out = finish(self.subscribe(id, topic, &["-c", "-q", "1", "-E"])).await;
+        assert!(
+            out.status.success() && text(&out).contains("received SUBACK"),
+            "{}",
+            text(&out)
+        );
+        self.wait_sessions(0).await;
+    }
+
     /// Waits until `id` has a live session at the gateway (its SUBSCRIBE may follow shortly).
     pub async fn wait_sessions(&self, n: usize) {
         let h = self.handle.clone();

@@ -13,9 +13,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use fleet_tests::fleet::{self, FleetOptions};
 use fleet_proto::signing::TrustedKeys;
 use fleet_proto::v1::UpdatePhase;
-use fleet_tests::fleet::{self, FleetOptions};
 use fleet_tests::procs::{cpu_seconds, status_kib, GatewayProc};
 use fleet_tests::updates::{authority, write_image, Publish};
 use rustls_pki_types::pem::PemObject;
@@ -67,7 +67,7 @@ fn parse_args() -> Result<Args, Error> {
 async fn main() -> Result<(), Error> {
     let a = parse_args()?;
     let dir = tempfile::tempdir()?;
-    let gw = GatewayProc::start(dir.path(), 0, a.devices as u32, &[]);
+    let gw = GatewayProc::start(dir.path(), a.devices as u32, &[]);
     let pki = gw.pki();
     let (signer, _, public) = authority(dir.path());
     let image_path = dir.path().join("image");
