@@ -2,7 +2,6 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
-pub mod fleet;
 pub mod mosquitto;
 pub use fleet_testkit::mqtt;
 pub mod procs;

@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fleet_tests::fleet::{self, FleetOptions};
+use fleet_demo::fleet::{self, FleetOptions};
 use fleet_proto::signing::TrustedKeys;
 use fleet_proto::v1::UpdatePhase;
 use fleet_tests::procs::{cpu_seconds, status_kib, GatewayProc};
