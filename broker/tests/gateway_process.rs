@@ -5,67 +5,73 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
-use common::{mosquitto_args, text, tool};
+use common::{finish, mosquitto_args, mosquitto_sub, text, tool};
 use fleet_certs::pki::Pki;
+use fleet_testkit::{eventually_blocking, run, Proc};
+
+/// How long a child (the gateway starting or stopping, a client) may take.
+const DEADLINE: Duration = Duration::from_secs(60);
+
+/// What the gateway prints on stdout once it is bound.
+#[derive(serde::Deserialize)]
+struct Ready {
+    mqtt: SocketAddr,
+    http: Option<SocketAddr>,
+}
 
 struct GatewayProcess {
-    child: Child,
+    proc: Proc,
     addr: SocketAddr,
-    log: Arc<Mutex<Vec<String>>>,
+    http: Option<SocketAddr>,
     dir: PathBuf,
 }
 
 impl GatewayProcess {
-    /// Starts `gateway` in `dir` with no configuration but a free port.
+    /// Starts `gateway` in `dir` with no configuration but port 0; its address comes from its
+    /// ready line.
     fn start(dir: &Path) -> Self {
         Self::start_with(dir, &[])
     }
 
     /// The same with `env` added.
     fn start_with(dir: &Path, env: &[(&str, &str)]) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_gateway"))
-            .current_dir(dir)
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_gateway"));
+        cmd.current_dir(dir)
             .env("GATEWAY__LISTEN", "127.0.0.1:0")
             .env("GATEWAY__METRICS__LISTEN", "127.0.0.1:0")
             .env("RUST_LOG", "info")
-            .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = std::sync::mpsc::channel();
-        let stdout = child.stdout.take().unwrap();
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(at) = line.find("gateway listening addr=") {
-                    let rest = &line[at + "gateway listening addr=".len()..];
-                    let addr: String = rest.chars().take_while(|c| !c.is_whitespace()).collect();
-                    let _ = tx.send(addr);
-                }
-                sink.lock().unwrap().push(line);
-            }
-        });
-        let addr = rx
-            .recv_timeout(Duration::from_secs(30))
-            .expect("gateway did not start listening")
-            .parse()
-            .unwrap();
+            .envs(env.iter().copied());
+        let mut proc = Proc::spawn(cmd);
+        let ready: Ready = proc.ready(DEADLINE);
         GatewayProcess {
-            child,
-            addr,
-            log,
+            proc,
+            addr: ready.mqtt,
+            http: ready.http,
             dir: dir.to_owned(),
         }
+    }
+
+    /// `GET path` on the metrics endpoint: the status code and the body.
+    fn http_get(&self, path: &str) -> (u16, String) {
+        use std::io::{Read, Write};
+        let addr = self.http.expect("the gateway has no metrics endpoint");
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        let code = out
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or_else(|| panic!("not an HTTP response: {out}"));
+        let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_owned());
+        (code, body.unwrap_or_default())
     }
 
     fn pki(&self) -> PathBuf {
@@ -81,62 +87,27 @@ impl GatewayProcess {
         mosquitto_args(self.addr.port(), &pki.join("ca.crt"), &cert, &key, id)
     }
 
+    /// Waits for a log line (what the operator reads) matching `pred`.
     fn wait_log(&self, what: &str, pred: impl Fn(&str) -> bool) {
-        let end = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < end {
-            if self.log.lock().unwrap().iter().any(|l| pred(l)) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        panic!(
-            "no log line for {what}:\n{}",
-            self.log.lock().unwrap().join("\n")
+        eventually_blocking(
+            Duration::from_secs(10),
+            format!("log line for {what}"),
+            || {
+                let log = self.proc.stdout();
+                if log.iter().any(|l| pred(l)) {
+                    Ok(())
+                } else {
+                    Err(log.join("\n"))
+                }
+            },
         );
     }
 
-    /// `GET path` on the metrics endpoint: the status code and the body.
-    fn http_get(&self, path: &str) -> (u16, String) {
-        use std::io::{Read, Write};
-        let key = "metrics endpoint listening addr=";
-        let addr: SocketAddr = self
-            .log
-            .lock()
-            .unwrap()
-            .iter()
-            .find_map(|l| {
-                let rest = &l[l.find(key)? + key.len()..];
-                rest.split_whitespace().next()?.parse().ok()
-            })
-            .expect("no metrics endpoint in the log");
-        let mut s = std::net::TcpStream::connect(addr).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).unwrap();
-        let code = out
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or_else(|| panic!("not an HTTP response: {out}"));
-        let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_owned());
-        (code, body.unwrap_or_default())
-    }
-
     fn signal(&self, sig: &str) {
-        let ok = Command::new("kill")
-            .args([&format!("-{sig}"), &self.child.id().to_string()])
-            .status()
-            .unwrap()
-            .success();
+        let mut kill = Command::new("kill");
+        kill.args([&format!("-{sig}"), &self.proc.id().to_string()]);
+        let ok = run(kill, DEADLINE).status.success();
         assert!(ok, "kill -{sig} failed");
-    }
-}
-
-impl Drop for GatewayProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -144,27 +115,20 @@ fn session_open(id: &str) -> impl Fn(&str) -> bool + '_ {
     move |l: &str| l.contains("session open") && l.contains(&format!("client_id=\"{id}\""))
 }
 
-#[test]
-fn embedded_default_reload_revocation_and_drain() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_default_reload_revocation_and_drain() {
     let tmp = tempfile::tempdir().unwrap();
     let mut gw = GatewayProcess::start(tmp.path());
     // The embedded default made a development PKI in its data directory.
     assert!(gw.pki().join("devices/dev-0001.crt").exists());
 
     let sub = |id: &str, extra: &[&str]| {
-        Command::new(tool("mosquitto_sub"))
-            .args(gw.args("devices", id))
-            .args(["-t", &format!("devices/{id}/cmd"), "-v"])
-            .args(extra)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap()
+        mosquitto_sub(gw.args("devices", id), &format!("devices/{id}/cmd"), extra)
     };
     let dev1 = sub("dev-0001", &["-C", "1", "-W", "20"]);
     let mut dev2 = sub("dev-0002", &["-W", "20"]);
-    gw.wait_log("dev-0001 session", session_open("dev-0001"));
-    gw.wait_log("dev-0002 session", session_open("dev-0002"));
+    dev1.subscribed().await;
+    dev2.subscribed().await;
 
     // certs revoke dev-0002, then SIGHUP.
     Pki::open(&gw.pki()).unwrap().revoke("dev-0002").unwrap();
@@ -175,15 +139,17 @@ fn embedded_default_reload_revocation_and_drain() {
     gw.wait_log("dev-0002 closed", |l| {
         l.contains("dev-0002") && l.contains("certificate no longer valid")
     });
-    let _ = dev2.kill();
-    let _ = dev2.wait();
+    dev2.kill();
 
     // dev-0002 cannot come back.
-    let out = Command::new(tool("mosquitto_pub"))
-        .args(gw.args("devices", "dev-0002"))
-        .args(["-t", "devices/dev-0002/status", "-m", "back?"])
-        .output()
-        .unwrap();
+    let mut publish = Command::new(tool("mosquitto_pub"));
+    publish.args(gw.args("devices", "dev-0002")).args([
+        "-t",
+        "devices/dev-0002/status",
+        "-m",
+        "back?",
+    ]);
+    let out = run(publish, DEADLINE);
     assert!(
         !out.status.success(),
         "revoked device reconnected: {}",
@@ -194,13 +160,18 @@ fn embedded_default_reload_revocation_and_drain() {
     });
 
     // dev-0001 stayed up: its original subscription still receives a command.
-    let out = Command::new(tool("mosquitto_pub"))
-        .args(gw.args("services", "svc-0001"))
-        .args(["-t", "devices/dev-0001/cmd", "-m", "still-there", "-q", "1"])
-        .output()
-        .unwrap();
+    let mut publish = Command::new(tool("mosquitto_pub"));
+    publish.args(gw.args("services", "svc-0001")).args([
+        "-t",
+        "devices/dev-0001/cmd",
+        "-m",
+        "still-there",
+        "-q",
+        "1",
+    ]);
+    let out = run(publish, DEADLINE);
     assert!(out.status.success(), "{}", text(&out));
-    let got = dev1.wait_with_output().unwrap();
+    let got = finish(dev1).await;
     assert_eq!(
         String::from_utf8_lossy(&got.stdout).trim(),
         "devices/dev-0001/cmd still-there",
@@ -208,9 +179,8 @@ fn embedded_default_reload_revocation_and_drain() {
         text(&got)
     );
     assert_eq!(
-        gw.log
-            .lock()
-            .unwrap()
+        gw.proc
+            .stdout()
             .iter()
             .filter(|l| session_open("dev-0001")(l))
             .count(),
@@ -220,14 +190,7 @@ fn embedded_default_reload_revocation_and_drain() {
 
     // SIGTERM: the gateway drains and exits 0.
     gw.signal("TERM");
-    let end = Instant::now() + Duration::from_secs(15);
-    let status = loop {
-        if let Some(s) = gw.child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(Instant::now() < end, "gateway did not stop after SIGTERM");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = tokio::task::block_in_place(|| gw.proc.wait(Duration::from_secs(15)));
     assert!(status.success(), "exit status {status:?}");
     gw.wait_log("stopped", |l| l.contains("gateway stopped"));
 }
@@ -245,6 +208,13 @@ fn health_is_200_when_serving_and_503_naming_an_unreachable_bridge() {
     let alone = tmp.path().join("alone");
     std::fs::create_dir_all(&alone).unwrap();
     let gw = GatewayProcess::start(&alone);
+    // The ready line comes just before the accept loop starts: healthy from then on.
+    eventually_blocking(DEADLINE, "health 200 once serving", || {
+        match json(gw.http_get("/health")) {
+            (200, _) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    });
     let (code, h) = json(gw.http_get("/health"));
     assert_eq!(code, 200, "{h}");
     assert_eq!(h["status"], "ok");
@@ -279,12 +249,9 @@ fn health_is_200_when_serving_and_503_naming_an_unreachable_bridge() {
 fn bad_configuration_exits_64_before_binding() {
     let tmp = tempfile::tempdir().unwrap();
     let run_with = |file: &Path| {
-        Command::new(env!("CARGO_BIN_EXE_gateway"))
-            .current_dir(tmp.path())
-            .arg("--config")
-            .arg(file)
-            .output()
-            .unwrap()
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_gateway"));
+        cmd.current_dir(tmp.path()).arg("--config").arg(file);
+        run(cmd, DEADLINE)
     };
     let cases = [
         ("[limits]\nmax_connections = 0\n", "max_connections"),

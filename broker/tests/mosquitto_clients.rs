@@ -278,7 +278,7 @@ async fn wills_follow_the_acl() {
 async fn offline_device_gets_its_command_on_reconnect() {
     let gw = TestGateway::start().await;
     // dev-1 subscribes with a persistent session (-c) at QoS 1, then goes away.
-    persistent_session(&gw, "dev-1", "devices/dev-1/cmd").await;
+    gw.persistent_session("dev-1", "devices/dev-1/cmd").await;
     // While it is offline, the service commands it.
     let out = gw.publish(
         "svc-1",
@@ -392,7 +392,7 @@ async fn a_backlog_arrives_complete_and_in_order() {
     use std::io::Write;
     let gw = TestGateway::start().await;
     // dev-1 has a persistent session and goes offline.
-    persistent_session(&gw, "dev-1", "devices/dev-1/cmd").await;
+    gw.persistent_session("dev-1", "devices/dev-1/cmd").await;
     // 300 QoS 1 commands queue up for it (mosquitto_pub -l publishes each stdin line).
     let mut c = std::process::Command::new(tool("mosquitto_pub"));
     c.args(gw.mosq_args("svc-1"))
@@ -429,14 +429,4 @@ async fn a_backlog_arrives_complete_and_in_order() {
         text(&got)
     );
     assert_eq!(lines, want);
-}
-
-/// `id` subscribes to `filter` at QoS 1 with a persistent session, the SUBACK arrives, and it
-/// goes away (killed: the session stays, as after a power cut).
-async fn persistent_session(gw: &TestGateway, id: &str, filter: &str) {
-    let mut sub = gw.subscribe(id, filter, &["-c", "-q", "1", "-W", "60"]);
-    sub.subscribed().await;
-    sub.kill();
-    let _ = finish(sub).await;
-    gw.wait_sessions(0).await;
 }

@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{text, TestGateway};
+use common::{eventually, text, TestGateway};
 use fleet_broker::metrics::Metrics;
 use fleet_broker::store::Store;
 
@@ -24,15 +24,13 @@ async fn undecodable_payloads_are_counted_and_dropped() {
         assert!(out.status.success(), "{topic}: {}", text(&out));
     }
     let m = gw.handle.metrics();
-    let mut seen = 0;
-    for _ in 0..100 {
-        seen = Metrics::get(&m.malformed_payloads);
-        if seen >= 4 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(seen, 4);
+    eventually(
+        Duration::from_secs(10),
+        "4 malformed payloads counted",
+        || Metrics::get(&m.malformed_payloads) >= 4,
+    )
+    .await;
+    assert_eq!(Metrics::get(&m.malformed_payloads), 4);
     assert_eq!(Metrics::get(&m.status_stored), 0);
     assert_eq!(Metrics::get(&m.store_errors), 0);
     let store = Store::open(&gw.dir.path().join("data/gateway.db")).unwrap();

@@ -4,9 +4,10 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::Write;
+use std::time::Duration;
 
 use fleet_broker::store::{StatusOutcome, Store, StoreError, FILE_NAME};
-use fleet_tests::crash::CrashChild;
+use fleet_testkit::CrashChild;
 
 #[test]
 fn fresh_store_is_migrated_in_wal_mode_and_reopens() {
@@ -126,7 +127,7 @@ fn committed_reports_survive_sigkill() {
         ("STORE_CRASH_CHILD", path.as_os_str()),
     );
     let confirmed = child
-        .confirmations(300, |l| l.parse::<u64>().ok())
+        .confirmations(300, Duration::from_secs(60), |l| l.parse::<u64>().ok())
         .last()
         .copied()
         .unwrap_or(0);

@@ -4,11 +4,19 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Command, Output};
+use std::time::Duration;
+
+/// How long one `certs` or `openssl` run may take (killed and reported past it).
+const DEADLINE: Duration = Duration::from_secs(60);
+
+/// Runs `cmd` to completion within [`DEADLINE`] (a program that cannot start fails the test
+/// with its command line: is it installed?).
+fn output(cmd: &mut Command) -> Output {
+    fleet_testkit::run(cmd, DEADLINE)
+}
 
 fn run(cmd: &mut Command) -> Output {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e} (is it installed?)"));
+    let out = output(cmd);
     assert!(
         out.status.success(),
         "{cmd:?} failed: {}\n{}",
@@ -149,14 +157,14 @@ fn init_verify_revoke_with_openssl() {
     assert!(text.contains("verify OK"), "{text}");
 
     let crl_check = |leaf: &str| {
-        openssl()
-            .args(["verify", "-crl_check", "-CRLfile"])
-            .arg(dir.join("crl.pem"))
-            .arg("-CAfile")
-            .arg(&ca)
-            .arg(dir.join(format!("devices/{leaf}.crt")))
-            .output()
-            .unwrap_or_else(|e| panic!("openssl: {e}"))
+        output(
+            openssl()
+                .args(["verify", "-crl_check", "-CRLfile"])
+                .arg(dir.join("crl.pem"))
+                .arg("-CAfile")
+                .arg(&ca)
+                .arg(dir.join(format!("devices/{leaf}.crt"))),
+        )
     };
     assert!(crl_check("dev-0001").status.success());
     let revoked = crl_check("dev-0002");
@@ -171,11 +179,11 @@ fn init_verify_revoke_with_openssl() {
         .args(["inspect", "--verify"])
         .arg(dir.join("devices/dev-0001.crt")));
     assert!(String::from_utf8_lossy(&ok.stdout).contains("accepted as device:dev-0001"));
-    let refused = certs(&dir)
-        .args(["inspect", "--verify"])
-        .arg(dir.join("devices/dev-0002.crt"))
-        .output()
-        .unwrap_or_else(|e| panic!("{e}"));
+    let refused = output(
+        certs(&dir)
+            .args(["inspect", "--verify"])
+            .arg(dir.join("devices/dev-0002.crt")),
+    );
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("CertRevoked"));
 
@@ -188,10 +196,7 @@ fn init_verify_revoke_with_openssl() {
         &["issue", "device", "bad/id"],
         &["issue", "robot", "x"],
     ] {
-        let out = certs(&dir)
-            .args(args)
-            .output()
-            .unwrap_or_else(|e| panic!("{e}"));
+        let out = output(certs(&dir).args(args));
         assert!(!out.status.success(), "{args:?} succeeded");
         assert!(!out.stderr.is_empty(), "{args:?} gave no message");
     }

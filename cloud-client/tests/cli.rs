@@ -4,14 +4,15 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::process::{Command, Output};
+use std::time::Duration;
 
+/// Runs fleetctl; killed and reported if it takes more than a minute.
 fn fleetctl(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_fleetctl"))
-        .args(args)
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_fleetctl"));
+    cmd.args(args)
         .env_remove("FLEETCTL_GATEWAY")
-        .env_remove("FLEETCTL_PKI")
-        .output()
-        .unwrap()
+        .env_remove("FLEETCTL_PKI");
+    fleet_testkit::run(cmd, Duration::from_secs(60))
 }
 
 fn stdout(o: &Output) -> String {

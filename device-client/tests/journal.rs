@@ -4,13 +4,14 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::Write;
+use std::time::Duration;
 
 use device_client::{
     Journal, JournalError, Verdict, DEFAULT_COMMAND_WINDOW as DEFAULT_WINDOW,
     JOURNAL_FILE_NAME as FILE_NAME,
 };
 use fleet_proto::v1::{Command, CommandResult, CommandStatus};
-use fleet_tests::crash::CrashChild;
+use fleet_testkit::CrashChild;
 
 fn cmd(id: &str) -> Command {
     Command {
@@ -81,7 +82,9 @@ fn device_child() {
 fn a_command_that_ran_never_runs_again_after_sigkill() {
     let dir = tempfile::tempdir().unwrap();
     let mut child = CrashChild::start("device_child", ("JOURNAL_CHILD", dir.path().as_os_str()));
-    let ran = child.confirmations(200, |l| l.strip_prefix("ran ").map(str::to_owned));
+    let ran = child.confirmations(200, Duration::from_secs(60), |l| {
+        l.strip_prefix("ran ").map(str::to_owned)
+    });
     child.kill(); // SIGKILL at an arbitrary point of the loop
 
     // After the restart the gateway re-delivers every one of them: none runs again.

@@ -4,10 +4,11 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::Write;
+use std::time::Duration;
 
 use device_client::{OutboxStore, Pushed};
 use fleet_proto::v1::StatusReport;
-use fleet_tests::crash::CrashChild;
+use fleet_testkit::CrashChild;
 
 fn report(i: u64) -> StatusReport {
     StatusReport {
@@ -115,7 +116,7 @@ fn reporter_child() {
 fn queued_reports_survive_sigkill() {
     let dir = tempfile::tempdir().unwrap();
     let mut child = CrashChild::start("reporter_child", ("OUTBOX_CHILD", dir.path().as_os_str()));
-    let confirmed: Vec<u64> = child.confirmations(300, |l| l.parse().ok());
+    let confirmed: Vec<u64> = child.confirmations(300, Duration::from_secs(60), |l| l.parse().ok());
     child.kill();
     let mut s = OutboxStore::open(dir.path(), 10_000).unwrap();
     let have = pending(&s);

@@ -2,10 +2,8 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
-pub mod crash;
-pub mod fleet;
 pub mod mosquitto;
-pub mod mqtt;
+pub use fleet_testkit::mqtt;
 pub mod procs;
 pub mod proxy;
 pub mod updates;

@@ -1,11 +1,23 @@
-//! A real `mosquitto` as the cloud broker: TLS on 127.0.0.1 with `require_certificate` and the
+//! A real `mosquitto` as the cloud broker: TLS with `require_certificate` and the
 //! certificate's identity as user name, persistence in its directory (so a stop and start keeps
 //! persistent sessions and their queued messages). Debian's package (installed by
 //! scripts/test.sh); a missing binary fails the test with that advice.
+//!
+//! mosquitto cannot listen on port 0 and say which port it got, and a test that stops and
+//! starts it needs the same address both times. So it listens on a Unix socket in its
+//! directory, and clients reach it through a [`Relay`] holding a TCP port of its own for the
+//! whole test.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
+
+use fleet_testkit::{eventually_blocking, Proc};
+
+use crate::proxy::{Relay, Target};
+
+/// How long mosquitto may take to accept connections, or to stop.
+const DEADLINE: Duration = Duration::from_secs(20);
 
 /// The mosquitto binary.
 pub fn binary() -> PathBuf {
@@ -19,17 +31,21 @@ pub fn binary() -> PathBuf {
 
 /// A running mosquitto.
 pub struct Mosquitto {
-    child: Option<Child>,
-    /// Its port on 127.0.0.1.
+    proc: Option<Proc>,
+    relay: Relay,
+    /// Its TCP port on 127.0.0.1 (the relay's, stable across restarts).
     pub port: u16,
     dir: PathBuf,
+    socket: PathBuf,
 }
 
 impl Mosquitto {
-    /// Starts mosquitto in `dir` on `port` with the server certificate `cert`/`key` and client
-    /// certificates required to chain to `ca`.
-    pub fn start(dir: &Path, port: u16, ca: &Path, cert: &Path, key: &Path) -> Self {
+    /// Starts mosquitto in `dir` with the server certificate `cert`/`key` and client
+    /// certificates required to chain to `ca`, reached through `relay` (made before, so that
+    /// the clients' configuration can name its port), which is pointed at it.
+    pub fn start(dir: &Path, relay: Relay, ca: &Path, cert: &Path, key: &Path) -> Self {
         std::fs::create_dir_all(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+        let socket = dir.join("mosquitto.sock");
         let conf = dir.join("mosquitto.conf");
         let text = format!(
             // Started as root, mosquitto would switch to its own user and could not read the
@@ -44,76 +60,63 @@ impl Mosquitto {
              log_type error\n\
              log_type warning\n\
              max_queued_messages 100000\n\
-             listener {port} 127.0.0.1\n\
+             listener 0 {}\n\
              cafile {}\n\
              certfile {}\n\
              keyfile {}\n\
              require_certificate true\n\
              use_identity_as_username true\n",
             dir.display(),
+            socket.display(),
             ca.display(),
             cert.display(),
             key.display()
         );
         std::fs::write(&conf, text).unwrap_or_else(|e| panic!("{}: {e}", conf.display()));
+        relay.point_to(Some(Target::Unix(socket.clone())));
         let mut m = Mosquitto {
-            child: None,
-            port,
+            proc: None,
+            port: relay.addr.port(),
+            relay,
             dir: dir.to_owned(),
+            socket,
         };
         m.spawn();
         m
     }
 
     fn spawn(&mut self) {
-        let child = Command::new(binary())
-            .arg("-c")
-            .arg(self.dir.join("mosquitto.conf"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting mosquitto: {e}"));
-        self.child = Some(child);
-        // Listening once the port accepts.
-        let end = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(Instant::now() < end, "mosquitto did not start listening");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        // A socket file left by the previous run would make the bind fail.
+        let _ = std::fs::remove_file(&self.socket);
+        let mut cmd = Command::new(binary());
+        cmd.arg("-c").arg(self.dir.join("mosquitto.conf"));
+        self.proc = Some(Proc::spawn(cmd));
+        // Ready once its socket accepts.
+        let socket = &self.socket;
+        eventually_blocking(DEADLINE, "mosquitto accepts connections", || {
+            std::os::unix::net::UnixStream::connect(socket).is_ok()
+        });
+    }
+
+    /// The relay clients connect to.
+    pub fn relay(&self) -> &Relay {
+        &self.relay
     }
 
     /// Stops it (SIGTERM: it saves its persistent sessions) and waits.
     pub fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = Command::new("kill")
-                .args(["-TERM", &c.id().to_string()])
-                .status();
-            let end = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < end {
-                if let Ok(Some(_)) = c.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
+        if let Some(mut p) = self.proc.take() {
+            let mut kill = Command::new("kill");
+            kill.args(["-TERM", &p.id().to_string()]);
+            fleet_testkit::run(kill, DEADLINE);
+            p.wait(DEADLINE);
         }
     }
 
-    /// Starts it again with the same configuration and port.
+    /// Starts it again with the same configuration and address.
     pub fn restart(&mut self) {
         self.stop();
         self.spawn();
-    }
-}
-
-impl Drop for Mosquitto {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
     }
 }
 
@@ -169,6 +172,7 @@ impl Observer {
                         }
                     }
                     Ok(_) => {}
+                    // Down: rumqttc reconnects on the next poll; do not spin meanwhile.
                     Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
                 }
             }

@@ -1,14 +1,17 @@
 //! Real processes for integration tests: the `gateway` binary on its embedded default (a
-//! development PKI in its data directory), `test-device` devices, `fleetctl`. Binaries are
+//! development PKI in its data directory), `test-device` devices, `fleetctl`. Each is a
+//! [`Proc`]: output captured, every wait bounded, killed when dropped; readiness and bound
+//! addresses come from the process's own ready line, never from its log. Binaries are
 //! taken from the target directory of the running test (`cargo test --workspace` builds them);
 //! a missing one fails the test with the command that builds it.
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{mpsc, Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use fleet_testkit::Proc;
+use serde::Deserialize;
 
 /// Path of a binary of this workspace next to the running test's directory.
 pub fn bin(name: &str) -> PathBuf {
@@ -31,142 +34,60 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
-/// Polls `cond` every 50 ms until it holds or `timeout` passes; its last value.
-pub async fn until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let end = Instant::now() + timeout;
-    while Instant::now() < end {
-        if cond() {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    cond()
+/// How long a process of ours may take to print its ready line on a loaded machine.
+const READY: Duration = Duration::from_secs(60);
+
+/// What `gateway` prints when it is ready.
+#[derive(Debug, Deserialize)]
+struct GatewayReady {
+    mqtt: SocketAddr,
+    http: Option<SocketAddr>,
 }
 
-/// A free port on 127.0.0.1 (bound, then released).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or_else(|e| panic!("no free port: {e}"))
-}
-
-/// Lines a child printed, shared with the thread reading them.
-#[derive(Clone, Default)]
-pub struct Output(Arc<Mutex<Vec<String>>>);
-
-impl Output {
-    /// Every line so far.
-    pub fn lines(&self) -> Vec<String> {
-        match self.0.lock() {
-            Ok(g) => g.clone(),
-            Err(p) => p.into_inner().clone(),
-        }
-    }
-
-    /// Whether some line contains `needle`.
-    pub fn contains(&self, needle: &str) -> bool {
-        self.lines().iter().any(|l| l.contains(needle))
-    }
-
-    /// Waits up to `timeout` for a line containing `needle`.
-    pub fn wait_for(&self, needle: &str, timeout: Duration) -> bool {
-        let end = Instant::now() + timeout;
-        while Instant::now() < end {
-            if self.contains(needle) {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        false
-    }
-
-    fn push(&self, line: String) {
-        match self.0.lock() {
-            Ok(mut g) => g.push(line),
-            Err(p) => p.into_inner().push(line),
-        }
-    }
-}
-
-fn capture(child: &mut Child, echo: &'static str) -> (Output, mpsc::Receiver<String>) {
-    let out = Output::default();
-    let (tx, rx) = mpsc::channel();
-    if let Some(stdout) = child.stdout.take() {
-        let sink = out.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if std::env::var_os("FLEET_TEST_ECHO").is_some() {
-                    eprintln!("{echo}: {line}");
-                }
-                let _ = tx.send(line.clone());
-                sink.push(line);
-            }
-        });
-    }
-    (out, rx)
-}
-
-/// A `gateway` process on the embedded default in `dir` (PKI in `dir/data/pki`).
+/// A `gateway` process on the embedded default in `dir` (PKI in `dir/data/pki`), on port 0:
+/// its addresses come from its ready line.
 pub struct GatewayProc {
-    child: Child,
+    proc: Proc,
     /// Where it listens.
     pub addr: SocketAddr,
-    /// Its log (stdout).
-    pub log: Output,
     /// Its metrics endpoint.
     pub metrics_addr: Option<SocketAddr>,
     dir: PathBuf,
 }
 
 impl GatewayProc {
-    /// Starts a gateway with data in `dir/data`, listening on 127.0.0.1:`port` (0: any), with
-    /// `devices` device certificates in its development PKI, and `env` added.
-    pub fn start(dir: &Path, port: u16, devices: u32, env: &[(&str, &str)]) -> Self {
+    /// Starts a gateway with data in `dir/data`, listening on 127.0.0.1 (a port of its
+    /// choosing), with `devices` device certificates in its development PKI, and `env` added;
+    /// returns once it has said it is ready.
+    pub fn start(dir: &Path, devices: u32, env: &[(&str, &str)]) -> Self {
         let mut cmd = Command::new(bin("gateway"));
         cmd.current_dir(dir)
             .args(["--dev-devices", &devices.to_string(), "--grace", "1s"])
-            .env("GATEWAY__LISTEN", format!("127.0.0.1:{port}"))
+            .env("GATEWAY__LISTEN", "127.0.0.1:0")
             .env("GATEWAY__METRICS__LISTEN", "127.0.0.1:0")
             .env("GATEWAY__DATA_DIR", dir.join("data"))
-            .env("RUST_LOG", "info,rumqttd=warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
+            .env("RUST_LOG", "info,rumqttd=warn");
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let mut child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting the gateway: {e}"));
-        let (log, rx) = capture(&mut child, "gateway");
-        let end = Instant::now() + Duration::from_secs(60);
-        let mut metrics_addr = None;
-        let addr = loop {
-            let left = end.saturating_duration_since(Instant::now());
-            let line = rx
-                .recv_timeout(left)
-                .unwrap_or_else(|_| panic!("the gateway did not start listening"));
-            if let Some(at) = line.find("metrics endpoint listening addr=") {
-                let rest = &line[at + "metrics endpoint listening addr=".len()..];
-                let a: String = rest.chars().take_while(|c| !c.is_whitespace()).collect();
-                metrics_addr = a.parse().ok();
-            }
-            if let Some(at) = line.find("gateway listening addr=") {
-                let rest = &line[at + "gateway listening addr=".len()..];
-                let a: String = rest.chars().take_while(|c| !c.is_whitespace()).collect();
-                break a
-                    .parse()
-                    .unwrap_or_else(|e| panic!("listening address {a:?}: {e}"));
-            }
-        };
+        let mut proc = Proc::spawn(cmd);
+        let ready: GatewayReady = proc.ready(READY);
         GatewayProc {
-            child,
-            addr,
-            log,
-            metrics_addr,
+            proc,
+            addr: ready.mqtt,
+            metrics_addr: ready.http,
             dir: dir.to_owned(),
         }
+    }
+
+    /// Its log lines so far (stdout).
+    pub fn log(&self) -> Vec<String> {
+        self.proc.stdout()
+    }
+
+    /// Whether some log line so far contains `needle`.
+    pub fn logged(&self, needle: &str) -> bool {
+        self.proc.printed(needle)
     }
 
     /// `GET path` on the metrics endpoint: the response body.
@@ -176,6 +97,9 @@ impl GatewayProc {
             .metrics_addr
             .unwrap_or_else(|| panic!("the gateway has no metrics endpoint"));
         let mut s = std::net::TcpStream::connect(addr).unwrap_or_else(|e| panic!("{addr}: {e}"));
+        // The endpoint answers at once; a read that hangs is a failure, not a wait.
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap_or_else(|e| panic!("{addr}: {e}"));
         write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n")
             .unwrap_or_else(|e| panic!("{addr}: {e}"));
         let mut out = String::new();
@@ -199,7 +123,7 @@ impl GatewayProc {
 
     /// Its process id.
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.proc.id()
     }
 
     /// The development PKI directory.
@@ -227,25 +151,27 @@ impl GatewayProc {
             .unwrap_or_else(|e| panic!("SDK connect: {e}"))
     }
 
+    /// Runs `fleetctl` as `svc-0001` against this gateway with `args`, bounded by `within`
+    /// (killed and reported past it).
+    pub fn fleetctl(&self, args: &[&str], within: Duration) -> Output {
+        let mut cmd = Command::new(bin("fleetctl"));
+        cmd.arg("--gateway")
+            .arg(format!("localhost:{}", self.addr.port()))
+            .arg("--pki")
+            .arg(self.pki())
+            .args(args);
+        fleet_testkit::run(cmd, within)
+    }
+
     /// SIGKILL, and reap.
     pub fn kill(mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for GatewayProc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.proc.kill();
     }
 }
 
 /// A `test-device` process.
 pub struct DeviceProc {
-    child: Child,
-    /// What it printed.
-    pub out: Output,
+    proc: Proc,
 }
 
 /// How to run a test device.
@@ -289,8 +215,15 @@ impl DeviceOpts {
     }
 }
 
+/// What `test-device` prints when it is ready.
+#[derive(Debug, Deserialize)]
+struct DeviceReady {
+    queued: u64,
+}
+
 impl DeviceProc {
-    /// Starts a device against `gateway` (HOST:PORT) with the PKI in `pki`.
+    /// Starts a device against `gateway` (HOST:PORT) with the PKI in `pki`; returns once it
+    /// has opened its state and queued its reports (its ready line), connected or not.
     pub fn start(gateway: &str, pki: &Path, o: &DeviceOpts) -> Self {
         let mut cmd = Command::new(bin("test-device"));
         cmd.args(["--gateway", gateway, "--id", &o.id])
@@ -304,10 +237,7 @@ impl DeviceProc {
             .env(
                 "RUST_LOG",
                 std::env::var("FLEET_TEST_DEVICE_LOG").unwrap_or_else(|_| "warn".into()),
-            )
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
+            );
         if o.hold_results {
             cmd.arg("--hold-results");
         }
@@ -315,36 +245,39 @@ impl DeviceProc {
             cmd.arg("--exit-after-flush");
         }
         cmd.args(&o.args);
-        let mut child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting test-device: {e}"));
-        let (out, _rx) = capture(&mut child, "device");
-        DeviceProc { child, out }
+        let mut proc = Proc::spawn(cmd);
+        let ready: DeviceReady = proc.ready(READY);
+        assert_eq!(ready.queued, o.reports, "{}", proc.cmdline());
+        DeviceProc { proc }
     }
 
-    /// Waits for the process to exit by itself; its success.
-    pub fn wait_exit(mut self, timeout: Duration) -> bool {
-        let end = Instant::now() + timeout;
-        while Instant::now() < end {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return status.success();
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        false
+    /// Every line it printed so far.
+    pub fn lines(&self) -> Vec<String> {
+        self.proc.stdout()
+    }
+
+    /// Whether some line it printed contains `needle`.
+    pub fn printed(&self, needle: &str) -> bool {
+        self.proc.printed(needle)
+    }
+
+    /// Waits until it has connected (its `connected` line), or fails the test after `within`.
+    pub async fn connected(&self, within: Duration) {
+        fleet_testkit::eventually(within, format!("{} connects", self.proc.cmdline()), || {
+            self.printed("connected")
+        })
+        .await;
+    }
+
+    /// Waits up to `within` for the process to exit by itself; its status. Past the deadline
+    /// it is killed and the test fails with its output.
+    pub fn wait_exit(mut self, within: Duration) -> std::process::ExitStatus {
+        self.proc.wait(within)
     }
 
     /// SIGKILL, and reap.
     pub fn kill(mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for DeviceProc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.proc.kill();
     }
 }
 

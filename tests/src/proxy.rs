@@ -1,9 +1,13 @@
-//! A flaky network for tests: a TCP proxy on 127.0.0.1 that forwards to a target and cuts each
-//! connection after it has carried a given number of bytes towards the client.
+//! Network fixtures for tests, TCP proxies on 127.0.0.1 (port 0):
+//! * [`CuttingProxy`], a flaky network: it cuts each connection after it has carried a given
+//!   number of bytes towards the client;
+//! * [`Relay`], a stable address in front of a server that restarts (a gateway killed and
+//!   started again, a cloud broker stopped and started).
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -90,5 +94,114 @@ async fn pipe(client: TcpStream, server: TcpStream, cut_after: u64) -> bool {
     tokio::select! {
         () = up => false,
         cut = down => cut,
+    }
+}
+
+/// Where a [`Relay`] forwards to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// A TCP address (a gateway on its port 0).
+    Tcp(SocketAddr),
+    /// A Unix socket (mosquitto, which cannot report a port 0 it was given).
+    Unix(PathBuf),
+}
+
+/// A stable address for a server that restarts.
+///
+/// Clients that must find the server again at the same address after a restart (devices
+/// reconnecting to a restarted gateway, a bridge to a restarted cloud broker) connect here.
+/// The relay binds 127.0.0.1:0 once and keeps its listener for the whole test, so no other
+/// process can take the port in between; each restarted server binds a fresh port 0 (or a
+/// Unix socket) and the relay is pointed at it. With no target, or one that refuses,
+/// connections are accepted and closed at once, which a client sees like a server that is
+/// down (and [`Relay::refused`] counts). This replaces picking a
+/// "free" port, releasing it and hoping to bind it again later, which races with every other
+/// process on the machine.
+pub struct Relay {
+    /// Where clients connect.
+    pub addr: SocketAddr,
+    target: Arc<Mutex<Option<Target>>>,
+    refused: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Relay {
+    /// Binds 127.0.0.1:0 and forwards to `target` (none yet: refuse). Needs a tokio runtime.
+    pub fn start(target: Option<Target>) -> std::io::Result<Self> {
+        let std_listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        std_listener.set_nonblocking(true)?;
+        let listener = TcpListener::from_std(std_listener)?;
+        let addr = listener.local_addr()?;
+        let target = Arc::new(Mutex::new(target));
+        let refused = Arc::new(AtomicU64::new(0));
+        let (current, counter) = (target.clone(), refused.clone());
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let to = match current.lock() {
+                    Ok(g) => g.clone(),
+                    Err(p) => p.into_inner().clone(),
+                };
+                let counter = counter.clone();
+                tokio::spawn(async move {
+                    if !relay(client, to).await {
+                        counter.fetch_add(1, Ordering::Relaxed);
+                    }
+                });
+            }
+        });
+        Ok(Relay {
+            addr,
+            target,
+            refused,
+            task,
+        })
+    }
+
+    /// Connections closed so far for want of a server (no target, or it refused): a client
+    /// has tried while the server was down.
+    pub fn refused(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
+    }
+
+    /// Forwards new connections to `target` from now on (none: refuse them). Connections to
+    /// the previous target stay as they are; when that server is gone they close.
+    pub fn point_to(&self, target: Option<Target>) {
+        match self.target.lock() {
+            Ok(mut g) => *g = target,
+            Err(p) => *p.into_inner() = target,
+        }
+    }
+
+    /// `localhost:PORT`, for clients that check the server's name.
+    pub fn address(&self) -> String {
+        format!("localhost:{}", self.addr.port())
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Relays one connection until either side closes; false when there was no server to relay
+/// to (no target, or it refused).
+async fn relay(mut client: TcpStream, to: Option<Target>) -> bool {
+    match to {
+        None => false,
+        Some(Target::Tcp(addr)) => match TcpStream::connect(addr).await {
+            Ok(mut server) => {
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                true
+            }
+            Err(_) => false,
+        },
+        Some(Target::Unix(path)) => match tokio::net::UnixStream::connect(&path).await {
+            Ok(mut server) => {
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                true
+            }
+            Err(_) => false,
+        },
     }
 }

@@ -8,12 +8,13 @@ use std::process::Command;
 use std::time::Duration;
 
 use cloud_client::{CommandState, SendCommand};
+use fleet_testkit::{eventually, eventually_async};
 use fleet_tests::procs::{DeviceOpts, DeviceProc, GatewayProc};
 
 fn mosquitto_pub(gw: &GatewayProc, role_dir: &str, id: &str, topic: &str, payload: &Path) {
     let pki = gw.pki();
-    let out = Command::new("mosquitto_pub")
-        .args(["-h", "127.0.0.1", "-p", &gw.addr.port().to_string()])
+    let mut cmd = Command::new("mosquitto_pub");
+    cmd.args(["-h", "127.0.0.1", "-p", &gw.addr.port().to_string()])
         .arg("--cafile")
         .arg(pki.join("ca.crt"))
         .arg("--cert")
@@ -21,9 +22,9 @@ fn mosquitto_pub(gw: &GatewayProc, role_dir: &str, id: &str, topic: &str, payloa
         .arg("--key")
         .arg(pki.join(role_dir).join(format!("{id}.key")))
         .args(["-i", id, "-V", "mqttv311", "-q", "1", "-t", topic, "-f"])
-        .arg(payload)
-        .output()
-        .expect("mosquitto_pub is required (Debian package mosquitto-clients; scripts/test.sh installs it)");
+        .arg(payload);
+    // mosquitto_pub is required (Debian package mosquitto-clients; scripts/test.sh installs it).
+    let out = fleet_testkit::run(cmd, Duration::from_secs(60));
     assert!(
         out.status.success(),
         "mosquitto_pub {topic}: {}",
@@ -34,7 +35,7 @@ fn mosquitto_pub(gw: &GatewayProc, role_dir: &str, id: &str, topic: &str, payloa
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_protobuf_is_dropped_and_the_store_stays_sound() {
     let dir = tempfile::tempdir().unwrap();
-    let gw = GatewayProc::start(dir.path(), 0, 2, &[]);
+    let gw = GatewayProc::start(dir.path(), 2, &[]);
     let garbage = dir.path().join("garbage");
     // An invalid varint, then a length running past the end.
     std::fs::write(
@@ -66,17 +67,19 @@ async fn malformed_protobuf_is_dropped_and_the_store_stays_sound() {
         "command result: bad protobuf",
         "API request: bad protobuf",
     ] {
-        assert!(
-            gw.log.wait_for(needle, Duration::from_secs(10)),
-            "no log line {needle:?}"
-        );
+        eventually(
+            Duration::from_secs(10),
+            format!("log line {needle:?}"),
+            || gw.logged(needle),
+        )
+        .await;
     }
 
     // Everybody else is served: a real device runs a command and its reports are stored.
     let mut opts = DeviceOpts::new(dir.path(), "dev-0001");
     opts.reports = 3;
     let dev = DeviceProc::start(&gw.address(), &gw.pki(), &opts);
-    assert!(dev.out.wait_for("connected", Duration::from_secs(20)));
+    dev.connected(Duration::from_secs(20)).await;
     let fleet = gw.fleet().await;
     let recs = fleet
         .send_command(SendCommand {
@@ -90,19 +93,19 @@ async fn malformed_protobuf_is_dropped_and_the_store_stays_sound() {
         .await
         .unwrap();
     assert_eq!(recs[0].state(), CommandState::Succeeded);
-    let mut stored = 0;
-    for _ in 0..100 {
+    eventually_async(Duration::from_secs(10), "3 reports stored", async || {
         let st = fleet.status(&[]).await.unwrap();
-        stored = st
+        let stored = st
             .iter()
             .find(|s| s.device_id == "dev-0001")
             .map_or(0, |s| s.reports_stored);
         if stored == 3 {
-            break;
+            Ok(())
+        } else {
+            Err(stored)
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(stored, 3);
+    })
+    .await;
     // Nothing of the garbage reached the registry.
     let st = fleet.status(&["dev-0002".into()]).await.unwrap();
     assert!(

@@ -1,25 +1,26 @@
 //! The bridge end to end: a real `mosquitto` as the cloud broker (TLS, require_certificate,
-//! started by the test on a free port), the gateway binary bridging to it, test-devices behind
-//! the gateway, the SDK connected to mosquitto only.
+//! reached through a relay holding a port for the whole test), the gateway binary bridging to
+//! it, test-devices behind the gateway, the SDK connected to mosquitto only.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use cloud_client::{CommandState, DeployUpdate, FleetClient, SendCommand, UpdatePhase};
 use fleet_proto::Message;
+use fleet_testkit::{eventually, eventually_async};
 use fleet_tests::mosquitto::{Mosquitto, Observer};
-use fleet_tests::procs::{free_port, until, DeviceOpts, DeviceProc, GatewayProc};
+use fleet_tests::procs::{DeviceOpts, DeviceProc, GatewayProc};
+use fleet_tests::proxy::Relay;
 use fleet_tests::updates::{authority, write_image, Publish};
 
 const GW: &str = "gw-0001";
 
 /// A gateway bridged to 127.0.0.1:`cloud_port`.
-fn gateway(dir: &Path, port: u16, devices: u32, cloud_port: u16) -> GatewayProc {
+fn gateway(dir: &Path, devices: u32, cloud_port: u16) -> GatewayProc {
     GatewayProc::start(
         dir,
-        port,
         devices,
         &[
             (
@@ -31,12 +32,13 @@ fn gateway(dir: &Path, port: u16, devices: u32, cloud_port: u16) -> GatewayProc 
     )
 }
 
-/// mosquitto with the gateway's development PKI (its server certificate is the gateway's).
-fn cloud(dir: &Path, gw: &GatewayProc, port: u16) -> Mosquitto {
+/// mosquitto with the gateway's development PKI (its server certificate is the gateway's),
+/// behind `relay`.
+fn cloud(dir: &Path, gw: &GatewayProc, relay: Relay) -> Mosquitto {
     let pki = gw.pki();
     Mosquitto::start(
         &dir.join("cloud"),
-        port,
+        relay,
         &pki.join("ca.crt"),
         &pki.join("gateways/gw-0001.crt"),
         &pki.join("gateways/gw-0001.key"),
@@ -61,27 +63,32 @@ async fn cloud_sdk(gw: &GatewayProc, port: u16) -> FleetClient {
 }
 
 async fn wait_bridged(gw: &GatewayProc) {
-    assert!(
-        until(Duration::from_secs(30), || gw.metric("bridge_connected")
-            == 1.0)
-        .await,
-        "the bridge did not connect"
-    );
+    eventually(Duration::from_secs(30), "the bridge connects", || {
+        gw.metric("bridge_connected") == 1.0
+    })
+    .await;
+}
+
+/// The cloud broker's stable address, held before the gateway that bridges to it starts.
+fn cloud_relay() -> (Relay, u16) {
+    let relay = Relay::start(None).unwrap();
+    let port = relay.addr.port();
+    (relay, port)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_command_through_the_cloud_broker_runs_on_the_device_and_the_metrics_show_it() {
     let dir = tempfile::tempdir().unwrap();
-    let cloud_port = free_port();
-    let gw = gateway(dir.path(), 0, 2, cloud_port);
-    let _cloud = cloud(dir.path(), &gw, cloud_port);
+    let (relay, cloud_port) = cloud_relay();
+    let gw = gateway(dir.path(), 2, cloud_port);
+    let _cloud = cloud(dir.path(), &gw, relay);
     wait_bridged(&gw).await;
     let dev = DeviceProc::start(
         &gw.address(),
         &gw.pki(),
         &DeviceOpts::new(dir.path(), "dev-0001"),
     );
-    assert!(until(Duration::from_secs(30), || dev.out.contains("connected")).await);
+    dev.connected(Duration::from_secs(30)).await;
     let fleet = cloud_sdk(&gw, cloud_port).await;
     let recs = fleet
         .send_command(SendCommand {
@@ -129,12 +136,12 @@ async fn a_command_through_the_cloud_broker_runs_on_the_device_and_the_metrics_s
         gw.metric("bridge_messages_down_total") >= 2.0,
         "request(s) came down"
     );
-    assert!(
-        until(Duration::from_secs(10), || gw
-            .metric("bridge_messages_up_total")
-            >= 2.0)
-        .await
-    );
+    eventually(
+        Duration::from_secs(10),
+        "results and status went up",
+        || gw.metric("bridge_messages_up_total") >= 2.0,
+    )
+    .await;
     let health: serde_json::Value = serde_json::from_str(&gw.http_get("/health")).unwrap();
     assert_eq!(health["status"], "ok");
     assert_eq!(health["bridge_connected"], true);
@@ -176,10 +183,9 @@ fn check_all_in_order(seqs: &HashMap<String, Vec<u64>>, devices: &[&str], n: u64
 
 async fn outage(kill_gateway: bool) {
     let dir = tempfile::tempdir().unwrap();
-    let cloud_port = free_port();
-    let gw = gateway(dir.path(), 0, 2, cloud_port);
-    let port = gw.addr.port();
-    let mut broker = cloud(dir.path(), &gw, cloud_port);
+    let (relay, cloud_port) = cloud_relay();
+    let gw = gateway(dir.path(), 2, cloud_port);
+    let mut broker = cloud(dir.path(), &gw, relay);
     wait_bridged(&gw).await;
     let pki = gw.pki();
     let mut obs = Observer::start(
@@ -195,7 +201,6 @@ async fn outage(kill_gateway: bool) {
     // The uplink goes down; the devices publish 2 x 500 reports, all acknowledged by the
     // gateway (stored) while the cloud is unreachable.
     broker.stop();
-    let down_at = Instant::now();
     let devices: Vec<DeviceProc> = ["dev-0001", "dev-0002"]
         .iter()
         .map(|id| {
@@ -206,45 +211,62 @@ async fn outage(kill_gateway: bool) {
         })
         .collect();
     for d in devices {
-        assert!(
-            d.wait_exit(Duration::from_secs(60)),
-            "a device did not flush"
-        );
+        let status = tokio::task::block_in_place(|| d.wait_exit(Duration::from_secs(60)));
+        assert!(status.success(), "a device did not flush: {status}");
     }
-    assert!(
-        until(Duration::from_secs(5), || gw.metric("bridge_queue_depth")
-            >= 1000.0)
-        .await
-    );
+    eventually(
+        Duration::from_secs(5),
+        "1000 reports queued for the uplink",
+        || gw.metric("bridge_queue_depth") >= 1000.0,
+    )
+    .await;
+    // The devices are gone; the restarted gateway only needs the cloud's address, which the
+    // relay holds, so it binds its own port 0.
     let gw = if kill_gateway {
         gw.kill();
-        gateway(dir.path(), port, 2, cloud_port)
+        gateway(dir.path(), 2, cloud_port)
     } else {
         gw
     };
-    tokio::time::sleep(Duration::from_secs(10).saturating_sub(down_at.elapsed())).await;
+    // While the cloud is down the bridge keeps trying (reconnect_max 1 s) and fails; the
+    // reports stay queued. Once it has failed again with everything queued, the cloud comes
+    // back.
+    let refused = broker.relay().refused();
+    eventually(
+        Duration::from_secs(30),
+        "the bridge retries the cloud",
+        || broker.relay().refused() > refused + 1,
+    )
+    .await;
+    assert_eq!(gw.metric("bridge_connected"), 0.0);
     broker.restart();
 
-    let ok = until(Duration::from_secs(60), || {
-        let s = sequences(&obs);
-        s.values()
-            .map(|v| v.iter().collect::<std::collections::HashSet<_>>().len())
-            .sum::<usize>()
-            >= 1000
-    })
+    eventually(
+        Duration::from_secs(60),
+        "1000 distinct reports arrive",
+        || {
+            let s = sequences(&obs);
+            let distinct: usize = s
+                .values()
+                .map(|v| v.iter().collect::<std::collections::HashSet<_>>().len())
+                .sum();
+            if distinct >= 1000 {
+                Ok(())
+            } else {
+                Err(s
+                    .iter()
+                    .map(|(d, v)| (d.clone(), v.len()))
+                    .collect::<Vec<_>>())
+            }
+        },
+    )
     .await;
     let seqs = sequences(&obs);
-    assert!(
-        ok,
-        "only {:?} arrived",
-        seqs.iter().map(|(d, v)| (d, v.len())).collect::<Vec<_>>()
-    );
     check_all_in_order(&seqs, &["dev-0001", "dev-0002"], 500);
-    assert!(
-        until(Duration::from_secs(10), || gw.metric("bridge_queue_depth")
-            == 0.0)
-        .await
-    );
+    eventually(Duration::from_secs(10), "the uplink queue drains", || {
+        gw.metric("bridge_queue_depth") == 0.0
+    })
+    .await;
     eprintln!(
         "outage (gateway killed: {kill_gateway}): {} received for 1000 reports",
         seqs.values().map(Vec::len).sum::<usize>()
@@ -264,9 +286,9 @@ async fn and_so_they_do_when_the_gateway_is_killed_during_the_outage() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_update_through_the_cloud_broker_crosses_the_uplink_once() {
     let dir = tempfile::tempdir().unwrap();
-    let cloud_port = free_port();
-    let gw = gateway(dir.path(), 0, 10, cloud_port);
-    let _cloud = cloud(dir.path(), &gw, cloud_port);
+    let (relay, cloud_port) = cloud_relay();
+    let gw = gateway(dir.path(), 10, cloud_port);
+    let _cloud = cloud(dir.path(), &gw, relay);
     wait_bridged(&gw).await;
     let (signer, _, public) = authority(dir.path());
     let image_path = dir.path().join("img");
@@ -298,18 +320,18 @@ async fn an_update_through_the_cloud_broker_crosses_the_uplink_once() {
         })
         .await
         .unwrap();
-    let end = Instant::now() + Duration::from_secs(120);
-    loop {
+    eventually_async(Duration::from_secs(120), "all committed", async || {
         let r = fleet.get_update("fw-cloud").await.unwrap();
         if r.targets
             .iter()
             .all(|t| t.phase() == UpdatePhase::Committed)
         {
-            break;
+            Ok(())
+        } else {
+            Err(r)
         }
-        assert!(Instant::now() < end, "not all committed: {r:#?}");
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+    })
+    .await;
     for o in &opts {
         let slot = device_client::SlotInstaller::new(&o.state).active_image("rootfs");
         assert!(std::fs::read(slot).unwrap() == image, "{}", o.id);

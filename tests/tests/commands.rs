@@ -2,10 +2,16 @@
 //! devices on the device library, the SDK (and `fleetctl`) with a service certificate.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::process::Command;
 use std::time::Duration;
 
 use cloud_client::{CommandState, SendCommand};
-use fleet_tests::procs::{bin, free_port, until, DeviceOpts, DeviceProc, GatewayProc};
+use fleet_testkit::{eventually, eventually_async, Proc};
+use fleet_tests::procs::{bin, DeviceOpts, DeviceProc, GatewayProc};
+use fleet_tests::proxy::{Relay, Target};
+
+/// How long one fleetctl run may take.
+const FLEETCTL: Duration = Duration::from_secs(60);
 
 fn send(device: &str, name: &str, ttl_ms: u64) -> SendCommand {
     SendCommand {
@@ -20,11 +26,11 @@ fn send(device: &str, name: &str, ttl_ms: u64) -> SendCommand {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_command_to_an_online_device_returns_its_result() {
     let dir = tempfile::tempdir().unwrap();
-    let gw = GatewayProc::start(dir.path(), 0, 2, &[]);
+    let gw = GatewayProc::start(dir.path(), 2, &[]);
     let opts = DeviceOpts::new(dir.path(), "dev-0001");
     let dev = DeviceProc::start(&gw.address(), &gw.pki(), &opts);
     let fleet = gw.fleet().await;
-    assert!(until(Duration::from_secs(20), || dev.out.contains("connected")).await);
+    dev.connected(Duration::from_secs(20)).await;
     // The device is online once the gateway has seen it subscribe; a command sent now is
     // delivered at once.
     let handle = fleet
@@ -57,29 +63,52 @@ async fn a_command_to_an_online_device_returns_its_result() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_command_to_an_offline_device_runs_exactly_once_when_it_connects() {
     let dir = tempfile::tempdir().unwrap();
-    let gw = GatewayProc::start(dir.path(), 0, 2, &[]);
+    // Re-delivery after 1 s instead of 30 s, so the test sees several within its time.
+    let gw = GatewayProc::start(
+        dir.path(),
+        2,
+        &[("GATEWAY__COMMANDS__REDELIVER_AFTER", "1s")],
+    );
     let fleet = gw.fleet().await;
     let handle = fleet
         .send_command(send("dev-0002", "ping", 60_000))
         .await
         .unwrap();
+    // Stored while the device is offline, and handed to nobody.
     assert_eq!(handle.records()[0].state(), CommandState::Pending);
-    tokio::time::sleep(Duration::from_secs(5)).await;
-    let opts = DeviceOpts::new(dir.path(), "dev-0002");
-    let _dev = DeviceProc::start(&gw.address(), &gw.pki(), &opts);
+    assert_eq!(gw.metric("commands_delivered_total"), 0.0);
     let id = handle.command_id().to_owned();
+
+    // The device connects, runs it, and keeps its result to itself: the gateway hands the
+    // command over again every second. Each re-delivery is answered from the device's journal
+    // without running the command again.
+    let mut opts = DeviceOpts::new(dir.path(), "dev-0002");
+    opts.hold_results = true;
+    let dev = DeviceProc::start(&gw.address(), &gw.pki(), &opts);
+    eventually(Duration::from_secs(30), "two re-deliveries", || {
+        gw.metric("commands_delivered_total") >= 3.0
+    })
+    .await;
+    assert_eq!(
+        opts.ran(),
+        vec![id.clone()],
+        "run once, delivered three times"
+    );
+
+    // Back with its results: the command completes, still run once.
+    dev.kill();
+    opts.hold_results = false;
+    let _dev = DeviceProc::start(&gw.address(), &gw.pki(), &opts);
     let recs = handle.wait(Duration::from_secs(30)).await.unwrap();
     assert_eq!(recs[0].state(), CommandState::Succeeded);
-    // Give a re-delivery the chance to run it twice; it must not.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(recs[0].attempts >= 3, "{:?}", recs[0]);
     assert_eq!(opts.ran(), vec![id]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiting_command_survives_a_gateway_sigkill() {
     let dir = tempfile::tempdir().unwrap();
-    let gw = GatewayProc::start(dir.path(), free_port(), 1, &[]);
-    let port = gw.addr.port();
+    let gw = GatewayProc::start(dir.path(), 1, &[]);
     let id = {
         let fleet = gw.fleet().await;
         let handle = fleet
@@ -89,38 +118,32 @@ async fn a_waiting_command_survives_a_gateway_sigkill() {
         handle.command_id().to_owned()
     };
     gw.kill();
-    let gw = GatewayProc::start(dir.path(), port, 1, &[]);
+    // The device comes only after the restart, so the new gateway may have any port.
+    let gw = GatewayProc::start(dir.path(), 1, &[]);
     let opts = DeviceOpts::new(dir.path(), "dev-0001");
     let _dev = DeviceProc::start(&gw.address(), &gw.pki(), &opts);
     let fleet = gw.fleet().await;
-    let mut state = CommandState::Pending;
-    let done = until(Duration::from_secs(30), || {
-        // Polled from a blocking context: ask through a fresh runtime-free path.
-        opts.ran().len() == 1
-    })
+    eventually_async(
+        Duration::from_secs(30),
+        "the command succeeds after the restart",
+        async || {
+            let recs = fleet.get_command(&id, None).await.unwrap();
+            (recs[0].state() == CommandState::Succeeded).then_some(())
+        },
+    )
     .await;
-    assert!(done, "the command was not delivered after the restart");
-    for _ in 0..100 {
-        let recs = fleet.get_command(&id, None).await.unwrap();
-        state = recs[0].state();
-        if state == CommandState::Succeeded {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(state, CommandState::Succeeded);
     assert_eq!(opts.ran(), vec![id]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_killed_before_its_result_left_does_not_run_it_again() {
     let dir = tempfile::tempdir().unwrap();
-    let gw = GatewayProc::start(dir.path(), 0, 1, &[]);
+    let gw = GatewayProc::start(dir.path(), 1, &[]);
     let fleet = gw.fleet().await;
     let mut opts = DeviceOpts::new(dir.path(), "dev-0001");
     opts.hold_results = true;
     let dev = DeviceProc::start(&gw.address(), &gw.pki(), &opts);
-    assert!(until(Duration::from_secs(20), || dev.out.contains("connected")).await);
+    dev.connected(Duration::from_secs(20)).await;
     let handle = fleet
         .send_command(send("dev-0001", "ping", 120_000))
         .await
@@ -128,7 +151,10 @@ async fn a_device_killed_before_its_result_left_does_not_run_it_again() {
     let id = handle.command_id().to_owned();
     // It ran, and its result is in the journal, but it never left the device.
     let answered = format!("answered {id}");
-    assert!(until(Duration::from_secs(20), || dev.out.contains(&answered)).await);
+    eventually(Duration::from_secs(20), &answered, || {
+        dev.printed(&answered)
+    })
+    .await;
     assert_eq!(opts.ran().len(), 1);
     dev.kill();
     opts.hold_results = false;
@@ -145,7 +171,6 @@ async fn an_absent_device_cannot_collect_commands_without_bound() {
     let dir = tempfile::tempdir().unwrap();
     let gw = GatewayProc::start(
         dir.path(),
-        0,
         1,
         &[("GATEWAY__COMMANDS__MAX_OPEN_PER_DEVICE", "2")],
     );
@@ -181,7 +206,7 @@ async fn an_absent_device_cannot_collect_commands_without_bound() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_expired_command_is_never_run() {
     let dir = tempfile::tempdir().unwrap();
-    let gw = GatewayProc::start(dir.path(), 0, 1, &[]);
+    let gw = GatewayProc::start(dir.path(), 1, &[]);
     let fleet = gw.fleet().await;
     let handle = fleet
         .send_command(send("dev-0001", "ping", 2_000))
@@ -190,12 +215,20 @@ async fn an_expired_command_is_never_run() {
     let id = handle.command_id().to_owned();
     let recs = handle.wait(Duration::from_secs(10)).await.unwrap();
     assert_eq!(recs[0].state(), CommandState::Expired);
-    tokio::time::sleep(Duration::from_secs(3)).await;
     let opts = DeviceOpts::new(dir.path(), "dev-0001");
     let dev = DeviceProc::start(&gw.address(), &gw.pki(), &opts);
-    assert!(until(Duration::from_secs(20), || dev.out.contains("connected")).await);
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    assert!(opts.ran().is_empty(), "ran {:?}", opts.ran());
+    dev.connected(Duration::from_secs(20)).await;
+    // Positive control: a command sent now is delivered and run. Open commands are handed
+    // over when the device subscribes, before this one, and the device runs them in order:
+    // had the expired one been delivered, it would be in the log before the control.
+    let control = fleet
+        .send_command(send("dev-0001", "ping", 60_000))
+        .await
+        .unwrap();
+    let control_id = control.command_id().to_owned();
+    let recs = control.wait(Duration::from_secs(30)).await.unwrap();
+    assert_eq!(recs[0].state(), CommandState::Succeeded);
+    assert_eq!(opts.ran(), vec![control_id], "only the control ran");
     let recs = fleet.get_command(&id, None).await.unwrap();
     assert_eq!(recs[0].state(), CommandState::Expired);
     assert_eq!(recs[0].attempts, 0, "never delivered");
@@ -204,28 +237,37 @@ async fn an_expired_command_is_never_run() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_reports_made_while_the_gateway_is_down_all_arrive_once_in_order_and_stay() {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
+    // The device needs one address for a gateway that is down, then up, then restarted: a
+    // relay holds it for the whole test (see `Relay`); each gateway binds its own port 0.
+    let relay = Relay::start(None).unwrap();
     // The PKI comes from the gateway's first start.
-    drop(GatewayProc::start(dir.path(), port, 1, &[]));
+    drop(GatewayProc::start(dir.path(), 1, &[]));
     let pki = dir.path().join("data/pki");
     let mut opts = DeviceOpts::new(dir.path(), "dev-0001");
     opts.reports = 500;
     opts.exit_after_flush = true;
-    let dev = DeviceProc::start(&format!("127.0.0.1:{port}"), &pki, &opts);
-    assert!(until(Duration::from_secs(20), || dev.out.contains("queued 500")).await);
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    assert!(!dev.out.contains("connected"));
-    let gw = GatewayProc::start(dir.path(), port, 1, &[]);
+    let dev = DeviceProc::start(&format!("127.0.0.1:{}", relay.addr.port()), &pki, &opts);
+    // It has tried the gateway and found nothing; its 500 reports are queued (its ready line).
+    eventually(
+        Duration::from_secs(20),
+        "the device tries to connect",
+        || relay.refused() >= 1,
+    )
+    .await;
+    assert!(!dev.printed("connected"));
+    let gw = GatewayProc::start(dir.path(), 1, &[]);
+    relay.point_to(Some(Target::Tcp(gw.addr)));
+    let status = tokio::task::spawn_blocking(move || dev.wait_exit(Duration::from_secs(60)))
+        .await
+        .unwrap();
     assert!(
-        tokio::task::spawn_blocking(move || dev.wait_exit(Duration::from_secs(60)))
-            .await
-            .unwrap(),
-        "the device did not flush its outbox"
+        status.success(),
+        "the device did not flush its outbox: {status}"
     );
     // Every report the device saw acknowledged is on disk: kill the gateway the moment the
     // device is done, and ask the restarted one.
     gw.kill();
-    let gw = GatewayProc::start(dir.path(), port, 1, &[]);
+    let gw = GatewayProc::start(dir.path(), 1, &[]);
     let fleet = gw.fleet().await;
     let st = fleet.status(&["dev-0001".into()]).await.unwrap();
     let s = &st[0];
@@ -238,14 +280,7 @@ async fn status_reports_made_while_the_gateway_is_down_all_arrive_once_in_order_
 
 /// Runs `fleetctl` against `gw` with `args`; returns (exit code, stdout).
 fn fleetctl(gw: &GatewayProc, args: &[&str]) -> (i32, String) {
-    let out = std::process::Command::new(bin("fleetctl"))
-        .arg("--gateway")
-        .arg(format!("localhost:{}", gw.addr.port()))
-        .arg("--pki")
-        .arg(gw.pki())
-        .args(args)
-        .output()
-        .unwrap();
+    let out = gw.fleetctl(args, FLEETCTL);
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -255,41 +290,26 @@ fn fleetctl(gw: &GatewayProc, args: &[&str]) -> (i32, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fleetctl_sends_commands_and_shows_status() {
     let dir = tempfile::tempdir().unwrap();
-    let gw = GatewayProc::start(dir.path(), 0, 2, &[]);
+    let gw = GatewayProc::start(dir.path(), 2, &[]);
     let opts = DeviceOpts::new(dir.path(), "dev-0001");
     let dev = DeviceProc::start(&gw.address(), &gw.pki(), &opts);
-    assert!(until(Duration::from_secs(20), || dev.out.contains("connected")).await);
-    let (code, out) = tokio::task::spawn_blocking({
-        let args = [
-            "command",
-            "send",
-            "-d",
-            "dev-0001",
-            "--name",
-            "blink",
-            "--payload",
-            "3",
-            "--json",
-        ];
-        let gw_port = gw.addr.port();
-        let pki = gw.pki();
-        move || {
-            let out = std::process::Command::new(bin("fleetctl"))
-                .arg("--gateway")
-                .arg(format!("localhost:{gw_port}"))
-                .arg("--pki")
-                .arg(pki)
-                .args(args)
-                .output()
-                .unwrap();
-            (
-                out.status.code().unwrap_or(-1),
-                String::from_utf8_lossy(&out.stdout).into_owned(),
-            )
-        }
-    })
-    .await
-    .unwrap();
+    dev.connected(Duration::from_secs(20)).await;
+    let (code, out) = tokio::task::block_in_place(|| {
+        fleetctl(
+            &gw,
+            &[
+                "command",
+                "send",
+                "-d",
+                "dev-0001",
+                "--name",
+                "blink",
+                "--payload",
+                "3",
+                "--json",
+            ],
+        )
+    });
     assert_eq!(code, 0, "{out}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v[0]["device_id"], "dev-0001");
@@ -297,44 +317,31 @@ async fn fleetctl_sends_commands_and_shows_status() {
     assert_eq!(v[0]["result_output"], "ok:blink:3");
 
     // Events: one JSON object per line, as the command moves.
-    let mut watcher = std::process::Command::new(bin("fleetctl"))
-        .arg("--gateway")
+    let mut cmd = Command::new(bin("fleetctl"));
+    cmd.arg("--gateway")
         .arg(format!("localhost:{}", gw.addr.port()))
         .arg("--pki")
         .arg(gw.pki())
-        .args(["events", "--json", "-d", "dev-0001", "--count", "3"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    // It says when it is subscribed; the command starts moving only then.
-    let stderr = watcher.stderr.take().unwrap();
-    let ready = tokio::time::timeout(
-        Duration::from_secs(20),
-        tokio::task::spawn_blocking(move || {
-            use std::io::BufRead;
-            std::io::BufReader::new(stderr)
-                .lines()
-                .map_while(Result::ok)
-                .any(|l| l.contains("watching command events"))
-        }),
-    )
+        .args(["events", "--json", "-d", "dev-0001", "--count", "3"]);
+    let watcher = Proc::spawn(cmd);
+    // It says when it is subscribed (on stderr, to the operator; fleetctl has no ready line);
+    // the command starts moving only then.
+    eventually(Duration::from_secs(20), "fleetctl events watches", || {
+        watcher
+            .stderr()
+            .iter()
+            .any(|l| l.contains("watching command events"))
+    })
     .await;
-    if !matches!(ready, Ok(Ok(true))) {
-        let _ = watcher.kill();
-        panic!("fleetctl events did not start watching");
-    }
     let (code, _) = fleetctl(
         &gw,
         &["command", "send", "-d", "dev-0001", "--name", "ping"],
     );
     assert_eq!(code, 0);
-    let got = tokio::task::spawn_blocking(move || {
-        let out = watcher.wait_with_output().unwrap();
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    })
-    .await
-    .unwrap();
+    let out = tokio::task::spawn_blocking(move || watcher.finish(FLEETCTL))
+        .await
+        .unwrap();
+    let got = String::from_utf8_lossy(&out.stdout).into_owned();
     let states: Vec<String> = got
         .lines()
         .map(|l| {
@@ -345,15 +352,17 @@ async fn fleetctl_sends_commands_and_shows_status() {
     assert_eq!(states, ["pending", "delivered", "succeeded"], "{got}");
 
     // Status: the device's presence (ONLINE, its class) is in the registry.
-    assert!(
-        until(Duration::from_secs(10), || {
+    eventually(
+        Duration::from_secs(10),
+        "fleetctl status shows dev-0001 online",
+        || {
             let (_, out) = fleetctl(&gw, &["status", "--json"]);
             serde_json::from_str::<serde_json::Value>(&out)
                 .map(|v| v[0]["presence"] == "online" && v[0]["connected"] == true)
                 .unwrap_or(false)
-        })
-        .await
-    );
+        },
+    )
+    .await;
     let (code, out) = fleetctl(&gw, &["status", "--json", "dev-0001"]);
     assert_eq!(code, 0);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
@@ -371,17 +380,16 @@ async fn fleetctl_sends_commands_and_shows_status() {
     // Usage errors and an unreachable gateway have their own codes.
     let (code, _) = fleetctl(&gw, &["command", "send", "--name", "x"]);
     assert_eq!(code, 2);
-    let out = std::process::Command::new(bin("fleetctl"))
-        .args([
-            "--gateway",
-            "localhost:1",
-            "--request-timeout",
-            "1s",
-            "status",
-        ])
-        .arg("--pki")
-        .arg(gw.pki())
-        .output()
-        .unwrap();
+    let mut cmd = Command::new(bin("fleetctl"));
+    cmd.args([
+        "--gateway",
+        "localhost:1",
+        "--request-timeout",
+        "1s",
+        "status",
+    ])
+    .arg("--pki")
+    .arg(gw.pki());
+    let out = fleet_testkit::run(cmd, FLEETCTL);
     assert_eq!(out.status.code(), Some(3));
 }

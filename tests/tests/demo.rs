@@ -3,18 +3,22 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::process::Command;
+use std::time::Duration;
 
+use fleet_testkit::run;
 use fleet_tests::procs::bin;
+
+/// How long one demo run may take on a loaded machine.
+const DEMO: Duration = Duration::from_secs(600);
 
 #[test]
 fn the_demo_runs_to_a_successful_summary() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("demo-data");
-    let out = Command::new(bin("demo"))
-        .args(["--devices", "12", "--image-kib", "512", "--data"])
-        .arg(&data)
-        .output()
-        .unwrap();
+    let mut cmd = Command::new(bin("demo"));
+    cmd.args(["--devices", "12", "--image-kib", "512", "--data"])
+        .arg(&data);
+    let out = run(cmd, DEMO);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -38,20 +42,17 @@ fn the_demo_runs_to_a_successful_summary() {
         assert!(std::fs::read(slot).unwrap() == image, "dev-{i:04}");
     }
     // A second run wipes the first one's directory; another directory is never wiped.
-    let again = Command::new(bin("demo"))
-        .args(["--devices", "2", "--image-kib", "64", "--data"])
-        .arg(&data)
-        .output()
-        .unwrap();
+    let mut cmd = Command::new(bin("demo"));
+    cmd.args(["--devices", "2", "--image-kib", "64", "--data"])
+        .arg(&data);
+    let again = run(cmd, DEMO);
     assert!(again.status.success());
     let foreign = dir.path().join("mine");
     std::fs::create_dir_all(&foreign).unwrap();
     std::fs::write(foreign.join("keep"), b"x").unwrap();
-    let refused = Command::new(bin("demo"))
-        .args(["--devices", "2", "--data"])
-        .arg(&foreign)
-        .output()
-        .unwrap();
+    let mut cmd = Command::new(bin("demo"));
+    cmd.args(["--devices", "2", "--data"]).arg(&foreign);
+    let refused = run(cmd, DEMO);
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("not a demo directory"));
     assert!(foreign.join("keep").exists());

@@ -4,34 +4,35 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use cloud_client::{
     CampaignState, DeployUpdate, FleetClient, UpdateError, UpdatePhase, UpdateRecord,
 };
-use fleet_tests::procs::{bin, until, DeviceOpts, DeviceProc, GatewayProc};
+use fleet_testkit::{eventually, eventually_async};
+use fleet_tests::procs::{DeviceOpts, DeviceProc, GatewayProc};
+use fleet_tests::proxy::{Relay, Target};
 use fleet_tests::updates::{authority, write_image, Publish};
 
-/// Polls the update until `cond` holds on its record.
+/// How long one fleetctl run may take (a deploy with `--wait` included).
+const FLEETCTL: Duration = Duration::from_secs(300);
+
+/// Polls the update until `cond` holds on its record (the last record is in the failure).
 async fn until_update(
     fleet: &FleetClient,
     id: &str,
     timeout: Duration,
     cond: impl Fn(&UpdateRecord) -> bool,
 ) -> UpdateRecord {
-    let end = Instant::now() + timeout;
-    loop {
+    eventually_async(timeout, format!("update {id} gets there"), async || {
         let r = fleet.get_update(id).await.unwrap();
         if cond(&r) {
-            return r;
+            Ok(r)
+        } else {
+            Err(r)
         }
-        assert!(
-            Instant::now() < end,
-            "update {id} did not get there in {timeout:?}: {r:#?}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    })
+    .await
 }
 
 fn device_opts(dir: &Path, id: &str, key: &Path, extra: &[&str]) -> DeviceOpts {
@@ -47,13 +48,7 @@ fn active_image(o: &DeviceOpts) -> PathBuf {
 }
 
 fn fleetctl(gw: &GatewayProc, args: &[&str]) -> std::process::Output {
-    Command::new(bin("fleetctl"))
-        .args(["--gateway", &format!("localhost:{}", gw.addr.port())])
-        .arg("--pki")
-        .arg(gw.pki())
-        .args(args)
-        .output()
-        .unwrap()
+    gw.fleetctl(args, FLEETCTL)
 }
 
 /// `fleetctl update create` of `image` as component rootfs, version 1.1.0 of test-class,
@@ -97,7 +92,7 @@ fn target<'a>(r: &'a UpdateRecord, device: &str) -> &'a cloud_client::TargetReco
 async fn twenty_devices_go_from_1_0_to_1_1_with_an_8_mib_image() {
     const N: usize = 20;
     let dir = tempfile::tempdir().unwrap();
-    let gw = GatewayProc::start(dir.path(), 0, N as u32, &[]);
+    let gw = GatewayProc::start(dir.path(), N as u32, &[]);
     let (_, key, public) = authority(dir.path());
     let image_path = dir.path().join("rootfs-1.1.img");
     let image = write_image(&image_path, 8 << 20, 1);
@@ -109,7 +104,7 @@ async fn twenty_devices_go_from_1_0_to_1_1_with_an_8_mib_image() {
         .map(|o| DeviceProc::start(&gw.address(), &gw.pki(), o))
         .collect();
     for d in &devs {
-        assert!(until(Duration::from_secs(30), || d.out.contains("connected")).await);
+        d.connected(Duration::from_secs(30)).await;
     }
 
     // The update authority signs and uploads with fleetctl.
@@ -161,8 +156,7 @@ async fn twenty_devices_go_from_1_0_to_1_1_with_an_8_mib_image() {
 
 /// Held chunks in the device's latest `update ... downloading H/T` line.
 fn held(dev: &DeviceProc) -> u32 {
-    dev.out
-        .lines()
+    dev.lines()
         .iter()
         .rev()
         .find_map(|l| {
@@ -191,7 +185,7 @@ async fn deploy(fleet: &FleetClient, id: &str, devices: &[&str], batch: u32, max
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_killed_half_way_resumes_and_fetches_under_1_6x_the_chunks() {
     let dir = tempfile::tempdir().unwrap();
-    let gw = GatewayProc::start(dir.path(), 0, 1, &[]);
+    let gw = GatewayProc::start(dir.path(), 1, &[]);
     let fleet = gw.fleet().await;
     let (signer, _, public) = authority(dir.path());
     let image_path = dir.path().join("img");
@@ -206,10 +200,10 @@ async fn a_device_killed_half_way_resumes_and_fetches_under_1_6x_the_chunks() {
     let o = device_opts(dir.path(), "dev-0001", &public, &["--window", "2"]);
     let dev = DeviceProc::start(&gw.address(), &gw.pki(), &o);
     deploy(&fleet, "fw-resume", &["dev-0001"], 0, 0).await;
-    assert!(
-        until(Duration::from_secs(60), || held(&dev) >= count / 2).await,
-        "no progress"
-    );
+    eventually(Duration::from_secs(60), "half the chunks held", || {
+        held(&dev) >= count / 2
+    })
+    .await;
     dev.kill();
     let at_kill = fleet.get_update("fw-resume").await.unwrap();
     let sent_before = target(&at_kill, "dev-0001").chunks_sent;
@@ -235,7 +229,6 @@ async fn a_device_killed_half_way_resumes_and_fetches_under_1_6x_the_chunks() {
     );
     // It resumed: its first report after the restart already held about half.
     let first = dev
-        .out
         .lines()
         .into_iter()
         .find(|l| l.contains("downloading"))
@@ -256,7 +249,7 @@ async fn a_device_killed_half_way_resumes_and_fetches_under_1_6x_the_chunks() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_cut_every_hundred_chunks_still_completes() {
     let dir = tempfile::tempdir().unwrap();
-    let gw = GatewayProc::start(dir.path(), 0, 1, &[]);
+    let gw = GatewayProc::start(dir.path(), 1, &[]);
     let fleet = gw.fleet().await;
     let (signer, _, public) = authority(dir.path());
     let image_path = dir.path().join("img");
@@ -300,9 +293,10 @@ async fn corrupted_chunks_are_rejected_and_persistent_corruption_fails_cleanly()
             async move {
                 let at = dir.join(name);
                 std::fs::create_dir_all(&at).unwrap();
-                let gw = GatewayProc::start(&at, 0, 2, &[("GATEWAY_TEST_CORRUPT_CHUNKS", every)]);
+                let gw = GatewayProc::start(&at, 2, &[("GATEWAY_TEST_CORRUPT_CHUNKS", every)]);
+                // The switch is announced before the ready line, so it is in the log by now.
                 assert!(
-                    gw.log.wait_for("corrupts chunks", Duration::from_secs(10)),
+                    gw.logged("corrupts chunks"),
                     "the gateway binary lacks the fault-injection feature (cargo test builds it)"
                 );
                 let fleet = gw.fleet().await;
@@ -328,7 +322,7 @@ async fn corrupted_chunks_are_rejected_and_persistent_corruption_fails_cleanly()
     assert_eq!(t.error(), UpdateError::ChunkVerification, "{t:?}");
     assert!(t.detail.contains("failed verification"), "{t:?}");
     assert_eq!(t.chunks_held, 0);
-    assert!(dev.out.contains("update fw-c failed"));
+    assert!(dev.printed("update fw-c failed"));
     let slots = o.state.join("slots");
     assert!(!slots.join("rootfs/active").exists() && !slots.join("rootfs/pending").exists());
     assert!(!active_image(&o).exists());
@@ -341,7 +335,7 @@ async fn forged_modified_stale_foreign_and_expired_manifests_are_rejected_with_n
     use fleet_proto::Message;
 
     let dir = tempfile::tempdir().unwrap();
-    let gw = GatewayProc::start(dir.path(), 0, 1, &[]);
+    let gw = GatewayProc::start(dir.path(), 1, &[]);
     let fleet = gw.fleet().await;
     let (signer, _, public) = authority(dir.path());
     let image_path = dir.path().join("img");
@@ -354,7 +348,7 @@ async fn forged_modified_stale_foreign_and_expired_manifests_are_rejected_with_n
         &["--factory-sequence", "5"],
     );
     let dev = DeviceProc::start(&gw.address(), &gw.pki(), &o);
-    assert!(until(Duration::from_secs(30), || dev.out.contains("connected")).await);
+    dev.connected(Duration::from_secs(30)).await;
 
     let forger = UpdateSigner::generate();
     let mut cases: Vec<(&str, UpdateError)> = Vec::new();
@@ -400,15 +394,52 @@ async fn forged_modified_stale_foreign_and_expired_manifests_are_rejected_with_n
         assert_eq!(t.chunks_sent, 0, "{id}: chunks were downloaded");
     }
 
-    // Expired: valid when deployed, expired by the time the device comes back.
+    // Expired: valid when deployed, expired by the time the device comes back. The gateway
+    // refuses to take or deploy an expired manifest, so the signature must outlive the
+    // publish and the deploy; on a machine too slow for that, the same is tried again with
+    // twice the time (a new update id each time), so load makes the test slower, never red.
     dev.kill();
-    let mut p = Publish::new("u-expired", &image_path);
-    p.expires_in_ms = 3_000;
-    p.run(&fleet, &signer).await;
-    deploy(&fleet, "u-expired", &["dev-0001"], 0, 0).await;
-    tokio::time::sleep(Duration::from_millis(3_500)).await;
+    let mut valid_ms = 3_000;
+    let (id, expires_at_ms) = loop {
+        let id = format!("u-expired-{valid_ms}");
+        let mut p = Publish::new(&id, &image_path);
+        p.expires_in_ms = valid_ms;
+        let expires_at_ms = p.spec().expires_at_ms;
+        let published = p.try_run(&fleet, &signer).await;
+        let deployed = match &published {
+            Ok(_) => fleet
+                .deploy_update(DeployUpdate {
+                    update_id: id.clone(),
+                    device_ids: vec!["dev-0001".into()],
+                    ..DeployUpdate::default()
+                })
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        match (published, deployed) {
+            (Ok(rec), Ok(())) => break (id, rec.expires_at_ms),
+            (_, Err(e)) => assert!(
+                // Only a manifest that ran out of time may fail (the spec was made first, so
+                // the manifest expires no earlier than this).
+                fleet_proto::time::now_ms() >= expires_at_ms,
+                "{id} failed while its manifest was still valid: {e}"
+            ),
+            (Err(_), Ok(())) => unreachable!("deployed without being published"),
+        }
+        assert!(valid_ms < 200_000, "never fast enough to deploy");
+        valid_ms *= 2;
+    };
+    // The device comes back once the manifest's own time is up.
+    eventually(
+        Duration::from_millis(valid_ms + 30_000),
+        "the manifest expires",
+        || fleet_proto::time::now_ms() > expires_at_ms,
+    )
+    .await;
     let _dev = DeviceProc::start(&gw.address(), &gw.pki(), &o);
-    let r = until_update(&fleet, "u-expired", Duration::from_secs(30), |r| {
+    let r = until_update(&fleet, &id, Duration::from_secs(30), |r| {
         target(r, "dev-0001").phase() == UpdatePhase::Rejected
     })
     .await;
@@ -421,7 +452,7 @@ async fn forged_modified_stale_foreign_and_expired_manifests_are_rejected_with_n
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_self_test_rolls_back_and_the_campaign_pauses_at_its_failure_threshold() {
     let dir = tempfile::tempdir().unwrap();
-    let gw = GatewayProc::start(dir.path(), 0, 4, &[]);
+    let gw = GatewayProc::start(dir.path(), 4, &[]);
     let (_, key, public) = authority(dir.path());
     let image_path = dir.path().join("img");
     let image = write_image(&image_path, 512 << 10, 6);
@@ -506,8 +537,10 @@ async fn a_failing_self_test_rolls_back_and_the_campaign_pauses_at_its_failure_t
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gateway_restarted_mid_campaign_continues_it() {
     let dir = tempfile::tempdir().unwrap();
-    let gw = GatewayProc::start(dir.path(), 0, 4, &[]);
-    let port = gw.addr.port();
+    let gw = GatewayProc::start(dir.path(), 4, &[]);
+    // The devices reconnect to the restarted gateway at the address they know: a relay holds
+    // it for the whole test (see `Relay`), each gateway binds its own port 0.
+    let relay = Relay::start(Some(Target::Tcp(gw.addr))).unwrap();
     let fleet = gw.fleet().await;
     let (signer, _, public) = authority(dir.path());
     let image_path = dir.path().join("img");
@@ -520,10 +553,10 @@ async fn a_gateway_restarted_mid_campaign_continues_it() {
         .collect();
     let devs: Vec<DeviceProc> = opts
         .iter()
-        .map(|o| DeviceProc::start(&gw.address(), &gw.pki(), o))
+        .map(|o| DeviceProc::start(&relay.address(), &gw.pki(), o))
         .collect();
     for d in &devs {
-        assert!(until(Duration::from_secs(30), || d.out.contains("connected")).await);
+        d.connected(Duration::from_secs(30)).await;
     }
     deploy(
         &fleet,
@@ -534,10 +567,15 @@ async fn a_gateway_restarted_mid_campaign_continues_it() {
     )
     .await;
     // Mid-campaign: the first batch is downloading.
-    assert!(until(Duration::from_secs(60), || held(&devs[0]) > 0).await);
+    eventually(Duration::from_secs(60), "the first batch downloads", || {
+        held(&devs[0]) > 0
+    })
+    .await;
     drop(fleet);
+    relay.point_to(None);
     gw.kill();
-    let gw = GatewayProc::start(dir.path(), port, 4, &[]);
+    let gw = GatewayProc::start(dir.path(), 4, &[]);
+    relay.point_to(Some(Target::Tcp(gw.addr)));
     let fleet = gw.fleet().await;
     let r = until_update(&fleet, "fw-restart", Duration::from_secs(180), |r| {
         r.campaign
@@ -556,7 +594,7 @@ async fn a_gateway_restarted_mid_campaign_continues_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_interrupted_upload_resumes_and_two_components_install_together() {
     let dir = tempfile::tempdir().unwrap();
-    let gw = GatewayProc::start(dir.path(), 0, 1, &[]);
+    let gw = GatewayProc::start(dir.path(), 1, &[]);
     let fleet = gw.fleet().await;
     let (signer, key, public) = authority(dir.path());
     let rootfs_path = dir.path().join("rootfs.img");
@@ -659,7 +697,7 @@ async fn an_interrupted_upload_resumes_and_two_components_install_together() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deferred_update_installs_later_and_abort_withdraws_an_offer() {
     let dir = tempfile::tempdir().unwrap();
-    let gw = GatewayProc::start(dir.path(), 0, 2, &[]);
+    let gw = GatewayProc::start(dir.path(), 2, &[]);
     let fleet = gw.fleet().await;
     let (signer, _, public) = authority(dir.path());
     let image_path = dir.path().join("img");
@@ -671,7 +709,7 @@ async fn a_deferred_update_installs_later_and_abort_withdraws_an_offer() {
     let o1 = device_opts(dir.path(), "dev-0001", &public, &["--defer-for", "3"]);
     let o2 = device_opts(dir.path(), "dev-0002", &public, &["--defer-for", "3600"]);
     let d1 = DeviceProc::start(&gw.address(), &gw.pki(), &o1);
-    let _d2 = DeviceProc::start(&gw.address(), &gw.pki(), &o2);
+    let d2 = DeviceProc::start(&gw.address(), &gw.pki(), &o2);
     deploy(&fleet, "fw-later", &["dev-0001", "dev-0002"], 0, 0).await;
     until_update(&fleet, "fw-later", Duration::from_secs(30), |r| {
         target(r, "dev-0001").phase() == UpdatePhase::Deferred
@@ -687,7 +725,7 @@ async fn a_deferred_update_installs_later_and_abort_withdraws_an_offer() {
         CampaignState::Running,
         "dev-0002 still defers"
     );
-    assert!(d1.out.contains("update fw-later deferred"));
+    assert!(d1.printed("update fw-later deferred"));
     assert!(std::fs::read(active_image(&o1)).unwrap() == image);
 
     let out = fleetctl(&gw, &["--json", "update", "abort", "fw-later"]);
@@ -700,8 +738,20 @@ async fn a_deferred_update_installs_later_and_abort_withdraws_an_offer() {
     assert_eq!(v["campaign"]["state"], "aborted", "{v}");
     assert_eq!(v["summary"]["committed"], 1);
     assert_eq!(v["summary"]["aborted"], 1);
+    // dev-0002, which was still deferring it, sees the offer withdrawn and drops it.
+    eventually(
+        Duration::from_secs(30),
+        "dev-0002 sees the offer withdrawn",
+        || {
+            d2.lines().iter().any(|l| {
+                serde_json::from_str::<serde_json::Value>(l)
+                    .is_ok_and(|v| v["withdrawn"]["update_id"] == "fw-later")
+            })
+        },
+    )
+    .await;
+    assert!(!active_image(&o2).exists());
     // An aborted campaign cannot be resumed.
     let out = fleetctl(&gw, &["update", "resume", "fw-later"]);
     assert_eq!(out.status.code(), Some(4), "refused by the gateway");
-    assert!(!active_image(&o2).exists());
 }

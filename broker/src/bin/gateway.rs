@@ -2,6 +2,9 @@
 //!
 //! With no configuration it runs the embedded default: a development PKI created in
 //! `gateway-data/pki` on first start, listening on 127.0.0.1:8883.
+//!
+//! Once bound it prints one JSON line on stdout with the bound addresses, e.g.
+//! `{"ready":{"mqtt":"127.0.0.1:8883","http":null}}` (see `announce_ready`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -91,6 +94,26 @@ fn fault_switches() -> Result<(), String> {
     Ok(())
 }
 
+/// Prints the one machine-readable line saying that the gateway is ready, once the MQTT
+/// listener and the metrics endpoint are bound (connections are accepted from then on; they
+/// are served as soon as `serve` runs):
+/// `{"ready":{"mqtt":"127.0.0.1:8883","http":"127.0.0.1:9090"}}` (`http` is null without a
+/// metrics endpoint). It is alone on its line of stdout, so supervisors and tests need not
+/// read the log to learn the bound addresses (with port 0, say).
+fn announce_ready(gateway: &Gateway) -> std::io::Result<()> {
+    use std::io::Write;
+    let ready = serde_json::json!({
+        "ready": {
+            "mqtt": gateway.local_addr()?.to_string(),
+            "http": gateway.metrics_addr().map(|a| a.to_string()),
+        }
+    });
+    // One write of the whole line under the stdout lock: log lines cannot interleave with it.
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{ready}")?;
+    out.flush()
+}
+
 async fn run(config: GatewayConfig, args: Args) -> ExitCode {
     let files = match (&config.tls.ca, &config.tls.cert, &config.tls.key) {
         (Some(ca), Some(cert), Some(key)) => TlsFiles {
@@ -124,6 +147,10 @@ async fn run(config: GatewayConfig, args: Args) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    if let Err(e) = announce_ready(&gateway) {
+        eprintln!("gateway: cannot announce readiness on stdout: {e}");
+        return ExitCode::FAILURE;
+    }
     let handle = gateway.handle();
     let (Ok(mut hup), Ok(mut term), Ok(mut int)) = (
         signal(SignalKind::hangup()),

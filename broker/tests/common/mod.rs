@@ -4,7 +4,7 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,19 +20,13 @@ use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
 #[allow(unused_imports)] // each test file uses a different subset
-pub use fleet_tests::mqtt::{connect_packet, publish_packet, subscribe_packet};
+pub use fleet_testkit::eventually;
+#[allow(unused_imports)]
+pub use fleet_testkit::mqtt::{connect_packet, publish_packet, subscribe_packet};
+use fleet_testkit::Proc;
 
-/// Polls `cond` until it holds or `within` passes.
-pub async fn eventually(within: Duration, what: &str, mut cond: impl FnMut() -> bool) {
-    let end = Instant::now() + within;
-    while Instant::now() < end {
-        if cond() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("not within {within:?}: {what}");
-}
+/// How long a mosquitto client may run: longer than any `-W` a test gives it.
+const CLIENT_DEADLINE: Duration = Duration::from_secs(60);
 
 /// A PKI with devices dev-1..dev-3, services svc-1 and svc-2 and gateway gw-1.
 pub fn make_pki(dir: &Path) -> Pki {
@@ -149,34 +143,20 @@ impl TestGateway {
 
     /// Starts mosquitto_sub in the background; `extra` may add -C, -W, -q, -c...
     pub fn subscribe(&self, id: &str, topic: &str, extra: &[&str]) -> Sub {
-        // -d: debug lines tell when the SUBACK has arrived (see Sub::subscribed); stdbuf makes
-        // mosquitto_sub's stdout line-buffered, or they would only arrive when it exits.
-        let mut c = Command::new(tool("stdbuf"));
-        c.args(["-oL", tool("mosquitto_sub")]);
-        c.args(self.mosq_args(id))
-            .args(["-t", topic, "-v", "-d"])
-            .args(extra);
-        c.stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = c.spawn().unwrap_or_else(|e| panic!("mosquitto_sub: {e}"));
-        let stdout = child.stdout.take().unwrap();
-        let lines = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let sink = lines.clone();
-        let reader = std::thread::spawn(move || {
-            use std::io::BufRead;
-            for line in std::io::BufReader::new(stdout)
-                .lines()
-                .map_while(Result::ok)
-            {
-                sink.lock().unwrap().push(line);
-            }
-        });
-        Sub {
-            child,
-            lines,
-            reader,
-        }
+        mosquitto_sub(self.mosq_args(id), topic, extra)
+    }
+
+    /// Gives `id` a persistent session (clean session off) subscribed to `topic` at QoS 1, and
+    /// leaves. mosquitto_sub -E exits once the SUBACK has arrived, so the subscription is
+    /// known to exist when this returns (a fixed -W window only hopes so).
+    pub async fn persistent_session(&self, id: &str, topic: &str) {
+        let out = finish(self.subscribe(id, topic, &["-c", "-q", "1", "-E"])).await;
+        assert!(
+            out.status.success() && text(&out).contains("received SUBACK"),
+            "{}",
+            text(&out)
+        );
+        self.wait_sessions(0).await;
     }
 
     /// Waits until `id` has a live session at the gateway (its SUBSCRIBE may follow shortly).
@@ -230,45 +210,49 @@ pub fn mosquitto_args(
 
 /// The path of a third-party tool, or a loud failure naming the package to install.
 pub fn tool(name: &str) -> &str {
-    let found = Command::new("sh")
-        .args(["-c", &format!("command -v {name}")])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
+    let mut probe = Command::new("sh");
+    probe.args(["-c", &format!("command -v {name}")]);
+    let found = fleet_testkit::run(probe, CLIENT_DEADLINE).status.success();
     assert!(found, "{name} is not installed: run ./scripts/test.sh (it installs mosquitto-clients) or apt-get install mosquitto-clients");
     name
 }
 
-pub fn run_output(mut c: Command) -> Output {
-    c.stdin(Stdio::null());
-    c.output().unwrap_or_else(|e| panic!("{c:?}: {e}"))
+/// Runs a client to completion (killed and reported if it outlives [`CLIENT_DEADLINE`]).
+pub fn run_output(c: Command) -> Output {
+    fleet_testkit::run(c, CLIENT_DEADLINE)
+}
+
+/// Starts mosquitto_sub with `args` (see [`mosquitto_args`]) on `topic` in the background;
+/// `extra` may add -C, -W, -q, -c...
+pub fn mosquitto_sub(args: Vec<String>, topic: &str, extra: &[&str]) -> Sub {
+    // -d: debug lines tell when the SUBACK has arrived (see Sub::subscribed); stdbuf makes
+    // mosquitto_sub's stdout line-buffered, or they would only arrive when it exits.
+    let mut c = Command::new(tool("stdbuf"));
+    c.args(["-oL", tool("mosquitto_sub")]);
+    c.args(args).args(["-t", topic, "-v", "-d"]).args(extra);
+    Sub {
+        proc: Proc::spawn(c),
+    }
 }
 
 /// A mosquitto_sub running in the background.
 pub struct Sub {
-    child: Child,
-    lines: Arc<std::sync::Mutex<Vec<String>>>,
-    reader: std::thread::JoinHandle<()>,
+    proc: Proc,
 }
 
 impl Sub {
     /// Waits until the subscription is acknowledged (granted or refused), instead of guessing
     /// with a sleep.
     pub async fn subscribed(&self) {
-        let lines = self.lines.clone();
-        eventually(Duration::from_secs(10), "SUBACK", move || {
-            lines
-                .lock()
-                .unwrap()
-                .iter()
-                .any(|l| l.contains("received SUBACK"))
+        eventually(Duration::from_secs(10), "SUBACK", || {
+            self.proc.printed("received SUBACK")
         })
         .await;
     }
 
     /// Kills the client (no DISCONNECT: its will fires).
     pub fn kill(&mut self) {
-        let _ = self.child.kill();
+        self.proc.kill();
     }
 }
 
@@ -279,25 +263,12 @@ fn is_debug(line: &str) -> bool {
 /// Waits for a background subscriber to exit. `stdout` holds the messages only, one per line;
 /// `stderr` holds its debug lines and error output.
 pub async fn finish(sub: Sub) -> Output {
-    let Sub {
-        child,
-        lines,
-        reader,
-    } = sub;
     tokio::task::spawn_blocking(move || {
-        let out = child.wait_with_output().unwrap();
-        reader.join().unwrap();
-        let lines = lines.lock().unwrap();
-        let messages: Vec<&str> = lines
-            .iter()
-            .map(String::as_str)
-            .filter(|l| !is_debug(l))
-            .collect();
-        let debug: Vec<&str> = lines
-            .iter()
-            .map(String::as_str)
-            .filter(|l| is_debug(l))
-            .collect();
+        let out = sub.proc.finish(CLIENT_DEADLINE);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let lines: Vec<&str> = text.lines().collect();
+        let messages: Vec<&str> = lines.iter().copied().filter(|l| !is_debug(l)).collect();
+        let debug: Vec<&str> = lines.iter().copied().filter(|l| is_debug(l)).collect();
         let mut stderr = debug.join("\n").into_bytes();
         stderr.push(b'\n');
         stderr.extend_from_slice(&out.stderr);
@@ -323,7 +294,7 @@ pub fn text(o: &Output) -> String {
 
 pub fn client_tls(ca: &Path, cert: &Path, key: &Path) -> Arc<rustls::ClientConfig> {
     let pem = |p: &Path| std::fs::read_to_string(p).unwrap();
-    fleet_tests::mqtt::client_config(ca, &pem(cert), &pem(key)).unwrap()
+    fleet_testkit::mqtt::client_config(ca, &pem(cert), &pem(key)).unwrap()
 }
 
 /// A TLS connection as `id`, no MQTT yet.

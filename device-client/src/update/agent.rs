@@ -330,9 +330,15 @@ impl Agent {
 
     async fn on_manifest(&mut self, bytes: Vec<u8>) {
         if bytes.is_empty() {
-            if self.work.is_some() {
+            if let Some(w) = &self.work {
                 info!("the update offer was withdrawn; dropping the update in progress");
+                let (handler, m) = (self.cfg.handler.clone(), w.manifest.clone());
                 self.drop_current().await;
+                let _ = blocking(move || {
+                    handler.withdrawn(&m);
+                    Ok(())
+                })
+                .await;
             }
             return;
         }

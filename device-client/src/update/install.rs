@@ -153,6 +153,13 @@ pub trait UpdateHandler: Send + Sync + 'static {
 
     /// Abandons the installed update; the running firmware stays.
     fn rollback(&self, manifest: &UpdateManifest) -> Result<(), HandlerError>;
+
+    /// The gateway withdrew its offer of `manifest` (the campaign was aborted) while the
+    /// update was deferred or downloading; what was staged for it is already dropped. Nothing
+    /// had been installed. The default does nothing.
+    fn withdrawn(&self, manifest: &UpdateManifest) {
+        let _ = manifest;
+    }
 }
 
 /// A/B slots: each component has `STATE_DIR/slots/{component}/{a,b}.img` and a file `active`

@@ -116,16 +116,15 @@ impl Gateway {
                 {
                     eprintln!("gateway: {line}");
                 }
-                if let Some(at) = line.find("addr=127.0.0.1:") {
-                    let port: String = line[at + 15..]
-                        .chars()
-                        .take_while(char::is_ascii_digit)
-                        .collect();
-                    let _ = tx.send(port);
+                // The gateway's ready line: {"ready":{"mqtt":"127.0.0.1:PORT",...}}.
+                let ready = serde_json::from_str::<serde_json::Value>(&line).ok();
+                if let Some(mqtt) = ready.as_ref().and_then(|v| v["ready"]["mqtt"].as_str()) {
+                    let _ = tx.send(mqtt.to_owned());
                 }
             }
         });
-        let port = rx.recv_timeout(Duration::from_secs(30))?.parse()?;
+        let mqtt: std::net::SocketAddr = rx.recv_timeout(Duration::from_secs(30))?.parse()?;
+        let port = mqtt.port();
         Ok(Self { child, port })
     }
 

@@ -22,10 +22,10 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use fleet_demo::fleet::{self, FleetOptions};
 use fleet_proto::signing::TrustedKeys;
 use fleet_proto::v1::{StatusReport, UpdatePhase};
 use fleet_proto::Message;
-use fleet_tests::fleet::{self, FleetOptions};
 use fleet_tests::procs::{cpu_seconds, status_kib, GatewayProc};
 use fleet_tests::updates::{authority, write_image, Publish};
 use rustls_pki_types::pem::PemObject;
@@ -96,7 +96,7 @@ async fn main() -> Result<(), Error> {
         return status_during_upload(&a).await;
     }
     let dir = tempfile::tempdir()?;
-    let gw = GatewayProc::start(dir.path(), 0, a.devices as u32, &[]);
+    let gw = GatewayProc::start(dir.path(), a.devices as u32, &[]);
     let pki = gw.pki();
     let (signer, _, public) = authority(dir.path());
     let image_path = dir.path().join("image");
@@ -203,7 +203,7 @@ type Samples = Arc<Mutex<[Vec<u64>; 3]>>;
 
 async fn status_during_upload(a: &Args) -> Result<(), Error> {
     let dir = tempfile::tempdir()?;
-    let gw = GatewayProc::start(dir.path(), 0, a.reporters as u32, &[]);
+    let gw = GatewayProc::start(dir.path(), a.reporters as u32, &[]);
     let pki = gw.pki();
     let (signer, _, _) = authority(dir.path());
     let image_path = dir.path().join("image");
@@ -294,7 +294,7 @@ type Tls = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
 
 /// mTLS to the gateway as device `id`, CONNECT, CONNACK accepted.
 async fn connect(addr: &str, pki: &Path, id: &str) -> Result<(Tls, Vec<u8>), Error> {
-    let config = fleet_tests::mqtt::client_config(
+    let config = fleet_testkit::mqtt::client_config(
         &pki.join("ca.crt"),
         &std::fs::read_to_string(pki.join(format!("devices/{id}.crt")))?,
         &std::fs::read_to_string(pki.join(format!("devices/{id}.key")))?,
@@ -304,7 +304,7 @@ async fn connect(addr: &str, pki: &Path, id: &str) -> Result<(Tls, Vec<u8>), Err
     let mut tls = tokio_rustls::TlsConnector::from(config)
         .connect(ServerName::try_from("localhost")?.to_owned(), tcp)
         .await?;
-    tls.write_all(&fleet_tests::mqtt::connect_packet(id, 60))
+    tls.write_all(&fleet_testkit::mqtt::connect_packet(id, 60))
         .await?;
     let mut inbuf = Vec::new();
     let (first, body) = next_packet(&mut tls, &mut inbuf).await?;
@@ -316,7 +316,7 @@ async fn connect(addr: &str, pki: &Path, id: &str) -> Result<(Tls, Vec<u8>), Err
 
 async fn next_packet(tls: &mut Tls, inbuf: &mut Vec<u8>) -> Result<(u8, Vec<u8>), Error> {
     loop {
-        if let Some(p) = fleet_tests::mqtt::split_packet(inbuf)? {
+        if let Some(p) = fleet_testkit::mqtt::split_packet(inbuf)? {
             return Ok(p);
         }
         let mut chunk = [0u8; 4096];
@@ -355,7 +355,7 @@ async fn report_loop(
         }
         .encode_to_vec();
         let t = Instant::now();
-        tls.write_all(&fleet_tests::mqtt::publish_packet(
+        tls.write_all(&fleet_testkit::mqtt::publish_packet(
             topic.as_bytes(),
             &report,
             1,
@@ -389,7 +389,7 @@ async fn raw_tls(pki: &std::path::Path, total: u64) -> Result<Duration, Error> {
         .with_no_client_auth()
         .with_single_cert(chain, key)?;
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
-    let client = fleet_tests::mqtt::client_config(
+    let client = fleet_testkit::mqtt::client_config(
         &pki.join("ca.crt"),
         &std::fs::read_to_string(pki.join("devices/dev-0001.crt"))?,
         &std::fs::read_to_string(pki.join("devices/dev-0001.key"))?,

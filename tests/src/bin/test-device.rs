@@ -1,8 +1,11 @@
 //! `test-device`: one device on the real `device-client` library, for process-level tests
-//! (SIGKILL, restarts). Prints what it does on stdout, one line per event:
-//! `connected`, `ran COMMAND_ID`, `answered COMMAND_ID` (result journaled), `queued N`,
-//! `flushed`, and with `--update-key` one line per update report:
-//! `update UPDATE_ID PHASE HELD/TOTAL rejected=N error=ERROR` (phase and error in lower case).
+//! (SIGKILL, restarts). Once its state is open and its `--reports` are queued it prints its
+//! ready line, `{"ready":{"queued":N}}` (connected or not). Then it prints what it does on
+//! stdout, one line per event: `connected`, `ran COMMAND_ID`, `answered COMMAND_ID` (result
+//! journaled), `flushed`, and with `--update-key` one line per update report:
+//! `update UPDATE_ID PHASE HELD/TOTAL rejected=N error=ERROR` (phase and error in lower case),
+//! and `{"withdrawn":{"update_id":ID}}` when the gateway withdraws an offer it was deferring
+//! or downloading.
 //!
 //! Every command run is appended (and synced) to `--ran-log` before it is answered, so a test
 //! can count executions across restarts.
@@ -99,6 +102,12 @@ impl UpdateHandler for Slots {
     fn rollback(&self, m: &UpdateManifest) -> Result<(), HandlerError> {
         self.inner.rollback(m)
     }
+    fn withdrawn(&self, m: &UpdateManifest) {
+        let line = serde_json::json!({ "withdrawn": { "update_id": m.update_id } });
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{line}");
+        let _ = out.flush();
+    }
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -161,7 +170,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         r.metrics.insert("i".into(), i as f64);
         client.report(r).await?;
     }
-    say(format!("queued {}", a.reports));
+    say(serde_json::json!({ "ready": { "queued": a.reports } }).to_string());
     {
         let c = client.clone();
         tokio::spawn(async move {

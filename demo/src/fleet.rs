@@ -1,6 +1,6 @@
 //! A simulated fleet: many devices on the real `device-client` library in one process, each
 //! with its own certificate (from a development PKI), state directory, command loop and update
-//! agent. Used by the benchmarks (and the demo).
+//! agent. Used by the demo and the update benchmark.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

@@ -15,13 +15,13 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use cloud_client::{
-    CampaignState, DeployUpdate, FleetClient, SendCommand, UpdatePhase, UpdateRecord,
+    build_update, CampaignState, DeployUpdate, FleetClient, ImageSpec, SendCommand, UpdatePhase,
+    UpdateRecord, UpdateSpec,
 };
 use fleet_broker::config::{GatewayConfig, MetricsSettings};
 use fleet_broker::Gateway;
+use fleet_demo::fleet::{self, FleetOptions};
 use fleet_proto::signing::{TrustedKeys, UpdateSigner};
-use fleet_tests::fleet::{self, FleetOptions};
-use fleet_tests::updates::Publish;
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
@@ -104,6 +104,21 @@ fn fresh_dir(dir: &Path) -> Result<(), Error> {
         b"made by the fleet gateway demo; wiped by the next run\n",
     )?;
     Ok(())
+}
+
+/// A firmware image of `size` pseudo-random bytes (the same every run).
+fn write_image(path: &Path, size: usize) -> std::io::Result<()> {
+    let mut x: u64 = 0x2545_F491_4F6C_DD1D;
+    let mut data = Vec::with_capacity(size + 8);
+    while data.len() < size {
+        // xorshift64
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        data.extend_from_slice(&x.to_le_bytes());
+    }
+    data.truncate(size);
+    std::fs::write(path, data)
 }
 
 fn step(t: Instant, what: &str) {
@@ -216,18 +231,28 @@ async fn run(a: Args) -> Result<bool, Error> {
 
     // 2. A signed update, built and uploaded like `fleetctl update create`.
     let image = data.join("rootfs-1.1.0.img");
-    fleet_tests::updates::write_image(&image, a.image_kib * 1024, 7);
+    write_image(&image, a.image_kib * 1024)?;
     let signer =
         UpdateSigner::from_pkcs8_pem(&std::fs::read_to_string(pki.join("update-signing.key"))?)?;
-    let publish = Publish {
-        id: "demo-1.1.0",
-        version: "1.1.0",
-        class: CLASS,
+    let spec = UpdateSpec {
+        update_id: "demo-1.1.0".into(),
+        version: "1.1.0".into(),
+        device_class: CLASS.into(),
         sequence: 2,
-        ..Publish::new("demo-1.1.0", &image)
+        chunk_size: 16 * 1024,
+        expires_at_ms: fleet_proto::time::now_ms() + 86_400_000,
+        description: "demo update".into(),
+        images: vec![ImageSpec {
+            component: "rootfs".into(),
+            path: image.clone(),
+        }],
     };
     let t_up = Instant::now();
-    let rec = publish.try_run(&sdk, &signer).await?;
+    let built = build_update(&spec, &signer)?;
+    let created = sdk.create_update(built.signed.clone()).await?;
+    sdk.upload_images(&built, &created.images, |_, _| {})
+        .await?;
+    let rec = sdk.get_update(&spec.update_id).await?;
     let chunks = rec.images.first().map_or(0, |i| i.chunk_count);
     step(t0, &format!("update demo-1.1.0 signed (Ed25519) and uploaded: {} KiB, {chunks} chunks of 16 KiB, each checked by the gateway, in {:.2} s", a.image_kib, t_up.elapsed().as_secs_f64()));
 
