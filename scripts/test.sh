@@ -25,4 +25,4 @@ fi
 # backstop. FLEET_TEST_DEADLINE (seconds) overrides the run's deadline.
 ./scripts/deadline.sh 2400 "building the tests" cargo test --workspace --locked --no-run "$@"
 ./scripts/deadline.sh "${FLEET_TEST_DEADLINE:-1200}" "the test suite" \
-    cargo test --workspace --locked "$@"
+    cargo test --workspace --locked --no-fail-fast "$@"

@@ -7,13 +7,12 @@
 //! the wire becomes a path.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read};
+use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use fleet_proto::merkle::{self, ChunkCheckError};
 use fleet_proto::v1::Component;
-use sha2::{Digest as _, Sha256};
 
 use crate::store::{ImageRow, SharedStore, StoreError};
 
@@ -110,17 +109,8 @@ fn write_synced(path: &Path, offset: u64, data: &[u8]) -> Result<(), FirmwareErr
 
 /// The SHA-256 of a whole file.
 fn sha256_file(path: &Path) -> Result<[u8; 32], FirmwareError> {
-    let mut f = File::open(path).map_err(io_err(path))?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 256 * 1024];
-    loop {
-        let n = f.read(&mut buf).map_err(io_err(path))?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(h.finalize().into())
+    let f = File::open(path).map_err(io_err(path))?;
+    fleet_proto::chunker::sha256_of(f).map_err(io_err(path))
 }
 
 /// The firmware directory.

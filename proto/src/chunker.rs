@@ -34,6 +34,20 @@ pub enum ChunkError {
     Io(#[from] io::Error),
 }
 
+/// The SHA-256 of everything `reader` yields (a whole image, as a manifest names it), read in
+/// 256 KiB pieces.
+pub fn sha256_of(mut reader: impl Read) -> io::Result<Hash> {
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = reader.read(&mut buf)?;
+        if n == 0 {
+            return Ok(h.finalize().into());
+        }
+        h.update(&buf[..n]);
+    }
+}
+
 /// Checks a chunk size against the manifest bounds.
 pub fn check_chunk_size(chunk_size: u32) -> Result<(), ChunkError> {
     if (MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&chunk_size) {
@@ -188,6 +202,18 @@ pub fn summarize<R: Read>(reader: R, chunk_size: u32) -> Result<ImageSummary, Ch
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sha256_of_is_the_digest_of_the_whole_input() {
+        // Longer than one read buffer, so the pieces are joined.
+        let data = image(600 * 1024 + 7);
+        let want: Hash = Sha256::digest(&data).into();
+        assert_eq!(sha256_of(&data[..]).unwrap_or_else(|e| panic!("{e}")), want);
+        assert_eq!(
+            sha256_of(&[][..]).unwrap_or_else(|e| panic!("{e}")),
+            <[u8; 32]>::from(Sha256::digest(b""))
+        );
+    }
 
     fn image(len: usize) -> Vec<u8> {
         (0..len).map(|i| (i * 31 % 251) as u8).collect()

@@ -62,7 +62,7 @@ async fn malformed_protobuf_is_dropped_and_the_store_stays_sound() {
         &garbage,
     );
     for needle in [
-        "status report dropped: not a valid StatusReport topic=devices/dev-0002/status",
+        "status report dropped: not a valid StatusReport device=dev-0002",
         "registry: message dropped topic=devices/dev-0002/presence",
         "command result: bad protobuf",
         "API request: bad protobuf",

@@ -7,12 +7,11 @@
 //!   after a power loss it never claims a chunk that is not on disk.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use sha2::{Digest as _, Sha256};
 
 /// Why the agent's files cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -164,17 +163,8 @@ impl UpdateDir {
 
 /// SHA-256 of a file, streamed.
 pub(crate) fn file_sha256(path: &Path) -> Result<[u8; 32], StateError> {
-    let mut f = File::open(path).map_err(io_err(path))?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        let n = f.read(&mut buf).map_err(io_err(path))?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(h.finalize().into())
+    let f = File::open(path).map_err(io_err(path))?;
+    fleet_proto::chunker::sha256_of(f).map_err(io_err(path))
 }
 
 #[cfg(test)]
