@@ -135,11 +135,6 @@ impl Policy {
         })
     }
 
-    /// The rules of `role` (empty if the policy does not name it).
-    pub fn rules(&self, role: Role) -> RoleRules {
-        self.roles.get(&role).cloned().unwrap_or_default()
-    }
-
     /// May `who` publish to `topic` (also used for wills and retained messages)?
     pub fn check_publish(&self, who: &Identity, topic: &str) -> Decision {
         if let Err(e) = check_name(topic) {

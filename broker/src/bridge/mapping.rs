@@ -22,11 +22,6 @@ impl Mapping {
         Mapping { gateway, up, down }
     }
 
-    /// The gateway id.
-    pub fn gateway(&self) -> &GatewayId {
-        &self.gateway
-    }
-
     /// The upstream name of a local topic.
     pub fn upstream(&self, local: &str) -> String {
         topics::to_upstream(&self.gateway, local)
@@ -44,11 +39,6 @@ impl Mapping {
     /// What the bridge subscribes to upstream.
     pub fn down_subscriptions(&self) -> Vec<String> {
         self.down.iter().map(|f| self.upstream(f)).collect()
-    }
-
-    /// Whether device status reports flow up (see [`status_up`]).
-    pub fn status_up(&self) -> bool {
-        status_up(&self.up)
     }
 
     /// What the bridge's local link subscribes to.
@@ -105,7 +95,7 @@ mod tests {
             m.down_subscriptions(),
             ["gateways/gw-1/fleet/api/+/request"]
         );
-        assert!(m.status_up());
+        assert!(status_up(m.up_filters()));
         assert!(!m.queue_from_link("devices/d1/status"));
         assert!(m.queue_from_link("devices/d1/presence"));
         assert!(m.queue_from_link("fleet/events/commands/d1"));

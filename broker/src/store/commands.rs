@@ -35,11 +35,6 @@ pub struct StoredCommand {
 }
 
 impl StoredCommand {
-    /// True while PENDING or DELIVERED ([`CommandState::is_open`]).
-    pub fn is_open(&self) -> bool {
-        self.state.is_open()
-    }
-
     /// Whether `other` asks for the same thing (same device, id, name, payload, issuer).
     fn same_request(&self, other: &StoredCommand) -> bool {
         self.device_id == other.device_id

@@ -333,7 +333,6 @@ impl UpdateService {
         }
         let now = fleet_proto::time::now_ms();
         let mut c = Campaign::plan(
-            &req.update_id,
             &devices,
             req.batch_size,
             req.max_failures_percent,

@@ -46,8 +46,6 @@ impl Effects {
 /// One update's rollout.
 #[derive(Debug, Clone)]
 pub struct Campaign {
-    /// The update.
-    pub update_id: String,
     /// Its state.
     pub record: CampaignRecord,
     /// Its devices, in rollout order.
@@ -62,18 +60,13 @@ pub struct ControlError(pub String);
 
 impl Campaign {
     /// A campaign as stored.
-    pub fn from_parts(
-        update_id: String,
-        record: CampaignRecord,
-        targets: Vec<TargetRecord>,
-    ) -> Self {
+    pub fn from_parts(record: CampaignRecord, targets: Vec<TargetRecord>) -> Self {
         let index = targets
             .iter()
             .enumerate()
             .map(|(i, t)| (t.device_id.clone(), i))
             .collect();
         Campaign {
-            update_id,
             record,
             targets,
             index,
@@ -82,7 +75,6 @@ impl Campaign {
 
     /// A new campaign over `devices` (deduplicated, order kept), not started.
     pub fn plan(
-        update_id: &str,
         devices: &[String],
         batch_size: u32,
         max_failures_percent: u32,
@@ -120,7 +112,7 @@ impl Campaign {
             updated_at_ms: now_ms,
             created_by: created_by.to_owned(),
         };
-        Self::from_parts(update_id.to_owned(), record, targets)
+        Self::from_parts(record, targets)
     }
 
     /// The target record of `device`, if it is one.
@@ -328,7 +320,7 @@ mod tests {
 
     #[test]
     fn batches_advance_on_success_and_complete() {
-        let mut c = Campaign::plan("u", &devices(5), 2, 0, "svc", 1);
+        let mut c = Campaign::plan(&devices(5), 2, 0, "svc", 1);
         assert_eq!(c.record.batches, 3);
         let e = c.start(1);
         assert_eq!(e.offer, vec!["d0", "d1"]);
@@ -373,7 +365,7 @@ mod tests {
 
     #[test]
     fn the_failure_threshold_pauses_at_the_end_of_a_batch() {
-        let mut c = Campaign::plan("u", &devices(6), 2, 25, "svc", 1);
+        let mut c = Campaign::plan(&devices(6), 2, 25, "svc", 1);
         c.start(1);
         let e = c
             .on_progress("d0", &report(UpdatePhase::RolledBack), 2)
@@ -406,7 +398,7 @@ mod tests {
 
     #[test]
     fn a_threshold_of_fifty_tolerates_half() {
-        let mut c = Campaign::plan("u", &devices(4), 2, 50, "svc", 1);
+        let mut c = Campaign::plan(&devices(4), 2, 50, "svc", 1);
         c.start(1);
         c.on_progress("d0", &report(UpdatePhase::Rejected), 2)
             .unwrap();
@@ -418,7 +410,7 @@ mod tests {
 
     #[test]
     fn pause_holds_the_next_batch_until_resume() {
-        let mut c = Campaign::plan("u", &devices(2), 1, 0, "svc", 1);
+        let mut c = Campaign::plan(&devices(2), 1, 0, "svc", 1);
         c.start(1);
         c.control(CampaignAction::Pause, 2).unwrap();
         let e = c

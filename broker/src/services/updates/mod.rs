@@ -183,7 +183,7 @@ impl UpdateService {
             return;
         };
         for (id, record, targets) in all {
-            let c = Campaign::from_parts(id.clone(), record, targets);
+            let c = Campaign::from_parts(record, targets);
             let again = c.offered_unfinished();
             if !again.is_empty() {
                 info!(update_id = %id, devices = again.len(), state = ?c.record.state(), "campaign continues");
