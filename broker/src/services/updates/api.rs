@@ -19,7 +19,7 @@ use crate::services::api::{api_error, response};
 use crate::store::{ImageRow, StoredUpdate, UpdatePut};
 
 /// Most target devices in one deployment.
-pub const MAX_TARGETS: usize = 10_000;
+pub(super) const MAX_TARGETS: usize = 10_000;
 
 fn invalid(m: impl Into<String>) -> ApiError {
     api_error(ApiErrorCode::Invalid, m)

@@ -25,7 +25,7 @@ fn working(t: &TargetRecord) -> bool {
 
 /// What a change requires of the service.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct Effects {
+pub(crate) struct Effects {
     /// The campaign record changed: persist it.
     pub campaign_changed: bool,
     /// Targets (indexes) whose records changed and must be persisted before the offers below.
@@ -38,14 +38,14 @@ pub struct Effects {
 
 impl Effects {
     /// Whether anything must be persisted.
-    pub fn needs_save(&self) -> bool {
+    pub(crate) fn needs_save(&self) -> bool {
         self.campaign_changed || !self.changed.is_empty()
     }
 }
 
 /// One update's rollout.
 #[derive(Debug, Clone)]
-pub struct Campaign {
+pub(crate) struct Campaign {
     /// Its state.
     pub record: CampaignRecord,
     /// Its devices, in rollout order.
@@ -56,11 +56,11 @@ pub struct Campaign {
 /// Why a control action is refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
-pub struct ControlError(pub String);
+pub(crate) struct ControlError(pub String);
 
 impl Campaign {
     /// A campaign as stored.
-    pub fn from_parts(record: CampaignRecord, targets: Vec<TargetRecord>) -> Self {
+    pub(crate) fn from_parts(record: CampaignRecord, targets: Vec<TargetRecord>) -> Self {
         let index = targets
             .iter()
             .enumerate()
@@ -74,7 +74,7 @@ impl Campaign {
     }
 
     /// A new campaign over `devices` (deduplicated, order kept), not started.
-    pub fn plan(
+    pub(crate) fn plan(
         devices: &[String],
         batch_size: u32,
         max_failures_percent: u32,
@@ -116,19 +116,19 @@ impl Campaign {
     }
 
     /// The target record of `device`, if it is one.
-    pub fn target(&self, device: &str) -> Option<&TargetRecord> {
+    pub(crate) fn target(&self, device: &str) -> Option<&TargetRecord> {
         self.index.get(device).map(|&i| &self.targets[i])
     }
 
     /// Whether `device` has been offered the update and is still working on it (so its chunk
     /// requests are served).
-    pub fn is_active(&self, device: &str) -> bool {
+    pub(crate) fn is_active(&self, device: &str) -> bool {
         self.target(device).is_some_and(working)
     }
 
     /// Devices offered the update and not finished: their manifests are re-published after a
     /// restart (the router's retained messages do not survive one).
-    pub fn offered_unfinished(&self) -> Vec<String> {
+    pub(crate) fn offered_unfinished(&self) -> Vec<String> {
         self.targets
             .iter()
             .filter(|t| working(t))
@@ -137,7 +137,7 @@ impl Campaign {
     }
 
     /// Counts one chunk sent to `device` (kept in memory, saved with its next change).
-    pub fn note_sent(&mut self, device: &str) {
+    pub(crate) fn note_sent(&mut self, device: &str) {
         if let Some(&i) = self.index.get(device) {
             self.targets[i].chunks_sent += 1;
         }
@@ -148,7 +148,7 @@ impl Campaign {
     }
 
     /// Offers the first batch.
-    pub fn start(&mut self, now_ms: u64) -> Effects {
+    pub(crate) fn start(&mut self, now_ms: u64) -> Effects {
         let mut e = Effects::default();
         self.offer_batch(self.record.current_batch, &mut e);
         self.advance(now_ms, &mut e, false);
@@ -214,7 +214,7 @@ impl Campaign {
 
     /// A device reported progress. `None` when it is not an active target (unknown, not
     /// offered, aborted, or already finished): nothing changes.
-    pub fn on_progress(
+    pub(crate) fn on_progress(
         &mut self,
         device: &str,
         p: &UpdateProgress,
@@ -246,7 +246,7 @@ impl Campaign {
     }
 
     /// Pause, resume or abort.
-    pub fn control(
+    pub(crate) fn control(
         &mut self,
         action: CampaignAction,
         now_ms: u64,
