@@ -7,7 +7,7 @@ use fleet_certs::pki::{InitOptions, Pki, PkiError};
 use crate::tls::TlsFiles;
 
 /// Id of the gateway certificate in the development PKI.
-pub const DEV_GATEWAY_ID: &str = "gw-0001";
+pub(crate) const DEV_GATEWAY_ID: &str = "gw-0001";
 
 /// Makes sure `DATA_DIR/pki` holds a development PKI (CA, CRL, gateway, service and `devices`
 /// device certificates) and returns the gateway's TLS files from it.

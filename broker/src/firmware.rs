@@ -19,7 +19,7 @@ use crate::store::{ImageRow, SharedStore, StoreError};
 /// Why a firmware operation failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
-pub enum FirmwareError {
+pub(crate) enum FirmwareError {
     /// The component's digest is not 32 bytes.
     #[error("component {0:?} has no usable SHA-256")]
     BadDigest(String),
@@ -61,7 +61,7 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> FirmwareError + '_ {
 
 /// What accepting a chunk led to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Accepted {
+pub(crate) enum Accepted {
     /// Written; `held` of the image's chunks are now on disk.
     Held {
         /// Chunks held.
@@ -115,13 +115,13 @@ fn sha256_file(path: &Path) -> Result<[u8; 32], FirmwareError> {
 
 /// The firmware directory.
 #[derive(Debug, Clone)]
-pub struct FirmwareDir {
+pub(crate) struct FirmwareDir {
     dir: PathBuf,
 }
 
 impl FirmwareDir {
     /// Opens (creating) `DATA_DIR/firmware`.
-    pub fn open(data_dir: &Path) -> Result<Self, FirmwareError> {
+    pub(crate) fn open(data_dir: &Path) -> Result<Self, FirmwareError> {
         let dir = data_dir.join("firmware");
         fs::create_dir_all(&dir).map_err(io_err(&dir))?;
         Ok(FirmwareDir { dir })
@@ -145,7 +145,7 @@ impl FirmwareDir {
     ///
     /// Uploads of one image must not run concurrently (the update server handles one API call
     /// at a time).
-    pub async fn accept_chunk<P: AsRef<[u8]>>(
+    pub(crate) async fn accept_chunk<P: AsRef<[u8]>>(
         &self,
         store: &SharedStore,
         c: &Component,
@@ -240,7 +240,12 @@ impl FirmwareDir {
     }
 
     /// Reads `len` bytes at `offset` of a complete image.
-    pub fn read(&self, sha: &[u8; 32], offset: u64, len: usize) -> Result<Vec<u8>, FirmwareError> {
+    pub(crate) fn read(
+        &self,
+        sha: &[u8; 32],
+        offset: u64,
+        len: usize,
+    ) -> Result<Vec<u8>, FirmwareError> {
         let img = self.path(sha, "img");
         let f = File::open(&img).map_err(|e| match e.kind() {
             io::ErrorKind::NotFound => FirmwareError::Missing(hex::encode(sha)),

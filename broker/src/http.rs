@@ -27,11 +27,11 @@ use crate::metrics::Metrics;
 const MAX_HEAD: usize = 8 * 1024;
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest `/health` waits for the store's probe write before calling the store failed.
-pub const STORE_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+pub(crate) const STORE_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// What the endpoint reads.
 #[derive(Clone)]
-pub struct Sources {
+pub(crate) struct Sources {
     /// Counters and gauges.
     pub metrics: Arc<Metrics>,
     /// The number of live connections (the connections gauge), as the assembly wires it.
@@ -41,12 +41,12 @@ pub struct Sources {
 }
 
 /// A probe write into the store: `Ok` once committed, `Err` with the reason otherwise.
-pub type StoreProbe =
+pub(crate) type StoreProbe =
     Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Result<(), String>> + Send>> + Send + Sync>;
 
 /// Where `/health` looks.
 #[derive(Clone)]
-pub struct HealthSources {
+pub(crate) struct HealthSources {
     /// True while the MQTT listener's accept loop runs.
     pub listening: Arc<AtomicBool>,
     /// Proves the store writable.
@@ -58,7 +58,7 @@ pub struct HealthSources {
 
 /// The outcome of the health checks.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HealthReport {
+pub(crate) struct HealthReport {
     /// The accept loop runs.
     pub listener: bool,
     /// The store's probe write: `Err` says why it failed.
@@ -69,7 +69,7 @@ pub struct HealthReport {
 
 impl HealthReport {
     /// Runs the checks (the store's probe waits at most [`STORE_PROBE_TIMEOUT`]).
-    pub async fn check(h: &HealthSources, metrics: &Metrics) -> Self {
+    pub(crate) async fn check(h: &HealthSources, metrics: &Metrics) -> Self {
         let store = match tokio::time::timeout(STORE_PROBE_TIMEOUT, (h.store_probe)()).await {
             Ok(r) => r,
             Err(_) => Err(format!(
@@ -87,7 +87,7 @@ impl HealthReport {
     }
 
     /// The checks that failed, by name.
-    pub fn failed(&self) -> Vec<&'static str> {
+    pub(crate) fn failed(&self) -> Vec<&'static str> {
         let mut out = Vec::new();
         if !self.listener {
             out.push("listener");
@@ -104,7 +104,11 @@ impl HealthReport {
     /// `200 OK` when every check passed, `503 Service Unavailable` otherwise, with a JSON body:
     /// `status` (`ok` or `unavailable`), `failed` (the names), `checks` (each one's word) and
     /// the figures an operator looks at next.
-    pub fn response(&self, connections: usize, bridge_queue_depth: u64) -> (&'static str, String) {
+    pub(crate) fn response(
+        &self,
+        connections: usize,
+        bridge_queue_depth: u64,
+    ) -> (&'static str, String) {
         let failed = self.failed();
         let body = serde_json::json!({
             "status": if failed.is_empty() { "ok" } else { "unavailable" },
@@ -135,7 +139,7 @@ impl HealthReport {
 }
 
 /// Binds `addr` and serves in a task; the bound address.
-pub async fn start(addr: SocketAddr, sources: Sources) -> std::io::Result<SocketAddr> {
+pub(crate) async fn start(addr: SocketAddr, sources: Sources) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
     info!(addr = %bound, "metrics endpoint listening");
@@ -161,7 +165,7 @@ pub async fn start(addr: SocketAddr, sources: Sources) -> std::io::Result<Socket
 }
 
 /// The response to a request line: status, content type, body.
-pub async fn respond(
+pub(crate) async fn respond(
     request_line: &str,
     s: &Sources,
     now_ms: u64,

@@ -122,12 +122,12 @@ series! {
 
 impl Metrics {
     /// Adds one to `counter`.
-    pub fn inc(counter: &AtomicU64) {
+    pub(crate) fn inc(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Adds `n` to `counter`.
-    pub fn add(counter: &AtomicU64, n: u64) {
+    pub(crate) fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);
     }
 
@@ -137,14 +137,14 @@ impl Metrics {
     }
 
     /// Sets a gauge.
-    pub fn set(gauge: &AtomicU64, v: u64) {
+    pub(crate) fn set(gauge: &AtomicU64, v: u64) {
         gauge.store(v, Ordering::Relaxed);
     }
 
     /// Every series in the Prometheus text format (0.0.4), names prefixed `fleet_gateway_`:
     /// `connections` (the live client sessions, passed in), then the table above. `now_ms`
     /// dates the queue's age.
-    pub fn render(&self, connections: usize, now_ms: u64) -> String {
+    pub(crate) fn render(&self, connections: usize, now_ms: u64) -> String {
         use std::fmt::Write as _;
         let live = (
             "connections",

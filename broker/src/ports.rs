@@ -15,7 +15,7 @@ use tokio::sync::{mpsc, oneshot};
 /// matching packets to the router: a `Subscribed` event is sent after the SUBSCRIBE went to the
 /// router, so a publish a service sends afterwards is routed to it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SessionEvent {
+pub(crate) enum SessionEvent {
     /// A device's session is open (CONNACK sent).
     Connected {
         /// The device id.
@@ -39,7 +39,7 @@ pub enum SessionEvent {
 
 /// Why a direct delivery did not happen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DeliverError {
+pub(crate) enum DeliverError {
     /// No live connection for the id.
     NotConnected,
     /// Its direct queue is full (a stalled client).
@@ -49,14 +49,14 @@ pub enum DeliverError {
 /// Writes packets straight to one live connection, as they are: for bulk data that must not
 /// sit in the router's in-memory logs (firmware chunks). The caller has checked that the client
 /// may receive it.
-pub trait DirectSink: Send + Sync {
+pub(crate) trait DirectSink: Send + Sync {
     /// Queues `packet` for the live connection of `client_id`; never waits.
     fn deliver(&self, client_id: &str, packet: Packet) -> Result<(), DeliverError>;
 }
 
 /// What becomes of a device's status report, as far as its connection is concerned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StatusVerdict {
+pub(crate) enum StatusVerdict {
     /// Stored (and queued upward when a bridge carries status): acknowledge it and route it.
     Stored,
     /// Not stored and not routed, but acknowledged so the device does not send it forever: a
@@ -68,7 +68,7 @@ pub enum StatusVerdict {
 
 /// One offered report and where its verdict goes.
 #[derive(Debug)]
-pub struct StatusOffer {
+pub(crate) struct StatusOffer {
     /// The device, from the topic it published on (the ACL made sure it is its own).
     pub device: String,
     /// The payload as received.
@@ -79,21 +79,21 @@ pub struct StatusOffer {
 
 /// Where the edge offers status reports before acknowledging them. Cheap to clone.
 #[derive(Debug, Clone)]
-pub struct StatusIntake {
+pub(crate) struct StatusIntake {
     tx: mpsc::Sender<StatusOffer>,
 }
 
 impl StatusIntake {
     /// A connected pair: the edge's side and the receiving side for the status owner.
     /// `capacity` reports wait before offering ones wait for room.
-    pub fn channel(capacity: usize) -> (Self, mpsc::Receiver<StatusOffer>) {
+    pub(crate) fn channel(capacity: usize) -> (Self, mpsc::Receiver<StatusOffer>) {
         let (tx, rx) = mpsc::channel(capacity);
         (StatusIntake { tx }, rx)
     }
 
     /// Offers a report and waits for its verdict; [`StatusVerdict::Failed`] when the status
     /// owner is gone.
-    pub async fn offer(&self, device: &str, payload: Bytes) -> StatusVerdict {
+    pub(crate) async fn offer(&self, device: &str, payload: Bytes) -> StatusVerdict {
         let (reply, verdict) = oneshot::channel();
         let offer = StatusOffer {
             device: device.to_owned(),

@@ -48,12 +48,12 @@ pub struct TlsFiles {
 }
 
 /// The crypto provider used everywhere in the gateway (ring).
-pub fn provider() -> Arc<CryptoProvider> {
+pub(crate) fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
 /// Builds the server configuration from files.
-pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
+pub(crate) fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
     let provider = provider();
     let mut roots = RootCertStore::empty();
     for ca in read_certs(&files.ca)? {

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use common::*;
-use fleet_broker::metrics::Metrics;
+use fleet_broker::Metrics;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
@@ -252,7 +252,7 @@ async fn keep_alive_is_enforced() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn denied_publish_can_disconnect_instead_of_dropping() {
     let gw = TestGateway::start_with(|c| {
-        c.acl.on_denied_publish = fleet_broker::config::DeniedPublish::Disconnect
+        c.acl.on_denied_publish = fleet_broker::DeniedPublish::Disconnect
     })
     .await;
     let mut s = raw_tls(&gw, "dev-1").await;

@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use fleet_broker::metrics::Metrics;
+use fleet_broker::Metrics;
 
 /// An encoded StatusReport with sequence 1 (field 1, varint 1), as mosquitto_pub -m text.
 const STATUS_SEQ_1: &str = "\u{8}\u{1}";

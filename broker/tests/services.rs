@@ -7,8 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::{eventually, text, TestGateway};
-use fleet_broker::metrics::Metrics;
-use fleet_broker::store::Store;
+use fleet_broker::{Metrics, Store};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn undecodable_payloads_are_counted_and_dropped() {

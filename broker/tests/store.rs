@@ -6,7 +6,7 @@
 use std::io::Write;
 use std::time::Duration;
 
-use fleet_broker::store::{StatusOutcome, Store, StoreError, FILE_NAME};
+use fleet_broker::{StatusOutcome, Store, StoreError, STORE_FILE_NAME as FILE_NAME};
 use fleet_testkit::CrashChild;
 
 #[test]

@@ -18,8 +18,7 @@ use cloud_client::{
     build_update, CampaignState, DeployUpdate, FleetClient, ImageSpec, SendCommand, UpdatePhase,
     UpdateRecord, UpdateSpec,
 };
-use fleet_broker::config::{GatewayConfig, MetricsSettings};
-use fleet_broker::Gateway;
+use fleet_broker::{Gateway, GatewayConfig, MetricsSettings};
 use fleet_demo::fleet::{self, FleetOptions};
 use fleet_proto::signing::{TrustedKeys, UpdateSigner};
 
@@ -130,7 +129,7 @@ async fn run(a: Args) -> Result<bool, Error> {
     fresh_dir(&a.data)?;
     let data = std::fs::canonicalize(&a.data)?;
     let n = a.devices.max(1);
-    let (files, _) = fleet_broker::devpki::ensure(&data.join("gateway"), n as u32)?;
+    let (files, _) = fleet_broker::ensure_dev_pki(&data.join("gateway"), n as u32)?;
     let pki = data.join("gateway/pki");
     let port = a.port.unwrap_or(if a.keep_running { 8883 } else { 0 });
     let config = GatewayConfig {

@@ -114,6 +114,6 @@ async fn malformed_protobuf_is_dropped_and_the_store_stays_sound() {
         "{st:?}"
     );
     // And the file is sound (read beside the running gateway: WAL allows it).
-    let store = fleet_broker::store::Store::open(&dir.path().join("data/gateway.db")).unwrap();
+    let store = fleet_broker::Store::open(&dir.path().join("data/gateway.db")).unwrap();
     store.check_integrity().unwrap();
 }

@@ -4,7 +4,7 @@
 /// Why a topic name or filter is not valid MQTT 3.1.1.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
-pub enum TopicSyntax {
+pub(crate) enum TopicSyntax {
     /// Empty string.
     #[error("empty topic")]
     Empty,
@@ -36,7 +36,7 @@ fn common(s: &str) -> Result<(), TopicSyntax> {
 }
 
 /// Checks a topic name (what PUBLISH and a will carry).
-pub fn check_name(topic: &str) -> Result<(), TopicSyntax> {
+pub(crate) fn check_name(topic: &str) -> Result<(), TopicSyntax> {
     common(topic)?;
     if topic.contains(['+', '#']) {
         return Err(TopicSyntax::WildcardInName);
@@ -45,7 +45,7 @@ pub fn check_name(topic: &str) -> Result<(), TopicSyntax> {
 }
 
 /// Checks a topic filter (what SUBSCRIBE carries).
-pub fn check_filter(filter: &str) -> Result<(), TopicSyntax> {
+pub(crate) fn check_filter(filter: &str) -> Result<(), TopicSyntax> {
     common(filter)?;
     let levels: Vec<&str> = filter.split('/').collect();
     for (i, level) in levels.iter().enumerate() {
@@ -61,7 +61,7 @@ pub fn check_filter(filter: &str) -> Result<(), TopicSyntax> {
 
 /// Whether `filter` matches the topic name `topic` (MQTT 3.1.1 section 4.7, including the rule
 /// that wildcards in the first level do not match topics starting with `$`).
-pub fn matches(filter: &str, topic: &str) -> bool {
+pub(crate) fn matches(filter: &str, topic: &str) -> bool {
     if topic.starts_with('$') && (filter.starts_with('+') || filter.starts_with('#')) {
         return false;
     }
@@ -82,7 +82,7 @@ pub fn matches(filter: &str, topic: &str) -> bool {
 /// that decides whether a subscription stays within what a rule allows. Sound (it never says
 /// yes wrongly); `$`-topics are outside any filter whose first level is a wildcard, as in
 /// [`matches()`].
-pub fn within(inner: &str, outer: &str) -> bool {
+pub(crate) fn within(inner: &str, outer: &str) -> bool {
     // A filter starting with a wildcard never matches `$` topics, so it cannot cover a filter
     // whose first level is a literal `$...`; other literal first levels are compared below.
     if inner.starts_with('$') && (outer.starts_with('+') || outer.starts_with('#')) {

@@ -1,6 +1,7 @@
 //! Authorization: MQTT topic matching and the per-role policy. No I/O.
 
-pub mod filter;
-pub mod policy;
+pub(crate) mod filter;
+pub(crate) mod policy;
 
-pub use policy::{Decision, DenyReason, Policy, PolicyError};
+pub use policy::PolicyError;
+pub(crate) use policy::{Decision, DenyReason, Policy};

@@ -28,17 +28,17 @@ use serde::Deserialize;
 use super::filter::{self, check_filter, check_name, TopicSyntax};
 
 /// The placeholder replaced by the identity's id.
-pub const ID_PLACEHOLDER: &str = "{id}";
+pub(crate) const ID_PLACEHOLDER: &str = "{id}";
 
 /// The default policy, following the topic table: devices publish their reports and read
 /// their commands and update stream; services command and update any device and read all
 /// device reports and the fleet API; gateway certificates (bridges) get nothing here.
-pub const DEFAULT_POLICY: &str = include_str!("default_policy.toml");
+pub(crate) const DEFAULT_POLICY: &str = include_str!("default_policy.toml");
 
 /// Rules of one role.
 #[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
-pub struct RoleRules {
+pub(crate) struct RoleRules {
     /// Topic filters the role may publish to.
     #[serde(default)]
     pub publish: Vec<String>,
@@ -68,13 +68,13 @@ pub enum PolicyError {
 
 /// A loaded, validated policy.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Policy {
+pub(crate) struct Policy {
     roles: BTreeMap<Role, RoleRules>,
 }
 
 /// What an ACL check decided.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Decision {
+pub(crate) enum Decision {
     /// Allowed.
     Allow,
     /// Denied, with the reason (for the log line).
@@ -84,7 +84,7 @@ pub enum Decision {
 /// Why a request was denied.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
-pub enum DenyReason {
+pub(crate) enum DenyReason {
     /// The topic or filter is not valid MQTT.
     #[error("invalid topic: {0}")]
     Syntax(TopicSyntax),
@@ -95,7 +95,7 @@ pub enum DenyReason {
 
 impl Policy {
     /// Parses and validates a TOML policy.
-    pub fn from_toml(text: &str) -> Result<Self, PolicyError> {
+    pub(crate) fn from_toml(text: &str) -> Result<Self, PolicyError> {
         #[derive(Deserialize)]
         #[serde(deny_unknown_fields)]
         struct File {
@@ -127,7 +127,7 @@ impl Policy {
     }
 
     /// The built-in default policy.
-    pub fn default_policy() -> Self {
+    pub(crate) fn default_policy() -> Self {
         // The default policy is a constant checked by the unit tests below; parsing it cannot
         // fail at run time, and an empty policy (deny all) would be the safe fallback anyway.
         Self::from_toml(DEFAULT_POLICY).unwrap_or(Self {
@@ -135,13 +135,8 @@ impl Policy {
         })
     }
 
-    /// The rules of `role` (empty if the policy does not name it).
-    pub fn rules(&self, role: Role) -> RoleRules {
-        self.roles.get(&role).cloned().unwrap_or_default()
-    }
-
     /// May `who` publish to `topic` (also used for wills and retained messages)?
-    pub fn check_publish(&self, who: &Identity, topic: &str) -> Decision {
+    pub(crate) fn check_publish(&self, who: &Identity, topic: &str) -> Decision {
         if let Err(e) = check_name(topic) {
             return Decision::Deny(DenyReason::Syntax(e));
         }
@@ -158,7 +153,7 @@ impl Policy {
     }
 
     /// May `who` subscribe to `filter`?
-    pub fn check_subscribe(&self, who: &Identity, topic_filter: &str) -> Decision {
+    pub(crate) fn check_subscribe(&self, who: &Identity, topic_filter: &str) -> Decision {
         if let Err(e) = check_filter(topic_filter) {
             return Decision::Deny(DenyReason::Syntax(e));
         }

@@ -11,9 +11,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use fleet_broker::config::GatewayConfig;
-use fleet_broker::tls::TlsFiles;
-use fleet_broker::{devpki, Gateway};
+use fleet_broker::{ensure_dev_pki, Gateway, GatewayConfig, TlsFiles};
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{info, warn};
 
@@ -122,7 +120,7 @@ async fn run(config: GatewayConfig, args: Args) -> ExitCode {
             cert: cert.clone(),
             key: key.clone(),
         },
-        _ => match devpki::ensure(&config.data_dir, args.dev_devices) {
+        _ => match ensure_dev_pki(&config.data_dir, args.dev_devices) {
             Ok((files, created)) => {
                 let dir = config.data_dir.join("pki");
                 if created {

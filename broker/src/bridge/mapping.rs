@@ -10,7 +10,7 @@ use crate::acl::filter;
 
 /// The bridge's topic rules.
 #[derive(Debug, Clone)]
-pub struct Mapping {
+pub(crate) struct Mapping {
     gateway: GatewayId,
     up: Vec<String>,
     down: Vec<String>,
@@ -18,22 +18,17 @@ pub struct Mapping {
 
 impl Mapping {
     /// Rules for `gateway` with local filters `up` and `down`.
-    pub fn new(gateway: GatewayId, up: Vec<String>, down: Vec<String>) -> Self {
+    pub(crate) fn new(gateway: GatewayId, up: Vec<String>, down: Vec<String>) -> Self {
         Mapping { gateway, up, down }
     }
 
-    /// The gateway id.
-    pub fn gateway(&self) -> &GatewayId {
-        &self.gateway
-    }
-
     /// The upstream name of a local topic.
-    pub fn upstream(&self, local: &str) -> String {
+    pub(crate) fn upstream(&self, local: &str) -> String {
         topics::to_upstream(&self.gateway, local)
     }
 
     /// The local topic of an upstream one, if it is this gateway's and may come down.
-    pub fn local<'a>(&self, upstream: &'a str) -> Option<&'a str> {
+    pub(crate) fn local<'a>(&self, upstream: &'a str) -> Option<&'a str> {
         let local = topics::from_upstream(&self.gateway, upstream)?;
         self.down
             .iter()
@@ -42,23 +37,18 @@ impl Mapping {
     }
 
     /// What the bridge subscribes to upstream.
-    pub fn down_subscriptions(&self) -> Vec<String> {
+    pub(crate) fn down_subscriptions(&self) -> Vec<String> {
         self.down.iter().map(|f| self.upstream(f)).collect()
     }
 
-    /// Whether device status reports flow up (see [`status_up`]).
-    pub fn status_up(&self) -> bool {
-        status_up(&self.up)
-    }
-
     /// What the bridge's local link subscribes to.
-    pub fn up_filters(&self) -> &[String] {
+    pub(crate) fn up_filters(&self) -> &[String] {
         &self.up
     }
 
     /// Whether a message the link received is queued by the link (status reports are not:
     /// the store queued them already).
-    pub fn queue_from_link(&self, local: &str) -> bool {
+    pub(crate) fn queue_from_link(&self, local: &str) -> bool {
         !matches!(
             topics::parse(local),
             Ok(Topic::Device {
@@ -71,7 +61,7 @@ impl Mapping {
 
 /// Whether the `up` filters carry device status reports. Those are queued in the transaction
 /// that stores them (before the device's acknowledgement), not by the bridge's link.
-pub fn status_up(up: &[String]) -> bool {
+pub(crate) fn status_up(up: &[String]) -> bool {
     up.iter().any(|f| filter::matches(f, "devices/x/status"))
 }
 
@@ -105,7 +95,7 @@ mod tests {
             m.down_subscriptions(),
             ["gateways/gw-1/fleet/api/+/request"]
         );
-        assert!(m.status_up());
+        assert!(status_up(m.up_filters()));
         assert!(!m.queue_from_link("devices/d1/status"));
         assert!(m.queue_from_link("devices/d1/presence"));
         assert!(m.queue_from_link("fleet/events/commands/d1"));

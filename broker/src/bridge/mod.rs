@@ -16,7 +16,7 @@
 //!
 //! Topic rules are in [`mapping`].
 
-pub mod mapping;
+pub(crate) mod mapping;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -65,7 +65,7 @@ pub enum BridgeError {
 
 /// The bridge's TLS files, resolved from its settings and the gateway's.
 #[derive(Debug, Clone)]
-pub struct BridgeTls {
+pub(crate) struct BridgeTls {
     /// CA bundle for the upstream broker.
     pub ca: std::path::PathBuf,
     /// Client certificate.
@@ -75,7 +75,7 @@ pub struct BridgeTls {
 }
 
 /// The bridge task.
-pub struct Bridge {
+pub(crate) struct Bridge {
     mapping: Mapping,
     store: SharedStore,
     link: ServiceLink,
@@ -98,7 +98,7 @@ pub struct Bridge {
 
 impl Bridge {
     /// Sets up the upstream client and the local link; nothing is sent until [`Bridge::run`].
-    pub async fn start(
+    pub(crate) async fn start(
         router: &RouterHandle,
         store: SharedStore,
         settings: BridgeSettings,
@@ -155,7 +155,7 @@ impl Bridge {
     }
 
     /// Runs until the router is gone.
-    pub async fn run(mut self) {
+    pub(crate) async fn run(mut self) {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut ticks = 0u64;
@@ -375,6 +375,6 @@ impl Bridge {
 /// Whether stored status reports are to be queued upward: a bridge is configured and its `up`
 /// filters carry device status. The assembly decides this from the configuration and tells
 /// the status owner, which queues them in the transaction that stores them.
-pub fn carries_status(settings: &BridgeSettings) -> bool {
+pub(crate) fn carries_status(settings: &BridgeSettings) -> bool {
     settings.upstream.is_some() && mapping::status_up(&settings.up)
 }

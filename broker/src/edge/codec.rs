@@ -12,7 +12,7 @@ use rumqttd::protocol::{Packet, Protocol};
 /// Why bytes from a client are not a packet.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
-pub enum DecodeError {
+pub(crate) enum DecodeError {
     /// The codec refused the bytes.
     #[error("malformed packet: {0}")]
     Malformed(rumqttd::protocol::Error),
@@ -25,7 +25,10 @@ pub enum DecodeError {
 }
 
 /// Reads the next whole packet from `buf`, or `Ok(None)` if more bytes are needed.
-pub fn decode(buf: &mut BytesMut, max_packet_size: usize) -> Result<Option<Packet>, DecodeError> {
+pub(crate) fn decode(
+    buf: &mut BytesMut,
+    max_packet_size: usize,
+) -> Result<Option<Packet>, DecodeError> {
     let Some(first) = buf.first() else {
         return Ok(None);
     };
@@ -52,7 +55,7 @@ fn read_frame(buf: &mut BytesMut, max_packet_size: usize) -> Result<Option<Packe
 
 /// Appends the encoding of `packet` to `out`, dropping any v5 properties first (the gateway
 /// speaks MQTT 3.1.1 to clients). Packets that only a client sends are not encoded.
-pub fn encode(packet: Packet, out: &mut BytesMut) -> Result<(), rumqttd::protocol::Error> {
+pub(super) fn encode(packet: Packet, out: &mut BytesMut) -> Result<(), rumqttd::protocol::Error> {
     let packet = match packet {
         Packet::ConnAck(a, _) => Packet::ConnAck(a, None),
         Packet::Publish(p, _) => Packet::Publish(p, None),
@@ -75,7 +78,7 @@ pub fn encode(packet: Packet, out: &mut BytesMut) -> Result<(), rumqttd::protoco
 
 /// QoS (0-2) and packet id of the PUBLISH frame at the start of `frame`, read from the raw
 /// bytes. `None` if the frame is not a well-formed PUBLISH header.
-pub fn publish_header(frame: &[u8]) -> Option<(u8, u16)> {
+pub(super) fn publish_header(frame: &[u8]) -> Option<(u8, u16)> {
     let first = *frame.first()?;
     if first >> 4 != 3 {
         return None;

@@ -10,7 +10,7 @@
 
 mod codec;
 mod connection;
-pub mod sessions;
+pub(crate) mod sessions;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -32,9 +32,7 @@ use crate::ports::{SessionEvent, StatusIntake};
 use crate::router::{RouterHandle, INTERNAL_PREFIX};
 use crate::tls::{self, TlsFiles};
 use sessions::CloseReason;
-pub use sessions::Sessions;
-
-pub use codec::{decode, DecodeError};
+pub(crate) use sessions::Sessions;
 
 /// Why the edge cannot start or reload.
 #[derive(Debug, thiserror::Error)]
@@ -135,7 +133,7 @@ fn load_policy(path: Option<&std::path::Path>) -> Result<Policy, EdgeError> {
 }
 
 /// What the edge is built from; the assembly fills it in.
-pub struct EdgeParts {
+pub(crate) struct EdgeParts {
     /// The configuration.
     pub config: GatewayConfig,
     /// The gateway's TLS files (reloaded from the same paths).
@@ -153,7 +151,7 @@ pub struct EdgeParts {
 }
 
 /// The edge bound to its port, ready to serve.
-pub struct Edge {
+pub(crate) struct Edge {
     shared: Arc<Shared>,
     listener: TcpListener,
     /// True while the accept loop runs (the health endpoint's `listener` check).
@@ -162,13 +160,13 @@ pub struct Edge {
 
 /// A handle to a running edge: reload and counts, usable from signal handlers and tests.
 #[derive(Clone)]
-pub struct EdgeHandle {
+pub(crate) struct EdgeHandle {
     shared: Arc<Shared>,
 }
 
 /// Loads the TLS material and the ACL policy, so that a bad file stops the gateway before any
 /// port is bound.
-pub fn load_security(
+pub(crate) fn load_security(
     config: &GatewayConfig,
     tls_files: &TlsFiles,
 ) -> Result<(Arc<ServerConfig>, Policy), EdgeError> {
@@ -181,7 +179,7 @@ pub fn load_security(
 impl Edge {
     /// Opens the edge's own router link (for wills) and binds the listener with the TLS
     /// material and policy from [`load_security`]. Nothing is served until [`Edge::serve`].
-    pub async fn bind(
+    pub(crate) async fn bind(
         parts: EdgeParts,
         (tls, policy): (Arc<ServerConfig>, Policy),
     ) -> Result<Edge, EdgeError> {
@@ -246,17 +244,17 @@ impl Edge {
     }
 
     /// A flag that is true while the accept loop runs (for the health endpoint).
-    pub fn listening(&self) -> Arc<AtomicBool> {
+    pub(crate) fn listening(&self) -> Arc<AtomicBool> {
         self.listening.clone()
     }
 
     /// The bound address (useful with port 0).
-    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+    pub(crate) fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.listener.local_addr()
     }
 
     /// A handle for reload and counts.
-    pub fn handle(&self) -> EdgeHandle {
+    pub(crate) fn handle(&self) -> EdgeHandle {
         EdgeHandle {
             shared: self.shared.clone(),
         }
@@ -264,7 +262,11 @@ impl Edge {
 
     /// Serves until `shutdown` resolves, then stops accepting, asks every connection to close
     /// (publishing wills) and waits up to `grace` for them.
-    pub async fn serve(self, shutdown: impl std::future::Future<Output = ()>, grace: Duration) {
+    pub(crate) async fn serve(
+        self,
+        shutdown: impl std::future::Future<Output = ()>,
+        grace: Duration,
+    ) {
         let limit = self.shared.config.limits.max_connections;
         let slots = Arc::new(Semaphore::new(limit));
         info!(addr = %self.listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), max_connections = limit, "gateway listening");
@@ -319,7 +321,7 @@ impl EdgeHandle {
     /// Reloads the CA bundle, CRL and policy from their files. Keeps the old ones if a file is
     /// unusable (and says so). Closes live connections whose certificate no longer verifies.
     /// Returns how many connections were closed.
-    pub fn reload(&self) -> Result<usize, EdgeError> {
+    pub(crate) fn reload(&self) -> Result<usize, EdgeError> {
         let shared = &self.shared;
         let tls = tls::server_config(&shared.tls_files)?;
         let policy = load_policy(shared.config.acl.policy.as_deref())?;
@@ -346,7 +348,7 @@ impl EdgeHandle {
     }
 
     /// Number of live MQTT sessions.
-    pub fn sessions(&self) -> usize {
+    pub(crate) fn sessions(&self) -> usize {
         self.shared.sessions.len()
     }
 }

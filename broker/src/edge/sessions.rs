@@ -13,11 +13,11 @@ use crate::ports::{DeliverError, DirectSink};
 /// Packets a service may queue for direct delivery to one connection (firmware chunks; the
 /// update server sends at most one window per device, so this is never reached in normal
 /// operation).
-pub const DIRECT_CAPACITY: usize = 256;
+pub(crate) const DIRECT_CAPACITY: usize = 256;
 
 /// Why the gateway closes a connection itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CloseReason {
+pub(crate) enum CloseReason {
     /// Another connection of the same identity arrived.
     Takeover,
     /// The certificate no longer verifies (revoked, or its CA removed) after a reload.
@@ -46,13 +46,13 @@ struct Entry {
 
 /// The registry.
 #[derive(Default)]
-pub struct Sessions {
+pub(crate) struct Sessions {
     inner: Mutex<(u64, HashMap<String, Entry>)>,
 }
 
 /// Held by a connection task while it is registered; deregisters on drop and tells a
 /// successor waiting in [`Sessions::register`] that this connection is gone.
-pub struct Registration {
+pub(crate) struct Registration {
     sessions: Arc<Sessions>,
     id: String,
     generation: u64,
@@ -82,7 +82,7 @@ const TAKEOVER_WAIT: Duration = Duration::from_secs(5);
 impl Sessions {
     /// Registers a connection for `id`, closing any previous one and waiting (bounded) until it
     /// has left the router, so the two never overlap there.
-    pub async fn register(self: &Arc<Self>, id: &str, cert: Vec<u8>) -> Registration {
+    pub(crate) async fn register(self: &Arc<Self>, id: &str, cert: Vec<u8>) -> Registration {
         let (done_tx, done_rx) = oneshot::channel();
         let (close_tx, close_rx) = watch::channel(None);
         let (direct_tx, direct_rx) = mpsc::channel(DIRECT_CAPACITY);
@@ -122,7 +122,7 @@ impl Sessions {
     /// Queues `packet` for the live connection of `id`, to be written as it is: for bulk data
     /// that must not sit in the router's in-memory logs (firmware chunks). The caller has
     /// checked that `id` may receive it.
-    pub fn deliver(&self, id: &str, packet: Packet) -> Result<(), DeliverError> {
+    pub(crate) fn deliver(&self, id: &str, packet: Packet) -> Result<(), DeliverError> {
         let g = match self.inner.lock() {
             Ok(g) => g,
             Err(poisoned) => poisoned.into_inner(),
@@ -136,7 +136,7 @@ impl Sessions {
 
     /// Asks every connection for which `keep(certificate)` is false to close with `reason`;
     /// returns how many were asked.
-    pub fn close_unless(&self, reason: CloseReason, keep: impl Fn(&[u8]) -> bool) -> usize {
+    pub(crate) fn close_unless(&self, reason: CloseReason, keep: impl Fn(&[u8]) -> bool) -> usize {
         let g = match self.inner.lock() {
             Ok(g) => g,
             Err(poisoned) => poisoned.into_inner(),
@@ -150,13 +150,8 @@ impl Sessions {
     }
 
     /// Number of registered connections.
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.inner.lock().map(|g| g.1.len()).unwrap_or(0)
-    }
-
-    /// True when no connection is registered.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 

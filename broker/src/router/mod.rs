@@ -17,10 +17,10 @@ pub(crate) use link::{Received, ServiceLink};
 
 /// Client ids of the gateway's own in-process links start with this. DEL is a control
 /// character, which no certificate id may contain, so no client can ever claim these sessions.
-pub const INTERNAL_PREFIX: &str = "\u{7f}gateway-";
+pub(crate) const INTERNAL_PREFIX: &str = "\u{7f}gateway-";
 
 /// An open link: what to send to the router, what it sends back, and its CONNACK.
-pub struct Link {
+pub(crate) struct Link {
     /// Packets towards the router.
     pub tx: LinkTx,
     /// Notifications from the router.
@@ -33,13 +33,13 @@ pub struct Link {
 /// large and carries channel internals).
 #[derive(Debug, thiserror::Error)]
 #[error("router link: {0}")]
-pub struct LinkFailed(String);
+pub(crate) struct LinkFailed(String);
 
 type MakeLink = dyn Fn(&str, bool) -> Result<Link, LinkFailed> + Send + Sync;
 
 /// A handle to the running router.
 #[derive(Clone)]
-pub struct RouterHandle {
+pub(crate) struct RouterHandle {
     make: Arc<MakeLink>,
 }
 
@@ -56,7 +56,7 @@ pub struct RouterError(String);
 
 impl RouterHandle {
     /// Starts a router sized for `max_connections` client connections.
-    pub fn start(max_connections: usize) -> Result<Self, RouterError> {
+    pub(crate) fn start(max_connections: usize) -> Result<Self, RouterError> {
         // RouterConfig has no constructor; its fields are public but some nested types are
         // not, so it is built from the same shape rumqttd's own config files use.
         let config: RouterConfig = serde_json::from_value(serde_json::json!({
@@ -88,7 +88,7 @@ impl RouterHandle {
 
     /// Opens a link for `client_id`. Blocks until the router answers: call it from
     /// `spawn_blocking`.
-    pub fn link(&self, client_id: &str, clean_session: bool) -> Result<Link, LinkFailed> {
+    pub(crate) fn link(&self, client_id: &str, clean_session: bool) -> Result<Link, LinkFailed> {
         (self.make)(client_id, clean_session)
     }
 }

@@ -23,9 +23,9 @@ use crate::metrics::Metrics;
 use crate::store::{StoredCommand, Submitted};
 
 /// Longest command name accepted, in bytes.
-pub const MAX_NAME_LEN: usize = 256;
+pub(crate) const MAX_NAME_LEN: usize = 256;
 /// Most target devices in one request.
-pub const MAX_TARGETS: usize = 10_000;
+pub(crate) const MAX_TARGETS: usize = 10_000;
 
 /// An error answer.
 pub(crate) fn api_error(code: ApiErrorCode, message: impl Into<String>) -> ApiError {
@@ -44,7 +44,7 @@ fn new_command_id() -> String {
 
 /// Checks a SendCommand and turns it into one command per target. `class_members` are the
 /// known devices of `req.device_class` (looked up by the caller).
-pub fn plan_send(
+pub(crate) fn plan_send(
     req: &SendCommand,
     service: &str,
     class_members: &[String],

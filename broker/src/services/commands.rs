@@ -36,7 +36,7 @@ const RETRY_AFTER_ERROR: Duration = Duration::from_secs(1);
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 
 /// The command service task.
-pub struct CommandService {
+pub(crate) struct CommandService {
     pub(super) link: ServiceLink,
     pub(super) store: SharedStore,
     pub(super) settings: CommandSettings,
@@ -140,7 +140,7 @@ fn covers_cmd_topic(filter: &str, device: &str) -> bool {
 
 impl CommandService {
     /// Opens the service's link.
-    pub async fn start(
+    pub(crate) async fn start(
         router: &RouterHandle,
         store: SharedStore,
         settings: CommandSettings,
@@ -166,7 +166,7 @@ impl CommandService {
     /// Runs until the router is gone. Sleeps until the next expiry or re-delivery is due (see
     /// `next_sweep_in`) or a message or session event arrives; the first sweep runs at once
     /// (what expired while the gateway was down).
-    pub async fn run(mut self) {
+    pub(crate) async fn run(mut self) {
         let mut prune = tokio::time::interval(PRUNE_EVERY);
         prune.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut wake = tokio::time::Instant::now();

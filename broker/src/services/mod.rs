@@ -12,11 +12,11 @@
 //! [`DirectSink`] the assembly hands them; they never import the edge. The edge reaches them
 //! through the channels of [`crate::ports`], whose ends the assembly hands to both.
 
-pub mod api;
-pub mod commands;
-pub mod registry;
-pub mod status;
-pub mod updates;
+pub(crate) mod api;
+pub(crate) mod commands;
+pub(crate) mod registry;
+pub(crate) mod status;
+pub(crate) mod updates;
 
 use std::sync::Arc;
 
@@ -30,7 +30,7 @@ use crate::router::{LinkError, RouterHandle};
 use crate::store::SharedStore;
 
 /// What the services need from the rest of the gateway.
-pub struct ServiceDeps {
+pub(crate) struct ServiceDeps {
     /// The router the services' links open on.
     pub router: RouterHandle,
     /// The store.
@@ -56,7 +56,7 @@ pub struct ServiceDeps {
 }
 
 /// Starts the services on their own links.
-pub async fn start(deps: ServiceDeps) -> Result<(), LinkError> {
+pub(crate) async fn start(deps: ServiceDeps) -> Result<(), LinkError> {
     let ServiceDeps {
         router,
         store,

@@ -18,7 +18,7 @@ use crate::store::SharedStore;
 
 /// Why a payload is refused.
 #[derive(Debug, thiserror::Error)]
-pub enum Refused {
+pub(crate) enum Refused {
     /// Not a topic the registry reads.
     #[error("not a device status or presence topic")]
     Topic,
@@ -57,7 +57,7 @@ fn presence_item(msg: &Received) -> Result<PresenceItem, Refused> {
 }
 
 /// The presence reader task.
-pub struct Registry {
+pub(crate) struct Registry {
     link: ServiceLink,
     store: SharedStore,
     metrics: Arc<Metrics>,
@@ -65,7 +65,7 @@ pub struct Registry {
 
 impl Registry {
     /// Opens the registry's link.
-    pub async fn start(
+    pub(crate) async fn start(
         router: &RouterHandle,
         store: SharedStore,
         metrics: Arc<Metrics>,
@@ -80,7 +80,7 @@ impl Registry {
     }
 
     /// Runs until the router is gone.
-    pub async fn run(mut self) {
+    pub(crate) async fn run(mut self) {
         while let Some(msg) = self.link.recv().await {
             let item = match presence_item(&msg) {
                 Ok(i) => i,

@@ -31,14 +31,14 @@ use crate::ports::{StatusOffer, StatusVerdict};
 use crate::store::{SharedStore, StatusOutcome, StatusWrite};
 
 /// Most reports written in one transaction.
-pub const MAX_BATCH: usize = 512;
+pub(crate) const MAX_BATCH: usize = 512;
 /// Reports waiting for the owner before publishers wait for room: the capacity the assembly
 /// gives the [`crate::ports::StatusIntake`] channel.
-pub const QUEUE: usize = 4096;
+pub(crate) const QUEUE: usize = 4096;
 
 /// A decoded, checked status report, ready to store.
 #[derive(Debug, Clone)]
-pub struct StatusItem {
+pub(crate) struct StatusItem {
     device: String,
     topic: String,
     sequence: u64,
@@ -47,7 +47,7 @@ pub struct StatusItem {
 }
 
 /// Checks a report `device` published: pure, so the rules are testable without a gateway.
-pub fn status_item(device: &str, payload: &[u8]) -> Result<StatusItem, Refused> {
+pub(crate) fn status_item(device: &str, payload: &[u8]) -> Result<StatusItem, Refused> {
     let id = DeviceId::new(device).map_err(|_| Refused::Topic)?;
     let r = StatusReport::decode(payload)?;
     if r.sequence == 0 {
@@ -64,7 +64,7 @@ pub fn status_item(device: &str, payload: &[u8]) -> Result<StatusItem, Refused> 
 
 /// Starts the status owner on the receiving end of a [`crate::ports::StatusIntake`]; `uplink`: stored
 /// reports are also queued for the bridge.
-pub fn start(
+pub(crate) fn start(
     offers: mpsc::Receiver<StatusOffer>,
     store: SharedStore,
     metrics: Arc<Metrics>,

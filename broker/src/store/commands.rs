@@ -9,7 +9,7 @@ use super::{err, from_sql, to_sql, Store, StoreError};
 
 /// One command for one device, as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StoredCommand {
+pub(crate) struct StoredCommand {
     /// The target device.
     pub device_id: String,
     /// The command id (idempotency key per device).
@@ -35,11 +35,6 @@ pub struct StoredCommand {
 }
 
 impl StoredCommand {
-    /// True while PENDING or DELIVERED ([`CommandState::is_open`]).
-    pub fn is_open(&self) -> bool {
-        self.state.is_open()
-    }
-
     /// Whether `other` asks for the same thing (same device, id, name, payload, issuer).
     fn same_request(&self, other: &StoredCommand) -> bool {
         self.device_id == other.device_id
@@ -56,7 +51,7 @@ const OPEN: &str = "state IN (1, 2)";
 
 /// What became of a submitted command.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Submitted {
+pub(crate) enum Submitted {
     /// Stored as new.
     New(StoredCommand),
     /// The same command was submitted before: here is its current state.
@@ -90,7 +85,7 @@ impl Store {
     /// (device, id) exists is not changed: it is answered as `Existing` when it asks for the same
     /// thing, `Conflict` otherwise. All or nothing: if any is a `Conflict`, nothing is stored
     /// (the `New` answers then say what would have been stored).
-    pub fn submit_commands(
+    pub(crate) fn submit_commands(
         &mut self,
         commands: &[StoredCommand],
     ) -> Result<Vec<Submitted>, StoreError> {
@@ -145,7 +140,7 @@ impl Store {
     }
 
     /// A device's open commands that have not expired at `now_ms`, oldest first.
-    pub fn open_commands(
+    pub(crate) fn open_commands(
         &self,
         device_id: &str,
         now_ms: u64,
@@ -178,7 +173,7 @@ impl Store {
     }
 
     /// How many open commands each of `devices` has.
-    pub fn open_counts(&self, devices: &[String]) -> Result<Vec<u32>, StoreError> {
+    pub(crate) fn open_counts(&self, devices: &[String]) -> Result<Vec<u32>, StoreError> {
         let mut stmt = self
             .conn
             .prepare(&format!(
@@ -196,7 +191,7 @@ impl Store {
 
     /// DELIVERED commands last handed over at or before `before_ms` and not expired at
     /// `now_ms`: due for another hand-over if their device is connected.
-    pub fn overdue_commands(
+    pub(crate) fn overdue_commands(
         &self,
         before_ms: u64,
         now_ms: u64,
@@ -211,7 +206,7 @@ impl Store {
 
     /// Records one more hand-over to the device: attempts + 1, state DELIVERED. Returns the
     /// updated command, or `None` if it is no longer open.
-    pub fn mark_delivered(
+    pub(crate) fn mark_delivered(
         &mut self,
         device_id: &str,
         command_id: &str,
@@ -238,7 +233,7 @@ impl Store {
 
     /// Closes an open command with the device's result. Returns the closed command, or `None`
     /// if there is no such open command (unknown, or already closed: a duplicate result).
-    pub fn close_command(
+    pub(crate) fn close_command(
         &mut self,
         device_id: &str,
         command_id: &str,
@@ -262,7 +257,7 @@ impl Store {
 
     /// Closes every open command whose expiry is at or before `now_ms` as EXPIRED with the
     /// `result` made by `result_for`, in one transaction. Returns the closed commands.
-    pub fn expire_commands(
+    pub(crate) fn expire_commands(
         &mut self,
         now_ms: u64,
         result_for: impl Fn(&StoredCommand) -> Vec<u8>,
@@ -306,7 +301,7 @@ impl Store {
     }
 
     /// The earliest expiry among open commands.
-    pub fn next_expiry(&self) -> Result<Option<u64>, StoreError> {
+    pub(crate) fn next_expiry(&self) -> Result<Option<u64>, StoreError> {
         self.conn
             .query_row(
                 &format!(
@@ -324,7 +319,7 @@ impl Store {
     /// `redeliver_after`: the next re-delivery falls due `redeliver_after` after it. Overdue
     /// ones are left out: a sweep already handled them (re-delivered, or kept for the device's
     /// reconnection, which delivers every open command).
-    pub fn oldest_fresh_delivery(
+    pub(crate) fn oldest_fresh_delivery(
         &self,
         after_ms: u64,
         now_ms: u64,
@@ -342,7 +337,7 @@ impl Store {
     }
 
     /// A command's records: for one device, or for every target when `device_id` is `None`.
-    pub fn get_command(
+    pub(crate) fn get_command(
         &self,
         command_id: &str,
         device_id: Option<&str>,
@@ -354,7 +349,7 @@ impl Store {
     }
 
     /// Forgets closed commands last changed before `before_ms`. Returns how many.
-    pub fn prune_commands(&mut self, before_ms: u64) -> Result<usize, StoreError> {
+    pub(crate) fn prune_commands(&mut self, before_ms: u64) -> Result<usize, StoreError> {
         self.conn
             .execute(
                 &format!("DELETE FROM commands WHERE NOT {OPEN} AND updated_at_ms < ?1"),

@@ -13,7 +13,7 @@ use super::{err, from_sql, to_sql, Store, StoreError};
 
 /// An image as the cache knows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ImageRow {
+pub(crate) struct ImageRow {
     /// Lowercase hex SHA-256 of the whole image: its name.
     pub sha256: String,
     /// Size in bytes.
@@ -30,7 +30,7 @@ pub struct ImageRow {
 
 impl ImageRow {
     /// The row for a manifest component.
-    pub fn of(c: &Component) -> Self {
+    pub(crate) fn of(c: &Component) -> Self {
         ImageRow {
             sha256: hex::encode(&c.sha256),
             size: c.size,
@@ -42,7 +42,7 @@ impl ImageRow {
     }
 
     /// Whether `c` describes this same image the same way (chunking and root included).
-    pub fn matches(&self, c: &Component) -> bool {
+    pub(crate) fn matches(&self, c: &Component) -> bool {
         *self
             == ImageRow {
                 complete: self.complete,
@@ -65,7 +65,11 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ImageRow> {
 impl Store {
     /// Records an image (if new) and returns what is stored for its digest. The caller checks
     /// [`ImageRow::matches`]: one digest chunked two ways is refused, not mixed.
-    pub fn put_image(&mut self, image: &ImageRow, now_ms: u64) -> Result<ImageRow, StoreError> {
+    pub(crate) fn put_image(
+        &mut self,
+        image: &ImageRow,
+        now_ms: u64,
+    ) -> Result<ImageRow, StoreError> {
         self.conn
             .execute(
                 "INSERT INTO images (sha256, size, chunk_size, chunk_count, merkle_root, created_at_ms)
@@ -85,7 +89,7 @@ impl Store {
     }
 
     /// The image named by `sha256` (hex), if known.
-    pub fn image(&self, sha256: &str) -> Result<Option<ImageRow>, StoreError> {
+    pub(crate) fn image(&self, sha256: &str) -> Result<Option<ImageRow>, StoreError> {
         self.conn
             .query_row(
                 "SELECT sha256, size, chunk_size, chunk_count, merkle_root, complete
@@ -98,7 +102,7 @@ impl Store {
     }
 
     /// Records that chunk `idx` (with its digest) is on disk. Idempotent.
-    pub fn put_image_chunk(
+    pub(crate) fn put_image_chunk(
         &mut self,
         sha256: &str,
         idx: u32,
@@ -115,7 +119,11 @@ impl Store {
     }
 
     /// Whether chunk `idx` is held, and how many chunks are held in all.
-    pub fn image_chunk_held(&self, sha256: &str, idx: u32) -> Result<(bool, u32), StoreError> {
+    pub(crate) fn image_chunk_held(
+        &self,
+        sha256: &str,
+        idx: u32,
+    ) -> Result<(bool, u32), StoreError> {
         self.conn
             .query_row(
                 "SELECT count(*) FILTER (WHERE idx = ?2), count(*)
@@ -127,7 +135,7 @@ impl Store {
     }
 
     /// The chunks held, in index order, with their digests.
-    pub fn image_chunks(&self, sha256: &str) -> Result<Vec<(u32, Hash)>, StoreError> {
+    pub(crate) fn image_chunks(&self, sha256: &str) -> Result<Vec<(u32, Hash)>, StoreError> {
         let mut stmt = self
             .conn
             .prepare("SELECT idx, digest FROM image_chunks WHERE sha256 = ?1 ORDER BY idx")
@@ -150,7 +158,7 @@ impl Store {
     }
 
     /// Marks an image complete (every chunk held, whole digest checked).
-    pub fn set_image_complete(&mut self, sha256: &str) -> Result<(), StoreError> {
+    pub(crate) fn set_image_complete(&mut self, sha256: &str) -> Result<(), StoreError> {
         self.conn
             .execute("UPDATE images SET complete = 1 WHERE sha256 = ?1", [sha256])
             .map(|_| ())
@@ -158,7 +166,7 @@ impl Store {
     }
 
     /// Forgets an image's held chunks (its file failed the whole-image check).
-    pub fn reset_image(&mut self, sha256: &str) -> Result<(), StoreError> {
+    pub(crate) fn reset_image(&mut self, sha256: &str) -> Result<(), StoreError> {
         self.conn
             .execute("DELETE FROM image_chunks WHERE sha256 = ?1", [sha256])
             .map(|_| ())

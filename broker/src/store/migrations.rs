@@ -94,7 +94,7 @@ const MIGRATIONS: &[&str] = &[
 ];
 
 /// The newest schema version this build knows.
-pub fn latest() -> u32 {
+pub(super) fn latest() -> u32 {
     // A handful of migrations: always fits.
     MIGRATIONS.len() as u32
 }

@@ -23,12 +23,12 @@ use std::path::{Path, PathBuf};
 
 use rusqlite::{Connection, OpenFlags};
 
-pub use commands::{StoredCommand, Submitted};
-pub use images::ImageRow;
-pub use shared::SharedStore;
-pub use status::{DeviceState, StatusOutcome, StatusWrite};
-pub use updates::{StoredUpdate, UpdatePut};
-pub use uplink::{QueueStats, Queued};
+pub(crate) use commands::{StoredCommand, Submitted};
+pub(crate) use images::ImageRow;
+pub(crate) use shared::SharedStore;
+pub(crate) use status::StatusWrite;
+pub use status::{DeviceState, StatusOutcome};
+pub(crate) use updates::{StoredUpdate, UpdatePut};
 
 /// Why the store cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -80,7 +80,7 @@ impl std::fmt::Debug for Store {
 }
 
 /// An open write transaction (see [`Store::write`]); each table's module adds its writes.
-pub struct WriteTx<'a> {
+pub(crate) struct WriteTx<'a> {
     tx: rusqlite::Transaction<'a>,
     path: &'a Path,
 }
@@ -155,7 +155,7 @@ impl Store {
     /// Runs `f` in one write transaction, committed (one disk sync) when it returns `Ok`, rolled
     /// back when it returns an error. Writes to several tables that must be durable together
     /// (a status report and its upward copy) go through one of these.
-    pub fn write<R>(
+    pub(crate) fn write<R>(
         &mut self,
         f: impl FnOnce(&mut WriteTx<'_>) -> Result<R, StoreError>,
     ) -> Result<R, StoreError> {
@@ -173,7 +173,7 @@ impl Store {
     /// Proves the file takes writes: rewrites the one row of `health_probe` in a committed,
     /// synced transaction like any other write. A read-only file, a full disk or an I/O error
     /// makes it fail.
-    pub fn probe_write(&mut self, now_ms: u64) -> Result<(), StoreError> {
+    pub(crate) fn probe_write(&mut self, now_ms: u64) -> Result<(), StoreError> {
         self.conn
             .execute(
                 "INSERT INTO health_probe (id, probed_at_ms) VALUES (1, ?1)

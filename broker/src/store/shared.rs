@@ -12,7 +12,7 @@ use crate::metrics::Metrics;
 /// Everything inside [`SharedStore::call`] runs while every other caller waits (devices'
 /// status acknowledgements among them): keep file work and hashing outside it.
 #[derive(Clone)]
-pub struct SharedStore {
+pub(crate) struct SharedStore {
     inner: Arc<Mutex<Store>>,
     metrics: Arc<Metrics>,
 }
@@ -25,7 +25,7 @@ impl std::fmt::Debug for SharedStore {
 
 impl SharedStore {
     /// Wraps an open store.
-    pub fn new(store: Store, metrics: Arc<Metrics>) -> Self {
+    pub(crate) fn new(store: Store, metrics: Arc<Metrics>) -> Self {
         Self {
             inner: Arc::new(Mutex::new(store)),
             metrics,
@@ -34,7 +34,7 @@ impl SharedStore {
 
     /// Runs `f` with the store on the blocking pool. A failure is logged and counted here, so
     /// callers only decide what it means for their message.
-    pub async fn call<R: Send + 'static>(
+    pub(crate) async fn call<R: Send + 'static>(
         &self,
         what: &'static str,
         f: impl FnOnce(&mut Store) -> Result<R, StoreError> + Send + 'static,

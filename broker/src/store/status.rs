@@ -38,7 +38,7 @@ pub struct DeviceState {
 
 /// One report for [`Store::put_statuses`].
 #[derive(Debug, Clone, Copy)]
-pub struct StatusWrite<'a> {
+pub(crate) struct StatusWrite<'a> {
     /// The device (authenticated by the topic it published on).
     pub device_id: &'a str,
     /// `StatusReport.sequence`.
@@ -73,7 +73,7 @@ impl Store {
 
     /// Offers several reports in one transaction (one disk sync for the batch), in order; each
     /// is judged against what the ones before it left. Outcomes are in the same order.
-    pub fn put_statuses(
+    pub(crate) fn put_statuses(
         &mut self,
         batch: &[StatusWrite<'_>],
         now_ms: u64,
@@ -82,7 +82,11 @@ impl Store {
     }
 
     /// Remembers a device's class (from its presence), for class-wide commands.
-    pub fn set_device_class(&mut self, device_id: &str, class: &str) -> Result<(), StoreError> {
+    pub(crate) fn set_device_class(
+        &mut self,
+        device_id: &str,
+        class: &str,
+    ) -> Result<(), StoreError> {
         if class.is_empty() {
             return Ok(());
         }
@@ -97,7 +101,7 @@ impl Store {
     }
 
     /// Every known device of a class, by id.
-    pub fn devices_of_class(&self, class: &str) -> Result<Vec<String>, StoreError> {
+    pub(crate) fn devices_of_class(&self, class: &str) -> Result<Vec<String>, StoreError> {
         let mut stmt = self
             .conn
             .prepare(
@@ -164,7 +168,7 @@ impl Store {
 impl WriteTx<'_> {
     /// Offers a report inside a larger transaction: stored only if its sequence is newer than
     /// the stored one.
-    pub fn put_status(
+    pub(crate) fn put_status(
         &mut self,
         w: &StatusWrite<'_>,
         now_ms: u64,

@@ -12,7 +12,7 @@ use super::{err, from_sql, to_sql, Store, StoreError};
 
 /// An update as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StoredUpdate {
+pub(crate) struct StoredUpdate {
     /// Its id.
     pub update_id: String,
     /// The encoded SignedManifest.
@@ -25,7 +25,7 @@ pub struct StoredUpdate {
 
 /// What registering an update did.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum UpdatePut {
+pub(crate) enum UpdatePut {
     /// Newly registered.
     New,
     /// The same bytes were already registered.
@@ -44,7 +44,7 @@ fn decode<M: Message + Default>(bytes: &[u8], col: usize) -> rusqlite::Result<M>
 
 impl Store {
     /// Registers an update's signed manifest.
-    pub fn put_update(&mut self, u: &StoredUpdate) -> Result<UpdatePut, StoreError> {
+    pub(crate) fn put_update(&mut self, u: &StoredUpdate) -> Result<UpdatePut, StoreError> {
         let path = self.path.clone();
         let tx = self.conn.transaction().map_err(|e| err(&path, e))?;
         let old: Option<Vec<u8>> = tx
@@ -97,7 +97,7 @@ impl Store {
     }
 
     /// The update `update_id`, if registered.
-    pub fn update(&self, update_id: &str) -> Result<Option<StoredUpdate>, StoreError> {
+    pub(crate) fn update(&self, update_id: &str) -> Result<Option<StoredUpdate>, StoreError> {
         self.conn
             .query_row(
                 "SELECT update_id, signed_manifest, created_by, created_at_ms
@@ -118,7 +118,7 @@ impl Store {
 
     /// Creates a campaign with its targets (in rollout order). False, and nothing written,
     /// when the update already has one.
-    pub fn create_campaign(
+    pub(crate) fn create_campaign(
         &mut self,
         update_id: &str,
         campaign: &CampaignRecord,
@@ -153,7 +153,7 @@ impl Store {
     }
 
     /// Saves a campaign's record and the given targets' records in one transaction.
-    pub fn save_campaign(
+    pub(crate) fn save_campaign(
         &mut self,
         update_id: &str,
         campaign: &CampaignRecord,
@@ -181,7 +181,7 @@ impl Store {
     }
 
     /// Every campaign with its targets (in rollout order).
-    pub fn campaigns(
+    pub(crate) fn campaigns(
         &self,
     ) -> Result<Vec<(String, CampaignRecord, Vec<TargetRecord>)>, StoreError> {
         let mut stmt = self

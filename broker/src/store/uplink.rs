@@ -9,7 +9,7 @@ use super::{err, from_sql, to_sql, Store, StoreError, WriteTx};
 
 /// One queued message.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Queued {
+pub(crate) struct Queued {
     /// Queue position (increasing).
     pub seq: i64,
     /// Local topic.
@@ -22,7 +22,7 @@ pub struct Queued {
 
 /// Size of the queue.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct QueueStats {
+pub(crate) struct QueueStats {
     /// Messages queued.
     pub depth: u64,
     /// Their payload and topic bytes.
@@ -33,7 +33,7 @@ pub struct QueueStats {
 
 impl WriteTx<'_> {
     /// Queues one message (local topic, payload) upward inside a larger transaction.
-    pub fn enqueue_uplink(
+    pub(crate) fn enqueue_uplink(
         &mut self,
         topic: &str,
         payload: &[u8],
@@ -51,7 +51,7 @@ impl WriteTx<'_> {
 
 impl Store {
     /// Queues messages (local topic, payload) in one transaction, in order.
-    pub fn enqueue_uplink(
+    pub(crate) fn enqueue_uplink(
         &mut self,
         msgs: &[(String, Vec<u8>)],
         now_ms: u64,
@@ -63,7 +63,7 @@ impl Store {
     }
 
     /// Up to `limit` queued messages after position `after`, oldest first.
-    pub fn uplink_after(&self, after: i64, limit: usize) -> Result<Vec<Queued>, StoreError> {
+    pub(crate) fn uplink_after(&self, after: i64, limit: usize) -> Result<Vec<Queued>, StoreError> {
         let mut stmt = self
             .conn
             .prepare_cached(
@@ -86,7 +86,7 @@ impl Store {
     }
 
     /// Removes acknowledged messages.
-    pub fn uplink_done(&mut self, seqs: &[i64]) -> Result<(), StoreError> {
+    pub(crate) fn uplink_done(&mut self, seqs: &[i64]) -> Result<(), StoreError> {
         let path = self.path.clone();
         let tx = self.conn.transaction().map_err(|e| err(&path, e))?;
         for s in seqs {
@@ -97,7 +97,7 @@ impl Store {
     }
 
     /// Depth, bytes and age of the queue.
-    pub fn uplink_stats(&self) -> Result<QueueStats, StoreError> {
+    pub(crate) fn uplink_stats(&self) -> Result<QueueStats, StoreError> {
         self.conn
             .query_row(
                 "SELECT count(*), coalesce(sum(length(payload) + length(topic)), 0),
@@ -117,7 +117,7 @@ impl Store {
 
     /// Keeps the queue within `max_bytes` by deleting its oldest messages (the overflow
     /// policy: the newest state matters most); how many were deleted.
-    pub fn uplink_trim(&mut self, max_bytes: u64) -> Result<u64, StoreError> {
+    pub(crate) fn uplink_trim(&mut self, max_bytes: u64) -> Result<u64, StoreError> {
         let mut dropped = 0;
         loop {
             let stats = self.uplink_stats()?;

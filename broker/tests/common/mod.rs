@@ -8,9 +8,7 @@ use std::process::{Command, Output};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fleet_broker::config::GatewayConfig;
-use fleet_broker::tls::TlsFiles;
-use fleet_broker::{Gateway, GatewayHandle};
+use fleet_broker::{Gateway, GatewayConfig, GatewayHandle, TlsFiles};
 use fleet_certs::pki::{InitOptions, Pki};
 use fleet_certs::profile::{ServerNames, Validity};
 use fleet_certs::{Identity, Role};
@@ -85,7 +83,7 @@ impl TestGateway {
         let mut config = GatewayConfig {
             listen: "127.0.0.1:0".parse().unwrap(),
             data_dir: dir.path().join("data"),
-            metrics: fleet_broker::config::MetricsSettings {
+            metrics: fleet_broker::MetricsSettings {
                 listen: Some("127.0.0.1:0".parse().unwrap()),
             },
             ..GatewayConfig::default()

@@ -19,7 +19,7 @@ use crate::services::api::{api_error, response};
 use crate::store::{ImageRow, StoredUpdate, UpdatePut};
 
 /// Most target devices in one deployment.
-pub const MAX_TARGETS: usize = 10_000;
+pub(super) const MAX_TARGETS: usize = 10_000;
 
 fn invalid(m: impl Into<String>) -> ApiError {
     api_error(ApiErrorCode::Invalid, m)
@@ -333,7 +333,6 @@ impl UpdateService {
         }
         let now = fleet_proto::time::now_ms();
         let mut c = Campaign::plan(
-            &req.update_id,
             &devices,
             req.batch_size,
             req.max_failures_percent,

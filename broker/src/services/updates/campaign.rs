@@ -25,7 +25,7 @@ fn working(t: &TargetRecord) -> bool {
 
 /// What a change requires of the service.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct Effects {
+pub(crate) struct Effects {
     /// The campaign record changed: persist it.
     pub campaign_changed: bool,
     /// Targets (indexes) whose records changed and must be persisted before the offers below.
@@ -38,16 +38,14 @@ pub struct Effects {
 
 impl Effects {
     /// Whether anything must be persisted.
-    pub fn needs_save(&self) -> bool {
+    pub(crate) fn needs_save(&self) -> bool {
         self.campaign_changed || !self.changed.is_empty()
     }
 }
 
 /// One update's rollout.
 #[derive(Debug, Clone)]
-pub struct Campaign {
-    /// The update.
-    pub update_id: String,
+pub(crate) struct Campaign {
     /// Its state.
     pub record: CampaignRecord,
     /// Its devices, in rollout order.
@@ -58,22 +56,17 @@ pub struct Campaign {
 /// Why a control action is refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
-pub struct ControlError(pub String);
+pub(crate) struct ControlError(pub String);
 
 impl Campaign {
     /// A campaign as stored.
-    pub fn from_parts(
-        update_id: String,
-        record: CampaignRecord,
-        targets: Vec<TargetRecord>,
-    ) -> Self {
+    pub(crate) fn from_parts(record: CampaignRecord, targets: Vec<TargetRecord>) -> Self {
         let index = targets
             .iter()
             .enumerate()
             .map(|(i, t)| (t.device_id.clone(), i))
             .collect();
         Campaign {
-            update_id,
             record,
             targets,
             index,
@@ -81,8 +74,7 @@ impl Campaign {
     }
 
     /// A new campaign over `devices` (deduplicated, order kept), not started.
-    pub fn plan(
-        update_id: &str,
+    pub(crate) fn plan(
         devices: &[String],
         batch_size: u32,
         max_failures_percent: u32,
@@ -120,23 +112,23 @@ impl Campaign {
             updated_at_ms: now_ms,
             created_by: created_by.to_owned(),
         };
-        Self::from_parts(update_id.to_owned(), record, targets)
+        Self::from_parts(record, targets)
     }
 
     /// The target record of `device`, if it is one.
-    pub fn target(&self, device: &str) -> Option<&TargetRecord> {
+    pub(crate) fn target(&self, device: &str) -> Option<&TargetRecord> {
         self.index.get(device).map(|&i| &self.targets[i])
     }
 
     /// Whether `device` has been offered the update and is still working on it (so its chunk
     /// requests are served).
-    pub fn is_active(&self, device: &str) -> bool {
+    pub(crate) fn is_active(&self, device: &str) -> bool {
         self.target(device).is_some_and(working)
     }
 
     /// Devices offered the update and not finished: their manifests are re-published after a
     /// restart (the router's retained messages do not survive one).
-    pub fn offered_unfinished(&self) -> Vec<String> {
+    pub(crate) fn offered_unfinished(&self) -> Vec<String> {
         self.targets
             .iter()
             .filter(|t| working(t))
@@ -145,7 +137,7 @@ impl Campaign {
     }
 
     /// Counts one chunk sent to `device` (kept in memory, saved with its next change).
-    pub fn note_sent(&mut self, device: &str) {
+    pub(crate) fn note_sent(&mut self, device: &str) {
         if let Some(&i) = self.index.get(device) {
             self.targets[i].chunks_sent += 1;
         }
@@ -156,7 +148,7 @@ impl Campaign {
     }
 
     /// Offers the first batch.
-    pub fn start(&mut self, now_ms: u64) -> Effects {
+    pub(crate) fn start(&mut self, now_ms: u64) -> Effects {
         let mut e = Effects::default();
         self.offer_batch(self.record.current_batch, &mut e);
         self.advance(now_ms, &mut e, false);
@@ -222,7 +214,7 @@ impl Campaign {
 
     /// A device reported progress. `None` when it is not an active target (unknown, not
     /// offered, aborted, or already finished): nothing changes.
-    pub fn on_progress(
+    pub(crate) fn on_progress(
         &mut self,
         device: &str,
         p: &UpdateProgress,
@@ -254,7 +246,7 @@ impl Campaign {
     }
 
     /// Pause, resume or abort.
-    pub fn control(
+    pub(crate) fn control(
         &mut self,
         action: CampaignAction,
         now_ms: u64,
@@ -328,7 +320,7 @@ mod tests {
 
     #[test]
     fn batches_advance_on_success_and_complete() {
-        let mut c = Campaign::plan("u", &devices(5), 2, 0, "svc", 1);
+        let mut c = Campaign::plan(&devices(5), 2, 0, "svc", 1);
         assert_eq!(c.record.batches, 3);
         let e = c.start(1);
         assert_eq!(e.offer, vec!["d0", "d1"]);
@@ -373,7 +365,7 @@ mod tests {
 
     #[test]
     fn the_failure_threshold_pauses_at_the_end_of_a_batch() {
-        let mut c = Campaign::plan("u", &devices(6), 2, 25, "svc", 1);
+        let mut c = Campaign::plan(&devices(6), 2, 25, "svc", 1);
         c.start(1);
         let e = c
             .on_progress("d0", &report(UpdatePhase::RolledBack), 2)
@@ -406,7 +398,7 @@ mod tests {
 
     #[test]
     fn a_threshold_of_fifty_tolerates_half() {
-        let mut c = Campaign::plan("u", &devices(4), 2, 50, "svc", 1);
+        let mut c = Campaign::plan(&devices(4), 2, 50, "svc", 1);
         c.start(1);
         c.on_progress("d0", &report(UpdatePhase::Rejected), 2)
             .unwrap();
@@ -418,7 +410,7 @@ mod tests {
 
     #[test]
     fn pause_holds_the_next_batch_until_resume() {
-        let mut c = Campaign::plan("u", &devices(2), 1, 0, "svc", 1);
+        let mut c = Campaign::plan(&devices(2), 1, 0, "svc", 1);
         c.start(1);
         c.control(CampaignAction::Pause, 2).unwrap();
         let e = c

@@ -13,8 +13,8 @@
 //!   and every uploaded chunk against the manifest's Merkle roots.
 
 mod api;
-pub mod campaign;
-pub mod queue;
+pub(crate) mod campaign;
+pub(crate) mod queue;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -45,7 +45,7 @@ const SERVE_BATCH: usize = 32;
 
 /// A fleet API request for the update server, passed on by the API's dispatcher.
 #[derive(Debug)]
-pub struct ApiCall {
+pub(crate) struct ApiCall {
     /// The requesting service.
     pub service: String,
     /// Its request id.
@@ -122,7 +122,7 @@ fn load_served(s: &mut crate::store::Store, update_id: &str) -> Result<Option<Se
 }
 
 /// The update server task.
-pub struct UpdateService {
+pub(crate) struct UpdateService {
     link: ServiceLink,
     store: SharedStore,
     firmware: FirmwareDir,
@@ -140,7 +140,7 @@ pub struct UpdateService {
 
 impl UpdateService {
     /// Opens the service's link and loads the campaigns.
-    pub async fn start(
+    pub(crate) async fn start(
         router: &RouterHandle,
         store: SharedStore,
         firmware: FirmwareDir,
@@ -183,7 +183,7 @@ impl UpdateService {
             return;
         };
         for (id, record, targets) in all {
-            let c = Campaign::from_parts(id.clone(), record, targets);
+            let c = Campaign::from_parts(record, targets);
             let again = c.offered_unfinished();
             if !again.is_empty() {
                 info!(update_id = %id, devices = again.len(), state = ?c.record.state(), "campaign continues");
@@ -196,7 +196,7 @@ impl UpdateService {
     }
 
     /// Runs until the router is gone.
-    pub async fn run(mut self) {
+    pub(crate) async fn run(mut self) {
         loop {
             tokio::select! {
                 biased;

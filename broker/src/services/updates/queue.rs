@@ -9,7 +9,7 @@ use fleet_proto::v1::ChunkRequest;
 
 /// One chunk to send.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Job {
+pub(crate) struct Job {
     /// The update.
     pub update_id: Arc<str>,
     /// Index of the component in the manifest.
@@ -22,14 +22,14 @@ pub struct Job {
 
 /// The per-device queues and the round-robin ring.
 #[derive(Debug, Default)]
-pub struct FairQueue {
+pub(crate) struct FairQueue {
     per_device: HashMap<String, VecDeque<Job>>,
     ring: VecDeque<String>,
 }
 
 impl FairQueue {
     /// Replaces `device`'s queued chunks with `jobs`.
-    pub fn replace(&mut self, device: &str, jobs: Vec<Job>) {
+    pub(crate) fn replace(&mut self, device: &str, jobs: Vec<Job>) {
         if jobs.is_empty() {
             self.per_device.remove(device);
             return;
@@ -44,17 +44,17 @@ impl FairQueue {
     }
 
     /// Drops `device`'s queued chunks.
-    pub fn remove(&mut self, device: &str) {
+    pub(crate) fn remove(&mut self, device: &str) {
         self.per_device.remove(device);
     }
 
     /// Whether nothing is queued.
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.per_device.is_empty()
     }
 
     /// Up to `max` chunks, one per device per turn.
-    pub fn take(&mut self, max: usize) -> Vec<(String, Job)> {
+    pub(crate) fn take(&mut self, max: usize) -> Vec<(String, Job)> {
         let mut out = Vec::with_capacity(max.min(64));
         while out.len() < max {
             let Some(device) = self.ring.pop_front() else {
@@ -79,7 +79,7 @@ impl FairQueue {
 
 /// The chunk indexes a request wants, lowest first, at most `window`, all below `count`.
 /// Work is bounded by the request's size, whatever ranges it names.
-pub fn wanted(req: &ChunkRequest, count: u32, window: u32) -> Vec<u32> {
+pub(crate) fn wanted(req: &ChunkRequest, count: u32, window: u32) -> Vec<u32> {
     let window = window as usize;
     let mut set = BTreeSet::new();
     for r in &req.ranges {
