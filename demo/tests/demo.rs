@@ -1,12 +1,12 @@
 //! The README's main command: the demo runs unattended to a successful summary (here with a
-//! smaller fleet and image, the same code path).
+//! smaller fleet and image, the same code path). It lives beside the demo so that cargo builds
+//! the `demo` binary it runs.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::process::Command;
 use std::time::Duration;
 
 use fleet_testkit::run;
-use fleet_tests::procs::bin;
 
 /// How long one demo run may take on a loaded machine.
 const DEMO: Duration = Duration::from_secs(600);
@@ -15,7 +15,7 @@ const DEMO: Duration = Duration::from_secs(600);
 fn the_demo_runs_to_a_successful_summary() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("demo-data");
-    let mut cmd = Command::new(bin("demo"));
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_demo"));
     cmd.args(["--devices", "12", "--image-kib", "512", "--data"])
         .arg(&data);
     let out = run(cmd, DEMO);
@@ -42,7 +42,7 @@ fn the_demo_runs_to_a_successful_summary() {
         assert!(std::fs::read(slot).unwrap() == image, "dev-{i:04}");
     }
     // A second run wipes the first one's directory; another directory is never wiped.
-    let mut cmd = Command::new(bin("demo"));
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_demo"));
     cmd.args(["--devices", "2", "--image-kib", "64", "--data"])
         .arg(&data);
     let again = run(cmd, DEMO);
@@ -50,7 +50,7 @@ fn the_demo_runs_to_a_successful_summary() {
     let foreign = dir.path().join("mine");
     std::fs::create_dir_all(&foreign).unwrap();
     std::fs::write(foreign.join("keep"), b"x").unwrap();
-    let mut cmd = Command::new(bin("demo"));
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_demo"));
     cmd.args(["--devices", "2", "--data"]).arg(&foreign);
     let refused = run(cmd, DEMO);
     assert!(!refused.status.success());
