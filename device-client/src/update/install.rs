@@ -278,17 +278,22 @@ mod tests {
     use super::*;
     use fleet_proto::v1::Component;
 
-    #[test]
-    fn install_commit_and_rollback_switch_slots() {
-        let dir = tempfile::tempdir().unwrap();
-        let slots = SlotInstaller::new(dir.path());
-        let m = UpdateManifest {
+    /// A manifest with one component, `rootfs`.
+    fn rootfs_manifest() -> UpdateManifest {
+        UpdateManifest {
             components: vec![Component {
                 name: "rootfs".into(),
                 ..Default::default()
             }],
             ..Default::default()
-        };
+        }
+    }
+
+    #[test]
+    fn install_commit_and_rollback_switch_slots() {
+        let dir = tempfile::tempdir().unwrap();
+        let slots = SlotInstaller::new(dir.path());
+        let m = rootfs_manifest();
         let staged = dir.path().join("staged");
         fs::write(&staged, b"v2").unwrap();
         let images = [StagedImage {
@@ -319,13 +324,7 @@ mod tests {
     fn a_failed_step_names_the_file_and_keeps_the_cause() {
         let dir = tempfile::tempdir().unwrap();
         let slots = SlotInstaller::new(dir.path());
-        let m = UpdateManifest {
-            components: vec![Component {
-                name: "rootfs".into(),
-                ..Default::default()
-            }],
-            ..Default::default()
-        };
+        let m = rootfs_manifest();
         // Nothing was installed, so there is no pending slot to commit.
         let e = slots.commit(&m).unwrap_err();
         let HandlerError::Io {
