@@ -36,7 +36,7 @@ pub struct DeviceState {
     pub reports_stored: u64,
 }
 
-/// One report for [`Store::put_statuses`].
+/// One report for [`WriteTx::put_status`].
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct StatusWrite<'a> {
     /// The device (authenticated by the topic it published on).
@@ -64,21 +64,7 @@ impl Store {
             report,
             device_class: None,
         };
-        let outcomes = self.put_statuses(&[w], now_ms)?;
-        Ok(outcomes
-            .first()
-            .copied()
-            .unwrap_or(StatusOutcome::Stale { stored: sequence }))
-    }
-
-    /// Offers several reports in one transaction (one disk sync for the batch), in order; each
-    /// is judged against what the ones before it left. Outcomes are in the same order.
-    pub(crate) fn put_statuses(
-        &mut self,
-        batch: &[StatusWrite<'_>],
-        now_ms: u64,
-    ) -> Result<Vec<StatusOutcome>, StoreError> {
-        self.write(|tx| batch.iter().map(|w| tx.put_status(w, now_ms)).collect())
+        self.write(|tx| tx.put_status(&w, now_ms))
     }
 
     /// Remembers a device's class (from its presence), for class-wide commands.
