@@ -119,21 +119,6 @@ impl Sessions {
         }
     }
 
-    /// Queues `packet` for the live connection of `id`, to be written as it is: for bulk data
-    /// that must not sit in the router's in-memory logs (firmware chunks). The caller has
-    /// checked that `id` may receive it.
-    pub(crate) fn deliver(&self, id: &str, packet: Packet) -> Result<(), DeliverError> {
-        let g = match self.inner.lock() {
-            Ok(g) => g,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        let entry = g.1.get(id).ok_or(DeliverError::NotConnected)?;
-        entry.direct.try_send(packet).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => DeliverError::Full,
-            mpsc::error::TrySendError::Closed(_) => DeliverError::NotConnected,
-        })
-    }
-
     /// Asks every connection for which `keep(certificate)` is false to close with `reason`;
     /// returns how many were asked.
     pub(crate) fn close_unless(&self, reason: CloseReason, keep: impl Fn(&[u8]) -> bool) -> usize {
@@ -156,7 +141,17 @@ impl Sessions {
 }
 
 impl DirectSink for Sessions {
+    /// Queues `packet` on the connection task's direct queue ([`DIRECT_CAPACITY`]), written
+    /// by that task as it is.
     fn deliver(&self, client_id: &str, packet: Packet) -> Result<(), DeliverError> {
-        Sessions::deliver(self, client_id, packet)
+        let g = match self.inner.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let entry = g.1.get(client_id).ok_or(DeliverError::NotConnected)?;
+        entry.direct.try_send(packet).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => DeliverError::Full,
+            mpsc::error::TrySendError::Closed(_) => DeliverError::NotConnected,
+        })
     }
 }
