@@ -15,13 +15,14 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tracing::info;
 
+use crate::acl::PolicyAuthorizer;
 use crate::bridge::{self, Bridge, BridgeTls};
 use crate::config::GatewayConfig;
 use crate::edge::{self, Edge, EdgeHandle, EdgeParts, Sessions};
 use crate::firmware::FirmwareDir;
 use crate::metrics::Metrics;
 use crate::ports::{DirectSink, StatusIntake};
-use crate::router::RouterHandle;
+use crate::router::Router;
 use crate::services::{self, ServiceDeps};
 use crate::store::{SharedStore, Store, StoreError};
 use crate::tls::TlsFiles;
@@ -36,9 +37,6 @@ pub enum GatewayError {
     /// Opening a directory or joining a start-up task failed.
     #[error("{0}")]
     Io(String),
-    /// The router could not start.
-    #[error(transparent)]
-    Router(#[from] crate::router::RouterError),
     /// The store cannot be opened.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -102,8 +100,14 @@ impl Gateway {
     /// from [`Gateway::serve`] on.
     pub async fn bind(config: GatewayConfig, tls_files: TlsFiles) -> Result<Gateway, GatewayError> {
         let security = edge::load_security(&config, &tls_files)?;
-        let router = RouterHandle::start(config.limits.max_connections)?;
         let metrics = Arc::new(Metrics::default());
+        let router = Router::new(
+            config.mqtt.engine(config.acl.on_denied_publish),
+            Arc::new(PolicyAuthorizer(security.policy.clone())),
+            None,
+            metrics.clone(),
+        );
+        router.spawn_clock();
         let sessions = Arc::new(Sessions::default());
         let (session_events, session_events_rx) = mpsc::unbounded_channel();
         let (status, status_offers) = StatusIntake::channel(services::status::QUEUE);

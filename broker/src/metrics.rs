@@ -118,6 +118,14 @@ series! {
     bridge_bytes_down: counter "bridge_bytes_down_total" "Payload bytes received from upstream.",
     /// Queued messages dropped to keep the queue within its disk budget.
     bridge_dropped: counter "bridge_dropped_total" "Queued messages dropped over the disk budget.",
+    /// Messages the MQTT core dropped: QoS 0 for a full queue, the oldest of an offline
+    /// session's queue over its cap, the queue of an expired session.
+    messages_dropped: counter "messages_dropped_total" "Messages dropped by the MQTT core (queue caps, QoS 0 under pressure).",
+    /// Subscriptions removed because a reloaded policy no longer allows them.
+    subscriptions_revoked: counter "subscriptions_revoked_total" "Subscriptions removed by a policy reload.",
+    /// Connections the MQTT core closed: over a cap on held or unreleased publishes, a queue
+    /// full too long, or a write that did not finish in time.
+    clients_closed_over_limits: counter "clients_closed_over_limits_total" "Clients closed for exceeding a cap, stalling, or not reading.",
 }
 
 impl Metrics {

@@ -1,5 +1,5 @@
 //! The TLS edge: the listener, TLS and identity, the per-connection tasks that drive the
-//! router, reload of its own TLS material and policy, and shutdown.
+//! MQTT core, reload of its own TLS material and policy, and shutdown.
 //!
 //! The edge knows the router below it and, through [`crate::ports`], where device sessions and
 //! status reports go; the assembly builds it and hands it those ends. It imports no service.
@@ -8,7 +8,6 @@
 //! *before* `accept` bounds the number of connections, so a full gateway stops accepting
 //! (back-pressure in the kernel's backlog) instead of failing.
 
-mod codec;
 mod connection;
 pub(crate) mod sessions;
 
@@ -18,18 +17,16 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use fleet_certs::{Identity, IdentityPolicy, TrustStore};
-use rumqttd::local::LinkTx;
-use rumqttd::protocol::LastWill;
 use rustls::ServerConfig;
 use tokio::net::TcpListener;
-use tokio::sync::{Mutex, Semaphore};
-use tracing::{error, info, warn};
+use tokio::sync::Semaphore;
+use tracing::{info, warn};
 
-use crate::acl::{Decision, Policy};
+use crate::acl::{Policy, PolicyAuthorizer};
 use crate::config::GatewayConfig;
 use crate::metrics::Metrics;
 use crate::ports::{SessionEvent, StatusIntake};
-use crate::router::{RouterHandle, INTERNAL_PREFIX};
+use crate::router::Router;
 use crate::tls::{self, TlsFiles};
 use sessions::CloseReason;
 pub(crate) use sessions::Sessions;
@@ -49,7 +46,7 @@ pub enum EdgeError {
         /// What is wrong.
         source: crate::acl::PolicyError,
     },
-    /// Reading a file failed, or the router refused the edge's own link.
+    /// Reading a file failed.
     #[error("{0}")]
     Io(String),
     /// Binding the listener failed.
@@ -67,11 +64,12 @@ pub(crate) struct Shared {
     tls_files: TlsFiles,
     tls: RwLock<Arc<ServerConfig>>,
     policy: RwLock<Arc<Policy>>,
+    /// The CA bundle and CRL in force, for the check at CONNECT.
+    trust: RwLock<Arc<TrustStore>>,
     pub(crate) identity_policy: IdentityPolicy,
-    pub(crate) router: RouterHandle,
+    pub(crate) router: Router,
     pub(crate) sessions: Arc<Sessions>,
     pub(crate) metrics: Arc<Metrics>,
-    wills: Mutex<LinkTx>,
     session_events: tokio::sync::mpsc::UnboundedSender<SessionEvent>,
     pub(crate) status: StatusIntake,
 }
@@ -98,23 +96,15 @@ impl Shared {
         }
     }
 
-    /// Publishes a will through the gateway's own link, after checking it against the policy
-    /// in force now (it may have changed since CONNECT).
-    pub(crate) async fn publish_will(&self, who: &Identity, will: LastWill) {
-        let topic = String::from_utf8_lossy(&will.topic).into_owned();
-        if let Decision::Deny(reason) = self.policy().check_publish(who, &topic) {
-            Metrics::inc(&self.metrics.acl_denials);
-            warn!(topic, %reason, "will denied by the current policy; not published");
-            return;
-        }
-        let mut link = self.wills.lock().await;
-        match link.send(connection::will_packet(will)).await {
-            Ok(_) => {
-                Metrics::inc(&self.metrics.wills_published);
-                info!(topic, "will published");
-            }
-            Err(e) => error!(error = %e, topic, "could not publish will"),
-        }
+    /// Checks `cert` against the CA bundle and CRL in force now.
+    pub(crate) fn verify_now(&self, cert: &[u8]) -> Result<(), fleet_certs::VerifyError> {
+        let trust = match self.trust.read() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        };
+        trust
+            .verify_client(cert, rustls_pki_types::UnixTime::now())
+            .map(drop)
     }
 }
 
@@ -138,8 +128,8 @@ pub(crate) struct EdgeParts {
     pub config: GatewayConfig,
     /// The gateway's TLS files (reloaded from the same paths).
     pub tls_files: TlsFiles,
-    /// The router the connections are driven into.
-    pub router: RouterHandle,
+    /// The MQTT core the connections are driven into.
+    pub router: Router,
     /// The live connections (shared with whoever delivers to them directly).
     pub sessions: Arc<Sessions>,
     /// Counters.
@@ -164,25 +154,42 @@ pub(crate) struct EdgeHandle {
     shared: Arc<Shared>,
 }
 
+/// TLS material, trust store and ACL policy, loaded before any port is bound.
+pub(crate) struct Security {
+    tls: Arc<ServerConfig>,
+    trust: TrustStore,
+    /// The ACL policy (the MQTT core is built with it).
+    pub(crate) policy: Arc<Policy>,
+}
+
+fn load_trust(config: &GatewayConfig, tls_files: &TlsFiles) -> Result<TrustStore, EdgeError> {
+    TrustStore::from_files(
+        &tls_files.ca,
+        tls_files.crl.as_deref(),
+        IdentityPolicy {
+            cn_fallback: config.identity.cn_fallback_role,
+        },
+    )
+    .map_err(|e| EdgeError::Io(e.to_string()))
+}
+
 /// Loads the TLS material and the ACL policy, so that a bad file stops the gateway before any
 /// port is bound.
 pub(crate) fn load_security(
     config: &GatewayConfig,
     tls_files: &TlsFiles,
-) -> Result<(Arc<ServerConfig>, Policy), EdgeError> {
-    Ok((
-        tls::server_config(tls_files)?,
-        load_policy(config.acl.policy.as_deref())?,
-    ))
+) -> Result<Security, EdgeError> {
+    Ok(Security {
+        tls: tls::server_config(tls_files)?,
+        trust: load_trust(config, tls_files)?,
+        policy: Arc::new(load_policy(config.acl.policy.as_deref())?),
+    })
 }
 
 impl Edge {
-    /// Opens the edge's own router link (for wills) and binds the listener with the TLS
-    /// material and policy from [`load_security`]. Nothing is served until [`Edge::serve`].
-    pub(crate) async fn bind(
-        parts: EdgeParts,
-        (tls, policy): (Arc<ServerConfig>, Policy),
-    ) -> Result<Edge, EdgeError> {
+    /// Binds the listener with the TLS material and policy from [`load_security`]. Nothing
+    /// is served until [`Edge::serve`].
+    pub(crate) async fn bind(parts: EdgeParts, security: Security) -> Result<Edge, EdgeError> {
         let EdgeParts {
             config,
             tls_files,
@@ -192,27 +199,6 @@ impl Edge {
             session_events,
             status,
         } = parts;
-        let will_router = router.clone();
-        let crate::router::Link {
-            tx: wills,
-            rx: mut wills_rx,
-            ..
-        } = tokio::task::spawn_blocking(move || {
-            will_router.link(&format!("{INTERNAL_PREFIX}wills"), true)
-        })
-        .await
-        .map_err(|e| EdgeError::Io(e.to_string()))?
-        .map_err(|e| EdgeError::Io(e.to_string()))?;
-        // The will link only publishes at QoS 0; keep its receiving side drained.
-        tokio::spawn(async move {
-            while let Ok(n) = wills_rx.next().await {
-                if matches!(n, Some(rumqttd::Notification::Unschedule))
-                    && wills_rx.wake().await.is_err()
-                {
-                    break;
-                }
-            }
-        });
         let listener =
             TcpListener::bind(config.listen)
                 .await
@@ -226,13 +212,13 @@ impl Edge {
         let shared = Arc::new(Shared {
             config,
             tls_files,
-            tls: RwLock::new(tls),
-            policy: RwLock::new(Arc::new(policy)),
+            tls: RwLock::new(security.tls),
+            policy: RwLock::new(security.policy),
+            trust: RwLock::new(Arc::new(security.trust)),
             identity_policy,
             router,
             sessions,
             metrics,
-            wills: Mutex::new(wills),
             session_events,
             status,
         });
@@ -324,21 +310,22 @@ impl EdgeHandle {
     pub(crate) fn reload(&self) -> Result<usize, EdgeError> {
         let shared = &self.shared;
         let tls = tls::server_config(&shared.tls_files)?;
-        let policy = load_policy(shared.config.acl.policy.as_deref())?;
-        let store = TrustStore::from_files(
-            &shared.tls_files.ca,
-            shared.tls_files.crl.as_deref(),
-            shared.identity_policy,
-        )
-        .map_err(|e| EdgeError::Io(e.to_string()))?;
+        let policy = Arc::new(load_policy(shared.config.acl.policy.as_deref())?);
+        let store = Arc::new(load_trust(&shared.config, &shared.tls_files)?);
         match shared.tls.write() {
             Ok(mut g) => *g = tls,
             Err(p) => *p.into_inner() = tls,
         }
         match shared.policy.write() {
-            Ok(mut g) => *g = Arc::new(policy),
-            Err(p) => *p.into_inner() = Arc::new(policy),
+            Ok(mut g) => *g = policy.clone(),
+            Err(p) => *p.into_inner() = policy.clone(),
         }
+        match shared.trust.write() {
+            Ok(mut g) => *g = store.clone(),
+            Err(p) => *p.into_inner() = store.clone(),
+        }
+        // Live and stored subscriptions are checked against the new policy.
+        shared.router.set_authorizer(Arc::new(PolicyAuthorizer(policy)));
         let now = rustls_pki_types::UnixTime::now();
         let closed = shared.sessions.close_unless(CloseReason::Revoked, |cert| {
             store.verify_client(cert, now).is_ok()

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rumqttd::protocol::Packet;
+use fleet_mqtt::Packet;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::ports::{DeliverError, DirectSink};

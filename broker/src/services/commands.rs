@@ -22,7 +22,7 @@ use tracing::{debug, info, warn};
 use crate::config::CommandSettings;
 use crate::metrics::Metrics;
 use crate::ports::SessionEvent;
-use crate::router::RouterHandle;
+use crate::router::Router;
 use crate::router::{LinkError, Received, ServiceLink};
 use crate::store::SharedStore;
 use crate::store::StoredCommand;
@@ -141,7 +141,7 @@ fn covers_cmd_topic(filter: &str, device: &str) -> bool {
 impl CommandService {
     /// Opens the service's link.
     pub(crate) async fn start(
-        router: &RouterHandle,
+        router: &Router,
         store: SharedStore,
         settings: CommandSettings,
         metrics: Arc<Metrics>,

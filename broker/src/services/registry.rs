@@ -12,7 +12,7 @@ use fleet_proto::Message;
 use tracing::{info, warn};
 
 use crate::metrics::Metrics;
-use crate::router::RouterHandle;
+use crate::router::Router;
 use crate::router::{LinkError, Received, ServiceLink};
 use crate::store::SharedStore;
 
@@ -66,7 +66,7 @@ pub(crate) struct Registry {
 impl Registry {
     /// Opens the registry's link.
     pub(crate) async fn start(
-        router: &RouterHandle,
+        router: &Router,
         store: SharedStore,
         metrics: Arc<Metrics>,
     ) -> Result<Self, LinkError> {

@@ -6,8 +6,8 @@
 //!   version kept in `PRAGMA user_version`. A file written by a newer gateway is refused rather
 //!   than misread.
 //! * Everything that must outlive a restart goes through here (pending commands, last known
-//!   device state, and later the upstream queue and firmware index); the rumqttd router stays
-//!   volatile.
+//!   device state, and later the upstream queue and firmware index); persistent MQTT sessions and
+//!   retained messages.
 //!
 //! The API is synchronous (rusqlite); async callers use `spawn_blocking` or a store task.
 

@@ -96,7 +96,7 @@ impl Gateway {
             .env(
                 "RUST_LOG",
                 std::env::var("BENCH_GATEWAY_LOG").unwrap_or_else(|_| {
-                    "info,rumqttd=warn,fleet_broker::edge::connection=warn".into()
+                    "info,fleet_broker::edge::connection=warn".into()
                 }),
             )
             .stdout(Stdio::piped())

@@ -35,7 +35,7 @@ use crate::config::UpdateSettings;
 use crate::firmware::FirmwareDir;
 use crate::metrics::Metrics;
 use crate::ports::{DeliverError, DirectSink};
-use crate::router::RouterHandle;
+use crate::router::Router;
 use crate::router::{LinkError, Received, ServiceLink};
 use crate::store::SharedStore;
 use crate::store::StoreError;
@@ -141,7 +141,7 @@ pub(crate) struct UpdateService {
 impl UpdateService {
     /// Opens the service's link and loads the campaigns.
     pub(crate) async fn start(
-        router: &RouterHandle,
+        router: &Router,
         store: SharedStore,
         firmware: FirmwareDir,
         settings: UpdateSettings,
@@ -366,14 +366,17 @@ impl UpdateService {
                 continue;
             };
             let topic = topics::device_topic(&id, DeviceTopic::UpdateChunk);
-            let publish = rumqttd::protocol::Publish::new::<bytes::Bytes>(
-                topic.into(),
-                chunk.encode_to_vec().into(),
-                false,
-            );
+            let publish = fleet_mqtt::Publish {
+                dup: false,
+                qos: fleet_mqtt::QoS::AtMostOnce,
+                retain: false,
+                topic,
+                packet_id: None,
+                payload: chunk.encode_to_vec().into(),
+            };
             match self
                 .direct
-                .deliver(&device, rumqttd::protocol::Packet::Publish(publish, None))
+                .deliver(&device, fleet_mqtt::Packet::Publish(publish))
             {
                 Ok(()) => {}
                 Err(DeliverError::NotConnected) => {
