@@ -68,6 +68,10 @@ pub struct TlsSettings {
     pub ca: Option<PathBuf>,
     /// PEM CRL(s) of those CAs; reloaded on SIGHUP. Optional.
     pub crl: Option<PathBuf>,
+    /// What a CRL past its nextUpdate leads to: `warn` (the default: a WARN line and the
+    /// `crl_stale` gauge; clients are still checked against it) or `refuse` (every CONNECT is
+    /// refused, and live sessions closed, until a fresh CRL is loaded).
+    pub stale_crl: StaleCrl,
     /// The gateway's certificate chain (PEM).
     pub cert: Option<PathBuf>,
     /// The gateway's private key (PEM, PKCS#8 or SEC1).
@@ -83,6 +87,7 @@ impl Default for TlsSettings {
         Self {
             ca: None,
             crl: None,
+            stale_crl: StaleCrl::Warn,
             cert: None,
             key: None,
             handshake_timeout: Duration::from_secs(10),
@@ -90,16 +95,33 @@ impl Default for TlsSettings {
     }
 }
 
+/// What a CRL past its nextUpdate leads to.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum StaleCrl {
+    /// Warn and count; keep using it.
+    #[default]
+    Warn,
+    /// Refuse every client until a fresh CRL is loaded.
+    Refuse,
+}
+
 /// Limits that protect the gateway from its clients.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(default, deny_unknown_fields)]
 pub struct Limits {
-    /// Most simultaneous client connections (TLS handshakes included). When full, the listener
-    /// stops accepting until a slot frees: back-pressure, not failure. Default 10,000.
+    /// Most simultaneous authenticated client sessions. When full, a new client is answered
+    /// CONNACK 0x03 (server unavailable) and closed. Default 10,000.
     pub max_connections: usize,
     /// Largest MQTT packet accepted, in bytes; a larger one closes the connection. Default
     /// 2 MiB: a 1 MiB firmware chunk plus framing fits.
     pub max_packet_size: usize,
+    /// Connections still in their TLS handshake or before CONNECT, overall. When full, the
+    /// oldest pending one is dropped for the newcomer, so idle sockets never keep a client out.
+    /// Separate from `max_connections`. Default 1,024.
+    pub max_handshakes: usize,
+    /// The same, per source address. Default 256.
+    pub max_handshakes_per_source: usize,
     /// Longest wait for CONNECT after the handshake. Default 10 s.
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
@@ -114,6 +136,8 @@ impl Default for Limits {
         Self {
             max_connections: 10_000,
             max_packet_size: 2 << 20,
+            max_handshakes: 1024,
+            max_handshakes_per_source: 256,
             connect_timeout: Duration::from_secs(10),
             write_timeout: Duration::from_secs(30),
         }
@@ -403,8 +427,14 @@ impl GatewayConfig {
             return bad("timeouts must be greater than zero");
         }
         let m = &self.mqtt;
-        if [m.max_inflight, m.max_held, m.max_unreleased, m.queue_messages, m.queue_bytes]
-            .contains(&0)
+        if [
+            m.max_inflight,
+            m.max_held,
+            m.max_unreleased,
+            m.queue_messages,
+            m.queue_bytes,
+        ]
+        .contains(&0)
             || m.stalled_after.is_zero()
             || m.session_expiry.is_zero()
         {
@@ -413,8 +443,11 @@ impl GatewayConfig {
         if m.max_inflight > 65_535 {
             return bad("mqtt.max_inflight must be at most 65535 (packet ids)");
         }
-        if self.limits.max_connections == 0 {
-            return bad("limits.max_connections must be at least 1");
+        if self.limits.max_connections == 0
+            || self.limits.max_handshakes == 0
+            || self.limits.max_handshakes_per_source == 0
+        {
+            return bad("limits.max_connections, max_handshakes and max_handshakes_per_source must be at least 1");
         }
         if !(1024..=(256 << 20)).contains(&self.limits.max_packet_size) {
             return bad("limits.max_packet_size must be between 1 KiB and 256 MiB");

@@ -67,7 +67,7 @@ pub use assembly::{Gateway, GatewayError, GatewayHandle};
 pub use bridge::BridgeError;
 pub use config::{
     AclSettings, BridgeSettings, CommandSettings, ConfigError, DeniedPublish, GatewayConfig,
-    IdentitySettings, Limits, MetricsSettings, TlsSettings, UpdateSettings,
+    IdentitySettings, Limits, MetricsSettings, MqttSettings, StaleCrl, TlsSettings, UpdateSettings,
 };
 pub use devpki::ensure as ensure_dev_pki;
 pub use edge::EdgeError;

@@ -57,6 +57,9 @@ series! {
     tcp_accepted: counter "tcp_accepted_total" "TCP connections accepted.",
     /// TLS handshakes that failed or timed out (wrong CA, revoked, expired, no certificate).
     handshake_failures: counter "handshake_failures_total" "TLS handshakes failed or timed out.",
+    /// Pending handshakes dropped to make room for newer connections (pre-authentication
+    /// budget full, overall or for one source address).
+    handshakes_evicted: counter "handshakes_evicted_total" "Pending handshakes dropped for newer connections.",
     /// Connections refused after the handshake (identity, CONNECT problems).
     connects_refused: counter "connects_refused_total" "Connections refused after the handshake.",
     /// MQTT sessions established (CONNACK accepted sent).
@@ -89,6 +92,9 @@ series! {
     /// Store operations that failed (disk full, I/O error); the message is not lost from its
     /// sender's point of view only where the protocol re-sends it.
     store_errors: counter "store_errors_total" "Store operations that failed.",
+    /// 1 while a loaded CRL is past its nextUpdate (gauge): revocations issued since may be
+    /// missing. Clients are refused meanwhile when `tls.stale_crl = "refuse"`.
+    crl_stale: gauge "crl_stale" "1 while a loaded CRL is past its nextUpdate.",
     /// Firmware chunks uploaded into the cache (verified and written).
     chunks_uploaded: counter "update_chunks_uploaded_total" "Firmware chunks uploaded into the cache.",
     /// Firmware chunks sent to devices.

@@ -12,15 +12,15 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use fleet_certs::{identity_from_der, Identity};
 use fleet_mqtt::codec::{encode, DecodeError, Decoder};
-use fleet_mqtt::{
-    ConnAck, ConnectCode, Disconnected, Packet, Publish, QoS, Role, SessionKey,
-};
+use fleet_mqtt::{ConnAck, ConnectCode, Disconnected, Packet, Publish, QoS, Role, SessionKey};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
 use tokio::time::{sleep_until, timeout, Instant};
 use tokio_rustls::server::TlsStream;
 use tracing::{debug, info, warn, Instrument};
 
+use super::preauth::Ticket;
 use super::sessions::CloseReason;
 use super::Shared;
 use crate::acl::Decision;
@@ -31,8 +31,16 @@ use fleet_proto::topics::{self, DeviceTopic, Topic};
 
 type Tls = TlsStream<TcpStream>;
 
-/// Handles one accepted TCP connection to the end.
-pub(crate) async fn handle(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
+/// Handles one accepted TCP connection to the end. `ticket` is its pre-authentication slot
+/// (dropped once CONNECT is handled; the connection is dropped if it is evicted first);
+/// `slots` are the authenticated sessions' slots.
+pub(crate) async fn handle(
+    shared: Arc<Shared>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    ticket: Ticket,
+    slots: Arc<Semaphore>,
+) {
     let span = tracing::info_span!(
         "conn",
         peer = %peer,
@@ -40,13 +48,38 @@ pub(crate) async fn handle(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr
         client_id = tracing::field::Empty
     );
     async move {
-        let Some((tls, identity, cert)) = handshake(&shared, tcp).await else {
+        let evicted = ticket.evicted.clone();
+        let pre = async {
+            let (tls, identity, cert) = handshake(&shared, tcp).await?;
+            tracing::Span::current().record("identity", tracing::field::display(&identity));
+            opening(&shared, tls, identity, cert).await
+        };
+        let opened = tokio::select! {
+            o = pre => o,
+            () = evicted.notified() => {
+                debug!("pending connection dropped for a newer one");
+                None
+            }
+        };
+        drop(ticket);
+        let Some(mut opened) = opened else {
             return;
         };
-        tracing::Span::current().record("identity", tracing::field::display(&identity));
-        if let Err(reason) = session(shared.clone(), tls, identity, cert).await {
+        let Ok(permit) = slots.try_acquire_owned() else {
+            Metrics::inc(&shared.metrics.connects_refused);
+            warn!("max_connections reached; CONNACK 0x03");
+            refuse(
+                &mut opened.wr,
+                ConnectCode::ServerUnavailable,
+                shared.config.limits.write_timeout,
+            )
+            .await;
+            return;
+        };
+        if let Err(reason) = session(shared.clone(), opened).await {
             debug!(%reason, "connection ended");
         }
+        drop(permit);
     }
     .instrument(span)
     .await
@@ -162,12 +195,35 @@ fn session_key(identity: &Identity, client_id: &str) -> SessionKey {
     }
 }
 
-async fn session(
-    shared: Arc<Shared>,
+/// A connection through TLS, CONNECT read and checked by the edge: ready for the core.
+struct Opened {
+    rd: ReadHalf<Tls>,
+    wr: WriteHalf<Tls>,
+    inbuf: BytesMut,
+    identity: Identity,
+    cert: Vec<u8>,
+    client_id: String,
+    connect: fleet_mqtt::Connect,
+}
+
+/// Reads and checks CONNECT: the pre-authentication part of a connection. `None`: refused
+/// (answered and closed here).
+async fn opening(shared: &Shared, tls: Tls, identity: Identity, cert: Vec<u8>) -> Option<Opened> {
+    match read_connect(shared, tls, identity, cert).await {
+        Ok(o) => Some(o),
+        Err(reason) => {
+            debug!(%reason, "connection refused");
+            None
+        }
+    }
+}
+
+async fn read_connect(
+    shared: &Shared,
     tls: Tls,
     identity: Identity,
     cert: Vec<u8>,
-) -> Result<(), String> {
+) -> Result<Opened, String> {
     let decoder = Decoder::new(shared.config.limits.max_packet_size);
     let write_timeout = shared.config.limits.write_timeout;
     let (mut rd, mut wr) = tokio::io::split(tls);
@@ -238,6 +294,29 @@ async fn session(
         refuse(&mut wr, ConnectCode::NotAuthorized, write_timeout).await;
         return Err("certificate no longer valid".into());
     }
+    Ok(Opened {
+        rd,
+        wr,
+        inbuf,
+        identity,
+        cert,
+        client_id,
+        connect,
+    })
+}
+
+async fn session(shared: Arc<Shared>, opened: Opened) -> Result<(), String> {
+    let Opened {
+        mut rd,
+        mut wr,
+        mut inbuf,
+        identity,
+        cert,
+        client_id,
+        connect,
+    } = opened;
+    let decoder = Decoder::new(shared.config.limits.max_packet_size);
+    let write_timeout = shared.config.limits.write_timeout;
 
     // One connection per identity: the previous one is asked to close.
     let mut registration = shared.sessions.register(&client_id, cert).await;
@@ -261,7 +340,9 @@ async fn session(
         client_id.clone()
     };
     shared.router.connect(&pump.port, key, connect);
-    shared.router.transmit(&pump.port, WRITE_BATCH_BYTES, &mut pump.out);
+    shared
+        .router
+        .transmit(&pump.port, WRITE_BATCH_BYTES, &mut pump.out);
     let accepted = match pump.out.first() {
         Some(Packet::ConnAck(ack)) => (ack.code == ConnectCode::Accepted).then_some(*ack),
         _ => None,
@@ -289,7 +370,14 @@ async fn session(
     info!(clean_session = clean, keep_alive, "session open");
 
     let end = pump
-        .run(&mut rd, &mut wr, &mut inbuf, &decoder, &mut registration, keep_alive)
+        .run(
+            &mut rd,
+            &mut wr,
+            &mut inbuf,
+            &decoder,
+            &mut registration,
+            keep_alive,
+        )
         .await;
 
     match &end {
@@ -471,6 +559,8 @@ impl Pump {
         }
     }
 
+    /// Writes what is queued. A client that does not read within the write timeout is
+    /// counted: it is closed like one over a cap.
     async fn flush(&mut self, wr: &mut WriteHalf<Tls>) -> std::io::Result<()> {
         if self.out.is_empty() {
             return Ok(());
@@ -479,6 +569,12 @@ impl Pump {
         let r = write_packets(wr, &out, self.write_timeout).await;
         self.out = out;
         self.out.clear();
+        if let Err(e) = &r {
+            if e.kind() == std::io::ErrorKind::TimedOut {
+                Metrics::inc(&self.shared.metrics.clients_closed_over_limits);
+                warn!("the client did not read within the write timeout; closing");
+            }
+        }
         r
     }
 
@@ -497,7 +593,9 @@ impl Pump {
                         return step;
                     }
                 }
-                self.shared.router.packet(&self.port, Packet::Publish(publish));
+                self.shared
+                    .router
+                    .packet(&self.port, Packet::Publish(publish));
                 Step::Continue
             }
             Packet::Subscribe(subscribe) => {
@@ -534,10 +632,7 @@ impl Pump {
                 self.shared.router.packet(&self.port, p);
                 Step::Continue
             }
-            other => self.violation(format!(
-                "unexpected packet from a client: {}",
-                other.name()
-            )),
+            other => self.violation(format!("unexpected packet from a client: {}", other.name())),
         }
     }
 

@@ -9,6 +9,7 @@
 //! (back-pressure in the kernel's backlog) instead of failing.
 
 mod connection;
+mod preauth;
 pub(crate) mod sessions;
 
 use std::net::SocketAddr;
@@ -23,11 +24,12 @@ use tokio::sync::Semaphore;
 use tracing::{info, warn};
 
 use crate::acl::{Policy, PolicyAuthorizer};
-use crate::config::GatewayConfig;
+use crate::config::{GatewayConfig, StaleCrl};
 use crate::metrics::Metrics;
 use crate::ports::{SessionEvent, StatusIntake};
 use crate::router::Router;
 use crate::tls::{self, TlsFiles};
+use preauth::PreAuth;
 use sessions::CloseReason;
 pub(crate) use sessions::Sessions;
 
@@ -66,6 +68,8 @@ pub(crate) struct Shared {
     policy: RwLock<Arc<Policy>>,
     /// The CA bundle and CRL in force, for the check at CONNECT.
     trust: RwLock<Arc<TrustStore>>,
+    /// Whether the CRL was stale at the last check (to log changes only).
+    crl_was_stale: AtomicBool,
     pub(crate) identity_policy: IdentityPolicy,
     pub(crate) router: Router,
     pub(crate) sessions: Arc<Sessions>,
@@ -96,15 +100,41 @@ impl Shared {
         }
     }
 
-    /// Checks `cert` against the CA bundle and CRL in force now.
-    pub(crate) fn verify_now(&self, cert: &[u8]) -> Result<(), fleet_certs::VerifyError> {
-        let trust = match self.trust.read() {
+    fn trust(&self) -> Arc<TrustStore> {
+        match self.trust.read() {
             Ok(g) => g.clone(),
             Err(p) => p.into_inner().clone(),
-        };
-        trust
+        }
+    }
+
+    /// Whether the CRL in force is past its nextUpdate now; sets the `crl_stale` gauge and
+    /// says so (once per change) in the log.
+    pub(crate) fn crl_stale(&self) -> bool {
+        let stale = self.trust().crl_stale(rustls_pki_types::UnixTime::now());
+        Metrics::set(&self.metrics.crl_stale, u64::from(stale));
+        if self.crl_was_stale.swap(stale, Ordering::Relaxed) != stale {
+            if stale {
+                warn!(
+                    refuse = self.config.tls.stale_crl == StaleCrl::Refuse,
+                    "the CRL is past its nextUpdate: revocations issued since may be missing; load a fresh one"
+                );
+            } else {
+                info!("the CRL in force is current again");
+            }
+        }
+        stale
+    }
+
+    /// Checks `cert` against the CA bundle and CRL in force now (and refuses everyone while
+    /// the CRL is stale, if so configured).
+    pub(crate) fn verify_now(&self, cert: &[u8]) -> Result<(), String> {
+        if self.crl_stale() && self.config.tls.stale_crl == StaleCrl::Refuse {
+            return Err("the CRL is past its nextUpdate (tls.stale_crl = \"refuse\")".into());
+        }
+        self.trust()
             .verify_client(cert, rustls_pki_types::UnixTime::now())
             .map(drop)
+            .map_err(|e| e.to_string())
     }
 }
 
@@ -215,6 +245,7 @@ impl Edge {
             tls: RwLock::new(security.tls),
             policy: RwLock::new(security.policy),
             trust: RwLock::new(Arc::new(security.trust)),
+            crl_was_stale: AtomicBool::new(false),
             identity_policy,
             router,
             sessions,
@@ -253,17 +284,18 @@ impl Edge {
         shutdown: impl std::future::Future<Output = ()>,
         grace: Duration,
     ) {
-        let limit = self.shared.config.limits.max_connections;
+        let limits = &self.shared.config.limits;
+        let limit = limits.max_connections;
         let slots = Arc::new(Semaphore::new(limit));
-        info!(addr = %self.listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), max_connections = limit, "gateway listening");
+        let preauth = PreAuth::new(limits.max_handshakes, limits.max_handshakes_per_source);
+        // Every connection task holds a clone; shutdown waits until all are dropped.
+        let (tasks, mut tasks_done) = tokio::sync::mpsc::channel::<()>(1);
+        info!(addr = %self.listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), max_connections = limit, max_handshakes = limits.max_handshakes, "gateway listening");
         tokio::pin!(shutdown);
         let mut backoff = Duration::from_millis(10);
         self.listening.store(true, Ordering::Relaxed);
+        self.spawn_crl_watch();
         loop {
-            let permit = tokio::select! {
-                _ = &mut shutdown => break,
-                p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-            };
             let accepted = tokio::select! {
                 _ = &mut shutdown => break,
                 a = self.listener.accept() => a,
@@ -273,10 +305,16 @@ impl Edge {
                     backoff = Duration::from_millis(10);
                     Metrics::inc(&self.shared.metrics.tcp_accepted);
                     let _ = tcp.set_nodelay(true);
+                    let (ticket, evicted) = preauth.admit(peer.ip());
+                    if evicted > 0 {
+                        Metrics::add(&self.shared.metrics.handshakes_evicted, evicted as u64);
+                    }
                     let shared = self.shared.clone();
+                    let slots = slots.clone();
+                    let task = tasks.clone();
                     tokio::spawn(async move {
-                        connection::handle(shared, tcp, peer).await;
-                        drop(permit);
+                        connection::handle(shared, tcp, peer, ticket, slots).await;
+                        drop(task);
                     });
                 }
                 Err(e) => {
@@ -292,14 +330,32 @@ impl Edge {
         self.shared
             .sessions
             .close_unless(CloseReason::Shutdown, |_| false);
-        let all = u32::try_from(limit).unwrap_or(u32::MAX);
-        if tokio::time::timeout(grace, slots.acquire_many(all))
+        preauth.evict_all();
+        drop(tasks);
+        if tokio::time::timeout(grace, tasks_done.recv())
             .await
             .is_err()
         {
             warn!("grace period over with connections still open");
         }
         info!("gateway stopped");
+    }
+
+    /// Checks the CRL's nextUpdate every 30 s: the gauge and the log follow it, and with
+    /// `tls.stale_crl = "refuse"` live sessions are closed once it is stale.
+    fn spawn_crl_watch(&self) {
+        let shared = self.shared.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_secs(30));
+            loop {
+                every.tick().await;
+                if shared.crl_stale() && shared.config.tls.stale_crl == StaleCrl::Refuse {
+                    shared
+                        .sessions
+                        .close_unless(CloseReason::Revoked, |_| false);
+                }
+            }
+        });
     }
 }
 
@@ -325,7 +381,9 @@ impl EdgeHandle {
             Err(p) => *p.into_inner() = store.clone(),
         }
         // Live and stored subscriptions are checked against the new policy.
-        shared.router.set_authorizer(Arc::new(PolicyAuthorizer(policy)));
+        shared
+            .router
+            .set_authorizer(Arc::new(PolicyAuthorizer(policy)));
         let now = rustls_pki_types::UnixTime::now();
         let closed = shared.sessions.close_unless(CloseReason::Revoked, |cert| {
             store.verify_client(cert, now).is_ok()
