@@ -15,7 +15,7 @@ use fleet_mqtt::codec::{encode, DecodeError, Decoder};
 use fleet_mqtt::{ConnAck, ConnectCode, Disconnected, Packet, Publish, QoS, Role, SessionKey};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
-use tokio::sync::Semaphore;
+use tokio::sync::{watch, Semaphore};
 use tokio::time::{sleep_until, timeout, Instant};
 use tokio_rustls::server::TlsStream;
 use tracing::{debug, info, warn, Instrument};
@@ -347,7 +347,7 @@ async fn session(shared: Arc<Shared>, opened: Opened) -> Result<(), String> {
         Some(Packet::ConnAck(ack)) => (ack.code == ConnectCode::Accepted).then_some(*ack),
         _ => None,
     };
-    if let Err(e) = pump.flush(&mut wr).await {
+    if let Err(e) = pump.flush(&mut wr, &mut registration.close).await {
         shared
             .router
             .disconnected(&pump.port, Disconnected::Abnormal);
@@ -474,11 +474,11 @@ impl Pump {
                     if let Some(why) = self.port.closed() {
                         // What the core queued before closing (e.g. a refusal) still goes out.
                         self.take();
-                        let _ = self.flush(wr).await;
+                        let _ = self.flush(wr, close).await;
                         return End::ByCore(why);
                     }
                     self.take();
-                    if let Err(e) = self.flush(wr).await {
+                    if let Err(e) = self.flush(wr, close).await {
                         return End::Abnormal(format!("write error: {e}"));
                     }
                 }
@@ -494,7 +494,7 @@ impl Pump {
                             Ok(Some(packet)) => {
                                 if let Step::Stop(end) = self.on_packet(packet).await {
                                     self.take();
-                                    let _ = self.flush(wr).await;
+                                    let _ = self.flush(wr, close).await;
                                     return end;
                                 }
                             }
@@ -508,11 +508,11 @@ impl Pump {
                     }
                     if let Some(why) = self.port.closed() {
                         self.take();
-                        let _ = self.flush(wr).await;
+                        let _ = self.flush(wr, close).await;
                         return End::ByCore(why);
                     }
                     self.take();
-                    if let Err(e) = self.flush(wr).await {
+                    if let Err(e) = self.flush(wr, close).await {
                         return End::Abnormal(format!("write error: {e}"));
                     }
                 }
@@ -527,7 +527,7 @@ impl Pump {
                             break;
                         }
                     }
-                    if let Err(e) = self.flush(wr).await {
+                    if let Err(e) = self.flush(wr, close).await {
                         return End::Abnormal(format!("write error: {e}"));
                     }
                 }
@@ -560,13 +560,43 @@ impl Pump {
     }
 
     /// Writes what is queued. A client that does not read within the write timeout is
-    /// counted: it is closed like one over a cap.
-    async fn flush(&mut self, wr: &mut WriteHalf<Tls>) -> std::io::Result<()> {
+    /// counted: it is closed like one over a cap. A close signal (the gateway's, or the core's
+    /// takeover) abandons the write at once, so a client that does not read cannot delay it.
+    async fn flush(
+        &mut self,
+        wr: &mut WriteHalf<Tls>,
+        close: &mut watch::Receiver<Option<CloseReason>>,
+    ) -> std::io::Result<()> {
         if self.out.is_empty() {
             return Ok(());
         }
         let out = std::mem::take(&mut self.out);
-        let r = write_packets(wr, &out, self.write_timeout).await;
+        let more = std::sync::atomic::AtomicBool::new(false);
+        let closing = async {
+            loop {
+                tokio::select! {
+                    changed = close.changed() => {
+                        if changed.is_err() || close.borrow().is_some() {
+                            return;
+                        }
+                    }
+                    () = self.port.wake.notified() => {
+                        if self.port.closed().is_some() {
+                            return;
+                        }
+                        // Only more to send: it is taken after this write.
+                        more.store(true, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+            }
+        };
+        let r = tokio::select! {
+            r = write_packets(wr, &out, self.write_timeout) => r,
+            () = closing => Err(std::io::Error::other("closed while writing")),
+        };
+        if more.load(std::sync::atomic::Ordering::Relaxed) {
+            self.port.wake.notify_one();
+        }
         self.out = out;
         self.out.clear();
         if let Err(e) = &r {
