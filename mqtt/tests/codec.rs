@@ -337,7 +337,7 @@ fn connect_with_every_field_decodes() {
 fn mqtt_4_7_1_1_will_topic_with_wildcard_refused() {
     refused(
         &connect_bytes(0x06, &[0, 0, 0, 1, b'#', 0, 0]),
-        "MQTT-3.3.2-2",
+        "MQTT-4.7.1-1",
     );
     refused(&connect_bytes(0x06, &[0, 0, 0, 0, 0, 0]), "MQTT-4.7.3-1");
 }
