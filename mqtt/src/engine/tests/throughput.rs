@@ -59,10 +59,10 @@ fn throughput_qos1_100_publishers_to_one_subscriber() {
                 e.packet(now, sub, Packet::PubAck(id));
             }
         }
-        for i in 0..PUBLISHERS as usize {
+        for (i, unacked) in unacked.iter_mut().enumerate() {
             out.clear();
             e.transmit(ConnId(i as u64), usize::MAX, &mut out);
-            unacked[i] -= out
+            *unacked -= out
                 .iter()
                 .filter(|p| matches!(p, Packet::PubAck(_)))
                 .count();
