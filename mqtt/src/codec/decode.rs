@@ -191,8 +191,9 @@ impl Decoder {
         if buf.len() < size {
             return Ok(None);
         }
-        let mut frame = buf.split_to(size).freeze();
-        let body = frame.split_off(header);
+        buf.advance(header);
+        // Payloads below share this allocation instead of copying it.
+        let body = buf.split_to(remaining).freeze();
         let flags = first & 0x0f;
         let mut r = Reader {
             buf: body,
@@ -288,7 +289,7 @@ impl Reader {
             return Err(self.malformed("empty topic name [MQTT-4.7.3-1]"));
         }
         if !topic::valid_name(&name) {
-            return Err(self.malformed("wildcard in a topic name [MQTT-3.3.2-2]"));
+            return Err(self.malformed("wildcard in a topic name [MQTT-4.7.1-1], [MQTT-3.3.2-2]"));
         }
         Ok(name)
     }
@@ -335,10 +336,10 @@ fn connect(r: &mut Reader) -> Result<Connect, DecodeError> {
     let will_retain = flags & WILL_RETAIN != 0;
     if flags & WILL == 0 {
         if will_qos != 0 {
-            return Err(r.malformed("will QoS without a will [MQTT-3.1.2-13]"));
+            return Err(r.malformed("will QoS without a will [MQTT-3.1.2-11], [MQTT-3.1.2-13]"));
         }
         if will_retain {
-            return Err(r.malformed("will retain without a will [MQTT-3.1.2-15]"));
+            return Err(r.malformed("will retain without a will [MQTT-3.1.2-11], [MQTT-3.1.2-15]"));
         }
     }
     let Some(will_qos) = QoS::from_u8(will_qos) else {

@@ -127,7 +127,10 @@ pub struct Settings {
     /// Incoming QoS 1/2 publishes one connection may have held unanswered (MQTT 5's receive
     /// maximum, for 3.1.1 clients). Over it the client is disconnected ([`CloseReason::TooManyHeld`]).
     /// Default 100: the default in-flight window of common clients (rumqttc, paho), so a
-    /// well-behaved client stops on its own before it reaches the cap.
+    /// well-behaved client stops on its own before it reaches the cap. PUBRELs waiting for
+    /// their PUBCOMP count too (a client's window covers them). QoS 0 publishes waiting behind
+    /// a held one are capped at the same number separately; over it they are dropped
+    /// ([`DropReason::Qos0QueueFull`], counted for the publisher).
     pub max_held_in: usize,
     /// Incoming QoS 2 packet ids answered with PUBREC and not yet released by PUBREL. Over it
     /// the client is disconnected ([`CloseReason::TooManyUnreleased`]). Default 100.

@@ -42,6 +42,14 @@ impl Engine {
             });
             if let Some(&(s, _)) = blocked {
                 self.scratch = targets;
+                // Holding back a publisher counts as full for the stall clock, even when the
+                // queue filled up without a new message (re-sends after a resume).
+                let now = self.now;
+                if let Some(sess) = self.session_mut(s) {
+                    if sess.full_since.is_none() {
+                        sess.full_since = now;
+                    }
+                }
                 return Err(s);
             }
         }

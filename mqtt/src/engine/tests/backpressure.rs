@@ -273,3 +273,33 @@ fn mutual_publish_does_not_deadlock() {
     assert_eq!(clients[1].received, want);
     assert!(h.closes().is_empty());
 }
+
+#[test]
+fn resumed_session_full_of_resends_that_never_reads_is_closed_as_stalled() {
+    let settings = Settings {
+        max_inflight_out: 2,
+        queue_messages: 2,
+        ..Settings::default()
+    };
+    let mut h = H::new(settings);
+    h.connect(1, "s", false);
+    h.sub(1, &[("t", 1)]);
+    h.connect(2, "p", true);
+    for id in 1..=4 {
+        h.pkt(2, publish("t", 1, id, "x"));
+        h.durable_all();
+        h.tx(1);
+    }
+    h.gone(1, Disconnected::Abnormal);
+    // Back with four re-sends queued (over the online cap) and it never reads.
+    h.connect(3, "s", false);
+    h.tick(Duration::from_secs(31));
+    assert!(h.closes().is_empty(), "nobody held back yet");
+    h.pkt(2, publish("t", 1, 5, "held"));
+    h.tick(Duration::from_secs(29));
+    assert!(h.closes().is_empty());
+    h.tick(Duration::from_secs(1));
+    assert_eq!(h.closes(), vec![(3, CloseReason::Stalled)]);
+    h.durable_all();
+    assert_eq!(h.tx(2).last(), Some(&Packet::PubAck(5)));
+}

@@ -20,6 +20,7 @@ mod policy;
 mod prop;
 mod qos;
 mod routing;
+mod throughput;
 
 /// Allows everything except what the lists deny (topic or filter prefixes).
 #[derive(Default)]
