@@ -185,6 +185,7 @@ mod tests {
         ("connections", "gauge"),
         ("tcp_accepted_total", "counter"),
         ("handshake_failures_total", "counter"),
+        ("handshakes_evicted_total", "counter"),
         ("connects_refused_total", "counter"),
         ("sessions_opened_total", "counter"),
         ("acl_denials_total", "counter"),
@@ -200,6 +201,7 @@ mod tests {
         ("status_stored_total", "counter"),
         ("status_duplicates_total", "counter"),
         ("store_errors_total", "counter"),
+        ("crl_stale", "gauge"),
         ("update_chunks_uploaded_total", "counter"),
         ("update_chunks_served_total", "counter"),
         ("update_chunks_dropped_total", "counter"),
@@ -214,6 +216,9 @@ mod tests {
         ("bridge_bytes_up_total", "counter"),
         ("bridge_bytes_down_total", "counter"),
         ("bridge_dropped_total", "counter"),
+        ("messages_dropped_total", "counter"),
+        ("subscriptions_revoked_total", "counter"),
+        ("clients_closed_over_limits_total", "counter"),
     ];
 
     #[test]

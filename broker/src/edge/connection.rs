@@ -616,8 +616,11 @@ impl Pump {
 
     async fn on_packet(&mut self, packet: Packet) -> Step {
         match packet {
-            Packet::Publish(publish) => {
+            Packet::Publish(mut publish) => {
                 Metrics::inc(&self.shared.metrics.publishes_in);
+                // The decoder's payload shares the read buffer; a copy keeps a small message
+                // queued for an offline session from holding a whole read buffer alive.
+                publish.payload = Bytes::copy_from_slice(&publish.payload);
                 if self.identity.role == fleet_certs::Role::Device {
                     if let Some(step) = self.store_status(&publish).await {
                         return step;
