@@ -6,14 +6,15 @@
 //!   version kept in `PRAGMA user_version`. A file written by a newer gateway is refused rather
 //!   than misread.
 //! * Everything that must outlive a restart goes through here (pending commands, last known
-//!   device state, and later the upstream queue and firmware index); the rumqttd router stays
-//!   volatile.
+//!   device state, the upstream queue, the firmware index, and the MQTT core's persistent
+//!   sessions and retained messages).
 //!
 //! The API is synchronous (rusqlite); async callers use `spawn_blocking` or a store task.
 
 mod commands;
 mod images;
 mod migrations;
+mod sessions;
 mod shared;
 mod status;
 mod updates;
