@@ -8,12 +8,15 @@
 //! * Everything that must outlive a restart goes through here (pending commands, last known
 //!   device state, the upstream queue, the firmware index, and the MQTT core's persistent
 //!   sessions and retained messages).
+//! * The MQTT core's writes (module `sessions`) are group-committed by their own thread and
+//!   connection (module `session_writer`), so one disk sync covers every write waiting for it.
 //!
 //! The API is synchronous (rusqlite); async callers use `spawn_blocking` or a store task.
 
 mod commands;
 mod images;
 mod migrations;
+mod session_writer;
 mod sessions;
 mod shared;
 mod status;
@@ -26,6 +29,9 @@ use rusqlite::{Connection, OpenFlags};
 
 pub(crate) use commands::{StoredCommand, Submitted};
 pub(crate) use images::ImageRow;
+// The edge's MQTT driver uses these; until it is wired in, nothing does.
+#[allow(unused_imports)]
+pub(crate) use session_writer::{SessionOps, SessionWriter, WriterSummary};
 pub(crate) use shared::SharedStore;
 pub(crate) use status::StatusWrite;
 pub use status::{DeviceState, StatusOutcome};
