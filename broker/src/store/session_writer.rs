@@ -306,23 +306,27 @@ mod tests {
     }
 
     /// Not a test: the writer's throughput. 100,000 messages of 1 KiB queued for a persistent
-    /// session and acknowledged (an Enqueued and a Dequeued each), sent as fast as possible,
-    /// committed in whatever batches form. Run with
+    /// session and acknowledged (an Enqueued and, 32 messages later, a Dequeued each),
+    /// committed in whatever batches form: first sent as fast as possible, then by a sender
+    /// that waits for durability whenever 100 of its messages are not yet durable (the
+    /// engine's default cap on held publishes per connection). Run with
     /// `cargo test -p fleet-broker --lib store::session_writer::tests::throughput -- --ignored --nocapture`.
     #[test]
     #[ignore = "a measurement, not a test"]
     fn throughput() {
+        measure(None);
+        measure(Some(100));
+    }
+
+    fn measure(window: Option<u64>) {
         const MESSAGES: u64 = 100_000;
+        const ACK_AFTER: u64 = 32;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("gateway.db");
-        let (done_tx, done) = std_mpsc::channel();
+        let (durable_tx, durable) = std_mpsc::channel();
         let (sender, writer) = SessionWriter::spawn(
             &path,
-            move |seq| {
-                if seq == 2 * MESSAGES {
-                    done_tx.send(Instant::now()).unwrap();
-                }
-            },
+            move |seq| durable_tx.send((seq, Instant::now())).unwrap(),
             |e| panic!("store error: {e}"),
         )
         .unwrap();
@@ -330,32 +334,43 @@ mod tests {
         let payload = [0x5a; 1024];
         let started = Instant::now();
         let mut seq = 0;
-        for id in 0..MESSAGES {
+        let mut durable_upto = 0;
+        // The seq of each message's Enqueued, for the window.
+        let mut enqueued_at = Vec::with_capacity(MESSAGES as usize);
+        let mut send = |op| {
             seq += 1;
+            sender.send((seq, op)).unwrap();
+            seq
+        };
+        for id in 0..MESSAGES {
+            if let Some(w) = window.filter(|w| id >= *w) {
+                let needed = enqueued_at[(id - w) as usize];
+                while durable_upto < needed {
+                    durable_upto = durable.recv_timeout(DEADLINE).unwrap().0;
+                }
+            }
             let message = msg("devices/dev-1/cmd", &payload, QoS::AtLeastOnce, false);
             let key = k.clone();
-            sender
-                .send((seq, StoreOp::Enqueued { key, id, message }))
-                .unwrap();
-            // Acknowledged a little later, as a live subscriber would.
-            if id >= 32 {
-                seq += 1;
-                let (key, id) = (k.clone(), id - 32);
-                sender.send((seq, StoreOp::Dequeued { key, id })).unwrap();
+            enqueued_at.push(send(StoreOp::Enqueued { key, id, message }));
+            if id >= ACK_AFTER {
+                let (key, id) = (k.clone(), id - ACK_AFTER);
+                send(StoreOp::Dequeued { key, id });
             }
         }
-        for id in MESSAGES - 32..MESSAGES {
-            seq += 1;
-            let key = k.clone();
-            sender.send((seq, StoreOp::Dequeued { key, id })).unwrap();
+        for id in MESSAGES - ACK_AFTER..MESSAGES {
+            send(StoreOp::Dequeued { key: k.clone(), id });
         }
-        let finished = done.recv_timeout(Duration::from_secs(600)).unwrap();
         drop(sender);
-        let summary = writer.join().unwrap();
+        let summary = join(writer).unwrap();
+        let finished = durable.try_iter().last().map_or(started, |(_, at)| at);
         let secs = finished.duration_since(started).as_secs_f64();
         println!(
-            "{} ops ({MESSAGES} Enqueued + {MESSAGES} Dequeued, 1 KiB) in {secs:.2} s: \
+            "{}: {} ops ({MESSAGES} Enqueued + {MESSAGES} Dequeued, 1 KiB) in {secs:.2} s: \
              {:.0} ops/s, {:.0} messages/s; {} commits, {:.0} ops per commit",
+            match window {
+                None => "flood".to_string(),
+                Some(w) => format!("window {w}"),
+            },
             summary.ops,
             summary.ops as f64 / secs,
             MESSAGES as f64 / secs,
