@@ -19,7 +19,7 @@ use std::thread::JoinHandle;
 
 use fleet_mqtt::{StoreOp, StoreSeq};
 use tokio::sync::mpsc::{self, UnboundedReceiver, UnboundedSender};
-use tracing::error;
+use tracing::{error, info_span};
 
 use super::{sessions, Store, StoreError};
 
@@ -52,7 +52,8 @@ pub(crate) struct SessionWriter {
 
 impl SessionWriter {
     /// Opens its own connection to the store at `path` (configured like every store
-    /// connection) and starts the thread. `on_durable(seq)` runs on that thread after each
+    /// connection; open the gateway's [`Store`] first, so the schema is up to date before two
+    /// connections share the file) and starts the thread. `on_durable(seq)` runs on that thread after each
     /// commit with the batch's last number, so every write up to `seq` is durable;
     /// `on_error` runs there once if a batch fails, after which the thread ends and the
     /// senders' sends fail.
@@ -67,7 +68,10 @@ impl SessionWriter {
         let (tx, rx) = mpsc::unbounded_channel();
         let thread = std::thread::Builder::new()
             .name("mqtt-store".into())
-            .spawn(move || run(store, rx, on_durable, on_error))
+            .spawn(move || {
+                let span = info_span!("session_writer", path = %store.path.display());
+                span.in_scope(|| run(store, rx, on_durable, on_error))
+            })
             .map_err(|e| StoreError::Task(format!("starting the session writer: {e}")))?;
         Ok((tx, SessionWriter { thread }))
     }
