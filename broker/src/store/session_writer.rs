@@ -52,11 +52,12 @@ pub(crate) struct SessionWriter {
 
 impl SessionWriter {
     /// Opens its own connection to the store at `path` (configured like every store
-    /// connection; open the gateway's [`Store`] first, so the schema is up to date before two
-    /// connections share the file) and starts the thread. `on_durable(seq)` runs on that thread after each
-    /// commit with the batch's last number, so every write up to `seq` is durable;
-    /// `on_error` runs there once if a batch fails, after which the thread ends and the
-    /// senders' sends fail.
+    /// connection; open the gateway's [`Store`] first, so that the schema is up to date
+    /// before two connections share the file) and starts the thread.
+    ///
+    /// `on_durable(seq)` runs on that thread after each commit with the batch's last number:
+    /// every write up to `seq` is durable. `on_error` runs there once if a batch fails (the
+    /// error is already logged); then the thread ends and sends on the channel fail.
     pub(crate) fn spawn(
         path: &Path,
         on_durable: impl FnMut(StoreSeq) + Send + 'static,
@@ -95,16 +96,17 @@ fn run(
     let mut batch = Vec::new();
     // `None`: every sender is gone and nothing is left.
     while let Some(first) = rx.blocking_recv() {
-        let first_seq = first.0;
+        let (first_seq, mut last) = (first.0, first.0);
         batch.push(first);
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
-                Ok(next) => batch.push(next),
+                Ok(next) => {
+                    last = next.0;
+                    batch.push(next);
+                }
                 Err(_) => break,
             }
         }
-        // The batch is never empty here: it holds `first`.
-        let last = batch.last().map(|(seq, _)| *seq).unwrap_or_default();
         if let Err(e) = store.write(|tx| sessions::apply(tx, &batch)) {
             error!(error = %e, first_seq, last_seq = last, ops = batch.len(),
                 "session store write failed; nothing more is made durable");
