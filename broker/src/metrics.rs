@@ -181,7 +181,7 @@ mod tests {
     use super::*;
 
     /// The series as the README and the dashboards know them: name and type, in order.
-    const EXPORTED: [(&str, &str); 32] = [
+    const EXPORTED: [(&str, &str); 37] = [
         ("connections", "gauge"),
         ("tcp_accepted_total", "counter"),
         ("handshake_failures_total", "counter"),

@@ -6,14 +6,18 @@
 //!   version kept in `PRAGMA user_version`. A file written by a newer gateway is refused rather
 //!   than misread.
 //! * Everything that must outlive a restart goes through here (pending commands, last known
-//!   device state, and later the upstream queue and firmware index); persistent MQTT sessions and
-//!   retained messages.
+//!   device state, the upstream queue, the firmware index, and the MQTT core's persistent
+//!   sessions and retained messages).
+//! * The MQTT core's writes (module `sessions`) are group-committed by their own thread and
+//!   connection (module `session_writer`), so one disk sync covers every write waiting for it.
 //!
 //! The API is synchronous (rusqlite); async callers use `spawn_blocking` or a store task.
 
 mod commands;
 mod images;
 mod migrations;
+mod session_writer;
+mod sessions;
 mod shared;
 mod status;
 mod updates;
@@ -25,6 +29,7 @@ use rusqlite::{Connection, OpenFlags};
 
 pub(crate) use commands::{StoredCommand, Submitted};
 pub(crate) use images::ImageRow;
+pub(crate) use session_writer::SessionWriter;
 pub(crate) use shared::SharedStore;
 pub(crate) use status::StatusWrite;
 pub use status::{DeviceState, StatusOutcome};
