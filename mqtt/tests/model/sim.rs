@@ -277,7 +277,8 @@ struct Expect {
     takeover: Option<ConnId>,
     takeover_seen: bool,
     stalled: bool,
-    denied: Option<ConnId>,
+    /// Connections that sent a publish the policy denies.
+    denied: BTreeSet<ConnId>,
 }
 
 pub(crate) struct World {
@@ -486,9 +487,6 @@ impl World {
                 );
             }
         }
-        if self.clients[who.idx()].conn == Some(conn) && !self.clients[who.idx()].connacked {
-            self.violation(Kind::Protocol, format!("{who:?}: no CONNACK"));
-        }
     }
 
     fn publish(&mut self, who: Who, topic: &'static str, qos: QoS, retain: bool) {
@@ -570,14 +568,13 @@ impl World {
     fn feed(&mut self, conn: ConnId, pkt: Packet) {
         self.clock += 1;
         self.moves += 1;
-        self.expect.denied = None;
         if let Packet::Publish(p) = &pkt {
             if let Some(n) = payload_msg(&p.payload) {
                 let m = &mut self.msgs[n as usize];
                 let allowed = may_publish(m.publisher, m.topic, self.strict);
                 m.receipts.push((self.clock, allowed));
                 if !allowed {
-                    self.expect.denied = Some(conn);
+                    self.expect.denied.insert(conn);
                 }
             }
         }
@@ -777,7 +774,7 @@ impl World {
                     }
                     CloseReason::Stalled => self.expect.stalled,
                     CloseReason::DeniedPublish => {
-                        self.p.denied_disconnects && self.expect.denied == Some(conn)
+                        self.p.denied_disconnects && self.expect.denied.contains(&conn)
                     }
                     _ => false,
                 };
@@ -1249,6 +1246,12 @@ impl World {
             self.violation(Kind::Liveness, "the drain never went quiet".to_owned());
         }
         for c in &self.clients {
+            if c.conn.is_some() && !c.connacked {
+                self.violations.push(Violation {
+                    kind: Kind::Liveness,
+                    text: format!("{:?} never got its CONNACK", c.who),
+                });
+            }
             if c.live().is_none() {
                 continue;
             }
