@@ -28,12 +28,31 @@
 //!   offline queue over its cap) is a [`Notice`].
 //! * Sessions are keyed by identity ([`SessionKey`]), never by client id text alone.
 
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
 use crate::codec::{Connect, Packet, QoS};
+
+mod conn;
+mod inbound;
+mod lifecycle;
+mod outbound;
+mod retained;
+mod route;
+mod router;
+mod session;
+mod subscribe;
+#[cfg(test)]
+mod tests;
+
+use conn::Conn;
+use retained::Retained;
+use router::{Router, Sub};
+use session::{Session, SessionIdx};
 
 /// A connection, numbered by the driver: unique for the life of the process, never reused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -373,28 +392,99 @@ pub enum Action {
     Notice(Notice),
 }
 
+/// The actions waiting for the driver, and the numbering of store writes.
+#[derive(Debug, Default)]
+struct Out {
+    actions: VecDeque<Action>,
+    /// Number of the last [`Action::Store`] emitted.
+    last_seq: StoreSeq,
+}
+
+impl Out {
+    fn push(&mut self, action: Action) {
+        self.actions.push_back(action);
+    }
+
+    /// Emits a store write; returns its number.
+    fn store(&mut self, op: StoreOp) -> StoreSeq {
+        self.last_seq += 1;
+        self.actions.push_back(Action::Store {
+            seq: self.last_seq,
+            op,
+        });
+        self.last_seq
+    }
+
+    fn notice(&mut self, notice: Notice) {
+        self.actions.push_back(Action::Notice(notice));
+    }
+}
+
 /// The MQTT engine: every session, subscription, queue and retained message of the gateway.
 pub struct Engine {
-    _todo: (),
+    settings: Settings,
+    auth: Arc<dyn Authorizer>,
+    /// Session table; freed slots are reused (a session's index is dropped everywhere when it
+    /// is removed).
+    sessions: Vec<Option<Session>>,
+    free_sessions: Vec<SessionIdx>,
+    by_key: HashMap<SessionKey, SessionIdx>,
+    conns: HashMap<ConnId, Conn>,
+    /// Refused connections: the CONNACK to write, nothing else.
+    refused: HashMap<ConnId, Packet>,
+    router: Router,
+    retained: Retained,
+    out: Out,
+    /// Every store write up to this one is durable.
+    durable_seq: StoreSeq,
+    /// Connections whose next answer waits for a store position.
+    durable_waiters: BinaryHeap<Reverse<(StoreSeq, ConnId)>>,
+    /// Connections whose incoming pipeline may move again.
+    to_pump: VecDeque<ConnId>,
+    /// Routing scratch space (no allocation per publish).
+    scratch: Vec<Sub>,
+    /// The latest time the driver passed in.
+    now: Option<Instant>,
 }
 
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Engine")
+        f.debug_struct("Engine")
+            .field("sessions", &self.by_key.len())
+            .field("connections", &self.conns.len())
+            .field("last_seq", &self.out.last_seq)
+            .field("durable_seq", &self.durable_seq)
+            .finish_non_exhaustive()
     }
 }
 
 impl Engine {
     /// An engine with no sessions, checking access with `authorizer`.
     pub fn new(settings: Settings, authorizer: Arc<dyn Authorizer>) -> Self {
-        let _ = (settings, authorizer);
-        Engine { _todo: () }
+        Engine {
+            settings,
+            auth: authorizer,
+            sessions: Vec::new(),
+            free_sessions: Vec::new(),
+            by_key: HashMap::new(),
+            conns: HashMap::new(),
+            refused: HashMap::new(),
+            router: Router::default(),
+            retained: Retained::default(),
+            out: Out::default(),
+            durable_seq: 0,
+            durable_waiters: BinaryHeap::new(),
+            to_pump: VecDeque::new(),
+            scratch: Vec::new(),
+            now: None,
+        }
     }
 
     /// Rebuilds the persistent sessions and retained messages the store kept (all offline).
     /// Call before the first [`Engine::connect`]; `now` starts their expiry clocks.
     pub fn restore(&mut self, now: Instant, sessions: Vec<StoredSession>, retained: Vec<Message>) {
-        let _ = (now, sessions, retained);
+        self.now = Some(now);
+        self.do_restore(now, sessions, retained);
     }
 
     /// A client on `conn` sent this (decoded, level 4) CONNECT and its certificate gives
@@ -410,12 +500,16 @@ impl Engine {
     /// After a refusal the driver writes what [`Engine::transmit`] gives and closes; the engine
     /// keeps nothing for `conn`.
     pub fn connect(&mut self, now: Instant, conn: ConnId, key: SessionKey, connect: Connect) {
-        let _ = (now, conn, key, connect);
+        self.now = Some(now);
+        self.do_connect(conn, key, connect);
+        self.run_pumps();
     }
 
     /// A packet from the client on `conn` (after its CONNECT was accepted).
     pub fn packet(&mut self, now: Instant, conn: ConnId, packet: Packet) {
-        let _ = (now, conn, packet);
+        self.now = Some(now);
+        self.on_packet(conn, packet);
+        self.run_pumps();
     }
 
     /// The connection ended (not after an [`Action::Close`] for it). Publishes the will unless
@@ -423,36 +517,70 @@ impl Engine {
     /// persistent one keeps its subscriptions and queue (unacknowledged in-flight messages go
     /// back to the head of its queue).
     pub fn disconnected(&mut self, now: Instant, conn: ConnId, how: Disconnected) {
-        let _ = (now, conn, how);
+        self.now = Some(now);
+        if self.refused.remove(&conn).is_none() {
+            self.detach(now, conn, how == Disconnected::Abnormal);
+        }
+        self.run_pumps();
     }
 
     /// Takes up to `max_bytes` (at least one packet if any is ready) of packets to write to
     /// `conn`, in order. QoS 1/2 publishes leave the queue only while fewer than
     /// [`Settings::max_inflight_out`] are unacknowledged.
     pub fn transmit(&mut self, conn: ConnId, max_bytes: usize, out: &mut Vec<Packet>) {
-        let _ = (conn, max_bytes, out);
+        self.do_transmit(conn, max_bytes, out);
+        self.run_pumps();
     }
 
     /// Every store write up to and including `seq` is durable: answers held back for them go
     /// out.
     pub fn durable(&mut self, now: Instant, seq: StoreSeq) {
-        let _ = (now, seq);
+        self.now = Some(now);
+        self.durable_seq = self.durable_seq.max(seq.min(self.out.last_seq));
+        while let Some(Reverse((need, conn))) = self.durable_waiters.peek().copied() {
+            if need > self.durable_seq {
+                break;
+            }
+            self.durable_waiters.pop();
+            self.to_pump.push_back(conn);
+        }
+        self.run_pumps();
     }
 
     /// Time passed: stalled subscribers are closed, expired sessions removed.
     pub fn tick(&mut self, now: Instant) {
-        let _ = now;
+        self.now = Some(now);
+        self.do_tick(now);
+        self.run_pumps();
     }
 
     /// Replaces the access policy. Every live and stored subscription is checked again and
     /// removed when no longer allowed ([`Notice::SubscriptionDenied`] with `revoked`, and
     /// [`StoreOp::Unsubscribed`] for persistent sessions).
     pub fn set_authorizer(&mut self, now: Instant, authorizer: Arc<dyn Authorizer>) {
-        let _ = (now, authorizer);
+        self.now = Some(now);
+        self.auth = authorizer;
+        self.recheck_subscriptions();
+        self.run_pumps();
     }
 
     /// The next thing the driver must do.
     pub fn poll_action(&mut self) -> Option<Action> {
-        None
+        self.out.actions.pop_front()
+    }
+
+    fn session(&self, s: SessionIdx) -> Option<&Session> {
+        self.sessions.get(s).and_then(Option::as_ref)
+    }
+
+    fn session_mut(&mut self, s: SessionIdx) -> Option<&mut Session> {
+        self.sessions.get_mut(s).and_then(Option::as_mut)
+    }
+
+    /// Lets every connection queued in `to_pump` move its incoming pipeline.
+    fn run_pumps(&mut self) {
+        while let Some(conn) = self.to_pump.pop_front() {
+            self.pump(conn);
+        }
     }
 }

@@ -1,0 +1,259 @@
+use std::collections::BTreeMap;
+
+use super::*;
+
+/// A store as the driver keeps it: applies writes in order, gives back what it kept.
+#[derive(Default)]
+pub(super) struct MemStore {
+    sessions: BTreeMap<SessionKey, StoredSession>,
+    retained: BTreeMap<String, Message>,
+}
+
+impl MemStore {
+    pub(super) fn apply(&mut self, op: &StoreOp) {
+        let blank = |key: &SessionKey| StoredSession {
+            key: key.clone(),
+            subscriptions: Vec::new(),
+            queue: Vec::new(),
+            unreleased: Vec::new(),
+        };
+        match op {
+            StoreOp::SessionReset { key, persistent } => {
+                self.sessions.remove(key);
+                if *persistent {
+                    self.sessions.insert(key.clone(), blank(key));
+                }
+            }
+            StoreOp::SessionExpired { key } => {
+                self.sessions.remove(key);
+            }
+            StoreOp::Subscribed { key, filter, qos } => {
+                let s = self
+                    .sessions
+                    .entry(key.clone())
+                    .or_insert_with(|| blank(key));
+                s.subscriptions.retain(|(f, _)| f != filter);
+                s.subscriptions.push((filter.clone(), *qos));
+            }
+            StoreOp::Unsubscribed { key, filter } => {
+                if let Some(s) = self.sessions.get_mut(key) {
+                    s.subscriptions.retain(|(f, _)| f != filter);
+                }
+            }
+            StoreOp::Enqueued { key, id, message } => {
+                let s = self
+                    .sessions
+                    .entry(key.clone())
+                    .or_insert_with(|| blank(key));
+                s.queue.push(StoredMessage {
+                    id: *id,
+                    message: message.clone(),
+                    released: false,
+                });
+            }
+            StoreOp::Released { key, id } => {
+                if let Some(m) = self
+                    .sessions
+                    .get_mut(key)
+                    .and_then(|s| s.queue.iter_mut().find(|m| m.id == *id))
+                {
+                    m.released = true;
+                }
+            }
+            StoreOp::Dequeued { key, id } => {
+                if let Some(s) = self.sessions.get_mut(key) {
+                    s.queue.retain(|m| m.id != *id);
+                }
+            }
+            StoreOp::Qos2Received { key, packet_id } => {
+                let s = self
+                    .sessions
+                    .entry(key.clone())
+                    .or_insert_with(|| blank(key));
+                s.unreleased.push(*packet_id);
+            }
+            StoreOp::Qos2Released { key, packet_id } => {
+                if let Some(s) = self.sessions.get_mut(key) {
+                    s.unreleased.retain(|p| p != packet_id);
+                }
+            }
+            StoreOp::Retained { topic, message } => match message {
+                Some(m) => {
+                    self.retained.insert(topic.clone(), m.clone());
+                }
+                None => {
+                    self.retained.remove(topic);
+                }
+            },
+        }
+    }
+
+    pub(super) fn load(&self) -> (Vec<StoredSession>, Vec<Message>) {
+        (
+            self.sessions.values().cloned().collect(),
+            self.retained.values().cloned().collect(),
+        )
+    }
+}
+
+fn store_of(h: &H) -> MemStore {
+    let mut store = MemStore::default();
+    for op in h.store_ops() {
+        store.apply(&op);
+    }
+    store
+}
+
+fn restarted(h: &H) -> H {
+    let (sessions, retained) = store_of(h).load();
+    let mut fresh = H::new(Settings::default());
+    fresh.e.restore(fresh.now, sessions, retained);
+    fresh.drain();
+    fresh
+}
+
+#[test]
+fn persistent_ack_waits_for_durable() {
+    let mut h = H::new(Settings::default());
+    h.connect(1, "s", false);
+    h.sub(1, &[("t", 1)]);
+    h.connect(2, "p", true);
+    h.durable_all();
+    h.pkt(2, publish("t", 1, 1, "x"));
+    let seq = h.last_seq();
+    assert!(matches!(
+        h.store_ops().last(),
+        Some(StoreOp::Enqueued { id: 0, .. })
+    ));
+    assert!(
+        h.tx(2).is_empty(),
+        "no PUBACK before the message is durable"
+    );
+    h.e.durable(h.now, seq - 1);
+    h.drain();
+    assert!(h.tx(2).is_empty());
+    h.e.durable(h.now, seq);
+    assert_eq!(h.drain(), vec![Action::Transmit(ConnId(2))]);
+    assert_eq!(h.tx(2), vec![Packet::PubAck(1)]);
+}
+
+#[test]
+fn clean_only_subscribers_are_answered_without_store_writes() {
+    let mut h = H::new(Settings::default());
+    h.connect(1, "s", true);
+    h.sub(1, &[("t", 1)]);
+    h.connect(2, "p", true);
+    h.pkt(2, publish("t", 2, 1, "x"));
+    assert!(h.store_ops().is_empty());
+    assert_eq!(h.tx(2), vec![Packet::PubRec(1)]);
+}
+
+#[test]
+fn persistent_qos2_publisher_answers_after_its_writes_are_durable() {
+    let mut h = H::new(Settings::default());
+    h.connect(2, "p", false);
+    h.durable_all();
+    h.pkt(2, publish("t", 2, 7, "x"));
+    assert_eq!(
+        h.store_ops().last(),
+        Some(&StoreOp::Qos2Received {
+            key: key("p"),
+            packet_id: 7
+        })
+    );
+    assert!(h.tx(2).is_empty());
+    h.durable_all();
+    assert_eq!(h.tx(2), vec![Packet::PubRec(7)]);
+    h.pkt(2, Packet::PubRel(7));
+    assert!(
+        h.tx(2).is_empty(),
+        "PUBCOMP waits for the release to be durable"
+    );
+    h.durable_all();
+    assert_eq!(h.tx(2), vec![Packet::PubComp(7)]);
+}
+
+#[test]
+fn restore_resends_with_same_packet_ids_and_dup() {
+    let mut h = H::new(Settings::default());
+    h.connect(1, "s", false);
+    h.sub(1, &[("t", 2)]);
+    h.connect(2, "p", true);
+    h.pkt(2, publish("t", 1, 1, "a"));
+    h.pkt(2, publish("t", 2, 2, "b"));
+    h.pkt(2, publish("t", 1, 3, "c"));
+    let first = h.tx_got(1);
+    h.pkt(1, Packet::PubAck(first[0].pid.unwrap()));
+    h.pkt(1, Packet::PubRec(first[1].pid.unwrap()));
+    // The gateway restarts.
+    let mut r = restarted(&h);
+    let ack = r.connect(1, "s", false);
+    assert!(ack.session_present);
+    let out = r.tx(1);
+    assert_eq!(out[0], Packet::PubRel(first[1].pid.unwrap()));
+    let again: Vec<Got> = out.iter().filter_map(got).collect();
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].pid, first[2].pid);
+    assert!(again[0].dup);
+    assert_eq!(again[0].payload, "c");
+    // New messages continue after the restored ids.
+    r.connect(2, "p", true);
+    r.pkt(2, publish("t", 1, 4, "d"));
+    let next = r.tx_got(1);
+    assert_eq!(next[0].pid, Some(first[2].pid.unwrap() + 1));
+    r.e.check_invariants();
+}
+
+#[test]
+fn restore_keeps_unreleased_qos2_ids_retained_and_subscriptions() {
+    let mut h = H::new(Settings::default());
+    h.connect(1, "s", false);
+    h.sub(1, &[("t", 2)]);
+    h.connect(2, "p", false);
+    h.pkt(2, publish("t", 2, 9, "once"));
+    h.pkt(2, retained("r", 1, 10, "kept"));
+    let mut r = restarted(&h);
+    r.connect(2, "p", false);
+    r.connect(1, "s", false);
+    let before = r.tx_got(1).len();
+    // The publisher re-sends after the restart: a duplicate, not routed again.
+    r.pkt(2, publish("t", 2, 9, "once"));
+    r.durable_all();
+    assert_eq!(r.tx(2), vec![Packet::PubRec(9)]);
+    assert_eq!(r.tx_got(1).len(), 0);
+    assert_eq!(before, 1);
+    r.connect(3, "late", true);
+    r.sub(3, &[("r", 1)]);
+    assert_eq!(r.tx_got(3)[0].payload, "kept");
+}
+
+#[test]
+fn session_expiry_removes_the_session_and_counts_its_queue() {
+    let settings = Settings {
+        session_expiry: Duration::from_secs(60),
+        ..Settings::default()
+    };
+    let mut h = H::new(settings);
+    h.connect(1, "s", false);
+    h.sub(1, &[("t", 1)]);
+    h.gone(1, Disconnected::Graceful);
+    h.connect(2, "p", true);
+    h.pkt(2, publish("t", 1, 1, "x"));
+    h.tick(Duration::from_secs(59));
+    assert!(h.e.by_key.contains_key(&key("s")));
+    h.clear_log();
+    h.tick(Duration::from_secs(1));
+    assert_eq!(
+        h.store_ops(),
+        vec![StoreOp::SessionExpired { key: key("s") }]
+    );
+    assert_eq!(
+        h.notices(),
+        vec![Notice::Dropped {
+            key: key("s"),
+            reason: DropReason::SessionExpired,
+            count: 1
+        }]
+    );
+    assert!(!h.connect(3, "s", false).session_present);
+}

@@ -1,0 +1,74 @@
+use super::*;
+
+#[test]
+fn set_authorizer_revokes_live_and_stored_subscriptions() {
+    let mut h = H::new(Settings::default());
+    h.connect(1, "live", true);
+    h.sub(1, &[("a/#", 1), ("b", 1)]);
+    h.connect(2, "stored", false);
+    h.sub(2, &[("a/x", 1)]);
+    h.gone(2, Disconnected::Graceful);
+    h.clear_log();
+    let acl = Acl {
+        deny_sub: vec!["a"],
+        ..Acl::default()
+    };
+    h.e.set_authorizer(h.now, Arc::new(acl));
+    h.drain();
+    let mut revoked: Vec<(String, String)> = h
+        .notices()
+        .iter()
+        .filter_map(|n| match n {
+            Notice::SubscriptionDenied {
+                key,
+                filter,
+                revoked: true,
+            } => Some((key.id.clone(), filter.clone())),
+            _ => None,
+        })
+        .collect();
+    revoked.sort();
+    assert_eq!(
+        revoked,
+        vec![
+            ("live".to_owned(), "a/#".to_owned()),
+            ("stored".to_owned(), "a/x".to_owned())
+        ]
+    );
+    assert_eq!(
+        h.store_ops(),
+        vec![StoreOp::Unsubscribed {
+            key: key("stored"),
+            filter: "a/x".into()
+        }]
+    );
+    h.connect(3, "p", true);
+    h.pkt(3, publish("a/x", 1, 1, "no"));
+    h.pkt(3, publish("b", 1, 2, "yes"));
+    let g = h.tx_got(1);
+    assert_eq!(g.len(), 1);
+    assert_eq!(g[0].payload, "yes");
+    h.connect(2, "stored", false);
+    assert!(
+        h.tx_got(2).is_empty(),
+        "revoked stored subscription delivers nothing"
+    );
+}
+
+#[test]
+fn revoking_the_only_subscriber_releases_a_held_publish() {
+    let mut h = H::new(small(1));
+    h.connect(1, "s", true);
+    h.sub(1, &[("t", 1)]);
+    h.connect(2, "p", true);
+    h.pkt(2, publish("t", 1, 1, "a"));
+    h.pkt(2, publish("t", 1, 2, "b"));
+    assert_eq!(h.tx(2), vec![Packet::PubAck(1)]);
+    let acl = Acl {
+        deny_sub: vec!["t"],
+        ..Acl::default()
+    };
+    h.e.set_authorizer(h.now, Arc::new(acl));
+    h.drain();
+    assert_eq!(h.tx(2), vec![Packet::PubAck(2)]);
+}

@@ -1,0 +1,2 @@
+//! Random event sequences against the engine: no panic, and its bookkeeping stays within
+//! every cap.
