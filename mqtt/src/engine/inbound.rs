@@ -73,6 +73,7 @@ impl Engine {
             }
         };
         let max_held = self.settings.max_held_in;
+        let control_cap = self.control_cap();
         let Some(c) = self.conns.get_mut(&conn) else {
             return;
         };
@@ -90,7 +91,7 @@ impl Engine {
             }
             c.qos0_waiting += 1;
         } else {
-            if c.held >= max_held {
+            if c.held >= max_held || c.control.len() >= control_cap {
                 self.close(conn, CloseReason::TooManyHeld);
                 return;
             }
@@ -110,10 +111,11 @@ impl Engine {
 
     fn on_pubrel(&mut self, conn: ConnId, id: u16) {
         let max_held = self.settings.max_held_in;
+        let control_cap = self.control_cap();
         let Some(c) = self.conns.get_mut(&conn) else {
             return;
         };
-        if c.held >= max_held {
+        if c.held >= max_held || c.control.len() >= control_cap {
             self.close(conn, CloseReason::TooManyHeld);
             return;
         }
@@ -151,20 +153,33 @@ impl Engine {
             };
             match step {
                 Step::Done(packet, need) => {
-                    let entry = match taken {
-                        Inbound::Publish(p) => {
-                            if p.qos == QoS::AtMostOnce {
-                                c.qos0_waiting = c.qos0_waiting.saturating_sub(1);
-                            }
-                            Inbound::Answer { packet, need }
+                    if let Inbound::Publish(p) = &taken {
+                        if p.qos == QoS::AtMostOnce {
+                            c.qos0_waiting = c.qos0_waiting.saturating_sub(1);
                         }
-                        Inbound::PubRel(_) => Inbound::Answer { packet, need },
-                        answer @ Inbound::Answer { .. } => answer,
-                    };
-                    if let Some(e) = c.inbound.get_mut(i) {
-                        *e = entry;
                     }
-                    c.processed += 1;
+                    match (packet, taken) {
+                        (None, Inbound::Answer { packet, need }) => {
+                            if let Some(e) = c.inbound.get_mut(i) {
+                                *e = Inbound::Answer { packet, need };
+                            }
+                            c.processed += 1;
+                        }
+                        (None, _) => {
+                            // Nothing to answer (QoS 0): it leaves the pipeline now, so it
+                            // takes no room while earlier answers wait for the store.
+                            c.inbound.remove(i);
+                        }
+                        (Some(packet), _) => {
+                            if let Some(e) = c.inbound.get_mut(i) {
+                                *e = Inbound::Answer {
+                                    packet: Some(packet),
+                                    need,
+                                };
+                            }
+                            c.processed += 1;
+                        }
+                    }
                 }
                 Step::Blocked(b) => {
                     if let Some(e) = c.inbound.get_mut(i) {

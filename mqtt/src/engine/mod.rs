@@ -304,7 +304,8 @@ pub enum CloseReason {
     Takeover,
     /// The client broke a rule of the protocol (a second CONNECT, PUBREL for nothing, ...).
     ProtocolViolation(&'static str),
-    /// More incoming QoS 1/2 publishes held than [`Settings::max_held_in`].
+    /// More incoming QoS 1/2 publishes held than [`Settings::max_held_in`], or more answers
+    /// waiting to be written than a client that reads them can cause (it does not read).
     TooManyHeld,
     /// More QoS 2 ids awaiting PUBREL than [`Settings::max_unreleased_in`].
     TooManyUnreleased,

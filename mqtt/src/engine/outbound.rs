@@ -2,8 +2,11 @@
 //! the engine sent.
 
 use super::session::{packet_id, InFlight, SessionIdx};
-use super::{Action, ConnId, Engine, StoreOp};
+use super::{Action, CloseReason, ConnId, Engine, StoreOp};
 use crate::codec::{Packet, Publish, QoS};
+
+/// Answers beyond the protocol's own bounds a connection may leave unread (pings, SUBACKs).
+const CONTROL_SLACK: usize = 256;
 
 /// Roughly how many bytes `p` takes on the wire (for the transmit budget).
 fn wire_size(p: &Packet) -> usize {
@@ -17,10 +20,27 @@ fn wire_size(p: &Packet) -> usize {
 impl Engine {
     /// Queues an answer for `conn`.
     pub(super) fn push_control(&mut self, conn: ConnId, p: Packet) {
-        if let Some(c) = self.conns.get_mut(&conn) {
-            c.control.push_back(p);
-            self.notify(conn);
+        let cap = self.control_cap();
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        if c.control.len() >= cap {
+            // It keeps asking (PINGREQ, SUBSCRIBE, ...) and does not read the answers.
+            self.close(conn, CloseReason::TooManyHeld);
+            return;
         }
+        c.control.push_back(p);
+        self.notify(conn);
+    }
+
+    /// Answers one connection may have waiting to be written: everything a well-behaved
+    /// client can have outstanding, plus room for pings and subscriptions.
+    pub(super) fn control_cap(&self) -> usize {
+        self.settings
+            .max_held_in
+            .saturating_add(self.settings.max_unreleased_in)
+            .saturating_add(self.settings.max_inflight_out)
+            .saturating_add(CONTROL_SLACK)
     }
 
     /// Emits [`Action::Transmit`] if `conn` has something to send and has not been told yet.

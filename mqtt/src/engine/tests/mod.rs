@@ -297,6 +297,17 @@ impl Engine {
             assert_eq!(sess.conn, Some(*conn));
             assert!(c.held <= self.settings.max_held_in, "held over the cap");
             assert!(c.processed <= c.inbound.len());
+            assert!(
+                c.control.len() <= self.control_cap(),
+                "control queue over its cap"
+            );
+            let qos0 = c
+                .inbound
+                .iter()
+                .filter(|i| matches!(i, conn::Inbound::Publish(p) if p.qos == QoS::AtMostOnce))
+                .count();
+            assert_eq!(qos0, c.qos0_waiting, "QoS 0 waiting counter");
+            assert!(qos0 <= self.settings.max_held_in.max(1));
             let held = c
                 .inbound
                 .iter()
