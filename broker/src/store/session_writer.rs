@@ -244,6 +244,39 @@ mod tests {
     }
 
     #[test]
+    fn a_flood_is_committed_in_batches_of_at_most_max_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gateway.db");
+        // The first report waits until the flood is queued behind it.
+        let (durable_tx, durable) = std_mpsc::channel();
+        let (go_tx, go) = std_mpsc::channel::<()>();
+        let (sender, writer) = SessionWriter::spawn(
+            &path,
+            move |seq| {
+                durable_tx.send(seq).unwrap();
+                if seq == 1 {
+                    go.recv_timeout(DEADLINE).unwrap();
+                }
+            },
+            |e| panic!("unexpected store error: {e}"),
+        )
+        .unwrap();
+        let n = 2 * MAX_BATCH as u64 + 100;
+        let all = ops(1, n);
+        sender.send(all[0].clone()).unwrap();
+        assert_eq!(durable.recv_timeout(DEADLINE).unwrap(), 1);
+        for op in &all[1..] {
+            sender.send(op.clone()).unwrap();
+        }
+        go_tx.send(()).unwrap();
+        drop(sender);
+        join(writer).unwrap();
+        let batch = MAX_BATCH as u64;
+        let reported: Vec<StoreSeq> = durable.try_iter().collect();
+        assert_eq!(reported, [1 + batch, 1 + 2 * batch, n]);
+    }
+
+    #[test]
     fn a_failed_batch_is_never_reported_durable_and_stops_the_writer() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("gateway.db");
