@@ -244,6 +244,167 @@ mod tests {
         assert_eq!(reopened.load_sessions().unwrap(), model_of(&all).expected());
     }
 
+    /// Names the store file the child process of the kill test writes to.
+    const CHILD_STORE: &str = "FLEET_TEST_SESSION_WRITER_CHILD_STORE";
+
+    /// The kill test's writes: message `seq` queued on odd numbers, and on even ones the
+    /// message three numbers earlier acknowledged, so the state after `k` writes tells `k`.
+    fn kill_test_op(seq: StoreSeq) -> (StoreSeq, StoreOp) {
+        let key = key(Role::Device, "dev-1", None);
+        let op = if seq % 2 == 1 {
+            let message = msg("t", &seq.to_be_bytes(), QoS::AtLeastOnce, false);
+            StoreOp::Enqueued {
+                key,
+                id: seq,
+                message,
+            }
+        } else {
+            StoreOp::Dequeued {
+                key,
+                id: seq.saturating_sub(3),
+            }
+        };
+        (seq, op)
+    }
+
+    /// The process the kill test starts and kills: writes through a writer and prints every
+    /// durable report. Does nothing unless started by that test.
+    #[test]
+    #[ignore = "started by a_killed_process_keeps_every_write_it_reported_durable"]
+    fn killed_writer_process() {
+        use std::io::Write;
+        let Some(path) = std::env::var_os(CHILD_STORE) else {
+            return;
+        };
+        let (durable_tx, durable) = std_mpsc::channel();
+        let (sender, writer) = SessionWriter::spawn(
+            Path::new(&path),
+            move |seq| {
+                let mut out = std::io::stdout().lock();
+                writeln!(out, "durable {seq}").unwrap();
+                out.flush().unwrap();
+                let _ = durable_tx.send(seq);
+            },
+            |e| panic!("store error: {e}"),
+        )
+        .unwrap();
+        // At most 2,000 writes in flight, until killed (or, if nobody kills it, a bound).
+        let mut durable_upto = 0;
+        for seq in 1..=1_000_000 {
+            while durable_upto + 2_000 < seq {
+                durable_upto = durable.recv_timeout(DEADLINE).unwrap();
+            }
+            sender.send(kill_test_op(seq)).unwrap();
+        }
+        drop(sender);
+        join(writer).unwrap();
+    }
+
+    /// Kills its child process when dropped, so a failing test leaves nothing behind.
+    struct KillOnDrop(std::process::Child);
+
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_killed_process_keeps_every_write_it_reported_durable() {
+        use std::io::BufRead;
+        use std::os::unix::process::ExitStatusExt;
+        use std::process::{Command, Stdio};
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gateway.db");
+        drop(Store::open(&path).unwrap());
+        let child = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "store::session_writer::tests::killed_writer_process",
+                "--ignored",
+                "--nocapture",
+            ])
+            .env(CHILD_STORE, &path)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut child = KillOnDrop(child);
+        let stdout = child.0.stdout.take().unwrap();
+        let (report_tx, reports) = std_mpsc::channel();
+        let reader = std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if let Some(seq) = line.strip_prefix("durable ") {
+                    let _ = report_tx.send(seq.parse::<StoreSeq>().unwrap());
+                }
+            }
+        });
+
+        // SIGKILL in the middle of the stream, once some thousands of writes are durable.
+        let mut reported = 0;
+        while reported < 5_000 {
+            reported = reports.recv_timeout(DEADLINE).unwrap();
+        }
+        child.0.kill().unwrap();
+        let status = child.0.wait().unwrap();
+        assert_eq!(status.signal(), Some(9), "{status}");
+        // Reports still in the pipe were made before the kill.
+        reader.join().unwrap();
+        reported = reports.try_iter().fold(reported, StoreSeq::max);
+
+        // The file holds the first `k` writes, whole, for a `k` no smaller than any report.
+        let (sessions, _) = Store::open(&path).unwrap().load_sessions().unwrap();
+        let newest = sessions
+            .first()
+            .and_then(|s| s.queue.last())
+            .map_or(0, |m| m.id);
+        let k = [newest, newest + 1]
+            .into_iter()
+            .find(|k| {
+                let prefix: Vec<_> = (1..=*k).map(kill_test_op).collect();
+                model_of(&prefix).expected().0 == sessions
+            })
+            .unwrap_or_else(|| panic!("not the state after any prefix of the writes"));
+        assert!(k >= reported, "reported {reported} durable, {k} kept");
+    }
+
+    #[test]
+    fn a_flood_is_committed_in_batches_of_at_most_max_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gateway.db");
+        // The first report waits until the flood is queued behind it.
+        let (durable_tx, durable) = std_mpsc::channel();
+        let (go_tx, go) = std_mpsc::channel::<()>();
+        let (sender, writer) = SessionWriter::spawn(
+            &path,
+            move |seq| {
+                durable_tx.send(seq).unwrap();
+                if seq == 1 {
+                    go.recv_timeout(DEADLINE).unwrap();
+                }
+            },
+            |e| panic!("unexpected store error: {e}"),
+        )
+        .unwrap();
+        let n = 2 * MAX_BATCH as u64 + 100;
+        let all = ops(1, n);
+        sender.send(all[0].clone()).unwrap();
+        assert_eq!(durable.recv_timeout(DEADLINE).unwrap(), 1);
+        for op in &all[1..] {
+            sender.send(op.clone()).unwrap();
+        }
+        go_tx.send(()).unwrap();
+        drop(sender);
+        join(writer).unwrap();
+        let batch = MAX_BATCH as u64;
+        let reported: Vec<StoreSeq> = durable.try_iter().collect();
+        assert_eq!(reported, [1 + batch, 1 + 2 * batch, n]);
+    }
+
     #[test]
     fn a_failed_batch_is_never_reported_durable_and_stops_the_writer() {
         let dir = tempfile::tempdir().unwrap();
