@@ -570,3 +570,79 @@ subscribe = ["devices/+/status", "devices/+/presence"]
     let (first, body) = svc.next().await;
     assert_eq!(publish_of(first, &body).1, "devices/dev-1/presence");
 }
+
+// ---- Back-pressure and caps: never a silent drop ----
+
+/// A subscriber that does not acknowledge fills its window and its queue; from then on the
+/// publisher's acknowledgements are held back (it runs into its own window) instead of its
+/// messages being dropped, and they flow again as the subscriber acknowledges.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos1_acknowledgement_waits_until_the_subscriber_has_room() {
+    let gw = TestGateway::start_with(|c| {
+        c.mqtt.max_inflight = 1;
+        c.mqtt.queue_messages = 2;
+    })
+    .await;
+    let (mut dev, _) = Raw::connect(&gw, "dev-1", false).await;
+    dev.subscribe(1, "devices/dev-1/cmd", 1).await;
+    let (mut svc, _) = Raw::connect(&gw, "svc-1", false).await;
+    // The first goes out to the device (in flight, not acknowledged by it)...
+    svc.send(&publish_packet(b"devices/dev-1/cmd", &[1], 1, 1))
+        .await;
+    assert_eq!(svc.next().await, (0x40, vec![0, 1]));
+    let (first, body) = dev.next().await;
+    let (_, _, pkid, payload) = publish_of(first, &body);
+    assert_eq!(payload, [1]);
+    // ...two more fill its queue and are acknowledged; the fourth is held.
+    for id in 2..=4u16 {
+        svc.send(&publish_packet(b"devices/dev-1/cmd", &[id as u8], 1, id))
+            .await;
+    }
+    for id in 2..=3u16 {
+        assert_eq!(svc.next().await, (0x40, id.to_be_bytes().to_vec()));
+    }
+    // The connection is still read: a ping sent after the fourth is answered first (answers
+    // go out in order, so an unheld PUBACK 4 would come before it).
+    svc.send(&[0xc0, 0x00]).await;
+    assert_eq!(svc.next().await, (0xd0, vec![]), "PINGRESP");
+    // The device acknowledges; the queue moves and the fourth is answered.
+    let pkid = pkid.unwrap();
+    dev.send(&[0x40, 0x02, (pkid >> 8) as u8, pkid as u8]).await;
+    assert_eq!(svc.next().await, (0x40, vec![0, 4]), "held PUBACK");
+    // Every message arrives, in order.
+    for want in 2..=4u8 {
+        let (first, body) = dev.next().await;
+        let (_, _, pkid, payload) = publish_of(first, &body);
+        assert_eq!(payload, [want]);
+        let pkid = pkid.unwrap();
+        dev.send(&[0x40, 0x02, (pkid >> 8) as u8, pkid as u8]).await;
+    }
+    assert_eq!(Metrics::get(&gw.handle.metrics().messages_dropped), 0);
+}
+
+/// An offline persistent session keeps at most `offline_messages`; the oldest beyond are
+/// dropped, counted (the embedded router dropped them after their PUBACK, without a word).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_offline_queue_over_its_cap_drops_the_oldest_counted() {
+    let gw = TestGateway::start_with(|c| c.mqtt.offline_messages = 10).await;
+    let (mut dev, _) = Raw::connect(&gw, "dev-1", true).await;
+    dev.subscribe(1, "devices/dev-1/cmd", 1).await;
+    drop(dev);
+    eventually(WAIT, "dev-1 offline", || gw.handle.sessions() == 0).await;
+    let (mut svc, _) = Raw::connect(&gw, "svc-1", false).await;
+    for id in 1..=15u16 {
+        svc.send(&publish_packet(b"devices/dev-1/cmd", &[id as u8], 1, id))
+            .await;
+        assert_eq!(svc.next().await, (0x40, id.to_be_bytes().to_vec()));
+    }
+    assert_eq!(Metrics::get(&gw.handle.metrics().messages_dropped), 5);
+    let (mut dev, present) = Raw::connect(&gw, "dev-1", true).await;
+    assert!(present);
+    for want in 6..=15u8 {
+        let (first, body) = dev.next().await;
+        let (_, _, pkid, payload) = publish_of(first, &body);
+        assert_eq!(payload, [want], "the newest are kept, in order");
+        let pkid = pkid.unwrap();
+        dev.send(&[0x40, 0x02, (pkid >> 8) as u8, pkid as u8]).await;
+    }
+}
