@@ -151,7 +151,8 @@ pub struct MqttSettings {
     /// QoS 1/2 messages in flight to one client. Default 32.
     pub max_inflight: usize,
     /// Incoming QoS 1/2 publishes one client may have unanswered while their subscribers are
-    /// full; over it the client is disconnected. Default 100.
+    /// full; over it the client is disconnected. Default 100 (the default in-flight window of
+    /// common clients); at least 64.
     pub max_held: usize,
     /// Incoming QoS 2 ids awaiting PUBREL per client; over it the client is disconnected.
     /// Default 100.
@@ -440,6 +441,10 @@ impl GatewayConfig {
         {
             return bad("mqtt.* limits and durations must be greater than zero");
         }
+        if m.max_held < 64 {
+            // The gateway's own services keep up to 48 publishes unanswered (router::link).
+            return bad("mqtt.max_held must be at least 64");
+        }
         if m.max_inflight > 65_535 {
             return bad("mqtt.max_inflight must be at most 65535 (packet ids)");
         }
@@ -526,6 +531,10 @@ mod tests {
             "listen = \"nowhere\"",
             "[limits]\nmax_connections = 0",
             "[limits]\nmax_packet_size = 10",
+            "[mqtt]\nmax_held = 10",
+            "[mqtt]\nqueue_messages = 0",
+            "[limits]\nmax_handshakes = 0",
+            "[limits]\nwrite_timeout = \"0s\"",
             "[tls]\nca = \"ca.crt\"",
             "unknown_key = 1",
             "[identity]\ncn_fallback_role = \"admin\"",

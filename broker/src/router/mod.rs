@@ -137,8 +137,12 @@ impl Router {
                     }
                 }
                 Action::Store { seq, op } => {
-                    let sent = self.inner.store.as_ref().map(|tx| tx.send((seq, op)));
-                    if let Some(Err(_)) = sent {
+                    let failed = self
+                        .inner
+                        .store
+                        .as_ref()
+                        .is_some_and(|tx| tx.send((seq, op)).is_err());
+                    if failed {
                         // The writer stopped after a store failure and said why. Nothing that
                         // waits for durability is answered from now on.
                         Metrics::inc(&self.inner.metrics.store_errors);
