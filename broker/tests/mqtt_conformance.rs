@@ -503,6 +503,9 @@ async fn a_stale_crl_is_reported_and_can_refuse_everyone() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_pending_connections_cannot_keep_a_device_out() {
     let gw = TestGateway::start_with(|c| {
+        // Twenty authenticated sessions at most: with pending connections counted against
+        // them (as before), 200 idle sockets would keep everyone out.
+        c.limits.max_connections = 20;
         c.limits.max_handshakes = 20;
         c.limits.max_handshakes_per_source = 20;
         c.tls.handshake_timeout = Duration::from_secs(120);
