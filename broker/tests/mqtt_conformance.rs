@@ -537,27 +537,28 @@ async fn a_reload_removes_subscriptions_the_policy_no_longer_allows() {
     let policy = dir.path().join("policy.toml");
     let full = r#"
 [device]
-publish = ["devices/{id}/status", "devices/{id}/presence"]
+publish = ["devices/{id}/cmd/result", "devices/{id}/presence"]
 subscribe = []
 [service]
 publish = []
-subscribe = ["devices/+/status", "devices/+/presence"]
+subscribe = ["devices/+/cmd/result", "devices/+/presence"]
 "#;
     std::fs::write(&policy, full).unwrap();
     let path = policy.clone();
     let gw = TestGateway::start_with(move |c| c.acl.policy = Some(path)).await;
     // A persistent subscriber, so its stored subscription is re-checked too.
     let (mut svc, _) = Raw::connect(&gw, "svc-1", true).await;
-    svc.subscribe(1, "devices/+/status", 1).await;
+    svc.subscribe(1, "devices/+/cmd/result", 1).await;
     svc.subscribe(2, "devices/+/presence", 1).await;
-    std::fs::write(&policy, full.replace("\"devices/+/status\", ", "")).unwrap();
+    std::fs::write(&policy, full.replace("\"devices/+/cmd/result\", ", "")).unwrap();
     gw.handle.reload().unwrap();
     let (mut dev, _) = Raw::connect(&gw, "dev-1", false).await;
-    dev.send(&publish_packet(b"devices/dev-1/status", b"s", 0, 0))
+    dev.send(&publish_packet(b"devices/dev-1/cmd/result", b"r", 0, 0))
         .await;
     dev.send(&publish_packet(b"devices/dev-1/presence", b"p", 0, 0))
         .await;
-    // The first thing the service gets is the presence: the status subscription is gone.
+    // The first thing the service gets is the presence: the result subscription is gone.
+    // (Status reports would not do here: the status owner takes them before the core.)
     let (first, body) = svc.next().await;
     let (_, topic, _, _) = publish_of(first, &body);
     assert_eq!(topic, "devices/dev-1/presence");
@@ -566,7 +567,7 @@ subscribe = ["devices/+/status", "devices/+/presence"]
     drop(svc);
     let (mut svc, present) = Raw::connect(&gw, "svc-1", true).await;
     assert!(present);
-    dev.send(&publish_packet(b"devices/dev-1/status", b"s", 0, 0))
+    dev.send(&publish_packet(b"devices/dev-1/cmd/result", b"r", 0, 0))
         .await;
     dev.send(&publish_packet(b"devices/dev-1/presence", b"p2", 0, 0))
         .await;
