@@ -134,6 +134,46 @@ series! {
     clients_closed_over_limits: counter "clients_closed_over_limits_total" "Clients closed for exceeding a cap, stalling, or not reading.",
 }
 
+/// A log line budget: at most a few lines per second for one kind of event, so a flood of bad
+/// input is counted in full but logged in a handful of lines, each saying how many were left
+/// out since the last one.
+#[derive(Debug, Default)]
+pub(crate) struct LogBudget {
+    state: std::sync::Mutex<(Option<std::time::Instant>, u32, u64)>,
+}
+
+impl LogBudget {
+    /// Lines per window.
+    pub(crate) const LINES: u32 = 5;
+    /// The window.
+    pub(crate) const WINDOW: std::time::Duration = std::time::Duration::from_secs(1);
+
+    /// Whether a line may be logged at `now`; if so, how many were suppressed before it.
+    pub(crate) fn allow_at(&self, now: std::time::Instant) -> Option<u64> {
+        let mut g = match self.state.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        let (start, used, suppressed) = &mut *g;
+        if start.is_none_or(|s| now.duration_since(s) >= Self::WINDOW) {
+            *start = Some(now);
+            *used = 0;
+        }
+        if *used < Self::LINES {
+            *used += 1;
+            Some(std::mem::take(suppressed))
+        } else {
+            *suppressed += 1;
+            None
+        }
+    }
+
+    /// [`LogBudget::allow_at`] now.
+    pub(crate) fn allow(&self) -> Option<u64> {
+        self.allow_at(std::time::Instant::now())
+    }
+}
+
 impl Metrics {
     /// Adds one to `counter`.
     pub(crate) fn inc(counter: &AtomicU64) {
@@ -220,6 +260,19 @@ mod tests {
         ("subscriptions_revoked_total", "counter"),
         ("clients_closed_over_limits_total", "counter"),
     ];
+
+    #[test]
+    fn a_flood_is_logged_a_few_lines_a_window_and_the_rest_counted() {
+        let b = LogBudget::default();
+        let t0 = std::time::Instant::now();
+        let allowed = (0..100).filter(|_| b.allow_at(t0).is_some()).count();
+        assert_eq!(allowed, LogBudget::LINES as usize);
+        // The next window's first line says how many were suppressed.
+        assert_eq!(
+            b.allow_at(t0 + LogBudget::WINDOW),
+            Some(100 - u64::from(LogBudget::LINES))
+        );
+    }
 
     #[test]
     fn every_series_keeps_its_name_type_and_value() {

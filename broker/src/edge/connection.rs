@@ -261,7 +261,9 @@ async fn read_connect(
         }
         Ok(Err(Some(e))) => {
             Metrics::inc(&shared.metrics.protocol_errors);
-            warn!(error = %e, "malformed CONNECT");
+            if let Some(suppressed) = shared.bad_input_log.allow() {
+                warn!(error = %e, suppressed, "malformed CONNECT");
+            }
             return Err(e.to_string());
         }
         Ok(Ok(_)) | Ok(Err(None)) => {
@@ -471,15 +473,8 @@ impl Pump {
                     }
                 }
                 () = wake.notified() => {
-                    if let Some(why) = self.port.closed() {
-                        // What the core queued before closing (e.g. a refusal) still goes out.
-                        self.take();
-                        let _ = self.flush(wr, close).await;
-                        return End::ByCore(why);
-                    }
-                    self.take();
-                    if let Err(e) = self.flush(wr, close).await {
-                        return End::Abnormal(format!("write error: {e}"));
+                    if let Some(end) = self.send_pending(wr, close).await {
+                        return end;
                     }
                 }
                 read = rd.read_buf(inbuf) => {
@@ -501,19 +496,15 @@ impl Pump {
                             Ok(None) => break,
                             Err(e) => {
                                 Metrics::inc(&self.shared.metrics.protocol_errors);
-                                warn!(error = %e, "malformed packet; closing connection");
+                                if let Some(suppressed) = self.shared.bad_input_log.allow() {
+                                    warn!(error = %e, suppressed, "malformed packet; closing connection");
+                                }
                                 return End::Abnormal(e.to_string());
                             }
                         }
                     }
-                    if let Some(why) = self.port.closed() {
-                        self.take();
-                        let _ = self.flush(wr, close).await;
-                        return End::ByCore(why);
-                    }
-                    self.take();
-                    if let Err(e) = self.flush(wr, close).await {
-                        return End::Abnormal(format!("write error: {e}"));
+                    if let Some(end) = self.send_pending(wr, close).await {
+                        return end;
                     }
                 }
                 Some(packet) = direct.recv() => {
@@ -536,6 +527,23 @@ impl Pump {
                     return End::Abnormal("keep-alive expired".into());
                 }
             }
+        }
+    }
+
+    /// Writes what the core has for this client; `Some` when the connection ends (the core
+    /// closed it: what it queued before, such as a refusal, still goes out; or a write failed).
+    async fn send_pending(
+        &mut self,
+        wr: &mut WriteHalf<Tls>,
+        close: &mut watch::Receiver<Option<CloseReason>>,
+    ) -> Option<End> {
+        let closed = self.port.closed();
+        self.take();
+        let written = self.flush(wr, close).await;
+        match (closed, written) {
+            (Some(why), _) => Some(End::ByCore(why)),
+            (None, Err(e)) => Some(End::Abnormal(format!("write error: {e}"))),
+            (None, Ok(())) => None,
         }
     }
 
@@ -610,7 +618,9 @@ impl Pump {
 
     fn violation(&self, what: String) -> Step {
         Metrics::inc(&self.shared.metrics.protocol_errors);
-        warn!(reason = %what, "protocol violation; closing connection");
+        if let Some(suppressed) = self.shared.bad_input_log.allow() {
+            warn!(reason = %what, suppressed, "protocol violation; closing connection");
+        }
         Step::Stop(End::Abnormal(what))
     }
 

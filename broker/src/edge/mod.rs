@@ -25,7 +25,7 @@ use tracing::{info, warn};
 
 use crate::acl::{Policy, PolicyAuthorizer};
 use crate::config::{GatewayConfig, StaleCrl};
-use crate::metrics::Metrics;
+use crate::metrics::{LogBudget, Metrics};
 use crate::ports::{SessionEvent, StatusIntake};
 use crate::router::Router;
 use crate::tls::{self, TlsFiles};
@@ -70,6 +70,8 @@ pub(crate) struct Shared {
     trust: RwLock<Arc<TrustStore>>,
     /// Whether the CRL was stale at the last check (to log changes only).
     crl_was_stale: AtomicBool,
+    /// The log budget for malformed packets and protocol violations (each is counted).
+    pub(crate) bad_input_log: LogBudget,
     pub(crate) identity_policy: IdentityPolicy,
     pub(crate) router: Router,
     pub(crate) sessions: Arc<Sessions>,
@@ -246,6 +248,7 @@ impl Edge {
             policy: RwLock::new(security.policy),
             trust: RwLock::new(Arc::new(security.trust)),
             crl_was_stale: AtomicBool::new(false),
+            bad_input_log: LogBudget::default(),
             identity_policy,
             router,
             sessions,

@@ -1,55 +1,20 @@
 //! What the engine reports: counted always, logged at most a few lines per second per kind
 //! (a flood of denials from one misbehaving client must not flood the log).
 
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
-
 use fleet_mqtt::{DropReason, Notice};
 use tracing::{info, warn};
 
-use crate::metrics::Metrics;
-
-/// Log lines per kind per window.
-const LINES_PER_WINDOW: u32 = 5;
-const WINDOW: Duration = Duration::from_secs(1);
-
-#[derive(Default)]
-struct Budget {
-    window_start: Option<Instant>,
-    used: u32,
-    suppressed: u64,
-}
-
-impl Budget {
-    /// Whether a line may be logged now, and how many were suppressed since the last one.
-    fn take(&mut self, now: Instant) -> Option<u64> {
-        let fresh = self
-            .window_start
-            .is_none_or(|s| now.duration_since(s) >= WINDOW);
-        if fresh {
-            self.window_start = Some(now);
-            self.used = 0;
-        }
-        if self.used < LINES_PER_WINDOW {
-            self.used += 1;
-            Some(std::mem::take(&mut self.suppressed))
-        } else {
-            self.suppressed += 1;
-            None
-        }
-    }
-}
+use crate::metrics::{LogBudget, Metrics};
 
 /// Rate limits for the notice kinds.
 #[derive(Default)]
 pub(super) struct Notices {
-    budgets: Mutex<[Budget; 4]>,
+    budgets: [LogBudget; 4],
 }
 
 impl Notices {
     fn allow(&self, kind: usize) -> Option<u64> {
-        let mut b = super::lock(&self.budgets);
-        b.get_mut(kind).and_then(|b| b.take(Instant::now()))
+        self.budgets.get(kind).and_then(LogBudget::allow)
     }
 
     /// Counts `n` and logs it within the rate limit.
@@ -97,20 +62,5 @@ impl Notices {
                 }
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_flood_is_logged_a_few_lines_a_window_and_the_rest_counted() {
-        let mut b = Budget::default();
-        let t0 = Instant::now();
-        let allowed = (0..100).filter(|_| b.take(t0).is_some()).count();
-        assert_eq!(allowed, LINES_PER_WINDOW as usize);
-        // The next window's first line says how many were suppressed.
-        assert_eq!(b.take(t0 + WINDOW), Some(100 - u64::from(LINES_PER_WINDOW)));
     }
 }
