@@ -321,7 +321,7 @@ async fn session(shared: Arc<Shared>, opened: Opened) -> Result<(), String> {
     let write_timeout = shared.config.limits.write_timeout;
 
     // One connection per identity: the previous one is asked to close.
-    let mut registration = shared.sessions.register(&client_id, cert).await;
+    let mut registration = shared.sessions.register(&client_id, cert);
     let port = shared.router.attach();
     let key = session_key(&identity, &client_id);
     let clean = connect.clean_session;
