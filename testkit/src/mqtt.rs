@@ -555,3 +555,38 @@ impl Client {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stamped_publishes_parse_back_one_after_another() {
+        let mut buf = Vec::new();
+        push_publish_qos1(&mut buf, b"devices/d1/bench", 7, 0x0102_0304_0506_0708, 300);
+        push_publish_qos1(&mut buf, b"t", 8, 9, 3);
+        let (first, body, next) = packet_at(&buf, 0)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .unwrap_or_else(|| panic!("first packet incomplete"));
+        assert_eq!(first, 0x32);
+        let body = &buf[body];
+        assert_eq!(&body[..2], &[0, 16]);
+        assert_eq!(&body[2..18], b"devices/d1/bench");
+        assert_eq!(&body[18..20], &[0, 7]);
+        assert_eq!(&body[20..28], &[1, 2, 3, 4, 5, 6, 7, 8]);
+        assert_eq!(body.len() - 20, 300, "payload size");
+        // The second: a payload shorter than a stamp is widened to one.
+        let (_, body, end) = packet_at(&buf, next)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .unwrap_or_else(|| panic!("second packet incomplete"));
+        assert_eq!(end, buf.len());
+        assert_eq!(&buf[body][5..], &9u64.to_be_bytes());
+        // Cut short anywhere, it is incomplete, not misread.
+        for cut in next..buf.len() {
+            assert!(
+                matches!(packet_at(&buf[..cut], next), Ok(None)),
+                "cut {cut}"
+            );
+        }
+    }
+}
