@@ -4,7 +4,8 @@
 //! reference machine) with the same PKI, mTLS required by both and an equivalent ACL (see
 //! `fleet_tests::brokers`), each as its own process on 127.0.0.1, a fresh one for every
 //! scenario and broker, and drives both with the same load from this process (TCP_NODELAY,
-//! every client its own device certificate, no TLS session resumption):
+//! every client its own device certificate, no TLS session resumption; receiving clients on a
+//! thread of their own):
 //! 1. `idle`: memory per idle mTLS connection with N held (VmRSS before and after);
 //! 2. `connects`: mTLS connects per second (handshake, CONNECT, CONNACK, DISCONNECT) with K
 //!    connectors at once, nothing else limiting the rate;
@@ -189,6 +190,8 @@ struct Ctx {
     devices: Vec<Ident>,
     service: Ident,
     runs: AtomicUsize,
+    /// The runtime of every receiving client (see `main`).
+    receivers: tokio::runtime::Handle,
 }
 
 impl Ctx {
@@ -285,8 +288,10 @@ async fn watched<T>(
 }
 
 /// Opens a connection for each of `ids`, `connectors` at a time; each is handed to `then`
-/// with its client id, and `opened` counts them. The results come in completion order.
+/// with its client id, and `opened` counts them. The connections are made, and `then` runs, on
+/// `runtime`. The results come in completion order.
 async fn connect_all<T: Send + 'static, F, Fut>(
+    runtime: &tokio::runtime::Handle,
     addr: &str,
     ids: &[Ident],
     connectors: usize,
@@ -310,18 +315,21 @@ where
             then.clone(),
         );
         let addr = addr.to_owned();
-        workers.spawn(async move {
-            loop {
-                let Some(who) = ids.get(next.fetch_add(1, Ordering::Relaxed)) else {
-                    return Ok::<_, Error>(());
-                };
-                let kept = then(who.0.clone(), connect(&addr, who).await?).await?;
-                opened.fetch_add(1, Ordering::Relaxed);
-                if let Ok(mut v) = out.lock() {
-                    v.push(kept);
+        workers.spawn_on(
+            async move {
+                loop {
+                    let Some(who) = ids.get(next.fetch_add(1, Ordering::Relaxed)) else {
+                        return Ok::<_, Error>(());
+                    };
+                    let kept = then(who.0.clone(), connect(&addr, who).await?).await?;
+                    opened.fetch_add(1, Ordering::Relaxed);
+                    if let Ok(mut v) = out.lock() {
+                        v.push(kept);
+                    }
                 }
-            }
-        });
+            },
+            runtime,
+        );
     }
     while let Some(r) = workers.join_next().await {
         r??;
@@ -387,6 +395,7 @@ async fn idle(ctx: &Ctx, broker: &Broker) -> Result<Figure, Error> {
         ctx.stall(),
         move || progress.load(Ordering::Relaxed),
         connect_all(
+            &tokio::runtime::Handle::current(),
             &broker.address(),
             &ctx.devices[..n_held],
             ctx.args.connectors,
@@ -426,6 +435,7 @@ async fn connects(ctx: &Ctx, broker: &Broker) -> Result<Figure, Error> {
         ctx.stall(),
         move || progress.load(Ordering::Relaxed),
         connect_all(
+            &tokio::runtime::Handle::current(),
             &broker.address(),
             &ctx.devices[..total],
             ctx.args.connectors,
@@ -532,7 +542,10 @@ async fn flow(
     let mut receivers = JoinSet::new();
     for mut s in subscribers {
         let (seen, lat) = (seen.clone(), lat.clone());
-        receivers.spawn(async move { s.receive_and_ack_batched(base, seen, lat).await });
+        receivers.spawn_on(
+            async move { s.receive_and_ack_batched(base, seen, lat).await },
+            &ctx.receivers,
+        );
     }
     let acked = Arc::new(AtomicU64::new(0));
     let cpu0 = broker.cpu_seconds();
@@ -613,9 +626,14 @@ async fn devices_to_service(
     broker: &Broker,
 ) -> Result<(Client, Vec<(String, Client)>), Error> {
     let addr = broker.address();
-    let sub = subscriber(&addr, &ctx.service, &format!("devices/+/{DEVICE_TOPIC}")).await?;
+    let (a, who) = (addr.clone(), ctx.service.clone());
+    let sub = ctx
+        .receivers
+        .spawn(async move { subscriber(&a, &who, &format!("devices/+/{DEVICE_TOPIC}")).await })
+        .await??;
     let count = ctx.args.publishers.min(ctx.devices.len());
     let pubs = connect_all(
+        &tokio::runtime::Handle::current(),
         &addr,
         &ctx.devices[..count],
         ctx.args.connectors,
@@ -719,6 +737,7 @@ async fn fanout(ctx: &Ctx, broker: &Broker) -> Result<Figure, Error> {
     let addr = broker.address();
     let count = a.fanout_devices.min(ctx.devices.len());
     let subs = connect_all(
+        &ctx.receivers,
         &addr,
         &ctx.devices[..count],
         a.connectors,
@@ -988,7 +1007,7 @@ fn print_table(rows: &[Row], kinds: &[Kind]) {
     }
 }
 
-async fn run(args: Args) -> Result<(), Error> {
+async fn run(args: Args, receivers: tokio::runtime::Handle) -> Result<(), Error> {
     let kinds: Vec<Kind> = args.brokers.iter().map(|w| Kind::from(*w)).collect();
     let tmp = tempfile::tempdir()?;
     let pki = Pki::init(
@@ -1026,6 +1045,7 @@ async fn run(args: Args) -> Result<(), Error> {
         devices,
         service,
         runs: AtomicUsize::new(0),
+        receivers,
     };
     for kind in &kinds {
         check_policy(&ctx, *kind).await?;
@@ -1060,14 +1080,29 @@ async fn run(args: Args) -> Result<(), Error> {
     Ok(())
 }
 
-#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
-async fn main() -> Result<(), Error> {
+fn main() -> Result<(), Error> {
     let args = Args::parse();
+    // Publishers and connectors on two workers; every receiving client (the service, the
+    // fan-out's devices) on a runtime of its own, as a real subscriber would be its own
+    // process: queued behind a hundred busy publishers, its acknowledgements would come late
+    // and the load generator, not the broker, would set the delivered rate.
+    let load = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let receiving = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("receivers")
+        .enable_all()
+        .build()?;
+    let receivers = receiving.handle().clone();
     // Brokers are owned inside `run`: an interruption drops it, which kills them.
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        r = run(args) => r,
-        _ = tokio::signal::ctrl_c() => Err("interrupted".into()),
-        _ = term.recv() => Err("terminated".into()),
-    }
+    load.block_on(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            r = run(args, receivers) => r,
+            _ = tokio::signal::ctrl_c() => Err("interrupted".into()),
+            _ = term.recv() => Err("terminated".into()),
+        }
+    })
 }
