@@ -553,7 +553,10 @@ async fn flow(
     for (i, mut p) in publishers.into_iter().enumerate() {
         let (acked, plan) = (acked.clone(), plan(i, base));
         tasks.spawn(async move {
-            let done = p.publish_qos1(&plan, &acked).await?;
+            let done = p.publish_qos1(&plan, &acked).await.map_err(|e| {
+                let topic = plan.topics.first().map_or("", String::as_str);
+                format!("the publisher to {topic}: {e}")
+            })?;
             p.disconnect().await;
             Ok::<_, Error>(done)
         });
