@@ -140,16 +140,18 @@ pub struct Broker {
     log: Option<PathBuf>,
 }
 
-/// Echoes a broker's warning and error lines to stderr (the first few; the rest are counted).
+/// Echoes a broker's warning and error lines (with `every`, all its lines) to stderr: the first
+/// few; the rest are counted.
 fn watch_log(
     name: String,
     reader: impl std::io::Read + Send + 'static,
+    every: bool,
     warnings: Arc<AtomicU64>,
     ready: Option<std::sync::mpsc::Sender<String>>,
 ) {
     std::thread::spawn(move || {
         for line in BufReader::new(reader).lines().map_while(Result::ok) {
-            let notable = line.contains("WARN") || line.contains("ERROR");
+            let notable = every || line.contains("WARN") || line.contains("ERROR");
             // Every notable line is counted; only the first few are echoed.
             if notable && warnings.fetch_add(1, Ordering::Relaxed) < ECHOED {
                 eprintln!("{name}: {line}");
@@ -167,8 +169,14 @@ fn watch_log(
 
 impl Broker {
     /// Starts the `gateway` found beside the running executable, state in `dir`, on a port of
-    /// its choosing, allowing `max_connections`. Returns once it has said it is ready.
-    pub fn gateway(dir: &Path, tls: &Tls, max_connections: usize) -> Result<Self, Error> {
+    /// its choosing, allowing `max_connections`, with `env` added to its environment
+    /// (`GATEWAY__SECTION__KEY` settings). Returns once it has said it is ready.
+    pub fn gateway(
+        dir: &Path,
+        tls: &Tls,
+        max_connections: usize,
+        env: &[(String, String)],
+    ) -> Result<Self, Error> {
         let exe = std::env::current_exe()?.with_file_name("gateway");
         if !exe.exists() {
             return Err(format!(
@@ -200,6 +208,7 @@ impl Broker {
             .arg("--config")
             .arg(&config)
             .env("GATEWAY__METRICS__LISTEN", "127.0.0.1:0")
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .env(
                 "RUST_LOG",
                 std::env::var("BENCH_GATEWAY_LOG").unwrap_or_else(|_| {
@@ -213,10 +222,11 @@ impl Broker {
         let warnings = Arc::new(AtomicU64::new(0));
         let (tx, rx) = std::sync::mpsc::channel();
         if let Some(out) = child.stdout.take() {
-            watch_log("gateway".into(), out, warnings.clone(), Some(tx));
+            watch_log("gateway".into(), out, false, warnings.clone(), Some(tx));
         }
         if let Some(err) = child.stderr.take() {
-            watch_log("gateway".into(), err, warnings.clone(), None);
+            // Its log is on stdout; stderr has only what stops it (a bad configuration).
+            watch_log("gateway".into(), err, true, warnings.clone(), None);
         }
         let mut broker = Broker {
             kind: Kind::Gateway,
@@ -226,20 +236,34 @@ impl Broker {
             log: None,
         };
         // Dropping `broker` on an error below kills the process.
-        let ready = rx.recv_timeout(START).map_err(|_| {
-            format!(
-                "the gateway did not say it was ready within {} s",
-                START.as_secs()
-            )
-        })?;
+        let ready = match rx.recv_timeout(START) {
+            Ok(ready) => ready,
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                // Its output ended: it exited (its log, echoed above, says why).
+                let status = broker.child.wait()?;
+                return Err(format!("the gateway exited before it was ready ({status})").into());
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                return Err(format!(
+                    "the gateway did not say it was ready within {} s",
+                    START.as_secs()
+                )
+                .into())
+            }
+        };
         broker.addr = ready.parse()?;
         Ok(broker)
     }
 
     /// Starts Mosquitto with its files in `dir`, devices and the one service `service_id`
-    /// allowed what the gateway's default policy allows them. Returns once it accepts TCP
-    /// connections on 127.0.0.1.
-    pub fn mosquitto(dir: &Path, tls: &Tls, service_id: &str) -> Result<Self, Error> {
+    /// allowed what [`POLICY`] allows them, and the configuration lines `extra` added. Returns
+    /// once it accepts TCP connections on 127.0.0.1.
+    pub fn mosquitto(
+        dir: &Path,
+        tls: &Tls,
+        service_id: &str,
+        extra: &[String],
+    ) -> Result<Self, Error> {
         std::fs::create_dir_all(dir)?;
         let acl = dir.join("acl");
         std::fs::write(&acl, mosquitto_acl(service_id))?;
@@ -248,7 +272,12 @@ impl Broker {
             let port = TcpListener::bind(("127.0.0.1", 0))?.local_addr()?.port();
             let log = dir.join(format!("mosquitto-{attempt}.log"));
             let conf = dir.join(format!("mosquitto-{attempt}.conf"));
-            std::fs::write(&conf, mosquitto_conf(port, tls, &acl, &log))?;
+            let mut text = mosquitto_conf(port, tls, &acl, &log);
+            for line in extra {
+                text.push_str(line);
+                text.push('\n');
+            }
+            std::fs::write(&conf, text)?;
             let child = Command::new(mosquitto_binary()?)
                 .arg("-c")
                 .arg(&conf)

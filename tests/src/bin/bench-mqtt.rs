@@ -141,6 +141,20 @@ struct Args {
     /// A phase with no progress (connect, acknowledgement, delivery) for this long fails the run.
     #[arg(long, default_value_t = 10)]
     stall_secs: u64,
+    /// A setting for the gateway, as its environment variable (repeatable), for example
+    /// GATEWAY__LIMITS__CONNECT_TIMEOUT=30s.
+    #[arg(long = "gateway-env", value_name = "KEY=VALUE", value_parser = key_value)]
+    gateway_env: Vec<(String, String)>,
+    /// A line added to Mosquitto's configuration (repeatable), for example
+    /// "max_queued_messages 10000". The default keeps Mosquitto's own defaults.
+    #[arg(long = "mosquitto-option", value_name = "LINE")]
+    mosquitto_options: Vec<String>,
+}
+
+fn key_value(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("{s:?} is not KEY=VALUE"))
 }
 
 impl Args {
@@ -152,7 +166,7 @@ impl Args {
             "bench-mqtt --scenarios {} --brokers {} --idle {} --connects {} --connectors {} \
              --publishers {} --rates {} --rate-window {} --seconds {} --size {} --window {} \
              --fanout-devices {} --fanout-messages {} --fanout-size {} --fanout-window {} \
-             --stall-secs {}",
+             --stall-secs {}{}",
             names(self.scenarios.iter().map(|s| value_name(*s)).collect()),
             names(self.brokers.iter().map(|b| value_name(*b)).collect()),
             self.idle,
@@ -169,6 +183,15 @@ impl Args {
             self.fanout_size,
             self.fanout_window,
             self.stall_secs,
+            self.gateway_env
+                .iter()
+                .map(|(k, v)| format!(" --gateway-env {k}={v}"))
+                .chain(
+                    self.mosquitto_options
+                        .iter()
+                        .map(|o| format!(" --mosquitto-option '{o}'"))
+                )
+                .collect::<String>(),
         )
     }
 }
@@ -203,9 +226,14 @@ impl Ctx {
             Kind::Gateway => {
                 let a = &self.args;
                 let max = a.idle.max(a.connects) + a.publishers + a.fanout_devices + 100;
-                Broker::gateway(&dir, &self.tls, max)?
+                Broker::gateway(&dir, &self.tls, max, &a.gateway_env)?
             }
-            Kind::Mosquitto => Broker::mosquitto(&dir, &self.tls, &self.service.0)?,
+            Kind::Mosquitto => Broker::mosquitto(
+                &dir,
+                &self.tls,
+                &self.service.0,
+                &self.args.mosquitto_options,
+            )?,
         };
         Ok(broker)
     }
@@ -1070,13 +1098,18 @@ async fn run(args: Args, receivers: tokio::runtime::Handle) -> Result<(), Error>
     println!("# {}", args.command_line());
     println!(
         "# {} cores shared by the broker under test and this load generator; gateway: release \
-         build beside this tool; {mosquitto} ({}), default queue limits",
+         build beside this tool; {mosquitto} ({}), {}",
         std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(0),
         brokers::mosquitto_binary()
             .map(|p| p.display().to_string())
-            .unwrap_or_default()
+            .unwrap_or_default(),
+        if args.mosquitto_options.is_empty() {
+            "its default queue limits"
+        } else {
+            "with the options above"
+        }
     );
     println!();
     print_table(&rows, &kinds);
