@@ -507,6 +507,8 @@ struct Flow {
     drain_bound_hit: bool,
     /// Broker CPU seconds from the first publish to the end of the drain.
     cpu: f64,
+    /// Seconds from the first publish to the end of the drain.
+    measured_secs: f64,
     /// Latencies in nanoseconds, sorted (with `latency`).
     latencies: Vec<u64>,
 }
@@ -628,6 +630,7 @@ async fn flow(
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     let cpu = broker.cpu_seconds() - cpu0;
+    let measured_secs = start.elapsed().as_secs_f64();
     receivers.abort_all();
     let last = Duration::from_nanos(seen.last_nanos.load(Ordering::Relaxed));
     let deliver_secs = last
@@ -646,6 +649,7 @@ async fn flow(
         deliver_secs,
         drain_bound_hit,
         cpu,
+        measured_secs,
         latencies,
     })
 }
@@ -716,7 +720,7 @@ async fn rate(ctx: &Ctx, broker: &Broker, offered: u64) -> Result<Figure, Error>
             n(f.delivered),
             n((f.acked as f64 / f.publish_secs) as u64),
             f.lost_note(),
-            cpu_note(f.cpu, f.publish_secs),
+            cpu_note(f.cpu, f.measured_secs),
             mib(broker.rss_kib())
         ),
         value: f.percentile_ms(0.99),
@@ -755,7 +759,7 @@ async fn flat(ctx: &Ctx, broker: &Broker) -> Result<Figure, Error> {
             n((f.acked as f64 / f.publish_secs) as u64),
             n(delivered_rate as u64),
             f.lost_note(),
-            cpu_note(f.cpu, f.publish_secs),
+            cpu_note(f.cpu, f.measured_secs),
             mib(broker.rss_kib())
         ),
         value: delivered_rate,
@@ -818,7 +822,7 @@ async fn fanout(ctx: &Ctx, broker: &Broker) -> Result<Figure, Error> {
             f.lost_note(),
             mib(broker.peak_rss_kib()),
             mib(base_rss),
-            cpu_note(f.cpu, f.deliver_secs),
+            cpu_note(f.cpu, f.measured_secs),
         ),
         value: mib_s,
     })
