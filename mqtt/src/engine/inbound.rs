@@ -210,6 +210,14 @@ impl Engine {
             return;
         };
         let mut pushed = false;
+        while let Some(&(seq, pid)) = c.rel_waiting.front() {
+            if seq > durable {
+                break;
+            }
+            c.rel_waiting.pop_front();
+            c.control.push_back(Packet::PubRel(pid));
+            pushed = true;
+        }
         while c.processed > 0 {
             let need = match c.inbound.front() {
                 Some(Inbound::Answer { need, .. }) => *need,
@@ -263,9 +271,18 @@ impl Engine {
         {
             return Step::Close(CloseReason::TooManyUnreleased);
         }
-        let mut need = match self.route(&p.topic, &p.payload, p.qos, p.retain, false) {
+        // Exactly once across a crash: a persistent publisher's QoS 2 message reaches no client
+        // before its receipt (written after the queue writes) is durable.
+        let receipt = p.qos == QoS::ExactlyOnce && persistent;
+        self.hold_visibility = receipt;
+        let routed = self.route(&p.topic, &p.payload, p.qos, p.retain, false);
+        self.hold_visibility = false;
+        let mut need = match routed {
             Ok(need) => need,
-            Err(blocked) => return Step::Blocked(blocked),
+            Err(blocked) => {
+                self.just_queued.clear();
+                return Step::Blocked(blocked);
+            }
         };
         if let (QoS::ExactlyOnce, Some(id)) = (p.qos, p.packet_id) {
             if let Some(sess) = self.sessions.get_mut(s).and_then(Option::as_mut) {
@@ -277,7 +294,23 @@ impl Engine {
                 }
             }
         }
+        if receipt {
+            self.reveal_after(need);
+        }
         Step::Done(answer_for(p.qos, p.packet_id), need)
+    }
+
+    /// The messages just queued invisible become visible once `seq` is durable.
+    fn reveal_after(&mut self, seq: StoreSeq) {
+        for s in std::mem::take(&mut self.just_queued) {
+            let Some(sess) = self.sessions.get_mut(s).and_then(Option::as_mut) else {
+                continue;
+            };
+            sess.set_back_visible_at(seq);
+            if let Some(conn) = sess.conn {
+                self.notify(conn);
+            }
+        }
     }
 
     fn process_pubrel(&mut self, s: SessionIdx, id: u16) -> Step {

@@ -447,6 +447,12 @@ pub struct Engine {
     to_pump: VecDeque<ConnId>,
     /// Routing scratch space (no allocation per publish).
     scratch: Vec<Sub>,
+    /// While set, routed messages are queued invisible and their sessions noted in
+    /// `just_queued` (a persistent publisher's QoS 2 message waiting for its receipt's number).
+    hold_visibility: bool,
+    just_queued: Vec<SessionIdx>,
+    /// Online sessions whose queue head waits for a store position to be durable.
+    invisible: BinaryHeap<Reverse<(StoreSeq, SessionIdx)>>,
     /// The latest time the driver passed in.
     now: Option<Instant>,
 }
@@ -480,6 +486,9 @@ impl Engine {
             durable_waiters: BinaryHeap::new(),
             to_pump: VecDeque::new(),
             scratch: Vec::new(),
+            hold_visibility: false,
+            just_queued: Vec::new(),
+            invisible: BinaryHeap::new(),
             now: None,
         }
     }
@@ -547,6 +556,15 @@ impl Engine {
             }
             self.durable_waiters.pop();
             self.to_pump.push_back(conn);
+        }
+        while let Some(Reverse((need, s))) = self.invisible.peek().copied() {
+            if need > self.durable_seq {
+                break;
+            }
+            self.invisible.pop();
+            if let Some(conn) = self.session(s).and_then(|sess| sess.conn) {
+                self.notify(conn);
+            }
         }
         self.run_pumps();
     }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use super::session::{Queued, SessionIdx};
+use super::session::{Queued, SessionIdx, INVISIBLE};
 use super::{DropReason, Engine, Message, Notice, SessionKey, StoreOp, StoreSeq};
 use crate::codec::{QoS, Will};
 use crate::topic;
@@ -109,7 +109,11 @@ impl Engine {
             msg,
             dup: false,
             released: false,
+            visible_at: if self.hold_visibility { INVISIBLE } else { 0 },
         });
+        if self.hold_visibility {
+            self.just_queued.push(s);
+        }
         match online {
             Some(conn) => {
                 if sess.full_since.is_none() && sess.is_full(&self.settings) {

@@ -257,3 +257,63 @@ fn session_expiry_removes_the_session_and_counts_its_queue() {
     );
     assert!(!h.connect(3, "s", false).session_present);
 }
+
+/// The gateway restarts with only the writes up to `durable` kept.
+fn crashed_at(h: &H, durable: StoreSeq) -> H {
+    let mut store = MemStore::default();
+    for a in &h.log {
+        if let Action::Store { seq, op } = a {
+            if *seq <= durable {
+                store.apply(op);
+            }
+        }
+    }
+    let (sessions, retained) = store.load();
+    let mut fresh = H::new(Settings::default());
+    fresh.e.restore(fresh.now, sessions, retained);
+    fresh.drain();
+    fresh
+}
+
+#[test]
+fn qos2_of_a_persistent_publisher_reaches_nobody_before_its_receipt_is_durable() {
+    let mut h = H::new(Settings::default());
+    h.connect(1, "clean-sub", true);
+    h.sub(1, &[("t", 2)]);
+    h.connect(2, "p", false);
+    h.durable_all();
+    h.pkt(2, publish("t", 2, 5, "once"));
+    assert!(
+        h.tx_got(1).is_empty(),
+        "visible before the receipt is durable"
+    );
+    h.durable_all();
+    assert_eq!(h.tx_got(1).len(), 1);
+    assert_eq!(h.tx(2), vec![Packet::PubRec(5)]);
+}
+
+#[test]
+fn qos2_exactly_once_across_a_crash_before_the_receipt_is_durable() {
+    let mut h = H::new(Settings::default());
+    h.connect(1, "s", false);
+    h.sub(1, &[("t", 2)]);
+    h.connect(2, "p", false);
+    h.durable_all();
+    let before = h.last_seq();
+    h.pkt(2, publish("t", 2, 5, "once"));
+    let early = h.tx_got(1);
+    // The gateway dies before the writes of the publish are durable.
+    let mut r = crashed_at(&h, before);
+    r.connect(1, "s", false);
+    r.connect(2, "p", false);
+    // The publisher never saw PUBREC: it sends again, with DUP.
+    r.pkt(2, publish("t", 2, 5, "once"));
+    r.durable_all();
+    assert_eq!(r.tx(2), vec![Packet::PubRec(5)]);
+    let late = r.tx_got(1);
+    assert_eq!(
+        early.len() + late.len(),
+        1,
+        "delivered {early:?} then {late:?}"
+    );
+}

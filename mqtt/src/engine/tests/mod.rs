@@ -282,6 +282,11 @@ impl Engine {
                 sess.key
             );
             assert!(sess.inflight.len() <= window, "in-flight over the window");
+            assert!(
+                sess.queue_iter()
+                    .all(|q| q.visible_at != session::INVISIBLE),
+                "a queued message left without its visibility position"
+            );
             let bytes: usize = sess.queue_iter().map(|q| q.msg.payload.len()).sum();
             assert_eq!(bytes, sess.queue_bytes(), "queue byte counter");
             if let Some(conn) = sess.conn {

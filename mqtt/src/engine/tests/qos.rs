@@ -79,8 +79,15 @@ fn outgoing_qos2_publish_pubrec_pubrel_pubcomp() {
     h.pkt(2, publish("t", 2, 1, "x"));
     let g = h.tx_got(1);
     let pid = g[0].pid.unwrap();
+    h.durable_all();
     h.clear_log();
     h.pkt(1, Packet::PubRec(pid));
+    // PUBREL only once the release is durable: after a crash the PUBLISH must not go again
+    // to a client that has finished with it.
+    assert!(h.tx(1).is_empty());
+    h.pkt(1, Packet::PubRec(pid));
+    assert!(h.tx(1).is_empty());
+    h.durable_all();
     assert_eq!(h.tx(1), vec![Packet::PubRel(pid)]);
     // A repeated PUBREC gets PUBREL again, stored once.
     h.pkt(1, Packet::PubRec(pid));
@@ -124,6 +131,11 @@ fn mqtt_3_3_1_1_and_4_4_0_1_resume_resends_with_dup_and_pubrel() {
     h.gone(1, Disconnected::Abnormal);
     let ack = h.connect(3, "s", false);
     assert!(ack.session_present);
+    assert!(
+        h.tx(3).is_empty(),
+        "PUBREL waits for the release to be durable"
+    );
+    h.durable_all();
     let out = h.tx(3);
     assert_eq!(
         out[0],
