@@ -97,8 +97,11 @@ impl Engine {
             return;
         }
         let id = if qos0 { None } else { Some(sess.take_id()) };
+        // A persistent session's message goes out only once it is durable: the client may
+        // hold on to its packet id across a crash, so the number must survive too.
+        let mut visible_at = 0;
         if let (Some(id), true) = (id, sess.persistent) {
-            self.out.store(StoreOp::Enqueued {
+            visible_at = self.out.store(StoreOp::Enqueued {
                 key: sess.key.clone(),
                 id,
                 message: msg.clone(),
@@ -109,7 +112,11 @@ impl Engine {
             msg,
             dup: false,
             released: false,
-            visible_at: if self.hold_visibility { INVISIBLE } else { 0 },
+            visible_at: if self.hold_visibility {
+                INVISIBLE
+            } else {
+                visible_at
+            },
         });
         if self.hold_visibility {
             self.just_queued.push(s);

@@ -344,11 +344,12 @@ fn qos0_behind_an_answer_waiting_for_the_store_takes_no_room() {
         .notices()
         .iter()
         .any(|n| matches!(n, Notice::Dropped { .. })));
-    assert_eq!(h.tx_got(1).len(), 11);
     assert_eq!(
         h.e.conns[&ConnId(2)].inbound.len(),
         1,
         "only the PUBACK waits for the store"
     );
+    h.durable_all();
+    assert_eq!(h.tx_got(1).len(), 11);
     h.e.check_invariants();
 }

@@ -77,6 +77,7 @@ fn outgoing_qos2_publish_pubrec_pubrel_pubcomp() {
     h.sub(1, &[("t", 2)]);
     h.connect(2, "p", true);
     h.pkt(2, publish("t", 2, 1, "x"));
+    h.durable_all();
     let g = h.tx_got(1);
     let pid = g[0].pid.unwrap();
     h.durable_all();
@@ -123,6 +124,7 @@ fn mqtt_3_3_1_1_and_4_4_0_1_resume_resends_with_dup_and_pubrel() {
     h.pkt(2, publish("t", 2, 1, "released"));
     h.pkt(2, publish("t", 1, 2, "sent"));
     h.pkt(2, publish("t", 1, 3, "queued"));
+    h.durable_all();
     let g = h.tx_got(1);
     assert_eq!(g.len(), 3);
     assert!(g.iter().all(|g| !g.dup), "first sends carry no DUP");
