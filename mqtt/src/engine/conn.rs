@@ -19,6 +19,8 @@ pub(super) struct InPublish {
     pub(super) retain: bool,
     /// `Some` exactly for QoS 1/2.
     pub(super) packet_id: Option<u16>,
+    /// The authorizer refused it when it arrived: answered in turn, never routed.
+    pub(super) denied: bool,
 }
 
 /// An entry of a connection's incoming pipeline.

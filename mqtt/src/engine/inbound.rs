@@ -72,6 +72,25 @@ impl Engine {
                 return;
             }
         };
+        // Access is decided when the PUBLISH arrives, under the policy of that moment, even if
+        // it then waits behind a held one.
+        let Some(sess) = self.conns.get(&conn).and_then(|c| self.session(c.session)) else {
+            return;
+        };
+        let denied = !self.auth.may_publish(&sess.key, &p.topic);
+        if denied {
+            self.out.notice(Notice::PublishDenied {
+                key: sess.key.clone(),
+                topic: p.topic.clone(),
+            });
+            if self.settings.denied_publish == DeniedPublish::Disconnect {
+                self.close(conn, CloseReason::DeniedPublish);
+                return;
+            }
+            if p.qos == QoS::AtMostOnce {
+                return;
+            }
+        }
         let max_held = self.settings.max_held_in;
         let control_cap = self.control_cap();
         let Some(c) = self.conns.get_mut(&conn) else {
@@ -103,6 +122,7 @@ impl Engine {
             qos: p.qos,
             retain: p.retain,
             packet_id,
+            denied,
         }));
         if c.blocked_on.is_none() {
             self.pump(conn);
@@ -246,6 +266,11 @@ impl Engine {
     }
 
     fn process_publish(&mut self, s: SessionIdx, p: &InPublish) -> Step {
+        if p.denied {
+            // Acknowledged so the client does not send it forever, and dropped (counted when
+            // it arrived).
+            return Step::Done(answer_for(p.qos, p.packet_id), 0);
+        }
         let Some(sess) = self.sessions.get(s).and_then(Option::as_ref) else {
             return Step::Done(None, 0);
         };
@@ -256,16 +281,6 @@ impl Engine {
                 let need = if persistent { self.out.last_seq } else { 0 };
                 return Step::Done(Some(Packet::PubRec(id)), need);
             }
-        }
-        if !self.auth.may_publish(&sess.key, &p.topic) {
-            self.out.notice(Notice::PublishDenied {
-                key: sess.key.clone(),
-                topic: p.topic.to_string(),
-            });
-            return match self.settings.denied_publish {
-                DeniedPublish::AckAndDrop => Step::Done(answer_for(p.qos, p.packet_id), 0),
-                DeniedPublish::Disconnect => Step::Close(CloseReason::DeniedPublish),
-            };
         }
         if p.qos == QoS::ExactlyOnce && sess.unreleased_in.len() >= self.settings.max_unreleased_in
         {
