@@ -139,7 +139,7 @@ impl Engine {
         };
         let mut dropped = 0u64;
         while sess.over_offline_caps(&self.settings) {
-            let Some(q) = sess.pop_front() else {
+            let Some(q) = sess.pop_oldest_droppable() else {
                 break;
             };
             if let (Some(id), true) = (q.id, sess.persistent) {
