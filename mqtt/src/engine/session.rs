@@ -145,6 +145,15 @@ impl Session {
         }
     }
 
+    /// The head of the queue goes out only once `seq` is durable (as well).
+    pub(super) fn hold_front_until(&mut self, seq: StoreSeq) {
+        if let Some(q) = self.queue.front_mut() {
+            if q.visible_at != INVISIBLE {
+                q.visible_at = q.visible_at.max(seq);
+            }
+        }
+    }
+
     /// Removes the oldest message that may be dropped: not one whose PUBREL is due, since the
     /// client keeps that packet id until PUBREL and would take a later message with the same
     /// id for a duplicate.
