@@ -17,7 +17,9 @@
 //! * liveness: after the drain every publish is answered (two clients publishing to each
 //!   other with tiny queues included).
 //!
-//! `PROPTEST_CASES` raises the number of cases.
+//! `PROPTEST_CASES` raises the number of cases; `MODEL_TRACE=1` prints every step, packet and
+//! engine action of a run (for reading a shrunk case); `MODEL_STATS=1` prints what each run
+//! exercised.
 
 mod model {
     pub(crate) mod sim;
@@ -29,8 +31,27 @@ use model::world::{may_publish, may_subscribe, Who, FILTERS, TOPICS};
 use proptest::prelude::*;
 use proptest::sample::select;
 
-/// Kinds of finding the main property leaves to their own test (empty: it checks all).
-const LEFT_TO_OWN_TEST: &[Kind] = &[];
+/// Kinds of finding the main properties leave to their own (ignored) test, because the engine
+/// disagrees with the model there and that would hide every other finding.
+const LEFT_TO_OWN_TEST: &[Kind] = &[Kind::Qos2AcrossCrash];
+
+/// Every kind but `kind`.
+fn all_but(kind: Kind) -> Vec<Kind> {
+    ALL_KINDS.iter().copied().filter(|k| *k != kind).collect()
+}
+
+const ALL_KINDS: [Kind; 10] = [
+    Kind::Acl,
+    Kind::MinQos,
+    Kind::Order,
+    Kind::Loss,
+    Kind::AckBeforeDurable,
+    Kind::Qos2Duplicate,
+    Kind::Qos2AcrossCrash,
+    Kind::Inflight,
+    Kind::Protocol,
+    Kind::Liveness,
+];
 
 fn run(params: &Params, ops: &[Op]) -> Vec<Violation> {
     let mut world = World::new(params.clone());
@@ -38,6 +59,9 @@ fn run(params: &Params, ops: &[Op]) -> Vec<Violation> {
         world.apply(op);
     }
     world.finish();
+    if std::env::var_os("MODEL_STATS").is_some() {
+        eprintln!("STATS ops={} {}", ops.len(), world.stats());
+    }
     world.violations().to_vec()
 }
 
@@ -65,7 +89,7 @@ fn topic_for(who: Who) -> BoxedStrategy<&'static str> {
         .into_iter()
         .filter(|t| may_publish(who, t, false))
         .collect();
-    prop_oneof![3 => select(own), 1 => select(TOPICS.to_vec())].boxed()
+    prop_oneof![7 => select(own), 1 => select(TOPICS.to_vec())].boxed()
 }
 
 /// Mostly filters the client may subscribe to, sometimes any.
@@ -77,27 +101,49 @@ fn filter_for(who: Who) -> BoxedStrategy<&'static str> {
     prop_oneof![3 => select(own), 1 => select(FILTERS.to_vec())].boxed()
 }
 
+fn connect() -> impl Strategy<Value = Op> {
+    (who(), prop::bool::weighted(0.15)).prop_map(|(who, clean)| Op::Connect { who, clean })
+}
+
+fn subscribe() -> impl Strategy<Value = Op> {
+    who()
+        .prop_flat_map(|w| (Just(w), filter_for(w), 0..3u8))
+        .prop_map(|(who, filter, qos)| Op::Subscribe { who, filter, qos })
+}
+
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        3 => (who(), any::<bool>()).prop_map(|(who, clean)| Op::Connect { who, clean }),
-        3 => who()
-            .prop_flat_map(|w| (Just(w), filter_for(w), 0..3u8))
-            .prop_map(|(who, filter, qos)| Op::Subscribe { who, filter, qos }),
-        1 => who()
+        12 => connect(),
+        12 => subscribe(),
+        2 => who()
             .prop_flat_map(|w| (Just(w), filter_for(w)))
             .prop_map(|(who, filter)| Op::Unsubscribe { who, filter }),
-        10 => who()
+        30 => who()
             .prop_flat_map(|w| (Just(w), topic_for(w), 0..3u8, prop::bool::weighted(0.2)))
             .prop_map(|(who, topic, qos, retain)| Op::Publish { who, topic, qos, retain }),
-        1 => who().prop_map(|who| Op::ResendQos2 { who }),
-        2 => (who(), any::<bool>()).prop_map(|(who, on)| Op::Acking { who, on }),
-        2 => who().prop_map(|who| Op::AckOne { who }),
-        2 => (who(), any::<bool>()).prop_map(|(who, graceful)| Op::Disconnect { who, graceful }),
+        2 => who().prop_map(|who| Op::ResendQos2 { who }),
+        4 => (who(), any::<bool>()).prop_map(|(who, on)| Op::Acking { who, on }),
+        4 => who().prop_map(|who| Op::AckOne { who }),
+        3 => (who(), any::<bool>()).prop_map(|(who, graceful)| Op::Disconnect { who, graceful }),
         1 => Just(Op::Crash),
-        4 => Just(Op::Durable),
-        1 => (1..30u8).prop_map(|secs| Op::Tick { secs }),
+        10 => Just(Op::Durable),
+        2 => (1..30u8).prop_map(|secs| Op::Tick { secs }),
         1 => any::<bool>().prop_map(|strict| Op::Policy { strict }),
     ]
+}
+
+/// Most runs start with a few connects and subscriptions, then anything goes.
+fn ops() -> impl Strategy<Value = Vec<Op>> {
+    (
+        prop::collection::vec(connect(), 0..6),
+        prop::collection::vec(subscribe(), 0..10),
+        prop::collection::vec(op(), 1..200),
+    )
+        .prop_map(|(mut setup, subscribe, body)| {
+            setup.extend(subscribe);
+            setup.extend(body);
+            setup
+        })
 }
 
 fn params() -> impl Strategy<Value = Params> {
@@ -135,12 +181,26 @@ fn assert_clean(violations: &[Violation], skip: &[Kind]) -> Result<(), TestCaseE
 }
 
 proptest! {
-    #![proptest_config(config(256))]
+    #![proptest_config(config(512))]
 
     /// Every check but those left to their own test, over random runs of up to 200 steps.
     #[test]
-    fn engine_agrees_with_the_model(p in params(), ops in prop::collection::vec(op(), 1..200)) {
+    fn engine_agrees_with_the_model(p in params(), ops in ops()) {
         assert_clean(&run(&p, &ops), LEFT_TO_OWN_TEST)?;
+    }
+
+    /// A QoS 2 message reaches a persistent subscriber's application exactly once even when
+    /// the gateway crashes [MQTT-4.3.3]. The engine routes and sends before the receipt and
+    /// the queue entry are durable and forgets both in the crash, so (a) the publisher's
+    /// re-sent PUBLISH is routed again and (b) the restored session numbers messages from
+    /// where the store left off, reusing a packet id the subscriber still holds unreleased,
+    /// so the subscriber must take a new message for a duplicate. Minimal case for (a):
+    /// persistent `Core` subscribed to `svc/svc-1/cmd` at QoS 2 (durable), `Core` publishes
+    /// m0 there at QoS 2, crash: `Core` gets m0 twice.
+    #[test]
+    #[ignore = "the engine sends QoS 2 to subscribers before it is durable; a crash then breaks exactly-once"]
+    fn qos2_exactly_once_across_crashes(p in params(), ops in ops()) {
+        assert_clean(&run(&p, &ops), &all_but(Kind::Qos2AcrossCrash))?;
     }
 }
 
@@ -189,7 +249,7 @@ fn mutual_prefix(sub_qos: u8) -> Vec<Op> {
 }
 
 proptest! {
-    #![proptest_config(config(128))]
+    #![proptest_config(config(256))]
 
     #[test]
     fn mutual_publishers_never_deadlock(
@@ -209,7 +269,7 @@ proptest! {
         };
         let mut all = mutual_prefix(sub_qos);
         all.extend(ops);
-        assert_clean(&run(&p, &all), &[])?;
+        assert_clean(&run(&p, &all), LEFT_TO_OWN_TEST)?;
     }
 }
 

@@ -110,8 +110,11 @@ pub(crate) enum Kind {
     AckBeforeDurable,
     /// A QoS 2 message reached one client's application twice.
     Qos2Duplicate,
-    /// The same, where a gateway crash lies between the two deliveries.
-    Qos2DuplicateAcrossCrash,
+    /// QoS 2 exactly-once broken by a gateway crash: a message delivered twice with a crash
+    /// between, or (the same root: the engine sent what was not yet durable, then forgot it)
+    /// a packet id the client still holds unreleased from before the crash reused for
+    /// another message, which the client then must take for a duplicate and never sees.
+    Qos2AcrossCrash,
     /// More unacknowledged deliveries than `max_inflight_out`, or a packet id in use reused.
     Inflight,
     /// A rule of the protocol or the rustdoc broken (CONNACK, SUBACK, DUP, RETAIN flags,
@@ -142,6 +145,9 @@ struct MsgRec {
     retain: bool,
     /// Every time the engine received it: (clock, allowed by the policy then).
     receipts: Vec<(u64, bool)>,
+    /// Whether each policy that came into force while the engine might still hold it (before
+    /// its answer) allows it: the engine may check when it routes rather than on receipt.
+    later_policies: Vec<bool>,
     /// When the publisher got PUBACK / PUBREC, and how many receipts there were by then.
     acked: Option<(u64, usize)>,
 }
@@ -182,6 +188,8 @@ struct Delivery {
     epoch: u32,
     /// Handed to the application (false for a QoS 2 duplicate the client filtered out).
     app: bool,
+    /// Not handed over because its packet id was still unreleased from before a crash.
+    shadowed: bool,
 }
 
 /// A SUBSCRIBE not yet answered: when it was sent, under which policy, what it asked.
@@ -206,8 +214,8 @@ struct Client {
     intervals: Vec<Interval>,
     next_pid: u16,
     outgoing: Vec<Out>,
-    /// QoS 2 packet ids received and not yet released: packet id -> message.
-    recv_qos2: BTreeMap<u16, u64>,
+    /// QoS 2 packet ids received and not yet released: packet id -> (message, epoch).
+    recv_qos2: BTreeMap<u16, (u64, u32)>,
     /// Deliveries on this connection not yet answered to the end: packet id -> message.
     inflight_in: BTreeMap<u16, Option<u64>>,
     /// (packet id, message, epoch) of earlier deliveries in this incarnation, for DUP.
@@ -299,6 +307,8 @@ pub(crate) struct World {
     /// Bumped by every action and every packet to the engine: the drain stops when it stands.
     moves: u64,
     violations: Vec<Violation>,
+    /// `MODEL_TRACE=1`: print every step, packet and action (to read a shrunk case).
+    trace: bool,
 }
 
 fn qos_of(v: u8) -> QoS {
@@ -334,6 +344,7 @@ impl World {
             expect: Expect::default(),
             moves: 0,
             violations: Vec::new(),
+            trace: std::env::var_os("MODEL_TRACE").is_some(),
         }
     }
 
@@ -363,6 +374,24 @@ impl World {
         }
     }
 
+    pub(crate) fn stats(&self) -> String {
+        let d: usize = self.clients.iter().map(|c| c.deliveries.len()).sum();
+        let acked = self.msgs.iter().filter(|m| m.acked.is_some()).count();
+        let owed: usize = (0..self.msgs.len() as u64)
+            .filter(|n| self.msgs[*n as usize].acked.is_some())
+            .map(|n| self.owed(n).len())
+            .sum();
+        format!(
+            "msgs={} acked={} deliveries={} epoch={} owed={} drops={:?}",
+            self.msgs.len(),
+            acked,
+            d,
+            self.epoch,
+            owed,
+            self.drops
+        )
+    }
+
     pub(crate) fn violations(&self) -> &[Violation] {
         &self.violations
     }
@@ -371,6 +400,9 @@ impl World {
     // Operations
 
     pub(crate) fn apply(&mut self, op: &Op) {
+        if self.trace {
+            eprintln!("[{}] == {op:?}", self.clock);
+        }
         match *op {
             Op::Connect { who, clean } => self.connect(who, clean),
             Op::Subscribe { who, filter, qos } => {
@@ -503,6 +535,7 @@ impl World {
             qos,
             retain,
             receipts: Vec::new(),
+            later_policies: Vec::new(),
             acked: None,
         });
         let pid = if qos == QoS::AtMostOnce {
@@ -566,6 +599,9 @@ impl World {
 
     /// A packet from a client to the engine.
     fn feed(&mut self, conn: ConnId, pkt: Packet) {
+        if self.trace {
+            eprintln!("[{}]   {:?} -> {pkt:?}", self.clock, self.client_on(conn));
+        }
         self.clock += 1;
         self.moves += 1;
         if let Packet::Publish(p) = &pkt {
@@ -590,6 +626,10 @@ impl World {
         c.held_answers.clear();
         c.inflight_in.clear();
         if c.clean {
+            // A clean session's state dies with its connection, on both sides
+            // [MQTT-3.1.2-6]: nothing of it is re-sent later.
+            c.outgoing.clear();
+            c.recv_qos2.clear();
             c.close_intervals(at, None);
             c.has_session = false;
             c.pending_sub.clear();
@@ -703,6 +743,21 @@ impl World {
                 }
             }
         }
+        for m in self.msgs.iter_mut() {
+            if m.acked.is_none() && !m.receipts.is_empty() {
+                m.later_policies
+                    .push(may_publish(m.publisher, m.topic, strict));
+            }
+        }
+        for c in &self.clients {
+            let now_denied = self
+                .msgs
+                .iter()
+                .any(|m| m.publisher == c.who && !may_publish(c.who, m.topic, strict));
+            if let (Some(conn), true) = (c.conn, now_denied) {
+                self.expect.denied.insert(conn);
+            }
+        }
         self.revoked.clear();
         self.engine
             .set_authorizer(self.now, Arc::new(Policy { strict }));
@@ -745,6 +800,9 @@ impl World {
 
     fn action(&mut self, action: Action) {
         self.moves += 1;
+        if self.trace && !matches!(action, Action::Transmit(_)) {
+            eprintln!("[{}]   engine: {action:?}", self.clock);
+        }
         match action {
             Action::Transmit(conn) => {
                 let Some(who) = self.client_on(conn) else {
@@ -786,6 +844,15 @@ impl World {
                     );
                 }
                 if let Some(who) = who {
+                    if reason == CloseReason::DeniedPublish {
+                        // The application gives up on what the gateway will not take, rather
+                        // than re-send it on every reconnect.
+                        let strict = self.strict;
+                        let msgs = &self.msgs;
+                        self.clients[who.idx()]
+                            .outgoing
+                            .retain(|o| may_publish(who, msgs[o.msg as usize].topic, strict));
+                    }
                     self.lost(who);
                 }
             }
@@ -823,6 +890,9 @@ impl World {
     // A simulated client receiving
 
     fn receive(&mut self, who: Who, conn: ConnId, pkt: Packet) {
+        if self.trace {
+            eprintln!("[{}]   {who:?} <- {pkt:?}", self.clock);
+        }
         if !self.clients[who.idx()].connacked && !matches!(pkt, Packet::ConnAck(_)) {
             self.violation(
                 Kind::Protocol,
@@ -1035,7 +1105,7 @@ impl World {
                 format!("QoS {:?} m{n} without packet id", p.qos),
             ));
         }
-        if !m.receipts.iter().any(|(_, allowed)| *allowed) {
+        if !m.receipts.iter().any(|(_, allowed)| *allowed) && !m.later_policies.contains(&true) {
             bad.push((
                 Kind::Acl,
                 format!(
@@ -1052,8 +1122,10 @@ impl World {
             .filter(|i| matches(i.filter, m.topic))
             .filter(|i| {
                 if p.retain {
-                    // A retained message goes out for a subscription made after it was published.
-                    i.start >= first && i.start <= at && i.end.is_none_or(|e| e >= at)
+                    // A retained message goes out for a subscription made after it was
+                    // published (and, like any queued message, may be re-sent after the
+                    // subscription ended).
+                    i.start >= first && i.start <= at
                 } else {
                     i.start <= at && i.end.is_none_or(|e| e >= first)
                 }
@@ -1091,6 +1163,7 @@ impl World {
         let epoch = self.epoch;
         let c = &mut self.clients[who.idx()];
         let mut app = true;
+        let mut shadowed = false;
         if let Some(pid) = p.packet_id.filter(|_| p.qos != QoS::AtMostOnce) {
             if !p.retain && !p.dup && c.seen.contains(&(pid, n, epoch)) {
                 bad.push((
@@ -1111,13 +1184,19 @@ impl World {
             c.inflight_in.insert(pid, Some(n));
             if p.qos == QoS::ExactlyOnce {
                 match c.recv_qos2.get(&pid) {
-                    Some(other) if *other == n => app = false,
-                    Some(other) => {
-                        bad.push((Kind::Inflight, format!("{who:?}: packet id {pid} of unreleased QoS 2 m{other} reused for m{n}")));
+                    Some((other, _)) if *other == n => app = false,
+                    Some(&(other, ep)) => {
+                        shadowed = ep != epoch;
+                        let kind = if shadowed {
+                            Kind::Qos2AcrossCrash
+                        } else {
+                            Kind::Inflight
+                        };
+                        bad.push((kind, format!("{who:?}: packet id {pid} of unreleased QoS 2 m{other} (epoch {ep}) reused for m{n} (epoch {epoch})")));
                         app = false;
                     }
                     None => {
-                        c.recv_qos2.insert(pid, n);
+                        c.recv_qos2.insert(pid, (n, epoch));
                     }
                 }
             }
@@ -1130,6 +1209,7 @@ impl World {
             incarnation: c.incarnation,
             epoch,
             app,
+            shadowed,
         });
         for (kind, text) in bad {
             self.violation(kind, text);
@@ -1185,7 +1265,7 @@ impl World {
             return;
         }
         m.acked = Some((at, m.receipts.len()));
-        if !m.receipts.iter().all(|r| r.1) {
+        if !m.receipts.iter().all(|r| r.1) || m.later_policies.contains(&false) {
             return;
         }
         // A persistent subscriber owed it must have it durably queued (or have it already).
@@ -1222,15 +1302,16 @@ impl World {
         for who in EVERYONE {
             self.apply(&Op::Acking { who, on: true });
         }
-        for who in EVERYONE {
-            let c = &self.clients[who.idx()];
-            if c.conn.is_none() && c.has_session {
-                self.apply(&Op::Connect { who, clean: false });
-            }
-        }
         let mut quiet = false;
         for _ in 0..200 {
             let before = self.moves;
+            // Persistent sessions come back, also those the gateway closed on the way.
+            for who in EVERYONE {
+                let c = &self.clients[who.idx()];
+                if c.conn.is_none() && c.has_session {
+                    self.apply(&Op::Connect { who, clean: false });
+                }
+            }
             self.durable();
             self.pump();
             for who in EVERYONE {
@@ -1293,23 +1374,35 @@ impl World {
 
     fn check_loss(&mut self) {
         let mut missing: BTreeMap<Who, Vec<u64>> = BTreeMap::new();
+        let mut shadowed = Vec::new();
         for n in 0..self.msgs.len() as u64 {
             let m = &self.msgs[n as usize];
             let Some((_, receipts)) = m.acked else {
                 continue;
             };
-            if m.qos == QoS::AtMostOnce || !m.receipts[..receipts].iter().all(|r| r.1) {
+            if m.qos == QoS::AtMostOnce
+                || !m.receipts[..receipts].iter().all(|r| r.1)
+                || m.later_policies.contains(&false)
+            {
                 continue;
             }
             for who in self.owed(n) {
-                if !self.clients[who.idx()]
-                    .deliveries
-                    .iter()
-                    .any(|d| d.msg == n)
-                {
+                let ds = &self.clients[who.idx()].deliveries;
+                if ds.iter().any(|d| d.msg == n && d.app) {
+                    continue;
+                }
+                if ds.iter().any(|d| d.msg == n && d.shadowed) {
+                    shadowed.push(format!("{who:?} never saw acknowledged m{n}: its packet id was still unreleased from before a crash"));
+                } else {
                     missing.entry(who).or_default().push(n);
                 }
             }
+        }
+        for text in shadowed.into_iter().take(5) {
+            self.violations.push(Violation {
+                kind: Kind::Qos2AcrossCrash,
+                text,
+            });
         }
         for (who, lost) in missing {
             let dropped = self.drops[who.idx()];
@@ -1330,7 +1423,9 @@ impl World {
         for c in &self.clients {
             // First application delivery of each QoS >= 1 message, per session incarnation,
             // publisher and topic.
-            let mut seqs: BTreeMap<(u32, Who, &str), Vec<u64>> = BTreeMap::new();
+            // (incarnation, publisher, topic) -> [(message, epoch delivered in)]
+            type Flow<'a> = (u32, Who, &'a str);
+            let mut seqs: BTreeMap<Flow, Vec<(u64, u32)>> = BTreeMap::new();
             let mut firsts = BTreeSet::new();
             for d in &c.deliveries {
                 if d.retain
@@ -1343,14 +1438,17 @@ impl World {
                 let m = &self.msgs[d.msg as usize];
                 seqs.entry((d.incarnation, m.publisher, m.topic))
                     .or_default()
-                    .push(d.msg);
+                    .push((d.msg, d.epoch));
             }
             for ((_, publisher, topic), seq) in seqs {
-                for (i, &later_sent) in seq.iter().enumerate() {
-                    for &earlier_sent in &seq[..i] {
+                for (i, &(later_sent, later_epoch)) in seq.iter().enumerate() {
+                    for &(earlier_sent, earlier_epoch) in &seq[..i] {
                         // `earlier_sent` was delivered first; fine unless it was published after
-                        // `later_sent` was last sent by its client.
-                        if earlier_sent <= later_sent {
+                        // `later_sent` was last sent by its client. A message dropped over the
+                        // offline cap may come back when a crash loses the drop: not an order.
+                        if earlier_sent <= later_sent
+                            || (later_epoch != earlier_epoch && self.drops[c.who.idx()] > 0)
+                        {
                             continue;
                         }
                         let a = &self.msgs[later_sent as usize];
@@ -1402,7 +1500,7 @@ impl World {
                 if ds.len() > filters.len() {
                     let crash = ds.iter().any(|d| d.epoch != ds[0].epoch);
                     let kind = if crash {
-                        Kind::Qos2DuplicateAcrossCrash
+                        Kind::Qos2AcrossCrash
                     } else {
                         Kind::Qos2Duplicate
                     };
