@@ -126,7 +126,8 @@ fn op() -> impl Strategy<Value = Op> {
         4 => who().prop_map(|who| Op::AckOne { who }),
         3 => (who(), any::<bool>()).prop_map(|(who, graceful)| Op::Disconnect { who, graceful }),
         1 => Just(Op::Crash),
-        10 => Just(Op::Durable),
+        7 => Just(Op::Durable),
+        3 => Just(Op::DurableHalf),
         2 => (1..30u8).prop_map(|secs| Op::Tick { secs }),
         1 => any::<bool>().prop_map(|strict| Op::Policy { strict }),
     ]
@@ -146,6 +147,8 @@ fn ops() -> impl Strategy<Value = Vec<Op>> {
         })
 }
 
+const WEEK: u64 = 7 * 24 * 3600;
+
 fn params() -> impl Strategy<Value = Params> {
     (
         1..=3usize,
@@ -155,14 +158,26 @@ fn params() -> impl Strategy<Value = Params> {
         prop::bool::weighted(0.25),
         select(vec![1usize, 64, 65_536]),
         1..=4usize,
+        // Mostly the default week; sometimes short enough for ticks to reach it.
+        prop_oneof![3 => Just(WEEK), 1 => 20..=120u64],
     )
         .prop_map(
-            |(max_inflight_out, queue_messages, offline_messages, stalled, deny, tx, window)| {
+            |(
+                max_inflight_out,
+                queue_messages,
+                offline_messages,
+                stalled,
+                deny,
+                tx,
+                window,
+                expiry,
+            )| {
                 Params {
                     max_inflight_out,
                     queue_messages,
                     offline_messages,
                     stalled_after_secs: stalled,
+                    session_expiry_secs: expiry,
                     denied_disconnects: deny,
                     tx_bytes: tx,
                     window,
@@ -217,7 +232,8 @@ fn mutual_op() -> impl Strategy<Value = Op> {
         }),
         2 => (pair(), any::<bool>()).prop_map(|(who, on)| Op::Acking { who, on }),
         2 => pair().prop_map(|who| Op::AckOne { who }),
-        4 => Just(Op::Durable),
+        3 => Just(Op::Durable),
+        1 => Just(Op::DurableHalf),
         1 => (1..10u8).prop_map(|secs| Op::Tick { secs }),
         1 => pair().prop_map(|who| Op::Connect { who, clean: false }),
         1 => Just(Op::Crash),
@@ -263,6 +279,7 @@ proptest! {
             queue_messages: 1,
             offline_messages: 1_000,
             stalled_after_secs: stalled,
+            session_expiry_secs: WEEK,
             denied_disconnects: false,
             tx_bytes: 65_536,
             window,
@@ -279,6 +296,7 @@ fn small() -> Params {
         queue_messages: 2,
         offline_messages: 10,
         stalled_after_secs: 30,
+        session_expiry_secs: WEEK,
         denied_disconnects: false,
         tx_bytes: 65_536,
         window: 4,

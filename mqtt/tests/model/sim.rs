@@ -15,7 +15,8 @@ use bytes::Bytes;
 use fleet_mqtt::topic::matches;
 use fleet_mqtt::{
     Action, CloseReason, ConnAck, ConnId, Connect, ConnectCode, DeniedPublish, Disconnected,
-    DropReason, Engine, Notice, Packet, Publish, QoS, SubAck, SubAckCode, Subscribe, Unsubscribe,
+    DropReason, Engine, Notice, Packet, Publish, QoS, SessionKey, StoreOp, SubAck, SubAckCode,
+    Subscribe, Unsubscribe,
 };
 
 use super::world::{may_publish, may_subscribe, Policy, Store, Who, EVERYONE};
@@ -35,6 +36,7 @@ pub(crate) struct Params {
     pub(crate) queue_messages: usize,
     pub(crate) offline_messages: usize,
     pub(crate) stalled_after_secs: u64,
+    pub(crate) session_expiry_secs: u64,
     pub(crate) denied_disconnects: bool,
     /// `max_bytes` the driver passes to `Engine::transmit`.
     pub(crate) tx_bytes: usize,
@@ -85,6 +87,8 @@ pub(crate) enum Op {
     Crash,
     /// The store reports everything written so far durable.
     Durable,
+    /// The store reports the older half of what it was given durable.
+    DurableHalf,
     Tick {
         secs: u8,
     },
@@ -211,6 +215,8 @@ struct Client {
     has_session: bool,
     /// Bumped whenever the session starts afresh.
     incarnation: u32,
+    /// Since when the engine has seen no connection of this client (expiry clock).
+    offline_since: Option<Instant>,
     intervals: Vec<Interval>,
     next_pid: u16,
     outgoing: Vec<Out>,
@@ -237,6 +243,7 @@ impl Client {
             clean: true,
             has_session: false,
             incarnation: 0,
+            offline_since: None,
             intervals: Vec::new(),
             next_pid: 0,
             outgoing: Vec::new(),
@@ -309,6 +316,9 @@ pub(crate) struct World {
     violations: Vec<Violation>,
     /// `MODEL_TRACE=1`: print every step, packet and action (to read a shrunk case).
     trace: bool,
+    /// Inside the action loop: packets from clients wait in `deferred`.
+    polling: bool,
+    deferred: VecDeque<(ConnId, Packet)>,
 }
 
 fn qos_of(v: u8) -> QoS {
@@ -345,6 +355,8 @@ impl World {
             moves: 0,
             violations: Vec::new(),
             trace: std::env::var_os("MODEL_TRACE").is_some(),
+            polling: false,
+            deferred: VecDeque::new(),
         }
     }
 
@@ -358,7 +370,7 @@ impl World {
             offline_messages: p.offline_messages,
             offline_bytes: 1 << 20,
             stalled_after: Duration::from_secs(p.stalled_after_secs),
-            session_expiry: Duration::from_secs(7 * 24 * 3600),
+            session_expiry: Duration::from_secs(p.session_expiry_secs),
             denied_publish: if p.denied_disconnects {
                 DeniedPublish::Disconnect
             } else {
@@ -471,7 +483,8 @@ impl World {
                 self.engine.disconnected(self.now, conn, how);
             }
             Op::Crash => self.crash(),
-            Op::Durable => self.durable(),
+            Op::Durable => self.durable(false),
+            Op::DurableHalf => self.durable(true),
             Op::Tick { secs } => {
                 self.now += Duration::from_secs(u64::from(secs));
                 self.clock += 1;
@@ -599,6 +612,10 @@ impl World {
 
     /// A packet from a client to the engine.
     fn feed(&mut self, conn: ConnId, pkt: Packet) {
+        if self.polling {
+            self.deferred.push_back((conn, pkt));
+            return;
+        }
         if self.trace {
             eprintln!("[{}]   {:?} -> {pkt:?}", self.clock, self.client_on(conn));
         }
@@ -620,7 +637,9 @@ impl World {
     /// The client's connection is gone (it dropped it, or the gateway closed it or died).
     fn lost(&mut self, who: Who) {
         let at = self.clock;
+        let now = self.now;
         let c = &mut self.clients[who.idx()];
+        c.offline_since = Some(now);
         c.conn = None;
         c.connacked = false;
         c.held_answers.clear();
@@ -668,8 +687,8 @@ impl World {
         }
     }
 
-    fn durable(&mut self) {
-        if let Some(seq) = self.store.make_durable() {
+    fn durable(&mut self, half: bool) {
+        if let Some(seq) = self.store.make_durable(half) {
             self.clock += 1;
             self.engine.durable(self.now, seq);
         }
@@ -692,10 +711,17 @@ impl World {
         let (sessions, retained) = self.store.contents();
         self.engine.restore(self.now, sessions, retained);
         // The model follows what the store kept.
-        let at = self.clock;
+        let (at, now) = (self.clock, self.now);
         for who in EVERYONE {
             let stored = self.store.sessions.get(&who.key()).cloned();
             let c = &mut self.clients[who.idx()];
+            // `restore` starts the expiry clocks now.
+            c.offline_since = Some(now);
+            if !c.has_session && stored.is_some() {
+                // A session the crash brought back (its reset was not durable) is an older
+                // one than what the client saw last: order and duplicates count apart.
+                c.incarnation += 1;
+            }
             c.has_session = stored.is_some();
             let subs = stored.map(|s| s.subs).unwrap_or_default();
             for i in c.intervals.iter_mut().filter(|i| i.end.is_none()) {
@@ -778,12 +804,25 @@ impl World {
     // ----------------------------------------------------------------------------------
     // The driver loop
 
+    /// Carries out the engine's actions until it has none. What clients send meanwhile goes
+    /// in after the engine's queue ran empty, so each batch of actions belongs to calls made
+    /// before it (the store's commit groups rely on that).
     fn pump(&mut self) {
         for _ in 0..PUMP_LIMIT {
-            let Some(action) = self.engine.poll_action() else {
+            if let Some(action) = self.engine.poll_action() {
+                self.polling = true;
+                self.action(action);
+                self.polling = false;
+                continue;
+            }
+            if self.deferred.is_empty() {
                 return;
-            };
-            self.action(action);
+            }
+            for (conn, pkt) in std::mem::take(&mut self.deferred) {
+                if self.client_on(conn).is_some() {
+                    self.feed(conn, pkt);
+                }
+            }
         }
         self.violation(
             Kind::Liveness,
@@ -857,7 +896,10 @@ impl World {
                 }
             }
             Action::Store { seq, op } => {
-                if let Err(e) = self.store.write(seq, op) {
+                if let StoreOp::SessionExpired { key } = &op {
+                    self.expired(key);
+                }
+                if let Err(e) = self.store.write(seq, op, self.clock) {
                     self.violation(Kind::Protocol, e);
                 }
             }
@@ -883,6 +925,25 @@ impl World {
                 }
                 _ => {}
             },
+        }
+    }
+
+    /// The engine removed an offline persistent session for its age.
+    fn expired(&mut self, key: &SessionKey) {
+        let Some(who) = Who::of(key) else { return };
+        let (at, now, expiry) = (self.clock, self.now, self.p.session_expiry_secs);
+        let c = &mut self.clients[who.idx()];
+        let early = match (c.conn, c.offline_since) {
+            (Some(_), _) => Some("while connected".to_owned()),
+            (None, Some(t)) if now - t < Duration::from_secs(expiry) => {
+                Some(format!("after {:?} offline, expiry {expiry} s", now - t))
+            }
+            _ => None,
+        };
+        c.has_session = false;
+        c.close_intervals(at, None);
+        if let Some(when) = early {
+            self.violation(Kind::Protocol, format!("{who:?}'s session expired {when}"));
         }
     }
 
@@ -978,6 +1039,7 @@ impl World {
             return;
         }
         c.connacked = true;
+        c.offline_since = None;
         let clean = c.clean;
         let expected = !clean && c.has_session;
         let present = ack.session_present;
@@ -1312,7 +1374,7 @@ impl World {
                     self.apply(&Op::Connect { who, clean: false });
                 }
             }
-            self.durable();
+            self.durable(false);
             self.pump();
             for who in EVERYONE {
                 while self.answer_one(who) {}
@@ -1427,8 +1489,17 @@ impl World {
             type Flow<'a> = (u32, Who, &'a str);
             let mut seqs: BTreeMap<Flow, Vec<(u64, u32)>> = BTreeMap::new();
             let mut firsts = BTreeSet::new();
+            // A message the client could not take because a crash left its packet id in use
+            // is out of order as a consequence; that is reported as `Qos2AcrossCrash`.
+            let shadowed: BTreeSet<u64> = c
+                .deliveries
+                .iter()
+                .filter(|d| d.shadowed)
+                .map(|d| d.msg)
+                .collect();
             for d in &c.deliveries {
-                if d.retain
+                if shadowed.contains(&d.msg)
+                    || d.retain
                     || d.qos == QoS::AtMostOnce
                     || !d.app
                     || !firsts.insert((d.incarnation, d.msg))
