@@ -72,7 +72,27 @@ impl Engine {
                 return;
             }
         };
+        // Access is decided when the PUBLISH arrives, under the policy of that moment, even if
+        // it then waits behind a held one.
+        let Some(sess) = self.conns.get(&conn).and_then(|c| self.session(c.session)) else {
+            return;
+        };
+        let denied = !self.auth.may_publish(&sess.key, &p.topic);
+        if denied {
+            self.out.notice(Notice::PublishDenied {
+                key: sess.key.clone(),
+                topic: p.topic.clone(),
+            });
+            if self.settings.denied_publish == DeniedPublish::Disconnect {
+                self.close(conn, CloseReason::DeniedPublish);
+                return;
+            }
+            if p.qos == QoS::AtMostOnce {
+                return;
+            }
+        }
         let max_held = self.settings.max_held_in;
+        let control_cap = self.control_cap();
         let Some(c) = self.conns.get_mut(&conn) else {
             return;
         };
@@ -90,7 +110,7 @@ impl Engine {
             }
             c.qos0_waiting += 1;
         } else {
-            if c.held >= max_held {
+            if c.held >= max_held || c.control.len() >= control_cap {
                 self.close(conn, CloseReason::TooManyHeld);
                 return;
             }
@@ -102,6 +122,7 @@ impl Engine {
             qos: p.qos,
             retain: p.retain,
             packet_id,
+            denied,
         }));
         if c.blocked_on.is_none() {
             self.pump(conn);
@@ -110,10 +131,11 @@ impl Engine {
 
     fn on_pubrel(&mut self, conn: ConnId, id: u16) {
         let max_held = self.settings.max_held_in;
+        let control_cap = self.control_cap();
         let Some(c) = self.conns.get_mut(&conn) else {
             return;
         };
-        if c.held >= max_held {
+        if c.held >= max_held || c.control.len() >= control_cap {
             self.close(conn, CloseReason::TooManyHeld);
             return;
         }
@@ -151,20 +173,33 @@ impl Engine {
             };
             match step {
                 Step::Done(packet, need) => {
-                    let entry = match taken {
-                        Inbound::Publish(p) => {
-                            if p.qos == QoS::AtMostOnce {
-                                c.qos0_waiting = c.qos0_waiting.saturating_sub(1);
-                            }
-                            Inbound::Answer { packet, need }
+                    if let Inbound::Publish(p) = &taken {
+                        if p.qos == QoS::AtMostOnce {
+                            c.qos0_waiting = c.qos0_waiting.saturating_sub(1);
                         }
-                        Inbound::PubRel(_) => Inbound::Answer { packet, need },
-                        answer @ Inbound::Answer { .. } => answer,
-                    };
-                    if let Some(e) = c.inbound.get_mut(i) {
-                        *e = entry;
                     }
-                    c.processed += 1;
+                    match (packet, taken) {
+                        (None, Inbound::Answer { packet, need }) => {
+                            if let Some(e) = c.inbound.get_mut(i) {
+                                *e = Inbound::Answer { packet, need };
+                            }
+                            c.processed += 1;
+                        }
+                        (None, _) => {
+                            // Nothing to answer (QoS 0): it leaves the pipeline now, so it
+                            // takes no room while earlier answers wait for the store.
+                            c.inbound.remove(i);
+                        }
+                        (Some(packet), _) => {
+                            if let Some(e) = c.inbound.get_mut(i) {
+                                *e = Inbound::Answer {
+                                    packet: Some(packet),
+                                    need,
+                                };
+                            }
+                            c.processed += 1;
+                        }
+                    }
                 }
                 Step::Blocked(b) => {
                     if let Some(e) = c.inbound.get_mut(i) {
@@ -195,6 +230,14 @@ impl Engine {
             return;
         };
         let mut pushed = false;
+        while let Some(&(seq, pid)) = c.rel_waiting.front() {
+            if seq > durable {
+                break;
+            }
+            c.rel_waiting.pop_front();
+            c.control.push_back(Packet::PubRel(pid));
+            pushed = true;
+        }
         while c.processed > 0 {
             let need = match c.inbound.front() {
                 Some(Inbound::Answer { need, .. }) => *need,
@@ -223,6 +266,11 @@ impl Engine {
     }
 
     fn process_publish(&mut self, s: SessionIdx, p: &InPublish) -> Step {
+        if p.denied {
+            // Acknowledged so the client does not send it forever, and dropped (counted when
+            // it arrived).
+            return Step::Done(answer_for(p.qos, p.packet_id), 0);
+        }
         let Some(sess) = self.sessions.get(s).and_then(Option::as_ref) else {
             return Step::Done(None, 0);
         };
@@ -234,23 +282,22 @@ impl Engine {
                 return Step::Done(Some(Packet::PubRec(id)), need);
             }
         }
-        if !self.auth.may_publish(&sess.key, &p.topic) {
-            self.out.notice(Notice::PublishDenied {
-                key: sess.key.clone(),
-                topic: p.topic.to_string(),
-            });
-            return match self.settings.denied_publish {
-                DeniedPublish::AckAndDrop => Step::Done(answer_for(p.qos, p.packet_id), 0),
-                DeniedPublish::Disconnect => Step::Close(CloseReason::DeniedPublish),
-            };
-        }
         if p.qos == QoS::ExactlyOnce && sess.unreleased_in.len() >= self.settings.max_unreleased_in
         {
             return Step::Close(CloseReason::TooManyUnreleased);
         }
-        let mut need = match self.route(&p.topic, &p.payload, p.qos, p.retain, false) {
+        // Exactly once across a crash: a persistent publisher's QoS 2 message reaches no client
+        // before its receipt (written after the queue writes) is durable.
+        let receipt = p.qos == QoS::ExactlyOnce && persistent;
+        self.hold_visibility = receipt;
+        let routed = self.route(&p.topic, &p.payload, p.qos, p.retain, false);
+        self.hold_visibility = false;
+        let mut need = match routed {
             Ok(need) => need,
-            Err(blocked) => return Step::Blocked(blocked),
+            Err(blocked) => {
+                self.just_queued.clear();
+                return Step::Blocked(blocked);
+            }
         };
         if let (QoS::ExactlyOnce, Some(id)) = (p.qos, p.packet_id) {
             if let Some(sess) = self.sessions.get_mut(s).and_then(Option::as_mut) {
@@ -262,7 +309,23 @@ impl Engine {
                 }
             }
         }
+        if receipt {
+            self.reveal_after(need);
+        }
         Step::Done(answer_for(p.qos, p.packet_id), need)
+    }
+
+    /// The messages just queued invisible become visible once `seq` is durable.
+    fn reveal_after(&mut self, seq: StoreSeq) {
+        for s in std::mem::take(&mut self.just_queued) {
+            let Some(sess) = self.sessions.get_mut(s).and_then(Option::as_mut) else {
+                continue;
+            };
+            sess.set_back_visible_at(seq);
+            if let Some(conn) = sess.conn {
+                self.notify(conn);
+            }
+        }
     }
 
     fn process_pubrel(&mut self, s: SessionIdx, id: u16) -> Step {

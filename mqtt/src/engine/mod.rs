@@ -127,7 +127,10 @@ pub struct Settings {
     /// Incoming QoS 1/2 publishes one connection may have held unanswered (MQTT 5's receive
     /// maximum, for 3.1.1 clients). Over it the client is disconnected ([`CloseReason::TooManyHeld`]).
     /// Default 100: the default in-flight window of common clients (rumqttc, paho), so a
-    /// well-behaved client stops on its own before it reaches the cap.
+    /// well-behaved client stops on its own before it reaches the cap. PUBRELs waiting for
+    /// their PUBCOMP count too (a client's window covers them). QoS 0 publishes waiting behind
+    /// a held one are capped at the same number separately; over it they are dropped
+    /// ([`DropReason::Qos0QueueFull`], counted for the publisher).
     pub max_held_in: usize,
     /// Incoming QoS 2 packet ids answered with PUBREC and not yet released by PUBREL. Over it
     /// the client is disconnected ([`CloseReason::TooManyUnreleased`]). Default 100.
@@ -301,7 +304,8 @@ pub enum CloseReason {
     Takeover,
     /// The client broke a rule of the protocol (a second CONNECT, PUBREL for nothing, ...).
     ProtocolViolation(&'static str),
-    /// More incoming QoS 1/2 publishes held than [`Settings::max_held_in`].
+    /// More incoming QoS 1/2 publishes held than [`Settings::max_held_in`], or more answers
+    /// waiting to be written than a client that reads them can cause (it does not read).
     TooManyHeld,
     /// More QoS 2 ids awaiting PUBREL than [`Settings::max_unreleased_in`].
     TooManyUnreleased,
@@ -443,6 +447,12 @@ pub struct Engine {
     to_pump: VecDeque<ConnId>,
     /// Routing scratch space (no allocation per publish).
     scratch: Vec<Sub>,
+    /// While set, routed messages are queued invisible and their sessions noted in
+    /// `just_queued` (a persistent publisher's QoS 2 message waiting for its receipt's number).
+    hold_visibility: bool,
+    just_queued: Vec<SessionIdx>,
+    /// Online sessions whose queue head waits for a store position to be durable.
+    invisible: BinaryHeap<Reverse<(StoreSeq, SessionIdx)>>,
     /// The latest time the driver passed in.
     now: Option<Instant>,
 }
@@ -476,6 +486,9 @@ impl Engine {
             durable_waiters: BinaryHeap::new(),
             to_pump: VecDeque::new(),
             scratch: Vec::new(),
+            hold_visibility: false,
+            just_queued: Vec::new(),
+            invisible: BinaryHeap::new(),
             now: None,
         }
     }
@@ -543,6 +556,15 @@ impl Engine {
             }
             self.durable_waiters.pop();
             self.to_pump.push_back(conn);
+        }
+        while let Some(Reverse((need, s))) = self.invisible.peek().copied() {
+            if need > self.durable_seq {
+                break;
+            }
+            self.invisible.pop();
+            if let Some(conn) = self.session(s).and_then(|sess| sess.conn) {
+                self.notify(conn);
+            }
         }
         self.run_pumps();
     }

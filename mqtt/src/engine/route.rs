@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use super::session::{Queued, SessionIdx};
+use super::session::{Queued, SessionIdx, INVISIBLE};
 use super::{DropReason, Engine, Message, Notice, SessionKey, StoreOp, StoreSeq};
 use crate::codec::{QoS, Will};
 use crate::topic;
@@ -42,6 +42,14 @@ impl Engine {
             });
             if let Some(&(s, _)) = blocked {
                 self.scratch = targets;
+                // Holding back a publisher counts as full for the stall clock, even when the
+                // queue filled up without a new message (re-sends after a resume).
+                let now = self.now;
+                if let Some(sess) = self.session_mut(s) {
+                    if sess.full_since.is_none() {
+                        sess.full_since = now;
+                    }
+                }
                 return Err(s);
             }
         }
@@ -89,8 +97,11 @@ impl Engine {
             return;
         }
         let id = if qos0 { None } else { Some(sess.take_id()) };
+        // A persistent session's message goes out only once it is durable: the client may
+        // hold on to its packet id across a crash, so the number must survive too.
+        let mut visible_at = 0;
         if let (Some(id), true) = (id, sess.persistent) {
-            self.out.store(StoreOp::Enqueued {
+            visible_at = self.out.store(StoreOp::Enqueued {
                 key: sess.key.clone(),
                 id,
                 message: msg.clone(),
@@ -101,7 +112,15 @@ impl Engine {
             msg,
             dup: false,
             released: false,
+            visible_at: if self.hold_visibility {
+                INVISIBLE
+            } else {
+                visible_at
+            },
         });
+        if self.hold_visibility {
+            self.just_queued.push(s);
+        }
         match online {
             Some(conn) => {
                 if sess.full_since.is_none() && sess.is_full(&self.settings) {

@@ -5,7 +5,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::{ConnId, Message, SessionKey, Settings};
+use super::{ConnId, Message, SessionKey, Settings, StoreSeq};
 use crate::codec::QoS;
 
 /// Index of a session in the engine's session table.
@@ -30,7 +30,15 @@ pub(super) struct Queued {
     pub(super) dup: bool,
     /// QoS 2 only: PUBREC came back and PUBREL was sent; re-send PUBREL, not the PUBLISH.
     pub(super) released: bool,
+    /// Not sent before the store write with this number is durable (0: no wait). A QoS 2
+    /// message of a persistent publisher becomes visible only once its receipt is durable, so
+    /// a crash cannot deliver it a second time when the publisher re-sends.
+    pub(super) visible_at: StoreSeq,
 }
+
+/// Placeholder of [`Queued::visible_at`] while the store write it waits for is not numbered
+/// yet.
+pub(super) const INVISIBLE: StoreSeq = StoreSeq::MAX;
 
 /// A QoS 1/2 message sent and not yet acknowledged.
 #[derive(Debug, Clone)]
@@ -43,6 +51,9 @@ pub(super) struct InFlight {
     pub(super) msg: Message,
     /// QoS 2: PUBREC received, PUBREL sent, waiting for PUBCOMP.
     pub(super) released: bool,
+    /// The store write recording the release (0: none); PUBREL goes out only once it is
+    /// durable, or a crash would send the PUBLISH again after the client finished with it.
+    pub(super) released_seq: StoreSeq,
 }
 
 /// A session: online while `conn` is set.
@@ -66,6 +77,9 @@ pub(super) struct Session {
     pub(super) full_since: Option<Instant>,
     /// Connections whose next incoming publish waits for room in this queue.
     pub(super) waiters: Vec<ConnId>,
+    /// The highest store position this session asked to be told about (queue head waiting to
+    /// become visible).
+    pub(super) visible_wait: StoreSeq,
 }
 
 impl Session {
@@ -83,6 +97,7 @@ impl Session {
             offline_since: None,
             full_since: None,
             waiters: Vec::new(),
+            visible_wait: 0,
         }
     }
 
@@ -116,6 +131,15 @@ impl Session {
         self.queue.push_back(q);
     }
 
+    /// Makes the message just queued at the back visible once `seq` is durable.
+    pub(super) fn set_back_visible_at(&mut self, seq: StoreSeq) {
+        if let Some(q) = self.queue.back_mut() {
+            if q.visible_at == INVISIBLE {
+                q.visible_at = seq;
+            }
+        }
+    }
+
     pub(super) fn pop_front(&mut self) -> Option<Queued> {
         let q = self.queue.pop_front()?;
         self.queue_bytes = self.queue_bytes.saturating_sub(q.msg.payload.len());
@@ -138,10 +162,12 @@ impl Session {
         self.inflight.iter().any(|f| f.packet_id == pid)
     }
 
-    /// Whether the head of the queue may be sent now.
-    pub(super) fn can_send(&self, settings: &Settings) -> bool {
+    /// Whether the head of the queue may be sent now, with store writes up to `durable`
+    /// durable.
+    pub(super) fn can_send(&self, settings: &Settings, durable: StoreSeq) -> bool {
         match self.queue.front() {
             None => false,
+            Some(q) if q.visible_at > durable => false,
             Some(q) => match q.id {
                 None => true,
                 Some(id) => {
@@ -162,6 +188,7 @@ impl Session {
                 msg: f.msg,
                 dup: true,
                 released: f.released,
+                visible_at: f.released_seq,
             });
         }
     }

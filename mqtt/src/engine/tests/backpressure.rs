@@ -273,3 +273,83 @@ fn mutual_publish_does_not_deadlock() {
     assert_eq!(clients[1].received, want);
     assert!(h.closes().is_empty());
 }
+
+#[test]
+fn resumed_session_full_of_resends_that_never_reads_is_closed_as_stalled() {
+    let settings = Settings {
+        max_inflight_out: 2,
+        queue_messages: 2,
+        ..Settings::default()
+    };
+    let mut h = H::new(settings);
+    h.connect(1, "s", false);
+    h.sub(1, &[("t", 1)]);
+    h.connect(2, "p", true);
+    for id in 1..=4 {
+        h.pkt(2, publish("t", 1, id, "x"));
+        h.durable_all();
+        h.tx(1);
+    }
+    h.gone(1, Disconnected::Abnormal);
+    // Back with four re-sends queued (over the online cap) and it never reads.
+    h.connect(3, "s", false);
+    h.tick(Duration::from_secs(31));
+    assert!(h.closes().is_empty(), "nobody held back yet");
+    h.pkt(2, publish("t", 1, 5, "held"));
+    h.tick(Duration::from_secs(29));
+    assert!(h.closes().is_empty());
+    h.tick(Duration::from_secs(1));
+    assert_eq!(h.closes(), vec![(3, CloseReason::Stalled)]);
+    h.durable_all();
+    assert_eq!(h.tx(2).last(), Some(&Packet::PubAck(5)));
+}
+
+#[test]
+fn client_that_never_reads_its_answers_is_closed() {
+    let mut h = H::new(Settings::default());
+    h.connect(1, "s", true);
+    let cap = h.e.control_cap();
+    for _ in 0..cap {
+        h.pkt(1, Packet::PingReq);
+    }
+    assert!(h.closes().is_empty());
+    h.pkt(1, Packet::PingReq);
+    assert_eq!(h.closes(), vec![(1, CloseReason::TooManyHeld)]);
+    // Publishes whose PUBACKs are never read hit the same cap.
+    h.connect(2, "p", true);
+    for id in 1..=cap as u16 {
+        h.pkt(2, publish("t", 1, id, "x"));
+    }
+    assert_eq!(h.closes().len(), 1);
+    h.pkt(2, publish("t", 1, cap as u16 + 1, "x"));
+    assert_eq!(h.closes().len(), 2);
+    h.e.check_invariants();
+}
+
+#[test]
+fn qos0_behind_an_answer_waiting_for_the_store_takes_no_room() {
+    let settings = Settings {
+        max_held_in: 2,
+        ..Settings::default()
+    };
+    let mut h = H::new(settings);
+    h.connect(1, "s", false);
+    h.sub(1, &[("t", 1)]);
+    h.connect(2, "p", true);
+    h.pkt(2, publish("t", 1, 1, "durable first"));
+    for _ in 0..10 {
+        h.pkt(2, publish("t", 0, 0, "q0"));
+    }
+    assert!(!h
+        .notices()
+        .iter()
+        .any(|n| matches!(n, Notice::Dropped { .. })));
+    assert_eq!(
+        h.e.conns[&ConnId(2)].inbound.len(),
+        1,
+        "only the PUBACK waits for the store"
+    );
+    h.durable_all();
+    assert_eq!(h.tx_got(1).len(), 11);
+    h.e.check_invariants();
+}

@@ -20,6 +20,7 @@ mod policy;
 mod prop;
 mod qos;
 mod routing;
+mod throughput;
 
 /// Allows everything except what the lists deny (topic or filter prefixes).
 #[derive(Default)]
@@ -281,6 +282,11 @@ impl Engine {
                 sess.key
             );
             assert!(sess.inflight.len() <= window, "in-flight over the window");
+            assert!(
+                sess.queue_iter()
+                    .all(|q| q.visible_at != session::INVISIBLE),
+                "a queued message left without its visibility position"
+            );
             let bytes: usize = sess.queue_iter().map(|q| q.msg.payload.len()).sum();
             assert_eq!(bytes, sess.queue_bytes(), "queue byte counter");
             if let Some(conn) = sess.conn {
@@ -296,6 +302,17 @@ impl Engine {
             assert_eq!(sess.conn, Some(*conn));
             assert!(c.held <= self.settings.max_held_in, "held over the cap");
             assert!(c.processed <= c.inbound.len());
+            assert!(
+                c.control.len() <= self.control_cap(),
+                "control queue over its cap"
+            );
+            let qos0 = c
+                .inbound
+                .iter()
+                .filter(|i| matches!(i, conn::Inbound::Publish(p) if p.qos == QoS::AtMostOnce))
+                .count();
+            assert_eq!(qos0, c.qos0_waiting, "QoS 0 waiting counter");
+            assert!(qos0 <= self.settings.max_held_in.max(1));
             let held = c
                 .inbound
                 .iter()
