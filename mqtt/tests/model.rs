@@ -33,25 +33,7 @@ use proptest::sample::select;
 
 /// Kinds of finding the main properties leave to their own (ignored) test, because the engine
 /// disagrees with the model there and that would hide every other finding.
-const LEFT_TO_OWN_TEST: &[Kind] = &[Kind::Qos2AcrossCrash];
-
-/// Every kind but `kind`.
-fn all_but(kind: Kind) -> Vec<Kind> {
-    ALL_KINDS.iter().copied().filter(|k| *k != kind).collect()
-}
-
-const ALL_KINDS: [Kind; 10] = [
-    Kind::Acl,
-    Kind::MinQos,
-    Kind::Order,
-    Kind::Loss,
-    Kind::AckBeforeDurable,
-    Kind::Qos2Duplicate,
-    Kind::Qos2AcrossCrash,
-    Kind::Inflight,
-    Kind::Protocol,
-    Kind::Liveness,
-];
+const LEFT_TO_OWN_TEST: &[Kind] = &[Kind::Qos2NeverReleased];
 
 fn run(params: &Params, ops: &[Op]) -> Vec<Violation> {
     let mut world = World::new(params.clone());
@@ -186,36 +168,39 @@ fn params() -> impl Strategy<Value = Params> {
         )
 }
 
-fn assert_clean(violations: &[Violation], skip: &[Kind]) -> Result<(), TestCaseError> {
-    let found: Vec<&Violation> = violations
-        .iter()
-        .filter(|v| !skip.contains(&v.kind))
-        .collect();
+/// Fails on any finding whose kind is in `checked`.
+fn assert_clean(
+    violations: &[Violation],
+    checked: impl Fn(Kind) -> bool,
+) -> Result<(), TestCaseError> {
+    let found: Vec<&Violation> = violations.iter().filter(|v| checked(v.kind)).collect();
     prop_assert!(found.is_empty(), "{:#?}", found);
     Ok(())
+}
+
+fn main_kinds(kind: Kind) -> bool {
+    !LEFT_TO_OWN_TEST.contains(&kind)
 }
 
 proptest! {
     #![proptest_config(config(512))]
 
-    /// Every check but those left to their own test, over random runs of up to 200 steps.
+    /// Every check of the model, over random runs of up to about 200 steps.
     #[test]
     fn engine_agrees_with_the_model(p in params(), ops in ops()) {
-        assert_clean(&run(&p, &ops), LEFT_TO_OWN_TEST)?;
+        assert_clean(&run(&p, &ops), main_kinds)?;
     }
 
-    /// A QoS 2 message reaches a persistent subscriber's application exactly once even when
-    /// the gateway crashes [MQTT-4.3.3]. The engine routes and sends before the receipt and
-    /// the queue entry are durable and forgets both in the crash, so (a) the publisher's
-    /// re-sent PUBLISH is routed again and (b) the restored session numbers messages from
-    /// where the store left off, reusing a packet id the subscriber still holds unreleased,
-    /// so the subscriber must take a new message for a duplicate. Minimal case for (a):
-    /// persistent `Core` subscribed to `svc/svc-1/cmd` at QoS 2 (durable), `Core` publishes
-    /// m0 there at QoS 2, crash: `Core` gets m0 twice.
+    /// Every QoS 2 message a client answered with PUBREC gets its PUBREL [MQTT-4.3.3-1], so
+    /// its packet id is freed. The engine drops such a message (already delivered, only the
+    /// PUBREL left to send) as the oldest of an offline queue over its cap; the client then
+    /// holds the id forever, and after a crash, when the engine numbers from the store again,
+    /// the id comes back on a new message the client must take for a duplicate. See
+    /// `pubrec_answered_message_is_released_even_over_the_offline_cap` for a fixed case.
     #[test]
-    #[ignore = "the engine sends QoS 2 to subscribers before it is durable; a crash then breaks exactly-once"]
-    fn qos2_exactly_once_across_crashes(p in params(), ops in ops()) {
-        assert_clean(&run(&p, &ops), &all_but(Kind::Qos2AcrossCrash))?;
+    #[ignore = "the engine drops a PUBREC'd QoS 2 message over the offline cap and never sends its PUBREL"]
+    fn every_pubrec_gets_its_pubrel(p in params(), ops in ops()) {
+        assert_clean(&run(&p, &ops), |k| k == Kind::Qos2NeverReleased)?;
     }
 }
 
@@ -286,7 +271,7 @@ proptest! {
         };
         let mut all = mutual_prefix(sub_qos);
         all.extend(ops);
-        assert_clean(&run(&p, &all), LEFT_TO_OWN_TEST)?;
+        assert_clean(&run(&p, &all), main_kinds)?;
     }
 }
 
@@ -342,6 +327,71 @@ fn offline_persistent_subscriber_gets_what_was_acknowledged() {
         Op::Crash,
     ];
     let v = run(&small(), &ops);
+    assert!(v.is_empty(), "{v:#?}");
+}
+
+/// The shrunk case behind `every_pubrec_gets_its_pubrel`: `Svc1A` answers PUBREC for QoS 2
+/// m0 and goes offline before the engine's PUBREL (held for durability) goes out; `D1`
+/// re-sends its QoS 1 m1 after reconnecting, the engine queues it again, the offline queue
+/// (cap 2) is over and the oldest, m0, is dropped: no PUBREL ever comes for packet id 1.
+#[test]
+#[ignore = "the engine drops a PUBREC'd QoS 2 message over the offline cap and never sends its PUBREL"]
+fn pubrec_answered_message_is_released_even_over_the_offline_cap() {
+    let p = Params {
+        max_inflight_out: 1,
+        queue_messages: 1,
+        offline_messages: 2,
+        stalled_after_secs: 5,
+        tx_bytes: 1,
+        window: 3,
+        ..small()
+    };
+    let ops = vec![
+        Op::Connect {
+            who: Who::Svc1A,
+            clean: false,
+        },
+        Op::Subscribe {
+            who: Who::Svc1A,
+            filter: "+/+/up",
+            qos: 2,
+        },
+        Op::Connect {
+            who: Who::D1,
+            clean: false,
+        },
+        Op::Publish {
+            who: Who::D1,
+            topic: "dev/d1/up",
+            qos: 2,
+            retain: false,
+        },
+        Op::Tick { secs: 5 },
+        Op::Publish {
+            who: Who::D1,
+            topic: "dev/d1/up",
+            qos: 1,
+            retain: false,
+        },
+        Op::Disconnect {
+            who: Who::D1,
+            graceful: false,
+        },
+        Op::Connect {
+            who: Who::Svc1A,
+            clean: false,
+        },
+        Op::Durable,
+        Op::Disconnect {
+            who: Who::Svc1A,
+            graceful: false,
+        },
+        Op::Connect {
+            who: Who::D1,
+            clean: false,
+        },
+    ];
+    let v = run(&p, &ops);
     assert!(v.is_empty(), "{v:#?}");
 }
 

@@ -115,10 +115,12 @@ pub(crate) enum Kind {
     /// A QoS 2 message reached one client's application twice.
     Qos2Duplicate,
     /// QoS 2 exactly-once broken by a gateway crash: a message delivered twice with a crash
-    /// between, or (the same root: the engine sent what was not yet durable, then forgot it)
-    /// a packet id the client still holds unreleased from before the crash reused for
-    /// another message, which the client then must take for a duplicate and never sees.
+    /// between.
     Qos2AcrossCrash,
+    /// A client answered PUBREC and never got PUBREL [MQTT-4.3.3-1]; or, what follows from
+    /// it after a crash, the packet id it still holds unreleased is reused for another
+    /// message, which the client must take for a duplicate and never sees.
+    Qos2NeverReleased,
     /// More unacknowledged deliveries than `max_inflight_out`, or a packet id in use reused.
     Inflight,
     /// A rule of the protocol or the rustdoc broken (CONNACK, SUBACK, DUP, RETAIN flags,
@@ -152,6 +154,9 @@ struct MsgRec {
     /// Whether each policy that came into force while the engine might still hold it (before
     /// its answer) allows it: the engine may check when it routes rather than on receipt.
     later_policies: Vec<bool>,
+    /// The publisher's session incarnations it was received in: a session the gateway lost
+    /// (expired) forgets the QoS 2 receipt, so the re-sent message is a new one for it.
+    publisher_sessions: BTreeSet<u32>,
     /// When the publisher got PUBACK / PUBREC, and how many receipts there were by then.
     acked: Option<(u64, usize)>,
 }
@@ -549,6 +554,7 @@ impl World {
             retain,
             receipts: Vec::new(),
             later_policies: Vec::new(),
+            publisher_sessions: BTreeSet::new(),
             acked: None,
         });
         let pid = if qos == QoS::AtMostOnce {
@@ -626,6 +632,8 @@ impl World {
                 let m = &mut self.msgs[n as usize];
                 let allowed = may_publish(m.publisher, m.topic, self.strict);
                 m.receipts.push((self.clock, allowed));
+                m.publisher_sessions
+                    .insert(self.clients[m.publisher.idx()].incarnation);
                 if !allowed {
                     self.expect.denied.insert(conn);
                 }
@@ -1250,7 +1258,7 @@ impl World {
                     Some(&(other, ep)) => {
                         shadowed = ep != epoch;
                         let kind = if shadowed {
-                            Kind::Qos2AcrossCrash
+                            Kind::Qos2NeverReleased
                         } else {
                             Kind::Inflight
                         };
@@ -1416,6 +1424,16 @@ impl World {
                     c.who
                 ));
             }
+            if !c.recv_qos2.is_empty() {
+                let t = format!(
+                    "{:?} answered PUBREC and never got PUBREL for (packet id, (message, epoch)) {:?} [MQTT-4.3.3-1]",
+                    c.who, c.recv_qos2
+                );
+                self.violations.push(Violation {
+                    kind: Kind::Qos2NeverReleased,
+                    text: t,
+                });
+            }
             if !c.inflight_in.is_empty() {
                 text.push(format!(
                     "{:?} still has deliveries in flight after acking all: {:?}",
@@ -1462,7 +1480,7 @@ impl World {
         }
         for text in shadowed.into_iter().take(5) {
             self.violations.push(Violation {
-                kind: Kind::Qos2AcrossCrash,
+                kind: Kind::Qos2NeverReleased,
                 text,
             });
         }
@@ -1490,7 +1508,7 @@ impl World {
             let mut seqs: BTreeMap<Flow, Vec<(u64, u32)>> = BTreeMap::new();
             let mut firsts = BTreeSet::new();
             // A message the client could not take because a crash left its packet id in use
-            // is out of order as a consequence; that is reported as `Qos2AcrossCrash`.
+            // is out of order as a consequence; that is reported as `Qos2NeverReleased`.
             let shadowed: BTreeSet<u64> = c
                 .deliveries
                 .iter()
@@ -1568,7 +1586,7 @@ impl World {
                     .filter(|i| i.start <= last && i.end.is_none_or(|e| e >= first))
                     .map(|i| i.filter)
                     .collect();
-                if ds.len() > filters.len() {
+                if ds.len() > filters.len() * m.publisher_sessions.len().max(1) {
                     let crash = ds.iter().any(|d| d.epoch != ds[0].epoch);
                     let kind = if crash {
                         Kind::Qos2AcrossCrash
