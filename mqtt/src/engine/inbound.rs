@@ -77,7 +77,12 @@ impl Engine {
         let Some(sess) = self.conns.get(&conn).and_then(|c| self.session(c.session)) else {
             return;
         };
-        let denied = !self.auth.may_publish(&sess.key, &p.topic);
+        // A QoS 2 PUBLISH re-sent for an id already accepted is not published again, only
+        // answered: the policy of today does not apply to it (else a client whose first send
+        // was allowed could never finish, or be closed on every reconnect).
+        let accepted_before = p.qos == QoS::ExactlyOnce
+            && packet_id.is_some_and(|id| sess.unreleased_in.contains(&id));
+        let denied = !accepted_before && !self.auth.may_publish(&sess.key, &p.topic);
         if denied {
             self.out.notice(Notice::PublishDenied {
                 key: sess.key.clone(),

@@ -27,6 +27,24 @@
 //! * Nothing is dropped silently: every drop (QoS 0 under pressure, the oldest message of an
 //!   offline queue over its cap) is a [`Notice`].
 //! * Sessions are keyed by identity ([`SessionKey`]), never by client id text alone.
+//! * A crash loses nothing a client was told and repeats nothing exactly-once: a persistent
+//!   session's message goes out only once its queue write is durable (so its packet id
+//!   survives a restart); a persistent publisher's QoS 2 message reaches no one before its
+//!   receipt ([`StoreOp::Qos2Received`]) is durable; PUBREL goes out only once the release is
+//!   durable; after a message is dropped over the offline cap, the next goes out only once the
+//!   drop is durable. So the driver must report [`Engine::durable`] promptly: it sets the pace
+//!   of persistent sessions (one store batch of latency).
+//! * Access to publish is decided when a PUBLISH arrives, under the policy of that moment
+//!   (a held publish keeps its verdict); a QoS 2 re-send of an id already accepted is only
+//!   answered.
+//!
+//! # Inside
+//! One concern per file: `session` (queue, in-flight window, packet ids), `router`
+//! (subscriptions: exact topics in a hash map, wildcard filters in a trie), `retained`,
+//! `conn` (a connection's answers and its incoming pipeline), `inbound` (packets from clients,
+//! routing in the publisher's order, answers once durable), `route` (delivery to sessions,
+//! queue caps, wills), `outbound` (transmit and acknowledgements), `subscribe`, `lifecycle`
+//! (CONNECT, takeover, the end of a connection, stalls, expiry, restore).
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};

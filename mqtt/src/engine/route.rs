@@ -138,18 +138,22 @@ impl Engine {
             return;
         };
         let mut dropped = 0u64;
+        let mut last_write = 0;
         while sess.over_offline_caps(&self.settings) {
-            let Some(q) = sess.pop_front() else {
+            let Some(q) = sess.pop_oldest_droppable() else {
                 break;
             };
             if let (Some(id), true) = (q.id, sess.persistent) {
-                self.out.store(StoreOp::Dequeued {
+                last_write = self.out.store(StoreOp::Dequeued {
                     key: sess.key.clone(),
                     id,
                 });
             }
             dropped += 1;
         }
+        // What follows a dropped message goes out only once the drop is durable: a crash
+        // before that would bring the dropped one back behind what the client already has.
+        sess.hold_front_until(last_write);
         if dropped > 0 {
             self.out.notice(Notice::Dropped {
                 key: sess.key.clone(),

@@ -69,6 +69,9 @@ pub(super) struct Session {
     pub(super) next_id: u64,
     queue: VecDeque<Queued>,
     queue_bytes: usize,
+    /// Queued messages whose PUBREL is due (never dropped, not counted against the offline
+    /// caps).
+    pub(super) queue_released: usize,
     pub(super) inflight: VecDeque<InFlight>,
     /// Incoming QoS 2 packet ids routed and not yet released by PUBREL.
     pub(super) unreleased_in: HashSet<u16>,
@@ -92,6 +95,7 @@ impl Session {
             next_id: 0,
             queue: VecDeque::new(),
             queue_bytes: 0,
+            queue_released: 0,
             inflight: VecDeque::new(),
             unreleased_in: HashSet::new(),
             offline_since: None,
@@ -128,6 +132,7 @@ impl Session {
 
     pub(super) fn push_back(&mut self, q: Queued) {
         self.queue_bytes += q.msg.payload.len();
+        self.queue_released += usize::from(q.released);
         self.queue.push_back(q);
     }
 
@@ -140,9 +145,29 @@ impl Session {
         }
     }
 
+    /// The head of the queue goes out only once `seq` is durable (as well).
+    pub(super) fn hold_front_until(&mut self, seq: StoreSeq) {
+        if let Some(q) = self.queue.front_mut() {
+            if q.visible_at != INVISIBLE {
+                q.visible_at = q.visible_at.max(seq);
+            }
+        }
+    }
+
+    /// Removes the oldest message that may be dropped: not one whose PUBREL is due, since the
+    /// client keeps that packet id until PUBREL and would take a later message with the same
+    /// id for a duplicate.
+    pub(super) fn pop_oldest_droppable(&mut self) -> Option<Queued> {
+        let i = self.queue.iter().position(|q| !q.released)?;
+        let q = self.queue.remove(i)?;
+        self.queue_bytes = self.queue_bytes.saturating_sub(q.msg.payload.len());
+        Some(q)
+    }
+
     pub(super) fn pop_front(&mut self) -> Option<Queued> {
         let q = self.queue.pop_front()?;
         self.queue_bytes = self.queue_bytes.saturating_sub(q.msg.payload.len());
+        self.queue_released = self.queue_released.saturating_sub(usize::from(q.released));
         Some(q)
     }
 
@@ -152,10 +177,12 @@ impl Session {
             || self.queue_bytes >= settings.queue_bytes.max(1)
     }
 
-    /// Whether the offline queue is over its caps (one message always stays).
+    /// Whether the offline queue is over its caps (one message always stays). Messages whose
+    /// PUBREL is due do not count: they are never dropped, and at most a window of them exists.
     pub(super) fn over_offline_caps(&self, settings: &Settings) -> bool {
-        self.queue.len() > settings.offline_messages
-            || (self.queue_bytes > settings.offline_bytes && self.queue.len() > 1)
+        let droppable = self.queue.len().saturating_sub(self.queue_released);
+        droppable > settings.offline_messages
+            || (self.queue_bytes > settings.offline_bytes && droppable > 1)
     }
 
     fn packet_id_in_flight(&self, pid: u16) -> bool {
@@ -183,6 +210,7 @@ impl Session {
     pub(super) fn requeue_inflight(&mut self) {
         while let Some(f) = self.inflight.pop_back() {
             self.queue_bytes += f.msg.payload.len();
+            self.queue_released += usize::from(f.released);
             self.queue.push_front(Queued {
                 id: Some(f.id),
                 msg: f.msg,

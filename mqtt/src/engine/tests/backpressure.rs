@@ -353,3 +353,31 @@ fn qos0_behind_an_answer_waiting_for_the_store_takes_no_room() {
     assert_eq!(h.tx_got(1).len(), 11);
     h.e.check_invariants();
 }
+
+#[test]
+fn offline_cap_never_drops_a_message_whose_pubrel_is_due() {
+    let settings = Settings {
+        offline_messages: 1,
+        ..Settings::default()
+    };
+    let mut h = H::new(settings);
+    h.connect(1, "s", false);
+    h.sub(1, &[("t", 2)]);
+    h.connect(2, "p", true);
+    h.pkt(2, publish("t", 2, 1, "released"));
+    h.durable_all();
+    let pid = h.tx_got(1)[0].pid.unwrap();
+    h.pkt(1, Packet::PubRec(pid));
+    h.durable_all();
+    assert_eq!(h.tx(1), vec![Packet::PubRel(pid)]);
+    h.gone(1, Disconnected::Abnormal);
+    h.pkt(2, publish("t", 2, 2, "newer"));
+    h.pkt(2, publish("t", 2, 3, "newest"));
+    h.durable_all();
+    h.connect(3, "s", false);
+    let out = h.tx(3);
+    assert_eq!(out[0], Packet::PubRel(pid), "the client still holds {pid}");
+    let g: Vec<Got> = out.iter().filter_map(got).collect();
+    assert_eq!(g.len(), 1);
+    assert_eq!(g[0].payload, "newest");
+}

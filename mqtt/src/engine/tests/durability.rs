@@ -347,3 +347,35 @@ fn persistent_subscriber_gets_a_message_only_once_it_is_durable() {
         "in order"
     );
 }
+
+#[test]
+fn offline_drop_is_durable_before_what_follows_goes_out() {
+    let settings = Settings {
+        offline_messages: 1,
+        ..Settings::default()
+    };
+    let mut h = H::new(settings);
+    h.connect(1, "s", false);
+    h.sub(1, &[("t", 1)]);
+    h.gone(1, Disconnected::Graceful);
+    h.connect(2, "p", true);
+    h.pkt(2, publish("t", 1, 1, "a"));
+    h.pkt(2, publish("t", 1, 2, "b"));
+    let drop_seq = h.last_seq();
+    assert!(matches!(
+        h.store_ops().last(),
+        Some(StoreOp::Dequeued { id: 0, .. })
+    ));
+    // Everything but the drop is durable.
+    h.e.durable(h.now, drop_seq - 1);
+    h.drain();
+    h.connect(3, "s", false);
+    assert!(
+        h.tx_got(3).is_empty(),
+        "b before the drop of a is durable: a crash would bring a back after b"
+    );
+    h.durable_all();
+    let g = h.tx_got(3);
+    assert_eq!(g.len(), 1);
+    assert_eq!(g[0].payload, "b");
+}

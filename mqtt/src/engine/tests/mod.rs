@@ -289,6 +289,8 @@ impl Engine {
             );
             let bytes: usize = sess.queue_iter().map(|q| q.msg.payload.len()).sum();
             assert_eq!(bytes, sess.queue_bytes(), "queue byte counter");
+            let released = sess.queue_iter().filter(|q| q.released).count();
+            assert_eq!(released, sess.queue_released, "released counter");
             if let Some(conn) = sess.conn {
                 assert_eq!(self.conns.get(&conn).map(|c| c.session), Some(s));
             } else {

@@ -102,3 +102,35 @@ fn publish_access_is_decided_when_it_arrives_even_if_it_is_then_held() {
         vec![Packet::PubAck(1), Packet::PubAck(2), Packet::PubAck(3)]
     );
 }
+
+#[test]
+fn qos2_resend_of_an_accepted_id_is_answered_under_a_stricter_policy() {
+    let settings = Settings {
+        denied_publish: DeniedPublish::Disconnect,
+        ..Settings::default()
+    };
+    let mut h = H::new(settings);
+    h.connect(2, "p", false);
+    h.pkt(2, publish("t", 2, 7, "x"));
+    h.gone(2, Disconnected::Abnormal);
+    let deny = Acl {
+        deny_pub: vec!["t"],
+        ..Acl::default()
+    };
+    h.e.set_authorizer(h.now, Arc::new(deny));
+    h.drain();
+    h.connect(3, "p", false);
+    h.pkt(3, publish("t", 2, 7, "x"));
+    h.durable_all();
+    assert!(
+        h.closes().is_empty(),
+        "closed for finishing what was allowed"
+    );
+    assert_eq!(h.tx(3), vec![Packet::PubRec(7)]);
+    h.pkt(3, Packet::PubRel(7));
+    h.durable_all();
+    assert_eq!(h.tx(3), vec![Packet::PubComp(7)]);
+    // A new id on the same topic is denied.
+    h.pkt(3, publish("t", 2, 8, "x"));
+    assert_eq!(h.closes(), vec![(3, CloseReason::DeniedPublish)]);
+}
