@@ -19,6 +19,8 @@ pub(super) struct InPublish {
     pub(super) retain: bool,
     /// `Some` exactly for QoS 1/2.
     pub(super) packet_id: Option<u16>,
+    /// The authorizer refused it when it arrived: answered in turn, never routed.
+    pub(super) denied: bool,
 }
 
 /// An entry of a connection's incoming pipeline.
@@ -56,6 +58,9 @@ pub(super) struct Conn {
     pub(super) blocked_on: Option<SessionIdx>,
     /// Highest store position this connection has asked to be woken at.
     pub(super) durable_wait: StoreSeq,
+    /// PUBRELs for messages sent to the client, each waiting for its release write to be
+    /// durable, in write order.
+    pub(super) rel_waiting: VecDeque<(StoreSeq, u16)>,
 }
 
 impl Conn {
@@ -71,6 +76,7 @@ impl Conn {
             transmit_wanted: false,
             blocked_on: None,
             durable_wait: 0,
+            rel_waiting: VecDeque::new(),
         }
     }
 }

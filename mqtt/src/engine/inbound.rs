@@ -72,6 +72,30 @@ impl Engine {
                 return;
             }
         };
+        // Access is decided when the PUBLISH arrives, under the policy of that moment, even if
+        // it then waits behind a held one.
+        let Some(sess) = self.conns.get(&conn).and_then(|c| self.session(c.session)) else {
+            return;
+        };
+        // A QoS 2 PUBLISH re-sent for an id already accepted is not published again, only
+        // answered: the policy of today does not apply to it (else a client whose first send
+        // was allowed could never finish, or be closed on every reconnect).
+        let accepted_before = p.qos == QoS::ExactlyOnce
+            && packet_id.is_some_and(|id| sess.unreleased_in.contains(&id));
+        let denied = !accepted_before && !self.auth.may_publish(&sess.key, &p.topic);
+        if denied {
+            self.out.notice(Notice::PublishDenied {
+                key: sess.key.clone(),
+                topic: p.topic.clone(),
+            });
+            if self.settings.denied_publish == DeniedPublish::Disconnect {
+                self.close(conn, CloseReason::DeniedPublish);
+                return;
+            }
+            if p.qos == QoS::AtMostOnce {
+                return;
+            }
+        }
         let max_held = self.settings.max_held_in;
         let control_cap = self.control_cap();
         let Some(c) = self.conns.get_mut(&conn) else {
@@ -103,6 +127,7 @@ impl Engine {
             qos: p.qos,
             retain: p.retain,
             packet_id,
+            denied,
         }));
         if c.blocked_on.is_none() {
             self.pump(conn);
@@ -210,6 +235,14 @@ impl Engine {
             return;
         };
         let mut pushed = false;
+        while let Some(&(seq, pid)) = c.rel_waiting.front() {
+            if seq > durable {
+                break;
+            }
+            c.rel_waiting.pop_front();
+            c.control.push_back(Packet::PubRel(pid));
+            pushed = true;
+        }
         while c.processed > 0 {
             let need = match c.inbound.front() {
                 Some(Inbound::Answer { need, .. }) => *need,
@@ -238,6 +271,11 @@ impl Engine {
     }
 
     fn process_publish(&mut self, s: SessionIdx, p: &InPublish) -> Step {
+        if p.denied {
+            // Acknowledged so the client does not send it forever, and dropped (counted when
+            // it arrived).
+            return Step::Done(answer_for(p.qos, p.packet_id), 0);
+        }
         let Some(sess) = self.sessions.get(s).and_then(Option::as_ref) else {
             return Step::Done(None, 0);
         };
@@ -249,23 +287,22 @@ impl Engine {
                 return Step::Done(Some(Packet::PubRec(id)), need);
             }
         }
-        if !self.auth.may_publish(&sess.key, &p.topic) {
-            self.out.notice(Notice::PublishDenied {
-                key: sess.key.clone(),
-                topic: p.topic.to_string(),
-            });
-            return match self.settings.denied_publish {
-                DeniedPublish::AckAndDrop => Step::Done(answer_for(p.qos, p.packet_id), 0),
-                DeniedPublish::Disconnect => Step::Close(CloseReason::DeniedPublish),
-            };
-        }
         if p.qos == QoS::ExactlyOnce && sess.unreleased_in.len() >= self.settings.max_unreleased_in
         {
             return Step::Close(CloseReason::TooManyUnreleased);
         }
-        let mut need = match self.route(&p.topic, &p.payload, p.qos, p.retain, false) {
+        // Exactly once across a crash: a persistent publisher's QoS 2 message reaches no client
+        // before its receipt (written after the queue writes) is durable.
+        let receipt = p.qos == QoS::ExactlyOnce && persistent;
+        self.hold_visibility = receipt;
+        let routed = self.route(&p.topic, &p.payload, p.qos, p.retain, false);
+        self.hold_visibility = false;
+        let mut need = match routed {
             Ok(need) => need,
-            Err(blocked) => return Step::Blocked(blocked),
+            Err(blocked) => {
+                self.just_queued.clear();
+                return Step::Blocked(blocked);
+            }
         };
         if let (QoS::ExactlyOnce, Some(id)) = (p.qos, p.packet_id) {
             if let Some(sess) = self.sessions.get_mut(s).and_then(Option::as_mut) {
@@ -277,7 +314,23 @@ impl Engine {
                 }
             }
         }
+        if receipt {
+            self.reveal_after(need);
+        }
         Step::Done(answer_for(p.qos, p.packet_id), need)
+    }
+
+    /// The messages just queued invisible become visible once `seq` is durable.
+    fn reveal_after(&mut self, seq: StoreSeq) {
+        for s in std::mem::take(&mut self.just_queued) {
+            let Some(sess) = self.sessions.get_mut(s).and_then(Option::as_mut) else {
+                continue;
+            };
+            sess.set_back_visible_at(seq);
+            if let Some(conn) = sess.conn {
+                self.notify(conn);
+            }
+        }
     }
 
     fn process_pubrel(&mut self, s: SessionIdx, id: u16) -> Step {

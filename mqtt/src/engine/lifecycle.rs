@@ -246,6 +246,7 @@ impl Engine {
                     dup: !stored_qos0,
                     released: m.released && m.message.qos == QoS::ExactlyOnce,
                     msg: m.message,
+                    visible_at: 0,
                 });
             }
             sess.next_id = next;

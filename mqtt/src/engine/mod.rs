@@ -27,6 +27,24 @@
 //! * Nothing is dropped silently: every drop (QoS 0 under pressure, the oldest message of an
 //!   offline queue over its cap) is a [`Notice`].
 //! * Sessions are keyed by identity ([`SessionKey`]), never by client id text alone.
+//! * A crash loses nothing a client was told and repeats nothing exactly-once: a persistent
+//!   session's message goes out only once its queue write is durable (so its packet id
+//!   survives a restart); a persistent publisher's QoS 2 message reaches no one before its
+//!   receipt ([`StoreOp::Qos2Received`]) is durable; PUBREL goes out only once the release is
+//!   durable; after a message is dropped over the offline cap, the next goes out only once the
+//!   drop is durable. So the driver must report [`Engine::durable`] promptly: it sets the pace
+//!   of persistent sessions (one store batch of latency).
+//! * Access to publish is decided when a PUBLISH arrives, under the policy of that moment
+//!   (a held publish keeps its verdict); a QoS 2 re-send of an id already accepted is only
+//!   answered.
+//!
+//! # Inside
+//! One concern per file: `session` (queue, in-flight window, packet ids), `router`
+//! (subscriptions: exact topics in a hash map, wildcard filters in a trie), `retained`,
+//! `conn` (a connection's answers and its incoming pipeline), `inbound` (packets from clients,
+//! routing in the publisher's order, answers once durable), `route` (delivery to sessions,
+//! queue caps, wills), `outbound` (transmit and acknowledgements), `subscribe`, `lifecycle`
+//! (CONNECT, takeover, the end of a connection, stalls, expiry, restore).
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
@@ -447,6 +465,12 @@ pub struct Engine {
     to_pump: VecDeque<ConnId>,
     /// Routing scratch space (no allocation per publish).
     scratch: Vec<Sub>,
+    /// While set, routed messages are queued invisible and their sessions noted in
+    /// `just_queued` (a persistent publisher's QoS 2 message waiting for its receipt's number).
+    hold_visibility: bool,
+    just_queued: Vec<SessionIdx>,
+    /// Online sessions whose queue head waits for a store position to be durable.
+    invisible: BinaryHeap<Reverse<(StoreSeq, SessionIdx)>>,
     /// The latest time the driver passed in.
     now: Option<Instant>,
 }
@@ -480,6 +504,9 @@ impl Engine {
             durable_waiters: BinaryHeap::new(),
             to_pump: VecDeque::new(),
             scratch: Vec::new(),
+            hold_visibility: false,
+            just_queued: Vec::new(),
+            invisible: BinaryHeap::new(),
             now: None,
         }
     }
@@ -547,6 +574,15 @@ impl Engine {
             }
             self.durable_waiters.pop();
             self.to_pump.push_back(conn);
+        }
+        while let Some(Reverse((need, s))) = self.invisible.peek().copied() {
+            if need > self.durable_seq {
+                break;
+            }
+            self.invisible.pop();
+            if let Some(conn) = self.session(s).and_then(|sess| sess.conn) {
+                self.notify(conn);
+            }
         }
         self.run_pumps();
     }

@@ -1,7 +1,9 @@
 //! Packets to clients: the control queue, the in-flight window, and acknowledgements of what
 //! the engine sent.
 
-use super::session::{packet_id, InFlight, SessionIdx};
+use std::cmp::Reverse;
+
+use super::session::{packet_id, InFlight, SessionIdx, INVISIBLE};
 use super::{Action, CloseReason, ConnId, Engine, StoreOp};
 use crate::codec::{Packet, Publish, QoS};
 
@@ -51,12 +53,19 @@ impl Engine {
         if c.transmit_wanted {
             return;
         }
-        let sendable = !c.control.is_empty()
-            || self
-                .sessions
-                .get(c.session)
-                .and_then(Option::as_ref)
-                .is_some_and(|s| s.can_send(&self.settings));
+        let s = c.session;
+        let mut sendable = !c.control.is_empty();
+        if let Some(sess) = self.sessions.get_mut(s).and_then(Option::as_mut) {
+            if !sendable && !sess.can_send(&self.settings, self.durable_seq) {
+                // Ask to be told when the head's store write is durable.
+                let wait = sess.queue_front().map_or(0, |q| q.visible_at);
+                if wait > self.durable_seq && wait != INVISIBLE && wait > sess.visible_wait {
+                    sess.visible_wait = wait;
+                    self.invisible.push(Reverse((wait, s)));
+                }
+            }
+            sendable = sendable || sess.can_send(&self.settings, self.durable_seq);
+        }
         if sendable {
             c.transmit_wanted = true;
             self.out.push(Action::Transmit(conn));
@@ -129,7 +138,7 @@ impl Engine {
             return false;
         };
         let mut moved = false;
-        while sess.can_send(&self.settings) {
+        while sess.can_send(&self.settings, self.durable_seq) {
             let Some(head) = sess.queue_front() else {
                 break;
             };
@@ -173,6 +182,7 @@ impl Engine {
                 packet_id: pid,
                 msg: q.msg,
                 released: q.released,
+                released_seq: if q.released { q.visible_at } else { 0 },
             });
             debug_assert!(sess.inflight.len() <= window);
         }
@@ -235,12 +245,24 @@ impl Engine {
         if !f.released {
             f.released = true;
             if sess.persistent {
-                self.out.store(StoreOp::Released {
+                f.released_seq = self.out.store(StoreOp::Released {
                     key: sess.key.clone(),
                     id: f.id,
                 });
             }
         }
-        self.push_control(conn, Packet::PubRel(pid));
+        let seq = f.released_seq;
+        if seq <= self.durable_seq {
+            self.push_control(conn, Packet::PubRel(pid));
+            return;
+        }
+        // PUBREL once the release is durable (a repeated PUBREC meanwhile changes nothing).
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        if !c.rel_waiting.iter().any(|&(_, p)| p == pid) {
+            c.rel_waiting.push_back((seq, pid));
+            self.durable_waiters.push(Reverse((seq, conn)));
+        }
     }
 }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use super::session::{Queued, SessionIdx};
+use super::session::{Queued, SessionIdx, INVISIBLE};
 use super::{DropReason, Engine, Message, Notice, SessionKey, StoreOp, StoreSeq};
 use crate::codec::{QoS, Will};
 use crate::topic;
@@ -97,8 +97,11 @@ impl Engine {
             return;
         }
         let id = if qos0 { None } else { Some(sess.take_id()) };
+        // A persistent session's message goes out only once it is durable: the client may
+        // hold on to its packet id across a crash, so the number must survive too.
+        let mut visible_at = 0;
         if let (Some(id), true) = (id, sess.persistent) {
-            self.out.store(StoreOp::Enqueued {
+            visible_at = self.out.store(StoreOp::Enqueued {
                 key: sess.key.clone(),
                 id,
                 message: msg.clone(),
@@ -109,7 +112,15 @@ impl Engine {
             msg,
             dup: false,
             released: false,
+            visible_at: if self.hold_visibility {
+                INVISIBLE
+            } else {
+                visible_at
+            },
         });
+        if self.hold_visibility {
+            self.just_queued.push(s);
+        }
         match online {
             Some(conn) => {
                 if sess.full_since.is_none() && sess.is_full(&self.settings) {
@@ -127,18 +138,22 @@ impl Engine {
             return;
         };
         let mut dropped = 0u64;
+        let mut last_write = 0;
         while sess.over_offline_caps(&self.settings) {
-            let Some(q) = sess.pop_front() else {
+            let Some(q) = sess.pop_oldest_droppable() else {
                 break;
             };
             if let (Some(id), true) = (q.id, sess.persistent) {
-                self.out.store(StoreOp::Dequeued {
+                last_write = self.out.store(StoreOp::Dequeued {
                     key: sess.key.clone(),
                     id,
                 });
             }
             dropped += 1;
         }
+        // What follows a dropped message goes out only once the drop is durable: a crash
+        // before that would bring the dropped one back behind what the client already has.
+        sess.hold_front_until(last_write);
         if dropped > 0 {
             self.out.notice(Notice::Dropped {
                 key: sess.key.clone(),

@@ -139,12 +139,15 @@ pub(crate) struct StoredState {
 }
 
 /// The simulated store: writes arrive numbered; those reported durable are applied, the rest
-/// wait and are lost in a crash.
+/// wait and are lost in a crash. Like a driver that commits in batches, it commits the writes
+/// of one engine call together (a group), never part of them: the API has no other way to
+/// make, say, a QoS 2 message's queue entries and its receipt durable at once.
 #[derive(Debug)]
 pub(crate) struct Store {
     pub(crate) sessions: BTreeMap<SessionKey, StoredState>,
     pub(crate) retained: BTreeMap<String, Message>,
-    pending: Vec<(StoreSeq, StoreOp)>,
+    /// (number, write, group)
+    pending: Vec<(StoreSeq, StoreOp, u64)>,
     next_seq: StoreSeq,
 }
 
@@ -159,10 +162,10 @@ impl Store {
     }
 
     /// Takes a write; an out-of-order number is an error (the write is kept anyway).
-    pub(crate) fn write(&mut self, seq: StoreSeq, op: StoreOp) -> Result<(), String> {
+    pub(crate) fn write(&mut self, seq: StoreSeq, op: StoreOp, group: u64) -> Result<(), String> {
         let expected = self.next_seq;
         self.next_seq = seq.max(expected) + 1;
-        self.pending.push((seq, op));
+        self.pending.push((seq, op, group));
         if seq == expected {
             Ok(())
         } else {
@@ -174,10 +177,20 @@ impl Store {
         !self.pending.is_empty()
     }
 
-    /// Makes every write so far durable; the number to report, if there was any.
-    pub(crate) fn make_durable(&mut self) -> Option<StoreSeq> {
-        let last = self.pending.last().map(|(s, _)| *s)?;
-        for (_, op) in std::mem::take(&mut self.pending) {
+    /// Makes every write so far durable (or, with `half`, the older half of them, as a
+    /// batched commit that has not caught up); the number to report, if there was any.
+    pub(crate) fn make_durable(&mut self, half: bool) -> Option<StoreSeq> {
+        let mut n = if half {
+            self.pending.len().div_ceil(2)
+        } else {
+            self.pending.len()
+        };
+        while n > 0 && n < self.pending.len() && self.pending[n].2 == self.pending[n - 1].2 {
+            n += 1;
+        }
+        let last = self.pending.get(n.checked_sub(1)?).map(|(s, _, _)| *s)?;
+        let done: Vec<_> = self.pending.drain(..n).collect();
+        for (_, op, _) in done {
             self.apply(op);
         }
         Some(last)

@@ -344,11 +344,70 @@ fn qos0_behind_an_answer_waiting_for_the_store_takes_no_room() {
         .notices()
         .iter()
         .any(|n| matches!(n, Notice::Dropped { .. })));
-    assert_eq!(h.tx_got(1).len(), 11);
     assert_eq!(
         h.e.conns[&ConnId(2)].inbound.len(),
         1,
         "only the PUBACK waits for the store"
     );
+    h.durable_all();
+    assert_eq!(h.tx_got(1).len(), 11);
+    h.e.check_invariants();
+}
+
+#[test]
+fn offline_cap_never_drops_a_message_whose_pubrel_is_due() {
+    let settings = Settings {
+        offline_messages: 1,
+        ..Settings::default()
+    };
+    let mut h = H::new(settings);
+    h.connect(1, "s", false);
+    h.sub(1, &[("t", 2)]);
+    h.connect(2, "p", true);
+    h.pkt(2, publish("t", 2, 1, "released"));
+    h.durable_all();
+    let pid = h.tx_got(1)[0].pid.unwrap();
+    h.pkt(1, Packet::PubRec(pid));
+    h.durable_all();
+    assert_eq!(h.tx(1), vec![Packet::PubRel(pid)]);
+    h.gone(1, Disconnected::Abnormal);
+    h.pkt(2, publish("t", 2, 2, "newer"));
+    h.pkt(2, publish("t", 2, 3, "newest"));
+    h.durable_all();
+    h.connect(3, "s", false);
+    let out = h.tx(3);
+    assert_eq!(out[0], Packet::PubRel(pid), "the client still holds {pid}");
+    let g: Vec<Got> = out.iter().filter_map(got).collect();
+    assert_eq!(g.len(), 1);
+    assert_eq!(g[0].payload, "newest");
+}
+
+#[test]
+fn offline_cap_never_drops_a_qos2_message_the_client_may_hold() {
+    let settings = Settings {
+        offline_messages: 1,
+        ..Settings::default()
+    };
+    let mut h = H::new(settings);
+    h.connect(1, "s", false);
+    h.sub(1, &[("t", 2)]);
+    h.connect(2, "p", true);
+    h.pkt(2, publish("t", 2, 1, "sent"));
+    h.durable_all();
+    let pid = h.tx_got(1)[0].pid.unwrap();
+    // Received, never answered: the client keeps the id until it gets PUBREL.
+    h.gone(1, Disconnected::Abnormal);
+    h.pkt(2, publish("t", 2, 2, "newer"));
+    h.pkt(2, publish("t", 2, 3, "newest"));
+    h.durable_all();
+    h.connect(3, "s", false);
+    let g = h.tx_got(3);
+    assert_eq!(
+        g.iter()
+            .map(|g| (g.payload.as_str(), g.dup))
+            .collect::<Vec<_>>(),
+        vec![("sent", true), ("newest", false)]
+    );
+    assert_eq!(g[0].pid, Some(pid));
     h.e.check_invariants();
 }

@@ -282,8 +282,15 @@ impl Engine {
                 sess.key
             );
             assert!(sess.inflight.len() <= window, "in-flight over the window");
+            assert!(
+                sess.queue_iter()
+                    .all(|q| q.visible_at != session::INVISIBLE),
+                "a queued message left without its visibility position"
+            );
             let bytes: usize = sess.queue_iter().map(|q| q.msg.payload.len()).sum();
             assert_eq!(bytes, sess.queue_bytes(), "queue byte counter");
+            let pinned = sess.queue_iter().filter(|q| q.pinned()).count();
+            assert_eq!(pinned, sess.queue_pinned, "pinned counter");
             if let Some(conn) = sess.conn {
                 assert_eq!(self.conns.get(&conn).map(|c| c.session), Some(s));
             } else {

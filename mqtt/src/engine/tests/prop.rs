@@ -61,6 +61,8 @@ struct World {
     clients: Vec<Client>,
     next_conn: u64,
     store: MemStore,
+    /// Writes given to the store and not yet reported durable (lost in a crash).
+    pending: Vec<StoreOp>,
     applied: usize,
 }
 
@@ -86,6 +88,7 @@ impl World {
             clients: vec![Client::default(); CLIENTS],
             next_conn: 1,
             store: MemStore::default(),
+            pending: Vec::new(),
             applied: 0,
         }
     }
@@ -101,11 +104,21 @@ impl World {
                         }
                     }
                 }
-                Action::Store { op, .. } => self.store.apply(op),
+                Action::Store { op, .. } => self.pending.push(op.clone()),
                 _ => {}
             }
         }
         self.applied = self.h.log.len();
+    }
+
+    /// The store makes every write so far durable and says so.
+    fn durable(&mut self) {
+        self.sync();
+        for op in self.pending.drain(..) {
+            self.store.apply(&op);
+        }
+        self.h.durable_all();
+        self.sync();
     }
 
     /// Reads everything the client's connection has, answering like a good client.
@@ -218,7 +231,7 @@ impl World {
                 }
             }
             Ev::Read(i) => self.read(i, true),
-            Ev::Durable => self.h.durable_all(),
+            Ev::Durable => self.durable(),
             Ev::Tick(s) => self.h.tick(Duration::from_secs(s)),
             Ev::Policy(strict) => {
                 let acl = if strict {
@@ -233,8 +246,9 @@ impl World {
                 self.h.drain();
             }
             Ev::Restart => {
-                // Only what was made durable survives; make everything durable first.
+                // A crash: only what was reported durable survives.
                 self.sync();
+                self.pending.clear();
                 let (sessions, retained) = self.store.load();
                 let mut e = Engine::new(settings(), Arc::new(Acl::default()));
                 e.restore(self.h.now, sessions, retained);
@@ -252,7 +266,11 @@ impl World {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+    // 256 cases by default; PROPTEST_CASES raises it.
+    #![proptest_config(ProptestConfig {
+        cases: std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(256),
+        ..ProptestConfig::default()
+    })]
 
     #[test]
     fn random_event_sequences_keep_every_invariant_and_never_deadlock(
@@ -265,7 +283,7 @@ proptest! {
         // Every client now reads and acknowledges; the store keeps up. Every publish that is
         // held must then be answered: nothing waits forever.
         for _ in 0..50 {
-            w.h.durable_all();
+            w.durable();
             for i in 0..CLIENTS {
                 w.read(i, true);
             }

@@ -77,10 +77,18 @@ fn outgoing_qos2_publish_pubrec_pubrel_pubcomp() {
     h.sub(1, &[("t", 2)]);
     h.connect(2, "p", true);
     h.pkt(2, publish("t", 2, 1, "x"));
+    h.durable_all();
     let g = h.tx_got(1);
     let pid = g[0].pid.unwrap();
+    h.durable_all();
     h.clear_log();
     h.pkt(1, Packet::PubRec(pid));
+    // PUBREL only once the release is durable: after a crash the PUBLISH must not go again
+    // to a client that has finished with it.
+    assert!(h.tx(1).is_empty());
+    h.pkt(1, Packet::PubRec(pid));
+    assert!(h.tx(1).is_empty());
+    h.durable_all();
     assert_eq!(h.tx(1), vec![Packet::PubRel(pid)]);
     // A repeated PUBREC gets PUBREL again, stored once.
     h.pkt(1, Packet::PubRec(pid));
@@ -116,6 +124,7 @@ fn mqtt_3_3_1_1_and_4_4_0_1_resume_resends_with_dup_and_pubrel() {
     h.pkt(2, publish("t", 2, 1, "released"));
     h.pkt(2, publish("t", 1, 2, "sent"));
     h.pkt(2, publish("t", 1, 3, "queued"));
+    h.durable_all();
     let g = h.tx_got(1);
     assert_eq!(g.len(), 3);
     assert!(g.iter().all(|g| !g.dup), "first sends carry no DUP");
@@ -124,6 +133,11 @@ fn mqtt_3_3_1_1_and_4_4_0_1_resume_resends_with_dup_and_pubrel() {
     h.gone(1, Disconnected::Abnormal);
     let ack = h.connect(3, "s", false);
     assert!(ack.session_present);
+    assert!(
+        h.tx(3).is_empty(),
+        "PUBREL waits for the release to be durable"
+    );
+    h.durable_all();
     let out = h.tx(3);
     assert_eq!(
         out[0],
