@@ -142,7 +142,17 @@ pub(crate) struct LogBudget {
     state: std::sync::Mutex<(Option<std::time::Instant>, u32, u64)>,
 }
 
+/// The budget of "payload did not decode" lines, shared by every service.
+static MALFORMED_LOG: LogBudget = LogBudget::new();
+
 impl LogBudget {
+    /// A fresh budget.
+    pub(crate) const fn new() -> Self {
+        LogBudget {
+            state: std::sync::Mutex::new((None, 0, 0)),
+        }
+    }
+
     /// Lines per window.
     pub(crate) const LINES: u32 = 5;
     /// The window.
@@ -175,6 +185,13 @@ impl LogBudget {
 }
 
 impl Metrics {
+    /// Counts a payload that did not decode and says whether a log line for it fits the
+    /// shared budget (and how many were left out before it).
+    pub(crate) fn malformed_payload(&self) -> Option<u64> {
+        Self::inc(&self.malformed_payloads);
+        MALFORMED_LOG.allow()
+    }
+
     /// Adds one to `counter`.
     pub(crate) fn inc(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);

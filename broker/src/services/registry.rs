@@ -85,8 +85,9 @@ impl Registry {
             let item = match presence_item(&msg) {
                 Ok(i) => i,
                 Err(e) => {
-                    Metrics::inc(&self.metrics.malformed_payloads);
-                    warn!(topic = %msg.topic, error = %e, "registry: message dropped");
+                    if let Some(suppressed) = self.metrics.malformed_payload() {
+                        warn!(topic = %msg.topic, error = %e, suppressed, "registry: message dropped");
+                    }
                     continue;
                 }
             };

@@ -249,8 +249,9 @@ impl UpdateService {
         let req = match ChunkRequest::decode(payload) {
             Ok(r) => r,
             Err(e) => {
-                Metrics::inc(&self.metrics.malformed_payloads);
-                warn!(device, error = %e, "chunk request: bad protobuf; dropped");
+                if let Some(suppressed) = self.metrics.malformed_payload() {
+                    warn!(device, error = %e, suppressed, "chunk request: bad protobuf; dropped");
+                }
                 return;
             }
         };
@@ -401,13 +402,18 @@ impl UpdateService {
         let p = match UpdateProgress::decode(payload) {
             Ok(p) if p.phase != 0 => p,
             Ok(_) => {
-                Metrics::inc(&self.metrics.malformed_payloads);
-                warn!(device, "update progress without a phase; dropped");
+                if let Some(suppressed) = self.metrics.malformed_payload() {
+                    warn!(
+                        device,
+                        suppressed, "update progress without a phase; dropped"
+                    );
+                }
                 return;
             }
             Err(e) => {
-                Metrics::inc(&self.metrics.malformed_payloads);
-                warn!(device, error = %e, "update progress: bad protobuf; dropped");
+                if let Some(suppressed) = self.metrics.malformed_payload() {
+                    warn!(device, error = %e, suppressed, "update progress: bad protobuf; dropped");
+                }
                 return;
             }
         };
