@@ -54,8 +54,10 @@ pub(crate) async fn handle(
             tracing::Span::current().record("identity", tracing::field::display(&identity));
             opening(&shared, tls, identity, cert).await
         };
+        // Boxed, so the handshake's state is freed once it is over instead of sizing the
+        // connection's task for its whole life (memory per idle connection).
         let opened = tokio::select! {
-            o = pre => o,
+            o = Box::pin(pre) => o,
             () = evicted.notified() => {
                 debug!("pending connection dropped for a newer one");
                 None
@@ -227,7 +229,8 @@ async fn read_connect(
     let decoder = Decoder::new(shared.config.limits.max_packet_size);
     let write_timeout = shared.config.limits.write_timeout;
     let (mut rd, mut wr) = tokio::io::split(tls);
-    let mut inbuf = BytesMut::with_capacity(1024);
+    // Small: it grows for large packets, and an idle connection keeps what it has.
+    let mut inbuf = BytesMut::with_capacity(256);
 
     // CONNECT first, within the connect timeout.
     let first = timeout(shared.config.limits.connect_timeout, async {
@@ -510,10 +513,10 @@ impl Pump {
                 Some(packet) = direct.recv() => {
                     // Bulk data from a service (firmware chunks), written as it is.
                     Metrics::inc(&self.shared.metrics.publishes_out);
-                    self.out.push(packet);
+                    self.out.push(*packet);
                     while let Ok(p) = direct.try_recv() {
                         Metrics::inc(&self.shared.metrics.publishes_out);
-                        self.out.push(p);
+                        self.out.push(*p);
                         if self.out.len() >= 64 {
                             break;
                         }

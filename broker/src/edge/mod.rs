@@ -315,10 +315,11 @@ impl Edge {
                     let shared = self.shared.clone();
                     let slots = slots.clone();
                     let task = tasks.clone();
-                    tokio::spawn(async move {
+                    let fut = async move {
                         connection::handle(shared, tcp, peer, ticket, slots).await;
                         drop(task);
-                    });
+                    };
+                    tokio::spawn(fut);
                 }
                 Err(e) => {
                     // Out of file descriptors and the like: back off rather than spin.

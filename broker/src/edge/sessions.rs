@@ -38,7 +38,9 @@ impl std::fmt::Display for CloseReason {
 struct Entry {
     generation: u64,
     close: watch::Sender<Option<CloseReason>>,
-    direct: mpsc::Sender<Packet>,
+    // Boxed: a channel allocates its first block of 32 slots up front, and a boxed slot is a
+    // pointer rather than a whole packet (about 4 KiB less per idle connection).
+    direct: mpsc::Sender<Box<Packet>>,
     cert: Arc<Vec<u8>>,
 }
 
@@ -56,7 +58,7 @@ pub(crate) struct Registration {
     /// Becomes `Some(reason)` when the gateway wants this connection closed.
     pub close: watch::Receiver<Option<CloseReason>>,
     /// Packets services deliver to this connection directly, bypassing the router.
-    pub direct: mpsc::Receiver<Packet>,
+    pub direct: mpsc::Receiver<Box<Packet>>,
 }
 
 impl Drop for Registration {
@@ -138,9 +140,12 @@ impl DirectSink for Sessions {
             Err(poisoned) => poisoned.into_inner(),
         };
         let entry = g.1.get(client_id).ok_or(DeliverError::NotConnected)?;
-        entry.direct.try_send(packet).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => DeliverError::Full,
-            mpsc::error::TrySendError::Closed(_) => DeliverError::NotConnected,
-        })
+        entry
+            .direct
+            .try_send(Box::new(packet))
+            .map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => DeliverError::Full,
+                mpsc::error::TrySendError::Closed(_) => DeliverError::NotConnected,
+            })
     }
 }
