@@ -50,9 +50,12 @@ pub(crate) async fn handle(
     async move {
         let evicted = ticket.evicted.clone();
         let pre = async {
+            // The trust material the handshake verifies against: if a reload replaces it
+            // before CONNECT, the certificate is verified again then.
+            let trusted_as_of = shared.trust_generation();
             let (tls, identity, cert) = handshake(&shared, tcp).await?;
             tracing::Span::current().record("identity", tracing::field::display(&identity));
-            opening(&shared, tls, identity, cert).await
+            opening(&shared, tls, identity, cert, trusted_as_of).await
         };
         // Boxed, so the handshake's state is freed once it is over instead of sizing the
         // connection's task for its whole life (memory per idle connection).
@@ -210,8 +213,14 @@ struct Opened {
 
 /// Reads and checks CONNECT: the pre-authentication part of a connection. `None`: refused
 /// (answered and closed here).
-async fn opening(shared: &Shared, tls: Tls, identity: Identity, cert: Vec<u8>) -> Option<Opened> {
-    match read_connect(shared, tls, identity, cert).await {
+async fn opening(
+    shared: &Shared,
+    tls: Tls,
+    identity: Identity,
+    cert: Vec<u8>,
+    trusted_as_of: u64,
+) -> Option<Opened> {
+    match read_connect(shared, tls, identity, cert, trusted_as_of).await {
         Ok(o) => Some(o),
         Err(reason) => {
             debug!(%reason, "connection refused");
@@ -225,6 +234,7 @@ async fn read_connect(
     tls: Tls,
     identity: Identity,
     cert: Vec<u8>,
+    trusted_as_of: u64,
 ) -> Result<Opened, String> {
     let decoder = Decoder::new(shared.config.limits.max_packet_size);
     let write_timeout = shared.config.limits.write_timeout;
@@ -293,7 +303,7 @@ async fn read_connect(
 
     // The handshake may have finished before a revocation was loaded: the certificate is
     // checked again against the CRL in force now.
-    if let Err(e) = shared.verify_now(&cert) {
+    if let Err(e) = shared.verify_now(&cert, trusted_as_of) {
         Metrics::inc(&shared.metrics.connects_refused);
         warn!(error = %e, "certificate no longer valid at CONNECT; refused");
         refuse(&mut wr, ConnectCode::NotAuthorized, write_timeout).await;

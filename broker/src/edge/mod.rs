@@ -13,7 +13,7 @@ mod preauth;
 pub(crate) mod sessions;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -70,6 +70,8 @@ pub(crate) struct Shared {
     trust: RwLock<Arc<TrustStore>>,
     /// Whether the CRL was stale at the last check (to log changes only).
     crl_was_stale: AtomicBool,
+    /// Bumped after each reload has replaced the TLS configuration and trust store.
+    trust_generation: AtomicU64,
     /// The log budget for malformed packets and protocol violations (each is counted).
     pub(crate) bad_input_log: LogBudget,
     pub(crate) identity_policy: IdentityPolicy,
@@ -127,11 +129,21 @@ impl Shared {
         stale
     }
 
-    /// Checks `cert` against the CA bundle and CRL in force now (and refuses everyone while
-    /// the CRL is stale, if so configured).
-    pub(crate) fn verify_now(&self, cert: &[u8]) -> Result<(), String> {
+    /// How many times the trust material (CA bundle, CRL) has been replaced.
+    pub(crate) fn trust_generation(&self) -> u64 {
+        self.trust_generation.load(Ordering::Acquire)
+    }
+
+    /// Checks `cert`, which a handshake verified against the trust material of generation
+    /// `verified_as_of`, against the CA bundle and CRL in force now: again only if a reload
+    /// replaced them since (the handshake's verification stands otherwise). Refuses everyone
+    /// while the CRL is stale, if so configured.
+    pub(crate) fn verify_now(&self, cert: &[u8], verified_as_of: u64) -> Result<(), String> {
         if self.crl_stale() && self.config.tls.stale_crl == StaleCrl::Refuse {
             return Err("the CRL is past its nextUpdate (tls.stale_crl = \"refuse\")".into());
+        }
+        if self.trust_generation() == verified_as_of {
+            return Ok(());
         }
         self.trust()
             .verify_client(cert, rustls_pki_types::UnixTime::now())
@@ -248,6 +260,7 @@ impl Edge {
             policy: RwLock::new(security.policy),
             trust: RwLock::new(Arc::new(security.trust)),
             crl_was_stale: AtomicBool::new(false),
+            trust_generation: AtomicU64::new(0),
             bad_input_log: LogBudget::default(),
             identity_policy,
             router,
@@ -384,6 +397,9 @@ impl EdgeHandle {
             Ok(mut g) => *g = store.clone(),
             Err(p) => *p.into_inner() = store.clone(),
         }
+        // After both are replaced: a handshake that read the old number verified against the
+        // old material (or the new), and is checked again at CONNECT.
+        shared.trust_generation.fetch_add(1, Ordering::AcqRel);
         // Live and stored subscriptions are checked against the new policy.
         shared
             .router

@@ -160,7 +160,9 @@ pub(super) fn apply(conn: &mut Connection, path: &Path) -> Result<(), StoreError
         });
     }
     for (i, sql) in MIGRATIONS.iter().enumerate().skip(found as usize) {
-        let tx = conn.transaction().map_err(|e| err(path, e))?;
+        let tx = conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(|e| err(path, e))?;
         tx.execute_batch(sql).map_err(|e| err(path, e))?;
         tx.pragma_update(None, "user_version", i + 1)
             .map_err(|e| err(path, e))?;

@@ -11,6 +11,11 @@
 //! * The MQTT core's writes (module `sessions`) are group-committed by their own thread and
 //!   connection (module `session_writer`), so one disk sync covers every write waiting for it.
 //!
+//! * Two connections write the file: the gateway's own and the MQTT core's session writer.
+//!   Every write transaction is `BEGIN IMMEDIATE`, so it waits for the other's commit
+//!   (`busy_timeout`); a deferred one that read first would fail at once with SQLITE_BUSY when
+//!   the other committed in between.
+//!
 //! The API is synchronous (rusqlite); async callers use `spawn_blocking` or a store task.
 
 mod commands;
@@ -164,7 +169,10 @@ impl Store {
         &mut self,
         f: impl FnOnce(&mut WriteTx<'_>) -> Result<R, StoreError>,
     ) -> Result<R, StoreError> {
-        let tx = self.conn.transaction().map_err(|e| err(&self.path, e))?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(|e| err(&self.path, e))?;
         let mut w = WriteTx {
             tx,
             path: &self.path,
