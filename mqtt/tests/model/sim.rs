@@ -121,6 +121,10 @@ pub(crate) enum Kind {
     /// it after a crash, the packet id it still holds unreleased is reused for another
     /// message, which the client must take for a duplicate and never sees.
     Qos2NeverReleased,
+    /// The same for a QoS 2 message the client got but had not answered when its connection
+    /// ended: the gateway must send it again [MQTT-4.4.0-1], not drop it, or the client
+    /// holds its packet id forever.
+    Qos2InflightDropped,
     /// More unacknowledged deliveries than `max_inflight_out`, or a packet id in use reused.
     Inflight,
     /// A rule of the protocol or the rustdoc broken (CONNACK, SUBACK, DUP, RETAIN flags,
@@ -197,8 +201,9 @@ struct Delivery {
     epoch: u32,
     /// Handed to the application (false for a QoS 2 duplicate the client filtered out).
     app: bool,
-    /// Not handed over because its packet id was still unreleased from before a crash.
-    shadowed: bool,
+    /// Not handed over because its packet id was still unreleased from before a crash (and
+    /// the kind of finding behind that).
+    shadowed: Option<Kind>,
 }
 
 /// A SUBSCRIBE not yet answered: when it was sent, under which policy, what it asked.
@@ -227,6 +232,8 @@ struct Client {
     outgoing: Vec<Out>,
     /// QoS 2 packet ids received and not yet released: packet id -> (message, epoch).
     recv_qos2: BTreeMap<u16, (u64, u32)>,
+    /// Those of them the client has answered with PUBREC (sent, not just decided).
+    pubrec_sent: BTreeSet<u16>,
     /// Deliveries on this connection not yet answered to the end: packet id -> message.
     inflight_in: BTreeMap<u16, Option<u64>>,
     /// (packet id, message, epoch) of earlier deliveries in this incarnation, for DUP.
@@ -253,6 +260,7 @@ impl Client {
             next_pid: 0,
             outgoing: Vec::new(),
             recv_qos2: BTreeMap::new(),
+            pubrec_sent: BTreeSet::new(),
             inflight_in: BTreeMap::new(),
             seen: BTreeSet::new(),
             acking: true,
@@ -603,6 +611,9 @@ impl World {
             Packet::PubAck(p) | Packet::PubComp(p) => {
                 c.inflight_in.remove(&p);
             }
+            Packet::PubRec(p) if c.recv_qos2.contains_key(&p) => {
+                c.pubrec_sent.insert(p);
+            }
             _ => {}
         }
         self.feed(conn, pkt);
@@ -657,6 +668,7 @@ impl World {
             // [MQTT-3.1.2-6]: nothing of it is re-sent later.
             c.outgoing.clear();
             c.recv_qos2.clear();
+            c.pubrec_sent.clear();
             c.close_intervals(at, None);
             c.has_session = false;
             c.pending_sub.clear();
@@ -1007,6 +1019,7 @@ impl World {
             Packet::PubRel(pid) => {
                 let c = &mut self.clients[who.idx()];
                 c.recv_qos2.remove(&pid);
+                c.pubrec_sent.remove(&pid);
                 c.inflight_in.entry(pid).or_insert(None);
                 self.check_inflight(who);
                 self.answer(who, conn, Packet::PubComp(pid));
@@ -1066,6 +1079,7 @@ impl World {
         if c.clean || !present {
             c.close_intervals(at, None);
             c.recv_qos2.clear();
+            c.pubrec_sent.clear();
             c.seen.clear();
             c.incarnation += 1;
         }
@@ -1233,7 +1247,7 @@ impl World {
         let epoch = self.epoch;
         let c = &mut self.clients[who.idx()];
         let mut app = true;
-        let mut shadowed = false;
+        let mut shadow = None;
         if let Some(pid) = p.packet_id.filter(|_| p.qos != QoS::AtMostOnce) {
             if !p.retain && !p.dup && c.seen.contains(&(pid, n, epoch)) {
                 bad.push((
@@ -1256,12 +1270,17 @@ impl World {
                 match c.recv_qos2.get(&pid) {
                     Some((other, _)) if *other == n => app = false,
                     Some(&(other, ep)) => {
-                        shadowed = ep != epoch;
-                        let kind = if shadowed {
+                        let shadowed = ep != epoch;
+                        let kind = if !shadowed {
+                            Kind::Inflight
+                        } else if c.pubrec_sent.contains(&pid) {
                             Kind::Qos2NeverReleased
                         } else {
-                            Kind::Inflight
+                            Kind::Qos2InflightDropped
                         };
+                        if shadowed {
+                            shadow = Some(kind);
+                        }
                         bad.push((kind, format!("{who:?}: packet id {pid} of unreleased QoS 2 m{other} (epoch {ep}) reused for m{n} (epoch {epoch})")));
                         app = false;
                     }
@@ -1279,7 +1298,7 @@ impl World {
             incarnation: c.incarnation,
             epoch,
             app,
-            shadowed,
+            shadowed: shadow,
         });
         for (kind, text) in bad {
             self.violation(kind, text);
@@ -1424,15 +1443,13 @@ impl World {
                     c.who
                 ));
             }
-            if !c.recv_qos2.is_empty() {
-                let t = format!(
-                    "{:?} answered PUBREC and never got PUBREL for (packet id, (message, epoch)) {:?} [MQTT-4.3.3-1]",
-                    c.who, c.recv_qos2
-                );
-                self.violations.push(Violation {
-                    kind: Kind::Qos2NeverReleased,
-                    text: t,
-                });
+            for (pid, (n, epoch)) in &c.recv_qos2 {
+                let (kind, t) = if c.pubrec_sent.contains(pid) {
+                    (Kind::Qos2NeverReleased, format!("{:?} answered PUBREC for QoS 2 m{n} (packet id {pid}, epoch {epoch}) and never got PUBREL [MQTT-4.3.3-1]", c.who))
+                } else {
+                    (Kind::Qos2InflightDropped, format!("{:?} got QoS 2 m{n} (packet id {pid}, epoch {epoch}), lost the connection before its PUBREC went out, and the gateway neither re-sent nor released it [MQTT-4.4.0-1]", c.who))
+                };
+                self.violations.push(Violation { kind, text: t });
             }
             if !c.inflight_in.is_empty() {
                 text.push(format!(
@@ -1471,18 +1488,15 @@ impl World {
                 if ds.iter().any(|d| d.msg == n && d.app) {
                     continue;
                 }
-                if ds.iter().any(|d| d.msg == n && d.shadowed) {
-                    shadowed.push(format!("{who:?} never saw acknowledged m{n}: its packet id was still unreleased from before a crash"));
+                if let Some(kind) = ds.iter().filter(|d| d.msg == n).find_map(|d| d.shadowed) {
+                    shadowed.push((kind, format!("{who:?} never saw acknowledged m{n}: its packet id was still unreleased from before a crash")));
                 } else {
                     missing.entry(who).or_default().push(n);
                 }
             }
         }
-        for text in shadowed.into_iter().take(5) {
-            self.violations.push(Violation {
-                kind: Kind::Qos2NeverReleased,
-                text,
-            });
+        for (kind, text) in shadowed.into_iter().take(5) {
+            self.violations.push(Violation { kind, text });
         }
         for (who, lost) in missing {
             let dropped = self.drops[who.idx()];
@@ -1512,7 +1526,7 @@ impl World {
             let shadowed: BTreeSet<u64> = c
                 .deliveries
                 .iter()
-                .filter(|d| d.shadowed)
+                .filter(|d| d.shadowed.is_some())
                 .map(|d| d.msg)
                 .collect();
             for d in &c.deliveries {
