@@ -36,6 +36,15 @@ pub(super) struct Queued {
     pub(super) visible_at: StoreSeq,
 }
 
+impl Queued {
+    /// Whether the client may hold this message's packet id (a QoS 2 message it may have
+    /// received and not seen PUBREL for): dropping it would leave the id taken on the client,
+    /// which then takes a later message with that id for a duplicate.
+    pub(super) fn pinned(&self) -> bool {
+        self.released || (self.dup && self.msg.qos == QoS::ExactlyOnce)
+    }
+}
+
 /// Placeholder of [`Queued::visible_at`] while the store write it waits for is not numbered
 /// yet.
 pub(super) const INVISIBLE: StoreSeq = StoreSeq::MAX;
@@ -69,9 +78,9 @@ pub(super) struct Session {
     pub(super) next_id: u64,
     queue: VecDeque<Queued>,
     queue_bytes: usize,
-    /// Queued messages whose PUBREL is due (never dropped, not counted against the offline
-    /// caps).
-    pub(super) queue_released: usize,
+    /// Queued messages the client may hold a packet id for ([`Queued::pinned`]): never
+    /// dropped, not counted against the offline caps.
+    pub(super) queue_pinned: usize,
     pub(super) inflight: VecDeque<InFlight>,
     /// Incoming QoS 2 packet ids routed and not yet released by PUBREL.
     pub(super) unreleased_in: HashSet<u16>,
@@ -95,7 +104,7 @@ impl Session {
             next_id: 0,
             queue: VecDeque::new(),
             queue_bytes: 0,
-            queue_released: 0,
+            queue_pinned: 0,
             inflight: VecDeque::new(),
             unreleased_in: HashSet::new(),
             offline_since: None,
@@ -132,7 +141,7 @@ impl Session {
 
     pub(super) fn push_back(&mut self, q: Queued) {
         self.queue_bytes += q.msg.payload.len();
-        self.queue_released += usize::from(q.released);
+        self.queue_pinned += usize::from(q.pinned());
         self.queue.push_back(q);
     }
 
@@ -154,11 +163,9 @@ impl Session {
         }
     }
 
-    /// Removes the oldest message that may be dropped: not one whose PUBREL is due, since the
-    /// client keeps that packet id until PUBREL and would take a later message with the same
-    /// id for a duplicate.
+    /// Removes the oldest message that may be dropped (not [`Queued::pinned`]).
     pub(super) fn pop_oldest_droppable(&mut self) -> Option<Queued> {
-        let i = self.queue.iter().position(|q| !q.released)?;
+        let i = self.queue.iter().position(|q| !q.pinned())?;
         let q = self.queue.remove(i)?;
         self.queue_bytes = self.queue_bytes.saturating_sub(q.msg.payload.len());
         Some(q)
@@ -167,7 +174,7 @@ impl Session {
     pub(super) fn pop_front(&mut self) -> Option<Queued> {
         let q = self.queue.pop_front()?;
         self.queue_bytes = self.queue_bytes.saturating_sub(q.msg.payload.len());
-        self.queue_released = self.queue_released.saturating_sub(usize::from(q.released));
+        self.queue_pinned = self.queue_pinned.saturating_sub(usize::from(q.pinned()));
         Some(q)
     }
 
@@ -177,10 +184,11 @@ impl Session {
             || self.queue_bytes >= settings.queue_bytes.max(1)
     }
 
-    /// Whether the offline queue is over its caps (one message always stays). Messages whose
-    /// PUBREL is due do not count: they are never dropped, and at most a window of them exists.
+    /// Whether the offline queue is over its caps (one message always stays). Pinned messages
+    /// do not count: they are never dropped, and only those sent before (at most a window per
+    /// connection, or what a restart restored) are pinned.
     pub(super) fn over_offline_caps(&self, settings: &Settings) -> bool {
-        let droppable = self.queue.len().saturating_sub(self.queue_released);
+        let droppable = self.queue.len().saturating_sub(self.queue_pinned);
         droppable > settings.offline_messages
             || (self.queue_bytes > settings.offline_bytes && droppable > 1)
     }
@@ -210,14 +218,15 @@ impl Session {
     pub(super) fn requeue_inflight(&mut self) {
         while let Some(f) = self.inflight.pop_back() {
             self.queue_bytes += f.msg.payload.len();
-            self.queue_released += usize::from(f.released);
-            self.queue.push_front(Queued {
+            let q = Queued {
                 id: Some(f.id),
                 msg: f.msg,
                 dup: true,
                 released: f.released,
                 visible_at: f.released_seq,
-            });
+            };
+            self.queue_pinned += usize::from(q.pinned());
+            self.queue.push_front(q);
         }
     }
 }

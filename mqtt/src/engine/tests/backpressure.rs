@@ -381,3 +381,33 @@ fn offline_cap_never_drops_a_message_whose_pubrel_is_due() {
     assert_eq!(g.len(), 1);
     assert_eq!(g[0].payload, "newest");
 }
+
+#[test]
+fn offline_cap_never_drops_a_qos2_message_the_client_may_hold() {
+    let settings = Settings {
+        offline_messages: 1,
+        ..Settings::default()
+    };
+    let mut h = H::new(settings);
+    h.connect(1, "s", false);
+    h.sub(1, &[("t", 2)]);
+    h.connect(2, "p", true);
+    h.pkt(2, publish("t", 2, 1, "sent"));
+    h.durable_all();
+    let pid = h.tx_got(1)[0].pid.unwrap();
+    // Received, never answered: the client keeps the id until it gets PUBREL.
+    h.gone(1, Disconnected::Abnormal);
+    h.pkt(2, publish("t", 2, 2, "newer"));
+    h.pkt(2, publish("t", 2, 3, "newest"));
+    h.durable_all();
+    h.connect(3, "s", false);
+    let g = h.tx_got(3);
+    assert_eq!(
+        g.iter()
+            .map(|g| (g.payload.as_str(), g.dup))
+            .collect::<Vec<_>>(),
+        vec![("sent", true), ("newest", false)]
+    );
+    assert_eq!(g[0].pid, Some(pid));
+    h.e.check_invariants();
+}

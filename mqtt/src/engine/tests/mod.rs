@@ -160,6 +160,12 @@ impl H {
         let mut out = Vec::new();
         self.e.transmit(ConnId(conn), 0, &mut out);
         self.drain();
+        if out.is_empty() {
+            // A session reset must be durable before the CONNACK goes.
+            self.durable_all();
+            self.e.transmit(ConnId(conn), 0, &mut out);
+            self.drain();
+        }
         match out.first() {
             Some(Packet::ConnAck(a)) => *a,
             other => panic!("expected CONNACK first, got {other:?}"),
@@ -289,8 +295,8 @@ impl Engine {
             );
             let bytes: usize = sess.queue_iter().map(|q| q.msg.payload.len()).sum();
             assert_eq!(bytes, sess.queue_bytes(), "queue byte counter");
-            let released = sess.queue_iter().filter(|q| q.released).count();
-            assert_eq!(released, sess.queue_released, "released counter");
+            let pinned = sess.queue_iter().filter(|q| q.pinned()).count();
+            assert_eq!(pinned, sess.queue_pinned, "pinned counter");
             if let Some(conn) = sess.conn {
                 assert_eq!(self.conns.get(&conn).map(|c| c.session), Some(s));
             } else {
