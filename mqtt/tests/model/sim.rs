@@ -227,6 +227,8 @@ struct Client {
     incarnation: u32,
     /// Since when the engine has seen no connection of this client (expiry clock).
     offline_since: Option<Instant>,
+    /// What CONNACK must say about the session, as of the CONNECT.
+    expect_present: bool,
     intervals: Vec<Interval>,
     next_pid: u16,
     outgoing: Vec<Out>,
@@ -256,6 +258,7 @@ impl Client {
             has_session: false,
             incarnation: 0,
             offline_since: None,
+            expect_present: false,
             intervals: Vec::new(),
             next_pid: 0,
             outgoing: Vec::new(),
@@ -521,10 +524,29 @@ impl World {
         }
         self.next_conn += 1;
         let conn = ConnId(self.next_conn);
+        let at = self.clock + 1;
         let c = &mut self.clients[who.idx()];
         c.conn = Some(conn);
         c.connacked = false;
         c.clean = clean;
+        c.offline_since = None;
+        // The engine applies the CONNECT now, whenever its CONNACK goes out.
+        c.expect_present = !clean && c.has_session;
+        if clean {
+            // The client starts afresh too [MQTT-3.1.2-6].
+            c.outgoing.clear();
+        }
+        if !c.expect_present {
+            // A new session on the gateway's side. The client learns it from CONNACK, which
+            // may never reach it (a CONNACK waits for the store); it then drops what it
+            // received for the old session, as it would on `session present` 0.
+            c.close_intervals(at, None);
+            c.recv_qos2.clear();
+            c.pubrec_sent.clear();
+            c.seen.clear();
+            c.incarnation += 1;
+        }
+        c.has_session = !clean;
         let connect = Connect {
             level: 4,
             clean_session: clean,
@@ -1060,9 +1082,8 @@ impl World {
             return;
         }
         c.connacked = true;
-        c.offline_since = None;
         let clean = c.clean;
-        let expected = !clean && c.has_session;
+        let expected = c.expect_present;
         let present = ack.session_present;
         if present != expected {
             self.violation(
@@ -1073,17 +1094,14 @@ impl World {
             );
         }
         let c = &mut self.clients[who.idx()];
-        if c.clean {
-            c.outgoing.clear();
-        }
-        if c.clean || !present {
+        if expected && !present {
+            // No session after all: the client drops what it received for the old one.
             c.close_intervals(at, None);
             c.recv_qos2.clear();
             c.pubrec_sent.clear();
             c.seen.clear();
             c.incarnation += 1;
         }
-        c.has_session = !c.clean;
         // Unacknowledged publishes and PUBRELs go again, in order [MQTT-4.4.0-1].
         let resend: Vec<(u16, u64, OutState)> =
             c.outgoing.iter().map(|o| (o.pid, o.msg, o.state)).collect();
