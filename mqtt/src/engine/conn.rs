@@ -58,9 +58,6 @@ pub(super) struct Conn {
     pub(super) blocked_on: Option<SessionIdx>,
     /// Highest store position this connection has asked to be woken at.
     pub(super) durable_wait: StoreSeq,
-    /// Nothing is written to the client before this store position is durable (a session
-    /// reset at CONNECT).
-    pub(super) ready_at: StoreSeq,
     /// PUBRELs for messages sent to the client, each waiting for its release write to be
     /// durable, in write order.
     pub(super) rel_waiting: VecDeque<(StoreSeq, u16)>,
@@ -79,7 +76,6 @@ impl Conn {
             transmit_wanted: false,
             blocked_on: None,
             durable_wait: 0,
-            ready_at: 0,
             rel_waiting: VecDeque::new(),
         }
     }

@@ -265,9 +265,9 @@ impl Engine {
                 pushed = true;
             }
         }
-        // Also when nothing was pushed: the connection may just have become ready.
-        let _ = pushed;
-        self.notify(conn);
+        if pushed {
+            self.notify(conn);
+        }
     }
 
     fn process_publish(&mut self, s: SessionIdx, p: &InPublish) -> Step {

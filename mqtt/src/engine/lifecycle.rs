@@ -50,14 +50,10 @@ impl Engine {
         // What is left of the session now is a persistent, offline one (a clean one went with
         // its connection).
         let existing = self.by_key.get(&key).copied();
-        // The connection says nothing (CONNACK included) before a reset of its stored session
-        // is durable: a crash would otherwise bring the old session back behind what the new
-        // one already delivered.
-        let mut ready_at = 0;
         let (s, present) = match (c.clean_session, existing) {
             (false, Some(s)) => (s, true),
             (false, None) => {
-                ready_at = self.out.store(StoreOp::SessionReset {
+                self.out.store(StoreOp::SessionReset {
                     key: key.clone(),
                     persistent: true,
                 });
@@ -67,7 +63,7 @@ impl Engine {
                 if let Some(old) = existing {
                     // [MQTT-3.1.2-6]: a clean session discards the stored one.
                     self.remove_session(old);
-                    ready_at = self.out.store(StoreOp::SessionReset {
+                    self.out.store(StoreOp::SessionReset {
                         key: key.clone(),
                         persistent: false,
                     });
@@ -81,7 +77,6 @@ impl Engine {
             sess.full_since = None;
         }
         let mut state = Conn::new(s, c.will);
-        state.ready_at = ready_at;
         // [MQTT-3.2.2-1..3]
         state.control.push_back(Packet::ConnAck(ConnAck {
             session_present: present,

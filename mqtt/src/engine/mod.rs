@@ -33,7 +33,9 @@
 //!   receipt ([`StoreOp::Qos2Received`]) is durable; PUBREL goes out only once the release is
 //!   durable; after a message is dropped over the offline cap, the next goes out only once the
 //!   drop is durable. So the driver must report [`Engine::durable`] promptly: it sets the pace
-//!   of persistent sessions (one store batch of latency).
+//!   of persistent sessions (one store batch of latency). One window stays open: a clean
+//!   session replacing a stored one takes effect at once, and a crash before its
+//!   [`StoreOp::SessionReset`] is durable brings the old session back.
 //! * Access to publish is decided when a PUBLISH arrives, under the policy of that moment
 //!   (a held publish keeps its verdict); a QoS 2 re-send of an id already accepted is only
 //!   answered.

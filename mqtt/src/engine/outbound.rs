@@ -53,13 +53,6 @@ impl Engine {
         if c.transmit_wanted {
             return;
         }
-        if c.ready_at > self.durable_seq {
-            if c.durable_wait < c.ready_at {
-                c.durable_wait = c.ready_at;
-                self.durable_waiters.push(Reverse((c.ready_at, conn)));
-            }
-            return;
-        }
         let s = c.session;
         let mut sendable = !c.control.is_empty();
         if let Some(sess) = self.sessions.get_mut(s).and_then(Option::as_mut) {
@@ -102,9 +95,6 @@ impl Engine {
         let Some(c) = self.conns.get_mut(&conn) else {
             return;
         };
-        if c.ready_at > self.durable_seq {
-            return;
-        }
         c.transmit_wanted = false;
         let mut budget = max_bytes;
         let mut first = true;

@@ -379,33 +379,3 @@ fn offline_drop_is_durable_before_what_follows_goes_out() {
     assert_eq!(g.len(), 1);
     assert_eq!(g[0].payload, "b");
 }
-
-#[test]
-fn nothing_is_written_before_a_session_reset_at_connect_is_durable() {
-    let mut h = H::new(Settings::default());
-    h.connect(1, "s", false);
-    h.sub(1, &[("t", 1)]);
-    h.gone(1, Disconnected::Graceful);
-    h.durable_all();
-    // Clean session over a stored one: the reset must be durable first, or a crash brings
-    // the old session back behind what the new one delivered.
-    h.e.connect(h.now, ConnId(2), key("s"), connect_packet("s", true, None));
-    let acts = h.drain();
-    assert!(!acts.contains(&Action::Transmit(ConnId(2))));
-    h.pkt(2, Packet::PingReq);
-    let mut out = Vec::new();
-    h.e.transmit(ConnId(2), usize::MAX, &mut out);
-    assert!(out.is_empty(), "wrote {out:?} before the reset was durable");
-    h.durable_all();
-    assert!(h.log.contains(&Action::Transmit(ConnId(2))));
-    assert_eq!(
-        h.tx(2),
-        vec![
-            Packet::ConnAck(ConnAck {
-                session_present: false,
-                code: ConnectCode::Accepted
-            }),
-            Packet::PingResp
-        ]
-    );
-}

@@ -160,12 +160,6 @@ impl H {
         let mut out = Vec::new();
         self.e.transmit(ConnId(conn), 0, &mut out);
         self.drain();
-        if out.is_empty() {
-            // A session reset must be durable before the CONNACK goes.
-            self.durable_all();
-            self.e.transmit(ConnId(conn), 0, &mut out);
-            self.drain();
-        }
         match out.first() {
             Some(Packet::ConnAck(a)) => *a,
             other => panic!("expected CONNACK first, got {other:?}"),
