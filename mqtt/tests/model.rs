@@ -12,10 +12,17 @@
 //!   end (after every persistent session reconnects and acks everything), across crashes,
 //!   unless the engine counted a drop for that subscriber; and it is durable for persistent
 //!   subscribers before it is acknowledged;
-//! * QoS 2 reaches an application once;
-//! * no client ever has more than `max_inflight_out` deliveries unacknowledged;
-//! * liveness: after the drain every publish is answered (two clients publishing to each
-//!   other with tiny queues included).
+//! * QoS 2 reaches an application once, also across crashes; every PUBREC gets its PUBREL
+//!   [MQTT-4.3.3-1] and a message a client may already hold is sent again, never dropped
+//!   [MQTT-4.4.0-1], so no packet id stays stuck on a client;
+//! * no client ever has more than `max_inflight_out` deliveries unacknowledged; CONNACK
+//!   `session present`, SUBACK codes, DUP and RETAIN flags, revocation notices, store write
+//!   numbering and every close the engine makes are as the standard and the rustdoc say;
+//! * liveness: after the drain every publish and request is answered (two clients publishing
+//!   to each other with tiny queues included).
+//!
+//! The simulated store commits the writes of one engine call together (a driver that commits
+//! per call or coarser); a crash keeps exactly what was reported durable.
 //!
 //! `PROPTEST_CASES` raises the number of cases; `MODEL_TRACE=1` prints every step, packet and
 //! engine action of a run (for reading a shrunk case); `MODEL_STATS=1` prints what each run
