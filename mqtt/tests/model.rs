@@ -18,6 +18,8 @@
 //! * no client ever has more than `max_inflight_out` deliveries unacknowledged; CONNACK
 //!   `session present`, SUBACK codes, DUP and RETAIN flags, revocation notices, store write
 //!   numbering and every close the engine makes are as the standard and the rustdoc say;
+//! * a persistent session's granted (SUBACK'd) subscriptions survive a crash (its own test,
+//!   ignored while the engine answers SUBACK before the subscription is durable);
 //! * liveness: after the drain every publish and request is answered (two clients publishing
 //!   to each other with tiny queues included).
 //!
@@ -33,10 +35,14 @@ mod model {
     pub(crate) mod world;
 }
 
-use model::sim::{Op, Params, Violation, World};
+use model::sim::{Kind, Op, Params, Violation, World};
 use model::world::{may_publish, may_subscribe, Who, FILTERS, TOPICS};
 use proptest::prelude::*;
 use proptest::sample::select;
+
+/// Kinds of finding the main properties leave to their own (ignored) test, because the engine
+/// disagrees with the model there and that would hide every other finding.
+const LEFT_TO_OWN_TEST: &[Kind] = &[Kind::SubscriptionNotDurable];
 
 fn run(params: &Params, ops: &[Op]) -> Vec<Violation> {
     let mut world = World::new(params.clone());
@@ -59,9 +65,18 @@ fn config(default_cases: u32) -> ProptestConfig {
     c
 }
 
-fn assert_clean(violations: &[Violation]) -> Result<(), TestCaseError> {
-    prop_assert!(violations.is_empty(), "{:#?}", violations);
+/// Fails on the findings `checked` picks.
+fn assert_clean(
+    violations: &[Violation],
+    checked: impl Fn(Kind) -> bool,
+) -> Result<(), TestCaseError> {
+    let found: Vec<&Violation> = violations.iter().filter(|v| checked(v.kind)).collect();
+    prop_assert!(found.is_empty(), "{:#?}", found);
     Ok(())
+}
+
+fn main_kinds(kind: Kind) -> bool {
+    !LEFT_TO_OWN_TEST.contains(&kind)
 }
 
 fn who() -> impl Strategy<Value = Who> {
@@ -182,7 +197,18 @@ proptest! {
     /// Every check of the model, over random runs of up to about 200 steps.
     #[test]
     fn engine_agrees_with_the_model(p in params(), ops in ops()) {
-        assert_clean(&run(&p, &ops))?;
+        assert_clean(&run(&p, &ops), main_kinds)?;
+    }
+
+    /// A subscription a persistent session was granted (SUBACK) survives a crash, as the
+    /// issue's durable sessions promise ("a restart or SIGKILL loses nothing acknowledged").
+    /// The engine answers SUBACK before the subscription is durable. Minimal case: persistent
+    /// `D1` connects, the store catches up, `D1` subscribes to `dev/d1/down` (SUBACK), crash:
+    /// the restored session has no subscription and `D1` misses what follows.
+    #[test]
+    #[ignore = "the engine sends SUBACK before the subscription is durable"]
+    fn granted_subscriptions_survive_a_crash(p in params(), ops in ops()) {
+        assert_clean(&run(&p, &ops), |k| k == Kind::SubscriptionNotDurable)?;
     }
 }
 
@@ -253,7 +279,7 @@ proptest! {
         };
         let mut all = mutual_prefix(sub_qos);
         all.extend(ops);
-        assert_clean(&run(&p, &all))?;
+        assert_clean(&run(&p, &all), main_kinds)?;
     }
 }
 

@@ -125,6 +125,8 @@ pub(crate) enum Kind {
     /// ended: the gateway must send it again [MQTT-4.4.0-1], not drop it, or the client
     /// holds its packet id forever.
     Qos2InflightDropped,
+    /// A persistent session's SUBACK'd subscription did not survive a crash.
+    SubscriptionNotDurable,
     /// More unacknowledged deliveries than `max_inflight_out`, or a packet id in use reused.
     Inflight,
     /// A rule of the protocol or the rustdoc broken (CONNACK, SUBACK, DUP, RETAIN flags,
@@ -752,6 +754,27 @@ impl World {
         self.engine = Engine::new(Self::settings(&self.p), policy);
         let (sessions, retained) = self.store.contents();
         self.engine.restore(self.now, sessions, retained);
+        // A persistent session that survived keeps what it was told it has (SUBACK).
+        let mut lost = Vec::new();
+        for c in &self.clients {
+            let Some(stored) = self.store.sessions.get(&c.who.key()) else {
+                continue;
+            };
+            if !c.has_session {
+                continue;
+            }
+            for i in c.intervals.iter().filter(|i| i.sure && i.end.is_none()) {
+                if stored.subs.get(i.filter) != Some(&i.qos) {
+                    lost.push(format!(
+                        "{:?}'s subscription {:?} at {:?} was acknowledged (SUBACK) and lost in a crash",
+                        c.who, i.filter, i.qos
+                    ));
+                }
+            }
+        }
+        for text in lost {
+            self.violation(Kind::SubscriptionNotDurable, text);
+        }
         // The model follows what the store kept.
         let (at, now) = (self.clock, self.now);
         for who in EVERYONE {
