@@ -244,8 +244,9 @@ struct Client {
     seen: BTreeSet<(u16, u64, u32)>,
     acking: bool,
     held_answers: VecDeque<Packet>,
-    /// SUBSCRIBE packet id -> (clock, strict policy then, filters with requested QoS).
+    /// SUBSCRIBE packet id -> what it asked, when.
     pending_sub: BTreeMap<u16, PendingSub>,
+    /// UNSUBSCRIBE packet id -> (clock when sent, filters).
     pending_unsub: BTreeMap<u16, (u64, Vec<&'static str>)>,
     deliveries: Vec<Delivery>,
 }
@@ -317,7 +318,6 @@ struct Expect {
 pub(crate) struct World {
     p: Params,
     strict: bool,
-    t0: Instant,
     now: Instant,
     clock: u64,
     epoch: u32,
@@ -353,12 +353,12 @@ fn payload_msg(payload: &Bytes) -> Option<u64> {
 
 impl World {
     pub(crate) fn new(p: Params) -> Self {
+        // Any start will do: the engine only compares the instants it is given.
         let t0 = Instant::now();
         let engine = Engine::new(Self::settings(&p), Arc::new(Policy { strict: false }));
         World {
             p,
             strict: false,
-            t0,
             now: t0,
             clock: 0,
             epoch: 0,
@@ -404,6 +404,7 @@ impl World {
         }
     }
 
+    /// What the run exercised, for tuning the generator (`MODEL_STATS=1`).
     pub(crate) fn stats(&self) -> String {
         let d: usize = self.clients.iter().map(|c| c.deliveries.len()).sum();
         let acked = self.msgs.iter().filter(|m| m.acked.is_some()).count();
@@ -1658,10 +1659,5 @@ impl World {
         for (kind, text) in found.into_iter().take(5) {
             self.violations.push(Violation { kind, text });
         }
-    }
-
-    #[allow(dead_code)]
-    pub(crate) fn elapsed(&self) -> Duration {
-        self.now - self.t0
     }
 }
