@@ -121,6 +121,12 @@ pub(crate) enum Kind {
     /// it after a crash, the packet id it still holds unreleased is reused for another
     /// message, which the client must take for a duplicate and never sees.
     Qos2NeverReleased,
+    /// The same for a QoS 2 message the client got but had not answered when its connection
+    /// ended: the gateway must send it again [MQTT-4.4.0-1], not drop it, or the client
+    /// holds its packet id forever.
+    Qos2InflightDropped,
+    /// A persistent session's SUBACK'd subscription did not survive a crash.
+    SubscriptionNotDurable,
     /// More unacknowledged deliveries than `max_inflight_out`, or a packet id in use reused.
     Inflight,
     /// A rule of the protocol or the rustdoc broken (CONNACK, SUBACK, DUP, RETAIN flags,
@@ -197,8 +203,9 @@ struct Delivery {
     epoch: u32,
     /// Handed to the application (false for a QoS 2 duplicate the client filtered out).
     app: bool,
-    /// Not handed over because its packet id was still unreleased from before a crash.
-    shadowed: bool,
+    /// Not handed over because its packet id was still unreleased from before a crash (and
+    /// the kind of finding behind that).
+    shadowed: Option<Kind>,
 }
 
 /// A SUBSCRIBE not yet answered: when it was sent, under which policy, what it asked.
@@ -222,19 +229,24 @@ struct Client {
     incarnation: u32,
     /// Since when the engine has seen no connection of this client (expiry clock).
     offline_since: Option<Instant>,
+    /// What CONNACK must say about the session, as of the CONNECT.
+    expect_present: bool,
     intervals: Vec<Interval>,
     next_pid: u16,
     outgoing: Vec<Out>,
     /// QoS 2 packet ids received and not yet released: packet id -> (message, epoch).
     recv_qos2: BTreeMap<u16, (u64, u32)>,
+    /// Those of them the client has answered with PUBREC (sent, not just decided).
+    pubrec_sent: BTreeSet<u16>,
     /// Deliveries on this connection not yet answered to the end: packet id -> message.
     inflight_in: BTreeMap<u16, Option<u64>>,
     /// (packet id, message, epoch) of earlier deliveries in this incarnation, for DUP.
     seen: BTreeSet<(u16, u64, u32)>,
     acking: bool,
     held_answers: VecDeque<Packet>,
-    /// SUBSCRIBE packet id -> (clock, strict policy then, filters with requested QoS).
+    /// SUBSCRIBE packet id -> what it asked, when.
     pending_sub: BTreeMap<u16, PendingSub>,
+    /// UNSUBSCRIBE packet id -> (clock when sent, filters).
     pending_unsub: BTreeMap<u16, (u64, Vec<&'static str>)>,
     deliveries: Vec<Delivery>,
 }
@@ -249,10 +261,12 @@ impl Client {
             has_session: false,
             incarnation: 0,
             offline_since: None,
+            expect_present: false,
             intervals: Vec::new(),
             next_pid: 0,
             outgoing: Vec::new(),
             recv_qos2: BTreeMap::new(),
+            pubrec_sent: BTreeSet::new(),
             inflight_in: BTreeMap::new(),
             seen: BTreeSet::new(),
             acking: true,
@@ -304,7 +318,6 @@ struct Expect {
 pub(crate) struct World {
     p: Params,
     strict: bool,
-    t0: Instant,
     now: Instant,
     clock: u64,
     epoch: u32,
@@ -340,12 +353,12 @@ fn payload_msg(payload: &Bytes) -> Option<u64> {
 
 impl World {
     pub(crate) fn new(p: Params) -> Self {
+        // Any start will do: the engine only compares the instants it is given.
         let t0 = Instant::now();
         let engine = Engine::new(Self::settings(&p), Arc::new(Policy { strict: false }));
         World {
             p,
             strict: false,
-            t0,
             now: t0,
             clock: 0,
             epoch: 0,
@@ -391,6 +404,7 @@ impl World {
         }
     }
 
+    /// What the run exercised, for tuning the generator (`MODEL_STATS=1`).
     pub(crate) fn stats(&self) -> String {
         let d: usize = self.clients.iter().map(|c| c.deliveries.len()).sum();
         let acked = self.msgs.iter().filter(|m| m.acked.is_some()).count();
@@ -513,10 +527,29 @@ impl World {
         }
         self.next_conn += 1;
         let conn = ConnId(self.next_conn);
+        let at = self.clock + 1;
         let c = &mut self.clients[who.idx()];
         c.conn = Some(conn);
         c.connacked = false;
         c.clean = clean;
+        c.offline_since = None;
+        // The engine applies the CONNECT now, whenever its CONNACK goes out.
+        c.expect_present = !clean && c.has_session;
+        if clean {
+            // The client starts afresh too [MQTT-3.1.2-6].
+            c.outgoing.clear();
+        }
+        if !c.expect_present {
+            // A new session on the gateway's side. The client learns it from CONNACK, which
+            // may never reach it (a CONNACK waits for the store); it then drops what it
+            // received for the old session, as it would on `session present` 0.
+            c.close_intervals(at, None);
+            c.recv_qos2.clear();
+            c.pubrec_sent.clear();
+            c.seen.clear();
+            c.incarnation += 1;
+        }
+        c.has_session = !clean;
         let connect = Connect {
             level: 4,
             clean_session: clean,
@@ -603,6 +636,9 @@ impl World {
             Packet::PubAck(p) | Packet::PubComp(p) => {
                 c.inflight_in.remove(&p);
             }
+            Packet::PubRec(p) if c.recv_qos2.contains_key(&p) => {
+                c.pubrec_sent.insert(p);
+            }
             _ => {}
         }
         self.feed(conn, pkt);
@@ -657,6 +693,7 @@ impl World {
             // [MQTT-3.1.2-6]: nothing of it is re-sent later.
             c.outgoing.clear();
             c.recv_qos2.clear();
+            c.pubrec_sent.clear();
             c.close_intervals(at, None);
             c.has_session = false;
             c.pending_sub.clear();
@@ -718,6 +755,27 @@ impl World {
         self.engine = Engine::new(Self::settings(&self.p), policy);
         let (sessions, retained) = self.store.contents();
         self.engine.restore(self.now, sessions, retained);
+        // A persistent session that survived keeps what it was told it has (SUBACK).
+        let mut lost = Vec::new();
+        for c in &self.clients {
+            let Some(stored) = self.store.sessions.get(&c.who.key()) else {
+                continue;
+            };
+            if !c.has_session {
+                continue;
+            }
+            for i in c.intervals.iter().filter(|i| i.sure && i.end.is_none()) {
+                if stored.subs.get(i.filter) != Some(&i.qos) {
+                    lost.push(format!(
+                        "{:?}'s subscription {:?} at {:?} was acknowledged (SUBACK) and lost in a crash",
+                        c.who, i.filter, i.qos
+                    ));
+                }
+            }
+        }
+        for text in lost {
+            self.violation(Kind::SubscriptionNotDurable, text);
+        }
         // The model follows what the store kept.
         let (at, now) = (self.clock, self.now);
         for who in EVERYONE {
@@ -1007,6 +1065,7 @@ impl World {
             Packet::PubRel(pid) => {
                 let c = &mut self.clients[who.idx()];
                 c.recv_qos2.remove(&pid);
+                c.pubrec_sent.remove(&pid);
                 c.inflight_in.entry(pid).or_insert(None);
                 self.check_inflight(who);
                 self.answer(who, conn, Packet::PubComp(pid));
@@ -1047,9 +1106,8 @@ impl World {
             return;
         }
         c.connacked = true;
-        c.offline_since = None;
         let clean = c.clean;
-        let expected = !clean && c.has_session;
+        let expected = c.expect_present;
         let present = ack.session_present;
         if present != expected {
             self.violation(
@@ -1060,16 +1118,14 @@ impl World {
             );
         }
         let c = &mut self.clients[who.idx()];
-        if c.clean {
-            c.outgoing.clear();
-        }
-        if c.clean || !present {
+        if expected && !present {
+            // No session after all: the client drops what it received for the old one.
             c.close_intervals(at, None);
             c.recv_qos2.clear();
+            c.pubrec_sent.clear();
             c.seen.clear();
             c.incarnation += 1;
         }
-        c.has_session = !c.clean;
         // Unacknowledged publishes and PUBRELs go again, in order [MQTT-4.4.0-1].
         let resend: Vec<(u16, u64, OutState)> =
             c.outgoing.iter().map(|o| (o.pid, o.msg, o.state)).collect();
@@ -1233,7 +1289,7 @@ impl World {
         let epoch = self.epoch;
         let c = &mut self.clients[who.idx()];
         let mut app = true;
-        let mut shadowed = false;
+        let mut shadow = None;
         if let Some(pid) = p.packet_id.filter(|_| p.qos != QoS::AtMostOnce) {
             if !p.retain && !p.dup && c.seen.contains(&(pid, n, epoch)) {
                 bad.push((
@@ -1256,12 +1312,17 @@ impl World {
                 match c.recv_qos2.get(&pid) {
                     Some((other, _)) if *other == n => app = false,
                     Some(&(other, ep)) => {
-                        shadowed = ep != epoch;
-                        let kind = if shadowed {
+                        let shadowed = ep != epoch;
+                        let kind = if !shadowed {
+                            Kind::Inflight
+                        } else if c.pubrec_sent.contains(&pid) {
                             Kind::Qos2NeverReleased
                         } else {
-                            Kind::Inflight
+                            Kind::Qos2InflightDropped
                         };
+                        if shadowed {
+                            shadow = Some(kind);
+                        }
                         bad.push((kind, format!("{who:?}: packet id {pid} of unreleased QoS 2 m{other} (epoch {ep}) reused for m{n} (epoch {epoch})")));
                         app = false;
                     }
@@ -1279,7 +1340,7 @@ impl World {
             incarnation: c.incarnation,
             epoch,
             app,
-            shadowed,
+            shadowed: shadow,
         });
         for (kind, text) in bad {
             self.violation(kind, text);
@@ -1424,15 +1485,13 @@ impl World {
                     c.who
                 ));
             }
-            if !c.recv_qos2.is_empty() {
-                let t = format!(
-                    "{:?} answered PUBREC and never got PUBREL for (packet id, (message, epoch)) {:?} [MQTT-4.3.3-1]",
-                    c.who, c.recv_qos2
-                );
-                self.violations.push(Violation {
-                    kind: Kind::Qos2NeverReleased,
-                    text: t,
-                });
+            for (pid, (n, epoch)) in &c.recv_qos2 {
+                let (kind, t) = if c.pubrec_sent.contains(pid) {
+                    (Kind::Qos2NeverReleased, format!("{:?} answered PUBREC for QoS 2 m{n} (packet id {pid}, epoch {epoch}) and never got PUBREL [MQTT-4.3.3-1]", c.who))
+                } else {
+                    (Kind::Qos2InflightDropped, format!("{:?} got QoS 2 m{n} (packet id {pid}, epoch {epoch}), lost the connection before its PUBREC went out, and the gateway neither re-sent nor released it [MQTT-4.4.0-1]", c.who))
+                };
+                self.violations.push(Violation { kind, text: t });
             }
             if !c.inflight_in.is_empty() {
                 text.push(format!(
@@ -1471,18 +1530,15 @@ impl World {
                 if ds.iter().any(|d| d.msg == n && d.app) {
                     continue;
                 }
-                if ds.iter().any(|d| d.msg == n && d.shadowed) {
-                    shadowed.push(format!("{who:?} never saw acknowledged m{n}: its packet id was still unreleased from before a crash"));
+                if let Some(kind) = ds.iter().filter(|d| d.msg == n).find_map(|d| d.shadowed) {
+                    shadowed.push((kind, format!("{who:?} never saw acknowledged m{n}: its packet id was still unreleased from before a crash")));
                 } else {
                     missing.entry(who).or_default().push(n);
                 }
             }
         }
-        for text in shadowed.into_iter().take(5) {
-            self.violations.push(Violation {
-                kind: Kind::Qos2NeverReleased,
-                text,
-            });
+        for (kind, text) in shadowed.into_iter().take(5) {
+            self.violations.push(Violation { kind, text });
         }
         for (who, lost) in missing {
             let dropped = self.drops[who.idx()];
@@ -1512,7 +1568,7 @@ impl World {
             let shadowed: BTreeSet<u64> = c
                 .deliveries
                 .iter()
-                .filter(|d| d.shadowed)
+                .filter(|d| d.shadowed.is_some())
                 .map(|d| d.msg)
                 .collect();
             for d in &c.deliveries {
@@ -1603,10 +1659,5 @@ impl World {
         for (kind, text) in found.into_iter().take(5) {
             self.violations.push(Violation { kind, text });
         }
-    }
-
-    #[allow(dead_code)]
-    pub(crate) fn elapsed(&self) -> Duration {
-        self.now - self.t0
     }
 }
