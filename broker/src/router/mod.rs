@@ -54,7 +54,7 @@ struct Inner {
     engine: Mutex<Engine>,
     conns: Mutex<HashMap<ConnId, Conn>>,
     next_conn: AtomicU64,
-    store: Option<mpsc::UnboundedSender<(StoreSeq, StoreOp)>>,
+    store: Option<mpsc::UnboundedSender<Vec<(StoreSeq, StoreOp)>>>,
     metrics: Arc<Metrics>,
     notices: notices::Notices,
 }
@@ -86,7 +86,7 @@ impl Router {
     pub(crate) fn new(
         settings: Settings,
         authorizer: Arc<dyn Authorizer>,
-        store: Option<mpsc::UnboundedSender<(StoreSeq, StoreOp)>>,
+        store: Option<mpsc::UnboundedSender<Vec<(StoreSeq, StoreOp)>>>,
         metrics: Arc<Metrics>,
     ) -> Self {
         Router {
@@ -101,19 +101,31 @@ impl Router {
         }
     }
 
-    /// Runs `f` on the engine, then carries out what it asked for.
+    /// Runs `f` on the engine, then carries out what it asked for. The call's store writes go
+    /// to the writer while the lock is still held, as one message: in the engine's order
+    /// across calls from every thread, and committed together (the engine's crash rules hold
+    /// for whole calls).
     fn with_engine<R>(&self, f: impl FnOnce(&mut Engine) -> R) -> R {
         let mut actions = Vec::new();
         let r = {
             let mut engine = lock(&self.inner.engine);
             let r = f(&mut engine);
+            let mut writes = Vec::new();
             while let Some(a) = engine.poll_action() {
                 match a {
-                    // No store: every write is durable at once.
-                    Action::Store { seq, .. } if self.inner.store.is_none() => {
-                        engine.durable(Instant::now(), seq)
-                    }
+                    Action::Store { seq, op } => match &self.inner.store {
+                        Some(_) => writes.push((seq, op)),
+                        // No store: every write is durable at once.
+                        None => engine.durable(Instant::now(), seq),
+                    },
                     a => actions.push(a),
+                }
+            }
+            if let (Some(tx), false) = (&self.inner.store, writes.is_empty()) {
+                if tx.send(writes).is_err() {
+                    // The writer stopped after a store failure and said why. Nothing that
+                    // waits for durability is answered from now on.
+                    Metrics::inc(&self.inner.metrics.store_errors);
                 }
             }
             r
@@ -136,18 +148,8 @@ impl Router {
                         c.wake.notify_one();
                     }
                 }
-                Action::Store { seq, op } => {
-                    let failed = self
-                        .inner
-                        .store
-                        .as_ref()
-                        .is_some_and(|tx| tx.send((seq, op)).is_err());
-                    if failed {
-                        // The writer stopped after a store failure and said why. Nothing that
-                        // waits for durability is answered from now on.
-                        Metrics::inc(&self.inner.metrics.store_errors);
-                    }
-                }
+                // Sent to the writer in `with_engine`.
+                Action::Store { .. } => {}
                 Action::Notice(n) => self.inner.notices.note(&self.inner.metrics, n),
             }
         }

@@ -26,9 +26,11 @@ use super::{sessions, Store, StoreError};
 /// is simply whatever was waiting.
 pub(crate) const MAX_BATCH: usize = 4096;
 
-/// The sending side: one `(seq, op)` per `Action::Store`, in the engine's order. Dropping every
-/// sender ends the writer after it has committed what was sent.
-pub(crate) type SessionOps = UnboundedSender<(StoreSeq, StoreOp)>;
+/// The sending side: the `(seq, op)` writes of one engine call, in the engine's order, as one
+/// message: they are committed in one transaction (never a part of them), since the engine's
+/// crash rules hold only for whole calls. Dropping every sender ends the writer after it has
+/// committed what was sent.
+pub(crate) type SessionOps = UnboundedSender<Vec<(StoreSeq, StoreOp)>>;
 
 /// What the writer did, once it has ended.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -89,7 +91,7 @@ impl SessionWriter {
 
 fn run(
     mut store: Store,
-    mut rx: UnboundedReceiver<(StoreSeq, StoreOp)>,
+    mut rx: UnboundedReceiver<Vec<(StoreSeq, StoreOp)>>,
     mut on_durable: impl FnMut(StoreSeq),
     on_error: impl FnOnce(&StoreError),
 ) -> Result<WriterSummary, StoreError> {
@@ -97,17 +99,17 @@ fn run(
     let mut batch = Vec::new();
     // `None`: every sender is gone and nothing is left.
     while let Some(first) = rx.blocking_recv() {
-        let (first_seq, mut last) = (first.0, first.0);
-        batch.push(first);
+        batch.extend(first);
+        // Whole calls only: a batch may pass MAX_BATCH by the last call it takes.
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
-                Ok(next) => {
-                    last = next.0;
-                    batch.push(next);
-                }
+                Ok(next) => batch.extend(next),
                 Err(_) => break,
             }
         }
+        let (Some(&(first_seq, _)), Some(&(last, _))) = (batch.first(), batch.last()) else {
+            continue;
+        };
         if let Err(e) = store.write(|tx| sessions::apply(tx, &batch)) {
             error!(error = %e, first_seq, last_seq = last, ops = batch.len(),
                 "session store write failed; nothing more is made durable");
@@ -214,10 +216,10 @@ mod tests {
         // One write on its own, then the rest; the sender goes away at once after them:
         // everything sent is still committed.
         let all = ops(1, 3_000);
-        sender.send(all[0].clone()).unwrap();
+        sender.send(vec![all[0].clone()]).unwrap();
         assert_eq!(durable.recv_timeout(DEADLINE).unwrap().0, 1);
         for op in &all[1..] {
-            sender.send(op.clone()).unwrap();
+            sender.send(vec![op.clone()]).unwrap();
         }
         drop(sender);
         let summary = join(writer).unwrap();
@@ -294,7 +296,7 @@ mod tests {
             while durable_upto + 2_000 < seq {
                 durable_upto = durable.recv_timeout(DEADLINE).unwrap();
             }
-            sender.send(kill_test_op(seq)).unwrap();
+            sender.send(vec![kill_test_op(seq)]).unwrap();
         }
         drop(sender);
         join(writer).unwrap();
@@ -392,10 +394,10 @@ mod tests {
         .unwrap();
         let n = 2 * MAX_BATCH as u64 + 100;
         let all = ops(1, n);
-        sender.send(all[0].clone()).unwrap();
+        sender.send(vec![all[0].clone()]).unwrap();
         assert_eq!(durable.recv_timeout(DEADLINE).unwrap(), 1);
         for op in &all[1..] {
-            sender.send(op.clone()).unwrap();
+            sender.send(vec![op.clone()]).unwrap();
         }
         go_tx.send(()).unwrap();
         drop(sender);
@@ -445,7 +447,7 @@ mod tests {
         )
         .unwrap();
         for op in &first {
-            sender.send(op.clone()).unwrap();
+            sender.send(vec![op.clone()]).unwrap();
         }
         let deadline = Instant::now() + DEADLINE;
         while durable
@@ -454,7 +456,7 @@ mod tests {
             != 50
         {}
         for op in &second {
-            sender.send(op.clone()).unwrap();
+            sender.send(vec![op.clone()]).unwrap();
         }
         go_tx.send(()).unwrap();
 
@@ -463,7 +465,7 @@ mod tests {
         assert_eq!(errors.try_iter().count(), 1);
         // Nothing past the first batch was reported, and the writer takes nothing more.
         assert_eq!(durable.try_iter().count(), 0);
-        assert!(sender.send(ops(61, 1)[0].clone()).is_err());
+        assert!(sender.send(vec![ops(61, 1)[0].clone()]).is_err());
 
         // A restart finds exactly the first batch: no write of the failed one.
         let reopened = Store::open(&path).unwrap();
@@ -507,7 +509,7 @@ mod tests {
         let mut enqueued_at = Vec::with_capacity(MESSAGES as usize);
         let mut send = |op| {
             seq += 1;
-            sender.send((seq, op)).unwrap();
+            sender.send(vec![(seq, op)]).unwrap();
             seq
         };
         for id in 0..MESSAGES {
