@@ -12,18 +12,21 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::mpsc;
-use tracing::info;
+use std::sync::OnceLock;
 
+use tokio::sync::{mpsc, Notify};
+use tracing::{error, info};
+
+use crate::acl::PolicyAuthorizer;
 use crate::bridge::{self, Bridge, BridgeTls};
 use crate::config::GatewayConfig;
 use crate::edge::{self, Edge, EdgeHandle, EdgeParts, Sessions};
 use crate::firmware::FirmwareDir;
 use crate::metrics::Metrics;
 use crate::ports::{DirectSink, StatusIntake};
-use crate::router::RouterHandle;
+use crate::router::Router;
 use crate::services::{self, ServiceDeps};
-use crate::store::{SharedStore, Store, StoreError};
+use crate::store::{SessionWriter, SharedStore, Store, StoreError};
 use crate::tls::TlsFiles;
 
 /// Why the gateway cannot start or reload.
@@ -36,9 +39,6 @@ pub enum GatewayError {
     /// Opening a directory or joining a start-up task failed.
     #[error("{0}")]
     Io(String),
-    /// The router could not start.
-    #[error(transparent)]
-    Router(#[from] crate::router::RouterError),
     /// The store cannot be opened.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -82,11 +82,51 @@ fn health_sources(
     }
 }
 
+/// The MQTT core and the writer of its persistent state: the writer reports durable writes to
+/// the core, and a failed write stops the gateway (the returned `Notify` is notified then).
+fn start_core(
+    config: &GatewayConfig,
+    security: &edge::Security,
+    store: &Store,
+    metrics: Arc<Metrics>,
+) -> Result<(Router, Arc<Notify>), GatewayError> {
+    let core: Arc<OnceLock<Router>> = Arc::new(OnceLock::new());
+    let failed = Arc::new(Notify::new());
+    let durable_to = core.clone();
+    let fail = failed.clone();
+    let fail_metrics = metrics.clone();
+    // The writer's thread lives as long as the process (every router clone holds a sender).
+    let (ops, _writer) = SessionWriter::spawn(
+        store.path(),
+        move |seq| {
+            if let Some(router) = durable_to.get() {
+                router.durable(seq);
+            }
+        },
+        move |_| {
+            Metrics::inc(&fail_metrics.store_errors);
+            fail.notify_one();
+        },
+    )?;
+    let router = Router::new(
+        config.mqtt.engine(config.acl.on_denied_publish),
+        Arc::new(PolicyAuthorizer(security.policy.clone())),
+        Some(ops),
+        metrics,
+    );
+    // Set before any write can be made: the engine writes nothing until it is driven.
+    let _ = core.set(router.clone());
+    Ok((router, failed))
+}
+
 /// A gateway bound to its ports, ready to serve.
 pub struct Gateway {
     edge: Edge,
     metrics: Arc<Metrics>,
     metrics_addr: Option<SocketAddr>,
+    /// Notified when the MQTT core's store writes fail: the gateway stops (it may not
+    /// acknowledge what it cannot keep).
+    store_failed: Arc<Notify>,
 }
 
 /// A handle to a running gateway: reload and metrics, usable from signal handlers and tests.
@@ -102,8 +142,27 @@ impl Gateway {
     /// from [`Gateway::serve`] on.
     pub async fn bind(config: GatewayConfig, tls_files: TlsFiles) -> Result<Gateway, GatewayError> {
         let security = edge::load_security(&config, &tls_files)?;
-        let router = RouterHandle::start(config.limits.max_connections)?;
         let metrics = Arc::new(Metrics::default());
+
+        // The store first: the MQTT core is rebuilt from its persistent sessions and retained
+        // messages before any client can connect.
+        let data_dir = config.data_dir.clone();
+        let (store, (stored_sessions, retained)) = tokio::task::spawn_blocking(move || {
+            let store = Store::open_in(&data_dir)?;
+            let saved = store.load_sessions()?;
+            Ok::<_, StoreError>((store, saved))
+        })
+        .await
+        .map_err(|e| GatewayError::Io(e.to_string()))??;
+        info!(
+            path = %store.path().display(),
+            sessions = stored_sessions.len(),
+            retained = retained.len(),
+            "store open"
+        );
+        let (router, store_failed) = start_core(&config, &security, &store, metrics.clone())?;
+        router.restore(stored_sessions, retained);
+        router.spawn_clock();
         let sessions = Arc::new(Sessions::default());
         let (session_events, session_events_rx) = mpsc::unbounded_channel();
         let (status, status_offers) = StatusIntake::channel(services::status::QUEUE);
@@ -118,11 +177,6 @@ impl Gateway {
         };
         let edge = Edge::bind(edge_parts, security).await?;
 
-        let data_dir = config.data_dir.clone();
-        let store = tokio::task::spawn_blocking(move || Store::open_in(&data_dir))
-            .await
-            .map_err(|e| GatewayError::Io(e.to_string()))??;
-        info!(path = %store.path().display(), "store open");
         let firmware =
             FirmwareDir::open(&config.data_dir).map_err(|e| GatewayError::Io(e.to_string()))?;
         let store = SharedStore::new(store, metrics.clone());
@@ -177,6 +231,7 @@ impl Gateway {
             edge,
             metrics,
             metrics_addr,
+            store_failed,
         })
     }
 
@@ -201,7 +256,16 @@ impl Gateway {
     /// Serves until `shutdown` resolves, then stops accepting, asks every connection to close
     /// (publishing wills) and waits up to `grace` for them.
     pub async fn serve(self, shutdown: impl std::future::Future<Output = ()>, grace: Duration) {
-        self.edge.serve(shutdown, grace).await;
+        let store_failed = self.store_failed.clone();
+        let stop = async move {
+            tokio::select! {
+                () = shutdown => {}
+                () = store_failed.notified() => {
+                    error!("stopping: the store cannot keep the MQTT core's writes");
+                }
+            }
+        };
+        self.edge.serve(stop, grace).await;
     }
 }
 

@@ -26,6 +26,8 @@ pub struct GatewayConfig {
     pub tls: TlsSettings,
     /// Connection and packet limits.
     pub limits: Limits,
+    /// Queues and caps of the MQTT core.
+    pub mqtt: MqttSettings,
     /// Authorization.
     pub acl: AclSettings,
     /// How identities are read from certificates.
@@ -47,6 +49,7 @@ impl Default for GatewayConfig {
             data_dir: PathBuf::from("gateway-data"),
             tls: TlsSettings::default(),
             limits: Limits::default(),
+            mqtt: MqttSettings::default(),
             acl: AclSettings::default(),
             identity: IdentitySettings::default(),
             commands: CommandSettings::default(),
@@ -65,6 +68,10 @@ pub struct TlsSettings {
     pub ca: Option<PathBuf>,
     /// PEM CRL(s) of those CAs; reloaded on SIGHUP. Optional.
     pub crl: Option<PathBuf>,
+    /// What a CRL past its nextUpdate leads to: `warn` (the default: a WARN line and the
+    /// `crl_stale` gauge; clients are still checked against it) or `refuse` (every CONNECT is
+    /// refused, and live sessions closed, until a fresh CRL is loaded).
+    pub stale_crl: StaleCrl,
     /// The gateway's certificate chain (PEM).
     pub cert: Option<PathBuf>,
     /// The gateway's private key (PEM, PKCS#8 or SEC1).
@@ -80,6 +87,7 @@ impl Default for TlsSettings {
         Self {
             ca: None,
             crl: None,
+            stale_crl: StaleCrl::Warn,
             cert: None,
             key: None,
             handshake_timeout: Duration::from_secs(10),
@@ -87,19 +95,40 @@ impl Default for TlsSettings {
     }
 }
 
+/// What a CRL past its nextUpdate leads to.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum StaleCrl {
+    /// Warn and count; keep using it.
+    #[default]
+    Warn,
+    /// Refuse every client until a fresh CRL is loaded.
+    Refuse,
+}
+
 /// Limits that protect the gateway from its clients.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(default, deny_unknown_fields)]
 pub struct Limits {
-    /// Most simultaneous client connections (TLS handshakes included). When full, the listener
-    /// stops accepting until a slot frees: back-pressure, not failure. Default 10,000.
+    /// Most simultaneous authenticated client sessions. When full, a new client is answered
+    /// CONNACK 0x03 (server unavailable) and closed. Default 10,000.
     pub max_connections: usize,
     /// Largest MQTT packet accepted, in bytes; a larger one closes the connection. Default
     /// 2 MiB: a 1 MiB firmware chunk plus framing fits.
     pub max_packet_size: usize,
+    /// Connections still in their TLS handshake or before CONNECT, overall. When full, the
+    /// oldest pending one is dropped for the newcomer, so idle sockets never keep a client out.
+    /// Separate from `max_connections`. Default 1,024.
+    pub max_handshakes: usize,
+    /// The same, per source address. Default 256.
+    pub max_handshakes_per_source: usize,
     /// Longest wait for CONNECT after the handshake. Default 10 s.
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
+    /// A write to a client that makes no progress for this long closes the connection (a
+    /// client that does not read cannot hold the gateway's close signals back). Default 30 s.
+    #[serde(with = "humantime_serde")]
+    pub write_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -107,7 +136,77 @@ impl Default for Limits {
         Self {
             max_connections: 10_000,
             max_packet_size: 2 << 20,
+            max_handshakes: 1024,
+            max_handshakes_per_source: 256,
             connect_timeout: Duration::from_secs(10),
+            write_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Queues, windows and caps of the MQTT core (see `fleet_mqtt::Settings` for what each does).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct MqttSettings {
+    /// QoS 1/2 messages in flight to one client. Default 32.
+    pub max_inflight: usize,
+    /// Incoming QoS 1/2 publishes one client may have unanswered while their subscribers are
+    /// full; over it the client is disconnected. Default 100 (the default in-flight window of
+    /// common clients); at least 64.
+    pub max_held: usize,
+    /// Incoming QoS 2 ids awaiting PUBREL per client; over it the client is disconnected.
+    /// Default 100.
+    pub max_unreleased: usize,
+    /// Messages queued for one online client beyond its in-flight ones. Default 1,000.
+    pub queue_messages: usize,
+    /// Payload bytes queued for one online client. Default 8 MiB.
+    pub queue_bytes: usize,
+    /// Messages kept for one offline persistent session (oldest dropped, counted). Default 1,000.
+    pub offline_messages: usize,
+    /// Payload bytes kept for one offline persistent session. Default 16 MiB.
+    pub offline_bytes: usize,
+    /// A client whose queue stays full this long is disconnected. Default 30 s.
+    #[serde(with = "humantime_serde")]
+    pub stalled_after: Duration,
+    /// A persistent session offline this long is removed. Default 7 days.
+    #[serde(with = "humantime_serde")]
+    pub session_expiry: Duration,
+}
+
+impl Default for MqttSettings {
+    fn default() -> Self {
+        let d = fleet_mqtt::Settings::default();
+        MqttSettings {
+            max_inflight: d.max_inflight_out,
+            max_held: d.max_held_in,
+            max_unreleased: d.max_unreleased_in,
+            queue_messages: d.queue_messages,
+            queue_bytes: d.queue_bytes,
+            offline_messages: d.offline_messages,
+            offline_bytes: d.offline_bytes,
+            stalled_after: d.stalled_after,
+            session_expiry: d.session_expiry,
+        }
+    }
+}
+
+impl MqttSettings {
+    /// The engine's settings, with the ACL's choice for denied publishes.
+    pub(crate) fn engine(&self, denied: DeniedPublish) -> fleet_mqtt::Settings {
+        fleet_mqtt::Settings {
+            max_inflight_out: self.max_inflight,
+            max_held_in: self.max_held,
+            max_unreleased_in: self.max_unreleased,
+            queue_messages: self.queue_messages,
+            queue_bytes: self.queue_bytes,
+            offline_messages: self.offline_messages,
+            offline_bytes: self.offline_bytes,
+            stalled_after: self.stalled_after,
+            session_expiry: self.session_expiry,
+            denied_publish: match denied {
+                DeniedPublish::Drop => fleet_mqtt::DeniedPublish::AckAndDrop,
+                DeniedPublish::Disconnect => fleet_mqtt::DeniedPublish::Disconnect,
+            },
         }
     }
 }
@@ -322,11 +421,38 @@ impl GatewayConfig {
         if t.ca.is_none() && t.crl.is_some() {
             return bad("tls.crl needs tls.ca");
         }
-        if t.handshake_timeout.is_zero() || self.limits.connect_timeout.is_zero() {
+        if t.handshake_timeout.is_zero()
+            || self.limits.connect_timeout.is_zero()
+            || self.limits.write_timeout.is_zero()
+        {
             return bad("timeouts must be greater than zero");
         }
-        if self.limits.max_connections == 0 {
-            return bad("limits.max_connections must be at least 1");
+        let m = &self.mqtt;
+        if [
+            m.max_inflight,
+            m.max_held,
+            m.max_unreleased,
+            m.queue_messages,
+            m.queue_bytes,
+        ]
+        .contains(&0)
+            || m.stalled_after.is_zero()
+            || m.session_expiry.is_zero()
+        {
+            return bad("mqtt.* limits and durations must be greater than zero");
+        }
+        if m.max_held < 64 {
+            // The gateway's own services keep up to 48 publishes unanswered (router::link).
+            return bad("mqtt.max_held must be at least 64");
+        }
+        if m.max_inflight > 65_535 {
+            return bad("mqtt.max_inflight must be at most 65535 (packet ids)");
+        }
+        if self.limits.max_connections == 0
+            || self.limits.max_handshakes == 0
+            || self.limits.max_handshakes_per_source == 0
+        {
+            return bad("limits.max_connections, max_handshakes and max_handshakes_per_source must be at least 1");
         }
         if !(1024..=(256 << 20)).contains(&self.limits.max_packet_size) {
             return bad("limits.max_packet_size must be between 1 KiB and 256 MiB");
@@ -405,6 +531,10 @@ mod tests {
             "listen = \"nowhere\"",
             "[limits]\nmax_connections = 0",
             "[limits]\nmax_packet_size = 10",
+            "[mqtt]\nmax_held = 10",
+            "[mqtt]\nqueue_messages = 0",
+            "[limits]\nmax_handshakes = 0",
+            "[limits]\nwrite_timeout = \"0s\"",
             "[tls]\nca = \"ca.crt\"",
             "unknown_key = 1",
             "[identity]\ncn_fallback_role = \"admin\"",

@@ -1,5 +1,5 @@
-//! The edge gateway: the mTLS edge with certificate identities and ACLs in front of an
-//! embedded rumqttd router.
+//! The edge gateway: the mTLS edge with certificate identities and ACLs in front of the
+//! gateway's own MQTT core (crate `fleet-mqtt`).
 //!
 //! # Public API
 //!
@@ -23,15 +23,15 @@
 //! 1. [`Gateway`] (module `assembly`): builds and wires everything; the only module that knows
 //!    all others. The `gateway` binary calls it.
 //! 2. Peers that never import each other:
-//!    * `edge`: listener, TLS and identity, per-connection tasks driving the router, reload of
+//!    * `edge`: listener, TLS and identity, per-connection tasks driving the core, reload of
 //!      its own TLS material and policy, shutdown.
 //!    * `services`: the in-process command service and fleet API, the status owner, the
 //!      presence registry and the update server.
 //!    * `bridge`: the MQTT bridge to the cloud broker, with store-and-forward.
 //!    * `http`: the metrics and health endpoint.
 //! 3. What they share:
-//!    * `router`: the embedded rumqttd router behind a narrow seam, and the in-process links
-//!      services and the bridge open on it.
+//!    * `router`: the driver of the MQTT core (`fleet_mqtt::Engine`): its lock, the wake-up of
+//!      each connection, the clock, and the in-process links services and the bridge open on it.
 //!    * `ports`: what the peers hand each other through the assembly (session events, the
 //!      status intake, direct delivery to a connection).
 //!    * `acl`: topic matching and the per-role policy (pure).
@@ -67,11 +67,11 @@ pub use assembly::{Gateway, GatewayError, GatewayHandle};
 pub use bridge::BridgeError;
 pub use config::{
     AclSettings, BridgeSettings, CommandSettings, ConfigError, DeniedPublish, GatewayConfig,
-    IdentitySettings, Limits, MetricsSettings, TlsSettings, UpdateSettings,
+    IdentitySettings, Limits, MetricsSettings, MqttSettings, StaleCrl, TlsSettings, UpdateSettings,
 };
 pub use devpki::ensure as ensure_dev_pki;
 pub use edge::EdgeError;
 pub use metrics::Metrics;
-pub use router::{LinkError, RouterError};
+pub use router::LinkError;
 pub use store::{DeviceState, StatusOutcome, Store, StoreError, FILE_NAME as STORE_FILE_NAME};
 pub use tls::{TlsError, TlsFiles};

@@ -57,6 +57,9 @@ series! {
     tcp_accepted: counter "tcp_accepted_total" "TCP connections accepted.",
     /// TLS handshakes that failed or timed out (wrong CA, revoked, expired, no certificate).
     handshake_failures: counter "handshake_failures_total" "TLS handshakes failed or timed out.",
+    /// Pending handshakes dropped to make room for newer connections (pre-authentication
+    /// budget full, overall or for one source address).
+    handshakes_evicted: counter "handshakes_evicted_total" "Pending handshakes dropped for newer connections.",
     /// Connections refused after the handshake (identity, CONNECT problems).
     connects_refused: counter "connects_refused_total" "Connections refused after the handshake.",
     /// MQTT sessions established (CONNACK accepted sent).
@@ -89,6 +92,9 @@ series! {
     /// Store operations that failed (disk full, I/O error); the message is not lost from its
     /// sender's point of view only where the protocol re-sends it.
     store_errors: counter "store_errors_total" "Store operations that failed.",
+    /// 1 while a loaded CRL is past its nextUpdate (gauge): revocations issued since may be
+    /// missing. Clients are refused meanwhile when `tls.stale_crl = "refuse"`.
+    crl_stale: gauge "crl_stale" "1 while a loaded CRL is past its nextUpdate.",
     /// Firmware chunks uploaded into the cache (verified and written).
     chunks_uploaded: counter "update_chunks_uploaded_total" "Firmware chunks uploaded into the cache.",
     /// Firmware chunks sent to devices.
@@ -118,9 +124,74 @@ series! {
     bridge_bytes_down: counter "bridge_bytes_down_total" "Payload bytes received from upstream.",
     /// Queued messages dropped to keep the queue within its disk budget.
     bridge_dropped: counter "bridge_dropped_total" "Queued messages dropped over the disk budget.",
+    /// Messages the MQTT core dropped: QoS 0 for a full queue, the oldest of an offline
+    /// session's queue over its cap, the queue of an expired session.
+    messages_dropped: counter "messages_dropped_total" "Messages dropped by the MQTT core (queue caps, QoS 0 under pressure).",
+    /// Subscriptions removed because a reloaded policy no longer allows them.
+    subscriptions_revoked: counter "subscriptions_revoked_total" "Subscriptions removed by a policy reload.",
+    /// Connections the MQTT core closed: over a cap on held or unreleased publishes, a queue
+    /// full too long, or a write that did not finish in time.
+    clients_closed_over_limits: counter "clients_closed_over_limits_total" "Clients closed for exceeding a cap, stalling, or not reading.",
+}
+
+/// A log line budget: at most a few lines per second for one kind of event, so a flood of bad
+/// input is counted in full but logged in a handful of lines, each saying how many were left
+/// out since the last one.
+#[derive(Debug, Default)]
+pub(crate) struct LogBudget {
+    state: std::sync::Mutex<(Option<std::time::Instant>, u32, u64)>,
+}
+
+/// The budget of "payload did not decode" lines, shared by every service.
+static MALFORMED_LOG: LogBudget = LogBudget::new();
+
+impl LogBudget {
+    /// A fresh budget.
+    pub(crate) const fn new() -> Self {
+        LogBudget {
+            state: std::sync::Mutex::new((None, 0, 0)),
+        }
+    }
+
+    /// Lines per window.
+    pub(crate) const LINES: u32 = 5;
+    /// The window.
+    pub(crate) const WINDOW: std::time::Duration = std::time::Duration::from_secs(1);
+
+    /// Whether a line may be logged at `now`; if so, how many were suppressed before it.
+    pub(crate) fn allow_at(&self, now: std::time::Instant) -> Option<u64> {
+        let mut g = match self.state.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        let (start, used, suppressed) = &mut *g;
+        if start.is_none_or(|s| now.duration_since(s) >= Self::WINDOW) {
+            *start = Some(now);
+            *used = 0;
+        }
+        if *used < Self::LINES {
+            *used += 1;
+            Some(std::mem::take(suppressed))
+        } else {
+            *suppressed += 1;
+            None
+        }
+    }
+
+    /// [`LogBudget::allow_at`] now.
+    pub(crate) fn allow(&self) -> Option<u64> {
+        self.allow_at(std::time::Instant::now())
+    }
 }
 
 impl Metrics {
+    /// Counts a payload that did not decode and says whether a log line for it fits the
+    /// shared budget (and how many were left out before it).
+    pub(crate) fn malformed_payload(&self) -> Option<u64> {
+        Self::inc(&self.malformed_payloads);
+        MALFORMED_LOG.allow()
+    }
+
     /// Adds one to `counter`.
     pub(crate) fn inc(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
@@ -167,10 +238,11 @@ mod tests {
     use super::*;
 
     /// The series as the README and the dashboards know them: name and type, in order.
-    const EXPORTED: [(&str, &str); 32] = [
+    const EXPORTED: [(&str, &str); 37] = [
         ("connections", "gauge"),
         ("tcp_accepted_total", "counter"),
         ("handshake_failures_total", "counter"),
+        ("handshakes_evicted_total", "counter"),
         ("connects_refused_total", "counter"),
         ("sessions_opened_total", "counter"),
         ("acl_denials_total", "counter"),
@@ -186,6 +258,7 @@ mod tests {
         ("status_stored_total", "counter"),
         ("status_duplicates_total", "counter"),
         ("store_errors_total", "counter"),
+        ("crl_stale", "gauge"),
         ("update_chunks_uploaded_total", "counter"),
         ("update_chunks_served_total", "counter"),
         ("update_chunks_dropped_total", "counter"),
@@ -200,7 +273,23 @@ mod tests {
         ("bridge_bytes_up_total", "counter"),
         ("bridge_bytes_down_total", "counter"),
         ("bridge_dropped_total", "counter"),
+        ("messages_dropped_total", "counter"),
+        ("subscriptions_revoked_total", "counter"),
+        ("clients_closed_over_limits_total", "counter"),
     ];
+
+    #[test]
+    fn a_flood_is_logged_a_few_lines_a_window_and_the_rest_counted() {
+        let b = LogBudget::default();
+        let t0 = std::time::Instant::now();
+        let allowed = (0..100).filter(|_| b.allow_at(t0).is_some()).count();
+        assert_eq!(allowed, LogBudget::LINES as usize);
+        // The next window's first line says how many were suppressed.
+        assert_eq!(
+            b.allow_at(t0 + LogBudget::WINDOW),
+            Some(100 - u64::from(LogBudget::LINES))
+        );
+    }
 
     #[test]
     fn every_series_keeps_its_name_type_and_value() {

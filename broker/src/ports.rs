@@ -5,25 +5,25 @@
 //! * [`StatusIntake`]: the edge offers a device's status report and learns whether it may be
 //!   acknowledged (implemented by `services::status`).
 //! * [`DirectSink`]: a service writes bulk packets straight to one connection, bypassing the
-//!   router (implemented by the edge's session registry).
+//!   MQTT core's queues (implemented by the edge's session registry).
 
 use bytes::Bytes;
-use rumqttd::protocol::Packet;
+use fleet_mqtt::Packet;
 use tokio::sync::{mpsc, oneshot};
 
-/// What the edge reports about device sessions, in the order in which it forwarded the
-/// matching packets to the router: a `Subscribed` event is sent after the SUBSCRIBE went to the
-/// router, so a publish a service sends afterwards is routed to it.
+/// What the edge reports about device sessions, in the order in which it handed the matching
+/// packets to the MQTT core: a `Subscribed` event is sent after the core took the SUBSCRIBE, so
+/// a publish a service sends afterwards is routed to it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum SessionEvent {
     /// A device's session is open (CONNACK sent).
     Connected {
         /// The device id.
         id: String,
-        /// Whether the router still had its persistent session.
+        /// Whether the core still had its persistent session.
         session_present: bool,
     },
-    /// A device subscribed to these filters (forwarded to the router).
+    /// A device subscribed to these filters (the policy allows them).
     Subscribed {
         /// The device id.
         id: String,
@@ -47,7 +47,7 @@ pub(crate) enum DeliverError {
 }
 
 /// Writes packets straight to one live connection, as they are: for bulk data that must not
-/// sit in the router's in-memory logs (firmware chunks). The caller has checked that the client
+/// sit in the core's queues (firmware chunks, sent at QoS 0 and asked for again when lost). The caller has checked that the client
 /// may receive it.
 pub(crate) trait DirectSink: Send + Sync {
     /// Queues `packet` for the live connection of `client_id`; never waits.

@@ -301,3 +301,68 @@ fn example_configuration_is_valid() {
         "the example must show the defaults"
     );
 }
+
+/// What a persistent session was sent while offline, and the retained messages, are in the
+/// store: a SIGKILL of the gateway loses none of what it acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn persistent_sessions_and_retained_messages_survive_sigkill() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut gw = GatewayProcess::start(tmp.path());
+    // dev-0001 subscribes with a persistent session (-c), then goes away.
+    let mut sub = mosquitto_sub(
+        gw.args("devices", "dev-0001"),
+        "devices/dev-0001/cmd",
+        &["-c", "-q", "1", "-W", "30"],
+    );
+    sub.subscribed().await;
+    sub.kill();
+    let publish = |gw: &GatewayProcess, topic: &str, message: &str, extra: &[&str]| {
+        let mut c = Command::new(tool("mosquitto_pub"));
+        c.args(gw.args("services", "svc-0001"))
+            .args(["-t", topic, "-m", message, "-q", "1"])
+            .args(extra);
+        let out = run(c, DEADLINE);
+        assert!(out.status.success(), "{}", text(&out));
+    };
+    gw.wait_log("dev-0001 offline", |l| {
+        l.contains("dev-0001") && l.contains("connection lost")
+    });
+    // Acknowledged by the gateway (mosquitto_pub exits 0 only after PUBACK).
+    for n in 1..=3 {
+        publish(&gw, "devices/dev-0001/cmd", &format!("queued-{n}"), &[]);
+    }
+    publish(
+        &gw,
+        "devices/dev-0001/update/manifest",
+        "retained-m",
+        &["-r"],
+    );
+    gw.signal("KILL");
+    let _ = tokio::task::block_in_place(|| gw.proc.wait(Duration::from_secs(15)));
+
+    let gw = GatewayProcess::start(tmp.path());
+    let got = finish(mosquitto_sub(
+        gw.args("devices", "dev-0001"),
+        "devices/dev-0001/cmd",
+        &["-c", "-q", "1", "-C", "3", "-W", "30"],
+    ))
+    .await;
+    assert_eq!(
+        String::from_utf8_lossy(&got.stdout).trim(),
+        "devices/dev-0001/cmd queued-1\ndevices/dev-0001/cmd queued-2\ndevices/dev-0001/cmd queued-3",
+        "{}",
+        text(&got)
+    );
+    let got = finish(mosquitto_sub(
+        gw.args("devices", "dev-0001"),
+        "devices/dev-0001/update/manifest",
+        &["-C", "1", "-W", "30"],
+    ))
+    .await;
+    assert_eq!(
+        String::from_utf8_lossy(&got.stdout).trim(),
+        "devices/dev-0001/update/manifest retained-m",
+        "{}",
+        text(&got)
+    );
+}

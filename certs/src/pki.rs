@@ -323,6 +323,12 @@ impl Pki {
 
     /// Signs a fresh CRL listing every revoked serial, with the next CRL number.
     pub fn write_crl(&mut self) -> Result<PathBuf, PkiError> {
+        self.write_crl_until(OffsetDateTime::now_utc() + Duration::days(CRL_VALIDITY_DAYS))
+    }
+
+    /// Like [`Pki::write_crl`], declaring `next_update` as the time the next CRL is due (in the
+    /// past, it makes a stale CRL: for testing how relying parties treat one).
+    pub fn write_crl_until(&mut self, next_update: OffsetDateTime) -> Result<PathBuf, PkiError> {
         let now = OffsetDateTime::now_utc();
         let revoked_certs = self
             .index
@@ -340,8 +346,8 @@ impl Pki {
             .collect();
         self.index.crl_number += 1;
         let params = CertificateRevocationListParams {
-            this_update: now,
-            next_update: now + Duration::days(CRL_VALIDITY_DAYS),
+            this_update: now.min(next_update - Duration::seconds(1)),
+            next_update,
             crl_number: SerialNumber::from(self.index.crl_number),
             issuing_distribution_point: None,
             revoked_certs,

@@ -11,6 +11,8 @@ use webpki::{
     RevocationOptionsBuilder,
 };
 
+use x509_parser::prelude::FromDer;
+
 use crate::files::{read_certs, read_crls, PemError};
 use crate::identity::{identity_from_der, Identity, IdentityError, IdentityPolicy};
 
@@ -41,6 +43,8 @@ pub enum VerifyError {
 pub struct TrustStore {
     cas: Vec<CertificateDer<'static>>,
     crls: Vec<OwnedCertRevocationList>,
+    /// The earliest nextUpdate among the CRLs (Unix seconds), if any CRL names one.
+    crl_next_update: Option<u64>,
     policy: IdentityPolicy,
 }
 
@@ -54,11 +58,36 @@ impl TrustStore {
         for ca in &cas {
             anchor_from_trusted_cert(ca).map_err(VerifyError::Anchor)?;
         }
+        let crl_next_update = crls
+            .iter()
+            .filter_map(|c| {
+                let (_, parsed) =
+                    x509_parser::revocation_list::CertificateRevocationList::from_der(c).ok()?;
+                u64::try_from(parsed.next_update()?.timestamp()).ok()
+            })
+            .min();
         let crls = crls
             .iter()
             .map(|c| OwnedCertRevocationList::from_der(c).map_err(VerifyError::Crl))
             .collect::<Result<_, _>>()?;
-        Ok(Self { cas, crls, policy })
+        Ok(Self {
+            cas,
+            crls,
+            crl_next_update,
+            policy,
+        })
+    }
+
+    /// When the earliest of the CRLs expects to be replaced (its nextUpdate), Unix seconds;
+    /// `None` without CRLs or when none names a next update.
+    pub fn crl_next_update(&self) -> Option<u64> {
+        self.crl_next_update
+    }
+
+    /// Whether a CRL is past its nextUpdate at `now`: revocations issued since may be missing.
+    pub fn crl_stale(&self, now: UnixTime) -> bool {
+        self.crl_next_update
+            .is_some_and(|next| now.as_secs() >= next)
     }
 
     /// From a PEM CA bundle and an optional PEM CRL file.

@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod brokers;
 pub mod mosquitto;
 pub use fleet_testkit::mqtt;
 pub mod procs;

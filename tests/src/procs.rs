@@ -66,7 +66,7 @@ impl GatewayProc {
             .env("GATEWAY__LISTEN", "127.0.0.1:0")
             .env("GATEWAY__METRICS__LISTEN", "127.0.0.1:0")
             .env("GATEWAY__DATA_DIR", dir.join("data"))
-            .env("RUST_LOG", "info,rumqttd=warn");
+            .env("RUST_LOG", "info");
         for (k, v) in env {
             cmd.env(k, v);
         }

@@ -60,23 +60,9 @@ pub(crate) fn check_filter(filter: &str) -> Result<(), TopicSyntax> {
 }
 
 /// Whether `filter` matches the topic name `topic` (MQTT 3.1.1 section 4.7, including the rule
-/// that wildcards in the first level do not match topics starting with `$`).
-pub(crate) fn matches(filter: &str, topic: &str) -> bool {
-    if topic.starts_with('$') && (filter.starts_with('+') || filter.starts_with('#')) {
-        return false;
-    }
-    let mut f = filter.split('/');
-    let mut t = topic.split('/');
-    loop {
-        match (f.next(), t.next()) {
-            (Some("#"), _) => return true,
-            (Some("+"), Some(_)) => {}
-            (Some(fl), Some(tl)) if fl == tl => {}
-            (None, None) => return true,
-            _ => return false,
-        }
-    }
-}
+/// that wildcards in the first level do not match topics starting with `$`): the MQTT core's
+/// matcher, so the ACL and the router never disagree on what a filter covers.
+pub(crate) use fleet_mqtt::topic::matches;
 
 /// Whether every topic that `inner` matches is also matched by `outer`: the containment test
 /// that decides whether a subscription stays within what a rule allows. Sound (it never says

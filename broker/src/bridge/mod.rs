@@ -34,7 +34,7 @@ use tracing::{debug, info, warn};
 use self::mapping::Mapping;
 use crate::config::BridgeSettings;
 use crate::metrics::Metrics;
-use crate::router::RouterHandle;
+use crate::router::Router;
 use crate::router::{LinkError, Received, ServiceLink};
 use crate::store::SharedStore;
 
@@ -99,7 +99,7 @@ pub(crate) struct Bridge {
 impl Bridge {
     /// Sets up the upstream client and the local link; nothing is sent until [`Bridge::run`].
     pub(crate) async fn start(
-        router: &RouterHandle,
+        router: &Router,
         store: SharedStore,
         settings: BridgeSettings,
         tls: &BridgeTls,

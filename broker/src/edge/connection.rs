@@ -1,40 +1,46 @@
 //! One client connection: TLS handshake (with a timeout, in this connection's own task),
-//! identity from the certificate, the CONNECT rules, then the pump between the socket and the
-//! router link with the ACL applied to every PUBLISH, SUBSCRIBE and will.
+//! identity from the certificate, the CONNECT rules the edge owns (client id bound to the
+//! certificate, the certificate checked against the current CRL), then the pump between the
+//! socket and the MQTT core. The core applies the ACL, QoS and queues; the edge decodes with
+//! the strict codec, offers device status reports to the status owner before the core sees
+//! them, and writes what the core has for the client with a deadline.
 
-use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use fleet_certs::{identity_from_der, Identity};
-use rumqttd::local::{LinkRx, LinkTx};
-use rumqttd::protocol::{
-    ConnAck, ConnectReturnCode, LastWill, Packet, PingResp, PubAck, PubAckReason, PubComp,
-    PubCompReason, PubRec, PubRecReason, SubAck, Subscribe, SubscribeReasonCode, UnsubAck,
-    UnsubAckReason,
-};
-use rumqttd::Notification;
+use fleet_mqtt::codec::{encode, DecodeError, Decoder};
+use fleet_mqtt::{ConnAck, ConnectCode, Disconnected, Packet, Publish, QoS, Role, SessionKey};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
+use tokio::sync::{watch, Semaphore};
 use tokio::time::{sleep_until, timeout, Instant};
 use tokio_rustls::server::TlsStream;
 use tracing::{debug, info, warn, Instrument};
 
-use super::codec::{decode, encode, publish_header};
+use super::preauth::Ticket;
 use super::sessions::CloseReason;
 use super::Shared;
-use crate::acl::{Decision, DenyReason};
-use crate::config::DeniedPublish;
+use crate::acl::Decision;
 use crate::metrics::Metrics;
 use crate::ports::{SessionEvent, StatusVerdict};
+use crate::router::Port;
 use fleet_proto::topics::{self, DeviceTopic, Topic};
 
 type Tls = TlsStream<TcpStream>;
 
-/// Handles one accepted TCP connection to the end.
-pub(crate) async fn handle(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
+/// Handles one accepted TCP connection to the end. `ticket` is its pre-authentication slot
+/// (dropped once CONNECT is handled; the connection is dropped if it is evicted first);
+/// `slots` are the authenticated sessions' slots.
+pub(crate) async fn handle(
+    shared: Arc<Shared>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    ticket: Ticket,
+    slots: Arc<Semaphore>,
+) {
     let span = tracing::info_span!(
         "conn",
         peer = %peer,
@@ -42,13 +48,43 @@ pub(crate) async fn handle(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr
         client_id = tracing::field::Empty
     );
     async move {
-        let Some((tls, identity, cert)) = handshake(&shared, tcp).await else {
+        let evicted = ticket.evicted.clone();
+        let pre = async {
+            // The trust material the handshake verifies against: if a reload replaces it
+            // before CONNECT, the certificate is verified again then.
+            let trusted_as_of = shared.trust_generation();
+            let (tls, identity, cert) = handshake(&shared, tcp).await?;
+            tracing::Span::current().record("identity", tracing::field::display(&identity));
+            opening(&shared, tls, identity, cert, trusted_as_of).await
+        };
+        // Boxed, so the handshake's state is freed once it is over instead of sizing the
+        // connection's task for its whole life (memory per idle connection).
+        let opened = tokio::select! {
+            o = Box::pin(pre) => o,
+            () = evicted.notified() => {
+                debug!("pending connection dropped for a newer one");
+                None
+            }
+        };
+        drop(ticket);
+        let Some(mut opened) = opened else {
             return;
         };
-        tracing::Span::current().record("identity", tracing::field::display(&identity));
-        if let Err(reason) = session(shared.clone(), tls, identity, cert).await {
+        let Ok(permit) = slots.try_acquire_owned() else {
+            Metrics::inc(&shared.metrics.connects_refused);
+            warn!("max_connections reached; CONNACK 0x03");
+            refuse(
+                &mut opened.wr,
+                ConnectCode::ServerUnavailable,
+                shared.config.limits.write_timeout,
+            )
+            .await;
+            return;
+        };
+        if let Err(reason) = session(shared.clone(), opened).await {
             debug!(%reason, "connection ended");
         }
+        drop(permit);
     }
     .instrument(span)
     .await
@@ -98,66 +134,155 @@ enum End {
     Graceful,
     /// The connection was lost or closed abnormally: the will is published.
     Abnormal(String),
-    /// The router dropped the link (it already forgot the connection): the will is published.
-    RouterGone,
+    /// The MQTT core closed the connection (it already forgot it and published the will).
+    ByCore(fleet_mqtt::CloseReason),
 }
 
-async fn write_packets(wr: &mut WriteHalf<Tls>, packets: Vec<Packet>) -> std::io::Result<()> {
+/// Most bytes taken from the core per write.
+const WRITE_BATCH_BYTES: usize = 256 << 10;
+
+/// Writes `packets` with `deadline` as the longest a write may make no progress.
+async fn write_packets(
+    wr: &mut WriteHalf<Tls>,
+    packets: &[Packet],
+    deadline: Duration,
+) -> std::io::Result<()> {
     let mut out = BytesMut::new();
     for p in packets {
         encode(p, &mut out).map_err(|e| std::io::Error::other(e.to_string()))?;
     }
-    wr.write_all(&out).await?;
-    wr.flush().await
+    let mut at = 0;
+    while at < out.len() {
+        let rest = out.get(at..).unwrap_or_default();
+        match timeout(deadline, wr.write(rest)).await {
+            Ok(Ok(0)) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(Ok(n)) => at += n,
+            Ok(Err(e)) => return Err(e),
+            Err(_) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "the client did not read within the write timeout",
+                ))
+            }
+        }
+    }
+    match timeout(deadline, wr.flush()).await {
+        Ok(r) => r,
+        Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
+    }
 }
 
-async fn refuse(wr: &mut WriteHalf<Tls>, code: ConnectReturnCode) {
-    let _ = write_packets(
-        wr,
-        vec![Packet::ConnAck(
-            ConnAck {
-                session_present: false,
-                code,
-            },
-            None,
-        )],
-    )
-    .await;
+async fn refuse(wr: &mut WriteHalf<Tls>, code: ConnectCode, deadline: Duration) {
+    let ack = Packet::ConnAck(ConnAck {
+        session_present: false,
+        code,
+    });
+    let _ = write_packets(wr, &[ack], deadline).await;
     let _ = wr.shutdown().await;
 }
 
-async fn session(
-    shared: Arc<Shared>,
+/// The session key of a connection: the certificate's role and id, and for a service the
+/// instance part of its client id.
+fn session_key(identity: &Identity, client_id: &str) -> SessionKey {
+    let role = match identity.role {
+        fleet_certs::Role::Device => Role::Device,
+        fleet_certs::Role::Service => Role::Service,
+        fleet_certs::Role::Gateway => Role::Gateway,
+    };
+    let instance = client_id
+        .strip_prefix(identity.id.as_str())
+        .and_then(|r| r.strip_prefix(':'))
+        .map(str::to_owned);
+    SessionKey {
+        role,
+        id: identity.id.clone(),
+        instance,
+    }
+}
+
+/// A connection through TLS, CONNECT read and checked by the edge: ready for the core.
+struct Opened {
+    rd: ReadHalf<Tls>,
+    wr: WriteHalf<Tls>,
+    inbuf: BytesMut,
+    identity: Identity,
+    cert: Vec<u8>,
+    client_id: String,
+    connect: fleet_mqtt::Connect,
+}
+
+/// Reads and checks CONNECT: the pre-authentication part of a connection. `None`: refused
+/// (answered and closed here).
+async fn opening(
+    shared: &Shared,
     tls: Tls,
     identity: Identity,
     cert: Vec<u8>,
-) -> Result<(), String> {
-    let max = shared.config.limits.max_packet_size;
+    trusted_as_of: u64,
+) -> Option<Opened> {
+    match read_connect(shared, tls, identity, cert, trusted_as_of).await {
+        Ok(o) => Some(o),
+        Err(reason) => {
+            debug!(%reason, "connection refused");
+            None
+        }
+    }
+}
+
+async fn read_connect(
+    shared: &Shared,
+    tls: Tls,
+    identity: Identity,
+    cert: Vec<u8>,
+    trusted_as_of: u64,
+) -> Result<Opened, String> {
+    let decoder = Decoder::new(shared.config.limits.max_packet_size);
+    let write_timeout = shared.config.limits.write_timeout;
     let (mut rd, mut wr) = tokio::io::split(tls);
-    let mut inbuf = BytesMut::with_capacity(4096);
+    // Small: it grows for large packets, and an idle connection keeps what it has.
+    let mut inbuf = BytesMut::with_capacity(256);
 
     // CONNECT first, within the connect timeout.
     let first = timeout(shared.config.limits.connect_timeout, async {
         loop {
             // The first packet must be CONNECT: refuse anything else at its first byte.
             if inbuf.first().is_some_and(|b| *b != 0x10) {
-                return Err("first packet is not CONNECT".to_owned());
+                return Err(None);
             }
-            if let Some(p) = decode(&mut inbuf, max).map_err(|e| e.to_string())? {
-                return Ok::<_, String>(p);
+            if let Some(p) = decoder.decode(&mut inbuf).map_err(Some)? {
+                return Ok(p);
             }
-            if rd.read_buf(&mut inbuf).await.map_err(|e| e.to_string())? == 0 {
-                return Err("closed before CONNECT".into());
+            match rd.read_buf(&mut inbuf).await {
+                Ok(0) | Err(_) => return Err(None),
+                Ok(_) => {}
             }
         }
     })
     .await;
-    let first = match first {
-        Ok(Ok(p)) => p,
-        Ok(Err(e)) => {
+    let connect = match first {
+        Ok(Ok(Packet::Connect(c))) => c,
+        Ok(Err(Some(DecodeError::UnsupportedLevel(level)))) => {
+            Metrics::inc(&shared.metrics.connects_refused);
+            info!(level, "unsupported protocol level; CONNACK 0x01");
+            refuse(
+                &mut wr,
+                ConnectCode::UnacceptableProtocolVersion,
+                write_timeout,
+            )
+            .await;
+            return Err("unsupported protocol level".into());
+        }
+        Ok(Err(Some(e))) => {
             Metrics::inc(&shared.metrics.protocol_errors);
-            warn!(error = %e, "bad first packet");
-            return Err(e);
+            if let Some(suppressed) = shared.bad_input_log.allow() {
+                warn!(error = %e, suppressed, "malformed CONNECT");
+            }
+            return Err(e.to_string());
+        }
+        Ok(Ok(_)) | Ok(Err(None)) => {
+            Metrics::inc(&shared.metrics.protocol_errors);
+            info!("no CONNECT as the first packet");
+            return Err("first packet not CONNECT".into());
         }
         Err(_) => {
             Metrics::inc(&shared.metrics.connects_refused);
@@ -165,111 +290,128 @@ async fn session(
             return Err("connect timeout".into());
         }
     };
-    let Packet::Connect(connect, _, will, _, _) = first else {
-        Metrics::inc(&shared.metrics.protocol_errors);
-        warn!("first packet is not CONNECT");
-        return Err("first packet not CONNECT".into());
-    };
 
     // The client id is the certificate's id: an empty one is assigned, another is refused.
     // A service may run several connections, each as `{id}:{instance}`.
     let Some(client_id) = session_client_id(&identity, &connect.client_id) else {
         Metrics::inc(&shared.metrics.connects_refused);
         warn!(client_id = %connect.client_id, "client id differs from the certificate's id; refused");
-        refuse(&mut wr, ConnectReturnCode::ClientIdentifierNotValid).await;
+        refuse(&mut wr, ConnectCode::IdentifierRejected, write_timeout).await;
         return Err("client id mismatch".into());
     };
     tracing::Span::current().record("client_id", client_id.as_str());
 
-    // The will is a publish like any other: the ACL decides now, not when it fires.
-    if let Some(w) = &will {
-        let topic = std::str::from_utf8(&w.topic).unwrap_or("");
-        if let Decision::Deny(reason) = shared.policy().check_publish(&identity, topic) {
-            Metrics::inc(&shared.metrics.acl_denials);
-            warn!(topic, %reason, "will denied; connection refused");
-            refuse(&mut wr, ConnectReturnCode::NotAuthorized).await;
-            return Err("will denied".into());
-        }
+    // The handshake may have finished before a revocation was loaded: the certificate is
+    // checked again against the CRL in force now.
+    if let Err(e) = shared.verify_now(&cert, trusted_as_of) {
+        Metrics::inc(&shared.metrics.connects_refused);
+        warn!(error = %e, "certificate no longer valid at CONNECT; refused");
+        refuse(&mut wr, ConnectCode::NotAuthorized, write_timeout).await;
+        return Err("certificate no longer valid".into());
     }
+    Ok(Opened {
+        rd,
+        wr,
+        inbuf,
+        identity,
+        cert,
+        client_id,
+        connect,
+    })
+}
 
-    // One connection per identity: the previous one is closed and gone from the router first.
-    let mut registration = shared.sessions.register(&client_id, cert).await;
+async fn session(shared: Arc<Shared>, opened: Opened) -> Result<(), String> {
+    let Opened {
+        mut rd,
+        mut wr,
+        mut inbuf,
+        identity,
+        cert,
+        client_id,
+        connect,
+    } = opened;
+    let decoder = Decoder::new(shared.config.limits.max_packet_size);
+    let write_timeout = shared.config.limits.write_timeout;
 
-    let router = shared.router.clone();
-    let id = client_id.clone();
+    // One connection per identity: the previous one is asked to close.
+    let mut registration = shared.sessions.register(&client_id, cert);
+    let port = shared.router.attach();
+    let key = session_key(&identity, &client_id);
     let clean = connect.clean_session;
-    let link = tokio::task::spawn_blocking(move || router.link(&id, clean)).await;
-    let crate::router::Link {
-        tx: link_tx,
-        rx: mut link_rx,
-        connack,
-    } = match link {
-        Ok(Ok(l)) => l,
-        Ok(Err(e)) => {
-            warn!(error = %e, "router refused the connection");
-            refuse(&mut wr, ConnectReturnCode::ServiceUnavailable).await;
-            return Err("router refused".into());
-        }
-        Err(e) => return Err(format!("link task failed: {e}")),
-    };
-    let session_present = matches!(
-        &connack,
-        Some(Packet::ConnAck(ack, _)) if ack.session_present
-    );
-    if let Some(p) = connack {
-        write_packets(&mut wr, vec![p])
-            .await
-            .map_err(|e| e.to_string())?;
-    }
-    shared.session_event(
-        &identity,
-        SessionEvent::Connected {
-            id: identity.id.clone(),
-            session_present,
-        },
-    );
-    Metrics::inc(&shared.metrics.sessions_opened);
-    info!(
-        clean_session = clean,
-        keep_alive = connect.keep_alive,
-        "session open"
-    );
-
+    let keep_alive = connect.keep_alive;
     let mut pump = Pump {
         shared: shared.clone(),
         identity,
-        link_tx,
-        pending_subacks: HashMap::new(),
-        denied_qos2: HashSet::new(),
+        port,
         out: Vec::new(),
+        write_timeout,
     };
+    let mut connect = connect;
+    // The engine answers an empty client id with clean session 0 with 0x02; the edge has
+    // assigned the certificate's id, so give the engine what the client sent.
+    connect.client_id = if connect.client_id.is_empty() {
+        String::new()
+    } else {
+        client_id.clone()
+    };
+    shared.router.connect(&pump.port, key, connect);
+    shared
+        .router
+        .transmit(&pump.port, WRITE_BATCH_BYTES, &mut pump.out);
+    let accepted = match pump.out.first() {
+        Some(Packet::ConnAck(ack)) => (ack.code == ConnectCode::Accepted).then_some(*ack),
+        _ => None,
+    };
+    if let Err(e) = pump.flush(&mut wr, &mut registration.close).await {
+        shared
+            .router
+            .disconnected(&pump.port, Disconnected::Abnormal);
+        return Err(e.to_string());
+    }
+    let Some(ack) = accepted else {
+        Metrics::inc(&shared.metrics.connects_refused);
+        info!("CONNECT refused by the MQTT core");
+        let _ = wr.shutdown().await;
+        return Err("refused".into());
+    };
+    shared.session_event(
+        &pump.identity,
+        SessionEvent::Connected {
+            id: pump.identity.id.clone(),
+            session_present: ack.session_present,
+        },
+    );
+    Metrics::inc(&shared.metrics.sessions_opened);
+    info!(clean_session = clean, keep_alive, "session open");
+
     let end = pump
         .run(
             &mut rd,
             &mut wr,
             &mut inbuf,
-            &mut link_rx,
+            &decoder,
             &mut registration,
-            connect.keep_alive,
+            keep_alive,
         )
         .await;
 
     match &end {
         End::Graceful => info!("client disconnected"),
         End::Abnormal(why) => info!(reason = %why, "connection lost"),
-        End::RouterGone => info!("router dropped the connection"),
-    }
-    if !matches!(end, End::RouterGone) {
-        // Remove the connection from the router (it keeps a persistent session's state).
-        let _ = pump
-            .link_tx
-            .send(Packet::Disconnect(disconnect_packet(), None))
-            .await;
-    }
-    if !matches!(end, End::Graceful) {
-        if let Some(w) = will {
-            shared.publish_will(&pump.identity, w).await;
+        End::ByCore(why) => {
+            if !matches!(why, fleet_mqtt::CloseReason::Takeover) {
+                Metrics::inc(&shared.metrics.clients_closed_over_limits);
+            }
+            info!(reason = ?why, "closed by the MQTT core")
         }
+    }
+    let how = match end {
+        End::Graceful => Some(Disconnected::Graceful),
+        End::Abnormal(_) => Some(Disconnected::Abnormal),
+        End::ByCore(_) => None,
+    };
+    if let Some(how) = how {
+        shared.router.disconnected(&pump.port, how);
     }
     shared.session_event(
         &pump.identity,
@@ -277,7 +419,7 @@ async fn session(
             id: pump.identity.id.clone(),
         },
     );
-    let _ = wr.shutdown().await;
+    let _ = timeout(write_timeout, wr.shutdown()).await;
     drop(registration);
     Ok(())
 }
@@ -303,12 +445,6 @@ pub(crate) fn session_client_id(identity: &Identity, asked: &str) -> Option<Stri
     ok.then(|| asked.to_owned())
 }
 
-fn disconnect_packet() -> rumqttd::protocol::Disconnect {
-    rumqttd::protocol::Disconnect {
-        reason_code: rumqttd::protocol::DisconnectReasonCode::NormalDisconnection,
-    }
-}
-
 /// What a packet from the client leads to.
 enum Step {
     Continue,
@@ -318,18 +454,11 @@ enum Step {
 struct Pump {
     shared: Arc<Shared>,
     identity: Identity,
-    link_tx: LinkTx,
-    /// SUBSCRIBEs with denied filters: the full list of return codes, `None` where the router
-    /// answers.
-    pending_subacks: HashMap<u16, Vec<Option<SubscribeReasonCode>>>,
-    /// QoS 2 publishes that were denied and answered with PUBREC here.
-    denied_qos2: HashSet<u16>,
+    port: Port,
     /// Packets to write to the client at the next flush.
     out: Vec<Packet>,
+    write_timeout: Duration,
 }
-
-/// Most notifications taken from the router before writing to the socket.
-const WRITE_BATCH: usize = 64;
 
 impl Pump {
     async fn run(
@@ -337,7 +466,7 @@ impl Pump {
         rd: &mut ReadHalf<Tls>,
         wr: &mut WriteHalf<Tls>,
         inbuf: &mut BytesMut,
-        link_rx: &mut LinkRx,
+        decoder: &Decoder,
         registration: &mut super::sessions::Registration,
         keep_alive: u16,
     ) -> End {
@@ -346,7 +475,7 @@ impl Pump {
         let idle = (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500));
         let far = Duration::from_secs(365 * 24 * 3600);
         let mut deadline = Instant::now() + idle.unwrap_or(far);
-        let max = self.shared.config.limits.max_packet_size;
+        let wake = self.port.wake.clone();
         loop {
             tokio::select! {
                 biased;
@@ -354,6 +483,11 @@ impl Pump {
                     let reason = if changed.is_ok() { *close.borrow() } else { Some(CloseReason::Shutdown) };
                     if let Some(reason) = reason {
                         return End::Abnormal(format!("closed by the gateway: {reason}"));
+                    }
+                }
+                () = wake.notified() => {
+                    if let Some(end) = self.send_pending(wr, close).await {
+                        return end;
                     }
                 }
                 read = rd.read_buf(inbuf) => {
@@ -364,72 +498,40 @@ impl Pump {
                     }
                     deadline = Instant::now() + idle.unwrap_or(far);
                     loop {
-                        let header = publish_header(inbuf);
-                        match decode(inbuf, max) {
+                        match decoder.decode(inbuf) {
                             Ok(Some(packet)) => {
-                                if let Step::Stop(end) = self.on_packet(packet, header).await {
-                                    let _ = self.flush(wr).await;
+                                if let Step::Stop(end) = self.on_packet(packet).await {
+                                    self.take();
+                                    let _ = self.flush(wr, close).await;
                                     return end;
                                 }
                             }
                             Ok(None) => break,
                             Err(e) => {
                                 Metrics::inc(&self.shared.metrics.protocol_errors);
-                                warn!(error = %e, "closing connection");
+                                if let Some(suppressed) = self.shared.bad_input_log.allow() {
+                                    warn!(error = %e, suppressed, "malformed packet; closing connection");
+                                }
                                 return End::Abnormal(e.to_string());
                             }
                         }
                     }
-                    if let Err(e) = self.flush(wr).await {
-                        return End::Abnormal(format!("write error: {e}"));
-                    }
-                }
-                notification = link_rx.next() => {
-                    let mut wake = false;
-                    let mut next = notification;
-                    let mut taken = 0;
-                    loop {
-                        match next {
-                            Ok(Some(n)) => match self.on_notification(n) {
-                                Some(true) => wake = true,
-                                Some(false) => {}
-                                None => { let _ = self.flush(wr).await; return End::RouterGone; }
-                            },
-                            Ok(None) => {}
-                            Err(_) => { let _ = self.flush(wr).await; return End::RouterGone; }
-                        }
-                        taken += 1;
-                        if taken == WRITE_BATCH {
-                            break;
-                        }
-                        // Take what the router has already queued, without waiting. Only
-                        // fetch what this loop will also process: nothing may be dropped.
-                        match timeout(Duration::ZERO, link_rx.next()).await {
-                            Ok(n) => next = n,
-                            Err(_) => break,
-                        }
-                    }
-                    if let Err(e) = self.flush(wr).await {
-                        return End::Abnormal(format!("write error: {e}"));
-                    }
-                    if wake && link_rx.wake().await.is_err() {
-                        return End::RouterGone;
+                    if let Some(end) = self.send_pending(wr, close).await {
+                        return end;
                     }
                 }
                 Some(packet) = direct.recv() => {
-                    // Bulk data from a service (firmware chunks): batched like the router's.
+                    // Bulk data from a service (firmware chunks), written as it is.
                     Metrics::inc(&self.shared.metrics.publishes_out);
-                    self.out.push(packet);
-                    while self.out.len() < WRITE_BATCH {
-                        match direct.try_recv() {
-                            Ok(p) => {
-                                Metrics::inc(&self.shared.metrics.publishes_out);
-                                self.out.push(p);
-                            }
-                            Err(_) => break,
+                    self.out.push(*packet);
+                    while let Ok(p) = direct.try_recv() {
+                        Metrics::inc(&self.shared.metrics.publishes_out);
+                        self.out.push(*p);
+                        if self.out.len() >= 64 {
+                            break;
                         }
                     }
-                    if let Err(e) = self.flush(wr).await {
+                    if let Err(e) = self.flush(wr, close).await {
                         return End::Abnormal(format!("write error: {e}"));
                     }
                 }
@@ -441,203 +543,182 @@ impl Pump {
         }
     }
 
-    async fn flush(&mut self, wr: &mut WriteHalf<Tls>) -> std::io::Result<()> {
+    /// Writes what the core has for this client; `Some` when the connection ends (the core
+    /// closed it: what it queued before, such as a refusal, still goes out; or a write failed).
+    async fn send_pending(
+        &mut self,
+        wr: &mut WriteHalf<Tls>,
+        close: &mut watch::Receiver<Option<CloseReason>>,
+    ) -> Option<End> {
+        let closed = self.port.closed();
+        self.take();
+        let written = self.flush(wr, close).await;
+        match (closed, written) {
+            (Some(why), _) => Some(End::ByCore(why)),
+            (None, Err(e)) => Some(End::Abnormal(format!("write error: {e}"))),
+            (None, Ok(())) => None,
+        }
+    }
+
+    /// Takes what the core has for this client (one batch).
+    fn take(&mut self) {
+        let before = self.out.len();
+        self.shared
+            .router
+            .transmit(&self.port, WRITE_BATCH_BYTES, &mut self.out);
+        let published = self
+            .out
+            .get(before..)
+            .unwrap_or_default()
+            .iter()
+            .filter(|p| matches!(p, Packet::Publish(_)))
+            .count();
+        Metrics::add(&self.shared.metrics.publishes_out, published as u64);
+        if self.out.len() > before {
+            // More may be waiting: come back for it after this write.
+            self.port.wake.notify_one();
+        }
+    }
+
+    /// Writes what is queued. A client that does not read within the write timeout is
+    /// counted: it is closed like one over a cap. A close signal (the gateway's, or the core's
+    /// takeover) abandons the write at once, so a client that does not read cannot delay it.
+    async fn flush(
+        &mut self,
+        wr: &mut WriteHalf<Tls>,
+        close: &mut watch::Receiver<Option<CloseReason>>,
+    ) -> std::io::Result<()> {
         if self.out.is_empty() {
             return Ok(());
         }
-        write_packets(wr, std::mem::take(&mut self.out)).await
-    }
-
-    async fn forward(&mut self, packet: Packet) -> Step {
-        match self.link_tx.send(packet).await {
-            Ok(_) => Step::Continue,
-            Err(_) => Step::Stop(End::RouterGone),
+        let out = std::mem::take(&mut self.out);
+        let more = std::sync::atomic::AtomicBool::new(false);
+        let closing = async {
+            loop {
+                tokio::select! {
+                    changed = close.changed() => {
+                        if changed.is_err() || close.borrow().is_some() {
+                            return;
+                        }
+                    }
+                    () = self.port.wake.notified() => {
+                        if self.port.closed().is_some() {
+                            return;
+                        }
+                        // Only more to send: it is taken after this write.
+                        more.store(true, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+            }
+        };
+        let r = tokio::select! {
+            r = write_packets(wr, &out, self.write_timeout) => r,
+            () = closing => Err(std::io::Error::other("closed while writing")),
+        };
+        if more.load(std::sync::atomic::Ordering::Relaxed) {
+            self.port.wake.notify_one();
         }
+        self.out = out;
+        self.out.clear();
+        if let Err(e) = &r {
+            if e.kind() == std::io::ErrorKind::TimedOut {
+                Metrics::inc(&self.shared.metrics.clients_closed_over_limits);
+                warn!("the client did not read within the write timeout; closing");
+            }
+        }
+        r
     }
 
     fn violation(&self, what: String) -> Step {
         Metrics::inc(&self.shared.metrics.protocol_errors);
-        warn!(reason = %what, "protocol violation; closing connection");
+        if let Some(suppressed) = self.shared.bad_input_log.allow() {
+            warn!(reason = %what, suppressed, "protocol violation; closing connection");
+        }
         Step::Stop(End::Abnormal(what))
     }
 
-    async fn on_packet(&mut self, packet: Packet, header: Option<(u8, u16)>) -> Step {
+    async fn on_packet(&mut self, packet: Packet) -> Step {
         match packet {
-            Packet::Publish(publish, _) => {
-                let Ok(topic) = std::str::from_utf8(&publish.topic) else {
-                    return self.violation("publish topic is not UTF-8".into());
-                };
-                match self.shared.policy().check_publish(&self.identity, topic) {
-                    Decision::Allow => {
-                        Metrics::inc(&self.shared.metrics.publishes_in);
-                        if self.identity.role == fleet_certs::Role::Device {
-                            if let Some(step) =
-                                self.store_status(topic, &publish.payload, header).await
-                            {
-                                return step;
-                            }
-                        }
-                        self.forward(Packet::Publish(publish, None)).await
-                    }
-                    Decision::Deny(DenyReason::Syntax(e)) => {
-                        self.violation(format!("invalid publish topic {topic:?}: {e}"))
-                    }
-                    Decision::Deny(reason) => {
-                        Metrics::inc(&self.shared.metrics.acl_denials);
-                        warn!(topic, retain = publish.retain, %reason, "publish denied");
-                        if self.shared.config.acl.on_denied_publish == DeniedPublish::Disconnect {
-                            return Step::Stop(End::Abnormal(format!("publish to {topic} denied")));
-                        }
-                        self.ack_dropped(header);
-                        Step::Continue
+            Packet::Publish(mut publish) => {
+                Metrics::inc(&self.shared.metrics.publishes_in);
+                // The decoder's payload shares the read buffer; a copy keeps a small message
+                // queued for an offline session from holding a whole read buffer alive.
+                publish.payload = Bytes::copy_from_slice(&publish.payload);
+                if self.identity.role == fleet_certs::Role::Device {
+                    if let Some(step) = self.store_status(&publish).await {
+                        return step;
                     }
                 }
-            }
-            Packet::Subscribe(subscribe, _) => self.on_subscribe(subscribe).await,
-            Packet::Unsubscribe(unsubscribe, props) => {
-                // rumqttd answers only for filters it had; answer here, for all of them.
-                let ack = UnsubAck {
-                    pkid: unsubscribe.pkid,
-                    reasons: vec![UnsubAckReason::Success; unsubscribe.filters.len()],
-                };
-                self.out.push(Packet::UnsubAck(ack, None));
-                self.forward(Packet::Unsubscribe(unsubscribe, props)).await
-            }
-            Packet::PubRel(pubrel, _) if self.denied_qos2.remove(&pubrel.pkid) => {
-                self.out.push(Packet::PubComp(
-                    PubComp {
-                        pkid: pubrel.pkid,
-                        reason: PubCompReason::Success,
-                    },
-                    None,
-                ));
+                self.shared
+                    .router
+                    .packet(&self.port, Packet::Publish(publish));
                 Step::Continue
             }
-            p @ (Packet::PubAck(..)
-            | Packet::PubRec(..)
-            | Packet::PubRel(..)
-            | Packet::PubComp(..)) => self.forward(p).await,
-            Packet::PingReq(_) => {
-                self.out.push(Packet::PingResp(PingResp));
+            Packet::Subscribe(subscribe) => {
+                let policy = self.shared.policy();
+                let granted: Vec<String> = subscribe
+                    .filters
+                    .iter()
+                    .filter(|(f, _)| policy.check_subscribe(&self.identity, f) == Decision::Allow)
+                    .map(|(f, _)| f.clone())
+                    .collect();
+                self.shared
+                    .router
+                    .packet(&self.port, Packet::Subscribe(subscribe));
+                // The core holds the subscription now: what a service publishes next reaches it.
+                if !granted.is_empty() {
+                    self.shared.session_event(
+                        &self.identity,
+                        SessionEvent::Subscribed {
+                            id: self.identity.id.clone(),
+                            filters: granted,
+                        },
+                    );
+                }
                 Step::Continue
             }
-            Packet::Disconnect(..) => Step::Stop(End::Graceful),
-            Packet::Connect(..) => self.violation("second CONNECT".into()),
-            other => self.violation(format!(
-                "unexpected packet from a client: {}",
-                packet_name(&other)
-            )),
-        }
-    }
-
-    async fn on_subscribe(&mut self, subscribe: Subscribe) -> Step {
-        let pkid = subscribe.pkid;
-        let mut slots = Vec::with_capacity(subscribe.filters.len());
-        let mut allowed = Vec::new();
-        for f in subscribe.filters {
-            match self
-                .shared
-                .policy()
-                .check_subscribe(&self.identity, &f.path)
-            {
-                Decision::Allow => {
-                    slots.push(None);
-                    allowed.push(f);
-                }
-                Decision::Deny(DenyReason::Syntax(e)) => {
-                    return self.violation(format!("invalid topic filter {:?}: {e}", f.path));
-                }
-                Decision::Deny(reason) => {
-                    Metrics::inc(&self.shared.metrics.acl_denials);
-                    warn!(filter = %f.path, %reason, "subscription denied");
-                    slots.push(Some(SubscribeReasonCode::Failure));
-                }
+            Packet::Disconnect => Step::Stop(End::Graceful),
+            Packet::Connect(_) => self.violation("second CONNECT [MQTT-3.1.0-2]".into()),
+            p @ (Packet::Unsubscribe(_)
+            | Packet::PubAck(_)
+            | Packet::PubRec(_)
+            | Packet::PubRel(_)
+            | Packet::PubComp(_)
+            | Packet::PingReq) => {
+                self.shared.router.packet(&self.port, p);
+                Step::Continue
             }
-        }
-        if allowed.is_empty() {
-            let codes = slots
-                .into_iter()
-                .map(|s| s.unwrap_or(SubscribeReasonCode::Failure))
-                .collect();
-            self.out.push(Packet::SubAck(
-                SubAck {
-                    pkid,
-                    return_codes: codes,
-                },
-                None,
-            ));
-            return Step::Continue;
-        }
-        if slots.iter().any(Option::is_some) {
-            self.pending_subacks.insert(pkid, slots);
-        }
-        let granted: Vec<String> = allowed.iter().map(|f| f.path.clone()).collect();
-        let step = self
-            .forward(Packet::Subscribe(
-                Subscribe {
-                    pkid,
-                    filters: allowed,
-                },
-                None,
-            ))
-            .await;
-        // After the router has the SUBSCRIBE queued: what a service publishes next reaches it.
-        self.shared.session_event(
-            &self.identity,
-            SessionEvent::Subscribed {
-                id: self.identity.id.clone(),
-                filters: granted,
-            },
-        );
-        step
-    }
-
-    /// Acknowledges a publish that is not forwarded (denied, malformed, duplicate), so the
-    /// client does not send it again forever.
-    fn ack_dropped(&mut self, header: Option<(u8, u16)>) {
-        match header {
-            Some((1, pkid)) => self.out.push(Packet::PubAck(
-                PubAck {
-                    pkid,
-                    reason: PubAckReason::Success,
-                },
-                None,
-            )),
-            Some((2, pkid)) => {
-                self.denied_qos2.insert(pkid);
-                self.out.push(Packet::PubRec(
-                    PubRec {
-                        pkid,
-                        reason: PubRecReason::Success,
-                    },
-                    None,
-                ));
-            }
-            _ => {}
+            other => self.violation(format!("unexpected packet from a client: {}", other.name())),
         }
     }
 
-    /// A device's status report goes to the status owner before it may be acknowledged.
-    /// `None`: stored, forward it (the router acknowledges it); `Some(step)`: handled here
-    /// (malformed or duplicate: acknowledged and dropped; store failure: the connection closes
-    /// and the device sends it again later).
-    async fn store_status(
-        &mut self,
-        topic: &str,
-        payload: &Bytes,
-        header: Option<(u8, u16)>,
-    ) -> Option<Step> {
+    /// A device's status report goes to the status owner before the core may acknowledge it.
+    /// `None`: stored, hand it to the core (which routes and acknowledges it); `Some(step)`:
+    /// handled here (malformed or duplicate: acknowledged and dropped; store failure: the
+    /// connection closes and the device sends it again later).
+    async fn store_status(&mut self, publish: &Publish) -> Option<Step> {
         let Ok(Topic::Device {
             id,
             kind: DeviceTopic::Status,
-        }) = topics::parse(topic)
+        }) = topics::parse(&publish.topic)
         else {
             return None;
         };
-        match self.shared.status.offer(id.as_str(), payload.clone()).await {
+        // Only a device's own status reaches the owner; the core denies the rest.
+        if id.as_str() != self.identity.id {
+            return None;
+        }
+        let payload: Bytes = publish.payload.clone();
+        match self.shared.status.offer(id.as_str(), payload).await {
             StatusVerdict::Stored => None,
             StatusVerdict::Dropped => {
-                self.ack_dropped(header);
+                // Answered here so the device does not send it forever. A QoS 2 id answered
+                // this way is released by PUBREL, which the core answers for unknown ids.
+                match (publish.qos, publish.packet_id) {
+                    (QoS::AtLeastOnce, Some(id)) => self.out.push(Packet::PubAck(id)),
+                    (QoS::ExactlyOnce, Some(id)) => self.out.push(Packet::PubRec(id)),
+                    _ => {}
+                }
                 Some(Step::Continue)
             }
             StatusVerdict::Failed => Some(Step::Stop(End::Abnormal(
@@ -645,75 +726,6 @@ impl Pump {
             ))),
         }
     }
-
-    /// Queues what the router sent. Returns whether the router must be woken (it unscheduled
-    /// this connection), or `None` if the router dropped the connection.
-    fn on_notification(&mut self, n: Notification) -> Option<bool> {
-        match n {
-            Notification::Forward(f) => {
-                Metrics::inc(&self.shared.metrics.publishes_out);
-                self.out.push(Packet::Publish(f.publish, None));
-            }
-            Notification::DeviceAck(ack) => {
-                let packet: Packet = ack.into();
-                match packet {
-                    // Answered already when the UNSUBSCRIBE arrived.
-                    Packet::UnsubAck(..) => {}
-                    Packet::SubAck(mut suback, _) => {
-                        if let Some(slots) = self.pending_subacks.remove(&suback.pkid) {
-                            let mut routed = suback.return_codes.into_iter();
-                            suback.return_codes = slots
-                                .into_iter()
-                                .map(|s| {
-                                    s.or_else(|| routed.next())
-                                        .unwrap_or(SubscribeReasonCode::Failure)
-                                })
-                                .collect();
-                        }
-                        self.out.push(Packet::SubAck(suback, None));
-                    }
-                    other => self.out.push(other),
-                }
-            }
-            Notification::Unschedule => return Some(true),
-            Notification::Disconnect(..) => return None,
-            _ => {}
-        }
-        Some(false)
-    }
-}
-
-fn packet_name(p: &Packet) -> &'static str {
-    match p {
-        Packet::Connect(..) => "CONNECT",
-        Packet::ConnAck(..) => "CONNACK",
-        Packet::Publish(..) => "PUBLISH",
-        Packet::PubAck(..) => "PUBACK",
-        Packet::PingReq(..) => "PINGREQ",
-        Packet::PingResp(..) => "PINGRESP",
-        Packet::Subscribe(..) => "SUBSCRIBE",
-        Packet::SubAck(..) => "SUBACK",
-        Packet::PubRec(..) => "PUBREC",
-        Packet::PubRel(..) => "PUBREL",
-        Packet::PubComp(..) => "PUBCOMP",
-        Packet::Unsubscribe(..) => "UNSUBSCRIBE",
-        Packet::UnsubAck(..) => "UNSUBACK",
-        Packet::Disconnect(..) => "DISCONNECT",
-    }
-}
-
-/// A will to publish, as the router link takes it.
-pub(crate) fn will_packet(w: LastWill) -> Packet {
-    let LastWill {
-        topic,
-        message,
-        retain,
-        ..
-    } = w;
-    Packet::Publish(
-        rumqttd::protocol::Publish::new::<Bytes>(topic, message, retain),
-        None,
-    )
 }
 
 #[cfg(test)]

@@ -1,5 +1,5 @@
 //! The TLS edge: the listener, TLS and identity, the per-connection tasks that drive the
-//! router, reload of its own TLS material and policy, and shutdown.
+//! MQTT core, reload of its own TLS material and policy, and shutdown.
 //!
 //! The edge knows the router below it and, through [`crate::ports`], where device sessions and
 //! status reports go; the assembly builds it and hands it those ends. It imports no service.
@@ -8,29 +8,28 @@
 //! *before* `accept` bounds the number of connections, so a full gateway stops accepting
 //! (back-pressure in the kernel's backlog) instead of failing.
 
-mod codec;
 mod connection;
+mod preauth;
 pub(crate) mod sessions;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use fleet_certs::{Identity, IdentityPolicy, TrustStore};
-use rumqttd::local::LinkTx;
-use rumqttd::protocol::LastWill;
 use rustls::ServerConfig;
 use tokio::net::TcpListener;
-use tokio::sync::{Mutex, Semaphore};
-use tracing::{error, info, warn};
+use tokio::sync::Semaphore;
+use tracing::{info, warn};
 
-use crate::acl::{Decision, Policy};
-use crate::config::GatewayConfig;
-use crate::metrics::Metrics;
+use crate::acl::{Policy, PolicyAuthorizer};
+use crate::config::{GatewayConfig, StaleCrl};
+use crate::metrics::{LogBudget, Metrics};
 use crate::ports::{SessionEvent, StatusIntake};
-use crate::router::{RouterHandle, INTERNAL_PREFIX};
+use crate::router::Router;
 use crate::tls::{self, TlsFiles};
+use preauth::PreAuth;
 use sessions::CloseReason;
 pub(crate) use sessions::Sessions;
 
@@ -49,7 +48,7 @@ pub enum EdgeError {
         /// What is wrong.
         source: crate::acl::PolicyError,
     },
-    /// Reading a file failed, or the router refused the edge's own link.
+    /// Reading a file failed.
     #[error("{0}")]
     Io(String),
     /// Binding the listener failed.
@@ -67,11 +66,18 @@ pub(crate) struct Shared {
     tls_files: TlsFiles,
     tls: RwLock<Arc<ServerConfig>>,
     policy: RwLock<Arc<Policy>>,
+    /// The CA bundle and CRL in force, for the check at CONNECT.
+    trust: RwLock<Arc<TrustStore>>,
+    /// Whether the CRL was stale at the last check (to log changes only).
+    crl_was_stale: AtomicBool,
+    /// Bumped after each reload has replaced the TLS configuration and trust store.
+    trust_generation: AtomicU64,
+    /// The log budget for malformed packets and protocol violations (each is counted).
+    pub(crate) bad_input_log: LogBudget,
     pub(crate) identity_policy: IdentityPolicy,
-    pub(crate) router: RouterHandle,
+    pub(crate) router: Router,
     pub(crate) sessions: Arc<Sessions>,
     pub(crate) metrics: Arc<Metrics>,
-    wills: Mutex<LinkTx>,
     session_events: tokio::sync::mpsc::UnboundedSender<SessionEvent>,
     pub(crate) status: StatusIntake,
 }
@@ -98,23 +104,51 @@ impl Shared {
         }
     }
 
-    /// Publishes a will through the gateway's own link, after checking it against the policy
-    /// in force now (it may have changed since CONNECT).
-    pub(crate) async fn publish_will(&self, who: &Identity, will: LastWill) {
-        let topic = String::from_utf8_lossy(&will.topic).into_owned();
-        if let Decision::Deny(reason) = self.policy().check_publish(who, &topic) {
-            Metrics::inc(&self.metrics.acl_denials);
-            warn!(topic, %reason, "will denied by the current policy; not published");
-            return;
+    fn trust(&self) -> Arc<TrustStore> {
+        match self.trust.read() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
         }
-        let mut link = self.wills.lock().await;
-        match link.send(connection::will_packet(will)).await {
-            Ok(_) => {
-                Metrics::inc(&self.metrics.wills_published);
-                info!(topic, "will published");
+    }
+
+    /// Whether the CRL in force is past its nextUpdate now; sets the `crl_stale` gauge and
+    /// says so (once per change) in the log.
+    pub(crate) fn crl_stale(&self) -> bool {
+        let stale = self.trust().crl_stale(rustls_pki_types::UnixTime::now());
+        Metrics::set(&self.metrics.crl_stale, u64::from(stale));
+        if self.crl_was_stale.swap(stale, Ordering::Relaxed) != stale {
+            if stale {
+                warn!(
+                    refuse = self.config.tls.stale_crl == StaleCrl::Refuse,
+                    "the CRL is past its nextUpdate: revocations issued since may be missing; load a fresh one"
+                );
+            } else {
+                info!("the CRL in force is current again");
             }
-            Err(e) => error!(error = %e, topic, "could not publish will"),
         }
+        stale
+    }
+
+    /// How many times the trust material (CA bundle, CRL) has been replaced.
+    pub(crate) fn trust_generation(&self) -> u64 {
+        self.trust_generation.load(Ordering::Acquire)
+    }
+
+    /// Checks `cert`, which a handshake verified against the trust material of generation
+    /// `verified_as_of`, against the CA bundle and CRL in force now: again only if a reload
+    /// replaced them since (the handshake's verification stands otherwise). Refuses everyone
+    /// while the CRL is stale, if so configured.
+    pub(crate) fn verify_now(&self, cert: &[u8], verified_as_of: u64) -> Result<(), String> {
+        if self.crl_stale() && self.config.tls.stale_crl == StaleCrl::Refuse {
+            return Err("the CRL is past its nextUpdate (tls.stale_crl = \"refuse\")".into());
+        }
+        if self.trust_generation() == verified_as_of {
+            return Ok(());
+        }
+        self.trust()
+            .verify_client(cert, rustls_pki_types::UnixTime::now())
+            .map(drop)
+            .map_err(|e| e.to_string())
     }
 }
 
@@ -138,8 +172,8 @@ pub(crate) struct EdgeParts {
     pub config: GatewayConfig,
     /// The gateway's TLS files (reloaded from the same paths).
     pub tls_files: TlsFiles,
-    /// The router the connections are driven into.
-    pub router: RouterHandle,
+    /// The MQTT core the connections are driven into.
+    pub router: Router,
     /// The live connections (shared with whoever delivers to them directly).
     pub sessions: Arc<Sessions>,
     /// Counters.
@@ -164,25 +198,42 @@ pub(crate) struct EdgeHandle {
     shared: Arc<Shared>,
 }
 
+/// TLS material, trust store and ACL policy, loaded before any port is bound.
+pub(crate) struct Security {
+    tls: Arc<ServerConfig>,
+    trust: TrustStore,
+    /// The ACL policy (the MQTT core is built with it).
+    pub(crate) policy: Arc<Policy>,
+}
+
+fn load_trust(config: &GatewayConfig, tls_files: &TlsFiles) -> Result<TrustStore, EdgeError> {
+    TrustStore::from_files(
+        &tls_files.ca,
+        tls_files.crl.as_deref(),
+        IdentityPolicy {
+            cn_fallback: config.identity.cn_fallback_role,
+        },
+    )
+    .map_err(|e| EdgeError::Io(e.to_string()))
+}
+
 /// Loads the TLS material and the ACL policy, so that a bad file stops the gateway before any
 /// port is bound.
 pub(crate) fn load_security(
     config: &GatewayConfig,
     tls_files: &TlsFiles,
-) -> Result<(Arc<ServerConfig>, Policy), EdgeError> {
-    Ok((
-        tls::server_config(tls_files)?,
-        load_policy(config.acl.policy.as_deref())?,
-    ))
+) -> Result<Security, EdgeError> {
+    Ok(Security {
+        tls: tls::server_config(tls_files)?,
+        trust: load_trust(config, tls_files)?,
+        policy: Arc::new(load_policy(config.acl.policy.as_deref())?),
+    })
 }
 
 impl Edge {
-    /// Opens the edge's own router link (for wills) and binds the listener with the TLS
-    /// material and policy from [`load_security`]. Nothing is served until [`Edge::serve`].
-    pub(crate) async fn bind(
-        parts: EdgeParts,
-        (tls, policy): (Arc<ServerConfig>, Policy),
-    ) -> Result<Edge, EdgeError> {
+    /// Binds the listener with the TLS material and policy from [`load_security`]. Nothing
+    /// is served until [`Edge::serve`].
+    pub(crate) async fn bind(parts: EdgeParts, security: Security) -> Result<Edge, EdgeError> {
         let EdgeParts {
             config,
             tls_files,
@@ -192,27 +243,6 @@ impl Edge {
             session_events,
             status,
         } = parts;
-        let will_router = router.clone();
-        let crate::router::Link {
-            tx: wills,
-            rx: mut wills_rx,
-            ..
-        } = tokio::task::spawn_blocking(move || {
-            will_router.link(&format!("{INTERNAL_PREFIX}wills"), true)
-        })
-        .await
-        .map_err(|e| EdgeError::Io(e.to_string()))?
-        .map_err(|e| EdgeError::Io(e.to_string()))?;
-        // The will link only publishes at QoS 0; keep its receiving side drained.
-        tokio::spawn(async move {
-            while let Ok(n) = wills_rx.next().await {
-                if matches!(n, Some(rumqttd::Notification::Unschedule))
-                    && wills_rx.wake().await.is_err()
-                {
-                    break;
-                }
-            }
-        });
         let listener =
             TcpListener::bind(config.listen)
                 .await
@@ -226,13 +256,16 @@ impl Edge {
         let shared = Arc::new(Shared {
             config,
             tls_files,
-            tls: RwLock::new(tls),
-            policy: RwLock::new(Arc::new(policy)),
+            tls: RwLock::new(security.tls),
+            policy: RwLock::new(security.policy),
+            trust: RwLock::new(Arc::new(security.trust)),
+            crl_was_stale: AtomicBool::new(false),
+            trust_generation: AtomicU64::new(0),
+            bad_input_log: LogBudget::default(),
             identity_policy,
             router,
             sessions,
             metrics,
-            wills: Mutex::new(wills),
             session_events,
             status,
         });
@@ -267,17 +300,18 @@ impl Edge {
         shutdown: impl std::future::Future<Output = ()>,
         grace: Duration,
     ) {
-        let limit = self.shared.config.limits.max_connections;
+        let limits = &self.shared.config.limits;
+        let limit = limits.max_connections;
         let slots = Arc::new(Semaphore::new(limit));
-        info!(addr = %self.listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), max_connections = limit, "gateway listening");
+        let preauth = PreAuth::new(limits.max_handshakes, limits.max_handshakes_per_source);
+        // Every connection task holds a clone; shutdown waits until all are dropped.
+        let (tasks, mut tasks_done) = tokio::sync::mpsc::channel::<()>(1);
+        info!(addr = %self.listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), max_connections = limit, max_handshakes = limits.max_handshakes, "gateway listening");
         tokio::pin!(shutdown);
         let mut backoff = Duration::from_millis(10);
         self.listening.store(true, Ordering::Relaxed);
+        self.spawn_crl_watch();
         loop {
-            let permit = tokio::select! {
-                _ = &mut shutdown => break,
-                p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-            };
             let accepted = tokio::select! {
                 _ = &mut shutdown => break,
                 a = self.listener.accept() => a,
@@ -287,11 +321,18 @@ impl Edge {
                     backoff = Duration::from_millis(10);
                     Metrics::inc(&self.shared.metrics.tcp_accepted);
                     let _ = tcp.set_nodelay(true);
+                    let (ticket, evicted) = preauth.admit(peer.ip());
+                    if evicted > 0 {
+                        Metrics::add(&self.shared.metrics.handshakes_evicted, evicted as u64);
+                    }
                     let shared = self.shared.clone();
-                    tokio::spawn(async move {
-                        connection::handle(shared, tcp, peer).await;
-                        drop(permit);
-                    });
+                    let slots = slots.clone();
+                    let task = tasks.clone();
+                    let fut = async move {
+                        connection::handle(shared, tcp, peer, ticket, slots).await;
+                        drop(task);
+                    };
+                    tokio::spawn(fut);
                 }
                 Err(e) => {
                     // Out of file descriptors and the like: back off rather than spin.
@@ -306,14 +347,32 @@ impl Edge {
         self.shared
             .sessions
             .close_unless(CloseReason::Shutdown, |_| false);
-        let all = u32::try_from(limit).unwrap_or(u32::MAX);
-        if tokio::time::timeout(grace, slots.acquire_many(all))
+        preauth.evict_all();
+        drop(tasks);
+        if tokio::time::timeout(grace, tasks_done.recv())
             .await
             .is_err()
         {
             warn!("grace period over with connections still open");
         }
         info!("gateway stopped");
+    }
+
+    /// Checks the CRL's nextUpdate every 30 s: the gauge and the log follow it, and with
+    /// `tls.stale_crl = "refuse"` live sessions are closed once it is stale.
+    fn spawn_crl_watch(&self) {
+        let shared = self.shared.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_secs(30));
+            loop {
+                every.tick().await;
+                if shared.crl_stale() && shared.config.tls.stale_crl == StaleCrl::Refuse {
+                    shared
+                        .sessions
+                        .close_unless(CloseReason::Revoked, |_| false);
+                }
+            }
+        });
     }
 }
 
@@ -324,21 +383,27 @@ impl EdgeHandle {
     pub(crate) fn reload(&self) -> Result<usize, EdgeError> {
         let shared = &self.shared;
         let tls = tls::server_config(&shared.tls_files)?;
-        let policy = load_policy(shared.config.acl.policy.as_deref())?;
-        let store = TrustStore::from_files(
-            &shared.tls_files.ca,
-            shared.tls_files.crl.as_deref(),
-            shared.identity_policy,
-        )
-        .map_err(|e| EdgeError::Io(e.to_string()))?;
+        let policy = Arc::new(load_policy(shared.config.acl.policy.as_deref())?);
+        let store = Arc::new(load_trust(&shared.config, &shared.tls_files)?);
         match shared.tls.write() {
             Ok(mut g) => *g = tls,
             Err(p) => *p.into_inner() = tls,
         }
         match shared.policy.write() {
-            Ok(mut g) => *g = Arc::new(policy),
-            Err(p) => *p.into_inner() = Arc::new(policy),
+            Ok(mut g) => *g = policy.clone(),
+            Err(p) => *p.into_inner() = policy.clone(),
         }
+        match shared.trust.write() {
+            Ok(mut g) => *g = store.clone(),
+            Err(p) => *p.into_inner() = store.clone(),
+        }
+        // After both are replaced: a handshake that read the old number verified against the
+        // old material (or the new), and is checked again at CONNECT.
+        shared.trust_generation.fetch_add(1, Ordering::AcqRel);
+        // Live and stored subscriptions are checked against the new policy.
+        shared
+            .router
+            .set_authorizer(Arc::new(PolicyAuthorizer(policy)));
         let now = rustls_pki_types::UnixTime::now();
         let closed = shared.sessions.close_unless(CloseReason::Revoked, |cert| {
             store.verify_client(cert, now).is_ok()

@@ -127,8 +127,9 @@ impl CommandService {
         let (request_id, body) = match ApiRequest::decode(payload) {
             Ok(r) => (r.request_id, r.body),
             Err(e) => {
-                Metrics::inc(&self.metrics.malformed_payloads);
-                warn!(service, error = %e, "API request: bad protobuf");
+                if let Some(suppressed) = self.metrics.malformed_payload() {
+                    warn!(service, error = %e, suppressed, "API request: bad protobuf");
+                }
                 self.respond(
                     service,
                     String::new(),

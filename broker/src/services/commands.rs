@@ -22,7 +22,7 @@ use tracing::{debug, info, warn};
 use crate::config::CommandSettings;
 use crate::metrics::Metrics;
 use crate::ports::SessionEvent;
-use crate::router::RouterHandle;
+use crate::router::Router;
 use crate::router::{LinkError, Received, ServiceLink};
 use crate::store::SharedStore;
 use crate::store::StoredCommand;
@@ -141,7 +141,7 @@ fn covers_cmd_topic(filter: &str, device: &str) -> bool {
 impl CommandService {
     /// Opens the service's link.
     pub(crate) async fn start(
-        router: &RouterHandle,
+        router: &Router,
         store: SharedStore,
         settings: CommandSettings,
         metrics: Arc<Metrics>,
@@ -238,14 +238,16 @@ impl CommandService {
         let result = match CommandResult::decode(msg.payload.as_ref()) {
             Ok(r) => r,
             Err(e) => {
-                Metrics::inc(&self.metrics.malformed_payloads);
-                warn!(device, error = %e, "command result: bad protobuf; dropped");
+                if let Some(suppressed) = self.metrics.malformed_payload() {
+                    warn!(device, error = %e, suppressed, "command result: bad protobuf; dropped");
+                }
                 return;
             }
         };
         let Some(state) = closing_state(result.status()) else {
-            Metrics::inc(&self.metrics.malformed_payloads);
-            warn!(device, command_id = %result.command_id, "command result without a status; dropped");
+            if let Some(suppressed) = self.metrics.malformed_payload() {
+                warn!(device, command_id = %result.command_id, suppressed, "command result without a status; dropped");
+            }
             return;
         };
         let (dev, id, bytes) = (

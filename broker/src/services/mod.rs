@@ -26,13 +26,13 @@ use crate::config::{CommandSettings, UpdateSettings};
 use crate::firmware::FirmwareDir;
 use crate::metrics::Metrics;
 use crate::ports::{DirectSink, SessionEvent, StatusOffer};
-use crate::router::{LinkError, RouterHandle};
+use crate::router::{LinkError, Router};
 use crate::store::SharedStore;
 
 /// What the services need from the rest of the gateway.
 pub(crate) struct ServiceDeps {
     /// The router the services' links open on.
-    pub router: RouterHandle,
+    pub router: Router,
     /// The store.
     pub store: SharedStore,
     /// Command service settings.

@@ -12,7 +12,7 @@ use fleet_proto::Message;
 use tracing::{info, warn};
 
 use crate::metrics::Metrics;
-use crate::router::RouterHandle;
+use crate::router::Router;
 use crate::router::{LinkError, Received, ServiceLink};
 use crate::store::SharedStore;
 
@@ -66,7 +66,7 @@ pub(crate) struct Registry {
 impl Registry {
     /// Opens the registry's link.
     pub(crate) async fn start(
-        router: &RouterHandle,
+        router: &Router,
         store: SharedStore,
         metrics: Arc<Metrics>,
     ) -> Result<Self, LinkError> {
@@ -85,8 +85,9 @@ impl Registry {
             let item = match presence_item(&msg) {
                 Ok(i) => i,
                 Err(e) => {
-                    Metrics::inc(&self.metrics.malformed_payloads);
-                    warn!(topic = %msg.topic, error = %e, "registry: message dropped");
+                    if let Some(suppressed) = self.metrics.malformed_payload() {
+                        warn!(topic = %msg.topic, error = %e, suppressed, "registry: message dropped");
+                    }
                     continue;
                 }
             };

@@ -90,8 +90,9 @@ async fn run(
                     replies.push(offer.reply);
                 }
                 Err(e) => {
-                    Metrics::inc(&metrics.malformed_payloads);
-                    warn!(device = %offer.device, error = %e, "status report dropped: not a valid StatusReport");
+                    if let Some(suppressed) = metrics.malformed_payload() {
+                        warn!(device = %offer.device, error = %e, suppressed, "status report dropped: not a valid StatusReport");
+                    }
                     let _ = offer.reply.send(StatusVerdict::Dropped);
                 }
             }

@@ -90,7 +90,10 @@ impl Store {
         commands: &[StoredCommand],
     ) -> Result<Vec<Submitted>, StoreError> {
         let path = self.path.clone();
-        let tx = self.conn.transaction().map_err(|e| err(&path, e))?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(|e| err(&path, e))?;
         let mut out = Vec::with_capacity(commands.len());
         for c in commands {
             let found = tx
@@ -263,7 +266,10 @@ impl Store {
         result_for: impl Fn(&StoredCommand) -> Vec<u8>,
     ) -> Result<Vec<StoredCommand>, StoreError> {
         let path = self.path.clone();
-        let tx = self.conn.transaction().map_err(|e| err(&path, e))?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(|e| err(&path, e))?;
         let due: Vec<StoredCommand> = {
             let mut stmt = tx
                 .prepare(&format!(

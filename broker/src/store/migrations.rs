@@ -91,6 +91,50 @@ const MIGRATIONS: &[&str] = &[
         id           INTEGER PRIMARY KEY CHECK (id = 1),
         probed_at_ms INTEGER NOT NULL
     ) STRICT;",
+    // 7: the MQTT core's durable state (module `sessions`): persistent (clean session 0)
+    // sessions keyed by identity, with their subscriptions, queued messages and incoming QoS 2
+    // packet ids awaiting PUBREL, and the retained messages. Every key is the whole identity
+    // (role, id, instance; instance '' when the session has none) so that each write of the
+    // engine is one indexed single-row write. Queue and retained rows keep their rowid: their
+    // payloads can be large and should stay out of the key's b-tree.
+    "CREATE TABLE mqtt_sessions (
+        role      TEXT NOT NULL CHECK (role IN ('device', 'service', 'gateway', 'internal')),
+        id        TEXT NOT NULL,
+        instance  TEXT NOT NULL,                      -- '' for none
+        PRIMARY KEY (role, id, instance)
+    ) STRICT, WITHOUT ROWID;
+    CREATE TABLE mqtt_subscriptions (
+        role      TEXT NOT NULL,
+        id        TEXT NOT NULL,
+        instance  TEXT NOT NULL,
+        filter    TEXT NOT NULL,
+        qos       INTEGER NOT NULL CHECK (qos BETWEEN 0 AND 2),   -- granted
+        PRIMARY KEY (role, id, instance, filter)
+    ) STRICT, WITHOUT ROWID;
+    CREATE TABLE mqtt_queue (
+        role      TEXT NOT NULL,
+        id        TEXT NOT NULL,
+        instance  TEXT NOT NULL,
+        msg_id    INTEGER NOT NULL,                   -- the session's message number
+        topic     TEXT NOT NULL,
+        payload   BLOB NOT NULL,
+        qos       INTEGER NOT NULL CHECK (qos BETWEEN 0 AND 2),   -- as delivered
+        retain    INTEGER NOT NULL CHECK (retain IN (0, 1)),
+        released  INTEGER NOT NULL DEFAULT 0 CHECK (released IN (0, 1)),  -- PUBREL sent
+        PRIMARY KEY (role, id, instance, msg_id)
+    ) STRICT;
+    CREATE TABLE mqtt_qos2_in (
+        role       TEXT NOT NULL,
+        id         TEXT NOT NULL,
+        instance   TEXT NOT NULL,
+        packet_id  INTEGER NOT NULL CHECK (packet_id BETWEEN 0 AND 65535),
+        PRIMARY KEY (role, id, instance, packet_id)
+    ) STRICT, WITHOUT ROWID;
+    CREATE TABLE mqtt_retained (
+        topic    TEXT PRIMARY KEY NOT NULL,
+        payload  BLOB NOT NULL,
+        qos      INTEGER NOT NULL CHECK (qos BETWEEN 0 AND 2)
+    ) STRICT;",
 ];
 
 /// The newest schema version this build knows.
@@ -116,7 +160,9 @@ pub(super) fn apply(conn: &mut Connection, path: &Path) -> Result<(), StoreError
         });
     }
     for (i, sql) in MIGRATIONS.iter().enumerate().skip(found as usize) {
-        let tx = conn.transaction().map_err(|e| err(path, e))?;
+        let tx = conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(|e| err(path, e))?;
         tx.execute_batch(sql).map_err(|e| err(path, e))?;
         tx.pragma_update(None, "user_version", i + 1)
             .map_err(|e| err(path, e))?;

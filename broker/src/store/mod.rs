@@ -6,14 +6,23 @@
 //!   version kept in `PRAGMA user_version`. A file written by a newer gateway is refused rather
 //!   than misread.
 //! * Everything that must outlive a restart goes through here (pending commands, last known
-//!   device state, and later the upstream queue and firmware index); the rumqttd router stays
-//!   volatile.
+//!   device state, the upstream queue, the firmware index, and the MQTT core's persistent
+//!   sessions and retained messages).
+//! * The MQTT core's writes (module `sessions`) are group-committed by their own thread and
+//!   connection (module `session_writer`), so one disk sync covers every write waiting for it.
+//!
+//! * Two connections write the file: the gateway's own and the MQTT core's session writer.
+//!   Every write transaction is `BEGIN IMMEDIATE`, so it waits for the other's commit
+//!   (`busy_timeout`); a deferred one that read first would fail at once with SQLITE_BUSY when
+//!   the other committed in between.
 //!
 //! The API is synchronous (rusqlite); async callers use `spawn_blocking` or a store task.
 
 mod commands;
 mod images;
 mod migrations;
+mod session_writer;
+mod sessions;
 mod shared;
 mod status;
 mod updates;
@@ -25,6 +34,7 @@ use rusqlite::{Connection, OpenFlags};
 
 pub(crate) use commands::{StoredCommand, Submitted};
 pub(crate) use images::ImageRow;
+pub(crate) use session_writer::SessionWriter;
 pub(crate) use shared::SharedStore;
 pub(crate) use status::StatusWrite;
 pub use status::{DeviceState, StatusOutcome};
@@ -159,7 +169,10 @@ impl Store {
         &mut self,
         f: impl FnOnce(&mut WriteTx<'_>) -> Result<R, StoreError>,
     ) -> Result<R, StoreError> {
-        let tx = self.conn.transaction().map_err(|e| err(&self.path, e))?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(|e| err(&self.path, e))?;
         let mut w = WriteTx {
             tx,
             path: &self.path,

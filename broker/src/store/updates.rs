@@ -46,7 +46,10 @@ impl Store {
     /// Registers an update's signed manifest.
     pub(crate) fn put_update(&mut self, u: &StoredUpdate) -> Result<UpdatePut, StoreError> {
         let path = self.path.clone();
-        let tx = self.conn.transaction().map_err(|e| err(&path, e))?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(|e| err(&path, e))?;
         let old: Option<Vec<u8>> = tx
             .query_row(
                 "SELECT signed_manifest FROM updates WHERE update_id = ?1",
@@ -125,7 +128,10 @@ impl Store {
         targets: &[TargetRecord],
     ) -> Result<bool, StoreError> {
         let path = self.path.clone();
-        let tx = self.conn.transaction().map_err(|e| err(&path, e))?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(|e| err(&path, e))?;
         let n = tx
             .execute(
                 "INSERT INTO campaigns (update_id, state, record) VALUES (?1, ?2, ?3)
@@ -160,7 +166,10 @@ impl Store {
         targets: &[&TargetRecord],
     ) -> Result<(), StoreError> {
         let path = self.path.clone();
-        let tx = self.conn.transaction().map_err(|e| err(&path, e))?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(|e| err(&path, e))?;
         tx.execute(
             "UPDATE campaigns SET state = ?2, record = ?3 WHERE update_id = ?1",
             params![update_id, campaign.state, campaign.encode_to_vec()],

@@ -88,7 +88,10 @@ impl Store {
     /// Removes acknowledged messages.
     pub(crate) fn uplink_done(&mut self, seqs: &[i64]) -> Result<(), StoreError> {
         let path = self.path.clone();
-        let tx = self.conn.transaction().map_err(|e| err(&path, e))?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(|e| err(&path, e))?;
         for s in seqs {
             tx.execute("DELETE FROM uplink_queue WHERE seq = ?1", [s])
                 .map_err(|e| err(&path, e))?;

@@ -95,9 +95,8 @@ impl Gateway {
             .env("GATEWAY__METRICS__LISTEN", "127.0.0.1:0")
             .env(
                 "RUST_LOG",
-                std::env::var("BENCH_GATEWAY_LOG").unwrap_or_else(|_| {
-                    "info,rumqttd=warn,fleet_broker::edge::connection=warn".into()
-                }),
+                std::env::var("BENCH_GATEWAY_LOG")
+                    .unwrap_or_else(|_| "info,fleet_broker::edge::connection=warn".into()),
             )
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

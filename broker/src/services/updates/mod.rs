@@ -35,7 +35,7 @@ use crate::config::UpdateSettings;
 use crate::firmware::FirmwareDir;
 use crate::metrics::Metrics;
 use crate::ports::{DeliverError, DirectSink};
-use crate::router::RouterHandle;
+use crate::router::Router;
 use crate::router::{LinkError, Received, ServiceLink};
 use crate::store::SharedStore;
 use crate::store::StoreError;
@@ -141,7 +141,7 @@ pub(crate) struct UpdateService {
 impl UpdateService {
     /// Opens the service's link and loads the campaigns.
     pub(crate) async fn start(
-        router: &RouterHandle,
+        router: &Router,
         store: SharedStore,
         firmware: FirmwareDir,
         settings: UpdateSettings,
@@ -249,8 +249,9 @@ impl UpdateService {
         let req = match ChunkRequest::decode(payload) {
             Ok(r) => r,
             Err(e) => {
-                Metrics::inc(&self.metrics.malformed_payloads);
-                warn!(device, error = %e, "chunk request: bad protobuf; dropped");
+                if let Some(suppressed) = self.metrics.malformed_payload() {
+                    warn!(device, error = %e, suppressed, "chunk request: bad protobuf; dropped");
+                }
                 return;
             }
         };
@@ -366,14 +367,17 @@ impl UpdateService {
                 continue;
             };
             let topic = topics::device_topic(&id, DeviceTopic::UpdateChunk);
-            let publish = rumqttd::protocol::Publish::new::<bytes::Bytes>(
-                topic.into(),
-                chunk.encode_to_vec().into(),
-                false,
-            );
+            let publish = fleet_mqtt::Publish {
+                dup: false,
+                qos: fleet_mqtt::QoS::AtMostOnce,
+                retain: false,
+                topic,
+                packet_id: None,
+                payload: chunk.encode_to_vec().into(),
+            };
             match self
                 .direct
-                .deliver(&device, rumqttd::protocol::Packet::Publish(publish, None))
+                .deliver(&device, fleet_mqtt::Packet::Publish(publish))
             {
                 Ok(()) => {}
                 Err(DeliverError::NotConnected) => {
@@ -398,13 +402,18 @@ impl UpdateService {
         let p = match UpdateProgress::decode(payload) {
             Ok(p) if p.phase != 0 => p,
             Ok(_) => {
-                Metrics::inc(&self.metrics.malformed_payloads);
-                warn!(device, "update progress without a phase; dropped");
+                if let Some(suppressed) = self.metrics.malformed_payload() {
+                    warn!(
+                        device,
+                        suppressed, "update progress without a phase; dropped"
+                    );
+                }
                 return;
             }
             Err(e) => {
-                Metrics::inc(&self.metrics.malformed_payloads);
-                warn!(device, error = %e, "update progress: bad protobuf; dropped");
+                if let Some(suppressed) = self.metrics.malformed_payload() {
+                    warn!(device, error = %e, suppressed, "update progress: bad protobuf; dropped");
+                }
                 return;
             }
         };
