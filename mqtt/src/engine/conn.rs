@@ -6,8 +6,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use super::session::SessionIdx;
-use super::StoreSeq;
+use super::types::{SessionIdx, StoreSeq};
 use crate::codec::{Packet, QoS, Will};
 
 /// An incoming PUBLISH, its topic already shared.

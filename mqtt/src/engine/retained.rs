@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use super::Message;
+use super::types::Message;
 use crate::topic;
 
 /// The retained message of every topic that has one.

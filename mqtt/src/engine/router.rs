@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use super::session::SessionIdx;
+use super::types::SessionIdx;
 use crate::codec::QoS;
 
 /// One subscriber of a filter.

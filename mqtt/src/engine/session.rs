@@ -5,11 +5,9 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::{ConnId, Message, SessionKey, Settings, StoreSeq};
+pub(super) use super::types::SessionIdx;
+use super::types::{ConnId, Message, SessionKey, Settings, StoreSeq};
 use crate::codec::QoS;
-
-/// Index of a session in the engine's session table.
-pub(super) type SessionIdx = usize;
 
 /// The packet id a session's message number `id` is sent with: `1 + (id % 65535)`, so ids run
 /// 1..=65535 and a restored session re-sends with the same packet ids.

@@ -10,7 +10,7 @@ use bytes::Bytes;
 
 use super::*;
 use crate::codec::{
-    ConnAck, ConnectCode, Publish, SubAck, SubAckCode, Subscribe, Unsubscribe, Will,
+    ConnAck, ConnectCode, Publish, QoS, SubAck, SubAckCode, Subscribe, Unsubscribe, Will,
 };
 
 mod backpressure;
