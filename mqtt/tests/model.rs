@@ -206,7 +206,6 @@ proptest! {
     /// `D1` connects, the store catches up, `D1` subscribes to `dev/d1/down` (SUBACK), crash:
     /// the restored session has no subscription and `D1` misses what follows.
     #[test]
-    #[ignore = "the engine sends SUBACK before the subscription is durable"]
     fn granted_subscriptions_survive_a_crash(p in params(), ops in ops()) {
         assert_clean(&run(&p, &ops), |k| k == Kind::SubscriptionNotDurable)?;
     }

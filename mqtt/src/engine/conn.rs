@@ -35,6 +35,9 @@ pub(super) enum Inbound {
         packet: Option<Packet>,
         need: StoreSeq,
     },
+    /// A SUBACK or UNSUBACK: goes out once writes up to `need` are durable and every earlier
+    /// entry is answered. Not a held publish.
+    Control { packet: Packet, need: StoreSeq },
 }
 
 /// A connection whose CONNECT was accepted.

@@ -151,6 +151,22 @@ impl Engine {
         }
     }
 
+    /// Queues `packet` (a SUBACK or UNSUBACK) behind `conn`'s earlier answers, to go out once
+    /// they have and the writes up to `need` are durable. A client that keeps subscribing
+    /// while they wait is closed at the same cap as one that does not read its answers.
+    pub(super) fn push_answer(&mut self, conn: ConnId, packet: Packet, need: StoreSeq) {
+        let cap = self.control_cap();
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        if c.inbound.len() >= cap {
+            self.close(conn, CloseReason::TooManyHeld);
+            return;
+        }
+        c.inbound.push_back(Inbound::Control { packet, need });
+        self.pump(conn);
+    }
+
     /// Processes `conn`'s waiting entries in order until one is blocked, then writes out the
     /// answers that are ready.
     pub(super) fn pump(&mut self, conn: ConnId) {
@@ -171,8 +187,9 @@ impl Engine {
             let step = match &taken {
                 Inbound::Publish(p) => self.process_publish(s, p),
                 Inbound::PubRel(id) => self.process_pubrel(s, *id),
-                Inbound::Answer { .. } => Step::Done(None, 0),
+                Inbound::Answer { .. } | Inbound::Control { .. } => Step::Done(None, 0),
             };
+            let last_seq = self.out.last_seq;
             let Some(c) = self.conns.get_mut(&conn) else {
                 return;
             };
@@ -184,9 +201,9 @@ impl Engine {
                         }
                     }
                     match (packet, taken) {
-                        (None, Inbound::Answer { packet, need }) => {
+                        (None, answered @ (Inbound::Answer { .. } | Inbound::Control { .. })) => {
                             if let Some(e) = c.inbound.get_mut(i) {
-                                *e = Inbound::Answer { packet, need };
+                                *e = answered;
                             }
                             c.processed += 1;
                         }
@@ -196,6 +213,12 @@ impl Engine {
                             c.inbound.remove(i);
                         }
                         (Some(packet), _) => {
+                            // Answered only once every write made so far is durable, not only
+                            // its own: where it was routed may rest on one not yet durable (an
+                            // UNSUBSCRIBE before it), and a crash must not leave it acknowledged
+                            // against a state the restart no longer has. Costs nothing when
+                            // nothing persistent is written.
+                            let need = need.max(last_seq);
                             if let Some(e) = c.inbound.get_mut(i) {
                                 *e = Inbound::Answer {
                                     packet: Some(packet),
@@ -245,7 +268,7 @@ impl Engine {
         }
         while c.processed > 0 {
             let need = match c.inbound.front() {
-                Some(Inbound::Answer { need, .. }) => *need,
+                Some(Inbound::Answer { need, .. } | Inbound::Control { need, .. }) => *need,
                 _ => break,
             };
             if need > durable {
@@ -255,14 +278,21 @@ impl Engine {
                 }
                 break;
             }
-            let Some(Inbound::Answer { packet, .. }) = c.inbound.pop_front() else {
-                break;
-            };
-            c.processed -= 1;
-            if let Some(p) = packet {
-                c.held = c.held.saturating_sub(1);
-                c.control.push_back(p);
-                pushed = true;
+            match c.inbound.pop_front() {
+                Some(Inbound::Answer { packet, .. }) => {
+                    c.processed -= 1;
+                    if let Some(p) = packet {
+                        c.held = c.held.saturating_sub(1);
+                        c.control.push_back(p);
+                        pushed = true;
+                    }
+                }
+                Some(Inbound::Control { packet, .. }) => {
+                    c.processed -= 1;
+                    c.control.push_back(packet);
+                    pushed = true;
+                }
+                _ => break,
             }
         }
         if pushed {

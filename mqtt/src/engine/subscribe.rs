@@ -24,6 +24,7 @@ impl Engine {
         let Some(sess) = self.sessions.get_mut(s).and_then(Option::as_mut) else {
             return;
         };
+        let before = self.out.last_seq;
         let mut codes = Vec::with_capacity(sub.filters.len());
         let mut granted = Vec::new();
         for (filter, qos) in sub.filters {
@@ -50,13 +51,20 @@ impl Engine {
             codes.push(SubAckCode::Granted(qos));
             granted.push((f, qos));
         }
-        self.push_control(
-            conn,
-            Packet::SubAck(SubAck {
-                packet_id: sub.packet_id,
-                codes,
-            }),
-        );
+        // A persistent session's SUBACK waits until its subscriptions are durable: a crash
+        // must not take back a subscription the client was told it has. (What matches it may
+        // be sent before, which MQTT 3.1.1 section 3.8.4 allows.) Behind earlier answers in
+        // any case, so answers never overtake each other.
+        let need = if self.out.last_seq > before {
+            self.out.last_seq
+        } else {
+            0
+        };
+        let suback = Packet::SubAck(SubAck {
+            packet_id: sub.packet_id,
+            codes,
+        });
+        self.push_answer(conn, suback, need);
         // [MQTT-3.3.1-6]: retained messages of each new subscription, after the SUBACK.
         for (filter, qos) in granted {
             for mut m in self.retained.matching(&filter) {
@@ -83,8 +91,11 @@ impl Engine {
         }
         // Held publishes may have been waiting for this session only.
         self.wake(s);
-        // Always answered, even for filters it never had [MQTT-3.10.4-5].
-        self.push_control(conn, Packet::UnsubAck(unsub.packet_id));
+        // Always answered, even for filters it never had [MQTT-3.10.4-5]; in order behind a
+        // SUBACK still waiting for the store, but not itself waiting for the removal to be
+        // durable: a crash that loses it can only bring back deliveries the client no longer
+        // wants, never lose one it is owed.
+        self.push_answer(conn, Packet::UnsubAck(unsub.packet_id), 0);
     }
 
     /// Removes session `s`'s subscription to `filter` (with its store write); false if it had

@@ -214,6 +214,9 @@ struct PendingSub {
     at: u64,
     strict: bool,
     filters: Vec<(&'static str, QoS)>,
+    /// Filters a policy change revoked while the SUBACK was outstanding (the engine had
+    /// applied the SUBSCRIBE; a persistent session's SUBACK waits for the store), and when.
+    revoked_at: BTreeMap<&'static str, u64>,
 }
 
 #[derive(Debug)]
@@ -445,6 +448,7 @@ impl World {
                     at: self.clock + 1,
                     strict: self.strict,
                     filters: vec![(filter, q)],
+                    revoked_at: BTreeMap::new(),
                 };
                 c.pending_sub.insert(pid, pending);
                 let pkt = Packet::Subscribe(Subscribe {
@@ -707,6 +711,7 @@ impl World {
                 at: start,
                 strict,
                 filters,
+                revoked_at,
             },
         ) in std::mem::take(&mut c.pending_sub)
         {
@@ -717,7 +722,7 @@ impl World {
                         filter: f,
                         qos: q,
                         start,
-                        end: None,
+                        end: revoked_at.get(f).copied(),
                         sure: false,
                     });
                 }
@@ -825,13 +830,34 @@ impl World {
         let mut may = BTreeSet::new();
         for c in &mut self.clients {
             let who = c.who;
+            // A SUBSCRIBE or UNSUBSCRIBE of the filter not yet answered may have replaced or
+            // removed it already.
+            let changing: BTreeSet<&'static str> = c
+                .pending_unsub
+                .values()
+                .flat_map(|(_, fs)| fs.iter().copied())
+                .chain(
+                    c.pending_sub
+                        .values()
+                        .flat_map(|ps| ps.filters.iter().map(|(f, _)| *f)),
+                )
+                .collect();
             for i in c.intervals.iter_mut().filter(|i| i.end.is_none()) {
                 if !may_subscribe(who, i.filter, strict) {
-                    if i.sure {
+                    if i.sure && !changing.contains(i.filter) {
                         must.insert((who, i.filter.to_owned()));
                     }
                     may.insert((who, i.filter.to_owned()));
                     i.end = Some(at);
+                }
+            }
+            // Subscriptions still waiting for their SUBACK may already be in force.
+            for ps in c.pending_sub.values_mut() {
+                for (f, _) in &ps.filters {
+                    if may_subscribe(who, f, ps.strict) && !may_subscribe(who, f, strict) {
+                        may.insert((who, (*f).to_owned()));
+                        ps.revoked_at.entry(f).or_insert(at);
+                    }
                 }
             }
         }
@@ -1144,6 +1170,7 @@ impl World {
             at: start,
             strict,
             filters,
+            revoked_at,
         }) = c.pending_sub.remove(&ack.packet_id)
         else {
             self.violation(
@@ -1185,7 +1212,8 @@ impl World {
                         filter: f,
                         qos: q,
                         start,
-                        end: None,
+                        // Revoked before its SUBACK arrived: it ended then.
+                        end: revoked_at.get(f).copied(),
                         sure: true,
                     });
                 }
@@ -1257,6 +1285,20 @@ impl World {
                 }
             })
             .map(|i| i.qos)
+            // A subscription not yet acknowledged counts too: the server may send what matches
+            // it before its SUBACK (MQTT 3.1.1 section 3.8.4), which a persistent session's
+            // SUBACK waits for its store write.
+            .chain(c.pending_sub.values().flat_map(|ps| {
+                ps.filters
+                    .iter()
+                    .filter(move |(f, _)| {
+                        matches(f, m.topic)
+                            && may_subscribe(who, f, ps.strict)
+                            && ps.at <= at
+                            && (!p.retain || ps.at >= first)
+                    })
+                    .map(|(_, q)| *q)
+            }))
             .collect();
         if grants.is_empty() {
             let what = if p.retain {
@@ -1376,10 +1418,20 @@ impl World {
         self.clients
             .iter()
             .filter(|c| {
+                // An UNSUBSCRIBE, or a SUBSCRIBE replacing the subscription, sent and not yet
+                // answered may already be in force (a SUBACK can wait behind earlier answers
+                // for the store).
+                let leaving = |f: &str| {
+                    c.pending_unsub.values().any(|(_, fs)| fs.contains(&f))
+                        || c.pending_sub
+                            .values()
+                            .any(|ps| ps.filters.iter().any(|(x, _)| *x == f))
+                };
                 let best = c
                     .intervals
                     .iter()
                     .filter(|i| i.sure && i.end.is_none() && i.start <= first)
+                    .filter(|i| !leaving(i.filter))
                     .filter(|i| matches(i.filter, m.topic))
                     .map(|i| i.qos)
                     .max();

@@ -91,14 +91,49 @@ fn held_publish_does_not_stop_acks_pings_or_subscribes() {
     h.pkt(2, subscribe(5, &[("more", 0)]));
     let out = h.tx(2);
     assert_eq!(out[0], Packet::PingResp);
-    assert!(matches!(
-        out[1],
-        Packet::SubAck(SubAck { packet_id: 5, .. })
-    ));
     let sess = h.e.session(h.e.by_key[&key("p")]).unwrap();
     assert!(
         sess.inflight.is_empty(),
         "PUBACK processed while a publish is held"
+    );
+    // The SUBSCRIBE is in force at once; its SUBACK goes out in order, behind the answer of
+    // the held publish (answers never overtake each other).
+    h.pkt(1, publish("more", 0, 0, "already"));
+    let got = h.tx(2);
+    assert!(
+        got.iter()
+            .any(|p| matches!(p, Packet::Publish(p) if p.topic == "more")),
+        "{got:?}"
+    );
+    assert!(
+        !got.iter().any(|p| matches!(p, Packet::SubAck(_))),
+        "{got:?}"
+    );
+    // Once the subscriber takes what it was sent, the held publish and then the SUBACK are
+    // answered.
+    let mut answers = Vec::new();
+    for _ in 0..4 {
+        for g in h.tx_got(1) {
+            if let Some(pid) = g.pid {
+                h.pkt(1, Packet::PubAck(pid));
+            }
+        }
+        for p in h.tx(2) {
+            if matches!(p, Packet::PubAck(_) | Packet::SubAck(_)) {
+                answers.push(p);
+            }
+        }
+    }
+    assert!(
+        matches!(
+            answers.as_slice(),
+            [
+                ..,
+                Packet::PubAck(2),
+                Packet::SubAck(SubAck { packet_id: 5, .. })
+            ]
+        ),
+        "{answers:?}"
     );
 }
 

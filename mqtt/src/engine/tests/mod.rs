@@ -213,7 +213,9 @@ impl H {
 
     pub(super) fn sub(&mut self, conn: u64, filters: &[(&str, u8)]) -> Vec<SubAckCode> {
         self.pkt(conn, subscribe(1, filters));
-        // One packet at a time up to the SUBACK, so what follows it stays queued.
+        // One packet at a time up to the SUBACK, so what follows it stays queued. A persistent
+        // session's SUBACK waits for its subscription to be durable: the store catches up once.
+        let mut caught_up = false;
         loop {
             let mut out = Vec::new();
             self.e.transmit(ConnId(conn), 0, &mut out);
@@ -221,6 +223,10 @@ impl H {
             match out.pop() {
                 Some(Packet::SubAck(SubAck { codes, .. })) => return codes,
                 Some(_) => continue,
+                None if !caught_up => {
+                    caught_up = true;
+                    self.durable_all();
+                }
                 None => panic!("no SUBACK"),
             }
         }
@@ -322,6 +328,7 @@ impl Engine {
                     conn::Inbound::Publish(p) => p.qos != QoS::AtMostOnce,
                     conn::Inbound::PubRel(_) => true,
                     conn::Inbound::Answer { packet, .. } => packet.is_some(),
+                    conn::Inbound::Control { .. } => false,
                 })
                 .count();
             assert_eq!(held, c.held, "held counter");
