@@ -2,40 +2,35 @@
 
 use std::sync::Arc;
 
-use fleet_certs::{Identity, Role as CertRole};
+use fleet_certs::Role as CertRole;
 use fleet_mqtt::{Authorizer, Role, SessionKey};
 
 use super::{Decision, Policy};
 
 /// [`Policy`] answering for sessions: the gateway's own services (role `Internal`) may do
-/// anything; every other session is checked as the identity its certificate named.
+/// anything; every other session is checked as the identity its certificate named (the edge
+/// built the key from it, so the id is already a checked certificate id).
 #[derive(Debug, Clone)]
 pub(crate) struct PolicyAuthorizer(pub(crate) Arc<Policy>);
 
-fn identity(key: &SessionKey) -> Option<Identity> {
-    let role = match key.role {
-        Role::Device => CertRole::Device,
-        Role::Service => CertRole::Service,
-        Role::Gateway => CertRole::Gateway,
-        Role::Internal => return None,
-    };
-    // The edge built the key from a certificate's identity, so this does not fail; if it
-    // ever did, nothing is allowed.
-    Identity::new(role, key.id.clone()).ok()
+/// The certificate role of a session; `None` for the gateway's own services.
+fn cert_role(role: Role) -> Option<CertRole> {
+    match role {
+        Role::Device => Some(CertRole::Device),
+        Role::Service => Some(CertRole::Service),
+        Role::Gateway => Some(CertRole::Gateway),
+        Role::Internal => None,
+    }
 }
 
 impl Authorizer for PolicyAuthorizer {
     fn may_publish(&self, who: &SessionKey, topic: &str) -> bool {
-        if who.role == Role::Internal {
-            return true;
-        }
-        identity(who).is_some_and(|i| self.0.check_publish(&i, topic) == Decision::Allow)
+        cert_role(who.role)
+            .is_none_or(|role| self.0.check_publish_as(role, &who.id, topic) == Decision::Allow)
     }
 
     fn may_subscribe(&self, who: &SessionKey, filter: &str) -> bool {
-        if who.role == Role::Internal {
-            return true;
-        }
-        identity(who).is_some_and(|i| self.0.check_subscribe(&i, filter) == Decision::Allow)
+        cert_role(who.role)
+            .is_none_or(|role| self.0.check_subscribe_as(role, &who.id, filter) == Decision::Allow)
     }
 }

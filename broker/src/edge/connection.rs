@@ -346,14 +346,8 @@ async fn session(shared: Arc<Shared>, opened: Opened) -> Result<(), String> {
         out: Vec::new(),
         write_timeout,
     };
-    let mut connect = connect;
-    // The engine answers an empty client id with clean session 0 with 0x02; the edge has
-    // assigned the certificate's id, so give the engine what the client sent.
-    connect.client_id = if connect.client_id.is_empty() {
-        String::new()
-    } else {
-        client_id.clone()
-    };
+    // The engine gets the CONNECT as sent (an empty client id with clean session 0 is its to
+    // refuse); the session is `key`, from the certificate.
     shared.router.connect(&pump.port, key, connect);
     shared
         .router
@@ -574,10 +568,8 @@ impl Pump {
             .filter(|p| matches!(p, Packet::Publish(_)))
             .count();
         Metrics::add(&self.shared.metrics.publishes_out, published as u64);
-        if self.out.len() > before {
-            // More may be waiting: come back for it after this write.
-            self.port.wake.notify_one();
-        }
+        // What did not fit the batch is announced again by the core (it asks for a transmit
+        // whenever something is left to send), so there is no need to wake ourselves.
     }
 
     /// Writes what is queued. A client that does not read within the write timeout is
