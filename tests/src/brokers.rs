@@ -211,9 +211,8 @@ impl Broker {
             .envs(env.iter().map(|(k, v)| (k, v)))
             .env(
                 "RUST_LOG",
-                std::env::var("BENCH_GATEWAY_LOG").unwrap_or_else(|_| {
-                    "info,rumqttd=warn,fleet_broker::edge::connection=warn".into()
-                }),
+                std::env::var("BENCH_GATEWAY_LOG")
+                    .unwrap_or_else(|_| "info,fleet_broker::edge::connection=warn".into()),
             )
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

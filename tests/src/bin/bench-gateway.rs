@@ -8,7 +8,6 @@
 //!
 //! Run: `./scripts/bench.sh` (builds in release mode, then runs this).
 
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,6 +15,7 @@ use std::time::{Duration, Instant};
 use fleet_certs::pki::{InitOptions, Pki};
 use fleet_certs::profile::Validity;
 use fleet_certs::{Identity, Role};
+use fleet_tests::brokers::{Broker, Tls, BENCH_TOPIC};
 use fleet_tests::mqtt::{self, Client};
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
@@ -58,97 +58,6 @@ fn parse_args() -> Result<Args, Error> {
     Ok(a)
 }
 
-/// The gateway under test, as a child process.
-struct Gateway {
-    child: Child,
-    port: u16,
-}
-
-impl Gateway {
-    fn start(dir: &std::path::Path, pki: &Pki, max_connections: usize) -> Result<Self, Error> {
-        let exe = std::env::current_exe()?.with_file_name("gateway");
-        if !exe.exists() {
-            return Err(format!(
-                "{} not found: build it with cargo build --release --bin gateway",
-                exe.display()
-            )
-            .into());
-        }
-        let gw = pki.entry("gw-0001").ok_or("no gateway certificate")?;
-        let config = dir.join("gateway.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n[tls]\nca = \"{}\"\ncrl = \"{}\"\n\
-                 cert = \"{}\"\nkey = \"{}\"\n[limits]\nmax_connections = {}\n",
-                dir.join("data").display(),
-                Pki::ca_cert_path(pki.dir()).display(),
-                pki.crl_path().display(),
-                pki.cert_path(gw).display(),
-                pki.key_path(gw).display(),
-                max_connections,
-            ),
-        )?;
-        let mut child = Command::new(exe)
-            .arg("--config")
-            .arg(&config)
-            .env("GATEWAY__METRICS__LISTEN", "127.0.0.1:0")
-            .env(
-                "RUST_LOG",
-                std::env::var("BENCH_GATEWAY_LOG")
-                    .unwrap_or_else(|_| "info,fleet_broker::edge::connection=warn".into()),
-            )
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()?;
-        let stdout = child.stdout.take().ok_or("no stdout")?;
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            use std::io::BufRead;
-            for line in std::io::BufReader::new(stdout)
-                .lines()
-                .map_while(Result::ok)
-            {
-                if line.contains(" WARN ")
-                    || line.contains("ERROR")
-                    || std::env::var_os("BENCH_GATEWAY_LOG").is_some()
-                {
-                    eprintln!("gateway: {line}");
-                }
-                // The gateway's ready line: {"ready":{"mqtt":"127.0.0.1:PORT",...}}.
-                let ready = serde_json::from_str::<serde_json::Value>(&line).ok();
-                if let Some(mqtt) = ready.as_ref().and_then(|v| v["ready"]["mqtt"].as_str()) {
-                    let _ = tx.send(mqtt.to_owned());
-                }
-            }
-        });
-        let mqtt: std::net::SocketAddr = rx.recv_timeout(Duration::from_secs(30))?.parse()?;
-        let port = mqtt.port();
-        Ok(Self { child, port })
-    }
-
-    fn status_kib(&self, key: &str) -> u64 {
-        fleet_tests::procs::status_kib(self.child.id(), key)
-    }
-
-    /// Resident memory, KiB.
-    fn rss_kib(&self) -> u64 {
-        self.status_kib("VmRSS:")
-    }
-
-    /// User + system CPU seconds used so far.
-    fn cpu_seconds(&self) -> f64 {
-        fleet_tests::procs::cpu_seconds(self.child.id())
-    }
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 type Ids = Vec<(String, Arc<rustls::ClientConfig>)>;
 
 fn identities(pki: &Pki, prefix: &str, n: usize, role: Role) -> Result<Ids, Error> {
@@ -178,8 +87,9 @@ async fn main() -> Result<(), Error> {
         },
     )?;
     let max = args.idle.max(args.connects) + args.publishers + 100;
-    let gw = Gateway::start(tmp.path(), &pki, max)?;
-    let addr = format!("127.0.0.1:{}", gw.port);
+    let tls = Tls::from_pki(&pki, "gw-0001")?;
+    let gw = Broker::gateway(&tmp.path().join("gateway"), &tls, max, &[])?;
+    let addr = gw.address();
     println!(
         "# bench-gateway --idle {} --connects {} --publishers {} --seconds {} --rates {}",
         args.idle,
@@ -282,7 +192,7 @@ async fn main() -> Result<(), Error> {
 /// One throughput round: `rate` messages per second in total, or as fast as 64 in flight per
 /// publisher allow (`None`).
 async fn throughput(
-    gw: &Gateway,
+    gw: &Broker,
     addr: &str,
     service: &(String, Arc<rustls::ClientConfig>),
     pubs: &Ids,
@@ -292,9 +202,10 @@ async fn throughput(
     let base = Instant::now();
     let (svc_id, svc_cfg) = service;
     let mut sub = Client::connect(addr, svc_cfg.clone(), svc_id, 60).await?;
-    // A device topic with no store in its path: this measures the edge and the router. Status
-    // reports are stored before they are acknowledged, and their payloads must decode.
-    sub.subscribe("devices/+/update/progress", 1).await?;
+    // A device topic nothing inside the gateway consumes: this measures the edge and the MQTT
+    // core (status reports are stored before they are acknowledged, progress reports decoded).
+    sub.subscribe(&format!("devices/+/{BENCH_TOPIC}"), 1)
+        .await?;
     let received = Arc::new(AtomicU64::new(0));
     let latencies = Arc::new(std::sync::Mutex::new(Vec::new()));
     let (rx_count, lat) = (received.clone(), latencies.clone());
@@ -310,7 +221,7 @@ async fn throughput(
         let (addr, acked) = (addr.to_owned(), acked.clone());
         tasks.push(tokio::spawn(async move {
             let mut c = Client::connect(&addr, cfg, &id, 60).await?;
-            let topic = format!("devices/{id}/update/progress");
+            let topic = format!("devices/{id}/{BENCH_TOPIC}");
             match per_publisher {
                 Some(r) => {
                     c.publish_qos1_paced(&topic, 256, r, 64, stop, base, &acked)
