@@ -111,7 +111,7 @@ fn start_core(
     let router = Router::new(
         config.mqtt.engine(config.acl.on_denied_publish),
         Arc::new(PolicyAuthorizer(security.policy.clone())),
-        Some(ops),
+        ops,
         metrics,
     );
     // Set before any write can be made: the engine writes nothing until it is driven.

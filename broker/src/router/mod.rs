@@ -54,7 +54,7 @@ struct Inner {
     engine: Mutex<Engine>,
     conns: Mutex<HashMap<ConnId, Conn>>,
     next_conn: AtomicU64,
-    store: Option<mpsc::UnboundedSender<Vec<(StoreSeq, StoreOp)>>>,
+    store: mpsc::UnboundedSender<Vec<(StoreSeq, StoreOp)>>,
     metrics: Arc<Metrics>,
     notices: notices::Notices,
 }
@@ -81,12 +81,11 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Router {
     /// An engine with `settings`, checking access with `authorizer`. Store writes go to
-    /// `store` in order (`None`: nothing is persistent, for tests of the core alone); the
-    /// writer calls [`Router::durable`] once they are durable.
+    /// `store` in order; the writer calls [`Router::durable`] once they are durable.
     pub(crate) fn new(
         settings: Settings,
         authorizer: Arc<dyn Authorizer>,
-        store: Option<mpsc::UnboundedSender<Vec<(StoreSeq, StoreOp)>>>,
+        store: mpsc::UnboundedSender<Vec<(StoreSeq, StoreOp)>>,
         metrics: Arc<Metrics>,
     ) -> Self {
         Router {
@@ -113,20 +112,14 @@ impl Router {
             let mut writes = Vec::new();
             while let Some(a) = engine.poll_action() {
                 match a {
-                    Action::Store { seq, op } => match &self.inner.store {
-                        Some(_) => writes.push((seq, op)),
-                        // No store: every write is durable at once.
-                        None => engine.durable(Instant::now(), seq),
-                    },
+                    Action::Store { seq, op } => writes.push((seq, op)),
                     a => actions.push(a),
                 }
             }
-            if let (Some(tx), false) = (&self.inner.store, writes.is_empty()) {
-                if tx.send(writes).is_err() {
-                    // The writer stopped after a store failure and said why. Nothing that
-                    // waits for durability is answered from now on.
-                    Metrics::inc(&self.inner.metrics.store_errors);
-                }
+            if !writes.is_empty() && self.inner.store.send(writes).is_err() {
+                // The writer stopped after a store failure and said why. Nothing that
+                // waits for durability is answered from now on.
+                Metrics::inc(&self.inner.metrics.store_errors);
             }
             r
         };
