@@ -38,7 +38,9 @@ fn the_demo_runs_to_a_successful_summary() {
     let image = std::fs::read(data.join("rootfs-1.1.0.img")).unwrap();
     for i in 1..=12 {
         let state = data.join(format!("devices/dev-{i:04}"));
-        let slot = device_client::SlotInstaller::new(&state).active_image("rootfs");
+        let slot = device_client::SlotInstaller::new(&state)
+            .active_image("rootfs")
+            .unwrap();
         assert!(std::fs::read(slot).unwrap() == image, "dev-{i:04}");
     }
     // A second run wipes the first one's directory; another directory is never wiped.

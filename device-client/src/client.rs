@@ -45,9 +45,8 @@ use crate::commands::{CommandGate, GateError, DEFAULT_WINDOW};
 use crate::session::{Action, DeviceInfo, Publish, Session, Tag, DEFAULT_STATUS_WINDOW};
 use crate::status::store::{OutboxError, OutboxStore};
 use crate::status::{Pushed, DEFAULT_CAPACITY};
-use crate::update::agent::{Agent, AgentIn, AgentOut};
+use crate::update::agent::{AgentHandle, AgentOut};
 use crate::update::download::DownloadSettings;
-use crate::update::state::{StateError, UpdateDir};
 use crate::update::{SlotInstaller, UpdateConfig, UpdateHandler};
 
 /// Why the client cannot start or a call failed.
@@ -72,9 +71,10 @@ pub enum ClientError {
     /// The command was already answered (or was not given to the application).
     #[error(transparent)]
     Gate(#[from] GateError),
-    /// The update agent's state cannot be read.
-    #[error("update state: {0}")]
-    Update(#[from] StateError),
+    /// The update agent's directory cannot be created, or its thread cannot start. (An
+    /// unreadable update journal is not an error: the agent reports it and carries on.)
+    #[error("update agent: {0}")]
+    Update(std::io::Error),
     /// The client has shut down.
     #[error("the device client has stopped")]
     Stopped,
@@ -341,17 +341,6 @@ impl DeviceClientBuilder {
         let (connected_tx, connected_rx) = watch::channel(false);
         let (commands_tx, commands_rx) = mpsc::channel(self.command_queue.max(1));
         let (results_tx, results_rx) = mpsc::unbounded_channel();
-        let shared = Arc::new(Shared {
-            gate: Mutex::new(gate),
-            journal,
-            outbox: Mutex::new(outbox),
-            outbox_changed: Notify::new(),
-            stop: Notify::new(),
-            stopped: watch::channel(false).0,
-            connected: connected_tx,
-            reports_dropped: std::sync::atomic::AtomicU64::new(0),
-        });
-        let (agent_tx, agent_rx) = mpsc::unbounded_channel();
         let (agent_out_tx, agent_out_rx) = mpsc::unbounded_channel();
         let (reports_tx, reports_rx) = watch::channel(None);
         let agent = if updates_on {
@@ -365,22 +354,31 @@ impl DeviceClientBuilder {
                 factory_sequence: self.factory_sequence,
                 defer_retry: self.defer_retry,
             };
-            let agent = Agent::new(
+            let agent = AgentHandle::spawn(
                 cfg,
                 info.device_class.clone(),
                 info.firmware_version.clone(),
-                UpdateDir::open(&state_dir)?,
-                agent_rx,
+                &state_dir,
                 agent_out_tx.clone(),
-                shared.connected.subscribe(),
                 reports_tx,
-            )?;
-            Some(agent)
+            )
+            .map_err(ClientError::Update)?;
+            Some(Arc::new(agent))
         } else {
             None
         };
+        let shared = Arc::new(Shared {
+            gate: Mutex::new(gate),
+            journal,
+            outbox: Mutex::new(outbox),
+            outbox_changed: Notify::new(),
+            stop: Notify::new(),
+            stopped: watch::channel(false).0,
+            connected: connected_tx,
+            reports_dropped: std::sync::atomic::AtomicU64::new(0),
+            agent,
+        });
         let driver = Driver {
-            agent: agent.is_some().then_some(agent_tx),
             agent_out: agent_out_rx,
             _agent_out_tx: agent_out_tx,
             manifest_topic: topics::device_topic(&id, DeviceTopic::UpdateManifest),
@@ -395,9 +393,6 @@ impl DeviceClientBuilder {
             results: results_rx,
             results_tx: results_tx.clone(),
         };
-        if let Some(agent) = agent {
-            tokio::spawn(agent.run());
-        }
         tokio::spawn(driver.run());
         Ok((
             DeviceClient {
@@ -434,6 +429,8 @@ struct Shared {
     stopped: watch::Sender<bool>,
     connected: watch::Sender<bool>,
     reports_dropped: std::sync::atomic::AtomicU64,
+    /// The update agent, when updates are on.
+    agent: Option<Arc<AgentHandle>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -452,6 +449,10 @@ pub struct ClientStats {
     pub outbox_len: usize,
     /// Reports dropped because the outbox was full (oldest first), since start.
     pub reports_dropped: u64,
+    /// Update chunks dropped unread since start: they came while the update agent expected
+    /// none (no download, or a hook running) or its inbox was full. The download asks again
+    /// for what it misses.
+    pub update_chunks_dropped: u64,
 }
 
 /// The application's handle: report status, watch the connection, shut down. Cheap to clone.
@@ -521,6 +522,7 @@ impl DeviceClient {
                 .shared
                 .reports_dropped
                 .load(std::sync::atomic::Ordering::Relaxed),
+            update_chunks_dropped: self.shared.agent.as_ref().map_or(0, |a| a.chunks_dropped()),
         }
     }
 
@@ -552,10 +554,16 @@ impl DeviceClient {
 
     /// Says goodbye (a graceful OFFLINE presence, if connected), disconnects and stops the
     /// driver. Queued reports stay on disk for the next start.
+    ///
+    /// Returns once the update agent is done with the step it was in (a file write, an
+    /// install hook, a self-test), so a new client can take over the state directory.
     pub async fn shutdown(&self) {
         let mut stopped = self.shared.stopped.subscribe();
         self.shared.stop.notify_one();
         let _ = tokio::time::timeout(Duration::from_secs(5), stopped.wait_for(|s| *s)).await;
+        if let Some(agent) = &self.shared.agent {
+            agent.stop().await;
+        }
     }
 }
 
@@ -645,8 +653,6 @@ impl IncomingCommand {
 }
 
 struct Driver {
-    /// The update agent's inbox, when updates are on.
-    agent: Option<mpsc::UnboundedSender<AgentIn>>,
     agent_out: mpsc::UnboundedReceiver<AgentOut>,
     /// Keeps `agent_out` open when there is no agent.
     _agent_out_tx: mpsc::UnboundedSender<AgentOut>,
@@ -769,6 +775,9 @@ impl Driver {
                     "connected to the gateway"
                 );
                 let _ = self.shared.connected.send(true);
+                if let Some(agent) = &self.shared.agent {
+                    agent.connected(true);
+                }
                 let actions = {
                     let outbox = lock(&self.shared.outbox);
                     self.session
@@ -777,16 +786,15 @@ impl Driver {
                 self.apply(actions).await;
             }
             Ok(Event::Incoming(Incoming::Publish(p)))
-                if self.agent.is_some()
+                if self.shared.agent.is_some()
                     && (p.topic == self.manifest_topic || p.topic == self.chunk_topic) =>
             {
-                let msg = if p.topic == self.chunk_topic {
-                    AgentIn::Chunk(p.payload.to_vec())
-                } else {
-                    AgentIn::Manifest(p.payload.to_vec())
-                };
-                if let Some(agent) = &self.agent {
-                    let _ = agent.send(msg);
+                if let Some(agent) = &self.shared.agent {
+                    if p.topic == self.chunk_topic {
+                        agent.chunk(p.payload.to_vec());
+                    } else {
+                        agent.manifest(p.payload.to_vec());
+                    }
                 }
             }
             Ok(Event::Incoming(Incoming::Publish(p))) => {
@@ -837,6 +845,9 @@ impl Driver {
                 }
                 self.session.on_disconnected();
                 let _ = self.shared.connected.send(false);
+                if let Some(agent) = &self.shared.agent {
+                    agent.connected(false);
+                }
                 return false;
             }
         }

@@ -333,7 +333,9 @@ async fn an_update_through_the_cloud_broker_crosses_the_uplink_once() {
     })
     .await;
     for o in &opts {
-        let slot = device_client::SlotInstaller::new(&o.state).active_image("rootfs");
+        let slot = device_client::SlotInstaller::new(&o.state)
+            .active_image("rootfs")
+            .unwrap();
         assert!(std::fs::read(slot).unwrap() == image, "{}", o.id);
     }
     let carried = gw.metric("bridge_bytes_down_total") - down_before;

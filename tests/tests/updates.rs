@@ -44,7 +44,9 @@ fn device_opts(dir: &Path, id: &str, key: &Path, extra: &[&str]) -> DeviceOpts {
 
 /// The running slot's image of a test device.
 fn active_image(o: &DeviceOpts) -> PathBuf {
-    device_client::SlotInstaller::new(&o.state).active_image("rootfs")
+    device_client::SlotInstaller::new(&o.state)
+        .active_image("rootfs")
+        .unwrap()
 }
 
 fn fleetctl(gw: &GatewayProc, args: &[&str]) -> std::process::Output {
@@ -690,8 +692,8 @@ async fn an_interrupted_upload_resumes_and_two_components_install_together() {
     })
     .await;
     let slots = device_client::SlotInstaller::new(&o.state);
-    assert!(std::fs::read(slots.active_image("rootfs")).unwrap() == rootfs);
-    assert!(std::fs::read(slots.active_image("modem")).unwrap() == modem);
+    assert!(std::fs::read(slots.active_image("rootfs").unwrap()).unwrap() == rootfs);
+    assert!(std::fs::read(slots.active_image("modem").unwrap()).unwrap() == modem);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

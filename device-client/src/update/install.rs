@@ -126,8 +126,18 @@ impl From<io::Error> for HandlerError {
     }
 }
 
-/// The application's side of updates. Methods run on a blocking thread; an `Err` is the reason
-/// reported upward (see [`HandlerError`]).
+/// The application's side of updates. Methods run on the update agent's own thread; an `Err`
+/// is the reason reported upward (see [`HandlerError`]).
+///
+/// A power cut can interrupt any step, and the agent then runs the same step again on the next
+/// start: `install`, `activate`, `commit` and `rollback` must be idempotent (doing one twice is
+/// the same as doing it once).
+///
+/// The order is `install` (write the inactive slot), `activate` (boot the new slot on trial:
+/// it may restart the device), `self_test` (on every start on trial), then `commit` (make the
+/// trial permanent) or `rollback`. The agent journals the anti-rollback sequence before it
+/// calls `commit`, and falls back (`rollback`) after a few starts on trial without a passed
+/// self-test.
 pub trait UpdateHandler: Send + Sync + 'static {
     /// Whether to install `manifest` now. The default accepts.
     fn offer(&self, manifest: &UpdateManifest) -> Decision {
@@ -142,33 +152,55 @@ pub trait UpdateHandler: Send + Sync + 'static {
         images: &[StagedImage],
     ) -> Result<(), HandlerError>;
 
-    /// Checks the installed update. The default passes.
+    /// Starts using the installed images on trial (a boot-once flag for a bootloader). It may
+    /// restart the device and never return: the agent carries on with the self-test on the
+    /// next start. The default does nothing (the images are tested where they are).
+    fn activate(&self, manifest: &UpdateManifest) -> Result<(), HandlerError> {
+        let _ = manifest;
+        Ok(())
+    }
+
+    /// Checks the update on trial. The default passes.
     fn self_test(&self, manifest: &UpdateManifest) -> Result<(), HandlerError> {
         let _ = manifest;
         Ok(())
     }
 
-    /// Makes the installed update the running one.
+    /// Makes the update on trial permanent, for every component at once.
     fn commit(&self, manifest: &UpdateManifest) -> Result<(), HandlerError>;
 
-    /// Abandons the installed update; the running firmware stays.
+    /// Abandons the installed or trial update; the previous firmware stays or comes back.
     fn rollback(&self, manifest: &UpdateManifest) -> Result<(), HandlerError>;
 
     /// The gateway withdrew its offer of `manifest` (the campaign was aborted) while the
-    /// update was deferred or downloading; what was staged for it is already dropped. Nothing
-    /// had been installed. The default does nothing.
+    /// update was deferred or downloading, or a newer update replaced it; what was staged for
+    /// it is already dropped. Nothing had been installed. The default does nothing.
     fn withdrawn(&self, manifest: &UpdateManifest) {
         let _ = manifest;
     }
 }
 
-/// A/B slots: each component has `STATE_DIR/slots/{component}/{a,b}.img` and a file `active`
-/// naming the running slot (`a` before any update). Install writes the inactive slot and marks
-/// it pending; commit makes it active; rollback drops the pending mark.
+/// A/B slots: each component has `STATE_DIR/slots/{component}/{a,b}.img`, and one file,
+/// `STATE_DIR/slots/slots.json`, names the running slot of every component, the installed
+/// ones and the ones on trial. Install writes the inactive slots; commit switches every
+/// component in one atomic write of `slots.json`, so a power cut never leaves a mix.
 #[derive(Debug, Clone)]
 pub struct SlotInstaller {
     dir: PathBuf,
 }
+
+/// `slots.json`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct SlotTable {
+    /// Running slot per component (absent: `a`).
+    active: std::collections::BTreeMap<String, String>,
+    /// Installed, not yet committed: component -> slot.
+    pending: std::collections::BTreeMap<String, String>,
+    /// Whether the pending slots run on trial.
+    trial: bool,
+}
+
+const TABLE: &str = "slots.json";
 
 /// Maps an [`io::Error`] on `path` during `action` to a [`HandlerError::Io`].
 fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> HandlerError + 'a {
@@ -194,6 +226,24 @@ fn write_durably(path: &Path, bytes: &[u8]) -> Result<(), HandlerError> {
     Ok(())
 }
 
+/// A component name usable as one directory name.
+fn safe_component(name: &str) -> Result<&str, HandlerError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if ok {
+        Ok(name)
+    } else {
+        Err(HandlerError::msg(format!(
+            "component name {:?} cannot name a slot directory",
+            name.escape_debug().to_string()
+        )))
+    }
+}
+
 impl SlotInstaller {
     /// Slots under `STATE_DIR/slots`.
     pub fn new(state_dir: &Path) -> Self {
@@ -202,73 +252,119 @@ impl SlotInstaller {
         }
     }
 
-    fn component_dir(&self, component: &str) -> PathBuf {
-        // Component names are manifest ids (no '/'); keep them from naming anything else.
-        self.dir.join(component.replace(['/', '\\'], "_"))
+    fn component_dir(&self, component: &str) -> Result<PathBuf, HandlerError> {
+        Ok(self.dir.join(safe_component(component)?))
     }
 
-    /// The running slot of `component` (`a` or `b`).
-    pub fn active_slot(&self, component: &str) -> String {
-        match fs::read_to_string(self.component_dir(component).join("active")) {
-            Ok(s) if s.trim() == "b" => "b".into(),
-            _ => "a".into(),
+    fn load(&self) -> Result<SlotTable, HandlerError> {
+        let path = self.dir.join(TABLE);
+        match fs::read(&path) {
+            Ok(b) => serde_json::from_slice(&b).map_err(|e| HandlerError::Io {
+                action: "reading",
+                path,
+                source: io::Error::new(io::ErrorKind::InvalidData, e),
+            }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(SlotTable::default()),
+            Err(e) => Err(io_err("reading", &path)(e)),
         }
+    }
+
+    fn save(&self, t: &SlotTable) -> Result<(), HandlerError> {
+        fs::create_dir_all(&self.dir).map_err(io_err("creating", &self.dir))?;
+        let bytes = serde_json::to_vec(t).map_err(|e| HandlerError::new(io::Error::other(e)))?;
+        write_durably(&self.dir.join(TABLE), &bytes)
+    }
+
+    /// The running slot of `component` (`a` or `b`). An unreadable slot table is an error,
+    /// never a guess.
+    pub fn active_slot(&self, component: &str) -> Result<String, HandlerError> {
+        safe_component(component)?;
+        Ok(self
+            .load()?
+            .active
+            .get(component)
+            .cloned()
+            .unwrap_or_else(|| "a".into()))
     }
 
     /// The image file of the running slot of `component` (absent before the first update).
-    pub fn active_image(&self, component: &str) -> PathBuf {
-        let slot = self.active_slot(component);
-        self.component_dir(component).join(format!("{slot}.img"))
+    pub fn active_image(&self, component: &str) -> Result<PathBuf, HandlerError> {
+        let slot = self.active_slot(component)?;
+        Ok(self.component_dir(component)?.join(format!("{slot}.img")))
     }
+}
 
-    fn inactive_slot(&self, component: &str) -> &'static str {
-        if self.active_slot(component) == "a" {
-            "b"
-        } else {
-            "a"
-        }
+fn other(slot: &str) -> &'static str {
+    if slot == "b" {
+        "a"
+    } else {
+        "b"
     }
 }
 
 impl UpdateHandler for SlotInstaller {
     fn install(&self, _m: &UpdateManifest, images: &[StagedImage]) -> Result<(), HandlerError> {
+        let mut t = self.load()?;
+        let mut pending = std::collections::BTreeMap::new();
         for img in images {
-            let dir = self.component_dir(&img.component);
+            let dir = self.component_dir(&img.component)?;
             fs::create_dir_all(&dir).map_err(io_err("creating", &dir))?;
-            let target = dir.join(format!("{}.img", self.inactive_slot(&img.component)));
+            let running = t.active.get(&img.component).map_or("a", String::as_str);
+            let slot = other(running);
+            let target = dir.join(format!("{slot}.img"));
             fs::copy(&img.path, &target).map_err(io_err("copying the image to", &target))?;
             File::open(&target)
                 .and_then(|f| f.sync_all())
                 .map_err(io_err("syncing", &target))?;
-            write_durably(
-                &dir.join("pending"),
-                self.inactive_slot(&img.component).as_bytes(),
-            )?;
+            pending.insert(img.component.clone(), slot.to_owned());
+        }
+        t.pending = pending;
+        t.trial = false;
+        self.save(&t)
+    }
+
+    fn activate(&self, _m: &UpdateManifest) -> Result<(), HandlerError> {
+        let mut t = self.load()?;
+        if t.pending.is_empty() {
+            return Err(HandlerError::msg("nothing is installed to activate"));
+        }
+        if !t.trial {
+            t.trial = true;
+            self.save(&t)?;
         }
         Ok(())
     }
 
     fn commit(&self, m: &UpdateManifest) -> Result<(), HandlerError> {
-        for c in &m.components {
-            let dir = self.component_dir(&c.name);
-            let pending = dir.join("pending");
-            let slot = fs::read_to_string(&pending).map_err(io_err("reading", &pending))?;
-            write_durably(&dir.join("active"), slot.trim().as_bytes())?;
-            fs::remove_file(&pending).map_err(io_err("removing", &pending))?;
+        let mut t = self.load()?;
+        if t.pending.is_empty() {
+            // Committed already (the agent runs a commit again after a power cut)?
+            let done = m.components.iter().all(|c| {
+                t.active.get(&c.name).is_some_and(|slot| {
+                    self.component_dir(&c.name)
+                        .is_ok_and(|d| d.join(format!("{slot}.img")).exists())
+                })
+            });
+            return if done {
+                Ok(())
+            } else {
+                Err(HandlerError::msg("nothing is installed to commit"))
+            };
         }
-        Ok(())
+        let pending = std::mem::take(&mut t.pending);
+        t.active.extend(pending);
+        t.trial = false;
+        self.save(&t)
     }
 
-    fn rollback(&self, m: &UpdateManifest) -> Result<(), HandlerError> {
-        for c in &m.components {
-            let pending = self.component_dir(&c.name).join("pending");
-            match fs::remove_file(&pending) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(io_err("removing", &pending)(e)),
-            }
+    fn rollback(&self, _m: &UpdateManifest) -> Result<(), HandlerError> {
+        let mut t = self.load()?;
+        if t.pending.is_empty() && !t.trial {
+            return Ok(());
         }
-        Ok(())
+        t.pending.clear();
+        t.trial = false;
+        self.save(&t)
     }
 }
 
@@ -301,48 +397,102 @@ mod tests {
             path: staged.clone(),
             size: 2,
         }];
-        assert_eq!(slots.active_slot("rootfs"), "a");
+        assert_eq!(slots.active_slot("rootfs").unwrap(), "a");
         slots.install(&m, &images).unwrap();
+        slots.activate(&m).unwrap();
         slots.rollback(&m).unwrap();
         assert_eq!(
-            slots.active_slot("rootfs"),
+            slots.active_slot("rootfs").unwrap(),
             "a",
             "rollback keeps the running slot"
         );
         slots.install(&m, &images).unwrap();
+        slots.activate(&m).unwrap();
         slots.commit(&m).unwrap();
-        assert_eq!(slots.active_slot("rootfs"), "b");
-        assert_eq!(fs::read(slots.active_image("rootfs")).unwrap(), b"v2");
+        slots.commit(&m).unwrap(); // again, as after a power cut: idempotent
+        assert_eq!(slots.active_slot("rootfs").unwrap(), "b");
+        assert_eq!(
+            fs::read(slots.active_image("rootfs").unwrap()).unwrap(),
+            b"v2"
+        );
         fs::write(&staged, b"v3").unwrap();
         slots.install(&m, &images).unwrap();
         slots.commit(&m).unwrap();
-        assert_eq!(fs::read(slots.active_image("rootfs")).unwrap(), b"v3");
-        assert_eq!(slots.active_slot("rootfs"), "a");
+        assert_eq!(
+            fs::read(slots.active_image("rootfs").unwrap()).unwrap(),
+            b"v3"
+        );
+        assert_eq!(slots.active_slot("rootfs").unwrap(), "a");
+    }
+
+    #[test]
+    fn every_component_switches_in_one_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let slots = SlotInstaller::new(dir.path());
+        let mut m = rootfs_manifest();
+        m.components.push(Component {
+            name: "app".into(),
+            ..Default::default()
+        });
+        let staged = dir.path().join("staged");
+        fs::write(&staged, b"x").unwrap();
+        let images: Vec<StagedImage> = ["rootfs", "app"]
+            .iter()
+            .map(|c| StagedImage {
+                component: (*c).into(),
+                path: staged.clone(),
+                size: 1,
+            })
+            .collect();
+        slots.install(&m, &images).unwrap();
+        // Before the commit nothing runs the new slots; after it, all of them do.
+        assert_eq!(slots.active_slot("app").unwrap(), "a");
+        slots.commit(&m).unwrap();
+        assert_eq!(slots.active_slot("rootfs").unwrap(), "b");
+        assert_eq!(slots.active_slot("app").unwrap(), "b");
+        let table = fs::read_to_string(dir.path().join("slots/slots.json")).unwrap();
+        assert!(
+            table.contains("\"rootfs\":\"b\"") && table.contains("\"app\":\"b\""),
+            "{table}"
+        );
+    }
+
+    #[test]
+    fn unsafe_names_and_unreadable_tables_are_errors_not_guesses() {
+        let dir = tempfile::tempdir().unwrap();
+        let slots = SlotInstaller::new(dir.path());
+        for bad in [".", "..", "a/b", "a\\b", "", "x\0"] {
+            assert!(slots.active_slot(bad).is_err(), "{bad:?}");
+            let img = StagedImage {
+                component: bad.into(),
+                path: dir.path().join("nothing"),
+                size: 1,
+            };
+            assert!(
+                slots.install(&rootfs_manifest(), &[img]).is_err(),
+                "{bad:?}"
+            );
+        }
+        fs::create_dir_all(dir.path().join("slots")).unwrap();
+        fs::write(dir.path().join("slots/slots.json"), b"{").unwrap();
+        let e = slots.active_slot("rootfs").unwrap_err();
+        assert!(e.report().contains("slots.json"), "{}", e.report());
     }
 
     #[test]
     fn a_failed_step_names_the_file_and_keeps_the_cause() {
         let dir = tempfile::tempdir().unwrap();
         let slots = SlotInstaller::new(dir.path());
-        let m = rootfs_manifest();
-        // Nothing was installed, so there is no pending slot to commit.
-        let e = slots.commit(&m).unwrap_err();
-        let HandlerError::Io {
-            action,
-            path,
-            source,
-        } = &e
-        else {
+        fs::create_dir_all(dir.path().join("slots/slots.json")).unwrap();
+        // The table is a directory: reading it fails with the OS's error as the cause.
+        let e = slots.commit(&rootfs_manifest()).unwrap_err();
+        let HandlerError::Io { action, path, .. } = &e else {
             panic!("not an I/O error: {e:?}");
         };
         assert_eq!(*action, "reading");
-        assert!(path.ends_with("slots/rootfs/pending"), "{path:?}");
-        assert_eq!(source.kind(), io::ErrorKind::NotFound);
-        let cause = e.source().unwrap().downcast_ref::<io::Error>().unwrap();
-        assert_eq!(cause.kind(), io::ErrorKind::NotFound);
-        let report = e.report();
-        assert!(report.starts_with("reading "), "{report}");
-        assert!(report.contains("pending: "), "{report}");
+        assert!(path.ends_with("slots/slots.json"), "{path:?}");
+        assert!(e.source().unwrap().downcast_ref::<io::Error>().is_some());
+        assert!(e.report().starts_with("reading "), "{}", e.report());
     }
 
     #[derive(Debug, thiserror::Error)]

@@ -1,4 +1,6 @@
 //! The update agent.
+//! * [`machine`]: the agent as a state machine over a storage trait and the application's
+//!   hooks: its phases, what is journaled before each, what a restart does in each.
 //! * [`judge`]: signature over the exact received bytes, then structure, class, expiry and
 //!   anti-rollback; a refusal carries its `UpdateError` code. Nothing is downloaded before it
 //!   passes.
@@ -6,15 +8,19 @@
 //!   timeout) and whether each arriving chunk is genuine (length, index, Merkle proof).
 //! * [`bitmap`]: the held chunks, persisted so a restart resumes where it stopped.
 //! * [`install`]: the application's hooks ([`UpdateHandler`]) and the default A/B slots.
-//! * [`state`]: the agent's files (installed sequence, update in progress, staging).
-//! * `agent`: the task that runs all of it beside the connection.
+//! * [`storage`]: the journal and staged files ([`storage::DirStorage`] in the state
+//!   directory; a simulated disk that loses power in tests).
+//! * `agent`: the thread that runs the machine beside the connection.
 
 pub(crate) mod agent;
 pub(crate) mod bitmap;
 pub(crate) mod download;
 pub(crate) mod install;
 pub(crate) mod judge;
-pub(crate) mod state;
+pub(crate) mod machine;
+#[cfg(test)]
+mod power_loss;
+pub(crate) mod storage;
 
 pub(crate) use agent::UpdateConfig;
 pub use install::{Decision, HandlerError, SlotInstaller, StagedImage, UpdateHandler};
