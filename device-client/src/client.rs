@@ -571,13 +571,21 @@ impl Commands {
     }
 }
 
-/// A command to run, exactly once. Answer it with one of the methods; a command dropped
-/// unanswered is reported FAILED ("interrupted") when the gateway delivers it again, and is
-/// never run again.
+/// A command to run, exactly once. Answer it with one of the methods. While it is held, a
+/// re-delivery by the gateway (it re-delivers open commands at every reconnect) is neither run
+/// again nor answered: the answer goes out when it is given. A command dropped unanswered is
+/// reported FAILED ("interrupted") when the gateway delivers it again, and is never run again.
 pub struct IncomingCommand {
     command: Command,
     shared: Arc<Shared>,
     results: mpsc::UnboundedSender<CommandResult>,
+}
+
+impl Drop for IncomingCommand {
+    fn drop(&mut self) {
+        // No effect once answered (the gate then has its result).
+        lock(&self.shared.gate).abandon(&self.command.command_id);
+    }
 }
 
 impl std::fmt::Debug for IncomingCommand {
