@@ -75,9 +75,39 @@ pub enum ClientError {
     /// The update agent's state cannot be read.
     #[error("update state: {0}")]
     Update(#[from] StateError),
+    /// Another client (in this process or another) owns the state directory: it holds the
+    /// lock on [`STATE_LOCK_FILE`] there until it is shut down (or its process ends). Two
+    /// clients on one directory would run commands twice and corrupt updates.
+    #[error(
+        "state directory {} is in use by another device client (one client per state directory)",
+        .0.display()
+    )]
+    StateDirInUse(PathBuf),
     /// The client has shut down.
     #[error("the device client has stopped")]
     Stopped,
+}
+
+/// File in the state directory a running client holds an exclusive lock on.
+pub const STATE_LOCK_FILE: &str = "owner.lock";
+
+/// Takes the state directory's owner lock, or says who has it.
+fn lock_state_dir(dir: &std::path::Path) -> Result<std::fs::File, ClientError> {
+    let path = dir.join(STATE_LOCK_FILE);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| ClientError::Config(format!("state_dir {}: {e}", path.display())))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(ClientError::StateDirInUse(dir.to_owned())),
+        Err(std::fs::TryLockError::Error(e)) => Err(ClientError::Config(format!(
+            "state_dir {}: cannot lock: {e}",
+            path.display()
+        ))),
+    }
 }
 
 enum TlsSource {
@@ -177,7 +207,9 @@ impl DeviceClientBuilder {
     }
 
     /// Directory for the command journal and the status outbox (created if missing). Must
-    /// survive restarts; one per device.
+    /// survive restarts; one per device. A running client owns it (an exclusive lock on
+    /// [`STATE_LOCK_FILE`], released by [`DeviceClient::shutdown`]): starting a second client on
+    /// it fails with [`ClientError::StateDirInUse`].
     pub fn state_dir(mut self, dir: impl Into<PathBuf>) -> Self {
         self.state_dir = Some(dir.into());
         self
@@ -310,6 +342,8 @@ impl DeviceClientBuilder {
         let id = DeviceId::new(&id).map_err(|e| ClientError::Config(format!("device id: {e}")))?;
         std::fs::create_dir_all(&state_dir)
             .map_err(|e| ClientError::Config(format!("state_dir {}: {e}", state_dir.display())))?;
+        // Before anything in the directory is read: one owner at a time.
+        let owner = lock_state_dir(&state_dir)?;
         let journal = Journal::new(&state_dir);
         let gate = journal.load(self.command_window)?;
         let outbox = OutboxStore::open(&state_dir, self.outbox_capacity)?;
@@ -342,6 +376,7 @@ impl DeviceClientBuilder {
         let (commands_tx, commands_rx) = mpsc::channel(self.command_queue.max(1));
         let (results_tx, results_rx) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared {
+            owner: Mutex::new(Some(owner)),
             gate: Mutex::new(gate),
             journal,
             outbox: Mutex::new(outbox),
@@ -426,6 +461,9 @@ fn reconnect_delay(backoff: &mut Backoff) -> Duration {
 }
 
 struct Shared {
+    /// The state directory's lock; `None` once `shutdown` released it, after which nothing
+    /// here writes to the directory. Lock order: `owner`, then `gate` or `outbox`.
+    owner: Mutex<Option<std::fs::File>>,
     gate: Mutex<CommandGate>,
     journal: Journal,
     outbox: Mutex<OutboxStore>,
@@ -434,6 +472,18 @@ struct Shared {
     stopped: watch::Sender<bool>,
     connected: watch::Sender<bool>,
     reports_dropped: std::sync::atomic::AtomicU64,
+}
+
+/// Runs `write` (which changes files in the state directory) while this client still owns it.
+fn while_owner<T>(
+    shared: &Shared,
+    write: impl FnOnce() -> Result<T, ClientError>,
+) -> Result<T, ClientError> {
+    let owner = lock(&shared.owner);
+    if owner.is_none() {
+        return Err(ClientError::Stopped);
+    }
+    write()
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -494,8 +544,7 @@ impl DeviceClient {
     pub async fn report(&self, report: StatusReport) -> Result<u64, ClientError> {
         let shared = self.shared.clone();
         let (stored, pushed) = tokio::task::spawn_blocking(move || {
-            let mut outbox = lock(&shared.outbox);
-            outbox.push(report)
+            while_owner(&shared, || Ok(lock(&shared.outbox).push(report)?))
         })
         .await
         .map_err(|_| ClientError::Stopped)??;
@@ -551,11 +600,20 @@ impl DeviceClient {
     }
 
     /// Says goodbye (a graceful OFFLINE presence, if connected), disconnects and stops the
-    /// driver. Queued reports stay on disk for the next start.
+    /// driver. Queued reports stay on disk for the next start. Once the driver has stopped,
+    /// the state directory is released: a new client may start on it, and this one's calls
+    /// (and answers to its commands) fail with [`ClientError::Stopped`].
     pub async fn shutdown(&self) {
         let mut stopped = self.shared.stopped.subscribe();
         self.shared.stop.notify_one();
-        let _ = tokio::time::timeout(Duration::from_secs(5), stopped.wait_for(|s| *s)).await;
+        let stopped = tokio::time::timeout(Duration::from_secs(5), stopped.wait_for(|s| *s))
+            .await
+            .is_ok_and(|r| r.is_ok());
+        // Last, after everything that writes the state directory has stopped. A driver that
+        // did not stop in time keeps it until it ends and every handle is dropped.
+        if stopped {
+            lock(&self.shared.owner).take();
+        }
     }
 }
 
@@ -639,10 +697,12 @@ impl IncomingCommand {
         let shared = self.shared.clone();
         let r = result.clone();
         tokio::task::spawn_blocking(move || {
-            let mut gate = lock(&shared.gate);
-            gate.complete(&r)?;
-            shared.journal.save(&gate)?;
-            Ok::<_, ClientError>(())
+            while_owner(&shared, || {
+                let mut gate = lock(&shared.gate);
+                gate.complete(&r)?;
+                shared.journal.save(&gate)?;
+                Ok(())
+            })
         })
         .await
         .map_err(|_| ClientError::Stopped)??;
