@@ -75,9 +75,39 @@ pub enum ClientError {
     /// unreadable update journal is not an error: the agent reports it and carries on.)
     #[error("update agent: {0}")]
     Update(std::io::Error),
+    /// Another client (in this process or another) owns the state directory: it holds the
+    /// lock on [`STATE_LOCK_FILE`] there until it is shut down (or its process ends). Two
+    /// clients on one directory would run commands twice and corrupt updates.
+    #[error(
+        "state directory {} is in use by another device client (one client per state directory)",
+        .0.display()
+    )]
+    StateDirInUse(PathBuf),
     /// The client has shut down.
     #[error("the device client has stopped")]
     Stopped,
+}
+
+/// File in the state directory a running client holds an exclusive lock on.
+pub const STATE_LOCK_FILE: &str = "owner.lock";
+
+/// Takes the state directory's owner lock, or says who has it.
+fn lock_state_dir(dir: &std::path::Path) -> Result<std::fs::File, ClientError> {
+    let path = dir.join(STATE_LOCK_FILE);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| ClientError::Config(format!("state_dir {}: {e}", path.display())))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(ClientError::StateDirInUse(dir.to_owned())),
+        Err(std::fs::TryLockError::Error(e)) => Err(ClientError::Config(format!(
+            "state_dir {}: cannot lock: {e}",
+            path.display()
+        ))),
+    }
 }
 
 enum TlsSource {
@@ -177,7 +207,9 @@ impl DeviceClientBuilder {
     }
 
     /// Directory for the command journal and the status outbox (created if missing). Must
-    /// survive restarts; one per device.
+    /// survive restarts; one per device. A running client owns it (an exclusive lock on
+    /// [`STATE_LOCK_FILE`], released by [`DeviceClient::shutdown`]): starting a second client on
+    /// it fails with [`ClientError::StateDirInUse`].
     pub fn state_dir(mut self, dir: impl Into<PathBuf>) -> Self {
         self.state_dir = Some(dir.into());
         self
@@ -310,6 +342,8 @@ impl DeviceClientBuilder {
         let id = DeviceId::new(&id).map_err(|e| ClientError::Config(format!("device id: {e}")))?;
         std::fs::create_dir_all(&state_dir)
             .map_err(|e| ClientError::Config(format!("state_dir {}: {e}", state_dir.display())))?;
+        // Before anything in the directory is read: one owner at a time.
+        let owner = lock_state_dir(&state_dir)?;
         let journal = Journal::new(&state_dir);
         let gate = journal.load(self.command_window)?;
         let outbox = OutboxStore::open(&state_dir, self.outbox_capacity)?;
@@ -354,11 +388,15 @@ impl DeviceClientBuilder {
                 factory_sequence: self.factory_sequence,
                 defer_retry: self.defer_retry,
             };
+            // The agent thread holds the directory's lock too (a second handle on the same
+            // lock), so the directory is not free before the thread is done.
+            let agent_owner = owner.try_clone().map_err(ClientError::Update)?;
             let agent = AgentHandle::spawn(
                 cfg,
                 info.device_class.clone(),
                 info.firmware_version.clone(),
                 &state_dir,
+                agent_owner,
                 agent_out_tx.clone(),
                 reports_tx,
             )
@@ -368,6 +406,7 @@ impl DeviceClientBuilder {
             None
         };
         let shared = Arc::new(Shared {
+            owner: Mutex::new(Some(owner)),
             gate: Mutex::new(gate),
             journal,
             outbox: Mutex::new(outbox),
@@ -421,6 +460,9 @@ fn reconnect_delay(backoff: &mut Backoff) -> Duration {
 }
 
 struct Shared {
+    /// The state directory's lock; `None` once `shutdown` released it, after which nothing
+    /// here writes to the directory. Lock order: `owner`, then `gate` or `outbox`.
+    owner: Mutex<Option<std::fs::File>>,
     gate: Mutex<CommandGate>,
     journal: Journal,
     outbox: Mutex<OutboxStore>,
@@ -431,6 +473,18 @@ struct Shared {
     reports_dropped: std::sync::atomic::AtomicU64,
     /// The update agent, when updates are on.
     agent: Option<Arc<AgentHandle>>,
+}
+
+/// Runs `write` (which changes files in the state directory) while this client still owns it.
+fn while_owner<T>(
+    shared: &Shared,
+    write: impl FnOnce() -> Result<T, ClientError>,
+) -> Result<T, ClientError> {
+    let owner = lock(&shared.owner);
+    if owner.is_none() {
+        return Err(ClientError::Stopped);
+    }
+    write()
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -495,8 +549,7 @@ impl DeviceClient {
     pub async fn report(&self, report: StatusReport) -> Result<u64, ClientError> {
         let shared = self.shared.clone();
         let (stored, pushed) = tokio::task::spawn_blocking(move || {
-            let mut outbox = lock(&shared.outbox);
-            outbox.push(report)
+            while_owner(&shared, || Ok(lock(&shared.outbox).push(report)?))
         })
         .await
         .map_err(|_| ClientError::Stopped)??;
@@ -556,13 +609,22 @@ impl DeviceClient {
     /// driver. Queued reports stay on disk for the next start.
     ///
     /// Returns once the update agent is done with the step it was in (a file write, an
-    /// install hook, a self-test), so a new client can take over the state directory.
+    /// install hook, a self-test). Then the state directory is released: a new client may
+    /// start on it, and this one's calls (and answers to its commands) fail with
+    /// [`ClientError::Stopped`].
     pub async fn shutdown(&self) {
         let mut stopped = self.shared.stopped.subscribe();
         self.shared.stop.notify_one();
-        let _ = tokio::time::timeout(Duration::from_secs(5), stopped.wait_for(|s| *s)).await;
+        let stopped = tokio::time::timeout(Duration::from_secs(5), stopped.wait_for(|s| *s))
+            .await
+            .is_ok_and(|r| r.is_ok());
         if let Some(agent) = &self.shared.agent {
             agent.stop().await;
+        }
+        // Last, after everything that writes the state directory has stopped. A driver that
+        // did not stop in time keeps it until it ends and every handle is dropped.
+        if stopped {
+            lock(&self.shared.owner).take();
         }
     }
 }
@@ -579,13 +641,21 @@ impl Commands {
     }
 }
 
-/// A command to run, exactly once. Answer it with one of the methods; a command dropped
-/// unanswered is reported FAILED ("interrupted") when the gateway delivers it again, and is
-/// never run again.
+/// A command to run, exactly once. Answer it with one of the methods. While it is held, a
+/// re-delivery by the gateway (it re-delivers open commands at every reconnect) is neither run
+/// again nor answered: the answer goes out when it is given. A command dropped unanswered is
+/// reported FAILED ("interrupted") when the gateway delivers it again, and is never run again.
 pub struct IncomingCommand {
     command: Command,
     shared: Arc<Shared>,
     results: mpsc::UnboundedSender<CommandResult>,
+}
+
+impl Drop for IncomingCommand {
+    fn drop(&mut self) {
+        // No effect once answered (the gate then has its result).
+        lock(&self.shared.gate).abandon(&self.command.command_id);
+    }
 }
 
 impl std::fmt::Debug for IncomingCommand {
@@ -639,10 +709,12 @@ impl IncomingCommand {
         let shared = self.shared.clone();
         let r = result.clone();
         tokio::task::spawn_blocking(move || {
-            let mut gate = lock(&shared.gate);
-            gate.complete(&r)?;
-            shared.journal.save(&gate)?;
-            Ok::<_, ClientError>(())
+            while_owner(&shared, || {
+                let mut gate = lock(&shared.gate);
+                gate.complete(&r)?;
+                shared.journal.save(&gate)?;
+                Ok(())
+            })
         })
         .await
         .map_err(|_| ClientError::Stopped)??;

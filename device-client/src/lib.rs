@@ -56,6 +56,7 @@ mod update;
 
 pub use client::{
     ClientError, ClientStats, Commands, DeviceClient, DeviceClientBuilder, IncomingCommand,
+    STATE_LOCK_FILE,
 };
 pub use commands::journal::{Journal, JournalError, FILE_NAME as JOURNAL_FILE_NAME};
 pub use commands::{CommandGate, GateError, Verdict, DEFAULT_WINDOW as DEFAULT_COMMAND_WINDOW};

@@ -306,6 +306,8 @@ impl Session {
         };
         match gate.offer(&cmd, now_ms) {
             Verdict::Run => vec![Action::SaveGate, Action::Run(cmd)],
+            // The application still holds it: its result is sent when it finishes.
+            Verdict::Running => Vec::new(),
             Verdict::Replay(r) | Verdict::Rejected(r) => self.send_result(r),
             Verdict::Interrupted(r) | Verdict::Expired(r) => {
                 let mut out = vec![Action::SaveGate];
@@ -454,6 +456,34 @@ mod tests {
         assert_eq!(published(&a), [Tag::Result("c1".into())]);
         assert!(!a.iter().any(|x| matches!(x, Action::Run(_))));
         assert!(s.on_completed(result, &mut gate).is_err());
+    }
+
+    #[test]
+    fn a_redelivery_while_running_sends_nothing_until_the_result() {
+        let mut s = session();
+        let mut gate = CommandGate::new(10);
+        s.on_connected(&outbox(0), 0);
+        let cmd = Command {
+            command_id: "c1".into(),
+            name: "x".into(),
+            ..Command::default()
+        };
+        let bytes = cmd.encode_to_vec();
+        let a = s.on_message("devices/dev-1/cmd", &bytes, &mut gate, 1);
+        assert!(matches!(&a[..], [Action::SaveGate, Action::Run(_)]));
+        // Reconnect: the gateway hands the open command over again while it runs.
+        s.on_disconnected();
+        s.on_connected(&outbox(0), 2);
+        let a = s.on_message("devices/dev-1/cmd", &bytes, &mut gate, 3);
+        assert_eq!(a, [], "neither run again nor answered");
+        let result = CommandResult {
+            command_id: "c1".into(),
+            status: CommandStatus::Succeeded.into(),
+            output: b"out".to_vec(),
+            ..CommandResult::default()
+        };
+        let a = s.on_completed(result, &mut gate).unwrap();
+        assert_eq!(published(&a), [Tag::Result("c1".into())]);
     }
 
     #[test]

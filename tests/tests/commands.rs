@@ -105,6 +105,88 @@ async fn a_command_to_an_offline_device_runs_exactly_once_when_it_connects() {
     assert_eq!(opts.ran(), vec![id]);
 }
 
+/// The gateway re-delivers a command the application is still running (here every second;
+/// also at every reconnect). The device neither runs it again nor answers it early: the
+/// application's later answer is accepted and is what the service sees.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_redelivered_while_it_runs_gets_the_applications_result() {
+    let dir = tempfile::tempdir().unwrap();
+    let gw = GatewayProc::start(
+        dir.path(),
+        1,
+        &[("GATEWAY__COMMANDS__REDELIVER_AFTER", "1s")],
+    );
+    // The device library in this process, so the test decides when the command finishes.
+    let pki = gw.pki();
+    let (client, mut commands) = device_client::DeviceClient::builder()
+        .gateway("localhost", gw.addr.port())
+        .pem_files(
+            pki.join("ca.crt"),
+            pki.join("devices/dev-0001.crt"),
+            pki.join("devices/dev-0001.key"),
+        )
+        .state_dir(dir.path().join("dev-0001-state"))
+        .backoff(Duration::from_millis(100), Duration::from_millis(500))
+        .start()
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(20), client.wait_connected())
+        .await
+        .expect("connected within 20 s")
+        .unwrap();
+    let fleet = gw.fleet().await;
+    let handle = fleet
+        .send_command(send("dev-0001", "slow", 120_000))
+        .await
+        .unwrap();
+    let id = handle.command_id().to_owned();
+    let running = tokio::time::timeout(Duration::from_secs(30), commands.next())
+        .await
+        .expect("the command arrives within 30 s")
+        .unwrap();
+    assert_eq!(running.command().command_id, id);
+
+    // Held while the gateway hands it over again.
+    eventually_async(
+        Duration::from_secs(30),
+        "the gateway re-delivers the running command",
+        async || {
+            let recs = fleet.get_command(&id, None).await.unwrap();
+            (recs[0].attempts >= 2).then_some(())
+        },
+    )
+    .await;
+    // A command sent now reaches the application after the device has handled every
+    // delivery before it, the re-delivery included.
+    let control = fleet
+        .send_command(send("dev-0001", "control", 120_000))
+        .await
+        .unwrap();
+    let next = tokio::time::timeout(Duration::from_secs(30), commands.next())
+        .await
+        .expect("the control arrives within 30 s")
+        .unwrap();
+    assert_eq!(
+        next.command().command_id,
+        control.command_id(),
+        "the running command was handed out again"
+    );
+    let recs = fleet.get_command(&id, None).await.unwrap();
+    assert_eq!(
+        recs[0].state(),
+        CommandState::Delivered,
+        "answered before it finished: {:?}",
+        recs[0]
+    );
+
+    // The application finishes: its answer is accepted, and it is the command's result.
+    running.succeed(b"done late".to_vec()).await.unwrap();
+    next.succeed(b"control".to_vec()).await.unwrap();
+    let recs = handle.wait(Duration::from_secs(30)).await.unwrap();
+    assert_eq!(recs[0].state(), CommandState::Succeeded, "{:?}", recs[0]);
+    assert_eq!(recs[0].result.as_ref().unwrap().output, b"done late");
+    client.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiting_command_survives_a_gateway_sigkill() {
     let dir = tempfile::tempdir().unwrap();

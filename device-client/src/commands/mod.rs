@@ -8,11 +8,19 @@
 //!   must persist that (see [`journal`]) **before** running it;
 //! * finished before -> [`Verdict::Replay`] of the recorded result (the result was probably
 //!   lost; it is sent again, the command is not run again);
-//! * started but never finished (the device died while running it) -> [`Verdict::Interrupted`]:
-//!   answered FAILED, not run again, because running twice is worse than not finishing for
-//!   commands with effects in the physical world;
+//! * started by this gate and not finished yet (the application is still running it; the
+//!   gateway re-delivers open commands at every reconnect) -> [`Verdict::Running`]: nothing is
+//!   answered now, the result is sent when the application finishes, and replayed after;
+//! * started but never finished by a previous process (the device stopped while running it:
+//!   the entry was found *started* in the journal), or dropped unanswered by the application
+//!   -> [`Verdict::Interrupted`]: answered FAILED, not run again, because running twice is worse
+//!   than not finishing for commands with effects in the physical world;
 //! * expired (`expires_at_ms` passed) -> [`Verdict::Expired`], answered EXPIRED, never run;
 //! * malformed (bad id) -> [`Verdict::Rejected`], answered REJECTED, not recorded.
+//!
+//! Which commands are running *in this process* is not persisted: a gate rebuilt from its
+//! snapshot ([`CommandGate::from_snapshot`], i.e. after a restart) treats every started,
+//! unfinished command as interrupted.
 //!
 //! The gate remembers the last `window` command ids (default [`DEFAULT_WINDOW`]); older ones are
 //! forgotten, oldest first. The gateway stops re-delivering a command once it has the result
@@ -20,7 +28,7 @@
 
 pub(crate) mod journal;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 
 use fleet_proto::ids::validate_id;
 use fleet_proto::v1::{Command, CommandResult, CommandStatus};
@@ -34,9 +42,13 @@ pub const DEFAULT_WINDOW: usize = 1024;
 pub enum Verdict {
     /// Run it (it is recorded as started; persist the gate before running).
     Run,
+    /// Handed out by this gate and still running: do not run it again and answer nothing
+    /// now; its result is sent when the application finishes it.
+    Running,
     /// Already finished: send this recorded result again.
     Replay(CommandResult),
-    /// Started before a restart and never finished: send this FAILED result, do not run.
+    /// Started before a restart and never finished (or dropped unanswered by the
+    /// application): send this FAILED result (now recorded), do not run.
     Interrupted(CommandResult),
     /// Expired: send this EXPIRED result, do not run.
     Expired(CommandResult),
@@ -48,7 +60,8 @@ pub enum Verdict {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum GateError {
-    /// The command was never given out to run (or was forgotten).
+    /// The command was never given out to run by this gate (or was forgotten, or was started
+    /// by a previous process).
     #[error("command {0:?} was not started")]
     NotStarted(String),
     /// The command already has a result.
@@ -113,7 +126,19 @@ pub struct CommandGate {
     window: usize,
     order: VecDeque<String>,
     entries: HashMap<String, Entry>,
+    /// Started by this gate (this process) and not finished: the application holds them. Not
+    /// persisted: after a restart nothing is running.
+    running: HashSet<String>,
+    /// Started by this gate and dropped by the application without an answer.
+    abandoned: HashSet<String>,
 }
+
+/// The answer to a command started but never finished by a previous process.
+const INTERRUPTED: &str =
+    "interrupted: the device stopped while running this command; not run again";
+/// The answer to a command the application dropped without answering.
+const ABANDONED: &str =
+    "interrupted: the application dropped this command without answering; not run again";
 
 fn result(id: &str, status: CommandStatus, message: &str, now_ms: u64) -> CommandResult {
     CommandResult {
@@ -132,10 +157,14 @@ impl CommandGate {
             window: window.max(1),
             order: VecDeque::new(),
             entries: HashMap::new(),
+            running: HashSet::new(),
+            abandoned: HashSet::new(),
         }
     }
 
-    /// A gate restored from its snapshot.
+    /// A gate restored from its snapshot. Commands the snapshot has started and unfinished
+    /// were running in a previous process: a delivery of one is answered
+    /// [`Verdict::Interrupted`].
     pub fn from_snapshot(snapshot: GateSnapshot, window: usize) -> Self {
         let mut gate = Self::new(window);
         for (id, entry) in snapshot.entries {
@@ -172,6 +201,8 @@ impl CommandGate {
         while self.order.len() > self.window {
             if let Some(old) = self.order.pop_front() {
                 self.entries.remove(&old);
+                self.running.remove(&old);
+                self.abandoned.remove(&old);
             }
         }
     }
@@ -190,13 +221,14 @@ impl CommandGate {
         // Some(Some(result)): finished before; Some(None): started, never finished.
         match self.entries.get(id).map(|e| e.to_result(id)) {
             Some(Some(r)) => return Verdict::Replay(r),
+            Some(None) if self.running.contains(id) => return Verdict::Running,
             Some(None) => {
-                let r = result(
-                    id,
-                    CommandStatus::Failed,
-                    "interrupted: the device stopped while running this command; not run again",
-                    now_ms,
-                );
+                let why = if self.abandoned.contains(id) {
+                    ABANDONED
+                } else {
+                    INTERRUPTED
+                };
+                let r = result(id, CommandStatus::Failed, why, now_ms);
                 self.record(&r);
                 return Verdict::Interrupted(r);
             }
@@ -213,22 +245,37 @@ impl CommandGate {
             return Verdict::Expired(r);
         }
         self.remember(id.to_owned(), Entry::Started);
+        self.running.insert(id.to_owned());
         Verdict::Run
     }
 
     fn record(&mut self, r: &CommandResult) {
+        self.running.remove(&r.command_id);
+        self.abandoned.remove(&r.command_id);
         self.remember(r.command_id.clone(), Entry::from_result(r));
     }
 
-    /// Records the application's result for a command it was told to run.
+    /// The application dropped a command it was given without answering it: the next
+    /// delivery answers it FAILED ([`Verdict::Interrupted`]) instead of waiting for a result
+    /// that will not come. No effect on a command that is not running.
+    pub fn abandon(&mut self, command_id: &str) {
+        if self.running.remove(command_id) {
+            self.abandoned.insert(command_id.to_owned());
+        }
+    }
+
+    /// Records the application's result for a command this gate told it to run. A command
+    /// started by a previous process (found in the snapshot) cannot be completed: nothing in
+    /// this process runs it.
     pub fn complete(&mut self, r: &CommandResult) -> Result<(), GateError> {
-        match self.entries.get(&r.command_id) {
-            Some(Entry::Started) => {
+        let id = &r.command_id;
+        match self.entries.get(id) {
+            Some(Entry::Started) if self.running.contains(id) || self.abandoned.contains(id) => {
                 self.record(r);
                 Ok(())
             }
-            Some(Entry::Done { .. }) => Err(GateError::AlreadyFinished(r.command_id.clone())),
-            None => Err(GateError::NotStarted(r.command_id.clone())),
+            Some(Entry::Done { .. }) => Err(GateError::AlreadyFinished(id.clone())),
+            Some(Entry::Started) | None => Err(GateError::NotStarted(id.clone())),
         }
     }
 }
@@ -340,7 +387,192 @@ mod tests {
         assert!(matches!(g.offer(&cmd("d", 0), 2), Verdict::Replay(_)));
     }
 
+    #[test]
+    fn a_redelivery_while_running_waits_for_the_result() {
+        let mut g = CommandGate::default();
+        assert_eq!(g.offer(&cmd("c1", 0), 1), Verdict::Run);
+        // The gateway re-delivers at a reconnect while the application still runs it.
+        assert_eq!(g.offer(&cmd("c1", 0), 2), Verdict::Running);
+        assert_eq!(g.offer(&cmd("c1", 0), 3), Verdict::Running);
+        assert_eq!(g.complete(&done("c1", b"ok")), Ok(()));
+        assert_eq!(
+            g.offer(&cmd("c1", 0), 4),
+            Verdict::Replay(done("c1", b"ok"))
+        );
+        // Running is not persisted: after a restart the same journal says interrupted.
+        assert_eq!(g.offer(&cmd("c2", 0), 5), Verdict::Run);
+        let mut g = CommandGate::from_snapshot(g.snapshot(), DEFAULT_WINDOW);
+        assert!(matches!(
+            g.offer(&cmd("c2", 0), 6),
+            Verdict::Interrupted(r) if r.message == INTERRUPTED
+        ));
+        assert_eq!(
+            g.complete(&done("c2", b"late")),
+            Err(GateError::AlreadyFinished("c2".into()))
+        );
+    }
+
+    #[test]
+    fn a_previous_process_command_cannot_be_completed() {
+        let mut g = CommandGate::default();
+        assert_eq!(g.offer(&cmd("c1", 0), 1), Verdict::Run);
+        let mut g = CommandGate::from_snapshot(g.snapshot(), DEFAULT_WINDOW);
+        assert_eq!(
+            g.complete(&done("c1", b"")),
+            Err(GateError::NotStarted("c1".into()))
+        );
+    }
+
+    #[test]
+    fn a_dropped_command_is_answered_interrupted() {
+        let mut g = CommandGate::default();
+        assert_eq!(g.offer(&cmd("c1", 0), 1), Verdict::Run);
+        g.abandon("c1");
+        let Verdict::Interrupted(r) = g.offer(&cmd("c1", 0), 2) else {
+            panic!("not interrupted")
+        };
+        assert_eq!(r.message, ABANDONED);
+        assert_eq!(g.offer(&cmd("c1", 0), 3), Verdict::Replay(r));
+        g.abandon("c9"); // unknown: nothing happens
+        assert_eq!(g.offer(&cmd("c9", 0), 4), Verdict::Run);
+    }
+
+    /// One step of [`gate_matches_what_the_device_did`].
+    #[derive(Debug, Clone)]
+    enum Op {
+        /// The gateway delivers (or re-delivers) command `c{0}`.
+        Deliver(u8),
+        /// The application answers `c{0}` SUCCEEDED with this output, or FAILED.
+        Answer(u8, Option<u8>),
+        /// The application drops `c{0}` without answering.
+        Drop(u8),
+        /// Power loss: the process dies; the next one rebuilds the gate from the journal.
+        Restart,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => (0u8..8).prop_map(Op::Deliver),
+            3 => (0u8..8, prop::option::of(any::<u8>())).prop_map(|(i, o)| Op::Answer(i, o)),
+            1 => (0u8..8).prop_map(Op::Drop),
+            1 => Just(Op::Restart),
+        ]
+    }
+
+    /// What the device did, tracked beside the gate (the reference the gate must agree with).
+    #[derive(Default)]
+    struct Device {
+        /// Every command ever handed to the application, across restarts.
+        ran: std::collections::HashSet<String>,
+        /// Held by the application of the running process, unanswered.
+        holding: std::collections::HashSet<String>,
+        /// Dropped unanswered by the application of the running process.
+        dropped: std::collections::HashSet<String>,
+        /// Held, unanswered, by a process that died.
+        cut: std::collections::HashSet<String>,
+        /// The first answer each command got (the application's, or the gate's own).
+        answers: HashMap<String, CommandResult>,
+    }
+
+    /// Commands c6 and c7 expire at this instant (the clock is the step number).
+    const EXPIRES: u64 = 40;
+
+    fn expiry(i: u8) -> u64 {
+        if i >= 6 {
+            EXPIRES
+        } else {
+            0
+        }
+    }
+
     proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// Random deliveries, re-deliveries, answers, drops and power losses (the gate rebuilt
+        /// from its last saved snapshot, through its JSON form). Every verdict is the one the
+        /// device's history calls for: a command runs at most once; one the application still
+        /// holds is never answered (above all not "interrupted"); one held by a process that
+        /// died is answered interrupted, exactly those; every later answer repeats the first.
+        #[test]
+        fn gate_matches_what_the_device_did(ops in prop::collection::vec(op(), 1..300)) {
+            let mut g = CommandGate::new(64);
+            let mut d = Device::default();
+            for (step, op) in ops.into_iter().enumerate() {
+                let now = step as u64 + 1;
+                match op {
+                    Op::Deliver(i) => {
+                        let id = format!("c{i}");
+                        let v = g.offer(&cmd(&id, expiry(i)), now);
+                        if d.holding.contains(&id) {
+                            prop_assert_eq!(&v, &Verdict::Running, "{} is running here", id);
+                        } else if let Some(first) = d.answers.get(&id) {
+                            prop_assert_eq!(&v, &Verdict::Replay(first.clone()), "{}", id);
+                        } else if d.cut.contains(&id) || d.dropped.contains(&id) {
+                            let Verdict::Interrupted(r) = &v else {
+                                return Err(TestCaseError::fail(format!("{id}: {v:?}")));
+                            };
+                            prop_assert_eq!(r.status, i32::from(CommandStatus::Failed));
+                            let why = if d.cut.contains(&id) { INTERRUPTED } else { ABANDONED };
+                            prop_assert_eq!(r.message.as_str(), why);
+                            d.answers.insert(id.clone(), r.clone());
+                        } else {
+                            prop_assert!(!d.ran.contains(&id), "{} would run twice: {:?}", id, v);
+                            if expiry(i) != 0 && now >= expiry(i) {
+                                let Verdict::Expired(r) = &v else {
+                                    return Err(TestCaseError::fail(format!("{id}: {v:?}")));
+                                };
+                                d.answers.insert(id.clone(), r.clone());
+                            } else {
+                                prop_assert_eq!(&v, &Verdict::Run, "{}", id);
+                                d.ran.insert(id.clone());
+                                d.holding.insert(id.clone());
+                            }
+                        }
+                    }
+                    Op::Answer(i, output) => {
+                        let id = format!("c{i}");
+                        let r = match output {
+                            Some(o) => CommandResult { completed_at_ms: now, ..done(&id, &[o]) },
+                            None => result(&id, CommandStatus::Failed, "no", now),
+                        };
+                        let got = g.complete(&r);
+                        if d.holding.remove(&id) {
+                            // The application's answer is never refused.
+                            prop_assert_eq!(got, Ok(()), "{}", id);
+                            prop_assert!(d.answers.insert(id, r).is_none());
+                        } else if d.dropped.contains(&id) && !d.answers.contains_key(&id) {
+                            // A late answer (a cancelled respond) still counts.
+                            prop_assert_eq!(got, Ok(()), "{}", id);
+                            d.answers.insert(id, r);
+                        } else {
+                            prop_assert!(got.is_err(), "{} completed by nobody", id);
+                        }
+                    }
+                    Op::Drop(i) => {
+                        let id = format!("c{i}");
+                        g.abandon(&id);
+                        if d.holding.remove(&id) {
+                            d.dropped.insert(id);
+                        }
+                    }
+                    Op::Restart => {
+                        let json = serde_json::to_vec(&g.snapshot())
+                            .map_err(|e| TestCaseError::fail(e.to_string()))?;
+                        let snapshot = serde_json::from_slice(&json)
+                            .map_err(|e| TestCaseError::fail(e.to_string()))?;
+                        g = CommandGate::from_snapshot(snapshot, 64);
+                        let unanswered: Vec<String> = d
+                            .holding
+                            .drain()
+                            .chain(d.dropped.drain())
+                            .filter(|id| !d.answers.contains_key(id))
+                            .collect();
+                        d.cut.extend(unanswered);
+                    }
+                }
+            }
+        }
+
         /// Whatever the order of deliveries, completions and restarts, a command id is handed
         /// out to run at most once while it is in the window.
         #[test]

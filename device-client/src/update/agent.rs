@@ -100,13 +100,15 @@ pub(crate) struct AgentHandle {
 }
 
 impl AgentHandle {
-    /// Starts the agent thread on `state_dir`. The machine's start (journal read, a restart's
-    /// pending step) runs on that thread too.
+    /// Starts the agent thread on `state_dir`, holding `owner` (a handle on the directory's
+    /// lock) until it ends. The machine's start (journal read, a restart's pending step) runs
+    /// on that thread too.
     pub(crate) fn spawn(
         cfg: UpdateConfig,
         device_class: String,
         factory_version: String,
         state_dir: &std::path::Path,
+        owner: std::fs::File,
         out: mpsc::UnboundedSender<AgentOut>,
         reports: watch::Sender<Option<UpdateProgress>>,
     ) -> std::io::Result<Self> {
@@ -137,6 +139,8 @@ impl AgentHandle {
                 let machine =
                     Machine::start(mcfg, store, handler, legacy, fleet_proto::time::now_ms());
                 run(machine, &thread_inbox, &out, &reports);
+                // The state directory's lock (this handle on it) goes with the thread.
+                drop(owner);
                 let _ = stopped_tx.send(true);
                 debug!("update agent stopped");
             })?;
