@@ -19,6 +19,8 @@ pub(crate) mod install;
 pub(crate) mod judge;
 pub(crate) mod machine;
 #[cfg(test)]
+mod machine_tests;
+#[cfg(test)]
 mod power_loss;
 pub(crate) mod storage;
 

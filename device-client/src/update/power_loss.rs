@@ -36,18 +36,19 @@ use super::storage::sim::{SimDisk, SimStorage};
 const CS: u32 = 1024;
 
 /// One release as the cloud made it.
-struct Release {
-    manifest: UpdateManifest,
-    signed: Vec<u8>,
+pub(super) struct Release {
+    pub(super) manifest: UpdateManifest,
+    pub(super) signed: Vec<u8>,
     /// Per component: bytes and Merkle tree.
-    images: Vec<(Vec<u8>, MerkleTree)>,
+    pub(super) images: Vec<(Vec<u8>, MerkleTree)>,
     /// Its self-test fails on the device.
-    bad: bool,
+    pub(super) bad: bool,
 }
 
-struct Fleet {
-    trusted: TrustedKeys,
-    releases: Vec<Release>,
+pub(super) struct Fleet {
+    pub(super) trusted: TrustedKeys,
+    pub(super) signer: UpdateSigner,
+    pub(super) releases: Vec<Release>,
 }
 
 fn image(seed: u8, n: usize) -> (Vec<u8>, MerkleTree) {
@@ -61,7 +62,7 @@ fn image(seed: u8, n: usize) -> (Vec<u8>, MerkleTree) {
     )
 }
 
-fn release(
+pub(super) fn release(
     signer: &UpdateSigner,
     sequence: u64,
     parts: &[(&str, u8, usize)],
@@ -99,7 +100,7 @@ fn release(
     }
 }
 
-static FLEET: LazyLock<Fleet> = LazyLock::new(|| {
+pub(super) static FLEET: LazyLock<Fleet> = LazyLock::new(|| {
     let signer = UpdateSigner::generate();
     let mut trusted = TrustedKeys::new();
     trusted.add(signer.verifying_key());
@@ -123,7 +124,11 @@ static FLEET: LazyLock<Fleet> = LazyLock::new(|| {
             false,
         ),
     ];
-    Fleet { trusted, releases }
+    Fleet {
+        trusted,
+        signer,
+        releases,
+    }
 });
 
 /// Firmware: a sequence and the SHA-256 of each component's bytes.
@@ -294,7 +299,7 @@ struct World {
     commits_before_settle: u64,
 }
 
-fn config() -> MachineConfig {
+pub(super) fn config() -> MachineConfig {
     MachineConfig {
         trusted: FLEET.trusted.clone(),
         device_class: "pump".into(),
@@ -439,22 +444,8 @@ impl World {
     }
 
     fn durable_journal(&self) -> Option<Journal> {
-        let mut store = SimStorage(self.disk.clone());
-        let was = {
-            let mut d = self.disk.lock();
-            let was = (d.dead, d.cut_at);
-            d.dead = false;
-            d.cut_at = None;
-            was
-        };
-        let j = super::storage::Storage::load_journal(&mut store)
-            .ok()
-            .flatten()
-            .and_then(|b| serde_json::from_slice::<Journal>(&b).ok());
-        let mut d = self.disk.lock();
-        d.dead = was.0;
-        d.cut_at = was.1;
-        j
+        let bytes = self.disk.lock().durable_journal()?;
+        serde_json::from_slice::<Journal>(&bytes).ok()
     }
 
     fn check(&mut self) {

@@ -316,6 +316,11 @@ pub(crate) mod sim {
             self.cut_at = None;
         }
 
+        /// The journal that survives a cut now (read without an operation).
+        pub(crate) fn durable_journal(&self) -> Option<Vec<u8>> {
+            self.journal.clone()
+        }
+
         /// A staged file's live content (for the simulated install hook).
         pub(crate) fn read_file(&self, name: &str) -> Option<Vec<u8>> {
             self.files.get(name).and_then(|f| f.live.clone())

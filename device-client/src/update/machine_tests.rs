@@ -1,0 +1,515 @@
+//! The update machine's answers to hostile or unlucky input, one defect each: what a service,
+//! a gateway or the clock can send, and what the device must do about it.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::sync::{Arc, Mutex};
+
+use fleet_proto::v1::{
+    Signature, SignedManifest, UpdateError, UpdateManifest, UpdatePhase, UpdateProgress,
+};
+use fleet_proto::Message;
+
+use super::install::{Decision, HandlerError, StagedImage, UpdateHandler};
+use super::machine::{Journal, Machine, Output, MAX_DETAIL_LEN};
+use super::power_loss::{config, release, FLEET};
+use super::storage::sim::{SimDisk, SimStorage};
+use super::storage::Storage;
+
+/// An application that records what it was asked and answers as told.
+#[derive(Default)]
+struct App {
+    calls: Mutex<Vec<String>>,
+    decision: Mutex<Option<Decision>>,
+    fail_self_test: Mutex<bool>,
+    /// Power is lost in the self-test (the device restarts before it ends).
+    cut_in_self_test: Mutex<Option<SimDisk>>,
+}
+
+impl App {
+    fn calls(&self) -> Vec<String> {
+        self.calls.lock().unwrap().clone()
+    }
+    fn log(&self, what: &str, m: &UpdateManifest) {
+        self.calls
+            .lock()
+            .unwrap()
+            .push(format!("{what} {}", m.update_id));
+    }
+    /// Whether the device still has power (a process that lost it calls nothing more).
+    fn alive(&self) -> Result<(), HandlerError> {
+        match self.cut_in_self_test.lock().unwrap().as_ref() {
+            Some(disk) if disk.lock().dead => Err("power lost".into()),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl UpdateHandler for Arc<App> {
+    fn offer(&self, m: &UpdateManifest) -> Decision {
+        self.log("offer", m);
+        self.decision
+            .lock()
+            .unwrap()
+            .clone()
+            .unwrap_or(Decision::Accept)
+    }
+    fn install(&self, m: &UpdateManifest, _images: &[StagedImage]) -> Result<(), HandlerError> {
+        self.alive()?;
+        self.log("install", m);
+        Ok(())
+    }
+    fn self_test(&self, m: &UpdateManifest) -> Result<(), HandlerError> {
+        self.alive()?;
+        self.log("self_test", m);
+        if let Some(disk) = self.cut_in_self_test.lock().unwrap().as_ref() {
+            let mut d = disk.lock();
+            d.dead = true;
+            return Err("power lost".into());
+        }
+        if *self.fail_self_test.lock().unwrap() {
+            return Err("self-test failed".into());
+        }
+        Ok(())
+    }
+    fn commit(&self, m: &UpdateManifest) -> Result<(), HandlerError> {
+        self.alive()?;
+        self.log("commit", m);
+        Ok(())
+    }
+    fn rollback(&self, m: &UpdateManifest) -> Result<(), HandlerError> {
+        self.alive()?;
+        self.log("rollback", m);
+        Ok(())
+    }
+    fn withdrawn(&self, m: &UpdateManifest) {
+        self.log("withdrawn", m);
+    }
+}
+
+struct Rig {
+    disk: SimDisk,
+    app: Arc<App>,
+    m: Machine<SimStorage>,
+}
+
+impl Rig {
+    fn new() -> Rig {
+        let disk = SimDisk::default();
+        let app = Arc::new(App::default());
+        let m = Self::start(&disk, &app, 10_000);
+        Rig { disk, app, m }
+    }
+    fn start(disk: &SimDisk, app: &Arc<App>, now: u64) -> Machine<SimStorage> {
+        let mut m = Machine::start(
+            config(),
+            SimStorage(disk.clone()),
+            Arc::new(app.clone()),
+            None,
+            now,
+        );
+        m.connected(now);
+        m
+    }
+    fn restart(&mut self, now: u64) {
+        self.disk.lock().power_up(&mut || 0);
+        self.m = Self::start(&self.disk, &self.app, now);
+    }
+    fn reports(&mut self) -> Vec<UpdateProgress> {
+        self.m
+            .take_output()
+            .into_iter()
+            .filter_map(|o| match o {
+                Output::Report(p) => Some(p),
+                Output::Request(_) => None,
+            })
+            .collect()
+    }
+    fn journal(&self) -> Journal {
+        serde_json::from_slice(&self.disk.lock().durable_journal().unwrap()).unwrap()
+    }
+    /// Serves every request with the release's genuine chunks until none is asked for.
+    fn serve(&mut self, i: usize, now: u64) {
+        let r = &FLEET.releases[i];
+        for _ in 0..100 {
+            let reqs: Vec<_> = self
+                .m
+                .take_output()
+                .into_iter()
+                .filter_map(|o| match o {
+                    Output::Request(r) => Some(r),
+                    Output::Report(_) => None,
+                })
+                .collect();
+            if reqs.is_empty() {
+                self.m.tick(now);
+                if !self.m.wants_chunks() {
+                    return;
+                }
+                continue;
+            }
+            for req in reqs {
+                let ci = r
+                    .manifest
+                    .components
+                    .iter()
+                    .position(|c| c.name == req.component)
+                    .unwrap();
+                let (data, tree) = &r.images[ci];
+                for range in &req.ranges {
+                    for k in range.start..range.end {
+                        let cs = r.manifest.components[ci].chunk_size as usize;
+                        let start = k as usize * cs;
+                        let end = (start + cs).min(data.len());
+                        let chunk = fleet_proto::v1::Chunk {
+                            update_id: req.update_id.clone(),
+                            component: req.component.clone(),
+                            index: k,
+                            data: data[start..end].to_vec(),
+                            proof: tree.proof(k).unwrap().iter().map(|h| h.to_vec()).collect(),
+                            request_id: req.request_id,
+                        };
+                        self.m.chunk(&chunk.encode_to_vec(), now);
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn phase(p: &UpdateProgress) -> UpdatePhase {
+    UpdatePhase::try_from(p.phase).unwrap()
+}
+
+/// D1: an envelope full of signatures whose key ids are control bytes, with an update id that
+/// is not an id, cannot make a report that the gateway would refuse: the detail is bounded and
+/// printable, the update id is not echoed, and the device keeps no state for it.
+#[test]
+fn d1_a_hostile_envelope_gets_a_small_printable_report() {
+    let mut rig = Rig::new();
+    let bad_id = "\u{1}\u{7}x".repeat(200);
+    let manifest = UpdateManifest {
+        update_id: bad_id.clone(),
+        ..FLEET.releases[1].manifest.clone()
+    };
+    let signatures = (0..600)
+        .map(|i| Signature {
+            key_id: format!("\u{1b}[2J{i}\u{0}"),
+            algorithm: 1,
+            signature: vec![0; 64],
+        })
+        .collect();
+    let envelope = SignedManifest {
+        manifest: manifest.encode_to_vec(),
+        signatures,
+    }
+    .encode_to_vec();
+    assert!(
+        envelope.len() < 64 << 10,
+        "under the size bound: judged, not refused unread"
+    );
+    rig.m.manifest(&envelope, 10_000);
+    let reports = rig.reports();
+    assert_eq!(reports.len(), 1);
+    let r = &reports[0];
+    assert_eq!(phase(r), UpdatePhase::Rejected);
+    assert!(
+        r.detail.len() <= MAX_DETAIL_LEN,
+        "detail of {} bytes",
+        r.detail.len()
+    );
+    assert!(!r.detail.chars().any(char::is_control), "{:?}", r.detail);
+    assert!(
+        r.update_id.is_empty(),
+        "an unvalidated id is echoed: {:?}",
+        r.update_id
+    );
+    assert!(
+        r.encoded_len() < 1024,
+        "report of {} bytes",
+        r.encoded_len()
+    );
+    // Nothing journaled: a stream of such envelopes does not wear the flash.
+    assert!(rig.disk.lock().ops < 5);
+    assert!(SimStorage(rig.disk.clone())
+        .load_journal()
+        .unwrap()
+        .is_none());
+
+    // Larger than the bound: refused unread, with the same small report.
+    let mut huge = SignedManifest::decode(envelope.as_slice()).unwrap();
+    huge.signatures.extend(huge.signatures.clone());
+    huge.signatures.extend(huge.signatures.clone());
+    rig.m.manifest(&huge.encode_to_vec(), 10_000);
+    let r = rig.reports().pop().unwrap();
+    assert_eq!(r.error(), UpdateError::MalformedManifest);
+    assert!(r.detail.contains("at most"), "{}", r.detail);
+}
+
+/// D8: a manifest with a lower sequence than the update in progress does not replace it (no
+/// downgrade between two newer releases, no flash wear by alternating two); a higher one does.
+#[test]
+fn d8_only_a_higher_sequence_supersedes_the_update_in_progress() {
+    let mut rig = Rig::new();
+    rig.m.manifest(&FLEET.releases[1].signed, 10_000); // sequence 3, downloading
+    assert!(rig.m.wants_chunks());
+    rig.reports();
+    rig.m.manifest(&FLEET.releases[0].signed, 10_001); // sequence 2
+    let r = rig.reports().pop().unwrap();
+    assert_eq!(
+        (phase(&r), r.error()),
+        (UpdatePhase::Rejected, UpdateError::NotNewer)
+    );
+    assert_eq!(r.update_id, "fw-2");
+    assert!(r.detail.contains("fw-3"), "{}", r.detail);
+    assert_eq!(rig.app.calls(), ["offer fw-3"]);
+    assert!(
+        rig.journal().current.unwrap().signed_manifest == hex::encode(&FLEET.releases[1].signed)
+    );
+
+    rig.m.manifest(&FLEET.releases[2].signed, 10_002); // sequence 4
+    assert_eq!(
+        rig.app.calls(),
+        ["offer fw-3", "withdrawn fw-3", "offer fw-4"]
+    );
+}
+
+/// D9: the answer to a manifest is keyed by the manifest, not by its envelope: a release that
+/// failed (here: declined) and comes again with one more signature gets the same answer and is
+/// not offered again.
+#[test]
+fn d9_an_extra_signature_does_not_reopen_an_answered_release() {
+    let mut rig = Rig::new();
+    *rig.app.decision.lock().unwrap() = Some(Decision::Decline("not on this line".into()));
+    rig.m.manifest(&FLEET.releases[1].signed, 10_000);
+    let first = rig.reports().pop().unwrap();
+    assert_eq!(
+        (phase(&first), first.error()),
+        (UpdatePhase::Rejected, UpdateError::Declined)
+    );
+    *rig.app.decision.lock().unwrap() = None;
+
+    let mut again = SignedManifest::decode(FLEET.releases[1].signed.as_slice()).unwrap();
+    again.signatures.push(Signature {
+        key_id: "0000000000000000".into(),
+        algorithm: 1,
+        signature: vec![7; 64],
+    });
+    rig.m.manifest(&again.encode_to_vec(), 10_001);
+    let second = rig.reports().pop().unwrap();
+    assert_eq!(second, first, "the same answer, again");
+    assert_eq!(rig.app.calls(), ["offer fw-3"], "offered once");
+}
+
+/// D6: expiry is checked again before anything is downloaded or installed, and a clock behind
+/// the newest issue time seen (or before 1970) does not make an expired manifest fresh.
+#[test]
+fn d6_expiry_is_checked_again_and_a_clock_gone_back_does_not_help() {
+    let signer = &FLEET.signer;
+    let mut r = release(signer, 3, &[("rootfs", 3, 2048)], false, false);
+    r.manifest.issued_at_ms = 50_000;
+    r.manifest.expires_at_ms = 60_000;
+    r.signed = signer.sign_manifest(&r.manifest).encode_to_vec();
+
+    let mut rig = Rig::new();
+    *rig.app.decision.lock().unwrap() = Some(Decision::Defer);
+    rig.m.manifest(&r.signed, 55_000);
+    assert_eq!(phase(&rig.reports().pop().unwrap()), UpdatePhase::Deferred);
+    *rig.app.decision.lock().unwrap() = None;
+    // The retry comes after the expiry: refused, never offered again, nothing downloaded.
+    rig.m.tick(61_000);
+    let last = rig.reports().pop().unwrap();
+    assert_eq!(
+        (phase(&last), last.error()),
+        (UpdatePhase::Failed, UpdateError::Expired)
+    );
+    assert_eq!(rig.app.calls(), ["offer fw-3"]);
+
+    // A device whose clock reads 0 (before 1970) after having seen a manifest issued at
+    // 50 s: the floor, not the clock, decides.
+    let mut rig = Rig::new();
+    rig.m.manifest(&FLEET.releases[0].signed, 10_000);
+    rig.m.manifest(&r.signed, 0);
+    let j = rig.journal();
+    assert!(j.time_floor_ms >= 1_000);
+    let mut late = release(signer, 4, &[("rootfs", 4, 2048)], false, false);
+    late.manifest.issued_at_ms = 1;
+    late.manifest.expires_at_ms = 500;
+    late.signed = signer.sign_manifest(&late.manifest).encode_to_vec();
+    rig.reports();
+    rig.m.manifest(&late.signed, 0);
+    let rep = rig.reports().pop().unwrap();
+    assert_eq!(
+        (rep.update_id.as_str(), rep.error()),
+        ("fw-4", UpdateError::Expired)
+    );
+}
+
+/// D17: a corrupt journal does not stop the device: the agent says so upward and runs with
+/// the factory sequence as its floor.
+#[test]
+fn d17_a_corrupt_journal_is_reported_not_fatal() {
+    let disk = SimDisk::default();
+    SimStorage(disk.clone()).save_journal(b"{not json").unwrap();
+    let app = Arc::new(App::default());
+    let mut m = Rig::start(&disk, &app, 10_000);
+    let reports: Vec<_> = m.take_output();
+    let Some(Output::Report(r)) = reports.first() else {
+        panic!("no report: {reports:?}");
+    };
+    assert_eq!(
+        (phase(r), r.error()),
+        (UpdatePhase::Failed, UpdateError::Storage)
+    );
+    assert!(r.detail.contains("unreadable"), "{}", r.detail);
+    // And it still takes updates.
+    m.manifest(&FLEET.releases[1].signed, 10_000);
+    assert!(m.wants_chunks());
+}
+
+/// Trial boot: a self-test that never ends (the device loses power in it every time) is not
+/// retried forever: after `max_trial_starts` starts on trial, the agent falls back.
+#[test]
+fn an_unconfirmed_trial_falls_back_after_max_starts() {
+    let mut rig = Rig::new();
+    *rig.app.cut_in_self_test.lock().unwrap() = Some(rig.disk.clone());
+    rig.m.manifest(&FLEET.releases[1].signed, 10_000);
+    rig.serve(1, 10_000);
+    for start in 1..=3 {
+        assert!(
+            matches!(rig.journal().current.map(|c| c.phase), Some(super::machine::Phase::Trial { starts }) if starts == start),
+            "start {start}: {:?}",
+            rig.journal().current
+        );
+        rig.restart(20_000);
+    }
+    let calls = rig.app.calls();
+    assert_eq!(
+        calls.iter().filter(|c| c.starts_with("self_test")).count(),
+        3,
+        "{calls:?}"
+    );
+    assert_eq!(calls.last().unwrap(), "rollback fw-3", "{calls:?}");
+    let r = rig.m.last_report().unwrap().clone();
+    assert_eq!(
+        (phase(&r), r.error()),
+        (UpdatePhase::RolledBack, UpdateError::SelfTestFailed)
+    );
+    assert!(
+        r.detail.contains("not confirmed after 3 starts"),
+        "{}",
+        r.detail
+    );
+    let j = rig.journal();
+    assert!(j.current.is_none());
+    assert_eq!(
+        j.installed_sequence, 0,
+        "the floor was not raised for a release never confirmed"
+    );
+}
+
+/// D2 through the agent: a commit hook that does not return (the application restarts the
+/// device in it) leaves the journal in `Committing` with the sequence raised; the next start,
+/// even after the manifest expired, finishes the commit and never installs again.
+#[test]
+fn d2_a_commit_that_restarts_the_device_is_finished_not_repeated() {
+    struct Rebooting(SimDisk, Arc<App>);
+    impl UpdateHandler for Rebooting {
+        fn install(&self, m: &UpdateManifest, i: &[StagedImage]) -> Result<(), HandlerError> {
+            self.1.install(m, i)
+        }
+        fn commit(&self, m: &UpdateManifest) -> Result<(), HandlerError> {
+            if self.0.lock().dead {
+                return Err("power lost".into());
+            }
+            self.1.log("commit", m);
+            if self
+                .1
+                .calls()
+                .iter()
+                .filter(|c| c.starts_with("commit"))
+                .count()
+                == 1
+            {
+                self.0.lock().dead = true; // the device restarts inside commit()
+                return Err("restarting".into());
+            }
+            Ok(())
+        }
+        fn rollback(&self, m: &UpdateManifest) -> Result<(), HandlerError> {
+            if self.0.lock().dead {
+                return Err("power lost".into());
+            }
+            self.1.rollback(m)
+        }
+    }
+    let disk = SimDisk::default();
+    let app = Arc::new(App::default());
+    let boot = |now| {
+        let mut m = Machine::start(
+            config(),
+            SimStorage(disk.clone()),
+            Arc::new(Rebooting(disk.clone(), app.clone())),
+            None,
+            now,
+        );
+        m.connected(now);
+        m
+    };
+    let mut rig = Rig {
+        disk: disk.clone(),
+        app: app.clone(),
+        m: boot(10_000),
+    };
+    let mut r = release(&FLEET.signer, 3, &[("rootfs", 3, 2048)], false, false);
+    r.manifest.expires_at_ms = 30_000;
+    r.signed = FLEET.signer.sign_manifest(&r.manifest).encode_to_vec();
+    rig.m.manifest(&r.signed, 10_000);
+    // Serve by hand (release 3 of the fleet has the same images but another id).
+    let reqs = rig.m.take_output();
+    assert!(reqs.iter().any(|o| matches!(o, Output::Request(_))));
+    let data = &FLEET.releases[1].images[0];
+    for k in 0..2u32 {
+        let start = k as usize * 1024;
+        let chunk = fleet_proto::v1::Chunk {
+            update_id: "fw-3".into(),
+            component: "rootfs".into(),
+            index: k,
+            data: data.0[start..start + 1024].to_vec(),
+            proof: data
+                .1
+                .proof(k)
+                .unwrap()
+                .iter()
+                .map(|h| h.to_vec())
+                .collect(),
+            request_id: 1,
+        };
+        rig.m.chunk(&chunk.encode_to_vec(), 10_000);
+    }
+    assert!(rig.disk.lock().dead, "the commit hook restarted the device");
+    disk.lock().power_up(&mut || 0);
+    let j = rig.journal();
+    assert_eq!(j.installed_sequence, 3, "raised before commit() ran");
+    // Restarted long after the manifest expired.
+    rig.m = boot(40_000);
+    let j = rig.journal();
+    assert!(j.current.is_none(), "{:?}", j.current);
+    assert_eq!(
+        (j.installed_sequence, j.running_version.as_str()),
+        (3, "3.0")
+    );
+    let r = rig.m.last_report().unwrap();
+    assert_eq!(phase(r), UpdatePhase::Committed);
+    let calls = app.calls();
+    assert_eq!(
+        calls.iter().filter(|c| c.starts_with("install")).count(),
+        1,
+        "{calls:?}"
+    );
+    assert_eq!(
+        calls.iter().filter(|c| c.starts_with("commit")).count(),
+        2,
+        "{calls:?}"
+    );
+}
