@@ -264,3 +264,55 @@ fn publish(
         reports.send_replace(last.clone());
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn handle() -> (AgentHandle, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        // A handle without a thread: only the inbox is exercised.
+        let inbox = Arc::new(Inbox::default());
+        let (_tx, stopped) = watch::channel(true);
+        (AgentHandle { inbox, stopped }, dir)
+    }
+
+    /// D5: chunks nobody asked for (no download, or a hook running) are dropped unread, and
+    /// while a download runs the inbox holds at most MAX_QUEUED_CHUNKS / MAX_QUEUED_CHUNK_BYTES:
+    /// a flood of 4 MiB garbage chunks costs at most 8 MiB here, whatever its length.
+    #[test]
+    fn unrequested_and_excess_chunks_are_dropped_unread() {
+        let (h, _dir) = handle();
+        let garbage = vec![0xA5u8; 4 << 20];
+        for _ in 0..100 {
+            h.chunk(garbage.clone());
+        }
+        assert_eq!(h.chunks_dropped(), 100);
+        assert_eq!(h.inbox.lock().chunk_bytes, 0);
+
+        h.inbox.wants_chunks.store(true, Ordering::Relaxed);
+        for _ in 0..100 {
+            h.chunk(garbage.clone());
+        }
+        let p = h.inbox.lock();
+        assert_eq!(p.chunks.len(), 2, "two 4 MiB chunks fit in 8 MiB");
+        assert!(p.chunk_bytes <= MAX_QUEUED_CHUNK_BYTES);
+        drop(p);
+        assert_eq!(h.chunks_dropped(), 198);
+        for _ in 0..200 {
+            h.chunk(vec![1; 16]);
+        }
+        assert!(h.inbox.lock().chunks.len() <= MAX_QUEUED_CHUNKS);
+    }
+
+    /// A newer manifest replaces one the agent has not read yet: a burst costs one.
+    #[test]
+    fn the_newest_manifest_wins() {
+        let (h, _dir) = handle();
+        for i in 0..1000u32 {
+            h.manifest(i.to_be_bytes().to_vec());
+        }
+        assert_eq!(h.inbox.lock().manifest, Some(999u32.to_be_bytes().to_vec()));
+    }
+}
