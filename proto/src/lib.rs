@@ -4,6 +4,7 @@
 //! * [`ids`] and [`topics`]: validated ids and the MQTT topic tree.
 //! * [`signing`] and [`manifest`]: Ed25519 manifest signatures and the update rules.
 //! * [`merkle`] and [`chunker`]: per-chunk proofs and streaming image hashing.
+//! * [`report`]: bounded, clean text for reports.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -11,6 +12,7 @@ pub mod chunker;
 pub mod ids;
 pub mod manifest;
 pub mod merkle;
+pub mod report;
 pub mod signing;
 pub mod time;
 pub mod topics;
@@ -53,4 +55,5 @@ impl v1::UpdatePhase {
 }
 
 pub use ids::{DeviceId, GatewayId, IdError};
+pub use report::{bounded_detail, reportable_update_id, MAX_DETAIL_LEN};
 pub use prost::Message;
