@@ -4,12 +4,14 @@
 //! * [`ids`] and [`topics`]: validated ids and the MQTT topic tree.
 //! * [`signing`] and [`manifest`]: Ed25519 manifest signatures and the update rules.
 //! * [`merkle`] and [`chunker`]: per-chunk proofs and streaming image hashing.
-//! * [`report`]: bounded, clean text for reports.
+//! * [`limits`]: every bound on untrusted update input; [`report`]: bounded, clean text for
+//!   reports.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod chunker;
 pub mod ids;
+pub mod limits;
 pub mod manifest;
 pub mod merkle;
 pub mod report;
