@@ -67,6 +67,18 @@ pub fn reportable_update_id(raw: &str) -> String {
     }
 }
 
+/// The longest prefix of `s` of at most `max` bytes that ends at a character boundary.
+pub(crate) fn clip(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
 /// An untrusted string rendered for an error message: quoted, control characters, quotes and
 /// backslashes escaped, at most [`MAX_EXCERPT_LEN`] bytes of that shown, and `…` after the
 /// closing quote when it was cut. Its `Display` is bounded whatever the string's length.
