@@ -638,4 +638,88 @@ mod tests {
             .add_pem("-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n")
             .is_err());
     }
+
+    use proptest::prelude::*;
+
+    fn assert_reportable(e: &VerifyError) -> Result<(), TestCaseError> {
+        let msg = e.to_string();
+        prop_assert!(
+            msg.len() <= crate::report::MAX_DETAIL_LEN,
+            "{} bytes: {}",
+            msg.len(),
+            msg
+        );
+        prop_assert!(!msg.chars().any(char::is_control), "{:?}", msg);
+        Ok(())
+    }
+
+    fn hostile_string() -> impl Strategy<Value = String> {
+        prop_oneof![
+            ".{0,80}",
+            "[\\x00-\\x1f\\x7f./\\\\a-z]{0,80}",
+            (any::<char>(), 0usize..5000).prop_map(|(c, n)| c.to_string().repeat(n)),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+
+        /// Whatever arrives, a refusal's message is short and clean enough to report as is.
+        #[test]
+        fn prop_refusals_of_arbitrary_envelopes_are_reportable(
+            bytes in prop::collection::vec(any::<u8>(), 0..400),
+            key_ids in prop::collection::vec(hostile_string(), 0..12),
+        ) {
+            let signer = UpdateSigner::generate();
+            let trusted = trusting(&signer);
+            if let Err(e) = trusted.verify_encoded(&bytes) {
+                assert_reportable(&e)?;
+            }
+            let envelope = v1::SignedManifest {
+                manifest: bytes,
+                signatures: key_ids
+                    .into_iter()
+                    .map(|key_id| v1::Signature { key_id, algorithm: 1, signature: vec![0; 64] })
+                    .collect(),
+            };
+            for e in [trusted.verify(&envelope).err(), trusted.verify_encoded(&envelope.encode_to_vec()).err()]
+                .into_iter()
+                .flatten()
+            {
+                assert_reportable(&e)?;
+            }
+        }
+
+        /// An authentic manifest full of hostile strings is refused with a reportable message
+        /// too (the authority's tooling validates, but a device must not trust that it did).
+        #[test]
+        fn prop_refusals_of_authentic_hostile_manifests_are_reportable(
+            update_id in hostile_string(),
+            class in hostile_string(),
+            version in hostile_string(),
+            names in prop::collection::vec(hostile_string(), 1..4),
+            description in hostile_string(),
+        ) {
+            let signer = UpdateSigner::generate();
+            let mut m = sample();
+            m.update_id = update_id;
+            m.device_class = class;
+            m.version = version;
+            m.description = description;
+            m.components = names
+                .into_iter()
+                .map(|name| v1::Component { name, ..m.components[0].clone() })
+                .collect();
+            let signed = signer.sign_manifest(&m);
+            if let Err(e) = trusting(&signer).verify_encoded(&signed.encode_to_vec()) {
+                assert_reportable(&e)?;
+            }
+            let facts = DeviceFacts { device_class: &m.device_class, installed_sequence: 0, now_ms: 0 };
+            let other = DeviceFacts { device_class: "\u{1b}x", ..facts };
+            if let Err(e) = check_freshness(&m, &other) {
+                let msg = e.to_string();
+                prop_assert!(msg.len() <= crate::report::MAX_DETAIL_LEN && !msg.chars().any(char::is_control), "{:?}", msg);
+            }
+        }
+    }
 }
