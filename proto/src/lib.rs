@@ -59,4 +59,4 @@ impl v1::UpdatePhase {
 
 pub use ids::{DeviceId, GatewayId, IdError};
 pub use prost::Message;
-pub use report::{bounded_detail, reportable_update_id, MAX_DETAIL_LEN};
+pub use report::{bounded_detail, reportable_update_id, unverified_update_id, MAX_DETAIL_LEN};

@@ -8,7 +8,8 @@
 //! * [`bounded_detail`]: any text, cut to [`MAX_DETAIL_LEN`] bytes with control characters
 //!   replaced. Use it for every `detail` a device sends.
 //! * [`reportable_update_id`]: an update id as read from the wire, echoed only when it is a
-//!   valid id.
+//!   valid id; [`unverified_update_id`]: the same for the manifest inside an envelope that
+//!   failed verification, read without decoding it.
 //! * [`excerpt`]: a short, quoted and escaped rendering of one untrusted string inside an
 //!   error message (the error types of this crate use it in their `Display`).
 
@@ -65,6 +66,14 @@ pub fn reportable_update_id(raw: &str) -> String {
     } else {
         String::new()
     }
+}
+
+/// The update id to report for an encoded `SignedManifest` that did not pass verification:
+/// peeked without decoding ([`crate::wire::peek_update_id`]) and echoed only when it is a
+/// valid id, otherwise the empty string. Cost: one walk over at most
+/// [`crate::limits::MAX_SIGNED_MANIFEST_LEN`] bytes, no allocation but the returned id.
+pub fn unverified_update_id(signed_manifest: &[u8]) -> String {
+    crate::wire::peek_update_id(signed_manifest).map_or_else(String::new, reportable_update_id)
 }
 
 /// The longest prefix of `s` of at most `max` bytes that ends at a character boundary.
@@ -171,6 +180,27 @@ mod tests {
         for bad in ["", "a/b", "a\0", "\u{1b}[2J", &"x".repeat(65), "#"] {
             assert_eq!(reportable_update_id(bad), "", "{bad:?}");
         }
+    }
+
+    #[test]
+    fn unverified_update_ids_are_echoed_only_when_valid() {
+        use crate::v1;
+        use prost::Message as _;
+        let envelope = |update_id: &str| {
+            v1::SignedManifest {
+                manifest: v1::UpdateManifest {
+                    update_id: update_id.into(),
+                    ..Default::default()
+                }
+                .encode_to_vec(),
+                signatures: vec![],
+            }
+            .encode_to_vec()
+        };
+        assert_eq!(unverified_update_id(&envelope("fw-3")), "fw-3");
+        assert_eq!(unverified_update_id(&envelope("\u{1b}[2J")), "");
+        assert_eq!(unverified_update_id(&envelope(&"x".repeat(5000))), "");
+        assert_eq!(unverified_update_id(b"\xff\xff"), "");
     }
 
     #[test]

@@ -340,6 +340,35 @@ pub fn decode_signed_manifest_bounded(bytes: &[u8]) -> Result<v1::SignedManifest
     v1::SignedManifest::decode(bytes).map_err(WireError::Decode)
 }
 
+/// The contents of the last occurrence of length-delimited field `tag` at the top level of
+/// `bytes`, walking (not decoding) the message; `None` if the walk finds it malformed or the
+/// field absent.
+fn last_delimited(bytes: &[u8], tag: u32) -> Option<&[u8]> {
+    let mut r = Reader::new(bytes);
+    let mut found = None;
+    while !r.is_empty() {
+        let (t, wire) = r.key().ok()?;
+        if t == tag {
+            expect(wire, LEN).ok()?;
+            found = Some(r.delimited().ok()?);
+        } else {
+            r.skip(wire, t, RECURSION_LIMIT).ok()?;
+        }
+    }
+    found
+}
+
+/// The `update_id` of the manifest inside an encoded `SignedManifest`, read without decoding
+/// anything and without verifying anything: `None` when the envelope is over its bounds
+/// ([`check_signed_manifest`]), when the envelope or the manifest's top level is not
+/// well-formed, or when there is no update id. Unauthenticated: report it only through
+/// [`crate::report::reportable_update_id`].
+pub fn peek_update_id(signed: &[u8]) -> Option<&str> {
+    check_signed_manifest(signed).ok()?;
+    let manifest = last_delimited(signed, 1)?;
+    std::str::from_utf8(last_delimited(manifest, 2)?).ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -569,6 +598,29 @@ mod tests {
         ));
     }
 
+    #[test]
+    fn the_update_id_of_an_unverified_envelope_is_peeked_cheaply() {
+        let manifest = v1::UpdateManifest {
+            update_id: "fw-2".into(),
+            components: vec![v1::Component::default(); 3],
+            description: "notes".into(),
+            ..Default::default()
+        };
+        let mut envelope = signed();
+        envelope.manifest = manifest.encode_to_vec();
+        let bytes = envelope.encode_to_vec();
+        assert_eq!(peek_update_id(&bytes), Some("fw-2"));
+        // No manifest, no id, garbage, too many signatures: nothing.
+        assert_eq!(peek_update_id(&signed().encode_to_vec()), None);
+        assert_eq!(peek_update_id(&[0xff, 0xff]), None);
+        let mut many = bytes.clone();
+        many.extend([0x12, 0x00].repeat(MAX_SIGNATURES + 1));
+        assert_eq!(peek_update_id(&many), None);
+        // A manifest whose top level is cut short.
+        envelope.manifest.truncate(3);
+        assert_eq!(peek_update_id(&envelope.encode_to_vec()), None);
+    }
+
     /// What the bounds say about a value prost decoded.
     fn chunk_within(c: &v1::Chunk, max_proof: usize) -> bool {
         c.proof.len() <= max_proof
@@ -668,6 +720,24 @@ mod tests {
         #[test]
         fn prop_signed_walk_agrees_with_prost_on_protobuf_like_input(bytes in protobuf_ish()) {
             agree_on_signed(&bytes)?;
+        }
+
+        #[test]
+        fn prop_peeked_update_id_is_what_prost_decodes(bytes in protobuf_ish(), id in ".{0,20}") {
+            // Whatever the envelope, a peeked id is the id prost finds in the manifest.
+            let envelope = v1::SignedManifest {
+                manifest: [v1::UpdateManifest { update_id: id, ..Default::default() }.encode_to_vec(), bytes.clone()].concat(),
+                signatures: vec![],
+            };
+            for b in [bytes, envelope.encode_to_vec()] {
+                if let Some(peeked) = peek_update_id(&b) {
+                    let decoded = v1::SignedManifest::decode(b.as_slice())
+                        .and_then(|s| v1::UpdateManifest::decode(s.manifest.as_slice()));
+                    if let Ok(m) = decoded {
+                        prop_assert_eq!(peeked, m.update_id.as_str());
+                    }
+                }
+            }
         }
 
         #[test]
