@@ -65,8 +65,12 @@ pub fn chunk_count(size: u64, chunk_size: u32) -> Option<u32> {
     u32::try_from(size.div_ceil(u64::from(chunk_size))).ok()
 }
 
-/// Byte offset and length of chunk `index`, or `None` if the index is past the end.
+/// Byte offset and length of chunk `index`, or `None` if the index is past the end (or
+/// `chunk_size` is 0). Safe for any values: the offset is computed with checked arithmetic.
 pub fn chunk_span(index: u32, size: u64, chunk_size: u32) -> Option<(u64, usize)> {
+    if chunk_size == 0 {
+        return None;
+    }
     let offset = u64::from(index).checked_mul(u64::from(chunk_size))?;
     if offset >= size {
         return None;
@@ -256,6 +260,39 @@ mod tests {
         assert_eq!(Ok(s.merkle_root), merkle::root(&digests));
         let comp = s.component("rootfs");
         assert_eq!((comp.chunk_count, comp.size), (6, 5 * 1024 + 7));
+    }
+
+    #[test]
+    fn counts_and_spans_at_the_extremes() {
+        assert_eq!(chunk_count(u64::MAX, MAX_CHUNK_SIZE), None);
+        assert_eq!(chunk_count(u64::MAX, 1), None);
+        assert_eq!(chunk_count(1, 0), None);
+        assert_eq!(
+            chunk_count(
+                u64::from(u32::MAX) * u64::from(MIN_CHUNK_SIZE),
+                MIN_CHUNK_SIZE
+            ),
+            Some(u32::MAX)
+        );
+        assert_eq!(
+            chunk_count(
+                u64::from(u32::MAX) * u64::from(MIN_CHUNK_SIZE) + 1,
+                MIN_CHUNK_SIZE
+            ),
+            None
+        );
+        let last = u64::from(u32::MAX - 1) * u64::from(MAX_CHUNK_SIZE);
+        assert_eq!(
+            chunk_span(u32::MAX - 1, u64::MAX, MAX_CHUNK_SIZE),
+            Some((last, MAX_CHUNK_SIZE as usize))
+        );
+        assert_eq!(
+            chunk_span(u32::MAX, u64::MAX, u32::MAX),
+            Some((u64::from(u32::MAX) * u64::from(u32::MAX), u32::MAX as usize))
+        );
+        assert_eq!(chunk_span(u32::MAX, 5, 1024), None);
+        assert_eq!(chunk_span(0, 5, 0), None);
+        assert_eq!(chunk_span(0, 0, 1024), None);
     }
 
     #[test]

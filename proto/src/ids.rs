@@ -4,6 +4,9 @@
 //! length bound: 1 to [`MAX_ID_LEN`] bytes of UTF-8 without `/`, `+`, `#`, `$`, NUL or any
 //! control character. These rules are checked wherever an id enters the system (certificate,
 //! topic, manifest), so a string that passed them can never widen a topic filter.
+//!
+//! Component names are stricter ([`validate_component_name`]): a device may use one as a file
+//! name, so it must be one safe path segment on every file system.
 
 use std::fmt;
 
@@ -31,6 +34,9 @@ pub enum IdError {
         /// Its byte offset in the id.
         at: usize,
     },
+    /// A component name starts with `.` (which covers `.` and `..`).
+    #[error("a component name must not start with '.'")]
+    LeadingDot,
 }
 
 /// Checks `s` against the id rules.
@@ -48,6 +54,32 @@ pub fn validate_id(s: &str) -> Result<(), IdError> {
         Some((at, ch)) => Err(IdError::ForbiddenChar { ch, at }),
         None => Ok(()),
     }
+}
+
+/// Longest component name in bytes.
+pub const MAX_COMPONENT_NAME_LEN: usize = 64;
+
+/// Checks a component name (`Component.name`): 1 to [`MAX_COMPONENT_NAME_LEN`] bytes of ASCII
+/// letters, digits, `-`, `_` and `.`, not starting with `.`. Such a name is a valid id and a
+/// single, ordinary path segment everywhere: never `.` or `..`, never a separator (`/`, `\`),
+/// a drive prefix (`:`), NUL, or a hidden file.
+pub fn validate_component_name(s: &str) -> Result<(), IdError> {
+    if s.is_empty() {
+        return Err(IdError::Empty);
+    }
+    if s.len() > MAX_COMPONENT_NAME_LEN {
+        return Err(IdError::TooLong { len: s.len() });
+    }
+    if let Some((at, ch)) = s
+        .char_indices()
+        .find(|&(_, c)| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
+    {
+        return Err(IdError::ForbiddenChar { ch, at });
+    }
+    if s.starts_with('.') {
+        return Err(IdError::LeadingDot);
+    }
+    Ok(())
 }
 
 macro_rules! id_type {
@@ -147,6 +179,38 @@ mod tests {
         ] {
             assert_eq!(
                 validate_id(bad),
+                Err(IdError::ForbiddenChar { ch, at }),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn component_names_are_single_safe_path_segments() {
+        for ok in ["rootfs", "a", "boot-loader_2.img", "A.b.c", &"x".repeat(64)] {
+            assert_eq!(validate_component_name(ok), Ok(()), "{ok:?}");
+            assert_eq!(validate_id(ok), Ok(()), "{ok:?} must be an id too");
+        }
+        assert_eq!(validate_component_name(""), Err(IdError::Empty));
+        assert_eq!(validate_component_name("."), Err(IdError::LeadingDot));
+        assert_eq!(validate_component_name(".."), Err(IdError::LeadingDot));
+        assert_eq!(validate_component_name(".hidden"), Err(IdError::LeadingDot));
+        assert_eq!(
+            validate_component_name(&"x".repeat(65)),
+            Err(IdError::TooLong { len: 65 })
+        );
+        for (bad, ch, at) in [
+            ("a/b", '/', 1),
+            ("a\\b", '\\', 1),
+            ("a\0b", '\0', 1),
+            ("../x", '/', 2),
+            ("c:", ':', 1),
+            ("sp ace", ' ', 2),
+            ("é", 'é', 0),
+            ("nl\n", '\n', 2),
+        ] {
+            assert_eq!(
+                validate_component_name(bad),
                 Err(IdError::ForbiddenChar { ch, at }),
                 "{bad:?}"
             );

@@ -1,10 +1,15 @@
 //! Rules for update manifests, as pure functions: structural validity, and freshness for one
 //! device (class, expiry, anti-rollback sequence). No I/O, no clock: the caller passes `now`.
+//!
+//! The `Display` of every error here is bounded: strings from the manifest are shown through
+//! [`crate::report::excerpt`], never whole.
 
 use std::collections::BTreeSet;
 
 use crate::chunker::{self, chunk_count};
-use crate::ids::{validate_id, IdError};
+use crate::ids::{validate_component_name, validate_id, IdError};
+use crate::limits::MAX_DESCRIPTION_LEN;
+use crate::report::excerpt;
 use crate::v1::{self, UpdateError};
 
 /// The manifest format this library writes and understands.
@@ -36,11 +41,17 @@ pub enum ManifestError {
     /// No components, or more than [`MAX_COMPONENTS`].
     #[error("manifest has {0} components; 1 to {MAX_COMPONENTS} are allowed")]
     ComponentCount(usize),
+    /// `description` is longer than [`MAX_DESCRIPTION_LEN`] bytes.
+    #[error("description is {len} bytes; at most {MAX_DESCRIPTION_LEN} are allowed")]
+    Description {
+        /// Its length in bytes.
+        len: usize,
+    },
     /// Two components share a name.
-    #[error("component name {0:?} appears twice")]
+    #[error("component name {} appears twice", excerpt(.0))]
     DuplicateComponent(String),
     /// A component is invalid.
-    #[error("component {name:?}: {problem}")]
+    #[error("component {}: {problem}", excerpt(.name))]
     Component {
         /// The component's name as given.
         name: String,
@@ -63,7 +74,7 @@ impl ManifestError {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum ComponentError {
-    /// The name is not a valid id.
+    /// The name is not a safe component name ([`validate_component_name`]).
     #[error("bad name: {0}")]
     Name(IdError),
     /// Size 0.
@@ -104,6 +115,11 @@ pub fn validate(m: &v1::UpdateManifest) -> Result<(), ManifestError> {
     if m.expires_at_ms == 0 {
         return Err(ManifestError::NoExpiry);
     }
+    if m.description.len() > MAX_DESCRIPTION_LEN {
+        return Err(ManifestError::Description {
+            len: m.description.len(),
+        });
+    }
     if m.components.is_empty() || m.components.len() > MAX_COMPONENTS {
         return Err(ManifestError::ComponentCount(m.components.len()));
     }
@@ -121,7 +137,7 @@ pub fn validate(m: &v1::UpdateManifest) -> Result<(), ManifestError> {
 }
 
 fn validate_component(c: &v1::Component) -> Result<(), ComponentError> {
-    validate_id(&c.name).map_err(ComponentError::Name)?;
+    validate_component_name(&c.name).map_err(ComponentError::Name)?;
     if c.size == 0 {
         return Err(ComponentError::Empty);
     }
@@ -158,7 +174,7 @@ pub struct DeviceFacts<'a> {
 #[non_exhaustive]
 pub enum FreshnessError {
     /// The manifest is for another device class.
-    #[error("manifest is for class {manifest:?}, this device is {device:?}")]
+    #[error("manifest is for class {}, this device is {}", excerpt(.manifest), excerpt(.device))]
     WrongClass {
         /// Class named by the manifest.
         manifest: String,
@@ -292,6 +308,69 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn component_names_that_are_not_one_safe_path_segment_are_refused() {
+        for bad in [
+            ".", "..", "a/b", "a\\b", "", "a\0b", "\0", ".hidden", "../etc", "c:",
+        ] {
+            let mut m = sample();
+            m.components[0].name = bad.into();
+            assert!(
+                matches!(
+                    validate(&m),
+                    Err(ManifestError::Component {
+                        problem: ComponentError::Name(_),
+                        ..
+                    })
+                ),
+                "{bad:?}: {:?}",
+                validate(&m)
+            );
+        }
+        let mut m = sample();
+        m.components[0].name = "boot-loader_2.img".into();
+        assert_eq!(validate(&m), Ok(()));
+    }
+
+    #[test]
+    fn descriptions_up_to_the_bound_are_valid() {
+        let mut m = sample();
+        m.description = "d".repeat(MAX_DESCRIPTION_LEN);
+        assert_eq!(validate(&m), Ok(()));
+        m.description.push('d');
+        assert_eq!(
+            validate(&m),
+            Err(ManifestError::Description {
+                len: MAX_DESCRIPTION_LEN + 1
+            })
+        );
+    }
+
+    #[test]
+    fn error_messages_are_bounded_and_clean_whatever_the_input() {
+        let hostile = "\u{1b}[2J\n\0".repeat(20_000);
+        let mut m = sample();
+        m.components[0].name = hostile.clone();
+        let messages = [
+            validate(&m).err().map(|e| e.to_string()),
+            Some(ManifestError::DuplicateComponent(hostile.clone()).to_string()),
+            check_freshness(
+                &v1::UpdateManifest {
+                    device_class: hostile.clone(),
+                    ..sample()
+                },
+                &FACTS,
+            )
+            .err()
+            .map(|e| e.to_string()),
+        ];
+        for msg in messages {
+            let msg = msg.unwrap_or_else(|| panic!("hostile input accepted"));
+            assert!(msg.len() < 300, "{} bytes: {msg}", msg.len());
+            assert!(!msg.chars().any(char::is_control), "{msg:?}");
+        }
+    }
+
+    #[test]
     fn structural_rules() {
         type Mutation = fn(&mut v1::UpdateManifest);
         let cases: Vec<(Mutation, &str)> = vec![
@@ -316,6 +395,20 @@ pub(crate) mod tests {
                 "digest len",
             ),
             (|m| m.components[0].merkle_root.push(0), "root len"),
+            (
+                |m| m.description = "d".repeat(MAX_DESCRIPTION_LEN + 1),
+                "description",
+            ),
+            (|m| m.components[0].size = u64::MAX, "size u64::MAX"),
+            (|m| m.components[0].chunk_count = u32::MAX, "count u32::MAX"),
+            (
+                |m| {
+                    m.components[0].size = u64::MAX;
+                    m.components[0].chunk_size = u32::MAX;
+                    m.components[0].chunk_count = u32::MAX;
+                },
+                "everything at its maximum",
+            ),
         ];
         for (mutate, what) in cases {
             let mut m = sample();

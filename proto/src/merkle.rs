@@ -84,11 +84,13 @@ pub enum MerkleError {
     },
 }
 
-/// Number of proof hashes for `index` in a tree of `count` leaves (`index < count`).
+/// Number of proof hashes for `index` in a tree of `count` leaves (`index < count`): at most
+/// [`crate::limits::MAX_PROOF_LEN`]. Any `u32` values are safe (no overflow, no panic).
 pub fn proof_len(index: u32, count: u32) -> usize {
     let (mut i, mut n, mut len) = (index, count, 0);
     while n > 1 {
-        if i % 2 == 1 || i + 1 < n {
+        // `n > 1`, so `n - 1` cannot underflow (and `i + 1` could overflow).
+        if i % 2 == 1 || i < n - 1 {
             len += 1;
         }
         i /= 2;
@@ -199,7 +201,7 @@ pub fn verify<P: AsRef<[u8]>>(
     let (mut i, mut n) = (index, count);
     while n > 1 {
         let is_right = i % 2 == 1;
-        if is_right || i + 1 < n {
+        if is_right || i < n - 1 {
             // proof_len() counted exactly these steps, so the iterator cannot run dry.
             let Some((position, p)) = siblings.next() else {
                 return Err(MerkleError::RootMismatch { index });
@@ -382,6 +384,92 @@ mod tests {
         );
     }
 
+    #[test]
+    fn extreme_counts_and_indexes_neither_overflow_nor_panic() {
+        let d = chunk_digest(b"x");
+        let r = [7; 32];
+        // The deepest trees a manifest can name.
+        assert_eq!(proof_len(0, u32::MAX), 32);
+        assert_eq!(proof_len(1 << 31, u32::MAX), 32);
+        // The last chunk of an odd count is promoted at the first level.
+        assert_eq!(proof_len(u32::MAX - 1, u32::MAX), 31);
+        // Out-of-contract values are still safe.
+        for (index, count) in [(u32::MAX, u32::MAX), (u32::MAX, 0), (u32::MAX, 1), (0, 0)] {
+            assert!(proof_len(index, count) <= 32);
+        }
+        assert_eq!(
+            verify(&r, u32::MAX, u32::MAX, &d, &Vec::<Hash>::new()),
+            Err(MerkleError::IndexOutOfRange {
+                index: u32::MAX,
+                count: u32::MAX
+            })
+        );
+        assert_eq!(
+            verify(&r, 0, 0, &d, &Vec::<Hash>::new()),
+            Err(MerkleError::IndexOutOfRange { index: 0, count: 0 })
+        );
+        // A proof of the right length for the deepest tree is hashed to a mismatch, one entry
+        // too many is refused by its length.
+        let proof = vec![[0u8; 32]; 32];
+        assert_eq!(
+            verify(&r, u32::MAX, 1 << 31, &d, &proof),
+            Err(MerkleError::RootMismatch { index: 1 << 31 })
+        );
+        let long = vec![[0u8; 32]; 33];
+        assert!(matches!(
+            verify(&r, u32::MAX, 1 << 31, &d, &long),
+            Err(MerkleError::ProofLength {
+                expected: 32,
+                got: 33,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn chunk_checks_survive_extreme_components() {
+        let huge = crate::v1::Component {
+            name: "rootfs".into(),
+            size: u64::MAX,
+            sha256: vec![0; 32],
+            chunk_size: crate::chunker::MAX_CHUNK_SIZE,
+            chunk_count: u32::MAX,
+            merkle_root: vec![0; 32],
+        };
+        let none: [Hash; 0] = [];
+        // The last index of u32::MAX chunks of 1 MiB: its offset is near 2^52, no overflow.
+        assert!(matches!(
+            verify_chunk(&huge, u32::MAX - 1, &[0; 10], &none),
+            Err(ChunkCheckError::Length {
+                expected: 1_048_576,
+                ..
+            })
+        ));
+        assert!(matches!(
+            verify_chunk(&huge, u32::MAX, &[], &none),
+            Err(ChunkCheckError::Index { .. })
+        ));
+        // A chunk size of 0 (never valid, but a caller may not have validated) names no chunk.
+        let zero = crate::v1::Component {
+            chunk_size: 0,
+            ..huge.clone()
+        };
+        assert!(matches!(
+            verify_chunk(&zero, 0, &[], &none),
+            Err(ChunkCheckError::Index { .. })
+        ));
+        // A proof longer than the tree needs is refused by its length, before any hashing.
+        let data = vec![0; 1 << 20];
+        let long = vec![[0u8; 32]; 33];
+        assert!(matches!(
+            verify_chunk(&huge, 0, &data, &long),
+            Err(ChunkCheckError::Proof {
+                source: MerkleError::ProofLength { got: 33, .. },
+                ..
+            })
+        ));
+    }
+
     proptest! {
         #[test]
         fn prop_proofs_verify_and_bind(n in 1u32..300, seed in any::<u64>(), pick in any::<u32>()) {
@@ -452,7 +540,9 @@ pub enum ChunkCheckError {
 }
 
 /// Checks chunk `index` of component `c` as received (data and proof from the wire) against
-/// the component's signed description. Returns the chunk's byte offset and digest.
+/// the component's signed description. Returns the chunk's byte offset and digest. Everything
+/// that costs nothing (root, index, length, proof length) is checked before the chunk is
+/// hashed.
 pub fn verify_chunk<P: AsRef<[u8]>>(
     c: &crate::v1::Component,
     index: u32,
@@ -475,6 +565,18 @@ pub fn verify_chunk<P: AsRef<[u8]>>(
             index,
             got: data.len(),
             expected: len,
+        });
+    }
+    let expected = proof_len(index, c.chunk_count);
+    if proof.len() != expected {
+        return Err(ChunkCheckError::Proof {
+            index,
+            source: MerkleError::ProofLength {
+                index,
+                count: c.chunk_count,
+                expected,
+                got: proof.len(),
+            },
         });
     }
     let digest = chunk_digest(data);

@@ -8,6 +8,13 @@
 //!
 //! Signed message: `"fleet.v1.UpdateManifest" || 0x00 || manifest bytes`, Ed25519 (RFC 8032),
 //! verified with `verify_strict`. Keys are addressed by [`key_id`].
+//!
+//! Cost is bounded before it is spent ([`crate::limits`]): an envelope over
+//! [`MAX_SIGNED_MANIFEST_LEN`] bytes or with more than [`MAX_SIGNATURES`] signatures is refused
+//! before it is decoded (and before any signature is checked); a signature whose key id is not
+//! trusted is skipped without hashing anything, so at most [`MAX_SIGNATURES`] signature checks
+//! run per envelope. A [`VerifyError`]'s `Display` names at most [`MAX_NAMED_KEY_IDS`] key
+//! ids, each shortened and escaped.
 
 use std::collections::BTreeMap;
 
@@ -17,9 +24,12 @@ use ed25519_dalek::{Signer as _, SigningKey, VerifyingKey};
 use prost::Message as _;
 use sha2::{Digest as _, Sha256};
 
+use crate::limits::{MAX_KEY_ID_LEN, MAX_NAMED_KEY_IDS, MAX_SIGNATURES, MAX_SIGNED_MANIFEST_LEN};
 use crate::manifest::{self, ManifestError};
 use crate::merkle::Hash;
+use crate::report::{clip, excerpt};
 use crate::v1::{self, SignatureAlgorithm, UpdateError};
+use crate::wire::{self, WireError};
 
 /// Prefix of every signed manifest message (domain separation).
 pub const MANIFEST_CONTEXT: &[u8] = b"fleet.v1.UpdateManifest\0";
@@ -132,17 +142,25 @@ impl UpdateSigner {
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[non_exhaustive]
 pub enum VerifyError {
-    /// The SignedManifest envelope does not decode.
-    #[error("signed manifest does not decode: {0}")]
-    Envelope(prost::DecodeError),
+    /// The SignedManifest envelope is over a bound ([`crate::limits`]) or does not decode;
+    /// nothing in it was verified.
+    #[error("signed manifest refused: {0}")]
+    Envelope(WireError),
     /// The envelope carries no signature at all.
     #[error("manifest carries no signature")]
     Unsigned,
     /// No signature is by a trusted key.
-    #[error("no signature by a trusted key (key ids: {0:?})")]
-    UnknownKey(Vec<String>),
+    #[error("no signature by a trusted key ({})", KeyIds::new(.key_ids, .signatures))]
+    UnknownKey {
+        /// How many signatures the envelope carries.
+        signatures: usize,
+        /// The key ids of the first [`MAX_NAMED_KEY_IDS`] of them, each cut to
+        /// [`MAX_KEY_ID_LEN`] bytes (untrusted text: display them through the error's
+        /// `Display`, which escapes them).
+        key_ids: Vec<String>,
+    },
     /// A signature by a trusted key does not verify over the received bytes.
-    #[error("signature by key {0} does not verify")]
+    #[error("signature by key {} does not verify", excerpt(.0))]
     BadSignature(String),
     /// The authenticated bytes do not decode as a manifest.
     #[error("signed bytes are not a manifest: {0}")]
@@ -157,13 +175,42 @@ impl VerifyError {
     pub fn code(&self) -> UpdateError {
         match self {
             VerifyError::Envelope(_) | VerifyError::Decode(_) => UpdateError::MalformedManifest,
-            VerifyError::Unsigned | VerifyError::UnknownKey(_) => UpdateError::UnknownKey,
+            VerifyError::Unsigned | VerifyError::UnknownKey { .. } => UpdateError::UnknownKey,
             VerifyError::BadSignature(_) => UpdateError::BadSignature,
             VerifyError::Invalid(ManifestError::UnsupportedFormat(_)) => {
                 UpdateError::UnsupportedFormat
             }
             VerifyError::Invalid(_) => UpdateError::MalformedManifest,
         }
+    }
+}
+
+/// The key ids an [`VerifyError::UnknownKey`] names, for display: escaped, shortened, and
+/// the rest counted.
+struct KeyIds<'a> {
+    ids: &'a [String],
+    total: usize,
+}
+
+impl<'a> KeyIds<'a> {
+    fn new(ids: &'a [String], total: &usize) -> Self {
+        Self { ids, total: *total }
+    }
+}
+
+impl std::fmt::Display for KeyIds<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = if self.total == 1 { "" } else { "s" };
+        write!(f, "{} signature{s}", self.total)?;
+        let named = &self.ids[..self.ids.len().min(MAX_NAMED_KEY_IDS)];
+        for (i, id) in named.iter().enumerate() {
+            let sep = if i == 0 { ", key ids " } else { ", " };
+            write!(f, "{sep}{}", excerpt(id))?;
+        }
+        if self.total > named.len() && !named.is_empty() {
+            write!(f, " and {} more", self.total - named.len())?;
+        }
+        Ok(())
     }
 }
 
@@ -214,28 +261,50 @@ impl TrustedKeys {
         self.keys.is_empty()
     }
 
-    /// Verifies an encoded SignedManifest exactly as received off the wire.
+    /// Verifies an encoded SignedManifest exactly as received off the wire. The envelope's
+    /// size and its number of signatures are checked before it is decoded
+    /// ([`wire::decode_signed_manifest_bounded`]).
     pub fn verify_encoded(&self, signed: &[u8]) -> Result<VerifiedManifest, VerifyError> {
-        let envelope = v1::SignedManifest::decode(signed).map_err(VerifyError::Envelope)?;
+        let envelope =
+            wire::decode_signed_manifest_bounded(signed).map_err(VerifyError::Envelope)?;
         self.verify(&envelope)
     }
 
     /// Verifies a SignedManifest: a signature by a trusted key over `manifest` must verify;
-    /// only then are the bytes decoded and the manifest's structure checked.
+    /// only then are the bytes decoded and the manifest's structure checked. More than
+    /// [`MAX_SIGNATURES`] signatures, or manifest bytes over [`MAX_SIGNED_MANIFEST_LEN`], are
+    /// refused before any signature is checked.
     pub fn verify(&self, signed: &v1::SignedManifest) -> Result<VerifiedManifest, VerifyError> {
+        if signed.manifest.len() > MAX_SIGNED_MANIFEST_LEN {
+            return Err(VerifyError::Envelope(WireError::TooLarge {
+                len: signed.manifest.len(),
+                max: MAX_SIGNED_MANIFEST_LEN,
+            }));
+        }
         if signed.signatures.is_empty() {
             return Err(VerifyError::Unsigned);
         }
-        let message = signed_message(&signed.manifest);
+        if signed.signatures.len() > MAX_SIGNATURES {
+            return Err(VerifyError::Envelope(WireError::TooMany {
+                field: "signature",
+                max: MAX_SIGNATURES,
+            }));
+        }
+        // Built on the first signature by a trusted key: untrusted ones cost no hashing.
+        let mut message = None;
         let mut failed = None;
         let mut good = None;
         for sig in &signed.signatures {
+            if sig.key_id.len() > MAX_KEY_ID_LEN {
+                continue;
+            }
             let Some(key) = self.keys.get(&sig.key_id) else {
                 continue;
             };
+            let message = message.get_or_insert_with(|| signed_message(&signed.manifest));
             let verifies = sig.algorithm == i32::from(SignatureAlgorithm::Ed25519)
                 && ed25519_dalek::Signature::from_slice(&sig.signature)
-                    .is_ok_and(|s| key.verify_strict(&message, &s).is_ok());
+                    .is_ok_and(|s| key.verify_strict(message, &s).is_ok());
             if verifies {
                 good = Some(sig.key_id.clone());
                 break;
@@ -246,8 +315,15 @@ impl TrustedKeys {
             (Some(id), _) => id,
             (None, Some(id)) => return Err(VerifyError::BadSignature(id)),
             (None, None) => {
-                let ids = signed.signatures.iter().map(|s| s.key_id.clone()).collect();
-                return Err(VerifyError::UnknownKey(ids));
+                return Err(VerifyError::UnknownKey {
+                    signatures: signed.signatures.len(),
+                    key_ids: signed
+                        .signatures
+                        .iter()
+                        .take(MAX_NAMED_KEY_IDS)
+                        .map(|s| clip(&s.key_id, MAX_KEY_ID_LEN).to_owned())
+                        .collect(),
+                });
             }
         };
         let manifest =
@@ -327,7 +403,10 @@ mod tests {
         // Signed by a key the device does not trust.
         assert_eq!(
             trusting(&other).verify(&signed),
-            Err(VerifyError::UnknownKey(vec![signer.key_id().to_owned()]))
+            Err(VerifyError::UnknownKey {
+                signatures: 1,
+                key_ids: vec![signer.key_id().to_owned()]
+            })
         );
         // A forger claims the trusted key's id with its own signature.
         let mut forged = signer.sign_manifest(&sample());
@@ -359,6 +438,126 @@ mod tests {
             trusting(&signer).verify(&short),
             Err(VerifyError::BadSignature(_))
         ));
+    }
+
+    /// `n` signatures whose key ids are long runs of control bytes.
+    fn hostile_signatures(n: usize, key_id_len: usize) -> Vec<v1::Signature> {
+        (0..n)
+            .map(|i| v1::Signature {
+                key_id: char::from((i % 32) as u8).to_string().repeat(key_id_len),
+                algorithm: SignatureAlgorithm::Ed25519.into(),
+                signature: vec![0; 64],
+            })
+            .collect()
+    }
+
+    #[test]
+    fn twenty_thousand_signatures_are_refused_before_any_check() {
+        let signer = UpdateSigner::generate();
+        let mut signed = signer.sign_manifest(&sample());
+        signed.signatures.extend(hostile_signatures(20_000, 1));
+        // 1.4 MB on the wire: refused by its size, before a byte is decoded.
+        assert!(matches!(
+            trusting(&signer).verify_encoded(&signed.encode_to_vec()),
+            Err(VerifyError::Envelope(WireError::TooLarge { .. }))
+        ));
+        // 20,000 empty signatures fit in 40 KB: refused by their number, before decoding.
+        let mut wire = signer.sign_manifest(&sample()).encode_to_vec();
+        wire.extend([0x12, 0x00].repeat(20_000));
+        assert!(wire.len() < MAX_SIGNED_MANIFEST_LEN);
+        let err = trusting(&signer)
+            .verify_encoded(&wire)
+            .err()
+            .unwrap_or_else(|| panic!("accepted"));
+        assert_eq!(
+            err,
+            VerifyError::Envelope(WireError::TooMany {
+                field: "signature",
+                max: MAX_SIGNATURES
+            })
+        );
+        assert_eq!(err.code(), UpdateError::MalformedManifest);
+        // The same envelope decoded by someone else and handed over is refused too, even
+        // though the authority's valid signature comes first.
+        assert_eq!(trusting(&signer).verify(&signed), Err(err));
+    }
+
+    #[test]
+    fn unknown_keys_are_named_briefly_and_escaped() {
+        let signer = UpdateSigner::generate();
+        let mut signed = signer.sign_manifest(&sample());
+        signed.signatures = hostile_signatures(MAX_SIGNATURES, 10_000);
+        let err = trusting(&signer)
+            .verify(&signed)
+            .err()
+            .unwrap_or_else(|| panic!("accepted"));
+        assert_eq!(err.code(), UpdateError::UnknownKey);
+        let VerifyError::UnknownKey {
+            signatures,
+            ref key_ids,
+        } = err
+        else {
+            panic!("{err:?}")
+        };
+        assert_eq!(signatures, MAX_SIGNATURES);
+        assert_eq!(key_ids.len(), MAX_NAMED_KEY_IDS);
+        assert!(key_ids.iter().all(|k| k.len() <= MAX_KEY_ID_LEN));
+        let msg = err.to_string();
+        assert!(msg.len() < 400, "{} bytes: {msg}", msg.len());
+        assert!(!msg.chars().any(char::is_control), "{msg:?}");
+        assert!(
+            msg.contains("8 signatures") && msg.contains("and 5 more"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn oversized_envelopes_are_refused_before_decoding() {
+        let signer = UpdateSigner::generate();
+        let mut m = sample();
+        m.description = "d".repeat(MAX_SIGNED_MANIFEST_LEN);
+        let signed = signer.sign_manifest(&m);
+        let err = trusting(&signer)
+            .verify_encoded(&signed.encode_to_vec())
+            .err();
+        assert!(
+            matches!(err, Some(VerifyError::Envelope(WireError::TooLarge { .. }))),
+            "{err:?}"
+        );
+        assert!(matches!(
+            trusting(&signer).verify(&signed),
+            Err(VerifyError::Envelope(WireError::TooLarge { .. }))
+        ));
+        // Just under the envelope bound, the description bound still applies once verified.
+        m.description = "d".repeat(crate::limits::MAX_DESCRIPTION_LEN + 1);
+        assert!(matches!(
+            trusting(&signer).verify_encoded(&signer.sign_manifest(&m).encode_to_vec()),
+            Err(VerifyError::Invalid(ManifestError::Description { .. }))
+        ));
+    }
+
+    #[test]
+    fn untrusted_signatures_are_skipped_and_the_good_one_found_among_the_maximum() {
+        let signer = UpdateSigner::generate();
+        let good = signer.sign_manifest(&sample());
+        // Seven untrusted (including over-long key ids) before the authority's.
+        let mut signed = good.clone();
+        signed.signatures = hostile_signatures(MAX_SIGNATURES - 1, MAX_KEY_ID_LEN + 1);
+        signed.signatures.push(good.signatures[0].clone());
+        let v = trusting(&signer)
+            .verify_encoded(&signed.encode_to_vec())
+            .map_err(|e| e.to_string());
+        assert!(v.is_err(), "over-long key ids are refused on the wire");
+        assert!(trusting(&signer).verify(&signed).is_ok());
+        // Seven bad signatures claiming the trusted key, then the good one: all verified.
+        let mut claimed = good.clone();
+        let mut bad = good.signatures[0].clone();
+        bad.signature[0] ^= 1;
+        claimed.signatures = vec![bad; MAX_SIGNATURES - 1];
+        claimed.signatures.push(good.signatures[0].clone());
+        assert!(trusting(&signer)
+            .verify_encoded(&claimed.encode_to_vec())
+            .is_ok());
     }
 
     #[test]
@@ -438,5 +637,89 @@ mod tests {
         assert!(t
             .add_pem("-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n")
             .is_err());
+    }
+
+    use proptest::prelude::*;
+
+    fn assert_reportable(e: &VerifyError) -> Result<(), TestCaseError> {
+        let msg = e.to_string();
+        prop_assert!(
+            msg.len() <= crate::report::MAX_DETAIL_LEN,
+            "{} bytes: {}",
+            msg.len(),
+            msg
+        );
+        prop_assert!(!msg.chars().any(char::is_control), "{:?}", msg);
+        Ok(())
+    }
+
+    fn hostile_string() -> impl Strategy<Value = String> {
+        prop_oneof![
+            ".{0,80}",
+            "[\\x00-\\x1f\\x7f./\\\\a-z]{0,80}",
+            (any::<char>(), 0usize..5000).prop_map(|(c, n)| c.to_string().repeat(n)),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+
+        /// Whatever arrives, a refusal's message is short and clean enough to report as is.
+        #[test]
+        fn prop_refusals_of_arbitrary_envelopes_are_reportable(
+            bytes in prop::collection::vec(any::<u8>(), 0..400),
+            key_ids in prop::collection::vec(hostile_string(), 0..12),
+        ) {
+            let signer = UpdateSigner::generate();
+            let trusted = trusting(&signer);
+            if let Err(e) = trusted.verify_encoded(&bytes) {
+                assert_reportable(&e)?;
+            }
+            let envelope = v1::SignedManifest {
+                manifest: bytes,
+                signatures: key_ids
+                    .into_iter()
+                    .map(|key_id| v1::Signature { key_id, algorithm: 1, signature: vec![0; 64] })
+                    .collect(),
+            };
+            for e in [trusted.verify(&envelope).err(), trusted.verify_encoded(&envelope.encode_to_vec()).err()]
+                .into_iter()
+                .flatten()
+            {
+                assert_reportable(&e)?;
+            }
+        }
+
+        /// An authentic manifest full of hostile strings is refused with a reportable message
+        /// too (the authority's tooling validates, but a device must not trust that it did).
+        #[test]
+        fn prop_refusals_of_authentic_hostile_manifests_are_reportable(
+            update_id in hostile_string(),
+            class in hostile_string(),
+            version in hostile_string(),
+            names in prop::collection::vec(hostile_string(), 1..4),
+            description in hostile_string(),
+        ) {
+            let signer = UpdateSigner::generate();
+            let mut m = sample();
+            m.update_id = update_id;
+            m.device_class = class;
+            m.version = version;
+            m.description = description;
+            m.components = names
+                .into_iter()
+                .map(|name| v1::Component { name, ..m.components[0].clone() })
+                .collect();
+            let signed = signer.sign_manifest(&m);
+            if let Err(e) = trusting(&signer).verify_encoded(&signed.encode_to_vec()) {
+                assert_reportable(&e)?;
+            }
+            let facts = DeviceFacts { device_class: &m.device_class, installed_sequence: 0, now_ms: 0 };
+            let other = DeviceFacts { device_class: "\u{1b}x", ..facts };
+            if let Err(e) = check_freshness(&m, &other) {
+                let msg = e.to_string();
+                prop_assert!(msg.len() <= crate::report::MAX_DETAIL_LEN && !msg.chars().any(char::is_control), "{:?}", msg);
+            }
+        }
     }
 }

@@ -1,19 +1,38 @@
 //! The first thing a device does with a manifest, before it downloads anything: signature
 //! over the exact received bytes, then structure, then class, expiry and anti-rollback.
 //! Pure: the trusted keys, the device's facts and the clock come in as values.
+//!
+//! Its cost is bounded whatever the input: an oversized envelope or one with too many
+//! signatures is refused before it is decoded ([`fleet_proto::limits`]), and a rejection's
+//! detail is at most [`fleet_proto::MAX_DETAIL_LEN`] bytes without control characters, so it
+//! can be reported (and persisted, and re-sent) as it is.
+
+use std::fmt::Display;
 
 use fleet_proto::manifest::{self, DeviceFacts};
+use fleet_proto::report::bounded_detail;
 use fleet_proto::signing::{TrustedKeys, VerifiedManifest};
 use fleet_proto::v1::UpdateError;
 
-/// Why a manifest was refused: the code reported upward in `UpdateProgress`, and a detail.
+/// Why a manifest was refused: the code reported upward in `UpdateProgress`, and a detail
+/// (bounded and free of control characters, see [`bounded_detail`]).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{code:?}: {detail}")]
 pub(crate) struct Rejection {
     /// The reason code.
     pub code: UpdateError,
-    /// What exactly, for a human.
+    /// What exactly, for a human: at most `MAX_DETAIL_LEN` bytes, no control characters.
     pub detail: String,
+}
+
+impl Rejection {
+    /// A rejection whose detail is `reason` made safe to report.
+    fn new(code: UpdateError, reason: impl Display) -> Self {
+        Self {
+            code,
+            detail: bounded_detail(&reason.to_string()),
+        }
+    }
 }
 
 /// Judges an encoded `SignedManifest` as received on `devices/{id}/update/manifest`.
@@ -23,18 +42,12 @@ pub(crate) fn judge(
     facts: &DeviceFacts<'_>,
 ) -> Result<VerifiedManifest, Rejection> {
     // Authenticity first: nothing of an unauthenticated manifest is looked at.
-    let verified = trusted.verify_encoded(signed).map_err(|e| Rejection {
-        code: e.code(),
-        detail: e.to_string(),
-    })?;
-    manifest::validate(&verified.manifest).map_err(|e| Rejection {
-        code: e.code(),
-        detail: e.to_string(),
-    })?;
-    manifest::check_freshness(&verified.manifest, facts).map_err(|e| Rejection {
-        code: e.code(),
-        detail: e.to_string(),
-    })?;
+    let verified = trusted
+        .verify_encoded(signed)
+        .map_err(|e| Rejection::new(e.code(), e))?;
+    manifest::validate(&verified.manifest).map_err(|e| Rejection::new(e.code(), e))?;
+    manifest::check_freshness(&verified.manifest, facts)
+        .map_err(|e| Rejection::new(e.code(), e))?;
     Ok(verified)
 }
 
@@ -43,8 +56,8 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use fleet_proto::signing::UpdateSigner;
-    use fleet_proto::v1::{Component, SignedManifest, UpdateManifest};
-    use fleet_proto::Message;
+    use fleet_proto::v1::{Component, Signature, SignedManifest, UpdateManifest};
+    use fleet_proto::{Message, MAX_DETAIL_LEN};
 
     fn manifest(sequence: u64, class: &str, expires_at_ms: u64) -> UpdateManifest {
         UpdateManifest {
@@ -117,5 +130,72 @@ mod tests {
         );
         // Not a SignedManifest at all.
         assert_eq!(code(&[0xff, 0xff]), UpdateError::MalformedManifest);
+    }
+
+    fn assert_reportable(rej: &Rejection) {
+        assert!(
+            rej.detail.len() <= MAX_DETAIL_LEN,
+            "{} bytes",
+            rej.detail.len()
+        );
+        assert!(
+            !rej.detail.chars().any(char::is_control),
+            "{:?}",
+            rej.detail
+        );
+    }
+
+    /// `n` signatures whose key ids are control bytes, after the authority's good one.
+    fn flooded(authority: &UpdateSigner, n: usize, with_bytes: bool) -> Vec<u8> {
+        let mut s = authority.sign_manifest(&manifest(11, "pump", 5_000));
+        s.signatures.extend((0..n).map(|i| Signature {
+            key_id: char::from((i % 32) as u8).to_string(),
+            algorithm: if with_bytes { 1 } else { 0 },
+            signature: if with_bytes { vec![0; 64] } else { vec![] },
+        }));
+        s.encode_to_vec()
+    }
+
+    #[test]
+    fn a_flood_of_signatures_with_control_byte_key_ids_is_refused_with_a_short_clean_detail() {
+        let authority = UpdateSigner::generate();
+        let mut trusted = TrustedKeys::new();
+        trusted.add(authority.verifying_key());
+        // 20,000 full signatures (1.4 MB) and 12,000 bare ones (under the 64 KiB envelope
+        // bound): both refused as malformed, before any signature is checked, even though the
+        // authority's valid signature comes first.
+        for (n, with_bytes) in [(20_000, true), (12_000, false)] {
+            let bytes = flooded(&authority, n, with_bytes);
+            let rej = judge(&bytes, &trusted, &FACTS).unwrap_err();
+            assert_eq!(rej.code, UpdateError::MalformedManifest, "{n}: {rej}");
+            assert_reportable(&rej);
+        }
+        // A handful is fine: the authority's signature verifies among untrusted ones.
+        let few = flooded(&authority, 7, true);
+        assert_eq!(judge(&few, &trusted, &FACTS).unwrap().manifest.sequence, 11);
+    }
+
+    #[test]
+    fn unknown_hostile_key_ids_make_a_short_clean_detail() {
+        let authority = UpdateSigner::generate();
+        let stranger = UpdateSigner::generate();
+        let mut trusted = TrustedKeys::new();
+        trusted.add(authority.verifying_key());
+        let mut s = stranger.sign_manifest(&manifest(11, "pump", 5_000));
+        for sig in &mut s.signatures {
+            sig.key_id = "\u{1b}[2J\r\n".repeat(10);
+        }
+        s.signatures = vec![s.signatures[0].clone(); 8];
+        let rej = judge(&s.encode_to_vec(), &trusted, &FACTS).unwrap_err();
+        assert_eq!(rej.code, UpdateError::UnknownKey);
+        assert_reportable(&rej);
+    }
+
+    #[test]
+    fn every_detail_is_bounded_whatever_the_reason_says() {
+        // The bound holds for any reason text, not only for what today's errors print.
+        let rej = Rejection::new(UpdateError::MalformedManifest, "\u{7}\n".repeat(1 << 20));
+        assert_reportable(&rej);
+        assert!(rej.detail.starts_with('\u{FFFD}'));
     }
 }
