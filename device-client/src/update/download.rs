@@ -300,6 +300,17 @@ impl Download {
         Some(req)
     }
 
+    /// Whether a chunk with these header fields would be new: of this update, of one of its
+    /// components, in range and not held yet. Anything else is dropped before its proof is
+    /// decoded.
+    pub(crate) fn wants(&self, update_id: &str, component: &str, index: u32) -> bool {
+        update_id == self.update_id
+            && self
+                .parts
+                .iter()
+                .any(|p| p.name == component && index < p.count && !p.held.has(index))
+    }
+
     /// Checks an arriving chunk.
     pub(crate) fn on_chunk(&mut self, chunk: &Chunk) -> ChunkOutcome {
         if chunk.update_id != self.update_id {

@@ -33,7 +33,7 @@ use std::sync::Arc;
 use fleet_proto::manifest::DeviceFacts;
 use fleet_proto::signing::TrustedKeys;
 use fleet_proto::v1::{
-    Chunk, ChunkRequest, SignedManifest, UpdateError, UpdateManifest, UpdatePhase, UpdateProgress,
+    ChunkRequest, SignedManifest, UpdateError, UpdateManifest, UpdatePhase, UpdateProgress,
 };
 use fleet_proto::Message;
 use serde::{Deserialize, Serialize};
@@ -45,10 +45,10 @@ use super::install::{Decision, HandlerError, StagedImage, UpdateHandler};
 use super::judge::{judge, Rejection};
 use super::storage::{Staged, StagedKind, Storage};
 
-/// Largest encoded SignedManifest looked at; anything larger is refused unread.
-pub(crate) const MAX_MANIFEST_BYTES: usize = 64 << 10;
-/// Longest detail text in a report.
-pub(crate) const MAX_DETAIL_LEN: usize = 512;
+use fleet_proto::limits::{MAX_PROOF_LEN, MAX_SIGNED_MANIFEST_LEN as MAX_MANIFEST_BYTES};
+use fleet_proto::report::{bounded_detail, unverified_update_id as reportable_id};
+use fleet_proto::wire;
+
 /// Starts on trial without a passed self-test before the agent falls back, by default.
 pub(crate) const DEFAULT_MAX_TRIAL_STARTS: u32 = 3;
 /// Bytes the staged images of one update may take, by default.
@@ -178,30 +178,6 @@ impl Journal {
             last_final: None,
         })
     }
-}
-
-/// Cuts `s` to at most [`MAX_DETAIL_LEN`] bytes with control characters replaced.
-pub(crate) fn bounded_detail(s: &str) -> String {
-    let mut out = String::new();
-    for c in s.chars() {
-        let c = if c.is_control() { '?' } else { c };
-        if out.len() + c.len_utf8() > MAX_DETAIL_LEN - 3 {
-            out.push_str("...");
-            break;
-        }
-        out.push(c);
-    }
-    out
-}
-
-/// The update id of an unverified manifest, only if it is a well-formed id.
-fn reportable_id(bytes: &[u8]) -> String {
-    SignedManifest::decode(bytes)
-        .ok()
-        .and_then(|s| UpdateManifest::decode(s.manifest.as_slice()).ok())
-        .map(|m| m.update_id)
-        .filter(|id| fleet_proto::ids::validate_id(id).is_ok())
-        .unwrap_or_default()
 }
 
 fn digest_hex(bytes: &[u8]) -> String {
@@ -573,7 +549,7 @@ impl<S: Storage> Machine<S> {
             return;
         }
         // The manifest's own digest, whatever signatures the envelope carries.
-        let digest = SignedManifest::decode(bytes)
+        let digest = wire::decode_signed_manifest_bounded(bytes)
             .ok()
             .map(|s| digest_hex(&s.manifest));
         if let (Some(d), Some(f)) = (&digest, &self.journal.last_final) {
@@ -652,10 +628,22 @@ impl<S: Storage> Machine<S> {
 
     /// A chunk arrived.
     pub(crate) fn chunk(&mut self, bytes: &[u8], now_ms: u64) {
-        if !self.wants_chunks() {
+        // Only a chunk the download misses is decoded; its header is read without allocating.
+        let wanted = match wire::peek_chunk(bytes, MAX_PROOF_LEN) {
+            Ok(h) => matches!(
+                &self.work,
+                Some(Work { stage: Stage::Downloading { dl, .. }, .. })
+                    if dl.wants(h.update_id, h.component, h.index)
+            ),
+            Err(e) => {
+                debug!(error = %e, "chunk: malformed or over its bounds; dropped");
+                false
+            }
+        };
+        if !wanted {
             return;
         }
-        let chunk = match Chunk::decode(bytes) {
+        let chunk = match wire::decode_chunk_bounded(bytes, MAX_PROOF_LEN) {
             Ok(c) => c,
             Err(e) => {
                 debug!(error = %e, "chunk: bad protobuf; dropped");

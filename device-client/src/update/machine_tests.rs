@@ -11,10 +11,11 @@ use fleet_proto::v1::{
 use fleet_proto::Message;
 
 use super::install::{Decision, HandlerError, StagedImage, UpdateHandler};
-use super::machine::{Journal, Machine, Output, MAX_DETAIL_LEN};
+use super::machine::{Journal, Machine, Output};
 use super::power_loss::{config, release, FLEET};
 use super::storage::sim::{SimDisk, SimStorage};
 use super::storage::Storage;
+use fleet_proto::report::MAX_DETAIL_LEN;
 
 /// An application that records what it was asked and answers as told.
 #[derive(Default)]
