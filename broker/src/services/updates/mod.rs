@@ -20,6 +20,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use fleet_proto::chunker::chunk_span;
+use fleet_proto::ids::validate_id;
 use fleet_proto::merkle::MerkleTree;
 use fleet_proto::topics::{self, DeviceTopic, Topic};
 use fleet_proto::v1::{
@@ -33,7 +34,7 @@ use self::campaign::{Campaign, Effects};
 use self::queue::{FairQueue, Job};
 use crate::config::UpdateSettings;
 use crate::firmware::FirmwareDir;
-use crate::metrics::Metrics;
+use crate::metrics::{LogBudget, Metrics};
 use crate::ports::{DeliverError, DirectSink};
 use crate::router::Router;
 use crate::router::{LinkError, Received, ServiceLink};
@@ -136,6 +137,8 @@ pub(crate) struct UpdateService {
     campaigns: HashMap<String, Campaign>,
     queue: FairQueue,
     sent: u64,
+    /// Log lines for refused requests: a flood is counted in full, logged in a few lines.
+    refused_log: LogBudget,
 }
 
 impl UpdateService {
@@ -171,6 +174,7 @@ impl UpdateService {
             campaigns: HashMap::new(),
             queue: FairQueue::default(),
             sent: 0,
+            refused_log: LogBudget::new(),
         };
         this.restore().await;
         Ok(this)
@@ -255,6 +259,14 @@ impl UpdateService {
                 return;
             }
         };
+        // Ids are bounded before they are looked up or logged.
+        if let Err(e) = validate_id(&req.update_id).and_then(|()| validate_id(&req.component)) {
+            self.refused(
+                device,
+                &format!("chunk request: bad update id or component: {e}"),
+            );
+            return;
+        }
         let active = self
             .campaigns
             .get(&req.update_id)
@@ -290,12 +302,20 @@ impl UpdateService {
             warn!(device, update_id = %req.update_id, component = %req.component, "image not complete in the cache; cannot serve");
             return;
         }
-        let window = match req.window {
-            0 => self.settings.default_window,
-            w => w.min(self.settings.max_window),
+        let window = queue::window(
+            req.window,
+            self.settings.default_window,
+            self.settings.max_window,
+        );
+        let wanted = match queue::wanted(&req, served.components[ci].chunk_count, window) {
+            Ok(w) => w,
+            Err(e) => {
+                self.refused(device, &format!("chunk request refused: {e}"));
+                return;
+            }
         };
         let update_id: Arc<str> = Arc::from(req.update_id.as_str());
-        let jobs = queue::wanted(&req, served.components[ci].chunk_count, window)
+        let jobs = wanted
             .into_iter()
             .map(|index| Job {
                 update_id: update_id.clone(),
@@ -305,6 +325,14 @@ impl UpdateService {
             })
             .collect();
         self.queue.replace(device, jobs);
+    }
+
+    /// Counts a request refused by a bound, with a log line when the budget allows one.
+    fn refused(&self, who: &str, what: &str) {
+        Metrics::inc(&self.metrics.update_refused);
+        if let Some(suppressed) = self.refused_log.allow() {
+            warn!(from = who, suppressed, "{what}");
+        }
     }
 
     /// Reads and publishes the next chunks, one per device per turn.
