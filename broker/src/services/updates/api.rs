@@ -2,7 +2,6 @@
 //! read it, deploy it, steer its campaign.
 
 use fleet_proto::ids::validate_id;
-use fleet_proto::manifest;
 use fleet_proto::v1::{
     api_request, api_response, ApiError, ApiErrorCode, CampaignAction, CampaignState,
     ControlCampaign, CreateUpdate, DeployUpdate, GetUpdate, ImageState, UpdateRecord, UploadChunk,
@@ -12,6 +11,7 @@ use fleet_proto::Message;
 use tracing::{info, warn};
 
 use super::campaign::Campaign;
+use super::limits::{self, Refusal};
 use super::{decode_signed, ApiCall, UpdateService};
 use crate::firmware::{Accepted, FirmwareError};
 use crate::metrics::Metrics;
@@ -86,7 +86,7 @@ impl UpdateService {
                 .await
                 .map(api_response::Body::Update),
             api_request::Body::UploadChunk(req) => self
-                .upload_chunk(req)
+                .upload_chunk(&service, req)
                 .await
                 .map(api_response::Body::UploadChunk),
             api_request::Body::GetUpdate(GetUpdate { update_id }) => self
@@ -120,10 +120,9 @@ impl UpdateService {
             .ok_or_else(|| invalid("CreateUpdate needs a signed manifest"))?;
         let bytes = signed.encode_to_vec();
         let (signed, m) = decode_signed(&bytes).map_err(invalid)?;
-        if signed.signatures.is_empty() {
-            return Err(invalid("the manifest carries no signature"));
-        }
-        manifest::validate(&m).map_err(|e| invalid(format!("manifest: {e}")))?;
+        // Every field is bounded before anything is stored or allocated for it.
+        limits::check_create(&signed, &m, self.settings.max_update_bytes)
+            .map_err(|e| self.refuse(service, "CreateUpdate", e))?;
         let now = fleet_proto::time::now_ms();
         if m.expires_at_ms <= now {
             return Err(invalid(format!(
@@ -177,8 +176,10 @@ impl UpdateService {
 
     async fn upload_chunk(
         &mut self,
+        service: &str,
         mut req: UploadChunk,
     ) -> Result<UploadChunkResponse, ApiError> {
+        limits::check_upload(&req).map_err(|e| self.refuse(service, "UploadChunk", e))?;
         let id = req.update_id.clone();
         let stored = self
             .store
@@ -241,6 +242,16 @@ impl UpdateService {
                 Err(api_error(ApiErrorCode::Unavailable, format!("firmware cache: {e}")))
             }
         }
+    }
+
+    /// Counts a request refused by a bound, logs it within the budget, and says why.
+    fn refuse(&self, service: &str, call: &str, e: Refusal) -> ApiError {
+        self.refused(service, &format!("{call} refused: {e}"));
+        let code = match e {
+            Refusal::TooLarge { .. } => ApiErrorCode::Limit,
+            _ => ApiErrorCode::Invalid,
+        };
+        api_error(code, e.to_string())
     }
 
     /// The full record of an update: images, campaign, targets.
