@@ -10,7 +10,7 @@ use fleet_proto::v1::{
 use fleet_proto::Message;
 use tracing::{info, warn};
 
-use super::campaign::Campaign;
+use super::campaign::{wrong_class, Campaign};
 use super::limits::{self, Refusal};
 use super::{decode_signed, ApiCall, UpdateService};
 use crate::firmware::{Accepted, FirmwareError};
@@ -315,6 +315,12 @@ impl UpdateService {
             validate_id(d).map_err(|e| invalid(format!("device id {d:?}: {e}")))?;
             devices.push(d.clone());
         }
+        if !req.device_class.is_empty() && req.device_class != record.device_class {
+            return Err(invalid(format!(
+                "the update is for class {:?}, not {:?}: devices refuse a manifest of another class",
+                record.device_class, req.device_class
+            )));
+        }
         let class = if req.device_class.is_empty() && devices.is_empty() {
             record.device_class.clone()
         } else {
@@ -338,6 +344,25 @@ impl UpdateService {
         }
         if devices.len() > MAX_TARGETS {
             return Err(invalid(format!("more than {MAX_TARGETS} targets")));
+        }
+        // Every target the gateway knows the class of must be of the manifest's class.
+        let mut ids = devices.clone();
+        ids.sort();
+        ids.dedup();
+        let known = self
+            .store
+            .call("classes of targets", move |s| {
+                ids.into_iter()
+                    .map(|d| {
+                        let class = s.device_state(&d)?.and_then(|st| st.device_class);
+                        Ok((d, class))
+                    })
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .await
+            .map_err(|_| unavailable())?;
+        if let Some(why) = wrong_class(&record.device_class, &known) {
+            return Err(invalid(why));
         }
         if record.expires_at_ms <= fleet_proto::time::now_ms() {
             return Err(invalid("the manifest has expired; sign a new one"));
