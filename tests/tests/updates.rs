@@ -119,6 +119,10 @@ async fn twenty_devices_go_from_1_0_to_1_1_with_an_8_mib_image() {
             "fw-1.1",
             "--class",
             "test-class",
+            "--batch",
+            "all",
+            "--max-failures",
+            "100",
             "--wait",
         ],
     );
