@@ -539,6 +539,97 @@ async fn a_failing_self_test_rolls_back_and_the_campaign_pauses_at_its_failure_t
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleetctl_defaults_offer_one_device_first_and_pause_at_its_failure_and_refuse_another_class(
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let gw = GatewayProc::start(dir.path(), 4, &[]);
+    let (_, key, public) = authority(dir.path());
+    let image_path = dir.path().join("img");
+    write_image(&image_path, 64 << 10, 7);
+    let opts: Vec<DeviceOpts> = (1..=4)
+        .map(|i| {
+            let extra: &[&str] = match i {
+                1 => &["--fail-self-test"],
+                4 => &["--class", "other-class"],
+                _ => &[],
+            };
+            device_opts(dir.path(), &format!("dev-{i:04}"), &public, extra)
+        })
+        .collect();
+    let devs: Vec<DeviceProc> = opts
+        .iter()
+        .map(|o| DeviceProc::start(&gw.address(), &gw.pki(), o))
+        .collect();
+    for d in &devs {
+        d.connected(Duration::from_secs(30)).await;
+    }
+    fleetctl_create(&gw, &image_path, &key, "fw-def", &["--chunk-size", "8KiB"]);
+    let fleet = gw.fleet().await;
+    eventually_async(
+        Duration::from_secs(30),
+        "the gateway knows dev-0004's class",
+        async || {
+            let s = fleet.status(&["dev-0004".into()]).await.unwrap();
+            let known = s
+                .first()
+                .and_then(|s| s.presence.as_ref())
+                .is_some_and(|p| p.device_class == "other-class");
+            if known {
+                Ok(())
+            } else {
+                Err(s)
+            }
+        },
+    )
+    .await;
+
+    // A target of another class: refused, named, nothing deployed.
+    let out = fleetctl(
+        &gw,
+        &[
+            "update", "deploy", "fw-def", "-d", "dev-0002", "-d", "dev-0004",
+        ],
+    );
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success(), "{said}");
+    assert!(said.contains("dev-0004 (other-class)"), "{said}");
+    assert!(!said.contains("dev-0002 ("), "{said}");
+    let r = fleet.get_update("fw-def").await.unwrap();
+    assert!(r.campaign.is_none(), "{r:?}");
+
+    // The defaults: one device first (5 % of three, rounded up), and its failure pauses the
+    // campaign before anyone else is offered the update.
+    let out = fleetctl(
+        &gw,
+        &[
+            "update", "deploy", "fw-def", "-d", "dev-0001", "-d", "dev-0002", "-d", "dev-0003",
+            "--wait",
+        ],
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("campaign paused"), "{text}");
+    let r = fleet.get_update("fw-def").await.unwrap();
+    let c = r.campaign.as_ref().unwrap();
+    assert_eq!(
+        (c.batch_size, c.batches, c.max_failures_percent),
+        (1, 3, 1),
+        "{c:?}"
+    );
+    assert_eq!(c.state(), CampaignState::Paused, "{c:?}");
+    let t1 = target(&r, "dev-0001");
+    assert_eq!(t1.phase(), UpdatePhase::RolledBack, "{t1:?}");
+    for d in ["dev-0002", "dev-0003"] {
+        let t = target(&r, d);
+        assert!(!t.offered && t.phase() == UpdatePhase::Unspecified, "{t:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gateway_restarted_mid_campaign_continues_it() {
     let dir = tempfile::tempdir().unwrap();
     let gw = GatewayProc::start(dir.path(), 4, &[]);
