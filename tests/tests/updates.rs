@@ -630,6 +630,59 @@ async fn fleetctl_defaults_offer_one_device_first_and_pause_at_its_failure_and_r
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_update_over_the_image_budget_is_refused_before_anything_is_stored() {
+    use cloud_client::{ApiErrorCode, SdkError};
+    use fleet_proto::v1::{Component, SignedManifest, UpdateManifest};
+    use fleet_proto::Message;
+
+    let dir = tempfile::tempdir().unwrap();
+    let gw = GatewayProc::start(dir.path(), 1, &[]);
+    let (signer, _, _) = authority(dir.path());
+    // Sixteen components of u32::MAX - 1 chunks of 1 KiB: consistent with their sizes, so
+    // only the budget stands between them and a 512 MiB upload bitmap each.
+    let now = fleet_proto::time::now_ms();
+    let m = UpdateManifest {
+        format_version: fleet_proto::manifest::FORMAT_VERSION,
+        update_id: "fw-huge".into(),
+        device_class: "test-class".into(),
+        version: "9.9.9".into(),
+        sequence: 99,
+        issued_at_ms: now,
+        expires_at_ms: now + 3_600_000,
+        components: (0..16u8)
+            .map(|i| Component {
+                name: format!("c{i}"),
+                size: u64::from(u32::MAX - 1) * 1024,
+                sha256: vec![i; 32],
+                chunk_size: 1024,
+                chunk_count: u32::MAX - 1,
+                merkle_root: vec![1; 32],
+            })
+            .collect(),
+        description: String::new(),
+    };
+    let bytes = m.encode_to_vec();
+    let signed = SignedManifest {
+        signatures: vec![signer.sign(&bytes)],
+        manifest: bytes,
+    };
+    let fleet = gw.fleet().await;
+    match fleet.create_update(signed).await {
+        Err(SdkError::Api { code, message }) => {
+            assert_eq!(code, ApiErrorCode::Limit, "{message}");
+            assert!(message.contains("updates.max_update_bytes"), "{message}");
+        }
+        other => panic!("not refused: {other:?}"),
+    }
+    // Nothing was registered, the gateway still answers, and the refusal was counted.
+    match fleet.get_update("fw-huge").await {
+        Err(SdkError::Api { code, .. }) => assert_eq!(code, ApiErrorCode::NotFound),
+        other => panic!("registered after all: {other:?}"),
+    }
+    assert_eq!(gw.metric("update_requests_refused_total"), 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gateway_restarted_mid_campaign_continues_it() {
     let dir = tempfile::tempdir().unwrap();
     let gw = GatewayProc::start(dir.path(), 4, &[]);
