@@ -288,7 +288,9 @@ impl UpdateService {
             return;
         }
         let Some(served) = self.served(&req.update_id).await else {
-            warn!(device, update_id = %req.update_id, "chunk request for an update that cannot be served");
+            if let Some(suppressed) = self.refused_log.allow() {
+                warn!(device, update_id = %req.update_id, suppressed, "chunk request for an update that cannot be served");
+            }
             return;
         };
         let Some(ci) = served
@@ -296,11 +298,19 @@ impl UpdateService {
             .iter()
             .position(|c| c.name == req.component)
         else {
-            warn!(device, update_id = %req.update_id, component = %req.component, "chunk request for an unknown component");
+            self.refused(
+                device,
+                &format!(
+                    "chunk request for an unknown component {:?} of {}",
+                    req.component, req.update_id
+                ),
+            );
             return;
         };
         if served.components[ci].tree.is_none() {
-            warn!(device, update_id = %req.update_id, component = %req.component, "image not complete in the cache; cannot serve");
+            if let Some(suppressed) = self.refused_log.allow() {
+                warn!(device, update_id = %req.update_id, component = %req.component, suppressed, "image not complete in the cache; cannot serve");
+            }
             return;
         }
         let window = queue::window(
