@@ -7,6 +7,8 @@
 //! * At the end of a batch, if more than `max_failures_percent` of the devices finished so far
 //!   have failed, the campaign pauses instead (an operator resumes or aborts it).
 //! * Abort withdraws the offer from every device that has not finished.
+//! * A deployment whose targets include devices known to be of another class than the
+//!   manifest's is refused, naming them ([`wrong_class`]).
 //!
 //! Every change is returned as [`Effects`]: what to persist (before anything is published) and
 //! which devices to offer the manifest to or withdraw it from.

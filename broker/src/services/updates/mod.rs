@@ -4,6 +4,9 @@
 //!
 //! * Chunks are read from the cache file one at a time (`pread`), never a whole image, and
 //!   proofs come from the chunk digests kept in the store.
+//! * Every request is bounded before any work is done for it ([`limits`] for the fleet API,
+//!   [`queue::wanted`] for a device's `ChunkRequest`); a refusal is answered (fleet API) or
+//!   dropped (devices), counted in `update_requests_refused_total` and logged under a budget.
 //! * Each device has at most one window of chunks queued; devices are served round-robin
 //!   ([`queue`]), so one device cannot starve the others.
 //! * Campaign decisions are pure ([`campaign`]); each is persisted before its effects are
