@@ -143,6 +143,21 @@ fn class_of(s: &DeviceStatus) -> Option<&str> {
         })
 }
 
+/// How many distinct devices a deployment to `device_ids` and the devices of `class` among
+/// `known` reaches (the gateway's own rule for targets).
+fn count_targets(device_ids: &[String], class: Option<&str>, known: &[DeviceStatus]) -> usize {
+    let mut all: BTreeSet<&str> = device_ids.iter().map(String::as_str).collect();
+    if let Some(class) = class {
+        all.extend(
+            known
+                .iter()
+                .filter(|s| class_of(s) == Some(class))
+                .map(|s| s.device_id.as_str()),
+        );
+    }
+    all.len()
+}
+
 impl FleetClient {
     /// Deploys `update_id` to `device_ids` and every known device of `device_class` (with
     /// neither: every known device of the update's class), batch by batch as `rollout` says.
@@ -161,20 +176,11 @@ impl FleetClient {
                     (None, true) => Some(self.get_update(update_id).await?.device_class),
                     (None, false) => None,
                 };
-                let mut all: BTreeSet<&str> = device_ids.iter().map(String::as_str).collect();
                 let known = match &class {
                     Some(_) => self.status(&[]).await?,
                     None => Vec::new(),
                 };
-                if let Some(class) = &class {
-                    all.extend(
-                        known
-                            .iter()
-                            .filter(|s| class_of(s) == Some(class.as_str()))
-                            .map(|s| s.device_id.as_str()),
-                    );
-                }
-                all.len()
+                count_targets(&device_ids, class.as_deref(), &known)
             }
             BatchSize::All | BatchSize::Devices(_) => 0,
         };
@@ -192,6 +198,35 @@ impl FleetClient {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn targets_are_the_named_devices_and_the_class_members_once() {
+        use fleet_proto::v1::{Presence, StatusReport};
+        let dev = |id: &str, presence: Option<&str>, report: Option<&str>| DeviceStatus {
+            device_id: id.into(),
+            presence: presence.map(|c| Presence {
+                device_class: c.into(),
+                ..Default::default()
+            }),
+            last_report: report.map(|c| StatusReport {
+                device_class: c.into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let known = [
+            dev("a", Some("pump"), None),
+            dev("b", None, Some("pump")),
+            dev("c", Some("valve"), Some("pump")),
+            dev("d", None, None),
+        ];
+        let named = ["a".to_owned(), "x".to_owned(), "x".to_owned()];
+        assert_eq!(count_targets(&named, None, &known), 2);
+        // a and b are pumps (presence first, then the report); c says valve in its presence.
+        assert_eq!(count_targets(&[], Some("pump"), &known), 2);
+        assert_eq!(count_targets(&named, Some("pump"), &known), 3);
+        assert_eq!(count_targets(&[], Some("valve"), &known), 1);
+    }
 
     #[test]
     fn batch_sizes_parse() {
