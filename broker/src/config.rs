@@ -357,6 +357,13 @@ pub struct UpdateSettings {
     /// Most chunks sent for one request, whatever window it names (at most 256): with fair
     /// round-robin serving this bounds what one device can hold queued. Default 64.
     pub max_window: u32,
+    /// The firmware cache's budget for one update: the most bytes its images may total (the
+    /// sum of its components' sizes). A larger `CreateUpdate` is refused (`LIMIT`) before
+    /// anything is stored, which also bounds what the gateway keeps per chunk (upload bitmaps,
+    /// chunk digests, the Merkle trees it serves proofs from). Default 1 GiB (1073741824):
+    /// above any firmware image we know of, and at the 1 KiB smallest chunk size at most 1 Mi
+    /// chunks (32 MiB of digests).
+    pub max_update_bytes: u64,
 }
 
 impl Default for UpdateSettings {
@@ -364,6 +371,7 @@ impl Default for UpdateSettings {
         Self {
             default_window: 16,
             max_window: 64,
+            max_update_bytes: 1 << 30,
         }
     }
 }
@@ -502,6 +510,9 @@ impl GatewayConfig {
             return bad(
                 "updates.default_window must be at least 1, and updates.max_window between it and 256",
             );
+        }
+        if u.max_update_bytes == 0 {
+            return bad("updates.max_update_bytes must be at least 1");
         }
         Ok(())
     }

@@ -102,6 +102,9 @@ series! {
     /// Firmware chunks not sent because the device's connection queue was full (it asks
     /// again after its request timeout).
     chunks_dropped: counter "update_chunks_dropped_total" "Firmware chunks dropped on a full device queue.",
+    /// Update API calls and device chunk requests refused by a bound (too large an update,
+    /// too many ranges, an oversized field) before any work was done for them.
+    update_refused: counter "update_requests_refused_total" "Update requests refused by a bound before any work.",
     /// Update progress reports recorded.
     update_reports: counter "update_progress_reports_total" "Update progress reports recorded.",
     /// 1 while the bridge is connected upstream (gauge).
@@ -238,7 +241,7 @@ mod tests {
     use super::*;
 
     /// The series as the README and the dashboards know them: name and type, in order.
-    const EXPORTED: [(&str, &str); 37] = [
+    const EXPORTED: [(&str, &str); 38] = [
         ("connections", "gauge"),
         ("tcp_accepted_total", "counter"),
         ("handshake_failures_total", "counter"),
@@ -262,6 +265,7 @@ mod tests {
         ("update_chunks_uploaded_total", "counter"),
         ("update_chunks_served_total", "counter"),
         ("update_chunks_dropped_total", "counter"),
+        ("update_requests_refused_total", "counter"),
         ("update_progress_reports_total", "counter"),
         ("bridge_connected", "gauge"),
         ("bridge_connects_total", "counter"),

@@ -30,6 +30,7 @@
 #![warn(missing_docs, unreachable_pub)]
 
 mod client;
+mod rollout;
 mod updates;
 
 pub use client::{CommandHandle, FleetClient, FleetClientBuilder, SdkError};
@@ -39,4 +40,5 @@ pub use fleet_proto::v1::{
     CommandState, DeployUpdate, DeviceStatus, ImageState, SendCommand, TargetRecord, UpdateError,
     UpdatePhase, UpdateRecord,
 };
+pub use rollout::{BatchSize, BatchSizeError, Rollout};
 pub use updates::{build_update, BuildError, BuiltUpdate, ImageSpec, UpdateSpec};

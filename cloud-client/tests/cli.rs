@@ -71,7 +71,14 @@ fn every_command_has_help() {
         ),
         (
             &["update", "deploy", "--help"],
-            &["--device", "--class", "--batch", "--max-failures", "--wait"],
+            &[
+                "--device",
+                "--class",
+                "--batch",
+                "--max-failures",
+                "--wait",
+                "[default: 5%]",
+            ],
         ),
         (&["update", "status", "--help"], &["--wait", "--timeout"]),
         (&["update", "abort", "--help"], &["UPDATE"]),

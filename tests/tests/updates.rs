@@ -121,6 +121,10 @@ async fn twenty_devices_go_from_1_0_to_1_1_with_an_8_mib_image() {
             "fw-1.1",
             "--class",
             "test-class",
+            "--batch",
+            "all",
+            "--max-failures",
+            "100",
             "--wait",
         ],
     );
@@ -378,11 +382,6 @@ async fn forged_modified_stale_foreign_and_expired_manifests_are_rejected_with_n
     p.sequence = 3;
     p.run(&fleet, &signer).await;
     cases.push(("u-older", UpdateError::NotNewer));
-    // Another device class.
-    let mut p = Publish::new("u-class", &image_path);
-    p.class = "valve";
-    p.run(&fleet, &signer).await;
-    cases.push(("u-class", UpdateError::WrongClass));
 
     for (id, want) in &cases {
         deploy(&fleet, id, &["dev-0001"], 0, 0).await;
@@ -394,6 +393,44 @@ async fn forged_modified_stale_foreign_and_expired_manifests_are_rejected_with_n
         assert_eq!(t.error(), *want, "{id}: {t:?}");
         assert!(!t.detail.is_empty(), "{id}: no reason given");
         assert_eq!(t.chunks_sent, 0, "{id}: chunks were downloaded");
+    }
+
+    // Another device class: the gateway, which knows the device's class from its presence,
+    // refuses to offer it and names the device (the device would reject it as well: the
+    // class is part of its freshness check).
+    let mut p = Publish::new("u-class", &image_path);
+    p.class = "valve";
+    p.run(&fleet, &signer).await;
+    eventually_async(
+        Duration::from_secs(30),
+        "the gateway knows dev-0001's class",
+        async || {
+            let s = fleet.status(&["dev-0001".into()]).await.unwrap();
+            let known = s
+                .first()
+                .and_then(|s| s.presence.as_ref())
+                .is_some_and(|p| p.device_class == "test-class");
+            if known {
+                Ok(())
+            } else {
+                Err(s)
+            }
+        },
+    )
+    .await;
+    let refused = fleet
+        .deploy_update(DeployUpdate {
+            update_id: "u-class".into(),
+            device_ids: vec!["dev-0001".into()],
+            ..DeployUpdate::default()
+        })
+        .await;
+    match refused {
+        Err(cloud_client::SdkError::Api { code, message }) => {
+            assert_eq!(code, cloud_client::ApiErrorCode::Invalid, "{message}");
+            assert!(message.contains("dev-0001 (test-class)"), "{message}");
+        }
+        other => panic!("a foreign class was deployed: {other:?}"),
     }
 
     // Expired: valid when deployed, expired by the time the device comes back. The gateway
@@ -534,6 +571,150 @@ async fn a_failing_self_test_rolls_back_and_the_campaign_pauses_at_its_failure_t
     assert_eq!(v["summary"]["committed"], 3);
     assert_eq!(v["summary"]["failed"], 1);
     assert_eq!(out.status.code(), Some(1), "one device failed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleetctl_defaults_offer_one_device_first_and_pause_at_its_failure_and_refuse_another_class(
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let gw = GatewayProc::start(dir.path(), 4, &[]);
+    let (_, key, public) = authority(dir.path());
+    let image_path = dir.path().join("img");
+    write_image(&image_path, 64 << 10, 7);
+    let opts: Vec<DeviceOpts> = (1..=4)
+        .map(|i| {
+            let extra: &[&str] = match i {
+                1 => &["--fail-self-test"],
+                4 => &["--class", "other-class"],
+                _ => &[],
+            };
+            device_opts(dir.path(), &format!("dev-{i:04}"), &public, extra)
+        })
+        .collect();
+    let devs: Vec<DeviceProc> = opts
+        .iter()
+        .map(|o| DeviceProc::start(&gw.address(), &gw.pki(), o))
+        .collect();
+    for d in &devs {
+        d.connected(Duration::from_secs(30)).await;
+    }
+    fleetctl_create(&gw, &image_path, &key, "fw-def", &["--chunk-size", "8KiB"]);
+    let fleet = gw.fleet().await;
+    eventually_async(
+        Duration::from_secs(30),
+        "the gateway knows dev-0004's class",
+        async || {
+            let s = fleet.status(&["dev-0004".into()]).await.unwrap();
+            let known = s
+                .first()
+                .and_then(|s| s.presence.as_ref())
+                .is_some_and(|p| p.device_class == "other-class");
+            if known {
+                Ok(())
+            } else {
+                Err(s)
+            }
+        },
+    )
+    .await;
+
+    // A target of another class: refused, named, nothing deployed.
+    let out = fleetctl(
+        &gw,
+        &[
+            "update", "deploy", "fw-def", "-d", "dev-0002", "-d", "dev-0004",
+        ],
+    );
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success(), "{said}");
+    assert!(said.contains("dev-0004 (other-class)"), "{said}");
+    assert!(!said.contains("dev-0002 ("), "{said}");
+    let r = fleet.get_update("fw-def").await.unwrap();
+    assert!(r.campaign.is_none(), "{r:?}");
+
+    // The defaults: one device first (5 % of three, rounded up), and its failure pauses the
+    // campaign before anyone else is offered the update.
+    let out = fleetctl(
+        &gw,
+        &[
+            "update", "deploy", "fw-def", "-d", "dev-0001", "-d", "dev-0002", "-d", "dev-0003",
+            "--wait",
+        ],
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("campaign paused"), "{text}");
+    let r = fleet.get_update("fw-def").await.unwrap();
+    let c = r.campaign.as_ref().unwrap();
+    assert_eq!(
+        (c.batch_size, c.batches, c.max_failures_percent),
+        (1, 3, 1),
+        "{c:?}"
+    );
+    assert_eq!(c.state(), CampaignState::Paused, "{c:?}");
+    let t1 = target(&r, "dev-0001");
+    assert_eq!(t1.phase(), UpdatePhase::RolledBack, "{t1:?}");
+    for d in ["dev-0002", "dev-0003"] {
+        let t = target(&r, d);
+        assert!(!t.offered && t.phase() == UpdatePhase::Unspecified, "{t:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_update_over_the_image_budget_is_refused_before_anything_is_stored() {
+    use cloud_client::{ApiErrorCode, SdkError};
+    use fleet_proto::v1::{Component, SignedManifest, UpdateManifest};
+    use fleet_proto::Message;
+
+    let dir = tempfile::tempdir().unwrap();
+    let gw = GatewayProc::start(dir.path(), 1, &[]);
+    let (signer, _, _) = authority(dir.path());
+    // Sixteen components of u32::MAX - 1 chunks of 1 KiB: consistent with their sizes, so
+    // only the budget stands between them and a 512 MiB upload bitmap each.
+    let now = fleet_proto::time::now_ms();
+    let m = UpdateManifest {
+        format_version: fleet_proto::manifest::FORMAT_VERSION,
+        update_id: "fw-huge".into(),
+        device_class: "test-class".into(),
+        version: "9.9.9".into(),
+        sequence: 99,
+        issued_at_ms: now,
+        expires_at_ms: now + 3_600_000,
+        components: (0..16u8)
+            .map(|i| Component {
+                name: format!("c{i}"),
+                size: u64::from(u32::MAX - 1) * 1024,
+                sha256: vec![i; 32],
+                chunk_size: 1024,
+                chunk_count: u32::MAX - 1,
+                merkle_root: vec![1; 32],
+            })
+            .collect(),
+        description: String::new(),
+    };
+    let bytes = m.encode_to_vec();
+    let signed = SignedManifest {
+        signatures: vec![signer.sign(&bytes)],
+        manifest: bytes,
+    };
+    let fleet = gw.fleet().await;
+    match fleet.create_update(signed).await {
+        Err(SdkError::Api { code, message }) => {
+            assert_eq!(code, ApiErrorCode::Limit, "{message}");
+            assert!(message.contains("updates.max_update_bytes"), "{message}");
+        }
+        other => panic!("not refused: {other:?}"),
+    }
+    // Nothing was registered, the gateway still answers, and the refusal was counted.
+    match fleet.get_update("fw-huge").await {
+        Err(SdkError::Api { code, .. }) => assert_eq!(code, ApiErrorCode::NotFound),
+        other => panic!("registered after all: {other:?}"),
+    }
+    assert_eq!(gw.metric("update_requests_refused_total"), 1.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

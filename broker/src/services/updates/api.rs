@@ -2,7 +2,6 @@
 //! read it, deploy it, steer its campaign.
 
 use fleet_proto::ids::validate_id;
-use fleet_proto::manifest;
 use fleet_proto::v1::{
     api_request, api_response, ApiError, ApiErrorCode, CampaignAction, CampaignState,
     ControlCampaign, CreateUpdate, DeployUpdate, GetUpdate, ImageState, UpdateRecord, UploadChunk,
@@ -11,7 +10,8 @@ use fleet_proto::v1::{
 use fleet_proto::Message;
 use tracing::{info, warn};
 
-use super::campaign::Campaign;
+use super::campaign::{wrong_class, Campaign};
+use super::limits::{self, Refusal};
 use super::{decode_signed, ApiCall, UpdateService};
 use crate::firmware::{Accepted, FirmwareError};
 use crate::metrics::Metrics;
@@ -86,7 +86,7 @@ impl UpdateService {
                 .await
                 .map(api_response::Body::Update),
             api_request::Body::UploadChunk(req) => self
-                .upload_chunk(req)
+                .upload_chunk(&service, req)
                 .await
                 .map(api_response::Body::UploadChunk),
             api_request::Body::GetUpdate(GetUpdate { update_id }) => self
@@ -120,10 +120,9 @@ impl UpdateService {
             .ok_or_else(|| invalid("CreateUpdate needs a signed manifest"))?;
         let bytes = signed.encode_to_vec();
         let (signed, m) = decode_signed(&bytes).map_err(invalid)?;
-        if signed.signatures.is_empty() {
-            return Err(invalid("the manifest carries no signature"));
-        }
-        manifest::validate(&m).map_err(|e| invalid(format!("manifest: {e}")))?;
+        // Every field is bounded before anything is stored or allocated for it.
+        limits::check_create(&signed, &m, self.settings.max_update_bytes)
+            .map_err(|e| self.refuse(service, "CreateUpdate", e))?;
         let now = fleet_proto::time::now_ms();
         if m.expires_at_ms <= now {
             return Err(invalid(format!(
@@ -177,8 +176,10 @@ impl UpdateService {
 
     async fn upload_chunk(
         &mut self,
+        service: &str,
         mut req: UploadChunk,
     ) -> Result<UploadChunkResponse, ApiError> {
+        limits::check_upload(&req).map_err(|e| self.refuse(service, "UploadChunk", e))?;
         let id = req.update_id.clone();
         let stored = self
             .store
@@ -243,6 +244,16 @@ impl UpdateService {
         }
     }
 
+    /// Counts a request refused by a bound, logs it within the budget, and says why.
+    fn refuse(&self, service: &str, call: &str, e: Refusal) -> ApiError {
+        self.refused(service, &format!("{call} refused: {e}"));
+        let code = match e {
+            Refusal::TooLarge { .. } => ApiErrorCode::Limit,
+            _ => ApiErrorCode::Invalid,
+        };
+        api_error(code, e.to_string())
+    }
+
     /// The full record of an update: images, campaign, targets.
     pub(super) async fn record(&mut self, update_id: &str) -> Result<UpdateRecord, ApiError> {
         validate_id(update_id).map_err(|e| invalid(format!("update_id: {e}")))?;
@@ -304,6 +315,12 @@ impl UpdateService {
             validate_id(d).map_err(|e| invalid(format!("device id {d:?}: {e}")))?;
             devices.push(d.clone());
         }
+        if !req.device_class.is_empty() && req.device_class != record.device_class {
+            return Err(invalid(format!(
+                "the update is for class {:?}, not {:?}: devices refuse a manifest of another class",
+                record.device_class, req.device_class
+            )));
+        }
         let class = if req.device_class.is_empty() && devices.is_empty() {
             record.device_class.clone()
         } else {
@@ -327,6 +344,25 @@ impl UpdateService {
         }
         if devices.len() > MAX_TARGETS {
             return Err(invalid(format!("more than {MAX_TARGETS} targets")));
+        }
+        // Every target the gateway knows the class of must be of the manifest's class.
+        let mut ids = devices.clone();
+        ids.sort();
+        ids.dedup();
+        let known = self
+            .store
+            .call("classes of targets", move |s| {
+                ids.into_iter()
+                    .map(|d| {
+                        let class = s.device_state(&d)?.and_then(|st| st.device_class);
+                        Ok((d, class))
+                    })
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .await
+            .map_err(|_| unavailable())?;
+        if let Some(why) = wrong_class(&record.device_class, &known) {
+            return Err(invalid(why));
         }
         if record.expires_at_ms <= fleet_proto::time::now_ms() {
             return Err(invalid("the manifest has expired; sign a new one"));

@@ -7,6 +7,8 @@
 //! * At the end of a batch, if more than `max_failures_percent` of the devices finished so far
 //!   have failed, the campaign pauses instead (an operator resumes or aborts it).
 //! * Abort withdraws the offer from every device that has not finished.
+//! * A deployment whose targets include devices known to be of another class than the
+//!   manifest's is refused, naming them ([`wrong_class`]).
 //!
 //! Every change is returned as [`Effects`]: what to persist (before anything is published) and
 //! which devices to offer the manifest to or withdraw it from.
@@ -301,6 +303,39 @@ impl Campaign {
     }
 }
 
+/// Most devices a refusal names; the rest are counted.
+const NAMED: usize = 10;
+
+/// Why a deployment is refused: target devices known to be of another class than the
+/// manifest's. `known` pairs each target with its class as the gateway last heard it (`None`:
+/// never reported one; such a device checks the class itself and rejects a foreign manifest).
+pub(crate) fn wrong_class(
+    manifest_class: &str,
+    known: &[(String, Option<String>)],
+) -> Option<String> {
+    let wrong: Vec<String> = known
+        .iter()
+        .filter_map(|(d, c)| {
+            c.as_deref()
+                .filter(|c| *c != manifest_class)
+                .map(|c| format!("{d} ({c})"))
+        })
+        .collect();
+    if wrong.is_empty() {
+        return None;
+    }
+    let more = match wrong.len().saturating_sub(NAMED) {
+        0 => String::new(),
+        n => format!(" and {n} more"),
+    };
+    Some(format!(
+        "{} target device(s) are not of the update's class {manifest_class:?}: {}{more}; \
+         leave them out or deploy an update built for their class",
+        wrong.len(),
+        wrong[..wrong.len().min(NAMED)].join(", ")
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -406,6 +441,33 @@ mod tests {
             .on_progress("d1", &report(UpdatePhase::Committed), 2)
             .unwrap();
         assert_eq!(e.offer, vec!["d2", "d3"], "1 of 2 is not more than 50 %");
+    }
+
+    #[test]
+    fn targets_of_another_class_are_named() {
+        let known = |v: &[(&str, Option<&str>)]| -> Vec<(String, Option<String>)> {
+            v.iter()
+                .map(|(d, c)| (d.to_string(), c.map(str::to_owned)))
+                .collect()
+        };
+        assert_eq!(
+            wrong_class("pump", &known(&[("d0", Some("pump")), ("d1", None)])),
+            None,
+            "same class or never reported: allowed"
+        );
+        let msg = wrong_class(
+            "pump",
+            &known(&[("d0", Some("pump")), ("d1", Some("valve")), ("d2", None)]),
+        )
+        .unwrap();
+        assert!(msg.starts_with("1 target device(s)"), "{msg}");
+        assert!(msg.contains("d1 (valve)") && !msg.contains("d0"), "{msg}");
+        let many: Vec<_> = (0..25)
+            .map(|i| (format!("v{i}"), Some("valve".to_owned())))
+            .collect();
+        let msg = wrong_class("pump", &many).unwrap();
+        assert!(msg.contains("v9 (valve)") && !msg.contains("v10 "), "{msg}");
+        assert!(msg.contains("and 15 more"), "{msg}");
     }
 
     #[test]

@@ -4,6 +4,9 @@
 //!
 //! * Chunks are read from the cache file one at a time (`pread`), never a whole image, and
 //!   proofs come from the chunk digests kept in the store.
+//! * Every request is bounded before any work is done for it ([`limits`] for the fleet API,
+//!   [`queue::wanted`] for a device's `ChunkRequest`); a refusal is answered (fleet API) or
+//!   dropped (devices), counted in `update_requests_refused_total` and logged under a budget.
 //! * Each device has at most one window of chunks queued; devices are served round-robin
 //!   ([`queue`]), so one device cannot starve the others.
 //! * Campaign decisions are pure ([`campaign`]); each is persisted before its effects are
@@ -14,12 +17,14 @@
 
 mod api;
 pub(crate) mod campaign;
+mod limits;
 pub(crate) mod queue;
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use fleet_proto::chunker::chunk_span;
+use fleet_proto::ids::validate_id;
 use fleet_proto::merkle::MerkleTree;
 use fleet_proto::topics::{self, DeviceTopic, Topic};
 use fleet_proto::v1::{
@@ -33,7 +38,7 @@ use self::campaign::{Campaign, Effects};
 use self::queue::{FairQueue, Job};
 use crate::config::UpdateSettings;
 use crate::firmware::FirmwareDir;
-use crate::metrics::Metrics;
+use crate::metrics::{LogBudget, Metrics};
 use crate::ports::{DeliverError, DirectSink};
 use crate::router::Router;
 use crate::router::{LinkError, Received, ServiceLink};
@@ -136,6 +141,8 @@ pub(crate) struct UpdateService {
     campaigns: HashMap<String, Campaign>,
     queue: FairQueue,
     sent: u64,
+    /// Log lines for refused requests: a flood is counted in full, logged in a few lines.
+    refused_log: LogBudget,
 }
 
 impl UpdateService {
@@ -171,6 +178,7 @@ impl UpdateService {
             campaigns: HashMap::new(),
             queue: FairQueue::default(),
             sent: 0,
+            refused_log: LogBudget::new(),
         };
         this.restore().await;
         Ok(this)
@@ -255,6 +263,14 @@ impl UpdateService {
                 return;
             }
         };
+        // Ids are bounded before they are looked up or logged.
+        if let Err(e) = validate_id(&req.update_id).and_then(|()| validate_id(&req.component)) {
+            self.refused(
+                device,
+                &format!("chunk request: bad update id or component: {e}"),
+            );
+            return;
+        }
         let active = self
             .campaigns
             .get(&req.update_id)
@@ -275,7 +291,9 @@ impl UpdateService {
             return;
         }
         let Some(served) = self.served(&req.update_id).await else {
-            warn!(device, update_id = %req.update_id, "chunk request for an update that cannot be served");
+            if let Some(suppressed) = self.refused_log.allow() {
+                warn!(device, update_id = %req.update_id, suppressed, "chunk request for an update that cannot be served");
+            }
             return;
         };
         let Some(ci) = served
@@ -283,19 +301,35 @@ impl UpdateService {
             .iter()
             .position(|c| c.name == req.component)
         else {
-            warn!(device, update_id = %req.update_id, component = %req.component, "chunk request for an unknown component");
+            self.refused(
+                device,
+                &format!(
+                    "chunk request for an unknown component {:?} of {}",
+                    req.component, req.update_id
+                ),
+            );
             return;
         };
         if served.components[ci].tree.is_none() {
-            warn!(device, update_id = %req.update_id, component = %req.component, "image not complete in the cache; cannot serve");
+            if let Some(suppressed) = self.refused_log.allow() {
+                warn!(device, update_id = %req.update_id, component = %req.component, suppressed, "image not complete in the cache; cannot serve");
+            }
             return;
         }
-        let window = match req.window {
-            0 => self.settings.default_window,
-            w => w.min(self.settings.max_window),
+        let window = queue::window(
+            req.window,
+            self.settings.default_window,
+            self.settings.max_window,
+        );
+        let wanted = match queue::wanted(&req, served.components[ci].chunk_count, window) {
+            Ok(w) => w,
+            Err(e) => {
+                self.refused(device, &format!("chunk request refused: {e}"));
+                return;
+            }
         };
         let update_id: Arc<str> = Arc::from(req.update_id.as_str());
-        let jobs = queue::wanted(&req, served.components[ci].chunk_count, window)
+        let jobs = wanted
             .into_iter()
             .map(|index| Job {
                 update_id: update_id.clone(),
@@ -305,6 +339,14 @@ impl UpdateService {
             })
             .collect();
         self.queue.replace(device, jobs);
+    }
+
+    /// Counts a request refused by a bound, with a log line when the budget allows one.
+    fn refused(&self, who: &str, what: &str) {
+        Metrics::inc(&self.metrics.update_refused);
+        if let Some(suppressed) = self.refused_log.allow() {
+            warn!(from = who, suppressed, "{what}");
+        }
     }
 
     /// Reads and publishes the next chunks, one per device per turn.

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::Subcommand;
 use cloud_client::{
-    build_update, CampaignAction, CampaignState, DeployUpdate, ImageSpec, UpdatePhase,
+    build_update, BatchSize, CampaignAction, CampaignState, ImageSpec, Rollout, UpdatePhase,
     UpdateRecord, UpdateSpec,
 };
 use fleet_proto::signing::UpdateSigner;
@@ -60,6 +60,12 @@ pub enum UpdateCmd {
         description: String,
     },
     /// Roll an update out to devices, batch by batch.
+    ///
+    /// A batch is offered when every device of the previous one has finished. By default the
+    /// rollout is cautious: batches of 5 % of the targets (at least one device), and the
+    /// campaign pauses at the end of a batch when more than 1 % of the devices finished so
+    /// far have failed; `fleetctl update resume` goes on, `abort` withdraws the update.
+    /// `--batch all --max-failures 100` offers it to every target at once and never pauses.
     Deploy {
         /// The update id.
         update: String,
@@ -69,12 +75,16 @@ pub enum UpdateCmd {
         /// Target every known device of this class (default, with no --device: the update's).
         #[arg(long)]
         class: Option<String>,
-        /// Devices per batch (default: all at once).
-        #[arg(long, default_value_t = 0)]
-        batch: u32,
-        /// Pause when, at the end of a batch, more than this percentage of the devices
-        /// finished so far have failed.
-        #[arg(long, default_value_t = 100)]
+        /// Devices per batch: a number of devices (3), a percentage of the targets (5%,
+        /// rounded up, at least one device) or all. The default starts small: in a fleet of up
+        /// to 20 devices the first batch is one device.
+        #[arg(long, default_value_t = Rollout::DEFAULT_BATCH)]
+        batch: BatchSize,
+        /// Pause when, at the end of a batch, more than this percentage (1 to 100) of the
+        /// devices finished so far have failed (rolled back, rejected or failed); 100 never
+        /// pauses. The default pauses at a failure in the first batch of any fleet of up to
+        /// 2,000 devices.
+        #[arg(long, default_value_t = Rollout::DEFAULT_MAX_FAILURES_PERCENT)]
         max_failures: u32,
         /// Wait until the campaign completes, pauses or is aborted (exit 0 only when every
         /// device committed).
@@ -514,20 +524,18 @@ pub async fn run(cmd: UpdateCmd, conn: &Conn, json: bool) -> Result<ExitCode, Fa
             max_failures,
             wait,
         } => {
-            if max_failures > 100 {
+            if !(1..=100).contains(&max_failures) {
                 return Err(Failure::Usage(
-                    "--max-failures is a percentage, 0 to 100".into(),
+                    "--max-failures is a percentage, 1 to 100 (100 never pauses)".into(),
                 ));
             }
             let fleet = connect(conn).await?;
+            let rollout = Rollout {
+                batch,
+                max_failures_percent: max_failures,
+            };
             let mut r = fleet
-                .deploy_update(DeployUpdate {
-                    update_id: update.clone(),
-                    device_ids: devices,
-                    device_class: class.unwrap_or_default(),
-                    batch_size: batch,
-                    max_failures_percent: max_failures,
-                })
+                .deploy_rollout(&update, devices, class, rollout)
                 .await?;
             if wait {
                 r = follow(&fleet, &update, Duration::from_secs(24 * 3600), json).await?;
