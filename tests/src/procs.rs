@@ -256,6 +256,11 @@ impl DeviceProc {
         self.proc.stdout()
     }
 
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.proc.id()
+    }
+
     /// Whether some line it printed contains `needle`.
     pub fn printed(&self, needle: &str) -> bool {
         self.proc.printed(needle)

@@ -136,9 +136,21 @@ impl AgentHandle {
             .name("update-agent".into())
             .spawn(move || {
                 let _entered = span.enter();
-                let machine =
+                let mut machine =
                     Machine::start(mcfg, store, handler, legacy, fleet_proto::time::now_ms());
-                run(machine, &thread_inbox, &out, &reports);
+                // Reports and requests leave the moment they are made (a self-test's report
+                // while the self-test runs).
+                reports.send_replace(machine.last_report().cloned());
+                machine.set_sink(Box::new(move |o| match o {
+                    Output::Request(r) => {
+                        let _ = out.send(AgentOut::Request(r.encode_to_vec()));
+                    }
+                    Output::Report(p) => {
+                        reports.send_replace(Some(p.clone()));
+                        let _ = out.send(AgentOut::Progress(p));
+                    }
+                }));
+                run(machine, &thread_inbox);
                 // The state directory's lock (this handle on it) goes with the thread.
                 drop(owner);
                 let _ = stopped_tx.send(true);
@@ -200,15 +212,11 @@ impl Drop for AgentHandle {
     }
 }
 
-fn run(
-    mut machine: Machine<DirStorage>,
-    inbox: &Inbox,
-    out: &mpsc::UnboundedSender<AgentOut>,
-    reports: &watch::Sender<Option<UpdateProgress>>,
-) {
-    let mut last: Option<UpdateProgress> = None;
+fn run(mut machine: Machine<DirStorage>, inbox: &Inbox) {
     loop {
-        publish(&mut machine, inbox, out, reports, &mut last);
+        inbox
+            .wants_chunks
+            .store(machine.wants_chunks(), Ordering::Relaxed);
         let work = {
             let mut p = inbox.lock();
             if !p.stop && p.manifest.is_none() && p.chunks.is_empty() && p.connected.is_none() {
@@ -234,34 +242,16 @@ fn run(
         }
         if let Some(m) = manifest {
             machine.manifest(&m, now);
-            publish(&mut machine, inbox, out, reports, &mut last);
         }
         for c in chunks {
+            if !machine.wants_chunks() {
+                // A hook is about to run or the download ended: the rest is not read.
+                inbox.dropped.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
             machine.chunk(&c, fleet_proto::time::now_ms());
         }
         machine.tick(fleet_proto::time::now_ms());
-    }
-}
-
-fn publish(
-    machine: &mut Machine<DirStorage>,
-    inbox: &Inbox,
-    out: &mpsc::UnboundedSender<AgentOut>,
-    reports: &watch::Sender<Option<UpdateProgress>>,
-    last: &mut Option<UpdateProgress>,
-) {
-    inbox
-        .wants_chunks
-        .store(machine.wants_chunks(), Ordering::Relaxed);
-    for o in machine.take_output() {
-        let _ = out.send(match o {
-            Output::Request(r) => AgentOut::Request(r.encode_to_vec()),
-            Output::Report(p) => AgentOut::Progress(p),
-        });
-    }
-    if machine.last_report() != last.as_ref() {
-        *last = machine.last_report().cloned();
-        reports.send_replace(last.clone());
     }
 }
 

@@ -218,6 +218,10 @@ struct Ending {
     detail: String,
 }
 
+/// Where output goes the moment it is made (the driver's channel), instead of waiting for
+/// [`Machine::take_output`]: a report of the self-test is seen while the self-test runs.
+pub(crate) type Sink = Box<dyn FnMut(Output) + Send>;
+
 /// The agent's state machine.
 pub(crate) struct Machine<S: Storage> {
     cfg: MachineConfig,
@@ -227,6 +231,7 @@ pub(crate) struct Machine<S: Storage> {
     work: Option<Work>,
     connected: bool,
     out: Vec<Output>,
+    sink: Option<Sink>,
     last_report: Option<UpdateProgress>,
 }
 
@@ -272,6 +277,7 @@ impl<S: Storage> Machine<S> {
             work: None,
             connected: false,
             out: Vec::new(),
+            sink: None,
             last_report,
         };
         if let Some(p) = problem {
@@ -289,7 +295,23 @@ impl<S: Storage> Machine<S> {
         m
     }
 
-    /// What to send, in order.
+    /// Sends output to `sink` as it is made from now on (what is buffered goes first).
+    pub(crate) fn set_sink(&mut self, mut sink: Sink) {
+        for o in self.out.drain(..) {
+            sink(o);
+        }
+        self.sink = Some(sink);
+    }
+
+    fn emit(&mut self, o: Output) {
+        match &mut self.sink {
+            Some(sink) => sink(o),
+            None => self.out.push(o),
+        }
+    }
+
+    /// What to send, in order (when no sink is set, as in tests).
+    #[cfg(test)]
     pub(crate) fn take_output(&mut self) -> Vec<Output> {
         std::mem::take(&mut self.out)
     }
@@ -427,7 +449,7 @@ impl<S: Storage> Machine<S> {
     fn send_report(&mut self, p: UpdateProgress) {
         self.last_report = Some(p.clone());
         if self.connected {
-            self.out.push(Output::Report(p));
+            self.emit(Output::Report(p));
         }
     }
 
@@ -442,7 +464,7 @@ impl<S: Storage> Machine<S> {
             now_ms,
         );
         if self.connected {
-            self.out.push(Output::Report(p));
+            self.emit(Output::Report(p));
         }
     }
 
@@ -487,7 +509,7 @@ impl<S: Storage> Machine<S> {
     pub(crate) fn connected(&mut self, now_ms: u64) {
         self.connected = true;
         if let Some(r) = self.last_report.clone() {
-            self.out.push(Output::Report(r));
+            self.emit(Output::Report(r));
         }
         if let Some(Work {
             stage: Stage::Downloading { dl, .. },
@@ -557,7 +579,7 @@ impl<S: Storage> Machine<S> {
                 // Already answered: say it again (the gateway may have missed it).
                 if let Some(p) = self.last_report.clone() {
                     if self.connected {
-                        self.out.push(Output::Report(p));
+                        self.emit(Output::Report(p));
                     }
                 }
                 return;
@@ -963,7 +985,7 @@ impl<S: Storage> Machine<S> {
         };
         let progress = dl.progress_due();
         if let Some(req) = dl.next_request(now_ms) {
-            self.out.push(Output::Request(req));
+            self.emit(Output::Request(req));
         }
         if progress {
             self.report(UpdatePhase::Downloading, now_ms);

@@ -69,6 +69,13 @@ struct Args {
     /// Chunks asked for per request (the library's default is 16).
     #[arg(long)]
     window: Option<u32>,
+    /// The first commit aborts the process (as firmware that restarts the device in its
+    /// commit step would); later ones commit.
+    #[arg(long)]
+    abort_in_commit: bool,
+    /// The self-test lasts until this file exists (at most two minutes).
+    #[arg(long)]
+    self_test_until: Option<std::path::PathBuf>,
 }
 
 /// The default A/B slots, with a self-test that can be told to fail.
@@ -76,6 +83,9 @@ struct Slots {
     inner: SlotInstaller,
     fail_self_test: bool,
     defer_until: std::time::Instant,
+    /// Present: the first commit aborts the process and leaves this file behind.
+    abort_marker: Option<std::path::PathBuf>,
+    self_test_until: Option<std::path::PathBuf>,
 }
 
 impl UpdateHandler for Slots {
@@ -90,6 +100,12 @@ impl UpdateHandler for Slots {
         self.inner.install(m, images)
     }
     fn self_test(&self, _m: &UpdateManifest) -> Result<(), HandlerError> {
+        if let Some(file) = &self.self_test_until {
+            let give_up = std::time::Instant::now() + Duration::from_secs(120);
+            while !file.exists() && std::time::Instant::now() < give_up {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
         if self.fail_self_test {
             Err("self-test failed (test switch)".into())
         } else {
@@ -97,6 +113,13 @@ impl UpdateHandler for Slots {
         }
     }
     fn commit(&self, m: &UpdateManifest) -> Result<(), HandlerError> {
+        if let Some(marker) = &self.abort_marker {
+            if !marker.exists() {
+                std::fs::write(marker, b"aborted in commit")?;
+                println!("aborting in commit");
+                std::process::abort();
+            }
+        }
         self.inner.commit(m)
     }
     fn rollback(&self, m: &UpdateManifest) -> Result<(), HandlerError> {
@@ -138,6 +161,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 inner: SlotInstaller::new(&a.state),
                 fail_self_test: a.fail_self_test,
                 defer_until: std::time::Instant::now() + Duration::from_secs(a.defer_for),
+                abort_marker: a.abort_in_commit.then(|| a.state.join("aborted-in-commit")),
+                self_test_until: a.self_test_until.clone(),
             });
     }
     #[cfg(feature = "fault-injection")]
