@@ -304,8 +304,20 @@ async fn garbage_chunks_during_a_long_self_test_cost_the_device_bounded_memory()
         &gw,
         "devices/dev-0001/update/chunk",
         &garbage,
-        &["--repeat", "60"],
+        &["--repeat", "60", "--repeat-delay", "0.03"],
     );
+    // Paced, so that the gateway's own queue limits let it through to the device.
+    // The device saw the flood and dropped it unread.
+    // The device saw the flood and dropped it unread. (Its chunk subscription is QoS 0, so
+    // the gateway may shed a few under pressure.)
+    eventually(WAIT, "the device drops most of the garbage", || {
+        dev.lines()
+            .iter()
+            .filter_map(|l| l.strip_prefix("update_chunks_dropped "))
+            .filter_map(|n| n.parse::<u32>().ok())
+            .any(|n| n >= 45)
+    })
+    .await;
     assert!(!dev.printed("update u-flood committed"));
     std::fs::write(&go, b"").unwrap();
     eventually(WAIT, "the update commits", || {

@@ -207,6 +207,23 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         });
     }
     {
+        // Chunks the update agent dropped unread, printed as the count changes.
+        let c = client.clone();
+        tokio::spawn(async move {
+            let mut last = 0;
+            loop {
+                let n = c.stats().update_chunks_dropped;
+                if n != last {
+                    last = n;
+                    let mut out = std::io::stdout().lock();
+                    let _ = writeln!(out, "update_chunks_dropped {n}");
+                    let _ = out.flush();
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        });
+    }
+    {
         let mut reports = client.update_reports();
         tokio::spawn(async move {
             loop {
