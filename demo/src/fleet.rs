@@ -101,19 +101,20 @@ pub fn start_one(o: &FleetOptions, id: &str) -> Result<SimDevice, ClientError> {
     }
 }
 
-/// Connection churn: every `every`, `count` devices chosen round-robin go away (shut down,
-/// goodbye sent) and come back with the same state, as devices that sleep or reboot do. Runs
-/// until the returned task is aborted; the devices live in `fleet`.
+/// Connection churn: at once and then every `every`, `count` devices chosen round-robin go
+/// away (shut down, goodbye sent) and come back with the same state, as devices that sleep or
+/// reboot do. Runs until the returned task is aborted; the devices live in `fleet`; each
+/// restart is counted in `restarts`.
 pub fn churn(
     o: FleetOptions,
     fleet: std::sync::Arc<tokio::sync::Mutex<Vec<SimDevice>>>,
     every: Duration,
     count: usize,
+    restarts: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut next = 0usize;
         let mut tick = tokio::time::interval(every);
-        tick.tick().await;
         loop {
             tick.tick().await;
             let mut devices = fleet.lock().await;
@@ -124,7 +125,10 @@ pub fn churn(
                 let id = devices[i].id.clone();
                 devices[i].client.shutdown().await;
                 match start_one(&o, &id) {
-                    Ok(d) => devices[i] = d,
+                    Ok(d) => {
+                        devices[i] = d;
+                        restarts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
                     Err(e) => tracing::warn!(device = %id, error = %e, "churn: restart failed"),
                 }
             }

@@ -265,6 +265,7 @@ async fn run(a: Args) -> Result<bool, Error> {
     })
     .await?;
     step(t0, "rollout in two batches (pause if more than 10 % fail)");
+    let restarts = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let churn = (a.churn > 0).then(|| {
         println!("  with {} device(s) restarting every second", a.churn);
         fleet::churn(
@@ -272,11 +273,16 @@ async fn run(a: Args) -> Result<bool, Error> {
             devices.clone(),
             Duration::from_secs(1),
             a.churn,
+            restarts.clone(),
         )
     });
     let record = follow(&sdk).await;
     if let Some(c) = churn {
         c.abort();
+        println!(
+            "  {} device restarts while the rollout ran",
+            restarts.load(std::sync::atomic::Ordering::Relaxed)
+        );
     }
     let record = record?;
     let roll = t_roll.elapsed();

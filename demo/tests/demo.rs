@@ -59,3 +59,45 @@ fn the_demo_runs_to_a_successful_summary() {
     assert!(String::from_utf8_lossy(&refused.stderr).contains("not a demo directory"));
     assert!(foreign.join("keep").exists());
 }
+
+/// Devices restarted mid-update (shut down and started again on the same state directory, a
+/// few every second) resume and commit: none fails with a missing staging file or slot, as
+/// they did when a new client could start while the old one's update agent still worked.
+#[test]
+fn churn_during_the_rollout_fails_no_device() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("demo-data");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_demo"));
+    cmd.args([
+        "--devices",
+        "40",
+        "--image-kib",
+        "4096",
+        "--churn",
+        "8",
+        "--data",
+    ])
+    .arg(&data);
+    let out = run(cmd, DEMO);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}\n{err}");
+    for want in [
+        "with 8 device(s) restarting every second",
+        "40 committed, 0 failed (completed)",
+        "demo: everything succeeded",
+    ] {
+        assert!(text.contains(want), "missing {want:?} in:\n{text}\n{err}");
+    }
+    assert!(!err.contains("churn: restart failed"), "{err}");
+    // The first round of restarts comes as the rollout starts, so some always hit it.
+    let restarts: usize = text
+        .lines()
+        .find_map(|l| {
+            l.trim()
+                .strip_suffix(" device restarts while the rollout ran")
+        })
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no restart count in:\n{text}"));
+    assert!(restarts >= 8, "{restarts} restarts");
+}
