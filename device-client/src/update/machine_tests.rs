@@ -514,3 +514,86 @@ fn d2_a_commit_that_restarts_the_device_is_finished_not_repeated() {
         "{calls:?}"
     );
 }
+
+/// D12: staged bytes and bitmaps belong to one manifest (named by its digest): an update that
+/// replaces a half-downloaded one with the same shape starts from nothing, instead of taking
+/// the other's chunks for its own and failing its digest check.
+#[test]
+fn d12_a_replacing_update_does_not_inherit_the_others_chunks() {
+    let signer = &FLEET.signer;
+    let a = &FLEET.releases[0]; // rootfs 4 chunks, app 2 chunks
+    let b = release(
+        signer,
+        6,
+        &[("rootfs", 7, 3 * 1024 + 5), ("app", 8, 1500)],
+        false,
+        false,
+    );
+    let mut rig = Rig::new();
+    rig.m.manifest(&a.signed, 10_000);
+    // Two of A's chunks arrive and are persisted (the next request flushes them).
+    let (data, tree) = &a.images[0];
+    for k in 0..2u32 {
+        let start = k as usize * 1024;
+        let chunk = fleet_proto::v1::Chunk {
+            update_id: a.manifest.update_id.clone(),
+            component: "rootfs".into(),
+            index: k,
+            data: data[start..start + 1024].to_vec(),
+            proof: tree.proof(k).unwrap().iter().map(|h| h.to_vec()).collect(),
+            request_id: 1,
+        };
+        rig.m.chunk(&chunk.encode_to_vec(), 10_000);
+    }
+    rig.m.tick(20_000);
+    assert!(rig.disk.lock().files_named(".bitmap") > 0);
+    rig.reports();
+    // B replaces A; after a restart (so only what is on disk counts) it is served in full.
+    rig.m.manifest(&b.signed, 20_001);
+    rig.restart(20_002);
+    let data = &b.images;
+    for _ in 0..50 {
+        let reqs: Vec<_> = rig
+            .m
+            .take_output()
+            .into_iter()
+            .filter_map(|o| match o {
+                Output::Request(r) => Some(r),
+                Output::Report(_) => None,
+            })
+            .collect();
+        if reqs.is_empty() {
+            rig.m.tick(30_000);
+            if !rig.m.wants_chunks() {
+                break;
+            }
+            continue;
+        }
+        for req in reqs {
+            let ci = usize::from(req.component == "app");
+            let (bytes, t) = &data[ci];
+            for r in &req.ranges {
+                for k in r.start..r.end {
+                    let start = k as usize * 1024;
+                    let end = (start + 1024).min(bytes.len());
+                    let chunk = fleet_proto::v1::Chunk {
+                        update_id: req.update_id.clone(),
+                        component: req.component.clone(),
+                        index: k,
+                        data: bytes[start..end].to_vec(),
+                        proof: t.proof(k).unwrap().iter().map(|h| h.to_vec()).collect(),
+                        request_id: req.request_id,
+                    };
+                    rig.m.chunk(&chunk.encode_to_vec(), 30_000);
+                }
+            }
+        }
+    }
+    let r = rig.m.last_report().unwrap().clone();
+    assert_eq!(
+        (r.update_id.as_str(), phase(&r), r.error()),
+        ("fw-6", UpdatePhase::Committed, UpdateError::Unspecified),
+        "{}",
+        r.detail
+    );
+}

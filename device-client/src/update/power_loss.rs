@@ -5,7 +5,9 @@
 //! the cut) and A/B firmware slots whose switches are atomic (a bootloader flag). A gateway
 //! serves the releases below honestly, or loses and corrupts chunks. After every step, and
 //! after every power cycle, the test checks:
-//! * the permanent firmware is the factory one or, byte for byte, a signed manifest's images;
+//! * every permanent image is the factory one or, byte for byte, its signed manifest's;
+//! * never a mix: every component of the release committed last runs that release (the
+//!   simulated install writes one component at a time, so a cut can land between two);
 //! * the journaled anti-rollback sequence never goes down and is never behind the permanent
 //!   firmware's sequence;
 //! * a start never fails.
@@ -131,20 +133,24 @@ pub(super) static FLEET: LazyLock<Fleet> = LazyLock::new(|| {
     }
 });
 
-/// Firmware: a sequence and the SHA-256 of each component's bytes.
+/// One installed component image.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct Firmware {
+struct Image {
+    /// The release it was installed from.
     sequence: u64,
-    digests: Vec<Vec<u8>>,
+    /// SHA-256 of the bytes installed.
+    digest: Vec<u8>,
 }
 
 #[derive(Debug, Clone)]
 struct Slots {
-    /// What boots for good.
-    active: Firmware,
-    /// Written by install, not yet committed.
-    installed: Option<Firmware>,
+    /// What boots for good, per component (absent: the factory image).
+    active: BTreeMap<String, Image>,
+    /// Written by install (one component at a time), not yet committed.
+    installed: BTreeMap<String, Image>,
     trial: bool,
+    /// The sequence of the release committed last (1: the factory's).
+    committed: u64,
 }
 
 /// The application on the simulated device: A/B slots with atomic switches, on the same disk
@@ -178,7 +184,12 @@ impl SimApp {
 
 impl UpdateHandler for SimApp {
     fn install(&self, m: &UpdateManifest, images: &[StagedImage]) -> Result<(), HandlerError> {
-        let mut digests = Vec::new();
+        self.step(|s| {
+            s.installed.clear();
+            s.trial = false;
+            Ok(())
+        })?;
+        // One component at a time: a cut can land between two.
         for img in images {
             let name = img.path.file_name().unwrap().to_string_lossy().to_string();
             let bytes = self
@@ -186,22 +197,22 @@ impl UpdateHandler for SimApp {
                 .lock()
                 .read_file(&name)
                 .ok_or_else(|| HandlerError::msg(format!("{name}: no such staged file")))?;
-            digests.push(Sha256::digest(&bytes).to_vec());
+            let image = Image {
+                sequence: m.sequence,
+                digest: Sha256::digest(&bytes).to_vec(),
+            };
+            let component = img.component.clone();
+            self.step(|s| {
+                s.installed.insert(component, image);
+                Ok(())
+            })?;
         }
-        let fw = Firmware {
-            sequence: m.sequence,
-            digests,
-        };
-        self.step(|s| {
-            s.installed = Some(fw);
-            s.trial = false;
-            Ok(())
-        })
+        Ok(())
     }
 
     fn activate(&self, _m: &UpdateManifest) -> Result<(), HandlerError> {
         self.step(|s| {
-            if s.installed.is_none() {
+            if s.installed.is_empty() {
                 return Err("nothing installed".into());
             }
             s.trial = true;
@@ -223,23 +234,29 @@ impl UpdateHandler for SimApp {
         })
     }
 
+    /// Every installed component switches at once (one bootloader write).
     fn commit(&self, m: &UpdateManifest) -> Result<(), HandlerError> {
         let commits = self.commits.clone();
-        self.step(|s| match s.installed.take() {
-            Some(fw) => {
-                s.active = fw;
-                s.trial = false;
-                commits.fetch_add(1, Ordering::Relaxed);
-                Ok(())
+        self.step(|s| {
+            if s.installed.is_empty() {
+                return if s.committed == m.sequence {
+                    Ok(())
+                } else {
+                    Err("nothing installed to commit".into())
+                };
             }
-            None if s.active.sequence == m.sequence => Ok(()),
-            None => Err("nothing installed to commit".into()),
+            let installed = std::mem::take(&mut s.installed);
+            s.active.extend(installed);
+            s.trial = false;
+            s.committed = m.sequence;
+            commits.fetch_add(1, Ordering::Relaxed);
+            Ok(())
         })
     }
 
     fn rollback(&self, _m: &UpdateManifest) -> Result<(), HandlerError> {
         self.step(|s| {
-            s.installed = None;
+            s.installed.clear();
             s.trial = false;
             Ok(())
         })
@@ -320,12 +337,10 @@ impl World {
     fn new(seed: u64) -> World {
         let disk = SimDisk::default();
         let slots = Arc::new(Mutex::new(Slots {
-            active: Firmware {
-                sequence: 1,
-                digests: Vec::new(),
-            },
-            installed: None,
+            active: BTreeMap::new(),
+            installed: BTreeMap::new(),
             trial: false,
+            committed: 1,
         }));
         let commits = Arc::new(AtomicU64::new(0));
         let machine = Self::boot(&disk, &slots, &commits, 10_000);
@@ -450,25 +465,45 @@ impl World {
 
     fn check(&mut self) {
         let slots = self.slots.lock().unwrap().clone();
-        // The permanent firmware is the factory's or exactly a signed release's images.
-        if slots.active.sequence != 1 {
+        // Every permanent image is, byte for byte, its signed release's, and no release whose
+        // self-test fails ever became permanent.
+        for (component, image) in &slots.active {
             let r = FLEET
                 .releases
                 .iter()
-                .find(|r| r.manifest.sequence == slots.active.sequence)
-                .expect("active firmware from a known release");
-            let want: Vec<Vec<u8>> = r
+                .find(|r| r.manifest.sequence == image.sequence)
+                .expect("an image from a known release");
+            let c = r
                 .manifest
                 .components
                 .iter()
-                .map(|c| c.sha256.clone())
-                .collect();
+                .find(|c| c.name == *component)
+                .expect("a component of its release");
             assert_eq!(
-                slots.active.digests, want,
-                "active firmware differs from its signed manifest"
+                image.digest, c.sha256,
+                "{component} differs from its signed manifest"
             );
             assert!(!r.bad, "a release whose self-test fails became permanent");
         }
+        // Never a mix: every component of the release committed last runs that release.
+        if slots.committed != 1 {
+            let r = FLEET
+                .releases
+                .iter()
+                .find(|r| r.manifest.sequence == slots.committed)
+                .expect("a known release");
+            for c in &r.manifest.components {
+                assert_eq!(
+                    slots.active.get(&c.name).map(|i| i.sequence),
+                    Some(slots.committed),
+                    "component {} of release {} is not running it: {:?}",
+                    c.name,
+                    slots.committed,
+                    slots.active
+                );
+            }
+        }
+        let newest_active = slots.active.values().map(|i| i.sequence).max().unwrap_or(1);
         // The journaled sequence never goes down and never lags the permanent firmware.
         let floor = self.durable_journal().map_or(0, |j| j.installed_sequence);
         assert!(
@@ -478,9 +513,8 @@ impl World {
         );
         self.floor_seen = floor;
         assert!(
-            floor.max(1) >= slots.active.sequence,
-            "the permanent firmware ({}) is ahead of the journaled sequence ({floor})",
-            slots.active.sequence
+            floor.max(1) >= newest_active,
+            "the permanent firmware ({newest_active}) is ahead of the journaled sequence ({floor})"
         );
     }
 
@@ -607,8 +641,8 @@ impl World {
             1,
             "the newest release was made permanent more than once"
         );
-        assert_eq!(slots.active.sequence, newest.manifest.sequence);
-        assert!(!slots.trial && slots.installed.is_none());
+        assert_eq!(slots.committed, newest.manifest.sequence);
+        assert!(!slots.trial && slots.installed.is_empty());
         let j = self.durable_journal().unwrap();
         assert_eq!(j.installed_sequence, newest.manifest.sequence);
         assert!(j.current.is_none());

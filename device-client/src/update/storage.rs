@@ -321,6 +321,11 @@ pub(crate) mod sim {
             self.journal.clone()
         }
 
+        /// How many files' names end with `suffix`.
+        pub(crate) fn files_named(&self, suffix: &str) -> usize {
+            self.files.keys().filter(|n| n.ends_with(suffix)).count()
+        }
+
         /// A staged file's live content (for the simulated install hook).
         pub(crate) fn read_file(&self, name: &str) -> Option<Vec<u8>> {
             self.files.get(name).and_then(|f| f.live.clone())

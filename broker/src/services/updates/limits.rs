@@ -15,16 +15,11 @@ use fleet_proto::ids::{validate_id, IdError};
 use fleet_proto::manifest::{self, ManifestError};
 use fleet_proto::v1::{SignedManifest, UpdateManifest, UploadChunk};
 
-/// Most signatures one signed manifest may carry (key rotation needs two or three).
-pub(crate) const MAX_SIGNATURES: usize = 8;
-/// Longest signature key id, in bytes (key ids are 16 hex digits).
-pub(crate) const MAX_KEY_ID_LEN: usize = 64;
+// The same bounds devices apply (one place: `fleet_proto::limits`).
+use fleet_proto::limits::{MAX_KEY_ID_LEN, MAX_PROOF_LEN, MAX_SIGNATURES};
+
 /// Longest signature, in bytes (an Ed25519 signature is 64).
 pub(crate) const MAX_SIGNATURE_LEN: usize = 512;
-/// Longest release-notes summary, in bytes.
-pub(crate) const MAX_DESCRIPTION_LEN: usize = 4096;
-/// Most sibling hashes in a chunk's proof: a tree over at most `u32::MAX` chunks is 32 deep.
-pub(crate) const MAX_PROOF_LEN: usize = 32;
 
 /// Why a request is refused before any work is done for it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -49,9 +44,6 @@ pub(crate) enum Refusal {
     /// The manifest's structure.
     #[error("manifest: {0}")]
     Manifest(#[from] ManifestError),
-    /// A description longer than [`MAX_DESCRIPTION_LEN`].
-    #[error("description is {0} bytes (at most {MAX_DESCRIPTION_LEN})")]
-    Description(usize),
     /// The images together exceed the budget (or a `u64`).
     #[error(
         "the update's images total {} bytes, over this gateway's budget of {budget} bytes \
@@ -107,11 +99,9 @@ pub(crate) fn check_create(
             });
         }
     }
-    // Components (1 to 16), chunk sizes in bounds, chunk counts that match the sizes, ids.
+    // Components (1 to 16), chunk sizes in bounds, chunk counts that match the sizes, ids,
+    // the description's length.
     manifest::validate(m)?;
-    if m.description.len() > MAX_DESCRIPTION_LEN {
-        return Err(Refusal::Description(m.description.len()));
-    }
     let total = m
         .components
         .iter()
@@ -277,11 +267,11 @@ mod tests {
             Err(Refusal::Manifest(_))
         ));
         let mut chatty = ok.clone();
-        chatty.description = "x".repeat(MAX_DESCRIPTION_LEN + 1);
-        assert_eq!(
+        chatty.description = "x".repeat(fleet_proto::limits::MAX_DESCRIPTION_LEN + 1);
+        assert!(matches!(
             check_create(&signed(1), &chatty, GIB),
-            Err(Refusal::Description(MAX_DESCRIPTION_LEN + 1))
-        );
+            Err(Refusal::Manifest(ManifestError::Description { .. }))
+        ));
         assert_eq!(check_create(&signed(1), &ok, GIB), Ok(4096));
     }
 
