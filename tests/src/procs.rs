@@ -131,6 +131,39 @@ impl GatewayProc {
         self.dir.join("data/pki")
     }
 
+    /// Publishes the file `payload` to `topic` at QoS 1 with the real `mosquitto_pub` (Debian's
+    /// mosquitto-clients, installed by scripts/test.sh), as client `id` with the certificate in
+    /// `pki/{role_dir}/` (`devices` or `services`); `extra`: more arguments (`-r`,
+    /// `--repeat N`). Fails the test if mosquitto_pub fails.
+    pub fn mosquitto_pub(
+        &self,
+        role_dir: &str,
+        id: &str,
+        topic: &str,
+        payload: &Path,
+        extra: &[&str],
+    ) {
+        let pki = self.pki();
+        let mut cmd = Command::new("mosquitto_pub");
+        cmd.args(["-h", "127.0.0.1", "-p", &self.addr.port().to_string()])
+            .arg("--cafile")
+            .arg(pki.join("ca.crt"))
+            .arg("--cert")
+            .arg(pki.join(role_dir).join(format!("{id}.crt")))
+            .arg("--key")
+            .arg(pki.join(role_dir).join(format!("{id}.key")))
+            .args(["-i", id, "-V", "mqttv311", "-q", "1", "-t", topic])
+            .args(extra)
+            .arg("-f")
+            .arg(payload);
+        let out = fleet_testkit::run(cmd, Duration::from_secs(60));
+        assert!(
+            out.status.success(),
+            "mosquitto_pub {topic}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// `127.0.0.1:PORT`.
     pub fn address(&self) -> String {
         format!("127.0.0.1:{}", self.addr.port())

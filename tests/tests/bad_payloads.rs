@@ -4,7 +4,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use cloud_client::{CommandState, SendCommand};
@@ -12,24 +11,7 @@ use fleet_testkit::{eventually, eventually_async};
 use fleet_tests::procs::{DeviceOpts, DeviceProc, GatewayProc};
 
 fn mosquitto_pub(gw: &GatewayProc, role_dir: &str, id: &str, topic: &str, payload: &Path) {
-    let pki = gw.pki();
-    let mut cmd = Command::new("mosquitto_pub");
-    cmd.args(["-h", "127.0.0.1", "-p", &gw.addr.port().to_string()])
-        .arg("--cafile")
-        .arg(pki.join("ca.crt"))
-        .arg("--cert")
-        .arg(pki.join(role_dir).join(format!("{id}.crt")))
-        .arg("--key")
-        .arg(pki.join(role_dir).join(format!("{id}.key")))
-        .args(["-i", id, "-V", "mqttv311", "-q", "1", "-t", topic, "-f"])
-        .arg(payload);
-    // mosquitto_pub is required (Debian package mosquitto-clients; scripts/test.sh installs it).
-    let out = fleet_testkit::run(cmd, Duration::from_secs(60));
-    assert!(
-        out.status.success(),
-        "mosquitto_pub {topic}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    gw.mosquitto_pub(role_dir, id, topic, payload, &[]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

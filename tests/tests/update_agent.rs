@@ -4,7 +4,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use cloud_client::{CommandState, DeployUpdate, FleetClient, SendCommand, UpdatePhase};
@@ -23,28 +22,9 @@ fn device_opts(dir: &Path, id: &str, key: &Path, extra: &[&str]) -> DeviceOpts {
     o
 }
 
-/// Publishes `payload` as service `svc-0001` with the real mosquitto_pub (`extra`: more
-/// arguments, such as `-r`).
+/// Publishes `payload` as service `svc-0001` (`extra`: more mosquitto_pub arguments).
 fn publish_as_service(gw: &GatewayProc, topic: &str, payload: &Path, extra: &[&str]) {
-    let pki = gw.pki();
-    let mut cmd = Command::new("mosquitto_pub");
-    cmd.args(["-h", "127.0.0.1", "-p", &gw.addr.port().to_string()])
-        .arg("--cafile")
-        .arg(pki.join("ca.crt"))
-        .arg("--cert")
-        .arg(pki.join("services/svc-0001.crt"))
-        .arg("--key")
-        .arg(pki.join("services/svc-0001.key"))
-        .args(["-i", "svc-0001", "-V", "mqttv311", "-q", "1", "-t", topic])
-        .args(extra)
-        .arg("-f")
-        .arg(payload);
-    let out = fleet_testkit::run(cmd, WAIT);
-    assert!(
-        out.status.success(),
-        "mosquitto_pub {topic}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    gw.mosquitto_pub("services", "svc-0001", topic, payload, extra);
 }
 
 async fn ping(fleet: &FleetClient, n: u32) {

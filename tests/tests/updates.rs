@@ -83,6 +83,27 @@ fn fleetctl_create(gw: &GatewayProc, image: &Path, key: &Path, id: &str, extra: 
     );
 }
 
+/// Waits until the gateway knows `device`'s class to be `class` (from its presence).
+async fn class_known(fleet: &FleetClient, device: &str, class: &str) {
+    eventually_async(
+        Duration::from_secs(30),
+        format!("the gateway knows {device}'s class"),
+        async || {
+            let s = fleet.status(&[device.into()]).await.unwrap();
+            let known = s
+                .first()
+                .and_then(|s| s.presence.as_ref())
+                .is_some_and(|p| p.device_class == class);
+            if known {
+                Ok(())
+            } else {
+                Err(s)
+            }
+        },
+    )
+    .await;
+}
+
 fn target<'a>(r: &'a UpdateRecord, device: &str) -> &'a cloud_client::TargetRecord {
     r.targets
         .iter()
@@ -401,23 +422,7 @@ async fn forged_modified_stale_foreign_and_expired_manifests_are_rejected_with_n
     let mut p = Publish::new("u-class", &image_path);
     p.class = "valve";
     p.run(&fleet, &signer).await;
-    eventually_async(
-        Duration::from_secs(30),
-        "the gateway knows dev-0001's class",
-        async || {
-            let s = fleet.status(&["dev-0001".into()]).await.unwrap();
-            let known = s
-                .first()
-                .and_then(|s| s.presence.as_ref())
-                .is_some_and(|p| p.device_class == "test-class");
-            if known {
-                Ok(())
-            } else {
-                Err(s)
-            }
-        },
-    )
-    .await;
+    class_known(&fleet, "dev-0001", "test-class").await;
     let refused = fleet
         .deploy_update(DeployUpdate {
             update_id: "u-class".into(),
@@ -600,23 +605,7 @@ async fn fleetctl_defaults_offer_one_device_first_and_pause_at_its_failure_and_r
     }
     fleetctl_create(&gw, &image_path, &key, "fw-def", &["--chunk-size", "8KiB"]);
     let fleet = gw.fleet().await;
-    eventually_async(
-        Duration::from_secs(30),
-        "the gateway knows dev-0004's class",
-        async || {
-            let s = fleet.status(&["dev-0004".into()]).await.unwrap();
-            let known = s
-                .first()
-                .and_then(|s| s.presence.as_ref())
-                .is_some_and(|p| p.device_class == "other-class");
-            if known {
-                Ok(())
-            } else {
-                Err(s)
-            }
-        },
-    )
-    .await;
+    class_known(&fleet, "dev-0004", "other-class").await;
 
     // A target of another class: refused, named, nothing deployed.
     let out = fleetctl(

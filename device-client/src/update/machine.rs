@@ -218,6 +218,17 @@ struct Ending {
     detail: String,
 }
 
+impl Ending {
+    /// FAILED, for the reason a check gave.
+    fn failed(rej: Rejection) -> Self {
+        Ending {
+            phase: UpdatePhase::Failed,
+            error: rej.code,
+            detail: rej.detail,
+        }
+    }
+}
+
 /// Where output goes the moment it is made (the driver's channel), instead of waiting for
 /// [`Machine::take_output`]: a report of the self-test is seen while the self-test runs.
 pub(crate) type Sink = Box<dyn FnMut(Output) + Send>;
@@ -453,16 +464,21 @@ impl<S: Storage> Machine<S> {
         }
     }
 
-    /// Reports a refused manifest without touching the update in progress.
-    fn report_aside(&mut self, bytes: &[u8], rej: Rejection, now_ms: u64) {
-        let p = self.progress(
+    /// The report refusing manifest `bytes`.
+    fn rejection(&self, bytes: &[u8], rej: Rejection, now_ms: u64) -> UpdateProgress {
+        self.progress(
             &reportable_id(bytes),
             UpdatePhase::Rejected,
             rej.code,
             rej.detail,
             (0, 0, 0),
             now_ms,
-        );
+        )
+    }
+
+    /// Reports a refused manifest without touching the update in progress.
+    fn report_aside(&mut self, bytes: &[u8], rej: Rejection, now_ms: u64) {
+        let p = self.rejection(bytes, rej, now_ms);
         if self.connected {
             self.emit(Output::Report(p));
         }
@@ -606,14 +622,7 @@ impl<S: Storage> Machine<S> {
                     // Not journaled: a stream of refused manifests must not wear the flash.
                     // The retained manifest comes again on the next connection and gets the
                     // same answer.
-                    let p = self.progress(
-                        &reportable_id(bytes),
-                        UpdatePhase::Rejected,
-                        rej.code,
-                        rej.detail,
-                        (0, 0, 0),
-                        now_ms,
-                    );
+                    let p = self.rejection(bytes, rej, now_ms);
                     self.send_report(p);
                 }
                 return;
@@ -700,14 +709,7 @@ impl<S: Storage> Machine<S> {
             }
             ChunkOutcome::Failed(rej) => {
                 warn!(detail = %bounded_detail(&rej.detail), "chunks keep failing verification; update abandoned");
-                self.finish(
-                    Ending {
-                        phase: UpdatePhase::Failed,
-                        error: rej.code,
-                        detail: rej.detail,
-                    },
-                    now_ms,
-                );
+                self.finish(Ending::failed(rej), now_ms);
                 return;
             }
             ChunkOutcome::Duplicate | ChunkOutcome::Stray => {}
@@ -760,14 +762,7 @@ impl<S: Storage> Machine<S> {
                     Ok(m) => w.manifest = m,
                     Err(rej) => {
                         self.work = Some(w);
-                        self.finish(
-                            Ending {
-                                phase: UpdatePhase::Failed,
-                                error: rej.code,
-                                detail: rej.detail,
-                            },
-                            now_ms,
-                        );
+                        self.finish(Ending::failed(rej), now_ms);
                         return;
                     }
                 }
@@ -809,14 +804,7 @@ impl<S: Storage> Machine<S> {
             Ok(_) => self.offer(w, now_ms),
             Err(rej) => {
                 self.work = Some(w);
-                self.finish(
-                    Ending {
-                        phase: UpdatePhase::Failed,
-                        error: rej.code,
-                        detail: rej.detail,
-                    },
-                    now_ms,
-                );
+                self.finish(Ending::failed(rej), now_ms);
             }
         }
     }

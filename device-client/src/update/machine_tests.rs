@@ -12,7 +12,7 @@ use fleet_proto::Message;
 
 use super::install::{Decision, HandlerError, StagedImage, UpdateHandler};
 use super::machine::{Journal, Machine, Output};
-use super::power_loss::{config, release, FLEET};
+use super::power_loss::{config, release, Release, FLEET};
 use super::storage::sim::{SimDisk, SimStorage};
 use super::storage::Storage;
 use fleet_proto::report::MAX_DETAIL_LEN;
@@ -129,9 +129,13 @@ impl Rig {
     fn journal(&self) -> Journal {
         serde_json::from_slice(&self.disk.lock().durable_journal().unwrap()).unwrap()
     }
-    /// Serves every request with the release's genuine chunks until none is asked for.
+    /// Serves every request with release `i`'s genuine chunks until none is asked for.
     fn serve(&mut self, i: usize, now: u64) {
-        let r = &FLEET.releases[i];
+        self.serve_release(&FLEET.releases[i], now);
+    }
+
+    /// Serves every request with `r`'s genuine chunks until none is asked for.
+    fn serve_release(&mut self, r: &Release, now: u64) {
         for _ in 0..100 {
             let reqs: Vec<_> = self
                 .m
@@ -466,28 +470,7 @@ fn d2_a_commit_that_restarts_the_device_is_finished_not_repeated() {
     r.manifest.expires_at_ms = 30_000;
     r.signed = FLEET.signer.sign_manifest(&r.manifest).encode_to_vec();
     rig.m.manifest(&r.signed, 10_000);
-    // Serve by hand (release 3 of the fleet has the same images but another id).
-    let reqs = rig.m.take_output();
-    assert!(reqs.iter().any(|o| matches!(o, Output::Request(_))));
-    let data = &FLEET.releases[1].images[0];
-    for k in 0..2u32 {
-        let start = k as usize * 1024;
-        let chunk = fleet_proto::v1::Chunk {
-            update_id: "fw-3".into(),
-            component: "rootfs".into(),
-            index: k,
-            data: data.0[start..start + 1024].to_vec(),
-            proof: data
-                .1
-                .proof(k)
-                .unwrap()
-                .iter()
-                .map(|h| h.to_vec())
-                .collect(),
-            request_id: 1,
-        };
-        rig.m.chunk(&chunk.encode_to_vec(), 10_000);
-    }
+    rig.serve_release(&r, 10_000);
     assert!(rig.disk.lock().dead, "the commit hook restarted the device");
     disk.lock().power_up(&mut || 0);
     let j = rig.journal();
@@ -551,44 +534,7 @@ fn d12_a_replacing_update_does_not_inherit_the_others_chunks() {
     // B replaces A; after a restart (so only what is on disk counts) it is served in full.
     rig.m.manifest(&b.signed, 20_001);
     rig.restart(20_002);
-    let data = &b.images;
-    for _ in 0..50 {
-        let reqs: Vec<_> = rig
-            .m
-            .take_output()
-            .into_iter()
-            .filter_map(|o| match o {
-                Output::Request(r) => Some(r),
-                Output::Report(_) => None,
-            })
-            .collect();
-        if reqs.is_empty() {
-            rig.m.tick(30_000);
-            if !rig.m.wants_chunks() {
-                break;
-            }
-            continue;
-        }
-        for req in reqs {
-            let ci = usize::from(req.component == "app");
-            let (bytes, t) = &data[ci];
-            for r in &req.ranges {
-                for k in r.start..r.end {
-                    let start = k as usize * 1024;
-                    let end = (start + 1024).min(bytes.len());
-                    let chunk = fleet_proto::v1::Chunk {
-                        update_id: req.update_id.clone(),
-                        component: req.component.clone(),
-                        index: k,
-                        data: bytes[start..end].to_vec(),
-                        proof: t.proof(k).unwrap().iter().map(|h| h.to_vec()).collect(),
-                        request_id: req.request_id,
-                    };
-                    rig.m.chunk(&chunk.encode_to_vec(), 30_000);
-                }
-            }
-        }
-    }
+    rig.serve_release(&b, 30_000);
     let r = rig.m.last_report().unwrap().clone();
     assert_eq!(
         (r.update_id.as_str(), phase(&r), r.error()),
