@@ -126,6 +126,7 @@ impl AgentHandle {
             defer_retry_ms: u64::try_from(cfg.defer_retry.as_millis()).unwrap_or(u64::MAX),
             max_trial_starts: DEFAULT_MAX_TRIAL_STARTS,
             storage_budget: DEFAULT_STORAGE_BUDGET,
+            build_time_ms: super::machine::build_time_ms(),
         };
         let inbox = Arc::new(Inbox::default());
         let (stopped_tx, stopped) = watch::channel(false);

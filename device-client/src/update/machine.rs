@@ -73,6 +73,17 @@ pub(crate) struct MachineConfig {
     pub max_trial_starts: u32,
     /// Most bytes the staged images of one update may take.
     pub storage_budget: u64,
+    /// The clock is never trusted below this (ms since 1970): the firmware's build time.
+    pub build_time_ms: u64,
+}
+
+/// The build time of this library, from `SOURCE_DATE_EPOCH` (seconds) when the build set it
+/// (reproducible builds do), else 0: the floor under the device's clock before any manifest
+/// was accepted.
+pub(crate) fn build_time_ms() -> u64 {
+    option_env!("SOURCE_DATE_EPOCH")
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .map_or(0, |s| s.saturating_mul(1000))
 }
 
 /// What the driver must send.
@@ -357,9 +368,11 @@ impl<S: Storage> Machine<S> {
         }
     }
 
-    /// The clock, never below the newest issue time seen.
+    /// The clock, never below the newest issue time seen nor the build time.
     fn trusted_now(&self, now_ms: u64) -> u64 {
-        now_ms.max(self.journal.time_floor_ms)
+        now_ms
+            .max(self.journal.time_floor_ms)
+            .max(self.cfg.build_time_ms)
     }
 
     fn save(&mut self) -> Result<(), String> {

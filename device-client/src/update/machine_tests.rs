@@ -350,6 +350,38 @@ fn d6_expiry_is_checked_again_and_a_clock_gone_back_does_not_help() {
     );
 }
 
+/// D6: before any manifest was accepted, the build time is the floor: a device whose clock
+/// reads 0 refuses a manifest that expired before the firmware was built.
+#[test]
+fn d6_the_build_time_floors_the_clock_of_a_new_device() {
+    let mut r = release(&FLEET.signer, 3, &[("rootfs", 3, 2048)], false, false);
+    r.manifest.issued_at_ms = 1;
+    r.manifest.expires_at_ms = 40_000;
+    r.signed = FLEET.signer.sign_manifest(&r.manifest).encode_to_vec();
+    let disk = SimDisk::default();
+    let app = Arc::new(App::default());
+    let mut m = Machine::start(
+        super::machine::MachineConfig {
+            build_time_ms: 50_000,
+            ..config()
+        },
+        SimStorage(disk),
+        Arc::new(app.clone()),
+        None,
+        0,
+    );
+    m.connected(0);
+    m.manifest(&r.signed, 0);
+    let Some(Output::Report(p)) = m.take_output().pop() else {
+        panic!("no report");
+    };
+    assert_eq!(
+        (phase(&p), p.error()),
+        (UpdatePhase::Rejected, UpdateError::Expired)
+    );
+    assert!(app.calls().is_empty());
+}
+
 /// D17: a corrupt journal does not stop the device: the agent says so upward and runs with
 /// the factory sequence as its floor.
 #[test]
