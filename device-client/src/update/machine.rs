@@ -498,7 +498,8 @@ impl<S: Storage> Machine<S> {
     }
 
     /// Ends the update in progress (or answers a manifest that never became one): the final
-    /// report is journaled, then sent; then the staging area is cleared.
+    /// report is journaled, then sent (not at all if it cannot be journaled); then the staging
+    /// area is cleared.
     fn finish_with(&mut self, report: UpdateProgress, manifest_digest: String) {
         self.work = None;
         self.journal.current = None;
@@ -506,10 +507,14 @@ impl<S: Storage> Machine<S> {
             report: hex::encode(report.encode_to_vec()),
             manifest_digest,
         });
-        if let Err(e) = self.save() {
-            warn!(error = %e, "could not journal the final report");
+        // Only a journaled answer leaves the device: one that is not could be contradicted
+        // by what the next start does.
+        match self.save() {
+            Ok(()) => self.send_report(report),
+            Err(e) => {
+                warn!(error = %e, "could not journal the final report; not sent, the next start answers again")
+            }
         }
-        self.send_report(report);
         if let Err(e) = self.store.clear_staging(None) {
             warn!(error = %e, "could not clear the staging area");
         }

@@ -575,3 +575,59 @@ fn d12_a_replacing_update_does_not_inherit_the_others_chunks() {
         r.detail
     );
 }
+
+/// D13: a final report is journaled before it is sent. Power goes at the very save of a final
+/// answer (here: the application declined): nothing final left the device, so the gateway
+/// never hears an answer the device later contradicts (after the restart the offer is put
+/// again, and accepted this time).
+#[test]
+fn d13_a_final_report_never_leaves_before_it_is_journaled() {
+    let disk = SimDisk::default();
+    let app = Arc::new(App::default());
+    let sent = Arc::new(Mutex::new(Vec::<UpdateProgress>::new()));
+    let mut m = Machine::start(
+        config(),
+        SimStorage(disk.clone()),
+        Arc::new(app.clone()),
+        None,
+        10_000,
+    );
+    let tap = sent.clone();
+    m.set_sink(Box::new(move |o| {
+        if let Output::Report(p) = o {
+            tap.lock().unwrap().push(p);
+        }
+    }));
+    m.connected(10_000);
+    *app.decision.lock().unwrap() = Some(Decision::Decline("not now, not ever".into()));
+    {
+        let mut d = disk.lock();
+        d.cut_at = Some(d.ops + 1); // the next disk operation: the final answer's save
+    }
+    m.manifest(&FLEET.releases[1].signed, 10_000);
+    assert!(disk.lock().dead);
+    let finals: Vec<_> = sent
+        .lock()
+        .unwrap()
+        .iter()
+        .map(phase)
+        .filter(|p| *p >= UpdatePhase::Committed)
+        .collect();
+    assert!(
+        finals.is_empty(),
+        "sent before it was journaled: {finals:?}"
+    );
+
+    // Restarted (the interrupted save did not land), the offer comes again and is accepted:
+    // the first final answer the gateway hears is this one.
+    disk.lock().power_up(&mut || 1);
+    *app.decision.lock().unwrap() = None;
+    let mut rig = Rig {
+        disk: disk.clone(),
+        app: app.clone(),
+        m: Rig::start(&disk, &app, 20_000),
+    };
+    rig.m.manifest(&FLEET.releases[1].signed, 20_000);
+    rig.serve(1, 20_000);
+    assert_eq!(phase(rig.m.last_report().unwrap()), UpdatePhase::Committed);
+}
