@@ -143,6 +143,7 @@ pub struct DeviceClientBuilder {
     download: DownloadSettings,
     factory_sequence: u64,
     defer_retry: Duration,
+    update_storage_budget: u64,
 }
 
 impl Default for DeviceClientBuilder {
@@ -167,6 +168,7 @@ impl Default for DeviceClientBuilder {
             download: DownloadSettings::default(),
             factory_sequence: 0,
             defer_retry: Duration::from_secs(300),
+            update_storage_budget: crate::update::DEFAULT_STORAGE_BUDGET,
         }
     }
 }
@@ -315,6 +317,13 @@ impl DeviceClientBuilder {
         self
     }
 
+    /// Most bytes the staged images of one update may take on this device (default 1 GiB).
+    /// A larger update is refused when offered (REJECTED, STORAGE), before any download.
+    pub fn update_storage_budget(mut self, bytes: u64) -> Self {
+        self.update_storage_budget = bytes;
+        self
+    }
+
     /// Starts the client: loads the journal, the outbox and the update state, and spawns the
     /// connection driver (and the update agent when update keys are set).
     pub fn start(self) -> Result<(DeviceClient, Commands), ClientError> {
@@ -387,6 +396,7 @@ impl DeviceClientBuilder {
                 settings: self.download,
                 factory_sequence: self.factory_sequence,
                 defer_retry: self.defer_retry,
+                storage_budget: self.update_storage_budget,
             };
             // The agent thread holds the directory's lock too (a second handle on the same
             // lock), so the directory is not free before the thread is done.

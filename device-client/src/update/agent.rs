@@ -24,9 +24,7 @@ use tracing::{debug, warn};
 
 use super::download::DownloadSettings;
 use super::install::UpdateHandler;
-use super::machine::{
-    Machine, MachineConfig, Output, DEFAULT_MAX_TRIAL_STARTS, DEFAULT_STORAGE_BUDGET,
-};
+use super::machine::{Machine, MachineConfig, Output, DEFAULT_MAX_TRIAL_STARTS};
 use super::storage::DirStorage;
 
 /// How often the agent looks for due requests and deferred offers.
@@ -49,6 +47,8 @@ pub(crate) struct UpdateConfig {
     pub factory_sequence: u64,
     /// A deferred offer is put to the application again after this long.
     pub defer_retry: Duration,
+    /// Most bytes the staged images of one update may take.
+    pub storage_budget: u64,
 }
 
 impl std::fmt::Debug for UpdateConfig {
@@ -125,7 +125,7 @@ impl AgentHandle {
             settings: cfg.settings,
             defer_retry_ms: u64::try_from(cfg.defer_retry.as_millis()).unwrap_or(u64::MAX),
             max_trial_starts: DEFAULT_MAX_TRIAL_STARTS,
-            storage_budget: DEFAULT_STORAGE_BUDGET,
+            storage_budget: cfg.storage_budget,
             build_time_ms: super::machine::build_time_ms(),
         };
         let inbox = Arc::new(Inbox::default());

@@ -382,6 +382,40 @@ fn d6_the_build_time_floors_the_clock_of_a_new_device() {
     assert!(app.calls().is_empty());
 }
 
+/// An update larger than the device's staging budget is refused when offered, before the
+/// application is asked or anything is downloaded.
+#[test]
+fn an_update_over_the_storage_budget_is_refused_unread() {
+    let disk = SimDisk::default();
+    let app = Arc::new(App::default());
+    let mut m = Machine::start(
+        super::machine::MachineConfig {
+            storage_budget: 2047,
+            ..config()
+        },
+        SimStorage(disk),
+        Arc::new(app.clone()),
+        None,
+        10_000,
+    );
+    m.connected(10_000);
+    m.manifest(&FLEET.releases[1].signed, 10_000); // 2,048 bytes
+    let Some(Output::Report(p)) = m.take_output().pop() else {
+        panic!("no report");
+    };
+    assert_eq!(
+        (phase(&p), p.error()),
+        (UpdatePhase::Rejected, UpdateError::Storage)
+    );
+    assert!(
+        p.detail.contains("2048") && p.detail.contains("2047"),
+        "{}",
+        p.detail
+    );
+    assert!(app.calls().is_empty(), "{:?}", app.calls());
+    assert!(!m.wants_chunks());
+}
+
 /// D17: a corrupt journal does not stop the device: the agent says so upward and runs with
 /// the factory sequence as its floor.
 #[test]
