@@ -32,9 +32,12 @@
 //!   ([`OutboxStore`]); reports leave in order when the gateway can take them.
 //! * **Updates**, with [`DeviceClientBuilder::update_keys`]: manifests are checked against the
 //!   [`TrustedKeys`] before anything is downloaded, chunks are verified one by one and the
-//!   download resumes after a restart. Your [`UpdateHandler`] decides ([`Decision`]) and installs
-//!   ([`StagedImage`]); [`SlotInstaller`] is the default, an A/B slot file per component.
-//!   A step that fails returns a [`HandlerError`], reported upward with its causes.
+//!   download resumes after a restart. Your [`UpdateHandler`] decides ([`Decision`]), installs
+//!   ([`StagedImage`]), activates the new image on trial, tests it and commits or rolls back;
+//!   the agent journals every step first, so a power cut anywhere resumes, never bricks or
+//!   rolls back. [`SlotInstaller`] is the default, an A/B slot file per component switched
+//!   all at once. A step that fails returns a [`HandlerError`], reported upward with its
+//!   causes.
 //!   Progress: [`DeviceClient::update_reports`] ([`UpdateProgress`]).
 //! * **Reconnects** back off exponentially with full jitter ([`BackoffConfig`]).
 //!
