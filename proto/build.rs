@@ -9,6 +9,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "fleet/v1/device.proto",
         "fleet/v1/update.proto",
         "fleet/v1/fleet.proto",
+        "fleet/v1/trust.proto",
     ];
     for f in &files {
         println!("cargo:rerun-if-changed={}", root.join(f).display());

@@ -127,6 +127,21 @@ impl UpdateSigner {
         }
     }
 
+    /// A signature over `context || message`: the same key signing another kind of document
+    /// (a root, a command) under that document's own context, so no signature of one kind is
+    /// ever valid as another.
+    pub fn sign_in_context(&self, context: &[u8], message: &[u8]) -> v1::Signature {
+        v1::Signature {
+            key_id: self.key_id.clone(),
+            algorithm: SignatureAlgorithm::Ed25519.into(),
+            signature: self
+                .key
+                .sign(&[context, message].concat())
+                .to_bytes()
+                .to_vec(),
+        }
+    }
+
     /// Encodes `manifest` once and signs those bytes.
     pub fn sign_manifest(&self, manifest: &v1::UpdateManifest) -> v1::SignedManifest {
         let bytes = manifest.encode_to_vec();
