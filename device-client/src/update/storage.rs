@@ -13,6 +13,7 @@
 //! either the last one saved or, if the cut came during a save, the one before it.
 //! [`DirStorage`] keeps that contract with `fsync` on files and on the directory.
 
+use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
@@ -88,10 +89,21 @@ pub(crate) const LEGACY_STATE_FILE: &str = "agent.json";
 pub(crate) struct DirStorage {
     dir: PathBuf,
     staging: PathBuf,
+    /// Staged files opened so far: a chunk write does not open its file again.
+    open: HashMap<Staged, File>,
 }
 
 fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
+}
+
+/// A whole file, `None` when it does not exist.
+fn read_optional(path: &Path) -> io::Result<Option<Vec<u8>>> {
+    match fs::read(path) {
+        Ok(b) => Ok(Some(b)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(at(path, e)),
+    }
 }
 
 fn at(path: &Path, e: io::Error) -> io::Error {
@@ -104,39 +116,40 @@ impl DirStorage {
         let dir = state_dir.join("update");
         let staging = dir.join("staging");
         fs::create_dir_all(&staging).map_err(|e| at(&staging, e))?;
-        Ok(DirStorage { dir, staging })
+        Ok(DirStorage {
+            dir,
+            staging,
+            open: HashMap::new(),
+        })
     }
 
     /// The legacy state file, when it exists (for a one-time migration).
     pub(crate) fn load_legacy(&self) -> io::Result<Option<Vec<u8>>> {
-        let path = self.dir.join(LEGACY_STATE_FILE);
-        match fs::read(&path) {
-            Ok(b) => Ok(Some(b)),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(at(&path, e)),
-        }
+        read_optional(&self.dir.join(LEGACY_STATE_FILE))
     }
 
-    fn open_staged(&self, file: &Staged) -> io::Result<File> {
-        let path = self.path(file);
-        OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .read(true)
-            .write(true)
-            .open(&path)
-            .map_err(|e| at(&path, e))
+    /// The staged file, opened (created when absent) the first time it is used.
+    fn staged(&mut self, file: &Staged) -> io::Result<&File> {
+        if !self.open.contains_key(file) {
+            let path = self.path(file);
+            let f = OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .read(true)
+                .write(true)
+                .open(&path)
+                .map_err(|e| at(&path, e))?;
+            self.open.insert(file.clone(), f);
+        }
+        self.open
+            .get(file)
+            .ok_or_else(|| io::Error::other("staged file vanished from the cache"))
     }
 }
 
 impl Storage for DirStorage {
     fn load_journal(&mut self) -> io::Result<Option<Vec<u8>>> {
-        let path = self.dir.join(JOURNAL_FILE);
-        match fs::read(&path) {
-            Ok(b) => Ok(Some(b)),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(at(&path, e)),
-        }
+        read_optional(&self.dir.join(JOURNAL_FILE))
     }
 
     fn save_journal(&mut self, bytes: &[u8]) -> io::Result<()> {
@@ -151,38 +164,36 @@ impl Storage for DirStorage {
     }
 
     fn write_at(&mut self, file: &Staged, offset: u64, data: &[u8]) -> io::Result<()> {
-        let f = self.open_staged(file)?;
-        f.write_all_at(data, offset)
-            .map_err(|e| at(&self.path(file), e))
+        let r = self.staged(file)?.write_all_at(data, offset);
+        r.map_err(|e| at(&self.path(file), e))
     }
 
     fn sync(&mut self, file: &Staged) -> io::Result<()> {
-        let f = self.open_staged(file)?;
-        f.sync_data().map_err(|e| at(&self.path(file), e))?;
+        let r = self.staged(file)?.sync_data();
+        r.map_err(|e| at(&self.path(file), e))?;
         sync_dir(&self.staging).map_err(|e| at(&self.staging, e))
     }
 
     fn read_at(&mut self, file: &Staged, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
         let path = self.path(file);
-        let f = File::open(&path).map_err(|e| at(&path, e))?;
-        f.read_at(buf, offset).map_err(|e| at(&path, e))
+        if !path.exists() {
+            return Err(at(&path, io::ErrorKind::NotFound.into()));
+        }
+        let r = self.staged(file)?.read_at(buf, offset);
+        r.map_err(|e| at(&path, e))
     }
 
     fn load(&mut self, file: &Staged) -> io::Result<Option<Vec<u8>>> {
-        let path = self.path(file);
-        match fs::read(&path) {
-            Ok(b) => Ok(Some(b)),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(at(&path, e)),
-        }
+        read_optional(&self.path(file))
     }
 
     fn set_len(&mut self, file: &Staged, len: u64) -> io::Result<()> {
-        let f = self.open_staged(file)?;
-        f.set_len(len).map_err(|e| at(&self.path(file), e))
+        let r = self.staged(file)?.set_len(len);
+        r.map_err(|e| at(&self.path(file), e))
     }
 
     fn clear_staging(&mut self, keep: Option<&str>) -> io::Result<()> {
+        self.open.retain(|f, _| keep == Some(f.key.as_str()));
         let mut removed = false;
         for entry in fs::read_dir(&self.staging).map_err(|e| at(&self.staging, e))? {
             let entry = entry.map_err(|e| at(&self.staging, e))?;
