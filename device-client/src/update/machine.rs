@@ -191,6 +191,11 @@ impl Journal {
     }
 }
 
+/// The name staged files of the manifest with this digest (hex) go by: its first 16 bytes.
+fn staging_key(digest: &str) -> String {
+    digest.chars().take(32).collect()
+}
+
 fn digest_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
@@ -210,7 +215,7 @@ struct Work {
 
 impl Work {
     fn key(&self) -> String {
-        self.digest.chars().take(32).collect()
+        staging_key(&self.digest)
     }
 
     fn staged(&self, component: usize, kind: StagedKind) -> Staged {
@@ -390,16 +395,9 @@ impl<S: Storage> Machine<S> {
         self.save()
     }
 
+    /// Judges manifest `bytes` for this device (the envelope's bounds are checked by
+    /// `TrustedKeys::verify_encoded` before anything is decoded).
     fn judge(&self, bytes: &[u8], now_ms: u64) -> Result<UpdateManifest, Rejection> {
-        if bytes.len() > MAX_MANIFEST_BYTES {
-            return Err(Rejection {
-                code: UpdateError::MalformedManifest,
-                detail: format!(
-                    "signed manifest of {} bytes; at most {MAX_MANIFEST_BYTES} are read",
-                    bytes.len()
-                ),
-            });
-        }
         let facts = DeviceFacts {
             device_class: &self.cfg.device_class,
             installed_sequence: self.installed_sequence(),
@@ -748,17 +746,22 @@ impl<S: Storage> Machine<S> {
 
     /// After a start: carry on with the journaled update.
     fn resume(&mut self, now_ms: u64) {
-        if let Err(e) = self.store.clear_staging(self.current_key().as_deref()) {
-            warn!(error = %e, "could not clear stale staged files");
-        }
-        let Some(cur) = self.journal.current.clone() else {
-            return;
-        };
-        let Some((signed, digest, m)) = hex::decode(&cur.signed_manifest).ok().and_then(|b| {
+        let cur = self.journal.current.clone();
+        let decoded = cur.as_ref().and_then(|c| {
+            let b = hex::decode(&c.signed_manifest).ok()?;
             let s = SignedManifest::decode(b.as_slice()).ok()?;
             let m = UpdateManifest::decode(s.manifest.as_slice()).ok()?;
             Some((b, digest_hex(&s.manifest), m))
-        }) else {
+        });
+        // Staged files of any other update are stale.
+        let keep = decoded.as_ref().map(|(_, digest, _)| staging_key(digest));
+        if let Err(e) = self.store.clear_staging(keep.as_deref()) {
+            warn!(error = %e, "could not clear stale staged files");
+        }
+        let Some(cur) = cur else {
+            return;
+        };
+        let Some((signed, digest, m)) = decoded else {
             warn!("the journal holds an unreadable manifest; dropping the update in progress");
             self.journal.current = None;
             if let Err(e) = self.save() {
@@ -807,13 +810,6 @@ impl<S: Storage> Machine<S> {
                 self.roll_back_then(report);
             }
         }
-    }
-
-    fn current_key(&self) -> Option<String> {
-        let cur = self.journal.current.as_ref()?;
-        let b = hex::decode(&cur.signed_manifest).ok()?;
-        let s = SignedManifest::decode(b.as_slice()).ok()?;
-        Some(digest_hex(&s.manifest).chars().take(32).collect())
     }
 
     fn reoffer(&mut self, w: Work, now_ms: u64) {

@@ -88,6 +88,22 @@ impl UpdateHandler for Arc<App> {
     }
 }
 
+/// Starts a machine configured with `cfg` on `disk` with `app` (not connected).
+fn start_with(
+    cfg: super::machine::MachineConfig,
+    disk: &SimDisk,
+    app: &Arc<App>,
+    now: u64,
+) -> Machine<SimStorage> {
+    Machine::start(
+        cfg,
+        SimStorage(disk.clone()),
+        Arc::new(app.clone()),
+        None,
+        now,
+    )
+}
+
 struct Rig {
     disk: SimDisk,
     app: Arc<App>,
@@ -101,14 +117,9 @@ impl Rig {
         let m = Self::start(&disk, &app, 10_000);
         Rig { disk, app, m }
     }
+    /// Starts a machine on `disk` with `app`, connected.
     fn start(disk: &SimDisk, app: &Arc<App>, now: u64) -> Machine<SimStorage> {
-        let mut m = Machine::start(
-            config(),
-            SimStorage(disk.clone()),
-            Arc::new(app.clone()),
-            None,
-            now,
-        );
+        let mut m = start_with(config(), disk, app, now);
         m.connected(now);
         m
     }
@@ -360,16 +371,11 @@ fn d6_the_build_time_floors_the_clock_of_a_new_device() {
     r.signed = FLEET.signer.sign_manifest(&r.manifest).encode_to_vec();
     let disk = SimDisk::default();
     let app = Arc::new(App::default());
-    let mut m = Machine::start(
-        super::machine::MachineConfig {
-            build_time_ms: 50_000,
-            ..config()
-        },
-        SimStorage(disk),
-        Arc::new(app.clone()),
-        None,
-        0,
-    );
+    let cfg = super::machine::MachineConfig {
+        build_time_ms: 50_000,
+        ..config()
+    };
+    let mut m = start_with(cfg, &disk, &app, 0);
     m.connected(0);
     m.manifest(&r.signed, 0);
     let Some(Output::Report(p)) = m.take_output().pop() else {
@@ -388,16 +394,11 @@ fn d6_the_build_time_floors_the_clock_of_a_new_device() {
 fn an_update_over_the_storage_budget_is_refused_unread() {
     let disk = SimDisk::default();
     let app = Arc::new(App::default());
-    let mut m = Machine::start(
-        super::machine::MachineConfig {
-            storage_budget: 2047,
-            ..config()
-        },
-        SimStorage(disk),
-        Arc::new(app.clone()),
-        None,
-        10_000,
-    );
+    let cfg = super::machine::MachineConfig {
+        storage_budget: 2047,
+        ..config()
+    };
+    let mut m = start_with(cfg, &disk, &app, 10_000);
     m.connected(10_000);
     m.manifest(&FLEET.releases[1].signed, 10_000); // 2,048 bytes
     let Some(Output::Report(p)) = m.take_output().pop() else {
@@ -619,13 +620,7 @@ fn d13_a_final_report_never_leaves_before_it_is_journaled() {
     let disk = SimDisk::default();
     let app = Arc::new(App::default());
     let sent = Arc::new(Mutex::new(Vec::<UpdateProgress>::new()));
-    let mut m = Machine::start(
-        config(),
-        SimStorage(disk.clone()),
-        Arc::new(app.clone()),
-        None,
-        10_000,
-    );
+    let mut m = start_with(config(), &disk, &app, 10_000);
     let tap = sent.clone();
     m.set_sink(Box::new(move |o| {
         if let Output::Report(p) = o {
