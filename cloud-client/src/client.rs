@@ -476,7 +476,7 @@ impl CommandHandle {
             tokio::select! {
                 _ = tokio::time::sleep_until(deadline) => return Err(SdkError::Timeout(timeout)),
                 ev = self.events.recv() => match ev {
-                    Ok(CommandEvent { command: Some(rec) }) if rec.command_id == self.command_id => self.update(rec),
+                    Ok(CommandEvent { command: Some(rec), foreign: false }) if rec.command_id == self.command_id => self.update(rec),
                     Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
                     Err(broadcast::error::RecvError::Closed) => return Err(SdkError::Stopped),
                 },

@@ -243,6 +243,7 @@ impl FleetClient {
         action: CampaignAction,
     ) -> Result<UpdateRecord, SdkError> {
         self.update_call(api_request::Body::ControlCampaign(ControlCampaign {
+            withdrawal: Default::default(),
             update_id: update_id.to_owned(),
             action: action.into(),
         }))

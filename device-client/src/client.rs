@@ -710,6 +710,8 @@ impl IncomingCommand {
         message: String,
     ) -> Result<(), ClientError> {
         let result = CommandResult {
+            command_digest: Default::default(),
+            refusal: Default::default(),
             command_id: self.command.command_id.clone(),
             status: status.into(),
             output,
@@ -982,7 +984,7 @@ impl Driver {
                     }
                 }
                 Action::Run(command) => {
-                    info!(command_id = %command.command_id, name = %command.name, attempt = command.attempt, "running command");
+                    info!(command_id = %command.command_id, name = %command.name, "running command");
                     let incoming = IncomingCommand {
                         command,
                         shared: self.shared.clone(),

@@ -164,6 +164,7 @@ impl Session {
 
     fn presence(&self, state: PresenceState, graceful: bool, now_ms: u64) -> Publish {
         let p = Presence {
+            root_version: Default::default(),
             state: state.into(),
             timestamp_ms: now_ms,
             firmware_version: self.info.firmware_version.clone(),

@@ -3,7 +3,9 @@
 //! * [`v1`]: the protobuf messages (generated from `proto/fleet/v1/*.proto`).
 //! * [`ids`] and [`topics`]: validated ids and the MQTT topic tree.
 //! * [`signing`] and [`manifest`]: Ed25519 manifest signatures and the update rules.
-//! * [`trust`]: the root of trust (roles, thresholds, rotation without rollback).
+//! * [`trust`]: the root of trust (roles, thresholds, rotation without rollback);
+//!   [`command`]: what the `commands` role signs (commands, update withdrawals) and the
+//!   device's check of it.
 //! * [`merkle`] and [`chunker`]: per-chunk proofs and streaming image hashing.
 //! * [`limits`]: every bound on untrusted update input; [`wire`]: bounded decoding of the
 //!   update messages a device receives; [`report`]: bounded, clean text for reports.
@@ -11,6 +13,7 @@
 #![warn(missing_docs)]
 
 pub mod chunker;
+pub mod command;
 pub mod ids;
 pub mod limits;
 pub mod manifest;

@@ -188,6 +188,7 @@ mod tests {
         use prost::Message as _;
         let envelope = |update_id: &str| {
             v1::SignedManifest {
+                withdrawal: Default::default(),
                 manifest: v1::UpdateManifest {
                     update_id: update_id.into(),
                     ..Default::default()

@@ -55,6 +55,32 @@ pub enum KeyError {
     PublicKey(ed25519_dalek::pkcs8::spki::Error),
 }
 
+/// Why a [`Signer`] could not sign.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SignError {
+    /// The key's backend (an HSM, a remote signer) failed or refused.
+    #[error("the signing key {key_id} could not sign: {reason}")]
+    Backend {
+        /// The key.
+        key_id: String,
+        /// What its backend said.
+        reason: String,
+    },
+}
+
+/// Something that signs with one Ed25519 key: a key file ([`UpdateSigner`]), or an HSM or
+/// remote signer behind the same three calls. Every document kind is signed under its own
+/// context ([`MANIFEST_CONTEXT`], `trust::ROOT_CONTEXT`, `command::COMMAND_CONTEXT`, ...).
+pub trait Signer: Send + Sync {
+    /// The key's id ([`key_id`] of its public key).
+    fn key_id(&self) -> &str;
+    /// The public key.
+    fn verifying_key(&self) -> VerifyingKey;
+    /// A signature over `context || message`.
+    fn sign_in_context(&self, context: &[u8], message: &[u8]) -> Result<v1::Signature, SignError>;
+}
+
 /// The update authority's signing key.
 pub struct UpdateSigner {
     key: SigningKey,
@@ -149,8 +175,41 @@ impl UpdateSigner {
         v1::SignedManifest {
             manifest: bytes,
             signatures: vec![signature],
+            withdrawal: Vec::new(),
         }
     }
+}
+
+impl Signer for UpdateSigner {
+    fn key_id(&self) -> &str {
+        UpdateSigner::key_id(self)
+    }
+
+    fn verifying_key(&self) -> VerifyingKey {
+        UpdateSigner::verifying_key(self)
+    }
+
+    fn sign_in_context(&self, context: &[u8], message: &[u8]) -> Result<v1::Signature, SignError> {
+        Ok(UpdateSigner::sign_in_context(self, context, message))
+    }
+}
+
+/// Signs encoded manifest bytes with every signer in `signers` (a role with a threshold above
+/// one needs several), in order.
+pub fn sign_manifest_with(
+    manifest: &v1::UpdateManifest,
+    signers: &[&dyn Signer],
+) -> Result<v1::SignedManifest, SignError> {
+    let bytes = manifest.encode_to_vec();
+    let signatures = signers
+        .iter()
+        .map(|s| s.sign_in_context(MANIFEST_CONTEXT, &bytes))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(v1::SignedManifest {
+        manifest: bytes,
+        signatures,
+        withdrawal: Vec::new(),
+    })
 }
 
 /// Why a signed manifest is refused.
@@ -174,6 +233,14 @@ pub enum VerifyError {
         /// `Display`, which escapes them).
         key_ids: Vec<String>,
     },
+    /// Some trusted keys signed, but fewer distinct ones than the threshold.
+    #[error("{valid} valid signature(s) by trusted keys, {threshold} needed")]
+    BelowThreshold {
+        /// Distinct trusted keys whose signature verified.
+        valid: usize,
+        /// How many are needed.
+        threshold: u32,
+    },
     /// A signature by a trusted key does not verify over the received bytes.
     #[error("signature by key {} does not verify", excerpt(.0))]
     BadSignature(String),
@@ -192,6 +259,7 @@ impl VerifyError {
             VerifyError::Envelope(_) | VerifyError::Decode(_) => UpdateError::MalformedManifest,
             VerifyError::Unsigned | VerifyError::UnknownKey { .. } => UpdateError::UnknownKey,
             VerifyError::BadSignature(_) => UpdateError::BadSignature,
+            VerifyError::BelowThreshold { .. } => UpdateError::BelowThreshold,
             VerifyError::Invalid(ManifestError::UnsupportedFormat(_)) => {
                 UpdateError::UnsupportedFormat
             }
@@ -236,20 +304,43 @@ pub struct VerifiedManifest {
     pub manifest: v1::UpdateManifest,
     /// SHA-256 of the signed manifest bytes: a stable key for resume state.
     pub digest: Hash,
-    /// Id of the trusted key whose signature verified.
+    /// Id of the first trusted key whose signature verified.
     pub key_id: String,
 }
 
-/// The authority keys a device trusts, by key id.
-#[derive(Debug, Clone, Default)]
+/// The authority keys a device trusts, by key id, and how many distinct ones must sign.
+#[derive(Debug, Clone)]
 pub struct TrustedKeys {
     keys: BTreeMap<String, VerifyingKey>,
+    threshold: u32,
+}
+
+impl Default for TrustedKeys {
+    fn default() -> Self {
+        Self {
+            keys: BTreeMap::new(),
+            threshold: 1,
+        }
+    }
 }
 
 impl TrustedKeys {
-    /// No trusted keys (every manifest is refused).
+    /// No trusted keys (every manifest is refused); threshold 1.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// The keys and threshold of a role of the fleet's root (the `updates` role for manifests).
+    pub fn from_role(role: &crate::trust::RoleKeys) -> Self {
+        Self {
+            keys: role.keys().map(|(id, k)| (id.to_owned(), *k)).collect(),
+            threshold: role.threshold(),
+        }
+    }
+
+    /// How many distinct trusted keys must sign (at least 1).
+    pub fn threshold(&self) -> u32 {
+        self.threshold
     }
 
     /// Trusts `key`; returns its key id.
@@ -305,12 +396,16 @@ impl TrustedKeys {
                 max: MAX_SIGNATURES,
             }));
         }
-        // Built on the first signature by a trusted key: untrusted ones cost no hashing.
+        // Built on the first signature by a trusted key: untrusted ones cost no hashing. A key
+        // counts once however often it signed.
         let mut message = None;
         let mut failed = None;
-        let mut good = None;
+        let mut good: Vec<&str> = Vec::new();
         for sig in &signed.signatures {
-            if sig.key_id.len() > MAX_KEY_ID_LEN {
+            if good.len() >= self.threshold as usize {
+                break;
+            }
+            if sig.key_id.len() > MAX_KEY_ID_LEN || good.contains(&sig.key_id.as_str()) {
                 continue;
             }
             let Some(key) = self.keys.get(&sig.key_id) else {
@@ -321,13 +416,19 @@ impl TrustedKeys {
                 && ed25519_dalek::Signature::from_slice(&sig.signature)
                     .is_ok_and(|s| key.verify_strict(message, &s).is_ok());
             if verifies {
-                good = Some(sig.key_id.clone());
-                break;
+                good.push(&sig.key_id);
+                continue;
             }
             failed.get_or_insert_with(|| sig.key_id.clone());
         }
-        let key_id = match (good, failed) {
-            (Some(id), _) => id,
+        let key_id = match (good.first(), failed) {
+            (Some(id), _) if good.len() >= self.threshold as usize => (*id).to_owned(),
+            (Some(_), _) => {
+                return Err(VerifyError::BelowThreshold {
+                    valid: good.len(),
+                    threshold: self.threshold,
+                })
+            }
             (None, Some(id)) => return Err(VerifyError::BadSignature(id)),
             (None, None) => {
                 return Err(VerifyError::UnknownKey {
@@ -432,6 +533,7 @@ mod tests {
         );
         // No signature at all.
         let unsigned = v1::SignedManifest {
+            withdrawal: Default::default(),
             manifest: signed.manifest.clone(),
             signatures: vec![],
         };
@@ -609,6 +711,7 @@ mod tests {
         let trusted = trusting(&signer);
         // Authentic bytes that are not a manifest.
         let garbage = v1::SignedManifest {
+            withdrawal: Default::default(),
             manifest: vec![0xff; 7],
             signatures: vec![signer.sign(&[0xff; 7])],
         };
@@ -691,6 +794,7 @@ mod tests {
                 assert_reportable(&e)?;
             }
             let envelope = v1::SignedManifest {
+                withdrawal: Default::default(),
                 manifest: bytes,
                 signatures: key_ids
                     .into_iter()

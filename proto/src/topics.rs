@@ -12,6 +12,8 @@
 //! | `devices/{id}/update/get` | device -> gateway | `ChunkRequest` |
 //! | `devices/{id}/update/chunk` | gateway -> device | `Chunk` |
 //! | `devices/{id}/update/progress` | device -> gateway | `UpdateProgress` |
+//! | `devices/{id}/trust` | device -> gateway (retained) | `TrustReport` |
+//! | `fleet/trust/roots` | gateway -> every device (retained) | `RootChain` |
 //! | `fleet/...` | service <-> gateway | the fleet API |
 //!
 //! Upstream, the bridge maps the gateway's tree under `gateways/{gateway_id}/...`.
@@ -53,11 +55,13 @@ pub enum DeviceTopic {
     UpdateChunk,
     /// `update/progress`: update progress from the device.
     UpdateProgress,
+    /// `trust`: the device's TrustReport (retained).
+    Trust,
 }
 
 impl DeviceTopic {
     /// Every device topic kind.
-    pub const ALL: [DeviceTopic; 8] = [
+    pub const ALL: [DeviceTopic; 9] = [
         DeviceTopic::Cmd,
         DeviceTopic::CmdResult,
         DeviceTopic::Status,
@@ -66,6 +70,7 @@ impl DeviceTopic {
         DeviceTopic::UpdateGet,
         DeviceTopic::UpdateChunk,
         DeviceTopic::UpdateProgress,
+        DeviceTopic::Trust,
     ];
 
     /// The topic levels after `devices/{id}/`.
@@ -79,6 +84,7 @@ impl DeviceTopic {
             DeviceTopic::UpdateGet => "update/get",
             DeviceTopic::UpdateChunk => "update/chunk",
             DeviceTopic::UpdateProgress => "update/progress",
+            DeviceTopic::Trust => "trust",
         }
     }
 
@@ -92,7 +98,8 @@ impl DeviceTopic {
             | DeviceTopic::Status
             | DeviceTopic::Presence
             | DeviceTopic::UpdateGet
-            | DeviceTopic::UpdateProgress => Direction::FromDevice,
+            | DeviceTopic::UpdateProgress
+            | DeviceTopic::Trust => Direction::FromDevice,
         }
     }
 
@@ -185,6 +192,15 @@ pub fn command_events_topic(device_id: &str) -> String {
 
 /// `fleet/events/commands/+`: command state changes of every device.
 pub const ALL_COMMAND_EVENTS: &str = "fleet/events/commands/+";
+
+/// `fleet/trust/roots`: the RootChain the gateway distributes, retained; every device
+/// subscribes to it (it is public: roots carry public keys only).
+pub const TRUST_ROOTS: &str = "fleet/trust/roots";
+
+/// `fleet/events/trust/{device_id}`: a device's TrustReport changed.
+pub fn trust_events_topic(device_id: &str) -> String {
+    format!("{FLEET}/events/trust/{device_id}")
+}
 
 /// A topic of the fleet API (what follows `fleet/`), parsed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -304,6 +320,7 @@ mod tests {
                 "devices/dev-42/update/get",
                 "devices/dev-42/update/chunk",
                 "devices/dev-42/update/progress",
+                "devices/dev-42/trust",
             ]
         );
         assert_eq!(device_filter(&d), "devices/dev-42/#");
@@ -349,7 +366,14 @@ mod tests {
         for k in [Cmd, UpdateManifest, UpdateChunk] {
             assert_eq!(k.direction(), Direction::ToDevice);
         }
-        for k in [CmdResult, Status, Presence, UpdateGet, UpdateProgress] {
+        for k in [
+            CmdResult,
+            Status,
+            Presence,
+            UpdateGet,
+            UpdateProgress,
+            Trust,
+        ] {
             assert_eq!(k.direction(), Direction::FromDevice);
         }
     }
@@ -372,7 +396,7 @@ mod tests {
 
     proptest! {
         #[test]
-        fn device_topics_round_trip(id in id_strategy(), k in 0usize..8) {
+        fn device_topics_round_trip(id in id_strategy(), k in 0usize..9) {
             let id = DeviceId::new(id).map_err(|e| TestCaseError::fail(e.to_string()))?;
             let kind = DeviceTopic::ALL[k];
             let topic = device_topic(&id, kind);

@@ -29,6 +29,10 @@ use crate::v1::{self, SignatureAlgorithm};
 pub const ROOT_CONTEXT: &[u8] = b"fleet.v1.Root\0";
 /// The root format this library writes and understands.
 pub const ROOT_FORMAT_VERSION: u32 = 1;
+/// Most roots a [`v1::RootChain`] may carry.
+pub const MAX_CHAIN_ROOTS: usize = 8;
+/// Largest encoded RootChain looked at.
+pub const MAX_ROOT_CHAIN_LEN: usize = MAX_CHAIN_ROOTS * MAX_SIGNED_ROOT_LEN;
 /// Most keys one role may name.
 pub const MAX_ROLE_KEYS: usize = 16;
 /// Largest encoded SignedRoot looked at.
@@ -85,6 +89,15 @@ pub enum TrustError {
         /// How many were needed.
         threshold: u32,
     },
+    /// Fewer distinct `root` keys of the **current** root signed the offered one than the
+    /// current root's threshold (for example: signed by the new keys only).
+    #[error("not signed by the current root: {valid} valid signature(s) by its root keys, {threshold} needed")]
+    Untrusted {
+        /// Distinct current root keys whose signature verified.
+        valid: usize,
+        /// How many were needed.
+        threshold: u32,
+    },
     /// The offered root's version is not above the current one.
     #[error("root version {offered} is not newer than the current version {current}")]
     NotNewer {
@@ -103,6 +116,32 @@ pub enum TrustError {
         /// The time it was checked at.
         now_ms: u64,
     },
+}
+
+impl TrustError {
+    /// The reason reported upward in a [`v1::TrustReport`].
+    pub fn refusal(&self) -> v1::RootRefusal {
+        use v1::RootRefusal as R;
+        match self {
+            TrustError::Malformed(_) => R::Malformed,
+            TrustError::UnsupportedFormat(_) => R::UnsupportedFormat,
+            TrustError::Role { .. } => R::BadRole,
+            TrustError::Threshold { .. } => R::SelfUnsigned,
+            TrustError::Untrusted { .. } => R::Untrusted,
+            TrustError::NotNewer { .. } => R::NotNewer,
+            TrustError::Expired { .. } => R::Expired,
+        }
+    }
+}
+
+/// What walking a [`v1::RootChain`] from a held root gave.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Walk {
+    /// The newest root accepted, if any root of the chain was newer and acceptable.
+    pub accepted: Option<TrustedRoot>,
+    /// The first root refused (its version, 0 when it did not decode), and why. Roots at or
+    /// below the held version that are the held root itself are history, not refusals.
+    pub refused: Option<(u64, TrustError)>,
 }
 
 /// The keys of one role, checked.
@@ -152,6 +191,11 @@ impl RoleKeys {
             keys,
             threshold: r.threshold,
         })
+    }
+
+    /// The keys of the role with their ids.
+    pub fn keys(&self) -> impl Iterator<Item = (&str, &VerifyingKey)> {
+        self.keys.iter().map(|(id, k)| (id.as_str(), k))
     }
 
     /// The key ids of the role.
@@ -285,10 +329,89 @@ impl TrustedRoot {
             });
         }
         self.root
-            .check(Role::Root, ROOT_CONTEXT, &env.root, &env.signatures)?;
+            .check(Role::Root, ROOT_CONTEXT, &env.root, &env.signatures)
+            .map_err(|e| match e {
+                TrustError::Threshold {
+                    valid, threshold, ..
+                } => TrustError::Untrusted { valid, threshold },
+                other => other,
+            })?;
         next.root
             .check(Role::Root, ROOT_CONTEXT, &env.root, &env.signatures)?;
         Ok(next)
+    }
+
+    /// Walks a RootChain (encoded, as received on `fleet/trust/roots`) from this root:
+    /// accepts each root newer than the last accepted in turn and stops at the first refusal.
+    /// A chain that only repeats history (every root at or below this version) is nothing to
+    /// do, unless its newest root is older than this one or differs from it at the same
+    /// version: that is an attempted rollback, refused as [`TrustError::NotNewer`].
+    pub fn walk(&self, chain: &[u8], now_ms: u64) -> Walk {
+        let refuse = |version: u64, e: TrustError| Walk {
+            accepted: None,
+            refused: Some((version, e)),
+        };
+        if chain.len() > MAX_ROOT_CHAIN_LEN {
+            return refuse(
+                0,
+                TrustError::Malformed(format!(
+                    "root chain of {} bytes; at most {MAX_ROOT_CHAIN_LEN} are read",
+                    chain.len()
+                )),
+            );
+        }
+        let chain = match v1::RootChain::decode(chain) {
+            Ok(c) => c,
+            Err(e) => return refuse(0, TrustError::Malformed(e.to_string())),
+        };
+        if chain.roots.len() > MAX_CHAIN_ROOTS {
+            return refuse(
+                0,
+                TrustError::Malformed(format!(
+                    "root chain of {} roots; at most {MAX_CHAIN_ROOTS}",
+                    chain.roots.len()
+                )),
+            );
+        }
+        let mut current: Option<TrustedRoot> = None;
+        let mut newest_seen: Option<(u64, bool)> = None;
+        for bytes in &chain.roots {
+            let held = current.as_ref().unwrap_or(self);
+            let version = peek_version(bytes);
+            if version <= held.version {
+                newest_seen = Some((version, bytes.as_slice() == held.signed.as_slice()));
+                continue;
+            }
+            match held.accept_next(bytes, now_ms) {
+                Ok(next) => {
+                    newest_seen = None;
+                    current = Some(next);
+                }
+                Err(e) => {
+                    return Walk {
+                        accepted: current,
+                        refused: Some((version, e)),
+                    }
+                }
+            }
+        }
+        if current.is_none() {
+            if let Some((version, same)) = newest_seen {
+                if version < self.version || (version == self.version && !same) {
+                    return refuse(
+                        version,
+                        TrustError::NotNewer {
+                            offered: version,
+                            current: self.version,
+                        },
+                    );
+                }
+            }
+        }
+        Walk {
+            accepted: current,
+            refused: None,
+        }
     }
 
     /// The keys of `role`.
@@ -301,10 +424,22 @@ impl TrustedRoot {
     }
 }
 
+/// The version of an encoded SignedRoot without checking anything (0 if it does not decode):
+/// only to order the roots of a chain, never to trust one.
+fn peek_version(signed: &[u8]) -> u64 {
+    if signed.len() > MAX_SIGNED_ROOT_LEN {
+        return 0;
+    }
+    v1::SignedRoot::decode(signed)
+        .ok()
+        .and_then(|env| v1::Root::decode(env.root.as_slice()).ok())
+        .map_or(0, |r| r.version)
+}
+
 /// Building and signing roots (the offline side).
 pub mod build {
     use super::*;
-    use crate::signing::UpdateSigner;
+    use crate::signing::{SignError, Signer};
 
     /// The public part of a role: its signers' keys and threshold.
     pub fn role(keys: &[VerifyingKey], threshold: u32) -> v1::RoleKeys {
@@ -330,8 +465,58 @@ pub mod build {
     }
 
     /// One signer's signature over an encoded root.
-    pub fn sign(signer: &UpdateSigner, signed: &v1::SignedRoot) -> v1::Signature {
+    pub fn sign(signer: &dyn Signer, signed: &v1::SignedRoot) -> Result<v1::Signature, SignError> {
         signer.sign_in_context(ROOT_CONTEXT, &signed.root)
+    }
+
+    /// Adds `signer`'s signature to `signed` unless that key already signed it.
+    pub fn add_signature(
+        signer: &dyn Signer,
+        signed: &mut v1::SignedRoot,
+    ) -> Result<(), SignError> {
+        if signed
+            .signatures
+            .iter()
+            .any(|s| s.key_id == signer.key_id())
+        {
+            return Ok(());
+        }
+        let sig = sign(signer, signed)?;
+        signed.signatures.push(sig);
+        Ok(())
+    }
+
+    /// Combines partial signatures made on separate machines over the same encoded root:
+    /// the signatures of every part, each key once. Parts over other bytes are refused.
+    pub fn combine(parts: &[v1::SignedRoot]) -> Result<v1::SignedRoot, TrustError> {
+        let Some(first) = parts.first() else {
+            return Err(TrustError::Malformed("nothing to combine".into()));
+        };
+        let mut out = v1::SignedRoot {
+            root: first.root.clone(),
+            signatures: Vec::new(),
+        };
+        for p in parts {
+            if p.root != first.root {
+                return Err(TrustError::Malformed(
+                    "the parts sign different roots".into(),
+                ));
+            }
+            for s in &p.signatures {
+                if !out.signatures.iter().any(|o| o.key_id == s.key_id) {
+                    out.signatures.push(s.clone());
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// A RootChain of encoded SignedRoots, oldest first; the newest [`MAX_CHAIN_ROOTS`] kept.
+    pub fn chain(roots: &[Vec<u8>]) -> v1::RootChain {
+        let skip = roots.len().saturating_sub(MAX_CHAIN_ROOTS);
+        v1::RootChain {
+            roots: roots[skip..].to_vec(),
+        }
     }
 }
 
@@ -367,7 +552,7 @@ mod tests {
     fn signed_by(r: &v1::Root, signers: &[&UpdateSigner]) -> Vec<u8> {
         let mut s = encode(r);
         for signer in signers {
-            let sig = sign(signer, &s);
+            let sig = sign(*signer, &s).unwrap();
             s.signatures.push(sig);
         }
         s.encode_to_vec()
@@ -397,11 +582,7 @@ mod tests {
         // The new keys only: refused (a thief of the new keys cannot take over).
         assert!(matches!(
             first.accept_next(&signed_by(&r2, &[&new[0], &new[1], &new[2]]), 10),
-            Err(TrustError::Threshold {
-                role: Role::Root,
-                valid: 0,
-                ..
-            })
+            Err(TrustError::Untrusted { valid: 0, .. })
         ));
         // The old keys only: refused (the new root must be able to sign itself).
         assert!(matches!(
@@ -414,11 +595,16 @@ mod tests {
         ));
         // One old signature given twice counts once.
         let mut dup = encode(&r2);
-        let s0 = sign(&old[0], &dup);
-        dup.signatures = vec![s0.clone(), s0, sign(&new[0], &dup), sign(&new[1], &dup)];
+        let s0 = sign(&old[0], &dup).unwrap();
+        dup.signatures = vec![
+            s0.clone(),
+            s0,
+            sign(&new[0], &dup).unwrap(),
+            sign(&new[1], &dup).unwrap(),
+        ];
         assert!(matches!(
             first.accept_next(&dup.encode_to_vec(), 10),
-            Err(TrustError::Threshold { valid: 1, .. })
+            Err(TrustError::Untrusted { valid: 1, .. })
         ));
         // Rollback: version 1 again, or an equal version, after 2.
         assert!(matches!(
@@ -484,6 +670,85 @@ mod tests {
             TrustedRoot::provisioned(&[0xff; 3]),
             Err(TrustError::Malformed(_))
         ));
+    }
+
+    #[test]
+    fn a_chain_is_walked_root_by_root_and_rollbacks_are_reported() {
+        let k1 = keys(2);
+        let k2 = keys(2);
+        let k3 = keys(2);
+        let r1 = signed_by(&root(1, &k1, 2, 1_000), &[&k1[0], &k1[1]]);
+        let r2 = signed_by(&root(2, &k2, 1, 1_000), &[&k1[0], &k1[1], &k2[0]]);
+        let r3 = signed_by(&root(3, &k3, 1, 1_000), &[&k2[1], &k3[0]]);
+        let v1 = TrustedRoot::provisioned(&r1).unwrap();
+        let chain = |roots: &[&Vec<u8>]| {
+            build::chain(&roots.iter().map(|r| (*r).clone()).collect::<Vec<_>>()).encode_to_vec()
+        };
+        // Two rotations missed: both taken in turn.
+        let w = v1.walk(&chain(&[&r1, &r2, &r3]), 10);
+        assert_eq!(
+            (w.accepted.as_ref().map(|r| r.version), w.refused),
+            (Some(3), None)
+        );
+        let v3 = w.accepted.unwrap();
+        // Only history: nothing to do.
+        assert_eq!(
+            v3.walk(&chain(&[&r1, &r2, &r3]), 10),
+            Walk {
+                accepted: None,
+                refused: None
+            }
+        );
+        // An older chain offered after a newer root: reported as a rollback.
+        let w = v3.walk(&chain(&[&r1, &r2]), 10);
+        assert!(matches!(
+            w.refused,
+            Some((
+                2,
+                TrustError::NotNewer {
+                    offered: 2,
+                    current: 3
+                }
+            ))
+        ));
+        // v3 straight from v1 (not signed by v1's keys): refused, nothing accepted.
+        let w = v1.walk(&chain(&[&r3]), 10);
+        assert!(matches!(w.refused, Some((3, TrustError::Untrusted { .. }))));
+        assert_eq!(w.refused.unwrap().1.refusal(), v1::RootRefusal::Untrusted);
+        // Expired on the way: v2 accepted, v3 refused as expired.
+        let r3_late = signed_by(&root(3, &k3, 1, 5), &[&k2[1], &k3[0]]);
+        let w = v1.walk(&chain(&[&r2, &r3_late]), 10);
+        assert_eq!(w.accepted.map(|r| r.version), Some(2));
+        assert!(matches!(w.refused, Some((3, TrustError::Expired { .. }))));
+        // Garbage and oversize.
+        assert!(matches!(
+            v1.walk(&[0xff], 10).refused,
+            Some((0, TrustError::Malformed(_)))
+        ));
+        let too_many: Vec<Vec<u8>> = vec![r1.clone(); MAX_CHAIN_ROOTS + 1];
+        let c = v1::RootChain { roots: too_many }.encode_to_vec();
+        assert!(matches!(
+            v1.walk(&c, 10).refused,
+            Some((0, TrustError::Malformed(_)))
+        ));
+    }
+
+    #[test]
+    fn partial_signatures_made_apart_combine() {
+        let k = keys(3);
+        let r = root(1, &k, 2, 1_000);
+        let mut a = encode(&r);
+        build::add_signature(&k[0], &mut a).unwrap();
+        build::add_signature(&k[0], &mut a).unwrap();
+        assert_eq!(a.signatures.len(), 1);
+        let mut b = encode(&r);
+        build::add_signature(&k[2], &mut b).unwrap();
+        let both = build::combine(&[a.clone(), b]).unwrap();
+        assert_eq!(both.signatures.len(), 2);
+        assert!(TrustedRoot::provisioned(&both.encode_to_vec()).is_ok());
+        assert!(TrustedRoot::provisioned(&a.encode_to_vec()).is_err());
+        let other = encode(&root(2, &k, 2, 1_000));
+        assert!(build::combine(&[a, other]).is_err());
     }
 
     proptest! {

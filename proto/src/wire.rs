@@ -287,7 +287,8 @@ pub fn check_signed_manifest(bytes: &[u8]) -> Result<usize, WireError> {
     while !r.is_empty() {
         let (tag, wire) = r.key()?;
         match tag {
-            1 => {
+            // manifest, withdrawal
+            1 | 3 => {
                 expect(wire, LEN)?;
                 r.delimited()?;
             }
@@ -388,6 +389,7 @@ mod tests {
 
     fn signed() -> v1::SignedManifest {
         v1::SignedManifest {
+            withdrawal: Default::default(),
             manifest: vec![1, 2, 3],
             signatures: vec![
                 v1::Signature {
@@ -726,6 +728,7 @@ mod tests {
         fn prop_peeked_update_id_is_what_prost_decodes(bytes in protobuf_ish(), id in ".{0,20}") {
             // Whatever the envelope, a peeked id is the id prost finds in the manifest.
             let envelope = v1::SignedManifest {
+                withdrawal: Default::default(),
                 manifest: [v1::UpdateManifest { update_id: id, ..Default::default() }.encode_to_vec(), bytes.clone()].concat(),
                 signatures: vec![],
             };

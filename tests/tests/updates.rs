@@ -687,6 +687,7 @@ async fn a_create_update_over_the_image_budget_is_refused_before_anything_is_sto
     };
     let bytes = m.encode_to_vec();
     let signed = SignedManifest {
+        withdrawal: Default::default(),
         signatures: vec![signer.sign(&bytes)],
         manifest: bytes,
     };

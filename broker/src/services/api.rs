@@ -326,6 +326,7 @@ impl CommandService {
                     None => (None, 0),
                 };
                 DeviceStatus {
+                    trust: Default::default(),
                     connected: self.online.contains(&s.device_id),
                     device_id: s.device_id,
                     last_report,

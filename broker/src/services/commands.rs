@@ -75,12 +75,14 @@ pub(super) fn next_sweep_in(
 /// The device-facing form of a stored command, for delivery number `attempt`.
 pub(super) fn to_command(c: &StoredCommand) -> Command {
     Command {
+        device_class: Default::default(),
+        device_id: Default::default(),
+        not_before_ms: Default::default(),
         command_id: c.command_id.clone(),
         name: c.name.clone(),
         payload: c.payload.clone(),
         issued_at_ms: c.issued_at_ms,
         expires_at_ms: c.expires_at_ms,
-        attempt: c.attempts,
         issued_by: c.issued_by.clone(),
     }
 }
@@ -120,6 +122,8 @@ pub(super) fn closing_state(status: CommandStatus) -> Option<CommandState> {
 /// The result the gateway records for a command that expired undelivered or unanswered.
 fn expired_result(c: &StoredCommand) -> Vec<u8> {
     CommandResult {
+        command_digest: Default::default(),
+        refusal: Default::default(),
         command_id: c.command_id.clone(),
         status: CommandStatus::Expired.into(),
         output: Vec::new(),
@@ -391,6 +395,7 @@ impl CommandService {
     /// Publishes a command's new state to services.
     pub(super) fn event(&mut self, c: &StoredCommand) {
         let ev = CommandEvent {
+            foreign: Default::default(),
             command: Some(to_record(c)),
         };
         if let Err(e) = self.link.publish(

@@ -103,6 +103,8 @@ impl Entry {
                 message,
                 completed_at_ms,
             } => Some(CommandResult {
+                command_digest: Default::default(),
+                refusal: Default::default(),
                 command_id: id.to_owned(),
                 status: *status,
                 output: output.clone(),
@@ -142,6 +144,8 @@ const ABANDONED: &str =
 
 fn result(id: &str, status: CommandStatus, message: &str, now_ms: u64) -> CommandResult {
     CommandResult {
+        command_digest: Default::default(),
+        refusal: Default::default(),
         command_id: id.to_owned(),
         status: status.into(),
         output: Vec::new(),
@@ -302,6 +306,8 @@ mod tests {
 
     fn done(id: &str, output: &[u8]) -> CommandResult {
         CommandResult {
+            command_digest: Default::default(),
+            refusal: Default::default(),
             command_id: id.into(),
             status: CommandStatus::Succeeded.into(),
             output: output.to_vec(),

@@ -216,6 +216,7 @@ fn d1_a_hostile_envelope_gets_a_small_printable_report() {
         })
         .collect();
     let envelope = SignedManifest {
+        withdrawal: Default::default(),
         manifest: manifest.encode_to_vec(),
         signatures,
     }

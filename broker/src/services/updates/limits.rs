@@ -173,6 +173,7 @@ mod tests {
 
     fn signed(n: usize) -> SignedManifest {
         SignedManifest {
+            withdrawal: Default::default(),
             manifest: Vec::new(),
             signatures: (0..n)
                 .map(|i| Signature {

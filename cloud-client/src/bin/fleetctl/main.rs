@@ -412,6 +412,7 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
             let fleet = connect(&cli.conn).await?;
             let handle = fleet
                 .send_command(SendCommand {
+                    signed: Default::default(),
                     command_id: id.unwrap_or_default(),
                     device_ids: devices,
                     device_class: class.unwrap_or_default(),
@@ -465,7 +466,9 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
                     ev = events.recv() => ev,
                 };
                 let rec = match ev {
-                    Ok(cloud_client::CommandEvent { command: Some(rec) }) => rec,
+                    Ok(cloud_client::CommandEvent {
+                        command: Some(rec), ..
+                    }) => rec,
                     Ok(_) => continue,
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
                         eprintln!("fleetctl: {n} events missed (too slow)");
