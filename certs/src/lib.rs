@@ -16,9 +16,11 @@ pub mod identity;
 pub mod inspect;
 pub mod pki;
 pub mod profile;
+pub mod trust;
 pub mod verify;
 
 pub use client_tls::{client_tls, ClientTls, ClientTlsError};
 pub use identity::{identity_from_der, Identity, IdentityError, IdentityPolicy, Role};
 pub use pki::{InitOptions, Pki, PkiError};
+pub use trust::{TrustFiles, TrustFilesError, TrustSpec};
 pub use verify::{TrustStore, VerifyError};

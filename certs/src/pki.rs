@@ -7,6 +7,8 @@
 //! DIR/index.json               issued certificates: id, role, serial, files, revocation
 //! DIR/{role}s/{id}.crt .key    leaf certificates (keys 0600), e.g. devices/dev-0001.crt
 //! DIR/update-signing.key .pub  Ed25519 update-authority key (private key 0600)
+//! DIR/trust/                   the chain of trust: root keys (2 of 3), updates key (the
+//!                              update-signing key), commands key, and root.bin (version 1)
 //! ```
 //!
 //! Ids are unique across roles (an id is an MQTT client id). The CLI is single-user: two
@@ -25,6 +27,7 @@ use time::{Duration, OffsetDateTime};
 use crate::files::{read_string, write_atomic, FileError};
 use crate::identity::{Identity, Role};
 use crate::profile::{self, Issued, ProfileError, ServerNames, Validity};
+use crate::trust::{TrustFiles, TrustSpec};
 
 /// How long a CRL is declared valid (`next_update`). Revocations rewrite it earlier.
 pub const CRL_VALIDITY_DAYS: i64 = 365;
@@ -73,6 +76,9 @@ pub enum PkiError {
     /// The signing key could not be made or written.
     #[error("update-signing key: {0}")]
     SigningKey(#[from] KeyError),
+    /// The trust directory could not be made.
+    #[error("chain of trust: {0}")]
+    Trust(#[from] crate::trust::TrustFilesError),
 }
 
 /// One issued certificate in the index.
@@ -183,6 +189,14 @@ impl Pki {
         };
         pki.save_index()?;
         pki.write_crl()?;
+        let now_ms = u64::try_from(OffsetDateTime::now_utc().unix_timestamp())
+            .unwrap_or(0)
+            .saturating_mul(1000);
+        TrustFiles::create(
+            &dir.join("trust"),
+            &TrustSpec::development(now_ms),
+            Some(&signer),
+        )?;
         // The CA certificate last: its presence marks a complete PKI.
         write_atomic(&Self::ca_cert_path(dir), ca.cert_pem.as_bytes(), false)?;
 
@@ -250,6 +264,11 @@ impl Pki {
     /// The update-signing public key file (what devices trust).
     pub fn signing_pub_path(&self) -> PathBuf {
         self.dir.join("update-signing.pub")
+    }
+
+    /// The chain of trust's key files and first root (`DIR/trust`).
+    pub fn trust(&self) -> TrustFiles {
+        TrustFiles::at(&self.dir.join("trust"))
     }
 
     /// Everything issued so far, in issue order.

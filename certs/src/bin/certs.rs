@@ -140,6 +140,11 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 pki.signing_key_path().display(),
                 pki.signing_pub_path().display()
             );
+            println!(
+                "  root of trust        {} (keys in {}: root 2 of 3, updates = the update-signing key, commands 1 of 1)",
+                pki.trust().root_path().display(),
+                pki.trust().dir().display()
+            );
             print_entries(&pki);
         }
         Command::Issue {

@@ -277,6 +277,7 @@ impl UpdateService {
         let m = m.map_err(invalid)?;
         let campaign = self.campaigns.get(update_id);
         Ok(UpdateRecord {
+            manifest_sha256: Default::default(),
             update_id: m.update_id,
             version: m.version,
             device_class: m.device_class,
