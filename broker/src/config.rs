@@ -253,7 +253,8 @@ pub struct CommandSettings {
     #[serde(with = "humantime_serde")]
     pub max_ttl: Duration,
     /// A command handed to a connected device without a result after this long is handed over
-    /// again (with `attempt` + 1). Reconnects re-deliver at once regardless. Default 30 s.
+    /// again (with `SignedCommand.attempt` + 1). Reconnects re-deliver at once regardless.
+    /// Default 30 s.
     #[serde(with = "humantime_serde")]
     pub redeliver_after: Duration,
     /// How long finished commands stay queryable before they are forgotten. Default 7 days.
@@ -263,6 +264,11 @@ pub struct CommandSettings {
     /// is refused with LIMIT, so an absent device cannot grow the store without bound.
     /// Default 1000.
     pub max_open_per_device: u32,
+    /// Accept unsigned SendCommand requests (name, payload, targets) and deliver them as
+    /// SignedCommands without signatures. Default false: a command must be signed by the
+    /// `commands` role of the fleet's root, and devices that hold a root refuse unsigned ones
+    /// anyway; only for fleets whose devices have no root of trust yet.
+    pub allow_unsigned: bool,
 }
 
 /// The bridge: an MQTT client of the cloud broker that carries this gateway's tree there
@@ -384,6 +390,7 @@ impl Default for CommandSettings {
             redeliver_after: Duration::from_secs(30),
             retention: Duration::from_secs(7 * 24 * 3600),
             max_open_per_device: 1000,
+            allow_unsigned: false,
         }
     }
 }

@@ -3,14 +3,14 @@
 //! handlers run on the command service's task, which owns the link and the set of connected
 //! devices.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use fleet_proto::ids::validate_id;
 use fleet_proto::topics;
 use fleet_proto::v1::{
-    api_request, api_response, ApiError, ApiErrorCode, ApiRequest, ApiResponse, CommandState,
-    DeviceStatus, GetCommand, GetCommandResponse, GetStatus, GetStatusResponse, Presence,
-    SendCommand, SendCommandResponse, StatusReport,
+    api_request, api_response, ApiError, ApiErrorCode, ApiRequest, ApiResponse, Command,
+    CommandState, DeviceStatus, GetCommand, GetCommandResponse, GetStatus, GetStatusResponse,
+    Presence, SendCommand, SendCommandResponse, Signature, StatusReport,
 };
 use fleet_proto::Message;
 use rand_core::RngCore;
@@ -42,8 +42,187 @@ fn new_command_id() -> String {
     format!("cmd-{}", hex::encode(b))
 }
 
-/// Checks a SendCommand and turns it into one command per target. `class_members` are the
-/// known devices of `req.device_class` (looked up by the caller).
+/// What an unsigned SendCommand is refused with when the gateway takes signed commands only.
+pub(crate) const UNSIGNED_REFUSED: &str = "unsigned command refused: commands must be signed by \
+     the commands role of the fleet's root of trust (send SendCommand.signed); this gateway \
+     does not accept unsigned commands (commands.allow_unsigned = false)";
+
+/// One SignedCommand of a request whose shape has been checked (its signatures are the
+/// devices' business).
+#[derive(Debug, Clone)]
+pub(crate) struct CheckedSigned {
+    /// The Command decoded from `bytes`.
+    pub command: Command,
+    /// The Command bytes exactly as signed.
+    pub bytes: Vec<u8>,
+    /// The signatures, as given.
+    pub signatures: Vec<Signature>,
+}
+
+/// Checks the shape of a signed SendCommand: every SignedCommand within its bounds (encoded
+/// size, 1 to `MAX_SIGNATURES` signatures), its Command decodes with a valid id (the same in
+/// all, and equal to `req.command_id` if that is set), exactly one of a valid device id and a
+/// device class, an expiry after `now_ms`, a name of 1 to [`MAX_NAME_LEN`] bytes; and fields 2
+/// to 6 of the request empty. Signatures are not checked: the gateway holds no root it could
+/// trust more than the devices do, and the devices check them.
+pub(crate) fn check_signed(req: &SendCommand, now_ms: u64) -> Result<Vec<CheckedSigned>, ApiError> {
+    let invalid = |m: String| api_error(ApiErrorCode::Invalid, m);
+    if !req.device_ids.is_empty()
+        || !req.device_class.is_empty()
+        || !req.name.is_empty()
+        || !req.payload.is_empty()
+        || req.ttl_ms != 0
+    {
+        return Err(invalid(
+            "a signed SendCommand carries everything in `signed`: device_ids, device_class, \
+             name, payload and ttl_ms must be empty"
+                .into(),
+        ));
+    }
+    if req.signed.len() > MAX_TARGETS {
+        return Err(invalid(format!("more than {MAX_TARGETS} signed commands")));
+    }
+    let mut out: Vec<CheckedSigned> = Vec::with_capacity(req.signed.len());
+    for (i, sc) in req.signed.iter().enumerate() {
+        let len = sc.encoded_len();
+        if len > fleet_proto::command::MAX_SIGNED_COMMAND_LEN {
+            return Err(invalid(format!(
+                "signed[{i}]: {len} bytes; at most {} are accepted",
+                fleet_proto::command::MAX_SIGNED_COMMAND_LEN
+            )));
+        }
+        if sc.signatures.is_empty() {
+            return Err(invalid(format!(
+                "signed[{i}]: no signature; commands must be signed by the commands role"
+            )));
+        }
+        if sc.signatures.len() > fleet_proto::limits::MAX_SIGNATURES {
+            return Err(invalid(format!(
+                "signed[{i}]: {} signatures; at most {}",
+                sc.signatures.len(),
+                fleet_proto::limits::MAX_SIGNATURES
+            )));
+        }
+        let c = Command::decode(sc.command.as_slice()).map_err(|e| {
+            invalid(format!(
+                "signed[{i}]: command is not a fleet.v1.Command: {e}"
+            ))
+        })?;
+        validate_id(&c.command_id).map_err(|e| invalid(format!("signed[{i}]: command_id: {e}")))?;
+        let first = out
+            .first()
+            .map(|f| f.command.command_id.as_str())
+            .unwrap_or(if req.command_id.is_empty() {
+                c.command_id.as_str()
+            } else {
+                req.command_id.as_str()
+            });
+        if c.command_id != first {
+            return Err(invalid(format!(
+                "signed[{i}]: command id {:?} differs from {first:?}; one request is one command",
+                c.command_id
+            )));
+        }
+        match (c.device_id.is_empty(), c.device_class.is_empty()) {
+            (false, true) => validate_id(&c.device_id)
+                .map_err(|e| invalid(format!("signed[{i}]: device id {:?}: {e}", c.device_id)))?,
+            (true, false) => {}
+            _ => {
+                return Err(invalid(format!(
+                    "signed[{i}]: exactly one of device_id and device_class must be set"
+                )))
+            }
+        }
+        if c.expires_at_ms == 0 {
+            return Err(invalid(format!(
+                "signed[{i}]: no expiry (expires_at_ms); a signed command must expire"
+            )));
+        }
+        if c.expires_at_ms <= now_ms {
+            return Err(invalid(format!(
+                "signed[{i}]: expired at {} (now {now_ms})",
+                c.expires_at_ms
+            )));
+        }
+        if c.name.is_empty() || c.name.len() > MAX_NAME_LEN {
+            return Err(invalid(format!(
+                "signed[{i}]: name must be 1 to {MAX_NAME_LEN} bytes"
+            )));
+        }
+        out.push(CheckedSigned {
+            command: c,
+            bytes: sc.command.clone(),
+            signatures: sc.signatures.clone(),
+        });
+    }
+    if out.is_empty() {
+        return Err(invalid("no signed command".into()));
+    }
+    Ok(out)
+}
+
+/// Turns checked signed commands into one stored command per target device: a command for a
+/// device goes to that device, a command for a class to every known member (`members`, looked
+/// up by the caller for each class named). A device targeted twice is refused.
+pub(crate) fn plan_signed(
+    checked: Vec<CheckedSigned>,
+    members: &BTreeMap<String, Vec<String>>,
+    service: &str,
+    now_ms: u64,
+) -> Result<Vec<StoredCommand>, ApiError> {
+    let mut by_device: BTreeMap<String, StoredCommand> = BTreeMap::new();
+    for c in checked {
+        let targets = if c.command.device_id.is_empty() {
+            let class = &c.command.device_class;
+            match members.get(class) {
+                Some(m) if !m.is_empty() => m.clone(),
+                _ => {
+                    return Err(api_error(
+                        ApiErrorCode::NotFound,
+                        format!("no known device of class {class:?}"),
+                    ))
+                }
+            }
+        } else {
+            vec![c.command.device_id.clone()]
+        };
+        for device_id in targets {
+            let stored = StoredCommand {
+                command_id: c.command.command_id.clone(),
+                name: c.command.name.clone(),
+                payload: c.command.payload.clone(),
+                issued_by: service.to_owned(),
+                issued_at_ms: now_ms,
+                expires_at_ms: c.command.expires_at_ms,
+                attempts: 0,
+                state: CommandState::Pending,
+                result: None,
+                updated_at_ms: now_ms,
+                command: c.bytes.clone(),
+                signatures: c.signatures.clone(),
+                not_before_ms: c.command.not_before_ms,
+                device_id: device_id.clone(),
+            };
+            if by_device.insert(device_id.clone(), stored).is_some() {
+                return Err(api_error(
+                    ApiErrorCode::Invalid,
+                    format!("two signed commands of the request are for device {device_id:?}"),
+                ));
+            }
+        }
+    }
+    if by_device.len() > MAX_TARGETS {
+        return Err(api_error(
+            ApiErrorCode::Invalid,
+            format!("more than {MAX_TARGETS} targets"),
+        ));
+    }
+    Ok(by_device.into_values().collect())
+}
+
+/// Checks an unsigned SendCommand (accepted only with `commands.allow_unsigned`) and turns it
+/// into one command per target, each delivered as a SignedCommand without signatures.
+/// `class_members` are the known devices of `req.device_class` (looked up by the caller).
 pub(crate) fn plan_send(
     req: &SendCommand,
     service: &str,
@@ -92,6 +271,20 @@ pub(crate) fn plan_send(
     Ok(targets
         .into_iter()
         .map(|device_id| StoredCommand {
+            command: Command {
+                command_id: command_id.clone(),
+                name: req.name.clone(),
+                payload: req.payload.clone(),
+                issued_at_ms: now_ms,
+                expires_at_ms,
+                issued_by: service.to_owned(),
+                device_id: device_id.clone(),
+                device_class: String::new(),
+                not_before_ms: 0,
+            }
+            .encode_to_vec(),
+            signatures: Vec::new(),
+            not_before_ms: 0,
             device_id,
             command_id: command_id.clone(),
             name: req.name.clone(),
@@ -203,17 +396,40 @@ impl CommandService {
         service: &str,
         req: SendCommand,
     ) -> Result<SendCommandResponse, ApiError> {
-        let class = req.device_class.clone();
-        let members = if class.is_empty() {
-            Vec::new()
-        } else {
-            self.store
-                .call("devices of class", move |s| s.devices_of_class(&class))
-                .await
-                .map_err(|_| Self::unavailable())?
-        };
         let now = fleet_proto::time::now_ms();
-        let planned = plan_send(&req, service, &members, &self.settings, now)?;
+        let planned = if !req.signed.is_empty() {
+            let checked = check_signed(&req, now)?;
+            let classes: BTreeSet<String> = checked
+                .iter()
+                .filter(|c| c.command.device_id.is_empty())
+                .map(|c| c.command.device_class.clone())
+                .collect();
+            let members = self
+                .store
+                .call("devices of class", move |s| {
+                    classes
+                        .into_iter()
+                        .map(|c| Ok((c.clone(), s.devices_of_class(&c)?)))
+                        .collect::<Result<BTreeMap<_, _>, _>>()
+                })
+                .await
+                .map_err(|_| Self::unavailable())?;
+            plan_signed(checked, &members, service, now)?
+        } else if !self.settings.allow_unsigned {
+            Metrics::inc(&self.metrics.commands_unsigned_refused);
+            return Err(api_error(ApiErrorCode::Invalid, UNSIGNED_REFUSED));
+        } else {
+            let class = req.device_class.clone();
+            let members = if class.is_empty() {
+                Vec::new()
+            } else {
+                self.store
+                    .call("devices of class", move |s| s.devices_of_class(&class))
+                    .await
+                    .map_err(|_| Self::unavailable())?
+            };
+            plan_send(&req, service, &members, &self.settings, now)?
+        };
         let command_id = planned
             .first()
             .map(|c| c.command_id.clone())
