@@ -40,6 +40,8 @@ pub struct GatewayConfig {
     pub bridge: BridgeSettings,
     /// The metrics and health endpoint.
     pub metrics: MetricsSettings,
+    /// The fleet's root of trust, which the gateway distributes (it holds no key).
+    pub trust: TrustSettings,
 }
 
 impl Default for GatewayConfig {
@@ -56,6 +58,7 @@ impl Default for GatewayConfig {
             updates: UpdateSettings::default(),
             bridge: BridgeSettings::default(),
             metrics: MetricsSettings::default(),
+            trust: TrustSettings::default(),
         }
     }
 }
@@ -240,6 +243,18 @@ pub struct IdentitySettings {
     /// Role given to certificates without a `urn:fleet:` SAN URI (their CN is the id). Default
     /// none: such certificates are refused.
     pub cn_fallback_role: Option<Role>,
+}
+
+/// The root of trust the gateway distributes on `fleet/trust/roots`.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrustSettings {
+    /// An encoded SignedRoot (such as the development PKI's `trust/root.bin`): the gateway's
+    /// first root, taken when it holds none yet (or, if newer, as the successor of the newest
+    /// it holds, by the same rules as a device). Newer roots arrive through the fleet API
+    /// (PublishRoot) and are kept in the store. Default none: the gateway distributes nothing
+    /// until a service publishes a first root.
+    pub root: Option<PathBuf>,
 }
 
 /// The command service's timing.

@@ -11,9 +11,11 @@ use common::{eventually, Api, Peer, TestGateway};
 use fleet_broker::Metrics;
 use fleet_proto::command::sign_command;
 use fleet_proto::signing::{Signer, UpdateSigner};
+use fleet_proto::trust::build;
 use fleet_proto::v1::{
     api_request, api_response, ApiErrorCode, Command, CommandEvent, CommandRefusal, CommandResult,
-    CommandState, CommandStatus, GetCommand, SendCommand, SignedCommand,
+    CommandState, CommandStatus, GetCommand, GetStatus, GetTrust, PublishRoot, Root, RootChain,
+    RootRefusal, SendCommand, SignedCommand, TrustEvent, TrustReport,
 };
 use fleet_proto::Message;
 use sha2::{Digest as _, Sha256};
@@ -200,6 +202,173 @@ async fn only_a_result_for_the_stored_bytes_closes_a_command() {
     assert_eq!(result.message, "root rotated");
     eventually(Duration::from_secs(5), "one foreign result", || {
         Metrics::get(&m.command_results_foreign) == 1
+    })
+    .await;
+}
+
+// ---- Roots ----
+
+fn root_doc(version: u64, root_keys: &[&UpdateSigner], commands: &UpdateSigner) -> Root {
+    let vk = |ks: &[&UpdateSigner]| ks.iter().map(|k| k.verifying_key()).collect::<Vec<_>>();
+    Root {
+        format_version: fleet_proto::trust::ROOT_FORMAT_VERSION,
+        version,
+        expires_at_ms: fleet_proto::time::now_ms() + 365 * 24 * 3_600_000,
+        root: Some(build::role(&vk(root_keys), 2)),
+        updates: Some(build::role(&vk(&[commands]), 1)),
+        commands: Some(build::role(&vk(&[commands]), 1)),
+    }
+}
+
+fn signed_by(root: &Root, keys: &[&UpdateSigner]) -> Vec<u8> {
+    let mut s = build::encode(root);
+    for k in keys {
+        build::add_signature(*k, &mut s).unwrap();
+    }
+    s.encode_to_vec()
+}
+
+async fn publish_root(api: &mut Api, bytes: Vec<u8>) -> api_response::Body {
+    api.call(api_request::Body::PublishRoot(PublishRoot {
+        signed_root: bytes,
+    }))
+    .await
+}
+
+/// The configured root is distributed retained; a successor signed by the current root keys
+/// is accepted and distributed; an older root (rollback) and a root signed by new keys only
+/// are refused with the reason, and what a late subscriber finds is the accepted chain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn roots_are_distributed_and_only_successors_accepted() {
+    let gw = TestGateway::start_trusted().await;
+    let trust = gw.pki.trust();
+    let first = std::fs::read(trust.root_path()).unwrap();
+    let mut dev = Peer::connect(&gw, "dev-1").await;
+    dev.subscribe("fleet/trust/roots").await;
+    let got = dev.recv_on("fleet/trust/roots").await;
+    assert!(got.retain, "the chain is retained");
+    assert_eq!(
+        RootChain::decode(got.payload.as_slice()).unwrap().roots,
+        std::slice::from_ref(&first)
+    );
+
+    let mut api = Api::connect(&gw, "svc-1").await;
+    match api.call(api_request::Body::GetTrust(GetTrust {})).await {
+        api_response::Body::Trust(t) => assert_eq!(t.version, 1),
+        other => panic!("GetTrust: {other:?}"),
+    }
+
+    let r: Vec<UpdateSigner> = (1..=3).map(|n| trust.signer("root", n).unwrap()).collect();
+    let commands = UpdateSigner::generate();
+    let v2 = signed_by(
+        &root_doc(2, &[&r[0], &r[1], &r[2]], &commands),
+        &[&r[0], &r[1]],
+    );
+    match publish_root(&mut api, v2.clone()).await {
+        api_response::Body::Trust(t) => {
+            assert_eq!(t.version, 2);
+            assert_eq!(t.chain.unwrap().roots, [first.clone(), v2.clone()]);
+        }
+        other => panic!("successor: {other:?}"),
+    }
+    let live = dev.recv_on("fleet/trust/roots").await;
+    assert_eq!(
+        RootChain::decode(live.payload.as_slice()).unwrap().roots,
+        [first.clone(), v2.clone()]
+    );
+
+    // Rollback: the first root again.
+    match publish_root(&mut api, first.clone()).await {
+        api_response::Body::Error(e) => {
+            assert_eq!(e.code(), ApiErrorCode::Invalid);
+            assert!(e.message.contains("not newer"), "{}", e.message);
+        }
+        other => panic!("rollback: {other:?}"),
+    }
+    // New keys only: the new root keys sign their own root.
+    let n: Vec<UpdateSigner> = (0..3).map(|_| UpdateSigner::generate()).collect();
+    let v3 = signed_by(
+        &root_doc(3, &[&n[0], &n[1], &n[2]], &commands),
+        &[&n[0], &n[1]],
+    );
+    match publish_root(&mut api, v3).await {
+        api_response::Body::Error(e) => {
+            assert_eq!(e.code(), ApiErrorCode::Invalid);
+            assert!(
+                e.message.contains("not signed by the current root"),
+                "{}",
+                e.message
+            );
+        }
+        other => panic!("new keys only: {other:?}"),
+    }
+    dev.disconnect().await;
+    let mut late = Peer::connect(&gw, "dev-2").await;
+    late.subscribe("fleet/trust/roots").await;
+    let got = late.recv_on("fleet/trust/roots").await;
+    assert_eq!(
+        RootChain::decode(got.payload.as_slice()).unwrap().roots,
+        [first, v2]
+    );
+}
+
+// ---- Trust reports ----
+
+/// A device's trust report is kept and shown by GetStatus, a change is published as a
+/// TrustEvent, and a device on an older root is counted as behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trust_reports_reach_get_status_and_events() {
+    let gw = TestGateway::start_trusted().await;
+    let mut api = Api::connect(&gw, "svc-1").await;
+    let mut dev = Peer::connect(&gw, "dev-1").await;
+    let report = TrustReport {
+        root_version: 0,
+        refused_version: 1,
+        refusal: RootRefusal::Untrusted.into(),
+        detail: "not signed by the current root".into(),
+        timestamp_ms: fleet_proto::time::now_ms(),
+        ..TrustReport::default()
+    };
+    dev.publish("devices/dev-1/trust", &report.encode_to_vec(), true)
+        .await;
+    let ev: TrustEvent = api
+        .event("fleet/events/trust/dev-1", |_: &TrustEvent| true)
+        .await;
+    assert_eq!(ev.device_id, "dev-1");
+    assert_eq!(ev.report.as_ref(), Some(&report));
+    match api
+        .call(api_request::Body::GetStatus(GetStatus {
+            device_ids: vec!["dev-1".into()],
+        }))
+        .await
+    {
+        api_response::Body::GetStatus(s) => {
+            assert_eq!(s.devices[0].trust.as_ref(), Some(&report));
+        }
+        other => panic!("GetStatus: {other:?}"),
+    }
+    let m = gw.handle.metrics();
+    eventually(Duration::from_secs(5), "one device behind", || {
+        Metrics::get(&m.trust_devices_behind) == 1
+    })
+    .await;
+    // Caught up: no longer behind.
+    let current = TrustReport {
+        root_version: 1,
+        root_expires_at_ms: fleet_proto::time::now_ms() + 3_600_000,
+        timestamp_ms: fleet_proto::time::now_ms(),
+        ..TrustReport::default()
+    };
+    dev.publish("devices/dev-1/trust", &current.encode_to_vec(), true)
+        .await;
+    let ev: TrustEvent = api
+        .event("fleet/events/trust/dev-1", |e: &TrustEvent| {
+            e.report.as_ref().is_some_and(|r| r.root_version == 1)
+        })
+        .await;
+    assert_eq!(ev.report.as_ref(), Some(&current));
+    eventually(Duration::from_secs(5), "no device behind", || {
+        Metrics::get(&m.trust_devices_behind) == 0
     })
     .await;
 }

@@ -10,7 +10,7 @@ use fleet_proto::topics;
 use fleet_proto::v1::{
     api_request, api_response, ApiError, ApiErrorCode, ApiRequest, ApiResponse, Command,
     CommandState, DeviceStatus, GetCommand, GetCommandResponse, GetStatus, GetStatusResponse,
-    Presence, SendCommand, SendCommandResponse, Signature, StatusReport,
+    Presence, SendCommand, SendCommandResponse, Signature, StatusReport, TrustReport,
 };
 use fleet_proto::Message;
 use rand_core::RngCore;
@@ -352,21 +352,31 @@ impl CommandService {
                 .await
                 .map(api_response::Body::GetStatus),
             Some(body) => {
-                // The update server answers update requests itself.
+                // The update server answers update requests itself, the trust service trust
+                // requests.
+                let trust = matches!(
+                    body,
+                    api_request::Body::PublishRoot(_) | api_request::Body::GetTrust(_)
+                );
                 let call = ApiCall {
                     service: service.to_owned(),
                     request_id,
                     body,
                 };
-                if let Err(e) = self.updates.send(call) {
-                    warn!(service, "update server is gone; request dropped");
+                let sent = if trust {
+                    self.trust.send(call)
+                } else {
+                    self.updates.send(call)
+                };
+                if let Err(e) = sent {
+                    warn!(service, "a service is gone; request dropped");
                     let call = e.0;
                     self.respond(
                         service,
                         call.request_id,
                         api_response::Body::Error(api_error(
                             ApiErrorCode::Unavailable,
-                            "the update server has stopped",
+                            "the service answering this request has stopped",
                         )),
                     );
                 }
@@ -542,7 +552,10 @@ impl CommandService {
                     None => (None, 0),
                 };
                 DeviceStatus {
-                    trust: Default::default(),
+                    trust: s
+                        .trust
+                        .as_ref()
+                        .and_then(|(b, _)| TrustReport::decode(b.as_slice()).ok()),
                     connected: self.online.contains(&s.device_id),
                     device_id: s.device_id,
                     last_report,

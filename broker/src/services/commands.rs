@@ -55,6 +55,8 @@ pub(crate) struct CommandService {
     events: mpsc::UnboundedReceiver<SessionEvent>,
     /// Where update requests of the fleet API go.
     pub(super) updates: mpsc::UnboundedSender<super::updates::ApiCall>,
+    /// Where trust requests of the fleet API go.
+    pub(super) trust: mpsc::UnboundedSender<super::updates::ApiCall>,
     /// Set when something may have moved the next deadline earlier (a command accepted or
     /// handed over, a sweep done): the schedule is read again before the next wait.
     pub(super) reschedule: bool,
@@ -145,6 +147,7 @@ impl CommandService {
         metrics: Arc<Metrics>,
         events: mpsc::UnboundedReceiver<SessionEvent>,
         updates: mpsc::UnboundedSender<super::updates::ApiCall>,
+        trust: mpsc::UnboundedSender<super::updates::ApiCall>,
     ) -> Result<Self, LinkError> {
         let results = topics::all_devices_filter(DeviceTopic::CmdResult);
         let link =
@@ -157,6 +160,7 @@ impl CommandService {
             online: HashSet::new(),
             events,
             updates,
+            trust,
             reschedule: false,
         })
     }

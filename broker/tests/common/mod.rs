@@ -71,6 +71,15 @@ impl TestGateway {
     }
 
     pub async fn start_with(tweak: impl FnOnce(&mut GatewayConfig)) -> Self {
+        Self::start_inner(false, tweak).await
+    }
+
+    /// A gateway whose first root of trust is the development PKI's `trust/root.bin`.
+    pub async fn start_trusted() -> Self {
+        Self::start_inner(true, |_| {}).await
+    }
+
+    async fn start_inner(trusted: bool, tweak: impl FnOnce(&mut GatewayConfig)) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let pki = make_pki(&dir.path().join("pki"));
         let gw = pki.entry("gw-1").unwrap();
@@ -88,6 +97,9 @@ impl TestGateway {
             },
             ..GatewayConfig::default()
         };
+        if trusted {
+            config.trust.root = Some(pki.trust().root_path());
+        }
         tweak(&mut config);
         let gateway = Gateway::bind(config, files).await.unwrap();
         let addr = gateway.local_addr().unwrap();
