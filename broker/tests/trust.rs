@@ -372,3 +372,99 @@ async fn trust_reports_reach_get_status_and_events() {
     })
     .await;
 }
+
+// ---- Signed withdrawal ----
+
+/// An abort without a signed withdrawal is refused; with one, the gateway publishes its exact
+/// bytes, retained, on the target's manifest topic, and the record names the manifest digest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abort_publishes_the_signed_withdrawal_byte_identical() {
+    use fleet_proto::command::{sign_withdrawal, withdrawal_of};
+    use fleet_proto::v1::{
+        CampaignAction, CampaignState, ControlCampaign, CreateUpdate, DeployUpdate, UpdateManifest,
+        UploadChunk,
+    };
+    let gw = TestGateway::start().await;
+    let updates = UpdateSigner::generate();
+    let commands = UpdateSigner::generate();
+    let mut api = Api::connect(&gw, "svc-1").await;
+    let image = vec![0x5au8; 1024];
+    let summary = fleet_proto::chunker::summarize(image.as_slice(), 1024).unwrap();
+    let now = fleet_proto::time::now_ms();
+    let manifest = UpdateManifest {
+        format_version: fleet_proto::manifest::FORMAT_VERSION,
+        update_id: "u-1".into(),
+        device_class: "pump".into(),
+        version: "2.0".into(),
+        sequence: 1,
+        issued_at_ms: now,
+        expires_at_ms: now + 3_600_000,
+        components: vec![summary.component("fw")],
+        ..UpdateManifest::default()
+    };
+    let signed = updates.sign_manifest(&manifest);
+    for body in [
+        api_request::Body::CreateUpdate(CreateUpdate {
+            manifest: Some(signed.clone()),
+        }),
+        api_request::Body::UploadChunk(UploadChunk {
+            update_id: "u-1".into(),
+            component: "fw".into(),
+            index: 0,
+            data: image.clone(),
+            proof: Vec::new(),
+        }),
+        api_request::Body::DeployUpdate(DeployUpdate {
+            update_id: "u-1".into(),
+            device_ids: vec!["dev-1".into()],
+            ..DeployUpdate::default()
+        }),
+    ] {
+        if let api_response::Body::Error(e) = api.call(body).await {
+            panic!("setting up the update: {e:?}");
+        }
+    }
+    let mut dev = Peer::connect(&gw, "dev-1").await;
+    dev.subscribe("devices/dev-1/update/manifest").await;
+    let offer = dev.recv_on("devices/dev-1/update/manifest").await;
+    assert_eq!(offer.payload, signed.encode_to_vec(), "the offer");
+
+    let abort = |withdrawal| {
+        api_request::Body::ControlCampaign(ControlCampaign {
+            update_id: "u-1".into(),
+            action: CampaignAction::Abort.into(),
+            withdrawal,
+        })
+    };
+    match api.call(abort(None)).await {
+        api_response::Body::Error(e) => {
+            assert_eq!(e.code(), ApiErrorCode::Invalid);
+            assert!(e.message.contains("withdrawal"), "{}", e.message);
+        }
+        other => panic!("abort without a withdrawal: {other:?}"),
+    }
+    let w = sign_withdrawal(
+        &withdrawal_of("u-1", &signed.manifest, now, "bad batch"),
+        &[&commands],
+    )
+    .unwrap();
+    match api.call(abort(Some(w.clone()))).await {
+        api_response::Body::Update(r) => {
+            assert_eq!(r.campaign.unwrap().state(), CampaignState::Aborted);
+            assert_eq!(r.manifest_sha256, Sha256::digest(&signed.manifest).to_vec());
+        }
+        other => panic!("abort: {other:?}"),
+    }
+    let live = dev.recv_on("devices/dev-1/update/manifest").await;
+    assert_eq!(
+        live.payload,
+        w.encode_to_vec(),
+        "the withdrawal, byte for byte"
+    );
+    dev.disconnect().await;
+    let mut later = Peer::connect(&gw, "dev-1").await;
+    later.subscribe("devices/dev-1/update/manifest").await;
+    let kept = later.recv_on("devices/dev-1/update/manifest").await;
+    assert!(kept.retain);
+    assert_eq!(kept.payload, w.encode_to_vec());
+}
