@@ -615,6 +615,121 @@ mod tests {
         assert_eq!(c[0].expires_at_ms, 2_005);
     }
 
+    fn signed(f: impl FnOnce(&mut Command)) -> fleet_proto::v1::SignedCommand {
+        let mut c = Command {
+            command_id: "c-1".into(),
+            name: "reboot".into(),
+            expires_at_ms: 10_000,
+            device_id: "dev-1".into(),
+            ..Command::default()
+        };
+        f(&mut c);
+        fleet_proto::v1::SignedCommand {
+            command: c.encode_to_vec(),
+            signatures: vec![Signature::default()],
+            ..Default::default()
+        }
+    }
+
+    fn send_signed(cmds: Vec<fleet_proto::v1::SignedCommand>) -> SendCommand {
+        SendCommand {
+            signed: cmds,
+            ..SendCommand::default()
+        }
+    }
+
+    #[test]
+    fn signed_commands_are_checked_for_shape_and_planned_per_device() {
+        let ok = send_signed(vec![
+            signed(|_| {}),
+            signed(|c| {
+                c.device_id.clear();
+                c.device_class = "pump".into();
+            }),
+        ]);
+        let checked = check_signed(&ok, 1_000).unwrap_or_else(|e| panic!("{e:?}"));
+        let members = BTreeMap::from([(
+            "pump".to_string(),
+            vec!["dev-2".to_string(), "dev-3".to_string()],
+        )]);
+        let planned = plan_signed(checked.clone(), &members, "svc-1", 1_000)
+            .unwrap_or_else(|e| panic!("{e:?}"));
+        let devs: Vec<_> = planned.iter().map(|c| c.device_id.as_str()).collect();
+        assert_eq!(devs, ["dev-1", "dev-2", "dev-3"]);
+        // The class command's bytes go to each member unchanged, with the command's expiry.
+        assert_eq!(planned[1].command, ok.signed[1].command);
+        assert!(planned
+            .iter()
+            .all(|c| c.expires_at_ms == 10_000 && c.issued_by == "svc-1"));
+        // A class nobody is known in; a device targeted twice.
+        assert_eq!(
+            plan_signed(checked.clone(), &BTreeMap::new(), "svc", 0)
+                .map_err(|e| e.code())
+                .err(),
+            Some(ApiErrorCode::NotFound)
+        );
+        let twice = BTreeMap::from([("pump".to_string(), vec!["dev-1".to_string()])]);
+        assert_eq!(
+            plan_signed(checked, &twice, "svc", 0)
+                .map_err(|e| e.code())
+                .err(),
+            Some(ApiErrorCode::Invalid)
+        );
+    }
+
+    #[test]
+    fn malformed_signed_commands_are_refused() {
+        let refused = |r: SendCommand| check_signed(&r, 1_000).map(|_| ()).map_err(|e| e.code());
+        let bad: Vec<SendCommand> = vec![
+            send_signed(vec![]),
+            send_signed(vec![signed(|c| c.expires_at_ms = 0)]),
+            send_signed(vec![signed(|c| c.expires_at_ms = 1_000)]),
+            send_signed(vec![signed(|c| c.device_class = "pump".into())]),
+            send_signed(vec![signed(|c| c.device_id.clear())]),
+            send_signed(vec![signed(|c| c.device_id = "a/b".into())]),
+            send_signed(vec![signed(|c| c.command_id = "x#y".into())]),
+            send_signed(vec![
+                signed(|_| {}),
+                signed(|c| c.command_id = "c-2".into()),
+            ]),
+            send_signed(vec![signed(|c| c.name.clear())]),
+            {
+                let mut r = send_signed(vec![signed(|_| {})]);
+                r.signed[0].signatures.clear();
+                r
+            },
+            {
+                let mut r = send_signed(vec![signed(|_| {})]);
+                r.signed[0].signatures = vec![Signature::default(); 9];
+                r
+            },
+            {
+                let mut r = send_signed(vec![signed(|_| {})]);
+                r.signed[0].command = b"not protobuf".to_vec();
+                r
+            },
+            {
+                let mut r = send_signed(vec![signed(|c| c.payload = vec![0; 256 * 1024])]);
+                r.command_id = "c-1".into();
+                r
+            },
+            {
+                let mut r = send_signed(vec![signed(|_| {})]);
+                r.name = "reboot".into();
+                r
+            },
+            {
+                let mut r = send_signed(vec![signed(|_| {})]);
+                r.command_id = "other".into();
+                r
+            },
+        ];
+        for (i, r) in bad.into_iter().enumerate() {
+            assert_eq!(refused(r), Err(ApiErrorCode::Invalid), "case {i}");
+        }
+        assert_eq!(refused(send_signed(vec![signed(|_| {})])), Ok(()));
+    }
+
     #[test]
     fn bad_requests_are_refused_with_a_reason() {
         let s = CommandSettings::default();
