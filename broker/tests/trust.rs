@@ -468,3 +468,39 @@ async fn an_abort_publishes_the_signed_withdrawal_byte_identical() {
     assert!(kept.retain);
     assert_eq!(kept.payload, w.encode_to_vec());
 }
+
+/// A command with a not-before time is held (pending) until then, even for a connected
+/// device, and handed over once it has come.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_is_held_until_its_not_before_time() {
+    let gw = TestGateway::start().await;
+    let key = UpdateSigner::generate();
+    let mut dev = Peer::connect(&gw, "dev-1").await;
+    dev.subscribe("devices/dev-1/cmd").await;
+    let mut api = Api::connect(&gw, "svc-1").await;
+    let now = fleet_proto::time::now_ms();
+    let not_before = now + 1_500;
+    let c = Command {
+        command_id: "c-later".into(),
+        name: "reboot".into(),
+        issued_at_ms: now,
+        expires_at_ms: now + 60_000,
+        device_id: "dev-1".into(),
+        not_before_ms: not_before,
+        ..Command::default()
+    };
+    let sc = sign_command(&c, &[&key]).unwrap();
+    match api.call(send_signed(vec![sc.clone()])).await {
+        api_response::Body::SendCommand(r) => {
+            assert_eq!(r.commands[0].state(), CommandState::Pending, "held")
+        }
+        other => panic!("SendCommand: {other:?}"),
+    }
+    let got = dev.recv_on("devices/dev-1/cmd").await;
+    assert!(
+        fleet_proto::time::now_ms() >= not_before,
+        "handed over before its not-before time"
+    );
+    let d = SignedCommand::decode(got.payload.as_slice()).unwrap();
+    assert_eq!((d.command, d.attempt), (sc.command, 1));
+}

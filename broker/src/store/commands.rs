@@ -325,7 +325,8 @@ impl Store {
     }
 
     /// Records one more hand-over to the device: attempts + 1, state DELIVERED. Returns the
-    /// updated command, or `None` if it is no longer open.
+    /// updated command, or `None` if it is no longer open or is held until a later
+    /// not-before time.
     pub(crate) fn mark_delivered(
         &mut self,
         device_id: &str,
@@ -336,7 +337,7 @@ impl Store {
             .query_row(
                 &format!(
                     "UPDATE commands SET attempts = attempts + 1, state = ?3, updated_at_ms = ?4
-                     WHERE device_id = ?1 AND command_id = ?2 AND {OPEN}
+                     WHERE device_id = ?1 AND command_id = ?2 AND {OPEN} AND not_before_ms <= ?4
                      RETURNING {COLUMNS}"
                 ),
                 params![
@@ -563,6 +564,8 @@ mod tests {
             .collect();
         assert_eq!(open, ["now"]);
         assert_eq!(s.next_release(499).unwrap(), Some(500));
+        // Not handed over early, whoever asks.
+        assert!(s.mark_delivered("dev-1", "later", 499).unwrap().is_none());
         assert!(s.released_commands(499).unwrap().is_empty());
         assert_eq!(s.released_commands(500).unwrap()[0].command_id, "later");
         assert_eq!(s.open_commands("dev-1", 500).unwrap().len(), 2);
