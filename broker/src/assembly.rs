@@ -48,6 +48,14 @@ pub enum GatewayError {
     /// The bridge could not start.
     #[error(transparent)]
     Bridge(#[from] crate::bridge::BridgeError),
+    /// The configured root of trust cannot be read or is not a valid root.
+    #[error("trust.root {path}: {reason}")]
+    Trust {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
     /// Binding the metrics endpoint failed.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -56,6 +64,23 @@ pub enum GatewayError {
         /// The error.
         source: std::io::Error,
     },
+}
+
+/// Reads the configured first root of trust and checks it is one (well formed, signed by a
+/// threshold of its own root keys), before any port is bound.
+fn load_first_root(config: &GatewayConfig) -> Result<Option<Vec<u8>>, GatewayError> {
+    let Some(path) = &config.trust.root else {
+        return Ok(None);
+    };
+    let fail = |reason: String| GatewayError::Trust {
+        path: path.clone(),
+        reason,
+    };
+    let bytes = std::fs::read(path).map_err(|e| fail(e.to_string()))?;
+    let root =
+        fleet_proto::trust::TrustedRoot::provisioned(&bytes).map_err(|e| fail(e.to_string()))?;
+    info!(path = %path.display(), version = root.version, "configured root of trust read");
+    Ok(Some(bytes))
 }
 
 /// What `/health` checks: the accept loop, a probe write into the store, the bridge if one is
@@ -142,6 +167,7 @@ impl Gateway {
     /// from [`Gateway::serve`] on.
     pub async fn bind(config: GatewayConfig, tls_files: TlsFiles) -> Result<Gateway, GatewayError> {
         let security = edge::load_security(&config, &tls_files)?;
+        let first_root = load_first_root(&config)?;
         let metrics = Arc::new(Metrics::default());
 
         // The store first: the MQTT core is rebuilt from its persistent sessions and retained
@@ -225,6 +251,7 @@ impl Gateway {
             metrics: metrics.clone(),
             session_events: session_events_rx,
             status_offers,
+            first_root,
         })
         .await?;
         Ok(Gateway {

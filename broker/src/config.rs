@@ -40,6 +40,8 @@ pub struct GatewayConfig {
     pub bridge: BridgeSettings,
     /// The metrics and health endpoint.
     pub metrics: MetricsSettings,
+    /// The fleet's root of trust, which the gateway distributes (it holds no key).
+    pub trust: TrustSettings,
 }
 
 impl Default for GatewayConfig {
@@ -56,6 +58,7 @@ impl Default for GatewayConfig {
             updates: UpdateSettings::default(),
             bridge: BridgeSettings::default(),
             metrics: MetricsSettings::default(),
+            trust: TrustSettings::default(),
         }
     }
 }
@@ -242,6 +245,18 @@ pub struct IdentitySettings {
     pub cn_fallback_role: Option<Role>,
 }
 
+/// The root of trust the gateway distributes on `fleet/trust/roots`.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrustSettings {
+    /// An encoded SignedRoot (such as the development PKI's `trust/root.bin`): the gateway's
+    /// first root, taken when it holds none yet (or, if newer, as the successor of the newest
+    /// it holds, by the same rules as a device). Newer roots arrive through the fleet API
+    /// (PublishRoot) and are kept in the store. Default none: the gateway distributes nothing
+    /// until a service publishes a first root.
+    pub root: Option<PathBuf>,
+}
+
 /// The command service's timing.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(default, deny_unknown_fields)]
@@ -253,7 +268,8 @@ pub struct CommandSettings {
     #[serde(with = "humantime_serde")]
     pub max_ttl: Duration,
     /// A command handed to a connected device without a result after this long is handed over
-    /// again (with `attempt` + 1). Reconnects re-deliver at once regardless. Default 30 s.
+    /// again (with `SignedCommand.attempt` + 1). Reconnects re-deliver at once regardless.
+    /// Default 30 s.
     #[serde(with = "humantime_serde")]
     pub redeliver_after: Duration,
     /// How long finished commands stay queryable before they are forgotten. Default 7 days.
@@ -263,6 +279,11 @@ pub struct CommandSettings {
     /// is refused with LIMIT, so an absent device cannot grow the store without bound.
     /// Default 1000.
     pub max_open_per_device: u32,
+    /// Accept unsigned SendCommand requests (name, payload, targets) and deliver them as
+    /// SignedCommands without signatures. Default false: a command must be signed by the
+    /// `commands` role of the fleet's root, and devices that hold a root refuse unsigned ones
+    /// anyway; only for fleets whose devices have no root of trust yet.
+    pub allow_unsigned: bool,
 }
 
 /// The bridge: an MQTT client of the cloud broker that carries this gateway's tree there
@@ -384,6 +405,7 @@ impl Default for CommandSettings {
             redeliver_after: Duration::from_secs(30),
             retention: Duration::from_secs(7 * 24 * 3600),
             max_open_per_device: 1000,
+            allow_unsigned: false,
         }
     }
 }

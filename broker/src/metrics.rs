@@ -85,6 +85,15 @@ series! {
     commands_completed: counter "commands_completed_total" "Commands closed by a device's result.",
     /// Commands closed because their time to live passed.
     commands_expired: counter "commands_expired_total" "Commands expired.",
+    /// Unsigned SendCommand requests refused (the gateway takes signed commands only).
+    commands_unsigned_refused: counter "commands_unsigned_refused_total" "Unsigned command submissions refused.",
+    /// Command results that answer no stored command (their digest names other bytes: a
+    /// device refusing a forgery or a raw publish on its command topic); stored commands are
+    /// left untouched and services get a foreign CommandEvent.
+    command_results_foreign: counter "command_results_foreign_total" "Command results for deliveries the gateway did not store.",
+    /// Devices whose last trust report names an expired root or one older than the newest the
+    /// gateway distributes (gauge): frozen or not yet caught up.
+    trust_devices_behind: gauge "trust_devices_behind" "Devices whose root is expired or older than the gateway's newest.",
     /// Status reports stored by the registry.
     status_stored: counter "status_stored_total" "Status reports stored.",
     /// Status reports not stored because an equal or newer sequence was already stored.
@@ -241,7 +250,7 @@ mod tests {
     use super::*;
 
     /// The series as the README and the dashboards know them: name and type, in order.
-    const EXPORTED: [(&str, &str); 38] = [
+    const EXPORTED: [(&str, &str); 41] = [
         ("connections", "gauge"),
         ("tcp_accepted_total", "counter"),
         ("handshake_failures_total", "counter"),
@@ -258,6 +267,9 @@ mod tests {
         ("commands_delivered_total", "counter"),
         ("commands_completed_total", "counter"),
         ("commands_expired_total", "counter"),
+        ("commands_unsigned_refused_total", "counter"),
+        ("command_results_foreign_total", "counter"),
+        ("trust_devices_behind", "gauge"),
         ("status_stored_total", "counter"),
         ("status_duplicates_total", "counter"),
         ("store_errors_total", "counter"),

@@ -66,6 +66,9 @@ impl GatewayProc {
             .env("GATEWAY__LISTEN", "127.0.0.1:0")
             .env("GATEWAY__METRICS__LISTEN", "127.0.0.1:0")
             .env("GATEWAY__DATA_DIR", dir.join("data"))
+            // The first root of trust: the one the development PKI (made on first start, before
+            // the root is read) provisions devices with.
+            .env("GATEWAY__TRUST__ROOT", dir.join("data/pki/trust/root.bin"))
             .env("RUST_LOG", "info");
         for (k, v) in env {
             cmd.env(k, v);

@@ -212,6 +212,20 @@ mod tests {
     }
 
     #[test]
+    fn roots_reach_every_device_and_reports_every_service() {
+        let p = policy();
+        let d = who(Role::Device, "dev-1");
+        let s = who(Role::Service, "svc-1");
+        assert_eq!(p.check_subscribe(&d, "fleet/trust/roots"), Decision::Allow);
+        // Only the gateway's own service distributes roots.
+        assert_ne!(p.check_publish(&d, "fleet/trust/roots"), Decision::Allow);
+        assert_ne!(p.check_publish(&s, "fleet/trust/roots"), Decision::Allow);
+        assert_ne!(p.check_subscribe(&d, "fleet/trust/#"), Decision::Allow);
+        assert_eq!(p.check_subscribe(&s, "devices/+/trust"), Decision::Allow);
+        assert_ne!(p.check_publish(&s, "devices/dev-1/trust"), Decision::Allow);
+    }
+
+    #[test]
     fn default_policy_follows_the_topic_table() {
         let p = policy();
         let d = who(Role::Device, "dev-1");
@@ -221,6 +235,7 @@ mod tests {
             "presence",
             "update/get",
             "update/progress",
+            "trust",
         ] {
             assert_eq!(
                 p.check_publish(&d, &format!("devices/dev-1/{t}")),

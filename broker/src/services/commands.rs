@@ -4,6 +4,14 @@
 //! device's result or at its expiry, and publishes every state change on
 //! `fleet/events/commands/{device_id}`.
 //!
+//! Commands are signed by the issuing service; the gateway holds no key, stores the signed
+//! Command bytes and signatures unchanged and delivers them as a `SignedCommand` (adding only
+//! the unsigned delivery number and the submitter it authenticated), holding a command until
+//! its not-before time. A device's result closes the stored command only when its
+//! `command_digest` names the stored bytes: a result for anything else (a forgery the device
+//! refused, a raw publish on its command topic) is counted and reported as a foreign event and
+//! changes nothing.
+//!
 //! The store is the truth: the service keeps only which devices are connected, so a restart
 //! (or a crash) loses nothing but that, and the edge re-tells it as devices reconnect.
 
@@ -12,15 +20,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fleet_proto::topics::{self, DeviceTopic, FleetTopic, Topic};
-use fleet_proto::v1::{
-    Command, CommandEvent, CommandRecord, CommandResult, CommandState, CommandStatus,
-};
+use fleet_proto::v1::{CommandEvent, CommandRecord, CommandResult, CommandState, CommandStatus};
 use fleet_proto::Message;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use crate::config::CommandSettings;
-use crate::metrics::Metrics;
+use crate::metrics::{LogBudget, Metrics};
 use crate::ports::SessionEvent;
 use crate::router::Router;
 use crate::router::{LinkError, Received, ServiceLink};
@@ -35,6 +41,9 @@ const RETRY_AFTER_ERROR: Duration = Duration::from_secs(1);
 /// How often closed commands past their retention are deleted.
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 
+/// The budget of "result for a delivery the gateway did not store" lines.
+static FOREIGN_LOG: LogBudget = LogBudget::new();
+
 /// The command service task.
 pub(crate) struct CommandService {
     pub(super) link: ServiceLink,
@@ -46,6 +55,8 @@ pub(crate) struct CommandService {
     events: mpsc::UnboundedReceiver<SessionEvent>,
     /// Where update requests of the fleet API go.
     pub(super) updates: mpsc::UnboundedSender<super::updates::ApiCall>,
+    /// Where trust requests of the fleet API go.
+    pub(super) trust: mpsc::UnboundedSender<super::updates::ApiCall>,
     /// Set when something may have moved the next deadline earlier (a command accepted or
     /// handed over, a sweep done): the schedule is read again before the next wait.
     pub(super) reschedule: bool,
@@ -56,34 +67,19 @@ fn millis(d: Duration) -> u64 {
 }
 
 /// How long the service may sleep at `now_ms` before its next sweep: until the earliest of the
-/// next expiry and the next re-delivery (the oldest hand-over not yet overdue plus
+/// next deadline (an expiry, or a held command's release) and the next re-delivery (the oldest hand-over not yet overdue plus
 /// `redeliver_after`), zero if one is already due, and never more than [`MAX_SLEEP`]. All
 /// times are Unix ms.
 pub(super) fn next_sweep_in(
     now_ms: u64,
-    next_expiry: Option<u64>,
+    next_deadline: Option<u64>,
     oldest_fresh_delivery: Option<u64>,
     redeliver_after: Duration,
 ) -> Duration {
     let redelivery = oldest_fresh_delivery.map(|t| t.saturating_add(millis(redeliver_after)));
-    match next_expiry.into_iter().chain(redelivery).min() {
+    match next_deadline.into_iter().chain(redelivery).min() {
         Some(due) => Duration::from_millis(due.saturating_sub(now_ms)).min(MAX_SLEEP),
         None => MAX_SLEEP,
-    }
-}
-
-/// The device-facing form of a stored command, for delivery number `attempt`.
-pub(super) fn to_command(c: &StoredCommand) -> Command {
-    Command {
-        device_class: Default::default(),
-        device_id: Default::default(),
-        not_before_ms: Default::default(),
-        command_id: c.command_id.clone(),
-        name: c.name.clone(),
-        payload: c.payload.clone(),
-        issued_at_ms: c.issued_at_ms,
-        expires_at_ms: c.expires_at_ms,
-        issued_by: c.issued_by.clone(),
     }
 }
 
@@ -151,6 +147,7 @@ impl CommandService {
         metrics: Arc<Metrics>,
         events: mpsc::UnboundedReceiver<SessionEvent>,
         updates: mpsc::UnboundedSender<super::updates::ApiCall>,
+        trust: mpsc::UnboundedSender<super::updates::ApiCall>,
     ) -> Result<Self, LinkError> {
         let results = topics::all_devices_filter(DeviceTopic::CmdResult);
         let link =
@@ -163,6 +160,7 @@ impl CommandService {
             online: HashSet::new(),
             events,
             updates,
+            trust,
             reschedule: false,
         })
     }
@@ -254,31 +252,74 @@ impl CommandService {
             }
             return;
         };
-        let (dev, id, bytes) = (
+        let (dev, id, bytes, digest) = (
             device.to_owned(),
             result.command_id.clone(),
             msg.payload.to_vec(),
+            result.command_digest.clone(),
         );
         let now = fleet_proto::time::now_ms();
         let closed = self
             .store
             .call("close command", move |s| {
-                s.close_command(&dev, &id, state, &bytes, now)
+                match s.command(&dev, &id)? {
+                    Some(c) if c.digest() == digest => {
+                        s.close_command(&dev, &id, state, &bytes, now).map(Ok)
+                    }
+                    // Not an answer to the stored bytes: leave the stored command alone.
+                    _ => Ok(Err(())),
+                }
             })
             .await;
         match closed {
-            Ok(Some(c)) => {
+            Ok(Err(())) => self.foreign_result(device, state, result, now),
+            Ok(Ok(Some(c))) => {
                 Metrics::inc(&self.metrics.commands_completed);
                 info!(device, command_id = %c.command_id, state = ?c.state, "command finished");
                 self.event(&c);
             }
-            Ok(None) => debug!(
+            Ok(Ok(None)) => debug!(
                 device,
                 command_id = %result.command_id,
                 "result for an unknown or already closed command (a re-sent result)"
             ),
             Err(_) => {}
         }
+    }
+
+    /// A result that answers no stored command: counted, logged within a budget, and passed to
+    /// services as a foreign event carrying the device's answer.
+    fn foreign_result(
+        &mut self,
+        device: &str,
+        state: CommandState,
+        result: CommandResult,
+        now_ms: u64,
+    ) {
+        Metrics::inc(&self.metrics.command_results_foreign);
+        if let Some(suppressed) = FOREIGN_LOG.allow() {
+            warn!(
+                device,
+                command_id = %result.command_id,
+                refusal = ?result.refusal(),
+                message = %result.message,
+                suppressed,
+                "command result for a delivery the gateway did not store (a forgery or a raw publish the device answered)"
+            );
+        }
+        let record = CommandRecord {
+            device_id: device.to_owned(),
+            command_id: result.command_id.clone(),
+            name: String::new(),
+            state: state.into(),
+            attempts: 0,
+            issued_at_ms: 0,
+            expires_at_ms: 0,
+            updated_at_ms: now_ms,
+            result: Some(result),
+            issued_by: String::new(),
+        };
+        self.publish_event(device, record, true);
     }
 
     /// Hands every open command of `device` to its session.
@@ -312,10 +353,7 @@ impl CommandService {
             return;
         };
         let topic = topics::device_topic(&device, DeviceTopic::Cmd);
-        if let Err(e) = self
-            .link
-            .publish(topic, to_command(&updated).encode_to_vec())
-        {
+        if let Err(e) = self.link.publish(topic, updated.delivery().encode_to_vec()) {
             warn!(error = %e, "could not hand a command to the router");
             return;
         }
@@ -335,16 +373,23 @@ impl CommandService {
         match self
             .store
             .call("command deadlines", move |s| {
-                Ok((s.next_expiry()?, s.oldest_fresh_delivery(after, now)?))
+                // A held command's release is a deadline like an expiry.
+                let deadline = s
+                    .next_expiry()?
+                    .into_iter()
+                    .chain(s.next_release(now)?)
+                    .min();
+                Ok((deadline, s.oldest_fresh_delivery(after, now)?))
             })
             .await
         {
-            Ok((expiry, delivery)) => next_sweep_in(now, expiry, delivery, redeliver_after),
+            Ok((deadline, delivery)) => next_sweep_in(now, deadline, delivery, redeliver_after),
             Err(_) => RETRY_AFTER_ERROR,
         }
     }
 
-    /// Expires what is due and re-delivers what is overdue to connected devices.
+    /// Expires what is due, hands over held commands whose time has come and re-delivers what
+    /// is overdue, to connected devices.
     async fn sweep(&mut self) {
         let now = fleet_proto::time::now_ms();
         if let Ok(expired) = self
@@ -362,6 +407,17 @@ impl CommandService {
         }
         if self.online.is_empty() {
             return;
+        }
+        if let Ok(released) = self
+            .store
+            .call("released commands", move |s| s.released_commands(now))
+            .await
+        {
+            for c in released {
+                if self.online.contains(&c.device_id) {
+                    self.deliver(c).await;
+                }
+            }
         }
         let before = now.saturating_sub(millis(self.settings.redeliver_after));
         let Ok(overdue) = self
@@ -394,14 +450,18 @@ impl CommandService {
 
     /// Publishes a command's new state to services.
     pub(super) fn event(&mut self, c: &StoredCommand) {
+        self.publish_event(&c.device_id, to_record(c), false);
+    }
+
+    fn publish_event(&mut self, device: &str, record: CommandRecord, foreign: bool) {
         let ev = CommandEvent {
-            foreign: Default::default(),
-            command: Some(to_record(c)),
+            foreign,
+            command: Some(record),
         };
-        if let Err(e) = self.link.publish(
-            topics::command_events_topic(&c.device_id),
-            ev.encode_to_vec(),
-        ) {
+        if let Err(e) = self
+            .link
+            .publish(topics::command_events_topic(device), ev.encode_to_vec())
+        {
             warn!(error = %e, "could not publish a command event");
         }
     }

@@ -7,6 +7,8 @@
 //! * [`registry`]: the presence reader (last presence and class per device).
 //! * [`updates`]: the update server (firmware cache uploads, campaigns, chunk serving,
 //!   progress); the API dispatcher passes it the update requests.
+//! * [`trust`]: the roots of trust the gateway distributes (PublishRoot, GetTrust) and the
+//!   devices' trust reports.
 //!
 //! Services reach devices through the router, or for firmware chunks through the
 //! [`DirectSink`] the assembly hands them; they never import the edge. The edge reaches them
@@ -16,6 +18,7 @@ pub(crate) mod api;
 pub(crate) mod commands;
 pub(crate) mod registry;
 pub(crate) mod status;
+pub(crate) mod trust;
 pub(crate) mod updates;
 
 use std::sync::Arc;
@@ -53,6 +56,8 @@ pub(crate) struct ServiceDeps {
     /// The status reports the edge offers (the other end, a [`crate::ports::StatusIntake`],
     /// was handed to the edge).
     pub status_offers: mpsc::Receiver<StatusOffer>,
+    /// The configured first root of trust (an encoded SignedRoot, checked), if any.
+    pub first_root: Option<Vec<u8>>,
 }
 
 /// Starts the services on their own links.
@@ -68,8 +73,18 @@ pub(crate) async fn start(deps: ServiceDeps) -> Result<(), LinkError> {
         metrics,
         session_events,
         status_offers,
+        first_root,
     } = deps;
     let (calls_tx, calls_rx) = mpsc::unbounded_channel();
+    let (trust_tx, trust_rx) = mpsc::unbounded_channel();
+    let trust = trust::TrustService::start(
+        &router,
+        store.clone(),
+        metrics.clone(),
+        first_root,
+        trust_rx,
+    )
+    .await?;
     status::start(status_offers, store.clone(), metrics.clone(), status_uplink);
     let registry = registry::Registry::start(&router, store.clone(), metrics.clone()).await?;
     let updates = updates::UpdateService::start(
@@ -89,8 +104,10 @@ pub(crate) async fn start(deps: ServiceDeps) -> Result<(), LinkError> {
         metrics,
         session_events,
         calls_tx,
+        trust_tx,
     )
     .await?;
+    tokio::spawn(trust.run());
     tokio::spawn(registry.run());
     tokio::spawn(updates.run());
     tokio::spawn(service.run());

@@ -2,13 +2,15 @@
 //! state. A command is *open* while PENDING or DELIVERED; a result, or its expiry, closes it,
 //! and a closed command never changes again.
 
-use fleet_proto::v1::CommandState;
+use fleet_proto::v1::{Command, CommandState, Signature, SignedCommand};
+use fleet_proto::Message;
 use rusqlite::{params, OptionalExtension, Row};
+use sha2::{Digest as _, Sha256};
 
 use super::{err, from_sql, to_sql, Store, StoreError};
 
 /// One command for one device, as stored.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub(crate) struct StoredCommand {
     /// The target device.
     pub device_id: String,
@@ -32,17 +34,78 @@ pub(crate) struct StoredCommand {
     pub result: Option<Vec<u8>>,
     /// When the state last changed.
     pub updated_at_ms: u64,
+    /// The encoded Command exactly as its issuer signed it (or as the gateway built it for an
+    /// unsigned submission); empty for a command stored before commands were signed.
+    pub command: Vec<u8>,
+    /// The issuer's signatures over `command` (none: unsigned).
+    pub signatures: Vec<Signature>,
+    /// Not handed to the device before this instant (0: no lower bound).
+    pub not_before_ms: u64,
 }
 
 impl StoredCommand {
-    /// Whether `other` asks for the same thing (same device, id, name, payload, issuer).
+    /// Whether `other` asks for the same thing: for signed commands the same signed bytes
+    /// (whoever hands them in); for unsigned ones the same name, payload and issuer.
     fn same_request(&self, other: &StoredCommand) -> bool {
-        self.device_id == other.device_id
-            && self.command_id == other.command_id
-            && self.name == other.name
-            && self.payload == other.payload
-            && self.issued_by == other.issued_by
+        let same_target = self.device_id == other.device_id && self.command_id == other.command_id;
+        match (self.signatures.is_empty(), other.signatures.is_empty()) {
+            (false, false) => same_target && self.command == other.command,
+            (true, true) => {
+                same_target
+                    && self.name == other.name
+                    && self.payload == other.payload
+                    && self.issued_by == other.issued_by
+            }
+            _ => false,
+        }
     }
+
+    /// The Command bytes handed to the device: the stored ones, or for a command stored before
+    /// commands were signed, the unsigned Command made from its fields.
+    pub(crate) fn command_bytes(&self) -> Vec<u8> {
+        if !self.command.is_empty() {
+            return self.command.clone();
+        }
+        Command {
+            command_id: self.command_id.clone(),
+            name: self.name.clone(),
+            payload: self.payload.clone(),
+            issued_at_ms: self.issued_at_ms,
+            expires_at_ms: self.expires_at_ms,
+            issued_by: self.issued_by.clone(),
+            device_id: self.device_id.clone(),
+            device_class: String::new(),
+            not_before_ms: 0,
+        }
+        .encode_to_vec()
+    }
+
+    /// SHA-256 of [`Self::command_bytes`]: what a device's result names
+    /// (`CommandResult.command_digest`) when it answers this command.
+    pub(crate) fn digest(&self) -> Vec<u8> {
+        Sha256::digest(self.command_bytes()).to_vec()
+    }
+
+    /// What delivery number `attempt` puts on the device's command topic.
+    pub(crate) fn delivery(&self) -> SignedCommand {
+        SignedCommand {
+            command: self.command_bytes(),
+            signatures: self.signatures.clone(),
+            attempt: self.attempts,
+            submitted_by: self.issued_by.clone(),
+        }
+    }
+}
+
+/// The signatures column: an encoded SignedCommand holding only them; NULL for none.
+fn signatures_blob(signatures: &[Signature]) -> Option<Vec<u8>> {
+    (!signatures.is_empty()).then(|| {
+        SignedCommand {
+            signatures: signatures.to_vec(),
+            ..SignedCommand::default()
+        }
+        .encode_to_vec()
+    })
 }
 
 /// [`CommandState::is_open`] in SQL (the partial indexes of migration 2 use the same text);
@@ -50,7 +113,7 @@ impl StoredCommand {
 const OPEN: &str = "state IN (1, 2)";
 
 /// What became of a submitted command.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub(crate) enum Submitted {
     /// Stored as new.
     New(StoredCommand),
@@ -61,7 +124,8 @@ pub(crate) enum Submitted {
 }
 
 const COLUMNS: &str = "device_id, command_id, name, payload, issued_by, issued_at_ms, \
-                       expires_at_ms, attempts, state, result, updated_at_ms";
+                       expires_at_ms, attempts, state, result, updated_at_ms, command, \
+                       signatures, not_before_ms";
 
 fn row(r: &Row<'_>) -> rusqlite::Result<StoredCommand> {
     let state: i32 = r.get(8)?;
@@ -77,6 +141,15 @@ fn row(r: &Row<'_>) -> rusqlite::Result<StoredCommand> {
         state: CommandState::try_from(state).unwrap_or(CommandState::Unspecified),
         result: r.get(9)?,
         updated_at_ms: from_sql(r.get(10)?),
+        command: r.get::<_, Option<Vec<u8>>>(11)?.unwrap_or_default(),
+        // Written by this module from decoded signatures: it decodes (an unreadable value
+        // would deliver the command unsigned, which a device with a root refuses).
+        signatures: r
+            .get::<_, Option<Vec<u8>>>(12)?
+            .and_then(|b| SignedCommand::decode(b.as_slice()).ok())
+            .map(|s| s.signatures)
+            .unwrap_or_default(),
+        not_before_ms: from_sql(r.get(13)?),
     })
 }
 
@@ -113,7 +186,8 @@ impl Store {
                     tx.execute(
                         &format!(
                             "INSERT INTO commands ({COLUMNS})
-                             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"
+                             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13,
+                                     ?14)"
                         ),
                         params![
                             c.device_id,
@@ -127,6 +201,9 @@ impl Store {
                             c.state as i32,
                             c.result,
                             to_sql(c.updated_at_ms),
+                            (!c.command.is_empty()).then_some(&c.command),
+                            signatures_blob(&c.signatures),
+                            to_sql(c.not_before_ms),
                         ],
                     )
                     .map_err(|e| err(&path, e))?;
@@ -142,7 +219,8 @@ impl Store {
         Ok(out)
     }
 
-    /// A device's open commands that have not expired at `now_ms`, oldest first.
+    /// A device's open commands that have not expired at `now_ms` and are not held back (their
+    /// not-before time has come), oldest first.
     pub(crate) fn open_commands(
         &self,
         device_id: &str,
@@ -151,11 +229,50 @@ impl Store {
         self.select_commands(
             &format!(
                 "WHERE device_id = ?1 AND {OPEN}
-                   AND (expires_at_ms = 0 OR expires_at_ms > ?2)
+                   AND (expires_at_ms = 0 OR expires_at_ms > ?2) AND not_before_ms <= ?2
                  ORDER BY issued_at_ms, command_id"
             ),
             params![device_id, to_sql(now_ms)],
         )
+    }
+
+    /// PENDING commands whose not-before time has come by `now_ms` and that have not expired:
+    /// held until now, to be handed over if their device is connected.
+    pub(crate) fn released_commands(&self, now_ms: u64) -> Result<Vec<StoredCommand>, StoreError> {
+        self.select_commands(
+            "WHERE state = 1 AND not_before_ms != 0 AND not_before_ms <= ?1
+               AND (expires_at_ms = 0 OR expires_at_ms > ?1)
+             ORDER BY device_id, issued_at_ms",
+            params![to_sql(now_ms)],
+        )
+    }
+
+    /// The earliest not-before time after `now_ms` among PENDING commands: when a held command
+    /// is next released.
+    pub(crate) fn next_release(&self, now_ms: u64) -> Result<Option<u64>, StoreError> {
+        self.conn
+            .query_row(
+                "SELECT min(not_before_ms) FROM commands
+                 WHERE state = 1 AND not_before_ms != 0 AND not_before_ms > ?1",
+                [to_sql(now_ms)],
+                |r| r.get::<_, Option<i64>>(0),
+            )
+            .map(|v| v.map(from_sql))
+            .map_err(|e| err(&self.path, e))
+    }
+
+    /// One device's command, open or closed.
+    pub(crate) fn command(
+        &self,
+        device_id: &str,
+        command_id: &str,
+    ) -> Result<Option<StoredCommand>, StoreError> {
+        Ok(self
+            .select_commands(
+                "WHERE device_id = ?1 AND command_id = ?2",
+                params![device_id, command_id],
+            )?
+            .pop())
     }
 
     /// `SELECT {COLUMNS} FROM commands {tail}` with `params`, as stored commands.
@@ -208,7 +325,8 @@ impl Store {
     }
 
     /// Records one more hand-over to the device: attempts + 1, state DELIVERED. Returns the
-    /// updated command, or `None` if it is no longer open.
+    /// updated command, or `None` if it is no longer open or is held until a later
+    /// not-before time.
     pub(crate) fn mark_delivered(
         &mut self,
         device_id: &str,
@@ -219,7 +337,7 @@ impl Store {
             .query_row(
                 &format!(
                     "UPDATE commands SET attempts = attempts + 1, state = ?3, updated_at_ms = ?4
-                     WHERE device_id = ?1 AND command_id = ?2 AND {OPEN}
+                     WHERE device_id = ?1 AND command_id = ?2 AND {OPEN} AND not_before_ms <= ?4
                      RETURNING {COLUMNS}"
                 ),
                 params![
@@ -383,7 +501,75 @@ mod tests {
             state: CommandState::Pending,
             result: None,
             updated_at_ms: 100,
+            command: Vec::new(),
+            signatures: Vec::new(),
+            not_before_ms: 0,
         }
+    }
+
+    fn signed(dev: &str, id: &str, command: &[u8]) -> StoredCommand {
+        StoredCommand {
+            command: command.to_vec(),
+            signatures: vec![Signature {
+                key_id: "k1".into(),
+                signature: vec![7; 64],
+                ..Signature::default()
+            }],
+            ..cmd(dev, id, 0)
+        }
+    }
+
+    #[test]
+    fn signed_commands_keep_their_bytes_and_conflict_on_other_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open_in(dir.path()).unwrap();
+        let c = signed("dev-1", "c1", b"signed bytes");
+        s.submit_commands(std::slice::from_ref(&c)).unwrap();
+        let got = s.command("dev-1", "c1").unwrap().unwrap();
+        assert_eq!(got, c);
+        assert_eq!(got.delivery().command, b"signed bytes");
+        assert_eq!(got.digest(), Sha256::digest(b"signed bytes").to_vec());
+        // The same bytes from another service: the same command.
+        let mut again = c.clone();
+        again.issued_by = "svc-2".into();
+        assert!(matches!(
+            s.submit_commands(&[again]).unwrap()[0],
+            Submitted::Existing(_)
+        ));
+        // Other bytes, or the same id unsigned: a conflict.
+        let other = signed("dev-1", "c1", b"other bytes");
+        assert!(matches!(
+            s.submit_commands(&[other]).unwrap()[0],
+            Submitted::Conflict(_)
+        ));
+        assert!(matches!(
+            s.submit_commands(&[cmd("dev-1", "c1", 0)]).unwrap()[0],
+            Submitted::Conflict(_)
+        ));
+    }
+
+    #[test]
+    fn a_held_command_is_released_at_its_not_before_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open_in(dir.path()).unwrap();
+        let mut c = cmd("dev-1", "later", 10_000);
+        c.not_before_ms = 500;
+        s.submit_commands(&[c, cmd("dev-1", "now", 10_000)])
+            .unwrap();
+        let open: Vec<_> = s
+            .open_commands("dev-1", 499)
+            .unwrap()
+            .into_iter()
+            .map(|c| c.command_id)
+            .collect();
+        assert_eq!(open, ["now"]);
+        assert_eq!(s.next_release(499).unwrap(), Some(500));
+        // Not handed over early, whoever asks.
+        assert!(s.mark_delivered("dev-1", "later", 499).unwrap().is_none());
+        assert!(s.released_commands(499).unwrap().is_empty());
+        assert_eq!(s.released_commands(500).unwrap()[0].command_id, "later");
+        assert_eq!(s.open_commands("dev-1", 500).unwrap().len(), 2);
+        assert_eq!(s.next_release(500).unwrap(), None);
     }
 
     #[test]

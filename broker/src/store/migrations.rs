@@ -135,6 +135,23 @@ const MIGRATIONS: &[&str] = &[
         payload  BLOB NOT NULL,
         qos      INTEGER NOT NULL CHECK (qos BETWEEN 0 AND 2)
     ) STRICT;",
+    // 8: signed commands. The gateway stores the Command bytes exactly as the issuing service
+    // signed them and the signatures (an encoded SignedCommand holding only its `signatures`),
+    // and holds a command until its not-before time. Rows of older versions have neither
+    // (NULL): they are delivered unsigned, as they were accepted.
+    "ALTER TABLE commands ADD COLUMN command BLOB;
+     ALTER TABLE commands ADD COLUMN signatures BLOB;
+     ALTER TABLE commands ADD COLUMN not_before_ms INTEGER NOT NULL DEFAULT 0;
+     CREATE INDEX commands_held ON commands (not_before_ms) WHERE state = 1 AND not_before_ms != 0;",
+    // 9: the roots of trust the gateway distributes (the newest few, as received), and each
+    // device's last trust report.
+    "CREATE TABLE trust_roots (
+        version      INTEGER PRIMARY KEY NOT NULL,  -- Root.version
+        signed_root  BLOB NOT NULL,                 -- the SignedRoot exactly as received
+        added_at_ms  INTEGER NOT NULL
+    ) STRICT;
+    ALTER TABLE device_state ADD COLUMN trust BLOB;            -- the last TrustReport
+    ALTER TABLE device_state ADD COLUMN trust_at_ms INTEGER;",
 ];
 
 /// The newest schema version this build knows.

@@ -25,6 +25,7 @@ mod session_writer;
 mod sessions;
 mod shared;
 mod status;
+mod trust;
 mod updates;
 mod uplink;
 

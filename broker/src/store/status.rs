@@ -34,6 +34,8 @@ pub struct DeviceState {
     pub device_class: Option<String>,
     /// Distinct reports stored (duplicates and late reports are not counted).
     pub reports_stored: u64,
+    /// Bytes and storage time of its last trust report, if any.
+    pub trust: Option<(Vec<u8>, u64)>,
 }
 
 /// One report for [`WriteTx::put_status`].
@@ -124,7 +126,7 @@ impl Store {
         self.conn
             .query_row(
                 "SELECT device_id, status_sequence, status, status_at_ms, presence, presence_at_ms,
-                        device_class, reports_stored
+                        device_class, reports_stored, trust, trust_at_ms
                  FROM device_state WHERE device_id = ?1",
                 [device_id],
                 row_to_state,
@@ -139,7 +141,7 @@ impl Store {
             .conn
             .prepare(
                 "SELECT device_id, status_sequence, status, status_at_ms, presence, presence_at_ms,
-                        device_class, reports_stored
+                        device_class, reports_stored, trust, trust_at_ms
                  FROM device_state ORDER BY device_id",
             )
             .map_err(|e| err(&self.path, e))?;
@@ -215,5 +217,9 @@ fn row_to_state(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeviceState> {
         presence: presence.zip(presence_at).map(|(b, t)| (b, from_sql(t))),
         device_class: r.get(6)?,
         reports_stored: from_sql(r.get(7)?),
+        trust: r
+            .get::<_, Option<Vec<u8>>>(8)?
+            .zip(r.get::<_, Option<i64>>(9)?)
+            .map(|(b, t)| (b, from_sql(t))),
     })
 }

@@ -71,6 +71,15 @@ impl TestGateway {
     }
 
     pub async fn start_with(tweak: impl FnOnce(&mut GatewayConfig)) -> Self {
+        Self::start_inner(false, tweak).await
+    }
+
+    /// A gateway whose first root of trust is the development PKI's `trust/root.bin`.
+    pub async fn start_trusted() -> Self {
+        Self::start_inner(true, |_| {}).await
+    }
+
+    async fn start_inner(trusted: bool, tweak: impl FnOnce(&mut GatewayConfig)) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let pki = make_pki(&dir.path().join("pki"));
         let gw = pki.entry("gw-1").unwrap();
@@ -88,6 +97,9 @@ impl TestGateway {
             },
             ..GatewayConfig::default()
         };
+        if trusted {
+            config.trust.root = Some(pki.trust().root_path());
+        }
         tweak(&mut config);
         let gateway = Gateway::bind(config, files).await.unwrap();
         let addr = gateway.local_addr().unwrap();
@@ -339,4 +351,213 @@ pub async fn read_n(s: &mut TlsStream<TcpStream>, n: usize) -> Vec<u8> {
         .unwrap()
         .unwrap();
     buf
+}
+
+// ---- A protobuf-speaking MQTT peer (a device or a service without any SDK) ----
+
+/// One publish a [`Peer`] received.
+#[derive(Debug, Clone)]
+pub struct Got {
+    pub topic: String,
+    pub payload: Vec<u8>,
+    pub retain: bool,
+}
+
+/// An MQTT 3.1.1 client over real mTLS speaking raw packets: publishes binary payloads at
+/// QoS 1 and hands back what it receives, so a test sees the exact bytes on the wire.
+pub struct Peer {
+    stream: TlsStream<TcpStream>,
+    buf: Vec<u8>,
+    next_id: u16,
+    /// Publishes read while waiting for something else.
+    pending: std::collections::VecDeque<Got>,
+}
+
+/// How long a peer waits for one packet.
+const PEER_DEADLINE: Duration = Duration::from_secs(15);
+
+impl Peer {
+    /// Connects as `id` (clean session) and checks the CONNACK.
+    pub async fn connect(gw: &TestGateway, id: &str) -> Peer {
+        let mut stream = raw_tls(gw, id).await;
+        stream
+            .write_all(&connect_packet(id, 60))
+            .await
+            .expect("CONNECT");
+        let mut p = Peer {
+            stream,
+            buf: Vec::new(),
+            next_id: 0,
+            pending: Default::default(),
+        };
+        let (first, body) = p.packet().await;
+        assert_eq!((first, body.get(1)), (0x20, Some(&0)), "{id}: CONNACK");
+        p
+    }
+
+    fn id(&mut self) -> u16 {
+        self.next_id = self.next_id.wrapping_add(1).max(1);
+        self.next_id
+    }
+
+    async fn packet(&mut self) -> (u8, Vec<u8>) {
+        let end = Instant::now() + PEER_DEADLINE;
+        loop {
+            if let Some(p) = fleet_testkit::mqtt::split_packet(&mut self.buf).expect("framing") {
+                return p;
+            }
+            let mut chunk = [0u8; 16 * 1024];
+            let left = end.saturating_duration_since(Instant::now());
+            let n = tokio::time::timeout(left, self.stream.read(&mut chunk))
+                .await
+                .expect("no packet from the gateway in time")
+                .expect("read");
+            assert!(n > 0, "the gateway closed the connection");
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    /// Reads packets until one with first byte `want` arrives (publishes are acknowledged and
+    /// kept for [`Peer::recv`]).
+    async fn until(&mut self, want: u8) -> Vec<u8> {
+        loop {
+            let (first, body) = self.packet().await;
+            if first >> 4 == 3 {
+                self.take_publish(first, &body).await;
+            } else if first == want {
+                return body;
+            }
+        }
+    }
+
+    async fn take_publish(&mut self, first: u8, body: &[u8]) {
+        let qos = (first >> 1) & 3;
+        let tlen = usize::from(u16::from_be_bytes([body[0], body[1]]));
+        let topic = String::from_utf8(body[2..2 + tlen].to_vec()).expect("topic");
+        let mut at = 2 + tlen;
+        if qos > 0 {
+            let pkid = [body[at], body[at + 1]];
+            at += 2;
+            self.stream
+                .write_all(&[0x40, 0x02, pkid[0], pkid[1]])
+                .await
+                .expect("PUBACK");
+        }
+        self.pending.push_back(Got {
+            topic,
+            payload: body[at..].to_vec(),
+            retain: first & 1 == 1,
+        });
+    }
+
+    /// Subscribes to `filter` at QoS 1; panics unless granted.
+    pub async fn subscribe(&mut self, filter: &str) {
+        let id = self.id();
+        self.stream
+            .write_all(&subscribe_packet(id, &[(filter, 1)]))
+            .await
+            .expect("SUBSCRIBE");
+        let body = self.until(0x90).await;
+        assert_ne!(body.get(2), Some(&0x80), "subscription to {filter} refused");
+    }
+
+    /// Publishes at QoS 1 (retained if asked) and waits for the PUBACK.
+    pub async fn publish(&mut self, topic: &str, payload: &[u8], retain: bool) {
+        let id = self.id();
+        let mut p = publish_packet(topic.as_bytes(), payload, 1, id);
+        if retain {
+            p[0] |= 1;
+        }
+        self.stream.write_all(&p).await.expect("PUBLISH");
+        self.until(0x40).await;
+    }
+
+    /// The next publish received.
+    pub async fn recv(&mut self) -> Got {
+        loop {
+            if let Some(g) = self.pending.pop_front() {
+                return g;
+            }
+            let (first, body) = self.packet().await;
+            if first >> 4 == 3 {
+                self.take_publish(first, &body).await;
+            }
+        }
+    }
+
+    /// The next publish on `topic` (others are skipped).
+    pub async fn recv_on(&mut self, topic: &str) -> Got {
+        loop {
+            let g = self.recv().await;
+            if g.topic == topic {
+                return g;
+            }
+        }
+    }
+
+    /// Sends DISCONNECT and closes.
+    pub async fn disconnect(mut self) {
+        let _ = self.stream.write_all(&[0xe0, 0x00]).await;
+        let _ = self.stream.shutdown().await;
+    }
+}
+
+/// A service speaking the fleet API over a [`Peer`]: requests on its request topic, answers
+/// read from its response topic (it is subscribed to it and to every event).
+pub struct Api {
+    pub peer: Peer,
+    id: String,
+    n: u32,
+}
+
+impl Api {
+    pub async fn connect(gw: &TestGateway, id: &str) -> Api {
+        let mut peer = Peer::connect(gw, id).await;
+        peer.subscribe(&format!("fleet/api/{id}/response")).await;
+        peer.subscribe("fleet/events/#").await;
+        Api {
+            peer,
+            id: id.to_owned(),
+            n: 0,
+        }
+    }
+
+    /// Sends one request and returns the response's body.
+    pub async fn call(
+        &mut self,
+        body: fleet_proto::v1::api_request::Body,
+    ) -> fleet_proto::v1::api_response::Body {
+        use fleet_proto::Message;
+        self.n += 1;
+        let request_id = format!("r{}", self.n);
+        let req = fleet_proto::v1::ApiRequest {
+            request_id: request_id.clone(),
+            body: Some(body),
+        };
+        let topic = format!("fleet/api/{}/request", self.id);
+        self.peer.publish(&topic, &req.encode_to_vec(), false).await;
+        let answer = format!("fleet/api/{}/response", self.id);
+        loop {
+            let got = self.peer.recv_on(&answer).await;
+            let r = fleet_proto::v1::ApiResponse::decode(got.payload.as_slice()).expect("response");
+            if r.request_id == request_id {
+                return r.body.expect("response body");
+            }
+        }
+    }
+
+    /// The next event on `topic` that `pred` accepts, decoded as `M` (others are skipped).
+    pub async fn event<M: fleet_proto::Message + Default>(
+        &mut self,
+        topic: &str,
+        pred: impl Fn(&M) -> bool,
+    ) -> M {
+        loop {
+            let got = self.peer.recv_on(topic).await;
+            let m = M::decode(got.payload.as_slice()).expect("event");
+            if pred(&m) {
+                return m;
+            }
+        }
+    }
 }

@@ -8,6 +8,7 @@ use fleet_proto::v1::{
     UploadChunkResponse,
 };
 use fleet_proto::Message;
+use sha2::{Digest as _, Sha256};
 use tracing::{info, warn};
 
 use super::campaign::{wrong_class, Campaign};
@@ -264,9 +265,10 @@ impl UpdateService {
                 let Some(u) = s.update(&id)? else {
                     return Ok(None);
                 };
-                let m = decode_signed(&u.signed_manifest).map(|(_, m)| m);
+                let m = decode_signed(&u.signed_manifest)
+                    .map(|(signed, m)| (Sha256::digest(&signed.manifest).to_vec(), m));
                 let images = match &m {
-                    Ok(m) => image_states(s, m)?,
+                    Ok((_, m)) => image_states(s, m)?,
                     Err(_) => Vec::new(),
                 };
                 Ok(Some((u, m, images)))
@@ -274,10 +276,10 @@ impl UpdateService {
             .await
             .map_err(|_| unavailable())?
             .ok_or_else(|| not_found(update_id))?;
-        let m = m.map_err(invalid)?;
+        let (manifest_sha256, m) = m.map_err(invalid)?;
         let campaign = self.campaigns.get(update_id);
         Ok(UpdateRecord {
-            manifest_sha256: Default::default(),
+            manifest_sha256,
             update_id: m.update_id,
             version: m.version,
             device_class: m.device_class,
@@ -401,6 +403,25 @@ impl UpdateService {
     ) -> Result<UpdateRecord, ApiError> {
         let action = req.action();
         let now = fleet_proto::time::now_ms();
+        if !self.campaigns.contains_key(&req.update_id) {
+            return Err(api_error(
+                ApiErrorCode::NotFound,
+                format!(
+                    "update {:?} has no campaign; deploy it first",
+                    req.update_id
+                ),
+            ));
+        }
+        let withdrawal = if action == CampaignAction::Abort {
+            let record = self.record(&req.update_id).await?;
+            Some(check_withdrawal(
+                &req.update_id,
+                &record.manifest_sha256,
+                req.withdrawal.as_ref(),
+            )?)
+        } else {
+            None
+        };
         let c = self.campaigns.get_mut(&req.update_id).ok_or_else(|| {
             api_error(
                 ApiErrorCode::NotFound,
@@ -410,9 +431,15 @@ impl UpdateService {
                 ),
             )
         })?;
-        let effects = c
+        let mut effects = c
             .control(action, now)
             .map_err(|e| api_error(ApiErrorCode::Conflict, e.0))?;
+        // An abort's targets get the signed withdrawal, not an empty message (a device drops
+        // its staging only on an authority-signed withdrawal).
+        let withdrawn = match &withdrawal {
+            Some(_) => std::mem::take(&mut effects.withdraw),
+            None => Vec::new(),
+        };
         let state: CampaignState = c.record.state();
         info!(service, update_id = %req.update_id, ?action, ?state, "campaign control");
         if action == CampaignAction::Abort {
@@ -425,6 +452,102 @@ impl UpdateService {
         if !self.apply(&req.update_id, effects).await {
             return Err(unavailable());
         }
+        if let Some(bytes) = withdrawal {
+            for d in &withdrawn {
+                self.publish_withdrawal(d, bytes.clone()).await;
+            }
+            self.withdrawals.insert(req.update_id.clone(), bytes);
+        }
         self.record(&req.update_id).await
+    }
+}
+
+/// Checks the withdrawal an abort must carry and returns the bytes to publish: a
+/// SignedManifest with `manifest` empty and `withdrawal` set, 1 to `MAX_SIGNATURES`
+/// signatures, the withdrawal (within its bound) decoding as an UpdateWithdrawal for
+/// `update_id` that names the stored manifest (`manifest_sha256`). Its signatures are the
+/// devices' business.
+pub(super) fn check_withdrawal(
+    update_id: &str,
+    manifest_sha256: &[u8],
+    w: Option<&fleet_proto::v1::SignedManifest>,
+) -> Result<Vec<u8>, ApiError> {
+    let Some(w) = w else {
+        return Err(invalid(
+            "an abort needs `withdrawal`: an UpdateWithdrawal signed by the commands role",
+        ));
+    };
+    if !w.manifest.is_empty() || w.withdrawal.is_empty() {
+        return Err(invalid(
+            "withdrawal: a SignedManifest with `manifest` empty and `withdrawal` set",
+        ));
+    }
+    if w.withdrawal.len() > fleet_proto::command::MAX_WITHDRAWAL_LEN {
+        return Err(invalid(format!(
+            "withdrawal: {} bytes; at most {}",
+            w.withdrawal.len(),
+            fleet_proto::command::MAX_WITHDRAWAL_LEN
+        )));
+    }
+    if w.signatures.is_empty() || w.signatures.len() > fleet_proto::limits::MAX_SIGNATURES {
+        return Err(invalid(format!(
+            "withdrawal: {} signatures; 1 to {} are needed",
+            w.signatures.len(),
+            fleet_proto::limits::MAX_SIGNATURES
+        )));
+    }
+    let body = fleet_proto::v1::UpdateWithdrawal::decode(w.withdrawal.as_slice())
+        .map_err(|e| invalid(format!("withdrawal is not an UpdateWithdrawal: {e}")))?;
+    if body.update_id != update_id {
+        return Err(invalid(format!(
+            "withdrawal names update {:?}, not {update_id:?}",
+            body.update_id
+        )));
+    }
+    if body.manifest_sha256 != manifest_sha256 {
+        return Err(invalid(
+            "withdrawal names another manifest (manifest_sha256 differs from the stored one)",
+        ));
+    }
+    Ok(w.encode_to_vec())
+}
+
+#[cfg(test)]
+mod withdrawal_tests {
+    use super::*;
+    use fleet_proto::command::{sign_withdrawal, withdrawal_of};
+    use fleet_proto::signing::UpdateSigner;
+
+    #[test]
+    fn an_abort_needs_a_withdrawal_of_the_stored_manifest() {
+        let key = UpdateSigner::generate();
+        let manifest = b"the stored manifest bytes";
+        let digest = Sha256::digest(manifest).to_vec();
+        let w = sign_withdrawal(&withdrawal_of("u-1", manifest, 5, "bad batch"), &[&key])
+            .unwrap_or_else(|e| panic!("{e}"));
+        let bytes = check_withdrawal("u-1", &digest, Some(&w)).unwrap_or_else(|e| panic!("{e:?}"));
+        assert_eq!(bytes, w.encode_to_vec(), "published as given");
+        let refused = |w: Option<&fleet_proto::v1::SignedManifest>, update: &str| {
+            check_withdrawal(update, &digest, w)
+                .map(|_| ())
+                .map_err(|e| e.code())
+        };
+        assert_eq!(refused(None, "u-1"), Err(ApiErrorCode::Invalid));
+        assert_eq!(refused(Some(&w), "u-2"), Err(ApiErrorCode::Invalid));
+        let other = sign_withdrawal(&withdrawal_of("u-1", b"another", 5, ""), &[&key])
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(refused(Some(&other), "u-1"), Err(ApiErrorCode::Invalid));
+        let mut unsigned = w.clone();
+        unsigned.signatures.clear();
+        assert_eq!(refused(Some(&unsigned), "u-1"), Err(ApiErrorCode::Invalid));
+        let mut with_manifest = w.clone();
+        with_manifest.manifest = manifest.to_vec();
+        assert_eq!(
+            refused(Some(&with_manifest), "u-1"),
+            Err(ApiErrorCode::Invalid)
+        );
+        let mut too_many = w.clone();
+        too_many.signatures = vec![w.signatures[0].clone(); 9];
+        assert_eq!(refused(Some(&too_many), "u-1"), Err(ApiErrorCode::Invalid));
     }
 }

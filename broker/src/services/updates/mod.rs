@@ -143,6 +143,9 @@ pub(crate) struct UpdateService {
     sent: u64,
     /// Log lines for refused requests: a flood is counted in full, logged in a few lines.
     refused_log: LogBudget,
+    /// The signed withdrawal (encoded SignedManifest) of each update aborted since start, for
+    /// a device that asks for chunks of it after missing the withdrawal.
+    pub(super) withdrawals: HashMap<String, Vec<u8>>,
 }
 
 impl UpdateService {
@@ -179,6 +182,7 @@ impl UpdateService {
             queue: FairQueue::default(),
             sent: 0,
             refused_log: LogBudget::new(),
+            withdrawals: HashMap::new(),
         };
         this.restore().await;
         Ok(this)
@@ -278,12 +282,18 @@ impl UpdateService {
         if !active {
             debug!(device, update_id = %req.update_id, "chunk request for an update not offered to this device");
             // A device that missed the withdrawal (offline when its campaign was aborted)
-            // would ask forever: tell it the offer is gone, unless another update is offered
-            // to it (its manifest supersedes this one, and an empty publish would clear it).
+            // would ask forever: tell it the offer is gone (with the signed withdrawal when
+            // there is one), unless another update is offered to it (its manifest supersedes
+            // this one, and this publish would clear it).
             if !self.campaigns.values().any(|c| c.is_active(device)) {
                 if let Ok(id) = fleet_proto::DeviceId::new(device) {
                     let topic = topics::device_topic(&id, DeviceTopic::UpdateManifest);
-                    if let Err(e) = self.link.publish(topic, Vec::new()) {
+                    let gone = self
+                        .withdrawals
+                        .get(&req.update_id)
+                        .cloned()
+                        .unwrap_or_default();
+                    if let Err(e) = self.link.publish(topic, gone) {
                         warn!(device, error = %e, "could not tell a device its offer is gone");
                     }
                 }
@@ -516,6 +526,12 @@ impl UpdateService {
             self.publish_manifest(d, Vec::new()).await;
         }
         true
+    }
+
+    /// Publishes an update's signed withdrawal, retained, in place of its manifest.
+    pub(super) async fn publish_withdrawal(&mut self, device: &str, withdrawal: Vec<u8>) {
+        self.queue.remove(device);
+        self.publish_manifest(device, withdrawal).await;
     }
 
     /// Offers the update to `device`: its manifest, retained.
