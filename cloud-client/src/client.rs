@@ -2,11 +2,12 @@
 //! by request id, events fanned out to every listener.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use fleet_backoff::{Backoff, BackoffConfig};
+use fleet_proto::signing::{Signer, UpdateSigner};
 use fleet_proto::topics::{self, FleetTopic, Topic};
 use fleet_proto::v1::{
     api_request, api_response, ApiErrorCode, ApiRequest, ApiResponse, CommandEvent, CommandRecord,
@@ -19,6 +20,8 @@ use rumqttc::{
 };
 use tokio::sync::{broadcast, oneshot, watch};
 use tracing::{debug, warn};
+
+use crate::signed::{signed_request, Issue};
 
 /// Why an SDK call failed.
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +56,24 @@ pub enum SdkError {
     /// The client has stopped.
     #[error("the fleet client has stopped")]
     Stopped,
+    /// A command or a withdrawal is to be signed but no `commands` role key is configured
+    /// (nothing is sent unsigned).
+    #[error("no command signing key: commands and update withdrawals are signed with a key of the root's commands role (FleetClientBuilder::command_key_file or command_signer; fleetctl --command-key)")]
+    NoCommandKey,
+    /// A command signing key file is unusable.
+    #[error("command signing key {path}: {reason}")]
+    CommandKey {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A signer (a key file, an HSM) failed.
+    #[error(transparent)]
+    Sign(#[from] fleet_proto::signing::SignError),
+    /// The request is not valid (found before anything was signed or sent).
+    #[error("invalid request: {0}")]
+    Invalid(String),
 }
 
 /// Builds a [`FleetClient`].
@@ -65,6 +86,8 @@ pub struct FleetClientBuilder {
     connect_timeout: Duration,
     reconnect: BackoffConfig,
     via: Option<fleet_proto::GatewayId>,
+    signers: Vec<Arc<dyn Signer>>,
+    key_files: Vec<PathBuf>,
 }
 
 impl FleetClientBuilder {
@@ -115,9 +138,36 @@ impl FleetClientBuilder {
         Ok(self)
     }
 
+    /// Adds a key of the root's `commands` role that signs every command and update
+    /// withdrawal this client sends (a file key, or an HSM behind [`Signer`]). A role with a
+    /// threshold above one needs that many signers. Without any, sending a command is
+    /// [`SdkError::NoCommandKey`].
+    pub fn command_signer(mut self, signer: Arc<dyn Signer>) -> Self {
+        self.signers.push(signer);
+        self
+    }
+
+    /// Adds several `commands` role signers (see [`command_signer`](Self::command_signer)).
+    pub fn command_signers(mut self, signers: Vec<Arc<dyn Signer>>) -> Self {
+        self.signers.extend(signers);
+        self
+    }
+
+    /// Adds a `commands` role key from a PKCS#8 PEM file (`-----BEGIN PRIVATE KEY-----`, as
+    /// `fleetctl trust init` writes them), read by [`connect`](Self::connect); an unreadable
+    /// or invalid file is [`SdkError::CommandKey`].
+    pub fn command_key_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.key_files.push(path.into());
+        self
+    }
+
     /// Connects, subscribes to the service's responses and the command events, and returns
     /// once both subscriptions are granted. Reconnects by itself afterwards.
     pub async fn connect(self) -> Result<FleetClient, SdkError> {
+        let mut signers = self.signers;
+        for path in &self.key_files {
+            signers.push(Arc::new(load_command_key(path)?));
+        }
         let host = self
             .host
             .ok_or_else(|| SdkError::Config("gateway(host, port) is required".into()))?;
@@ -148,6 +198,7 @@ impl FleetClientBuilder {
             events: broadcast::channel(4096).0,
             request_timeout: self.request_timeout,
             via: self.via,
+            signers,
         });
         let backoff = Backoff::new(self.reconnect);
         tokio::spawn(drive(inner.clone(), eventloop, ready_tx, backoff));
@@ -172,6 +223,16 @@ impl FleetClientBuilder {
     }
 }
 
+/// Loads a PKCS#8 PEM Ed25519 private key.
+fn load_command_key(path: &Path) -> Result<UpdateSigner, SdkError> {
+    let bad = |reason: String| SdkError::CommandKey {
+        path: path.to_owned(),
+        reason,
+    };
+    let pem = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+    UpdateSigner::from_pkcs8_pem(&pem).map_err(|e| bad(e.to_string()))
+}
+
 #[derive(Debug, Clone)]
 enum Ready {
     /// Not (yet) subscribed; the last connection error, if any.
@@ -187,6 +248,8 @@ struct Inner {
     request_timeout: Duration,
     /// Through a cloud broker: topics are under `gateways/{id}/`.
     via: Option<fleet_proto::GatewayId>,
+    /// Keys of the `commands` role.
+    signers: Vec<Arc<dyn Signer>>,
 }
 
 impl Inner {
@@ -325,6 +388,8 @@ impl FleetClient {
                 Duration::from_secs(5),
             ),
             via: None,
+            signers: Vec::new(),
+            key_files: Vec::new(),
         }
     }
 
@@ -386,8 +451,48 @@ impl FleetClient {
         }
     }
 
-    /// Submits a command; the handle follows it to its final state on every target.
+    /// Keys of the `commands` role this client signs with.
+    pub(crate) fn signers(&self) -> &[Arc<dyn Signer>] {
+        &self.inner.signers
+    }
+
+    /// Signs and submits a command; the handle follows it to its final state on every target.
+    ///
+    /// `req` names the targets (`device_ids`, `device_class`), `name`, `payload`, `ttl_ms`
+    /// (0: [`DEFAULT_COMMAND_TTL`](crate::DEFAULT_COMMAND_TTL)) and optionally `command_id`
+    /// (empty: the SDK picks one). The SDK builds one Command per device id (and one for the
+    /// class), issued now by this service, expiring after the ttl, signs each with the
+    /// configured `commands` key(s) and sends only the signed commands. Without a key it
+    /// fails with [`SdkError::NoCommandKey`]. A request that is already signed (only
+    /// `command_id` and `signed` set) is sent unchanged.
     pub async fn send_command(&self, req: SendCommand) -> Result<CommandHandle, SdkError> {
+        self.send_command_not_before(req, 0).await
+    }
+
+    /// As [`send_command`](Self::send_command), with a not-before time (ms since 1970; 0:
+    /// none): the gateway holds the command until then and a device refuses it earlier.
+    pub async fn send_command_not_before(
+        &self,
+        req: SendCommand,
+        not_before_ms: u64,
+    ) -> Result<CommandHandle, SdkError> {
+        let issue = Issue {
+            signers: &self.inner.signers,
+            issued_by: &self.inner.service_id,
+            now_ms: fleet_proto::time::now_ms(),
+            not_before_ms,
+        };
+        let signed = signed_request(&req, &issue)?;
+        self.submit(signed).await
+    }
+
+    /// Submits a command in the unsigned form, for devices that hold no root of trust (devices
+    /// with one refuse it, and a gateway refuses it unless configured to accept it).
+    pub async fn send_unsigned_command(&self, req: SendCommand) -> Result<CommandHandle, SdkError> {
+        self.submit(req).await
+    }
+
+    async fn submit(&self, req: SendCommand) -> Result<CommandHandle, SdkError> {
         // Listen before sending, so no event is missed.
         let events = self.events();
         match self.request(api_request::Body::SendCommand(req)).await? {
