@@ -113,7 +113,9 @@ pub enum UpdateCmd {
         /// The update id.
         update: String,
     },
-    /// Withdraw the update from every device that has not finished.
+    /// Withdraw the update from every device that has not finished: a withdrawal of exactly
+    /// the manifest the gateway holds, signed with the commands key (--command-key), which
+    /// the gateway publishes in place of the manifest.
     Abort {
         /// The update id.
         update: String,
