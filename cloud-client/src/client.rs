@@ -11,7 +11,7 @@ use fleet_proto::signing::{Signer, UpdateSigner};
 use fleet_proto::topics::{self, FleetTopic, Topic};
 use fleet_proto::v1::{
     api_request, api_response, ApiErrorCode, ApiRequest, ApiResponse, CommandEvent, CommandRecord,
-    DeviceStatus, GetCommand, GetStatus, SendCommand,
+    DeviceStatus, GetCommand, GetStatus, SendCommand, TrustEvent,
 };
 use fleet_proto::Message;
 use rand_core::RngCore;
@@ -196,6 +196,7 @@ impl FleetClientBuilder {
             service_id,
             pending: Mutex::new(HashMap::new()),
             events: broadcast::channel(4096).0,
+            trust_events: broadcast::channel(1024).0,
             request_timeout: self.request_timeout,
             via: self.via,
             signers,
@@ -245,6 +246,7 @@ struct Inner {
     service_id: String,
     pending: Mutex<HashMap<String, oneshot::Sender<ApiResponse>>>,
     events: broadcast::Sender<CommandEvent>,
+    trust_events: broadcast::Sender<TrustEvent>,
     request_timeout: Duration,
     /// Through a cloud broker: topics are under `gateways/{id}/`.
     via: Option<fleet_proto::GatewayId>,
@@ -277,6 +279,7 @@ async fn drive(
 ) {
     let response_topic = inner.topic(&topics::api_response_topic(&inner.service_id));
     let events_topic = inner.topic(topics::ALL_COMMAND_EVENTS);
+    let trust_topic = inner.topic(&topics::trust_events_topic("+"));
     let mut sub_pkid = None;
     loop {
         if ready.is_closed() && Arc::strong_count(&inner) == 1 {
@@ -289,6 +292,7 @@ async fn drive(
                 let filters = vec![
                     rumqttc::SubscribeFilter::new(response_topic.clone(), QoS::AtLeastOnce),
                     rumqttc::SubscribeFilter::new(events_topic.clone(), QoS::AtLeastOnce),
+                    rumqttc::SubscribeFilter::new(trust_topic.clone(), QoS::AtLeastOnce),
                 ];
                 if let Err(e) = inner.mqtt.try_subscribe_many(filters) {
                     warn!(error = %e, "could not subscribe");
@@ -341,6 +345,15 @@ fn on_publish(inner: &Inner, topic: &str, payload: &[u8]) {
     let Ok(Topic::Fleet { path }) = topics::parse(topic) else {
         return;
     };
+    if path.starts_with("events/trust/") {
+        match TrustEvent::decode(payload) {
+            Ok(ev) => {
+                let _ = inner.trust_events.send(ev);
+            }
+            Err(e) => warn!(error = %e, "bad trust event from the gateway"),
+        }
+        return;
+    }
     match FleetTopic::parse(path) {
         Some(FleetTopic::ApiResponse { .. }) => match ApiResponse::decode(payload) {
             Ok(r) => {
@@ -401,6 +414,12 @@ impl FleetClient {
     /// Every command event from now on (state changes of every command on the gateway).
     pub fn events(&self) -> broadcast::Receiver<CommandEvent> {
         self.inner.events.subscribe()
+    }
+
+    /// Every trust event from now on: a device's TrustReport changed (the root it holds, a
+    /// root it refused, an expired root that froze it).
+    pub fn trust_events(&self) -> broadcast::Receiver<TrustEvent> {
+        self.inner.trust_events.subscribe()
     }
 
     pub(crate) async fn request(
@@ -595,5 +614,63 @@ impl CommandHandle {
             }
         }
         Ok(self.records)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use fleet_proto::v1::TrustReport;
+
+    /// A client that never connects (its event loop is not polled).
+    fn offline() -> Inner {
+        let (mqtt, _eventloop) = AsyncClient::new(MqttOptions::new("t", "localhost", 1), 8);
+        Inner {
+            mqtt,
+            service_id: "svc-0001".into(),
+            pending: Mutex::new(HashMap::new()),
+            events: broadcast::channel(8).0,
+            trust_events: broadcast::channel(8).0,
+            request_timeout: Duration::from_secs(1),
+            via: None,
+            signers: Vec::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn trust_events_reach_their_listeners_and_command_events_theirs() {
+        let inner = offline();
+        let mut trust = inner.trust_events.subscribe();
+        let mut commands = inner.events.subscribe();
+        let ev = TrustEvent {
+            device_id: "dev-0001".into(),
+            report: Some(TrustReport {
+                root_version: 2,
+                ..TrustReport::default()
+            }),
+        };
+        on_publish(
+            &inner,
+            &topics::trust_events_topic("dev-0001"),
+            &ev.encode_to_vec(),
+        );
+        assert_eq!(trust.try_recv().unwrap(), ev);
+        assert!(commands.try_recv().is_err());
+        // Garbage is dropped (and logged), not delivered.
+        on_publish(
+            &inner,
+            &topics::trust_events_topic("dev-0001"),
+            &[0xff, 0xff],
+        );
+        assert!(trust.try_recv().is_err());
+        let cev = CommandEvent::default();
+        on_publish(
+            &inner,
+            &topics::command_events_topic("dev-0001"),
+            &cev.encode_to_vec(),
+        );
+        assert_eq!(commands.try_recv().unwrap(), cev);
+        assert!(trust.try_recv().is_err());
     }
 }

@@ -42,8 +42,8 @@ pub use fleet_backoff::BackoffConfig;
 pub use fleet_proto::signing::{SignError, Signer};
 pub use fleet_proto::v1::{
     ApiErrorCode, CampaignAction, CampaignRecord, CampaignState, CommandEvent, CommandRecord,
-    CommandState, DeployUpdate, DeviceStatus, ImageState, SendCommand, TargetRecord, TrustRecord,
-    TrustReport, UpdateError, UpdatePhase, UpdateRecord,
+    CommandState, DeployUpdate, DeviceStatus, ImageState, SendCommand, TargetRecord, TrustEvent,
+    TrustRecord, TrustReport, UpdateError, UpdatePhase, UpdateRecord,
 };
 pub use rollout::{BatchSize, BatchSizeError, Rollout};
 pub use signed::DEFAULT_COMMAND_TTL;

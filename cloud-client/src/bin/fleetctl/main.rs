@@ -263,6 +263,12 @@ struct StatusView {
     last_report_at_ms: Option<u64>,
     reports_stored: u64,
     metrics: std::collections::BTreeMap<String, f64>,
+    /// Version of the root of trust the device reported holding.
+    root_version: Option<u64>,
+    /// Its root has expired: it refuses every command and manifest until a newer root arrives.
+    root_expired: bool,
+    /// The last root it refused, and why.
+    root_refused: Option<String>,
 }
 
 impl From<&DeviceStatus> for StatusView {
@@ -293,6 +299,23 @@ impl From<&DeviceStatus> for StatusView {
             metrics: r
                 .map(|r| r.metrics.clone().into_iter().collect())
                 .unwrap_or_default(),
+            root_version: d.trust.as_ref().map(|t| t.root_version),
+            root_expired: d.trust.as_ref().is_some_and(|t| t.root_expired),
+            root_refused: d
+                .trust
+                .as_ref()
+                .filter(|t| t.refused_version != 0)
+                .map(|t| {
+                    format!(
+                        "version {} ({}): {}",
+                        t.refused_version,
+                        t.refusal()
+                            .as_str_name()
+                            .trim_start_matches("ROOT_REFUSAL_")
+                            .to_lowercase(),
+                        t.detail
+                    )
+                }),
         }
     }
 }
