@@ -44,7 +44,7 @@ pub(crate) fn new_command_id() -> String {
 }
 
 /// The request that carries `req` signed: `SendCommand{command_id, signed}`, one SignedCommand
-/// per device id of `req` and one for its class, all with the same command id (`req`'s, or a
+/// per distinct device id of `req` and one for its class, all with the same command id (`req`'s, or a
 /// fresh one). A request that is already signed (only `command_id` and `signed` set) is
 /// returned unchanged: it was signed elsewhere (offline, or by another tool).
 pub(crate) fn signed_request(
@@ -110,9 +110,12 @@ pub(crate) fn signed_request(
         device_class: String::new(),
         not_before_ms: issue.not_before_ms,
     };
+    // A device named twice gets one command (the gateway would see two under one id).
+    let mut seen = std::collections::BTreeSet::new();
     let targets = req
         .device_ids
         .iter()
+        .filter(|id| seen.insert(id.as_str()))
         .map(|id| (id.clone(), String::new()))
         .chain((!req.device_class.is_empty()).then(|| (String::new(), req.device_class.clone())));
     let mut signed = Vec::with_capacity(req.device_ids.len() + 1);
@@ -211,7 +214,7 @@ mod tests {
             UpdateSigner::from_pkcs8_pem(&key.to_pkcs8_pem().unwrap()).unwrap(),
         )];
         let req = SendCommand {
-            device_ids: vec!["dev-0001".into(), "dev-0002".into()],
+            device_ids: vec!["dev-0001".into(), "dev-0002".into(), "dev-0001".into()],
             device_class: "sensor".into(),
             name: "reboot".into(),
             payload: b"now".to_vec(),

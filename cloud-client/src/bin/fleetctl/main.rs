@@ -1,8 +1,8 @@
 //! `fleetctl`: the operator's CLI for the fleet API of a gateway.
 //!
-//! Exit codes: 0 done (every target succeeded); 1 a target failed, was rejected or expired;
-//! 2 bad usage; 3 the gateway could not be reached or did not answer; 4 the gateway refused the
-//! request; 5 unusable certificates.
+//! Exit codes: 0 done (every target succeeded); 1 a target failed, was rejected or expired
+//! (`trust verify`: the root is refused); 2 bad usage; 3 the gateway could not be reached or did
+//! not answer; 4 the gateway refused the request; 5 unusable certificates.
 
 mod trust;
 mod update;
@@ -24,7 +24,11 @@ use serde::Serialize;
         Connects with a service certificate over mTLS. Without --ca/--cert/--cert-key it uses the \
         development PKI of the README's gateway (--pki, default gateway-data/pki, service \
         svc-0001).\n\n\
-        Exit codes: 0 done; 1 a target failed, was rejected or expired; 2 bad usage; \
+        Commands and update aborts are signed with a key of the root's commands role \
+        (--command-key, default PKI/trust/commands-1.key); `fleetctl trust` manages the root of \
+        trust offline and hands new roots to the gateway.\n\n\
+        Exit codes: 0 done; 1 a target failed, was rejected or expired (trust verify: the \
+        root is refused); 2 bad usage; \
         3 gateway unreachable or silent; 4 request refused; 5 unusable certificates."
 )]
 struct Cli {
