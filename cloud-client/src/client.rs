@@ -161,8 +161,9 @@ impl FleetClientBuilder {
         self
     }
 
-    /// Connects, subscribes to the service's responses and the command events, and returns
-    /// once both subscriptions are granted. Reconnects by itself afterwards.
+    /// Reads the command key files, connects, subscribes to the service's responses, the
+    /// command events and the trust events, and returns once the subscriptions are granted.
+    /// Reconnects by itself afterwards.
     pub async fn connect(self) -> Result<FleetClient, SdkError> {
         let mut signers = self.signers;
         for path in &self.key_files {
