@@ -146,6 +146,11 @@ pub(crate) fn signed_withdrawal(
     if signers.is_empty() {
         return Err(SdkError::NoCommandKey);
     }
+    if manifest_sha256.is_empty() {
+        return Err(SdkError::Protocol(format!(
+            "the gateway states no manifest digest for update {update_id:?}, so no withdrawal can name it (a gateway without signed withdrawals?)"
+        )));
+    }
     if manifest_sha256.len() != 32 {
         return Err(SdkError::Protocol(format!(
             "the gateway states a manifest digest of {} bytes for update {update_id:?}; 32 expected",
@@ -395,9 +400,11 @@ mod tests {
             (w.update_id.as_str(), w.manifest_sha256, w.reason.as_str()),
             ("u-1", digest, "bad batch")
         );
-        assert!(matches!(
-            signed_withdrawal("u-1", &[1; 5], "", &signers, NOW),
-            Err(SdkError::Protocol(_))
-        ));
+        for bad in [&[1u8; 5][..], &[]] {
+            assert!(matches!(
+                signed_withdrawal("u-1", bad, "", &signers, NOW),
+                Err(SdkError::Protocol(_))
+            ));
+        }
     }
 }
