@@ -88,7 +88,7 @@ fn every_command_has_help() {
         (
             &["trust", "--help"],
             &[
-                "init", "new", "sign", "combine", "verify", "show", "publish", "status",
+                "init", "keygen", "new", "sign", "combine", "verify", "show", "publish", "status",
             ],
         ),
         (
@@ -116,6 +116,7 @@ fn every_command_has_help() {
                 "--out",
             ],
         ),
+        (&["trust", "keygen", "--help"], &["--out"]),
         (&["trust", "sign", "--help"], &["FILE", "--key", "--out"]),
         (&["trust", "combine", "--help"], &["PARTS", "--out"]),
         (&["trust", "verify", "--help"], &["--current", "FILE"]),
@@ -279,7 +280,13 @@ fn a_new_commands_key_is_drafted_signed_on_two_machines_combined_and_accepted() 
     fleetctl_ok(&["trust", "verify", &root_v1], 0);
 
     // Rotation of the commands role to one new key.
-    let new_id = keygen(&tmp.path().join("commands-new.key"));
+    let out = fleetctl_ok(
+        &["--json", "trust", "keygen", "--out", &p("commands-new.key")],
+        0,
+    );
+    let new_id = json(&out)["key_id"].as_str().unwrap().to_owned();
+    // Never over an existing key.
+    fleetctl_ok(&["trust", "keygen", "--out", &p("commands-new.key")], 2);
     fleetctl_ok(
         &[
             "trust",
@@ -289,7 +296,7 @@ fn a_new_commands_key_is_drafted_signed_on_two_machines_combined_and_accepted() 
             "--set-role",
             "commands",
             "--key",
-            &p("commands-new.key.pub"),
+            &p("commands-new.pub"),
             "--threshold",
             "1",
             "--out",

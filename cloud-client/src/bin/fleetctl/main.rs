@@ -105,8 +105,9 @@ enum Cmd {
     /// The chain of trust: create the root keys and first root, draft, sign (key by key, on
     /// separate machines), combine, verify and show roots; publish one to the gateway.
     ///
-    /// A key ceremony that replaces the commands key: `trust new --current root.bin
-    /// --set-role commands --key new.pub --threshold 1 --out v2.unsigned`, then on each root
+    /// A key ceremony that replaces the commands key: `trust keygen --out new.key`, `trust new
+    /// --current root.bin --set-role commands --key new.pub --threshold 1 --out v2.unsigned`,
+    /// then on each root
     /// key holder's machine `trust sign v2.unsigned --key root-N.key --out v2.N` (a threshold
     /// of the current root keys, and of the new root's own when they differ), `trust combine
     /// v2.* --out v2.bin`, `trust verify --current root.bin v2.bin`, `trust publish v2.bin`.

@@ -58,6 +58,13 @@ pub enum TrustCmd {
         #[arg(long, default_value = "365d", value_parser = duration)]
         expires: Duration,
     },
+    /// Create one role key: FILE (PKCS#8 PEM, mode 0600, never overwritten) and its public key
+    /// (FILE with .pub in place of .key, or FILE.pub), for `trust new --set-role ... --key`.
+    Keygen {
+        /// Where to write the private key (e.g. commands-2.key).
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Draft the next root from the current one: version + 1, with a role's keys replaced or
     /// a key removed, and a new expiry. The draft has no signatures: sign it with `trust sign`
     /// (a threshold of the current root keys AND of the new root's own), then `trust combine`.
@@ -452,6 +459,43 @@ pub async fn run(cmd: TrustCmd, conn: &Conn, json: bool) -> Result<ExitCode, Fai
                 );
             }
             print_view(&view(&signed, &root, now), json);
+            Ok(ExitCode::SUCCESS)
+        }
+        TrustCmd::Keygen { out } => {
+            let key = UpdateSigner::generate();
+            let private = key
+                .to_pkcs8_pem()
+                .map_err(|e| usage(format!("cannot encode the key: {e}")))?;
+            let public = key
+                .public_key_pem()
+                .map_err(|e| usage(format!("cannot encode the key: {e}")))?;
+            let pub_path = if out.extension().is_some_and(|e| e == "key") {
+                out.with_extension("pub")
+            } else {
+                PathBuf::from(format!("{}.pub", out.display()))
+            };
+            if pub_path.exists() {
+                return Err(usage(format!(
+                    "{} exists; it is never overwritten",
+                    pub_path.display()
+                )));
+            }
+            crate::update::write_private(&out, private.as_bytes())?;
+            write_new(&pub_path, public.as_bytes())?;
+            if json {
+                print_json(&serde_json::json!({
+                    "key_id": key.key_id(),
+                    "private_key": out,
+                    "public_key": pub_path,
+                }));
+            } else {
+                println!(
+                    "key {} written to {} (public key: {})",
+                    key.key_id(),
+                    out.display(),
+                    pub_path.display()
+                );
+            }
             Ok(ExitCode::SUCCESS)
         }
         TrustCmd::New {

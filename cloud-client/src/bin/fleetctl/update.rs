@@ -580,7 +580,7 @@ async fn control(
     Ok(ExitCode::SUCCESS)
 }
 
-fn write_private(path: &PathBuf, bytes: &[u8]) -> Result<(), Failure> {
+pub(crate) fn write_private(path: &PathBuf, bytes: &[u8]) -> Result<(), Failure> {
     use std::os::unix::fs::OpenOptionsExt;
     let mut f = std::fs::OpenOptions::new()
         .write(true)
