@@ -2,15 +2,16 @@
 //! by request id, events fanned out to every listener.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use fleet_backoff::{Backoff, BackoffConfig};
+use fleet_proto::signing::{Signer, UpdateSigner};
 use fleet_proto::topics::{self, FleetTopic, Topic};
 use fleet_proto::v1::{
     api_request, api_response, ApiErrorCode, ApiRequest, ApiResponse, CommandEvent, CommandRecord,
-    DeviceStatus, GetCommand, GetStatus, SendCommand,
+    DeviceStatus, GetCommand, GetStatus, SendCommand, TrustEvent,
 };
 use fleet_proto::Message;
 use rand_core::RngCore;
@@ -19,6 +20,8 @@ use rumqttc::{
 };
 use tokio::sync::{broadcast, oneshot, watch};
 use tracing::{debug, warn};
+
+use crate::signed::{signed_request, Issue};
 
 /// Why an SDK call failed.
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +56,24 @@ pub enum SdkError {
     /// The client has stopped.
     #[error("the fleet client has stopped")]
     Stopped,
+    /// A command or a withdrawal is to be signed but no `commands` role key is configured
+    /// (nothing is sent unsigned).
+    #[error("no command signing key: commands and update withdrawals are signed with a key of the root's commands role (FleetClientBuilder::command_key_file or command_signer; fleetctl --command-key)")]
+    NoCommandKey,
+    /// A command signing key file is unusable.
+    #[error("command signing key {path}: {reason}")]
+    CommandKey {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A signer (a key file, an HSM) failed.
+    #[error(transparent)]
+    Sign(#[from] fleet_proto::signing::SignError),
+    /// The request is not valid (found before anything was signed or sent).
+    #[error("invalid request: {0}")]
+    Invalid(String),
 }
 
 /// Builds a [`FleetClient`].
@@ -65,6 +86,8 @@ pub struct FleetClientBuilder {
     connect_timeout: Duration,
     reconnect: BackoffConfig,
     via: Option<fleet_proto::GatewayId>,
+    signers: Vec<Arc<dyn Signer>>,
+    key_files: Vec<PathBuf>,
 }
 
 impl FleetClientBuilder {
@@ -115,9 +138,37 @@ impl FleetClientBuilder {
         Ok(self)
     }
 
-    /// Connects, subscribes to the service's responses and the command events, and returns
-    /// once both subscriptions are granted. Reconnects by itself afterwards.
+    /// Adds a key of the root's `commands` role that signs every command and update
+    /// withdrawal this client sends (a file key, or an HSM behind [`Signer`]). A role with a
+    /// threshold above one needs that many signers. Without any, sending a command is
+    /// [`SdkError::NoCommandKey`].
+    pub fn command_signer(mut self, signer: Arc<dyn Signer>) -> Self {
+        self.signers.push(signer);
+        self
+    }
+
+    /// Adds several `commands` role signers (see [`command_signer`](Self::command_signer)).
+    pub fn command_signers(mut self, signers: Vec<Arc<dyn Signer>>) -> Self {
+        self.signers.extend(signers);
+        self
+    }
+
+    /// Adds a `commands` role key from a PKCS#8 PEM file (`-----BEGIN PRIVATE KEY-----`, as
+    /// `fleetctl trust init` writes them), read by [`connect`](Self::connect); an unreadable
+    /// or invalid file is [`SdkError::CommandKey`].
+    pub fn command_key_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.key_files.push(path.into());
+        self
+    }
+
+    /// Reads the command key files, connects, subscribes to the service's responses, the
+    /// command events and the trust events, and returns once the subscriptions are granted.
+    /// Reconnects by itself afterwards.
     pub async fn connect(self) -> Result<FleetClient, SdkError> {
+        let mut signers = self.signers;
+        for path in &self.key_files {
+            signers.push(Arc::new(load_command_key(path)?));
+        }
         let host = self
             .host
             .ok_or_else(|| SdkError::Config("gateway(host, port) is required".into()))?;
@@ -146,8 +197,10 @@ impl FleetClientBuilder {
             service_id,
             pending: Mutex::new(HashMap::new()),
             events: broadcast::channel(4096).0,
+            trust_events: broadcast::channel(1024).0,
             request_timeout: self.request_timeout,
             via: self.via,
+            signers,
         });
         let backoff = Backoff::new(self.reconnect);
         tokio::spawn(drive(inner.clone(), eventloop, ready_tx, backoff));
@@ -172,6 +225,16 @@ impl FleetClientBuilder {
     }
 }
 
+/// Loads a PKCS#8 PEM Ed25519 private key.
+fn load_command_key(path: &Path) -> Result<UpdateSigner, SdkError> {
+    let bad = |reason: String| SdkError::CommandKey {
+        path: path.to_owned(),
+        reason,
+    };
+    let pem = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+    UpdateSigner::from_pkcs8_pem(&pem).map_err(|e| bad(e.to_string()))
+}
+
 #[derive(Debug, Clone)]
 enum Ready {
     /// Not (yet) subscribed; the last connection error, if any.
@@ -184,9 +247,12 @@ struct Inner {
     service_id: String,
     pending: Mutex<HashMap<String, oneshot::Sender<ApiResponse>>>,
     events: broadcast::Sender<CommandEvent>,
+    trust_events: broadcast::Sender<TrustEvent>,
     request_timeout: Duration,
     /// Through a cloud broker: topics are under `gateways/{id}/`.
     via: Option<fleet_proto::GatewayId>,
+    /// Keys of the `commands` role.
+    signers: Vec<Arc<dyn Signer>>,
 }
 
 impl Inner {
@@ -214,6 +280,7 @@ async fn drive(
 ) {
     let response_topic = inner.topic(&topics::api_response_topic(&inner.service_id));
     let events_topic = inner.topic(topics::ALL_COMMAND_EVENTS);
+    let trust_topic = inner.topic(&topics::trust_events_topic("+"));
     let mut sub_pkid = None;
     loop {
         if ready.is_closed() && Arc::strong_count(&inner) == 1 {
@@ -226,6 +293,7 @@ async fn drive(
                 let filters = vec![
                     rumqttc::SubscribeFilter::new(response_topic.clone(), QoS::AtLeastOnce),
                     rumqttc::SubscribeFilter::new(events_topic.clone(), QoS::AtLeastOnce),
+                    rumqttc::SubscribeFilter::new(trust_topic.clone(), QoS::AtLeastOnce),
                 ];
                 if let Err(e) = inner.mqtt.try_subscribe_many(filters) {
                     warn!(error = %e, "could not subscribe");
@@ -278,6 +346,15 @@ fn on_publish(inner: &Inner, topic: &str, payload: &[u8]) {
     let Ok(Topic::Fleet { path }) = topics::parse(topic) else {
         return;
     };
+    if path.starts_with("events/trust/") {
+        match TrustEvent::decode(payload) {
+            Ok(ev) => {
+                let _ = inner.trust_events.send(ev);
+            }
+            Err(e) => warn!(error = %e, "bad trust event from the gateway"),
+        }
+        return;
+    }
     match FleetTopic::parse(path) {
         Some(FleetTopic::ApiResponse { .. }) => match ApiResponse::decode(payload) {
             Ok(r) => {
@@ -325,6 +402,8 @@ impl FleetClient {
                 Duration::from_secs(5),
             ),
             via: None,
+            signers: Vec::new(),
+            key_files: Vec::new(),
         }
     }
 
@@ -336,6 +415,12 @@ impl FleetClient {
     /// Every command event from now on (state changes of every command on the gateway).
     pub fn events(&self) -> broadcast::Receiver<CommandEvent> {
         self.inner.events.subscribe()
+    }
+
+    /// Every trust event from now on: a device's TrustReport changed (the root it holds, a
+    /// root it refused, an expired root that froze it).
+    pub fn trust_events(&self) -> broadcast::Receiver<TrustEvent> {
+        self.inner.trust_events.subscribe()
     }
 
     pub(crate) async fn request(
@@ -386,8 +471,48 @@ impl FleetClient {
         }
     }
 
-    /// Submits a command; the handle follows it to its final state on every target.
+    /// Keys of the `commands` role this client signs with.
+    pub(crate) fn signers(&self) -> &[Arc<dyn Signer>] {
+        &self.inner.signers
+    }
+
+    /// Signs and submits a command; the handle follows it to its final state on every target.
+    ///
+    /// `req` names the targets (`device_ids`, `device_class`), `name`, `payload`, `ttl_ms`
+    /// (0: [`DEFAULT_COMMAND_TTL`](crate::DEFAULT_COMMAND_TTL)) and optionally `command_id`
+    /// (empty: the SDK picks one). The SDK builds one Command per device id (and one for the
+    /// class), issued now by this service, expiring after the ttl, signs each with the
+    /// configured `commands` key(s) and sends only the signed commands. Without a key it
+    /// fails with [`SdkError::NoCommandKey`]. A request that is already signed (only
+    /// `command_id` and `signed` set) is sent unchanged.
     pub async fn send_command(&self, req: SendCommand) -> Result<CommandHandle, SdkError> {
+        self.send_command_not_before(req, 0).await
+    }
+
+    /// As [`send_command`](Self::send_command), with a not-before time (ms since 1970; 0:
+    /// none): the gateway holds the command until then and a device refuses it earlier.
+    pub async fn send_command_not_before(
+        &self,
+        req: SendCommand,
+        not_before_ms: u64,
+    ) -> Result<CommandHandle, SdkError> {
+        let issue = Issue {
+            signers: &self.inner.signers,
+            issued_by: &self.inner.service_id,
+            now_ms: fleet_proto::time::now_ms(),
+            not_before_ms,
+        };
+        let signed = signed_request(&req, &issue)?;
+        self.submit(signed).await
+    }
+
+    /// Submits a command in the unsigned form, for devices that hold no root of trust (devices
+    /// with one refuse it, and a gateway refuses it unless configured to accept it).
+    pub async fn send_unsigned_command(&self, req: SendCommand) -> Result<CommandHandle, SdkError> {
+        self.submit(req).await
+    }
+
+    async fn submit(&self, req: SendCommand) -> Result<CommandHandle, SdkError> {
         // Listen before sending, so no event is missed.
         let events = self.events();
         match self.request(api_request::Body::SendCommand(req)).await? {
@@ -490,5 +615,63 @@ impl CommandHandle {
             }
         }
         Ok(self.records)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use fleet_proto::v1::TrustReport;
+
+    /// A client that never connects (its event loop is not polled).
+    fn offline() -> Inner {
+        let (mqtt, _eventloop) = AsyncClient::new(MqttOptions::new("t", "localhost", 1), 8);
+        Inner {
+            mqtt,
+            service_id: "svc-0001".into(),
+            pending: Mutex::new(HashMap::new()),
+            events: broadcast::channel(8).0,
+            trust_events: broadcast::channel(8).0,
+            request_timeout: Duration::from_secs(1),
+            via: None,
+            signers: Vec::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn trust_events_reach_their_listeners_and_command_events_theirs() {
+        let inner = offline();
+        let mut trust = inner.trust_events.subscribe();
+        let mut commands = inner.events.subscribe();
+        let ev = TrustEvent {
+            device_id: "dev-0001".into(),
+            report: Some(TrustReport {
+                root_version: 2,
+                ..TrustReport::default()
+            }),
+        };
+        on_publish(
+            &inner,
+            &topics::trust_events_topic("dev-0001"),
+            &ev.encode_to_vec(),
+        );
+        assert_eq!(trust.try_recv().unwrap(), ev);
+        assert!(commands.try_recv().is_err());
+        // Garbage is dropped (and logged), not delivered.
+        on_publish(
+            &inner,
+            &topics::trust_events_topic("dev-0001"),
+            &[0xff, 0xff],
+        );
+        assert!(trust.try_recv().is_err());
+        let cev = CommandEvent::default();
+        on_publish(
+            &inner,
+            &topics::command_events_topic("dev-0001"),
+            &cev.encode_to_vec(),
+        );
+        assert_eq!(commands.try_recv().unwrap(), cev);
+        assert!(trust.try_recv().is_err());
     }
 }

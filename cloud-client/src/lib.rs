@@ -1,7 +1,7 @@
-//! The cloud-service SDK: send commands to devices and follow them, read the fleet's status,
-//! watch command events. It speaks the fleet API (`fleet/api/{service_id}/...`,
-//! `fleet/events/...`) over MQTT with the service's certificate. The CLI `fleetctl` is built on
-//! it.
+//! The cloud-service SDK: send signed commands to devices and follow them, read the fleet's
+//! status, watch command events, hand the gateway a new root of trust. It speaks the fleet API
+//! (`fleet/api/{service_id}/...`, `fleet/events/...`) over MQTT with the service's
+//! certificate. The CLI `fleetctl` is built on it.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), cloud_client::SdkError> {
@@ -11,6 +11,8 @@
 //! let fleet = FleetClient::builder()
 //!     .gateway("localhost", 8883)
 //!     .pem_files("ca.crt", "svc-0001.crt", "svc-0001.key")
+//!     // A key of the root's `commands` role: commands are signed before they leave.
+//!     .command_key_file("trust/commands-1.key")
 //!     .connect()
 //!     .await?;
 //! let handle = fleet
@@ -31,14 +33,18 @@
 
 mod client;
 mod rollout;
+mod signed;
+mod trust;
 mod updates;
 
 pub use client::{CommandHandle, FleetClient, FleetClientBuilder, SdkError};
 pub use fleet_backoff::BackoffConfig;
+pub use fleet_proto::signing::{SignError, Signer};
 pub use fleet_proto::v1::{
     ApiErrorCode, CampaignAction, CampaignRecord, CampaignState, CommandEvent, CommandRecord,
-    CommandState, DeployUpdate, DeviceStatus, ImageState, SendCommand, TargetRecord, UpdateError,
-    UpdatePhase, UpdateRecord,
+    CommandState, DeployUpdate, DeviceStatus, ImageState, SendCommand, TargetRecord, TrustEvent,
+    TrustRecord, TrustReport, UpdateError, UpdatePhase, UpdateRecord,
 };
 pub use rollout::{BatchSize, BatchSizeError, Rollout};
+pub use signed::DEFAULT_COMMAND_TTL;
 pub use updates::{build_update, BuildError, BuiltUpdate, ImageSpec, UpdateSpec};

@@ -16,6 +16,7 @@ use fleet_proto::v1::{
 use tokio::task::JoinSet;
 
 use crate::client::{FleetClient, SdkError};
+use crate::signed::signed_withdrawal;
 
 /// Requests in flight while uploading.
 const UPLOAD_WINDOW: usize = 8;
@@ -236,16 +237,50 @@ impl FleetClient {
         self.update_call(api_request::Body::DeployUpdate(req)).await
     }
 
-    /// Pauses, resumes or aborts an update's campaign.
+    /// Pauses, resumes or aborts an update's campaign. An abort is
+    /// [`abort_update`](Self::abort_update) with a reason naming this service.
     pub async fn control_campaign(
         &self,
         update_id: &str,
         action: CampaignAction,
     ) -> Result<UpdateRecord, SdkError> {
+        if action == CampaignAction::Abort {
+            let reason = format!("aborted by {}", self.service_id());
+            return self.abort_update(update_id, &reason).await;
+        }
         self.update_call(api_request::Body::ControlCampaign(ControlCampaign {
-            withdrawal: Default::default(),
+            withdrawal: None,
             update_id: update_id.to_owned(),
             action: action.into(),
+        }))
+        .await
+    }
+
+    /// Aborts an update's campaign with a signed withdrawal of its offer: reads the digest of
+    /// the manifest the gateway holds (`UpdateRecord.manifest_sha256`), signs a withdrawal of
+    /// exactly that manifest with the `commands` key(s) ([`SdkError::NoCommandKey`] without
+    /// one), and hands it to the gateway, which publishes it in place of the manifest. Devices
+    /// drop their staging only on such an authority-signed withdrawal.
+    pub async fn abort_update(
+        &self,
+        update_id: &str,
+        reason: &str,
+    ) -> Result<UpdateRecord, SdkError> {
+        if self.signers().is_empty() {
+            return Err(SdkError::NoCommandKey);
+        }
+        let record = self.get_update(update_id).await?;
+        let withdrawal = signed_withdrawal(
+            update_id,
+            &record.manifest_sha256,
+            reason,
+            self.signers(),
+            fleet_proto::time::now_ms(),
+        )?;
+        self.update_call(api_request::Body::ControlCampaign(ControlCampaign {
+            withdrawal: Some(withdrawal),
+            update_id: update_id.to_owned(),
+            action: CampaignAction::Abort.into(),
         }))
         .await
     }

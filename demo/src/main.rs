@@ -184,6 +184,8 @@ async fn run(a: Args) -> Result<bool, Error> {
             pki.join("services/svc-0001.crt"),
             pki.join("services/svc-0001.key"),
         )
+        // Commands and withdrawals are signed with the development PKI's commands key.
+        .command_key_file(pki.join("trust/commands-1.key"))
         .connect()
         .await?;
     // Devices announce their class with their presence; wait until the gateway knows all.

@@ -172,7 +172,8 @@ impl GatewayProc {
         format!("127.0.0.1:{}", self.addr.port())
     }
 
-    /// An SDK client for service `svc-0001`.
+    /// An SDK client for service `svc-0001`, signing commands with the development PKI's
+    /// commands key (`trust/commands-1.key`).
     pub async fn fleet(&self) -> cloud_client::FleetClient {
         let pki = self.pki();
         cloud_client::FleetClient::builder()
@@ -182,6 +183,7 @@ impl GatewayProc {
                 pki.join("services/svc-0001.crt"),
                 pki.join("services/svc-0001.key"),
             )
+            .command_key_file(pki.join("trust/commands-1.key"))
             .connect()
             .await
             .unwrap_or_else(|e| panic!("SDK connect: {e}"))

@@ -57,6 +57,7 @@ async fn cloud_sdk(gw: &GatewayProc, port: u16) -> FleetClient {
         )
         .via_broker(GW)
         .unwrap()
+        .command_key_file(pki.join("trust/commands-1.key"))
         .connect()
         .await
         .unwrap()

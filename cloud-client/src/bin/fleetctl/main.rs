@@ -1,9 +1,10 @@
 //! `fleetctl`: the operator's CLI for the fleet API of a gateway.
 //!
-//! Exit codes: 0 done (every target succeeded); 1 a target failed, was rejected or expired;
-//! 2 bad usage; 3 the gateway could not be reached or did not answer; 4 the gateway refused the
-//! request; 5 unusable certificates.
+//! Exit codes: 0 done (every target succeeded); 1 a target failed, was rejected or expired
+//! (`trust verify`: the root is refused); 2 bad usage; 3 the gateway could not be reached or did
+//! not answer; 4 the gateway refused the request; 5 unusable certificates.
 
+mod trust;
 mod update;
 
 use std::path::PathBuf;
@@ -23,7 +24,11 @@ use serde::Serialize;
         Connects with a service certificate over mTLS. Without --ca/--cert/--cert-key it uses the \
         development PKI of the README's gateway (--pki, default gateway-data/pki, service \
         svc-0001).\n\n\
-        Exit codes: 0 done; 1 a target failed, was rejected or expired; 2 bad usage; \
+        Commands and update aborts are signed with a key of the root's commands role \
+        (--command-key, default PKI/trust/commands-1.key); `fleetctl trust` manages the root of \
+        trust offline and hands new roots to the gateway.\n\n\
+        Exit codes: 0 done; 1 a target failed, was rejected or expired (trust verify: the \
+        root is refused); 2 bad usage; \
         3 gateway unreachable or silent; 4 request refused; 5 unusable certificates."
 )]
 struct Cli {
@@ -82,6 +87,11 @@ struct Conn {
     /// How long to try to connect to the gateway.
     #[arg(long, default_value = "10s", value_parser = duration, global = true)]
     connect_timeout: Duration,
+    /// Key of the root's commands role (PKCS#8 PEM) that signs commands (`command send`) and
+    /// update withdrawals (`update abort`); repeat it for a role whose threshold is above one.
+    /// Default: the development PKI's (--pki)/trust/commands-1.key, when it exists.
+    #[arg(long, env = "FLEET_COMMAND_KEY", global = true, value_name = "FILE")]
+    command_key: Vec<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -92,6 +102,17 @@ enum Cmd {
     /// Firmware updates: sign and upload, deploy in batches, follow, pause, resume, abort.
     #[command(subcommand)]
     Update(update::UpdateCmd),
+    /// The chain of trust: create the root keys and first root, draft, sign (key by key, on
+    /// separate machines), combine, verify and show roots; publish one to the gateway.
+    ///
+    /// A key ceremony that replaces the commands key: `trust keygen --out new.key`, `trust new
+    /// --current root.bin --set-role commands --key new.pub --threshold 1 --out v2.unsigned`,
+    /// then on each root
+    /// key holder's machine `trust sign v2.unsigned --key root-N.key --out v2.N` (a threshold
+    /// of the current root keys, and of the new root's own when they differ), `trust combine
+    /// v2.* --out v2.bin`, `trust verify --current root.bin v2.bin`, `trust publish v2.bin`.
+    #[command(subcommand)]
+    Trust(trust::TrustCmd),
     /// Last known status and presence of devices (all when none is named).
     Status {
         /// Device ids.
@@ -111,7 +132,12 @@ enum Cmd {
 
 #[derive(Subcommand)]
 enum CommandCmd {
-    /// Send a command to devices and (by default) wait for every result.
+    /// Sign a command with the commands key (--command-key) and send it to devices; by
+    /// default wait for every result.
+    ///
+    /// One command is signed per device (and one for --class), bound to its target, its id,
+    /// name, payload, validity period and expiry; devices refuse it unsigned, mis-addressed or
+    /// expired.
     Send {
         /// Target device (repeatable).
         #[arg(long = "device", short = 'd')]
@@ -128,11 +154,15 @@ enum CommandCmd {
         /// Argument, from a file.
         #[arg(long)]
         payload_file: Option<PathBuf>,
-        /// Time to live: after it the command is never delivered (e.g. 30s, 10m, 1h).
-        /// Default: the gateway's (1 h).
+        /// Time to live: the command expires this long after it is signed and is never run
+        /// after (e.g. 30s, 10m, 1h). Default: 1h.
         #[arg(long, value_parser = duration)]
         ttl: Option<Duration>,
-        /// Command id (idempotency key). Default: the gateway picks one.
+        /// Do not run before this time: a delay from now (10m) or a time (2026-12-01T08:00:00Z).
+        /// The gateway holds the command until then; it must be before the expiry.
+        #[arg(long, value_parser = not_before)]
+        not_before: Option<u64>,
+        /// Command id (idempotency key). Default: a fresh one.
         #[arg(long)]
         id: Option<String>,
         /// Print the accepted command and return without waiting for results.
@@ -154,6 +184,21 @@ enum CommandCmd {
 
 fn duration(s: &str) -> Result<Duration, String> {
     humantime_serde::re::humantime::parse_duration(s).map_err(|e| e.to_string())
+}
+
+/// `--not-before`: a delay from now or an RFC 3339 time, as ms since 1970.
+fn not_before(s: &str) -> Result<u64, String> {
+    let at = match humantime_serde::re::humantime::parse_duration(s) {
+        Ok(d) => std::time::SystemTime::now() + d,
+        Err(_) => humantime_serde::re::humantime::parse_rfc3339_weak(s).map_err(|_| {
+            format!("{s:?} is neither a delay (10m) nor a time (2026-12-01T08:00:00Z)")
+        })?,
+    };
+    let ms = at
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_err(|_| format!("{s:?} is before 1970"))?
+        .as_millis();
+    u64::try_from(ms).map_err(|_| format!("{s:?} is too far ahead"))
 }
 
 /// A command record as printed.
@@ -223,6 +268,12 @@ struct StatusView {
     last_report_at_ms: Option<u64>,
     reports_stored: u64,
     metrics: std::collections::BTreeMap<String, f64>,
+    /// Version of the root of trust the device reported holding.
+    root_version: Option<u64>,
+    /// Its root has expired: it refuses every command and manifest until a newer root arrives.
+    root_expired: bool,
+    /// The last root it refused, and why.
+    root_refused: Option<String>,
 }
 
 impl From<&DeviceStatus> for StatusView {
@@ -253,6 +304,23 @@ impl From<&DeviceStatus> for StatusView {
             metrics: r
                 .map(|r| r.metrics.clone().into_iter().collect())
                 .unwrap_or_default(),
+            root_version: d.trust.as_ref().map(|t| t.root_version),
+            root_expired: d.trust.as_ref().is_some_and(|t| t.root_expired),
+            root_refused: d
+                .trust
+                .as_ref()
+                .filter(|t| t.refused_version != 0)
+                .map(|t| {
+                    format!(
+                        "version {} ({}): {}",
+                        t.refused_version,
+                        t.refusal()
+                            .as_str_name()
+                            .trim_start_matches("ROOT_REFUSAL_")
+                            .to_lowercase(),
+                        t.detail
+                    )
+                }),
         }
     }
 }
@@ -267,7 +335,8 @@ enum Failure {
 impl From<SdkError> for Failure {
     fn from(e: SdkError) -> Self {
         match e {
-            SdkError::Config(m) => Failure::Usage(m),
+            SdkError::Config(m) | SdkError::Invalid(m) => Failure::Usage(m),
+            SdkError::NoCommandKey | SdkError::CommandKey { .. } => Failure::Usage(e.to_string()),
             SdkError::Tls(_) | SdkError::NotAService(_) => Failure::Certs(e.to_string()),
             SdkError::Api { .. } => Failure::Refused(e.to_string()),
             _ => Failure::Unreachable(e.to_string()),
@@ -340,6 +409,15 @@ async fn connect(conn: &Conn) -> Result<FleetClient, Failure> {
     if let Some(gw) = &conn.via {
         b = b.via_broker(gw)?;
     }
+    if conn.command_key.is_empty() {
+        let dev = conn.pki.join("trust").join("commands-1.key");
+        if dev.exists() {
+            b = b.command_key_file(dev);
+        }
+    }
+    for k in &conn.command_key {
+        b = b.command_key_file(k);
+    }
     Ok(b.connect().await?)
 }
 
@@ -387,6 +465,7 @@ fn outcome(records: &[CommandRecord], open_ok: bool) -> ExitCode {
 async fn run(cli: Cli) -> Result<ExitCode, Failure> {
     match cli.cmd {
         Cmd::Update(cmd) => update::run(cmd, &cli.conn, cli.json).await,
+        Cmd::Trust(cmd) => trust::run(cmd, &cli.conn, cli.json).await,
         Cmd::Command(CommandCmd::Send {
             devices,
             class,
@@ -394,6 +473,7 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
             payload,
             payload_file,
             ttl,
+            not_before,
             id,
             no_wait,
             wait,
@@ -411,17 +491,20 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
             };
             let fleet = connect(&cli.conn).await?;
             let handle = fleet
-                .send_command(SendCommand {
-                    signed: Default::default(),
-                    command_id: id.unwrap_or_default(),
-                    device_ids: devices,
-                    device_class: class.unwrap_or_default(),
-                    name,
-                    payload,
-                    ttl_ms: ttl
-                        .map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX).max(1))
-                        .unwrap_or(0),
-                })
+                .send_command_not_before(
+                    SendCommand {
+                        signed: Default::default(),
+                        command_id: id.unwrap_or_default(),
+                        device_ids: devices,
+                        device_class: class.unwrap_or_default(),
+                        name,
+                        payload,
+                        ttl_ms: ttl
+                            .map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX).max(1))
+                            .unwrap_or(0),
+                    },
+                    not_before.unwrap_or(0),
+                )
                 .await?;
             if no_wait {
                 let recs = handle.records().to_vec();

@@ -113,7 +113,9 @@ pub enum UpdateCmd {
         /// The update id.
         update: String,
     },
-    /// Withdraw the update from every device that has not finished.
+    /// Withdraw the update from every device that has not finished: a withdrawal of exactly
+    /// the manifest the gateway holds, signed with the commands key (--command-key), which
+    /// the gateway publishes in place of the manifest.
     Abort {
         /// The update id.
         update: String,
@@ -578,7 +580,7 @@ async fn control(
     Ok(ExitCode::SUCCESS)
 }
 
-fn write_private(path: &PathBuf, bytes: &[u8]) -> Result<(), Failure> {
+pub(crate) fn write_private(path: &PathBuf, bytes: &[u8]) -> Result<(), Failure> {
     use std::os::unix::fs::OpenOptionsExt;
     let mut f = std::fs::OpenOptions::new()
         .write(true)
