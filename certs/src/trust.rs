@@ -12,7 +12,7 @@
 
 use std::path::{Path, PathBuf};
 
-use fleet_proto::signing::{KeyError, Signer, UpdateSigner};
+use fleet_proto::signing::{KeyError, UpdateSigner};
 use fleet_proto::trust::{build, ROOT_FORMAT_VERSION};
 use fleet_proto::v1;
 use prost::Message as _;
