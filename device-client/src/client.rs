@@ -533,8 +533,8 @@ struct Shared {
     reports_dropped: std::sync::atomic::AtomicU64,
     /// The update agent (always present once started).
     agent: Option<Arc<AgentHandle>>,
-    /// The current root and the last refused one. Lock order: `trust` is never held with
-    /// another lock.
+    /// The current root and the last refused one. Lock order: `owner`, then `trust`; never
+    /// held with `gate` or `outbox`.
     trust: Mutex<TrustState>,
     root_store: RootStore,
     /// The floored clock of trust decisions (raised from the update agent's floor).
@@ -1090,57 +1090,58 @@ impl Driver {
     /// root accepted is persisted, then used (commands, the update agent, reports).
     async fn on_roots(&mut self, chain: &[u8]) {
         let now = self.shared.trust_now();
-        let Some(current) = self.shared.root() else {
+        let shared = self.shared.clone();
+        let chain = chain.to_vec();
+        // The walk and the write of an accepted root (two fsyncs) off the executor; the root
+        // becomes current only once it is on disk.
+        let taken = tokio::task::spawn_blocking(move || {
+            while_owner(&shared, || {
+                let mut trust = lock(&shared.trust);
+                Ok(trust.take_chain(&chain, now, |r| {
+                    shared.root_store.save(r).map_err(|e| e.to_string())
+                }))
+            })
+        })
+        .await;
+        let taken = match taken {
+            Ok(Ok(t)) => t,
+            Ok(Err(e)) => {
+                debug!(error = %e, "root chain not taken");
+                return;
+            }
+            Err(e) => {
+                warn!(error = %e, "root chain task failed");
+                return;
+            }
+        };
+        let log = self.refusal_log.allow(std::time::Instant::now());
+        if taken.no_root {
             self.shared.roots_refused.fetch_add(1, Ordering::Relaxed);
-            if let Some(suppressed) = self.refusal_log.allow(std::time::Instant::now()) {
+            if let Some(suppressed) = log {
                 warn!(
                     suppressed,
                     "a root chain arrived, but the device has no root to check it against"
                 );
             }
             return;
-        };
-        let walk = current.walk(chain, now);
-        let mut changed = false;
-        if let Some(next) = walk.accepted {
-            // Persisted before it is used: after a power cut the device holds it or the old one.
-            let shared = self.shared.clone();
-            let to_save = next.clone();
-            let saved = tokio::task::spawn_blocking(move || {
-                while_owner(&shared, || {
-                    shared
-                        .root_store
-                        .save(&to_save)
-                        .map_err(|e| ClientError::Config(format!("saving the root: {e}")))
-                })
-            })
-            .await;
-            match saved {
-                Ok(Ok(())) => {
-                    info!(
-                        from = current.version,
-                        to = next.version,
-                        "accepted a new root of trust"
-                    );
-                    self.session.set_root_version(next.version);
-                    if let Some(agent) = &self.shared.agent {
-                        agent.root(next.clone());
-                    }
-                    lock(&self.shared.trust).root = Some(next);
-                    changed = true;
-                }
-                Ok(Err(e)) => warn!(error = %e, "could not persist the new root; not using it"),
-                Err(e) => warn!(error = %e, "root persistence task failed; not using the new root"),
+        }
+        if let Some(e) = &taken.persist_error {
+            warn!(error = %e, "could not persist the new root; not using it");
+        }
+        if let Some(next) = &taken.accepted {
+            info!(root_version = next.version, "accepted a new root of trust");
+            self.session.set_root_version(next.version);
+            if let Some(agent) = &self.shared.agent {
+                agent.root(next.clone());
             }
         }
-        if let Some((version, e)) = walk.refused {
+        if let Some((version, e)) = &taken.refused {
             self.shared.roots_refused.fetch_add(1, Ordering::Relaxed);
-            if let Some(suppressed) = self.refusal_log.allow(std::time::Instant::now()) {
+            if let Some(suppressed) = log {
                 warn!(version, error = %e, suppressed, "root refused");
             }
-            changed |= lock(&self.shared.trust).refuse(version, &e);
         }
-        if changed {
+        if taken.changed {
             self.publish_trust().await;
         }
     }

@@ -135,7 +135,56 @@ pub(crate) struct TrustState {
     pub refused: Option<(u64, RootRefusal, String)>,
 }
 
+/// What a root chain did to the device's trust.
+#[derive(Debug, Default)]
+pub(crate) struct Taken {
+    /// The newest root accepted, persisted and now current.
+    pub accepted: Option<TrustedRoot>,
+    /// The first root refused, and why.
+    pub refused: Option<(u64, TrustError)>,
+    /// A root was accepted but could not be persisted: it is not used.
+    pub persist_error: Option<String>,
+    /// The device holds no root: there is nothing to check a chain against.
+    pub no_root: bool,
+    /// The root or the last refusal changed (the trust report is due).
+    pub changed: bool,
+}
+
 impl TrustState {
+    /// Walks `chain` (as received on `fleet/trust/roots`) from the current root at `now_ms`.
+    /// The newest root accepted is handed to `persist` and becomes current only once that
+    /// succeeded; the first refusal is recorded.
+    pub(crate) fn take_chain(
+        &mut self,
+        chain: &[u8],
+        now_ms: u64,
+        persist: impl FnOnce(&TrustedRoot) -> Result<(), String>,
+    ) -> Taken {
+        let Some(current) = &self.root else {
+            return Taken {
+                no_root: true,
+                ..Taken::default()
+            };
+        };
+        let walk = current.walk(chain, now_ms);
+        let mut taken = Taken::default();
+        if let Some(next) = walk.accepted {
+            match persist(&next) {
+                Ok(()) => {
+                    self.root = Some(next.clone());
+                    taken.accepted = Some(next);
+                    taken.changed = true;
+                }
+                Err(e) => taken.persist_error = Some(e),
+            }
+        }
+        if let Some((version, e)) = walk.refused {
+            taken.changed |= self.refuse(version, &e);
+            taken.refused = Some((version, e));
+        }
+        taken
+    }
+
     /// Records a refusal; true when it differs from the last one.
     pub(crate) fn refuse(&mut self, version: u64, e: &TrustError) -> bool {
         let next = Some((version, e.refusal(), bounded_detail(&e.to_string())));
@@ -278,6 +327,82 @@ pub(crate) mod tests {
         let l = store.load(Some(v1));
         assert_eq!(l.root.unwrap().version, 1);
         assert!(l.problem.is_some());
+    }
+
+    /// A chain is walked from the current root; the accepted root is persisted BEFORE it is
+    /// used (a failed write leaves the old root current), refusals are recorded and reported
+    /// once, a repeated chain changes nothing, and a restart starts from the persisted root.
+    #[test]
+    fn a_root_chain_is_persisted_before_it_is_used() {
+        let (rk1, rk2) = (UpdateSigner::generate(), UpdateSigner::generate());
+        let k = UpdateSigner::generate();
+        let v1 = signed_root(1, 1_000_000, &[&rk1], &[&k], 1, &[&k], &[&rk1]);
+        // v2 hands the root role to rk2: signed by the old and the new root keys.
+        let v2 = signed_root(2, 1_000_000, &[&rk2], &[&k], 1, &[&k], &[&rk1, &rk2]);
+        // v3 signed by the new keys only is fine from v2, not from v1.
+        let v3 = signed_root(3, 1_000_000, &[&rk2], &[&k], 1, &[&k], &[&rk2]);
+        let chain = |roots: &[&Vec<u8>]| {
+            fleet_proto::trust::build::chain(
+                &roots.iter().map(|r| (*r).clone()).collect::<Vec<_>>(),
+            )
+            .encode_to_vec()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let store = RootStore::new(dir.path());
+        let provisioned = TrustedRoot::provisioned(&v1).unwrap();
+        let mut t = TrustState {
+            root: Some(provisioned.clone()),
+            refused: None,
+        };
+        // Signed by the new keys only, offered straight to v1: refused, recorded, reported.
+        let taken = t.take_chain(&chain(&[&v3]), 10, |r| {
+            store.save(r).map_err(|e| e.to_string())
+        });
+        assert!(taken.accepted.is_none());
+        assert_eq!(
+            taken.refused.as_ref().map(|(v, e)| (*v, e.refusal())),
+            Some((3, RootRefusal::Untrusted))
+        );
+        assert!(taken.changed);
+        assert_eq!(t.report(10).refused_version, 3);
+        // The same refusal again: nothing new to report.
+        let again = t.take_chain(&chain(&[&v3]), 10, |_| unreachable!("nothing to persist"));
+        assert!(!again.changed);
+        // The full chain, but the disk fails: the old root stays current.
+        let failed = t.take_chain(&chain(&[&v1, &v2, &v3]), 10, |_| Err("disk full".into()));
+        assert_eq!(
+            (
+                failed.persist_error.as_deref(),
+                t.root.as_ref().unwrap().version
+            ),
+            (Some("disk full"), 1)
+        );
+        assert!(failed.accepted.is_none());
+        // It works: v3 is persisted, then current.
+        let ok = t.take_chain(&chain(&[&v1, &v2, &v3]), 10, |r| {
+            assert_eq!(r.version, 3);
+            store.save(r).map_err(|e| e.to_string())
+        });
+        assert_eq!(ok.accepted.map(|r| r.version), Some(3));
+        assert!(ok.changed);
+        assert_eq!(t.report(10).root_version, 3);
+        // The retained chain at the next connection: history, nothing to do.
+        let history = t.take_chain(&chain(&[&v1, &v2, &v3]), 10, |_| unreachable!("history"));
+        assert!(!history.changed && history.refused.is_none());
+        // A rollback to v2 alone is refused.
+        let back = t.take_chain(&chain(&[&v2]), 10, |_| unreachable!("rollback"));
+        assert_eq!(
+            back.refused.map(|(_, e)| e.refusal()),
+            Some(RootRefusal::NotNewer)
+        );
+        // A restart starts from the persisted v3.
+        assert_eq!(store.load(Some(provisioned)).root.unwrap().version, 3);
+        // No root: nothing to walk from.
+        let mut none = TrustState::default();
+        assert!(
+            none.take_chain(&chain(&[&v2]), 10, |_| unreachable!())
+                .no_root
+        );
     }
 
     #[test]
