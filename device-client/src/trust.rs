@@ -312,8 +312,11 @@ pub(crate) mod tests {
         store.save(&v2).unwrap();
         let l = store.load(Some(v1.clone()));
         assert_eq!((l.root.unwrap().version, l.problem), (2, None));
-        // A provisioned root newer than the persisted one wins.
-        assert_eq!(store.load(Some(v2.clone())).root.unwrap().version, 2);
+        // A provisioned root newer than the persisted one wins (a device re-provisioned).
+        let v3 =
+            TrustedRoot::provisioned(&signed_root(3, u64::MAX, &[&rk], &[&k], 1, &[&k], &[&rk]))
+                .unwrap();
+        assert_eq!(store.load(Some(v3)).root.unwrap().version, 3);
         // No provisioned root: none, whatever is on disk.
         assert!(store.load(None).root.is_none());
         // Corrupt: a problem, and the provisioned root.
