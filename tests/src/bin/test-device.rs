@@ -6,7 +6,8 @@
 //! `update UPDATE_ID PHASE HELD/TOTAL rejected=N error=ERROR` (phase and error in lower case),
 //! `{"withdrawn":{"update_id":ID}}` when a signed withdrawal drops an offer it was deferring
 //! or downloading, and, as they change, `root_version N` (the root of trust it holds; first
-//! printed once the client runs), `commands_refused N` and `withdrawals_ignored N`.
+//! printed once the client runs), `commands_refused N`, `withdrawals_ignored N` and
+//! `roots_refused N`.
 //!
 //! Commands and updates need `--root FILE` (the fleet's signed root, e.g. the development
 //! PKI's `trust/root.bin`): without it the device refuses them all (NO_ROOT).
@@ -221,7 +222,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Counters, printed as they change (the root version also at start).
         let c = client.clone();
         tokio::spawn(async move {
-            let mut last: Option<[u64; 4]> = None;
+            let mut last: Option<[u64; 5]> = None;
             loop {
                 let s = c.stats();
                 let now = [
@@ -229,12 +230,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                     s.root_version,
                     s.commands_refused,
                     s.withdrawals_ignored,
+                    s.roots_refused,
                 ];
                 let names = [
                     "update_chunks_dropped",
                     "root_version",
                     "commands_refused",
                     "withdrawals_ignored",
+                    "roots_refused",
                 ];
                 {
                     let mut out = std::io::stdout().lock();
