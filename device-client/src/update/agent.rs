@@ -271,7 +271,7 @@ fn run(mut machine: Machine<DirStorage>, inbox: &Inbox) {
         let now = fleet_proto::time::now_ms();
         // A root first: a manifest that came with it is judged by it.
         if let Some(r) = root {
-            machine.set_root(r);
+            machine.set_root(r, now);
         }
         match connected {
             Some(true) => machine.connected(now),

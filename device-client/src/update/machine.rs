@@ -272,6 +272,8 @@ pub(crate) struct Machine<S: Storage> {
     last_report: Option<UpdateProgress>,
     /// Withdrawals not acted on: empty messages, bad or foreign signatures, other offers.
     withdrawals_ignored: u64,
+    /// The last manifest refused for want of trusted signatures (judged again by a new root).
+    refused_for_keys: Option<Vec<u8>>,
 }
 
 impl<S: Storage> Machine<S> {
@@ -321,6 +323,7 @@ impl<S: Storage> Machine<S> {
             sink: None,
             last_report,
             withdrawals_ignored: 0,
+            refused_for_keys: None,
         };
         if let Some(p) = problem {
             warn!(problem = %p, "update state lost; the anti-rollback floor is the factory sequence");
@@ -452,10 +455,14 @@ impl<S: Storage> Machine<S> {
     }
 
     /// A new root: manifests from now on are checked against its `updates` role. The update
-    /// in progress is not judged again.
-    pub(crate) fn set_root(&mut self, root: TrustedRoot) {
+    /// in progress is not judged again; the last manifest refused for want of trusted
+    /// signatures is (it may have arrived just before the root that vouches for it).
+    pub(crate) fn set_root(&mut self, root: TrustedRoot, now_ms: u64) {
         self.keys = keys_of(Some(&root));
         self.cfg.root = Some(root);
+        if let Some(bytes) = self.refused_for_keys.take() {
+            self.manifest(&bytes, now_ms);
+        }
     }
 
     /// The floor under the clock: the build time, or the newest issue time accepted.
@@ -730,6 +737,17 @@ impl<S: Storage> Machine<S> {
             Ok(m) => m,
             Err(rej) => {
                 warn!(code = ?rej.code, detail = %bounded_detail(&rej.detail), "update manifest rejected");
+                // A manifest the current root's keys do not vouch for may be signed for the
+                // next root, which can arrive just after it: kept (the newest one only) to be
+                // judged again when the root changes.
+                self.refused_for_keys = matches!(
+                    rej.code,
+                    UpdateError::UnknownKey
+                        | UpdateError::BelowThreshold
+                        | UpdateError::NoRoot
+                        | UpdateError::RootExpired
+                )
+                .then(|| bytes.to_vec());
                 if self.work.is_some() {
                     // A refused manifest does not cancel a genuine update in progress.
                     self.report_aside(bytes, rej, now_ms);
@@ -762,6 +780,7 @@ impl<S: Storage> Machine<S> {
             }
         }
         info!(update_id = %m.update_id, version = %m.version, sequence = m.sequence, "update manifest verified");
+        self.refused_for_keys = None;
         self.journal.time_floor_ms = self.journal.time_floor_ms.max(m.issued_at_ms);
         let w = Work {
             signed: bytes.to_vec(),

@@ -775,7 +775,7 @@ fn after_a_rotation_only_the_new_updates_key_is_trusted() {
     assert!(rig.m.wants_chunks());
     rig.reports();
     rig.m
-        .set_root(root(2, u64::MAX / 2, &[&new_key], 1, &[&new_key]));
+        .set_root(root(2, u64::MAX / 2, &[&new_key], 1, &[&new_key]), 10_000);
     // The rotated-out key signs fw-4: refused, the download goes on.
     rig.m.manifest(&FLEET.releases[2].signed, 10_001);
     let r = rig.reports().pop().unwrap();
@@ -876,4 +876,24 @@ fn only_a_signed_withdrawal_of_this_offer_drops_the_update() {
     assert_eq!(m.withdrawals_ignored(), 5);
     let j: Journal = serde_json::from_slice(&disk.lock().durable_journal().unwrap()).unwrap();
     assert!(j.current.is_none());
+}
+
+/// A manifest signed for the next root can arrive just before that root: refused (no update
+/// in progress, nothing journaled), then taken when the root comes, without waiting for the
+/// gateway to send it again.
+#[test]
+fn a_manifest_signed_for_the_next_root_is_taken_when_that_root_arrives() {
+    let new_key = fleet_proto::signing::UpdateSigner::generate();
+    let next = release(&new_key, 7, &[("rootfs", 7, 2048)], false, false);
+    let mut rig = Rig::new();
+    rig.m.manifest(&next.signed, 10_000);
+    let r = rig.reports().pop().unwrap();
+    assert_eq!(
+        (phase(&r), r.error()),
+        (UpdatePhase::Rejected, UpdateError::UnknownKey)
+    );
+    rig.m
+        .set_root(root(2, u64::MAX / 2, &[&new_key], 1, &[&new_key]), 10_001);
+    assert!(rig.m.wants_chunks(), "not taken when its root arrived");
+    assert_eq!(rig.app.calls(), ["offer fw-7"]);
 }
