@@ -6,7 +6,6 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use device_client::{ClientError, DeviceClient, HandlerError, StagedImage, UpdateHandler};
-use fleet_proto::signing::TrustedKeys;
 use fleet_proto::v1::{UpdateManifest, UpdatePhase, UpdateProgress};
 
 /// Installs nothing: the agent has verified every chunk and the whole image; a simulated
@@ -43,8 +42,9 @@ pub struct FleetOptions {
     pub class: String,
     /// Firmware version before any update.
     pub version: String,
-    /// Update authority keys (none: no updates).
-    pub keys: TrustedKeys,
+    /// The fleet's root of trust (an encoded SignedRoot; none: the devices refuse every
+    /// command and update).
+    pub root: Option<Vec<u8>>,
     /// Install updates into the library's A/B slot files (as a real device would) instead of
     /// only verifying them.
     pub slots: bool,
@@ -79,8 +79,8 @@ pub fn start_one(o: &FleetOptions, id: &str) -> Result<SimDevice, ClientError> {
             .device_class(&o.class)
             .firmware_version(&o.version)
             .backoff(Duration::from_millis(200), Duration::from_secs(2));
-        if !o.keys.is_empty() {
-            b = b.update_keys(o.keys.clone());
+        if let Some(root) = &o.root {
+            b = b.trust_root(root.clone());
             if !o.slots {
                 b = b.update_handler(VerifyOnly);
             }

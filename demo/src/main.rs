@@ -20,7 +20,7 @@ use cloud_client::{
 };
 use fleet_broker::{Gateway, GatewayConfig, MetricsSettings};
 use fleet_demo::fleet::{self, FleetOptions};
-use fleet_proto::signing::{TrustedKeys, UpdateSigner};
+use fleet_proto::signing::UpdateSigner;
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
@@ -155,8 +155,7 @@ async fn run(a: Args) -> Result<bool, Error> {
         ),
     );
 
-    let mut keys = TrustedKeys::new();
-    keys.add_pem(&std::fs::read_to_string(pki.join("update-signing.pub"))?)?;
+    let root = std::fs::read(pki.join("trust/root.bin"))?;
     let ids: Vec<String> = (1..=n).map(|i| format!("dev-{i:04}")).collect();
     let fleet_options = FleetOptions {
         host: "localhost".into(),
@@ -166,7 +165,7 @@ async fn run(a: Args) -> Result<bool, Error> {
         ids: ids.clone(),
         class: CLASS.into(),
         version: "1.0.0".into(),
-        keys,
+        root: Some(root),
         slots: true,
     };
     let devices = fleet::start(&fleet_options)?;

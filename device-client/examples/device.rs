@@ -6,14 +6,14 @@
 //!
 //! Defaults: `localhost:8883` and `gateway-data/pki` (the development PKI the gateway creates);
 //! state in `gateway-data/device-state/ID`. It answers the commands `blink` and `reboot`
-//! (any payload), rejects others, reports its status every 10 seconds, and takes updates
-//! signed by the development PKI's update authority (`PKI_DIR/update-signing.pub`) into A/B
-//! slot files in its state directory, printing each phase.
+//! (any payload) when they are signed by the `commands` role of its root of trust, rejects
+//! others, reports its status every 10 seconds, and takes updates signed by the `updates` role
+//! into A/B slot files in its state directory, printing each phase. Its root is the
+//! development PKI's (`PKI_DIR/trust/root.bin`).
 
 use std::time::Duration;
 
 use device_client::{DeviceClient, Health, StatusReport};
-use fleet_proto::signing::TrustedKeys;
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -33,10 +33,6 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .rsplit_once(':')
         .ok_or("gateway must be HOST:PORT")?;
 
-    // The update authority's public key, provisioned "at manufacture".
-    let mut keys = TrustedKeys::new();
-    keys.add_pem(&std::fs::read_to_string(pki.join("update-signing.pub"))?)?;
-
     let (client, mut commands) = DeviceClient::builder()
         .gateway(host, port.parse()?)
         .pem_files(
@@ -47,7 +43,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .state_dir(format!("gateway-data/device-state/{id}"))
         .device_class("demo-pump")
         .firmware_version("1.0.0")
-        .update_keys(keys)
+        // The fleet's root of trust, provisioned "at manufacture".
+        .trust_root_file(pki.join("trust/root.bin"))
         .start()?;
 
     // Follow updates: verified, downloaded, installed into the inactive slot, committed.

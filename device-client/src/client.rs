@@ -24,12 +24,14 @@
 //! in the journal; the driver sends them when it can.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use fleet_backoff::{Backoff, BackoffConfig};
-use fleet_proto::signing::TrustedKeys;
+use fleet_proto::command::VerifiedCommand;
 use fleet_proto::topics::{self, DeviceTopic};
+use fleet_proto::trust::{TrustError, TrustedRoot};
 use fleet_proto::v1::{Command, CommandResult, CommandStatus, StatusReport, UpdateProgress};
 use fleet_proto::DeviceId;
 use rand_core::RngCore;
@@ -45,6 +47,7 @@ use crate::commands::{CommandGate, GateError, DEFAULT_WINDOW};
 use crate::session::{Action, DeviceInfo, Publish, Session, Tag, DEFAULT_STATUS_WINDOW};
 use crate::status::store::{OutboxError, OutboxStore};
 use crate::status::{Pushed, DEFAULT_CAPACITY};
+use crate::trust::{LogLimit, RootStore, TrustClock, TrustState};
 use crate::update::agent::{AgentHandle, AgentOut};
 use crate::update::download::DownloadSettings;
 use crate::update::{SlotInstaller, UpdateConfig, UpdateHandler};
@@ -83,6 +86,10 @@ pub enum ClientError {
         .0.display()
     )]
     StateDirInUse(PathBuf),
+    /// The provisioned root of trust is not a root signed by a threshold of its own root
+    /// keys.
+    #[error("provisioned root of trust: {0}")]
+    Root(#[from] TrustError),
     /// The client has shut down.
     #[error("the device client has stopped")]
     Stopped,
@@ -119,6 +126,11 @@ enum TlsSource {
     Rustls(Arc<rustls::ClientConfig>, String),
 }
 
+enum RootSource {
+    Bytes(Vec<u8>),
+    File(PathBuf),
+}
+
 /// Builds a [`DeviceClient`]. Required: [`gateway`](Self::gateway), TLS
 /// ([`pem_files`](Self::pem_files) or [`rustls_config`](Self::rustls_config)) and
 /// [`state_dir`](Self::state_dir).
@@ -138,7 +150,7 @@ pub struct DeviceClientBuilder {
     command_queue: usize,
     #[cfg(feature = "fault-injection")]
     hold_results: bool,
-    update_keys: TrustedKeys,
+    root: Option<RootSource>,
     update_handler: Option<Arc<dyn UpdateHandler>>,
     download: DownloadSettings,
     factory_sequence: u64,
@@ -163,7 +175,7 @@ impl Default for DeviceClientBuilder {
             command_queue: 64,
             #[cfg(feature = "fault-injection")]
             hold_results: false,
-            update_keys: TrustedKeys::new(),
+            root: None,
             update_handler: None,
             download: DownloadSettings::default(),
             factory_sequence: 0,
@@ -281,12 +293,20 @@ impl DeviceClientBuilder {
         self
     }
 
-    /// Loads the state, starts the driver task (on the current tokio runtime) and returns the
-    /// handle and the command stream.
-    /// Enables updates: manifests must carry a valid signature by one of these update
-    /// authority keys (provisioned at manufacture). Without keys the device takes no updates.
-    pub fn update_keys(mut self, keys: TrustedKeys) -> Self {
-        self.update_keys = keys;
+    /// The root of trust the device is provisioned with: an encoded `SignedRoot`, signed by
+    /// a threshold of its own `root` keys (checked at [`start`](Self::start)). Its `commands`
+    /// role signs the commands the device runs, its `updates` role the manifests it takes;
+    /// newer roots arrive in band and the newest accepted is kept in the state directory
+    /// ([`ROOT_FILE`](crate::ROOT_FILE)). Without a root the device runs but refuses every
+    /// command and every update.
+    pub fn trust_root(mut self, signed_root: impl Into<Vec<u8>>) -> Self {
+        self.root = Some(RootSource::Bytes(signed_root.into()));
+        self
+    }
+
+    /// [`trust_root`](Self::trust_root) read from a file (read at [`start`](Self::start)).
+    pub fn trust_root_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.root = Some(RootSource::File(path.into()));
         self
     }
 
@@ -324,9 +344,20 @@ impl DeviceClientBuilder {
         self
     }
 
-    /// Starts the client: loads the journal, the outbox and the update state, and spawns the
-    /// connection driver (and the update agent when update keys are set).
+    /// Starts the client: checks the provisioned root, loads the journal, the outbox, the
+    /// newest root accepted and the update state, and spawns the connection driver and the
+    /// update agent.
     pub fn start(self) -> Result<(DeviceClient, Commands), ClientError> {
+        let provisioned = match &self.root {
+            None => None,
+            Some(RootSource::Bytes(b)) => Some(TrustedRoot::provisioned(b)?),
+            Some(RootSource::File(path)) => {
+                let b = std::fs::read(path).map_err(|e| {
+                    ClientError::Config(format!("trust root {}: {e}", path.display()))
+                })?;
+                Some(TrustedRoot::provisioned(&b)?)
+            }
+        };
         let host = self
             .host
             .ok_or_else(|| ClientError::Config("gateway(host, port) is required".into()))?;
@@ -359,6 +390,15 @@ impl DeviceClientBuilder {
         for bad in &outbox.unreadable {
             warn!(file = %bad.display(), "status outbox: unreadable report set aside");
         }
+        let root_store = RootStore::new(&state_dir);
+        let loaded = root_store.load(provisioned);
+        if let Some(problem) = &loaded.problem {
+            warn!(%problem, "the persisted root of trust is unusable; using the provisioned one");
+        }
+        match &loaded.root {
+            Some(r) => info!(root_version = r.version, "root of trust"),
+            None => warn!("no root of trust configured: every command and update is refused"),
+        }
 
         let info = DeviceInfo {
             id: id.clone(),
@@ -369,8 +409,9 @@ impl DeviceClientBuilder {
         let mut session = Session::new(info.clone(), self.status_window);
         #[cfg(feature = "fault-injection")]
         session.set_hold_results(self.hold_results);
-        let updates_on = !self.update_keys.is_empty();
-        session.set_updates(updates_on);
+        // Always on: without a root every manifest is refused, and said so upward.
+        session.set_updates(true);
+        session.set_root_version(loaded.root.as_ref().map_or(0, |r| r.version));
 
         let mut options = MqttOptions::new(id.as_str(), host, self.port);
         options
@@ -386,12 +427,12 @@ impl DeviceClientBuilder {
         let (results_tx, results_rx) = mpsc::unbounded_channel();
         let (agent_out_tx, agent_out_rx) = mpsc::unbounded_channel();
         let (reports_tx, reports_rx) = watch::channel(None);
-        let agent = if updates_on {
+        let agent = {
             let handler = self
                 .update_handler
                 .unwrap_or_else(|| Arc::new(SlotInstaller::new(&state_dir)));
             let cfg = UpdateConfig {
-                trusted: self.update_keys,
+                root: loaded.root.clone(),
                 handler,
                 settings: self.download,
                 factory_sequence: self.factory_sequence,
@@ -412,8 +453,6 @@ impl DeviceClientBuilder {
             )
             .map_err(ClientError::Update)?;
             Some(Arc::new(agent))
-        } else {
-            None
         };
         let shared = Arc::new(Shared {
             owner: Mutex::new(Some(owner)),
@@ -426,6 +465,15 @@ impl DeviceClientBuilder {
             connected: connected_tx,
             reports_dropped: std::sync::atomic::AtomicU64::new(0),
             agent,
+            trust: Mutex::new(TrustState {
+                root: loaded.root,
+                refused: None,
+            }),
+            root_store,
+            clock: TrustClock::new(crate::update::build_time_ms()),
+            commands_refused: AtomicU64::new(0),
+            roots_refused: AtomicU64::new(0),
+            root_file_rejected: loaded.problem.is_some(),
         });
         let driver = Driver {
             agent_out: agent_out_rx,
@@ -441,6 +489,8 @@ impl DeviceClientBuilder {
             commands: commands_tx,
             results: results_rx,
             results_tx: results_tx.clone(),
+            refusal_log: LogLimit::new(Duration::from_secs(60), 10),
+            reported_expired: None,
         };
         tokio::spawn(driver.run());
         Ok((
@@ -481,8 +531,32 @@ struct Shared {
     stopped: watch::Sender<bool>,
     connected: watch::Sender<bool>,
     reports_dropped: std::sync::atomic::AtomicU64,
-    /// The update agent, when updates are on.
+    /// The update agent (always present once started).
     agent: Option<Arc<AgentHandle>>,
+    /// The current root and the last refused one. Lock order: `owner`, then `trust`; never
+    /// held with `gate` or `outbox`.
+    trust: Mutex<TrustState>,
+    root_store: RootStore,
+    /// The floored clock of trust decisions (raised from the update agent's floor).
+    clock: TrustClock,
+    commands_refused: AtomicU64,
+    roots_refused: AtomicU64,
+    root_file_rejected: bool,
+}
+
+impl Shared {
+    /// The clock trust decisions are made by: never below the build time or the newest issue
+    /// time the update agent accepted.
+    fn trust_now(&self) -> u64 {
+        if let Some(a) = &self.agent {
+            self.clock.raise(a.time_floor_ms());
+        }
+        self.clock.now()
+    }
+
+    fn root(&self) -> Option<TrustedRoot> {
+        lock(&self.trust).root.clone()
+    }
 }
 
 /// Runs `write` (which changes files in the state directory) while this client still owns it.
@@ -517,6 +591,21 @@ pub struct ClientStats {
     /// none (no download, or a hook running) or its inbox was full. The download asks again
     /// for what it misses.
     pub update_chunks_dropped: u64,
+    /// Command deliveries refused before they reached the command gate (unsigned, untrusted,
+    /// for another device, expired, replayed, no root...), since start.
+    pub commands_refused: u64,
+    /// Roots refused (on `fleet/trust/roots`), since start.
+    pub roots_refused: u64,
+    /// Messages on the manifest topic that withdrew nothing: empty, not signed by the
+    /// `commands` role of the current root, or naming another offer; since start.
+    pub withdrawals_ignored: u64,
+    /// The persisted root was unreadable or did not check at start (the provisioned one is
+    /// used).
+    pub root_file_rejected: bool,
+    /// Version of the root the device holds (0: none).
+    pub root_version: u64,
+    /// The root has expired: every command and manifest is refused until a newer root comes.
+    pub root_expired: bool,
 }
 
 /// The application's handle: report status, watch the connection, shut down. Cheap to clone.
@@ -548,8 +637,7 @@ impl DeviceClient {
     }
 
     /// The update agent's latest report (what it last told, or will tell, the gateway): watch
-    /// it to follow an update's phases. `None` until there is one, and always without update
-    /// keys.
+    /// it to follow an update's phases. `None` until there is one.
     pub fn update_reports(&self) -> watch::Receiver<Option<UpdateProgress>> {
         self.update_reports.clone()
     }
@@ -586,6 +674,19 @@ impl DeviceClient {
                 .reports_dropped
                 .load(std::sync::atomic::Ordering::Relaxed),
             update_chunks_dropped: self.shared.agent.as_ref().map_or(0, |a| a.chunks_dropped()),
+            commands_refused: self.shared.commands_refused.load(Ordering::Relaxed),
+            roots_refused: self.shared.roots_refused.load(Ordering::Relaxed),
+            withdrawals_ignored: self
+                .shared
+                .agent
+                .as_ref()
+                .map_or(0, |a| a.withdrawals_ignored()),
+            root_file_rejected: self.shared.root_file_rejected,
+            root_version: self.shared.root().map_or(0, |r| r.version),
+            root_expired: {
+                let now = self.shared.trust_now();
+                lock(&self.shared.trust).expired(now)
+            },
         }
     }
 
@@ -656,7 +757,7 @@ impl Commands {
 /// again nor answered: the answer goes out when it is given. A command dropped unanswered is
 /// reported FAILED ("interrupted") when the gateway delivers it again, and is never run again.
 pub struct IncomingCommand {
-    command: Command,
+    verified: VerifiedCommand,
     shared: Arc<Shared>,
     results: mpsc::UnboundedSender<CommandResult>,
 }
@@ -664,23 +765,40 @@ pub struct IncomingCommand {
 impl Drop for IncomingCommand {
     fn drop(&mut self) {
         // No effect once answered (the gate then has its result).
-        lock(&self.shared.gate).abandon(&self.command.command_id);
+        lock(&self.shared.gate).abandon(&self.verified.command.command_id);
     }
 }
 
 impl std::fmt::Debug for IncomingCommand {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("IncomingCommand")
-            .field("command_id", &self.command.command_id)
-            .field("name", &self.command.name)
+            .field("command_id", &self.verified.command.command_id)
+            .field("name", &self.verified.command.name)
+            .field("attempt", &self.verified.attempt)
             .finish()
     }
 }
 
 impl IncomingCommand {
-    /// The command.
+    /// The command, as its signers signed it (verified against the device's root).
     pub fn command(&self) -> &Command {
-        &self.command
+        &self.verified.command
+    }
+
+    /// The gateway's delivery number (not signed: informational only).
+    pub fn attempt(&self) -> u32 {
+        self.verified.attempt
+    }
+
+    /// The service that submitted the command, as the gateway authenticated it (not signed:
+    /// informational only; `issued_by` in the command is the signed claim).
+    pub fn submitted_by(&self) -> &str {
+        &self.verified.submitted_by
+    }
+
+    /// SHA-256 of the signed command bytes (carried in every result for this command).
+    pub fn digest(&self) -> &[u8] {
+        &self.verified.digest
     }
 
     /// Answers SUCCEEDED with `output`.
@@ -710,9 +828,9 @@ impl IncomingCommand {
         message: String,
     ) -> Result<(), ClientError> {
         let result = CommandResult {
-            command_digest: Default::default(),
+            command_digest: self.verified.digest.clone(),
             refusal: Default::default(),
-            command_id: self.command.command_id.clone(),
+            command_id: self.verified.command.command_id.clone(),
             status: status.into(),
             output,
             message,
@@ -751,11 +869,18 @@ struct Driver {
     commands: mpsc::Sender<IncomingCommand>,
     results: mpsc::UnboundedReceiver<CommandResult>,
     results_tx: mpsc::UnboundedSender<CommandResult>,
+    /// Budget for the log lines of refused commands and roots.
+    refusal_log: LogLimit,
+    /// Whether the last trust report said the root had expired (`None`: none sent yet).
+    reported_expired: Option<bool>,
 }
 
 impl Driver {
     async fn run(mut self) {
         let shared = self.shared.clone();
+        // A root may expire while the device runs: the trust report says so when it does.
+        let mut expiry_check = tokio::time::interval(Duration::from_secs(5));
+        expiry_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             if !self.session.is_connected() {
                 // Connecting is not cancel-safe: only a stop request interrupts it.
@@ -800,6 +925,13 @@ impl Driver {
                         self.session.status_actions(outbox.outbox())
                     };
                     self.apply(actions).await;
+                }
+                _ = expiry_check.tick() => {
+                    let now = shared.trust_now();
+                    let expired = lock(&shared.trust).expired(now);
+                    if self.reported_expired.is_some_and(|e| e != expired) {
+                        self.publish_trust().await;
+                    }
                 }
                 Some(result) = self.results.recv() => {
                     // Already recorded in the journal by `respond`.
@@ -868,6 +1000,10 @@ impl Driver {
                         .on_connected(outbox.outbox(), fleet_proto::time::now_ms())
                 };
                 self.apply(actions).await;
+                self.publish_trust().await;
+            }
+            Ok(Event::Incoming(Incoming::Publish(p))) if p.topic == topics::TRUST_ROOTS => {
+                self.on_roots(&p.payload).await;
             }
             Ok(Event::Incoming(Incoming::Publish(p)))
                 if self.shared.agent.is_some()
@@ -883,10 +1019,12 @@ impl Driver {
             }
             Ok(Event::Incoming(Incoming::Publish(p))) => {
                 let topic = p.topic.clone();
-                let now = fleet_proto::time::now_ms();
+                let now = self.shared.trust_now();
+                let root = self.shared.root();
                 let actions = {
                     let mut gate = lock(&self.shared.gate);
-                    self.session.on_message(&topic, &p.payload, &mut gate, now)
+                    self.session
+                        .on_message(&topic, &p.payload, &mut gate, root.as_ref(), now)
                 };
                 self.apply(actions).await;
             }
@@ -938,6 +1076,76 @@ impl Driver {
         true
     }
 
+    /// Publishes the trust report (what root the device holds, whether it expired, what it
+    /// last refused).
+    async fn publish_trust(&mut self) {
+        let now = self.shared.trust_now();
+        let report = lock(&self.shared.trust).report(now);
+        self.reported_expired = Some(report.root_expired);
+        let actions = self.session.trust(&report);
+        self.apply(actions).await;
+    }
+
+    /// A root chain arrived on `fleet/trust/roots`: walked from the current root; the newest
+    /// root accepted is persisted, then used (commands, the update agent, reports).
+    async fn on_roots(&mut self, chain: &[u8]) {
+        let now = self.shared.trust_now();
+        let shared = self.shared.clone();
+        let chain = chain.to_vec();
+        // The walk and the write of an accepted root (two fsyncs) off the executor; the root
+        // becomes current only once it is on disk.
+        let taken = tokio::task::spawn_blocking(move || {
+            while_owner(&shared, || {
+                let mut trust = lock(&shared.trust);
+                Ok(trust.take_chain(&chain, now, |r| {
+                    shared.root_store.save(r).map_err(|e| e.to_string())
+                }))
+            })
+        })
+        .await;
+        let taken = match taken {
+            Ok(Ok(t)) => t,
+            Ok(Err(e)) => {
+                debug!(error = %e, "root chain not taken");
+                return;
+            }
+            Err(e) => {
+                warn!(error = %e, "root chain task failed");
+                return;
+            }
+        };
+        let log = self.refusal_log.allow(std::time::Instant::now());
+        if taken.no_root {
+            self.shared.roots_refused.fetch_add(1, Ordering::Relaxed);
+            if let Some(suppressed) = log {
+                warn!(
+                    suppressed,
+                    "a root chain arrived, but the device has no root to check it against"
+                );
+            }
+            return;
+        }
+        if let Some(e) = &taken.persist_error {
+            warn!(error = %e, "could not persist the new root; not using it");
+        }
+        if let Some(next) = &taken.accepted {
+            info!(root_version = next.version, "accepted a new root of trust");
+            self.session.set_root_version(next.version);
+            if let Some(agent) = &self.shared.agent {
+                agent.root(next.clone());
+            }
+        }
+        if let Some((version, e)) = &taken.refused {
+            self.shared.roots_refused.fetch_add(1, Ordering::Relaxed);
+            if let Some(suppressed) = log {
+                warn!(version, error = %e, suppressed, "root refused");
+            }
+        }
+        if taken.changed {
+            self.publish_trust().await;
+        }
+    }
+
     async fn apply(&mut self, actions: Vec<Action>) {
         for a in actions {
             match a {
@@ -983,15 +1191,32 @@ impl Driver {
                         return;
                     }
                 }
-                Action::Run(command) => {
-                    info!(command_id = %command.command_id, name = %command.name, "running command");
+                Action::Run(verified) => {
+                    info!(
+                        command_id = %verified.command.command_id,
+                        name = %verified.command.name,
+                        attempt = verified.attempt,
+                        "running command"
+                    );
                     let incoming = IncomingCommand {
-                        command,
+                        verified,
                         shared: self.shared.clone(),
                         results: self.results_tx.clone(),
                     };
                     if self.commands.send(incoming).await.is_err() {
                         warn!("the application dropped its command stream; command not run");
+                    }
+                }
+                Action::Refused(r) => {
+                    self.shared.commands_refused.fetch_add(1, Ordering::Relaxed);
+                    if let Some(suppressed) = self.refusal_log.allow(std::time::Instant::now()) {
+                        warn!(
+                            command_id = %r.command_id,
+                            refusal = ?r.refusal,
+                            detail = %r.detail,
+                            suppressed,
+                            "command refused"
+                        );
                     }
                 }
                 Action::Malformed { topic, reason } => {

@@ -25,21 +25,51 @@
 //!
 //! # What the client does for you
 //!
-//! * **Commands** arrive as [`IncomingCommand`]s; answer each with `succeed`, `fail` or
-//!   `reject`. Every delivery first passes the [`CommandGate`], persisted in a [`Journal`]: a
-//!   command never runs twice, even across a restart, and an expired one never runs.
+//! * **Commands** arrive as [`IncomingCommand`]s, each signed by the `commands` role of the
+//!   device's root of trust (see below) and verified before anything else sees it; answer
+//!   each with `succeed`, `fail` or `reject`. Every verified delivery then passes the
+//!   [`CommandGate`], persisted in a [`Journal`]: a command never runs twice, even across a
+//!   restart or after the gate has forgotten it (its replay floor), and an expired one never
+//!   runs.
 //! * **Status**: [`DeviceClient::report`] returns once the [`StatusReport`] is on disk
 //!   ([`OutboxStore`]); reports leave in order when the gateway can take them.
-//! * **Updates**, with [`DeviceClientBuilder::update_keys`]: manifests are checked against the
-//!   [`TrustedKeys`] before anything is downloaded, chunks are verified one by one and the
+//! * **Updates**: manifests are checked against the `updates` role of the current root (its
+//!   keys and threshold) before anything is downloaded, chunks are verified one by one and the
 //!   download resumes after a restart. Your [`UpdateHandler`] decides ([`Decision`]), installs
 //!   ([`StagedImage`]), activates the new image on trial, tests it and commits or rolls back;
 //!   the agent journals every step first, so a power cut anywhere resumes, never bricks or
 //!   rolls back. [`SlotInstaller`] is the default, an A/B slot file per component switched
 //!   all at once. A step that fails returns a [`HandlerError`], reported upward with its
-//!   causes.
+//!   causes. An offer is withdrawn only by a withdrawal signed by the `commands` role naming
+//!   that exact manifest; an empty retained message withdraws nothing.
 //!   Progress: [`DeviceClient::update_reports`] ([`UpdateProgress`]).
 //! * **Reconnects** back off exponentially with full jitter ([`BackoffConfig`]).
+//!
+//! # Root of trust on the device
+//!
+//! The device is provisioned with a root ([`DeviceClientBuilder::trust_root`] or
+//! [`trust_root_file`](DeviceClientBuilder::trust_root_file)): a signed document naming the
+//! keys and thresholds of three roles, `root` (signs roots, kept offline), `updates` (signs
+//! manifests) and `commands` (signs commands and withdrawals). It must be signed by a
+//! threshold of its own root keys, or [`start`] fails. Newer roots arrive in band on
+//! `fleet/trust/roots`: one is taken only if a threshold of the current root's keys and of
+//! its own signed it, its version is higher (never a rollback) and it has not expired. It is
+//! written to [`ROOT_FILE`] in the state directory before it is used, and a restart starts
+//! from it (a corrupt file is logged and counted, [`ClientStats::root_file_rejected`], and the
+//! provisioned root is used). Rotating or revoking an `updates` or `commands` key is a new
+//! root; an update already downloading keeps the manifest it verified. The device reports
+//! what it holds and what it last refused in a retained `TrustReport` on
+//! `devices/{id}/trust` (and its root version in presence). An expired root freezes the
+//! device: it refuses every command and manifest, says so in the report, and waits for a
+//! newer root. Expiry is judged by a clock that never goes below the build time or the newest
+//! issue time the update agent accepted. Without any root the device runs but refuses every
+//! command (NO_ROOT) and every update.
+//!
+//! Commands are checked ([`fleet_proto::command::verify_command`]: signatures, this device
+//! or its class, expiry, not-before) before the command gate sees them; a refusal is answered
+//! at once with its reason and the command's digest and counted in
+//! [`ClientStats::commands_refused`], never recorded, so a forged copy of a real command id
+//! cannot burn that id.
 //!
 //! # The building blocks
 //!
@@ -55,6 +85,7 @@ mod client;
 mod commands;
 mod session;
 mod status;
+mod trust;
 mod update;
 
 pub use client::{
@@ -64,12 +95,12 @@ pub use client::{
 pub use commands::journal::{Journal, JournalError, FILE_NAME as JOURNAL_FILE_NAME};
 pub use commands::{CommandGate, GateError, Verdict, DEFAULT_WINDOW as DEFAULT_COMMAND_WINDOW};
 pub use fleet_backoff::BackoffConfig;
-pub use fleet_proto::signing::TrustedKeys;
 pub use fleet_proto::v1::{
     Command, CommandResult, CommandStatus, Health, StatusReport, UpdateProgress,
 };
 pub use status::store::{OutboxError, OutboxStore};
 pub use status::{Outbox, Pushed};
+pub use trust::ROOT_FILE;
 pub use update::download::DownloadSettings;
 pub use update::{Decision, HandlerError, SlotInstaller, StagedImage, UpdateHandler};
 

@@ -272,6 +272,9 @@ impl DeviceProc {
             .arg("--ran-log")
             .arg(&o.ran_log)
             .args(["--reports", &o.reports.to_string()])
+            // The development PKI's root of trust: commands and updates need it.
+            .arg("--root")
+            .arg(pki.join("trust").join("root.bin"))
             .env(
                 "RUST_LOG",
                 std::env::var("FLEET_TEST_DEVICE_LOG").unwrap_or_else(|_| "warn".into()),

@@ -16,7 +16,9 @@
 //!   -> [`Verdict::Interrupted`]: answered FAILED, not run again, because running twice is worse
 //!   than not finishing for commands with effects in the physical world;
 //! * expired (`expires_at_ms` passed) -> [`Verdict::Expired`], answered EXPIRED, never run;
-//! * malformed (bad id) -> [`Verdict::Rejected`], answered REJECTED, not recorded.
+//! * malformed (bad id) -> [`Verdict::Rejected`], answered REJECTED, not recorded;
+//! * not remembered and issued at or before the replay floor -> [`Verdict::TooOld`]: it may
+//!   be a command the gate has forgotten, so it is refused (REPLAYED), not recorded.
 //!
 //! Which commands are running *in this process* is not persisted: a gate rebuilt from its
 //! snapshot ([`CommandGate::from_snapshot`], i.e. after a restart) treats every started,
@@ -24,11 +26,15 @@
 //!
 //! The gate remembers the last `window` command ids (default [`DEFAULT_WINDOW`]); older ones are
 //! forgotten, oldest first. The gateway stops re-delivering a command once it has the result
-//! or once it expires, so the window only needs to cover the commands still in flight.
+//! or once it expires, so the window only needs to cover the commands still in flight. Replays
+//! beyond that memory are caught by the **replay floor**: the highest `issued_at_ms` of the
+//! commands the gate has forgotten, persisted with it. A command the gate does not remember
+//! and that was issued at or before the floor may have run already: it is refused. (Commands
+//! are signed, so the issue time cannot be moved by whoever replays one.)
 
 pub(crate) mod journal;
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
 use fleet_proto::ids::validate_id;
 use fleet_proto::v1::{Command, CommandResult, CommandStatus};
@@ -54,6 +60,12 @@ pub enum Verdict {
     Expired(CommandResult),
     /// Malformed: send this REJECTED result, do not run.
     Rejected(CommandResult),
+    /// Not remembered, and issued at or before the replay floor (the newest issue time of
+    /// the commands the gate has forgotten): it may have run already. Refused, not recorded.
+    TooOld {
+        /// The floor it fell under.
+        floor_ms: u64,
+    },
 }
 
 /// Why a completion is refused.
@@ -120,6 +132,12 @@ impl Entry {
 pub struct GateSnapshot {
     /// Remembered commands, oldest first.
     entries: Vec<(String, Entry)>,
+    /// Issue time of the remembered commands (absent in journals of earlier versions: 0).
+    #[serde(default)]
+    issued_at_ms: BTreeMap<String, u64>,
+    /// The replay floor: the newest issue time of a forgotten command.
+    #[serde(default)]
+    floor_ms: u64,
 }
 
 /// Decides, for each delivered command, whether it runs.
@@ -133,6 +151,10 @@ pub struct CommandGate {
     running: HashSet<String>,
     /// Started by this gate and dropped by the application without an answer.
     abandoned: HashSet<String>,
+    /// Issue time of each remembered command.
+    issued: HashMap<String, u64>,
+    /// The newest issue time of a forgotten command.
+    floor_ms: u64,
 }
 
 /// The answer to a command started but never finished by a previous process.
@@ -163,6 +185,8 @@ impl CommandGate {
             entries: HashMap::new(),
             running: HashSet::new(),
             abandoned: HashSet::new(),
+            issued: HashMap::new(),
+            floor_ms: 0,
         }
     }
 
@@ -171,7 +195,11 @@ impl CommandGate {
     /// [`Verdict::Interrupted`].
     pub fn from_snapshot(snapshot: GateSnapshot, window: usize) -> Self {
         let mut gate = Self::new(window);
+        gate.floor_ms = snapshot.floor_ms;
         for (id, entry) in snapshot.entries {
+            if let Some(t) = snapshot.issued_at_ms.get(&id) {
+                gate.issued.insert(id.clone(), *t);
+            }
             gate.remember(id, entry);
         }
         gate
@@ -185,7 +213,14 @@ impl CommandGate {
                 .iter()
                 .filter_map(|id| self.entries.get(id).map(|e| (id.clone(), e.clone())))
                 .collect(),
+            issued_at_ms: self.issued.iter().map(|(id, t)| (id.clone(), *t)).collect(),
+            floor_ms: self.floor_ms,
         }
+    }
+
+    /// The replay floor: commands not remembered and issued at or before it are refused.
+    pub fn replay_floor_ms(&self) -> u64 {
+        self.floor_ms
     }
 
     /// Number of remembered commands.
@@ -207,6 +242,9 @@ impl CommandGate {
                 self.entries.remove(&old);
                 self.running.remove(&old);
                 self.abandoned.remove(&old);
+                if let Some(t) = self.issued.remove(&old) {
+                    self.floor_ms = self.floor_ms.max(t);
+                }
             }
         }
     }
@@ -238,6 +276,12 @@ impl CommandGate {
             }
             None => {}
         }
+        if self.floor_ms > 0 && cmd.issued_at_ms <= self.floor_ms {
+            return Verdict::TooOld {
+                floor_ms: self.floor_ms,
+            };
+        }
+        self.issued.insert(id.to_owned(), cmd.issued_at_ms);
         if cmd.expires_at_ms != 0 && now_ms >= cmd.expires_at_ms {
             let r = result(
                 id,
@@ -292,6 +336,7 @@ impl Default for CommandGate {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
     use proptest::prelude::*;
 
@@ -443,6 +488,28 @@ mod tests {
         assert_eq!(g.offer(&cmd("c9", 0), 4), Verdict::Run);
     }
 
+    #[test]
+    fn the_floor_survives_a_restart_and_old_journals_load() {
+        let mut g = CommandGate::new(1);
+        let c = |id: &str, t: u64| Command {
+            issued_at_ms: t,
+            ..cmd(id, 0)
+        };
+        assert_eq!(g.offer(&c("a", 5), 1), Verdict::Run);
+        assert_eq!(g.offer(&c("b", 3), 1), Verdict::Run); // "a" forgotten: floor 5
+        assert_eq!(g.replay_floor_ms(), 5);
+        let json = serde_json::to_string(&g.snapshot()).unwrap();
+        let mut g = CommandGate::from_snapshot(serde_json::from_str(&json).unwrap(), 1);
+        assert_eq!(g.offer(&c("a", 5), 2), Verdict::TooOld { floor_ms: 5 });
+        assert_eq!(g.offer(&c("z", 4), 2), Verdict::TooOld { floor_ms: 5 });
+        assert_eq!(g.offer(&c("y", 6), 2), Verdict::Run);
+        // The format of earlier versions (no issue times, no floor).
+        let old: GateSnapshot = serde_json::from_str(r#"{"entries":[["a","Started"]]}"#).unwrap();
+        let mut g = CommandGate::from_snapshot(old, 4);
+        assert_eq!(g.replay_floor_ms(), 0);
+        assert!(matches!(g.offer(&c("a", 1), 3), Verdict::Interrupted(_)));
+    }
+
     /// One step of [`gate_matches_what_the_device_did`].
     #[derive(Debug, Clone)]
     enum Op {
@@ -574,6 +641,55 @@ mod tests {
                             .filter(|id| !d.answers.contains_key(id))
                             .collect();
                         d.cut.extend(unanswered);
+                    }
+                }
+            }
+        }
+
+        /// With a window far smaller than the commands in flight, answers, drops and power
+        /// losses (the gate rebuilt from its JSON snapshot, replay floor included): a command
+        /// runs at most once EVER, even after the gate forgot it; a command is refused as too
+        /// old only if it was issued no later than a command the gate saw before; and a
+        /// command issued after everything seen so far always runs.
+        #[test]
+        fn the_replay_floor_keeps_forgotten_commands_from_running_again(
+            ops in prop::collection::vec((0u8..24, 0u8..4), 1..300),
+            window in 1usize..6,
+        ) {
+            // Issue times are not in id order (commands are not delivered in issue order).
+            let issued = |i: u8| u64::from(i.wrapping_mul(7) % 24) + 1;
+            let mut g = CommandGate::new(window);
+            let mut ran = std::collections::HashSet::new();
+            let mut newest_seen = 0u64;
+            for (step, (i, op)) in ops.into_iter().enumerate() {
+                let id = format!("c{i}");
+                let now = step as u64 + 1;
+                match op {
+                    0 | 1 => {
+                        let c = Command { issued_at_ms: issued(i), ..cmd(&id, 0) };
+                        let v = g.offer(&c, now);
+                        match &v {
+                            Verdict::Run => {
+                                prop_assert!(ran.insert(id.clone()), "{} ran twice", id);
+                            }
+                            Verdict::TooOld { floor_ms } => {
+                                prop_assert!(issued(i) <= *floor_ms);
+                                prop_assert!(*floor_ms <= newest_seen, "floor {} above anything seen", floor_ms);
+                            }
+                            _ => {}
+                        }
+                        if issued(i) > newest_seen && !ran.contains(&id) {
+                            prop_assert_eq!(&v, &Verdict::Run, "{} is newer than anything seen", id);
+                        }
+                        newest_seen = newest_seen.max(issued(i));
+                    }
+                    2 => { let _ = g.complete(&done(&id, b"")); }
+                    _ => {
+                        let json = serde_json::to_vec(&g.snapshot())
+                            .map_err(|e| TestCaseError::fail(e.to_string()))?;
+                        let snapshot = serde_json::from_slice(&json)
+                            .map_err(|e| TestCaseError::fail(e.to_string()))?;
+                        g = CommandGate::from_snapshot(snapshot, window);
                     }
                 }
             }

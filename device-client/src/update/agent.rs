@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
-use fleet_proto::signing::TrustedKeys;
+use fleet_proto::trust::TrustedRoot;
 use fleet_proto::v1::UpdateProgress;
 use fleet_proto::Message;
 use tokio::sync::{mpsc, watch};
@@ -37,8 +37,8 @@ pub(crate) const MAX_QUEUED_CHUNK_BYTES: usize = 8 << 20;
 /// What the agent is configured with.
 #[derive(Clone)]
 pub(crate) struct UpdateConfig {
-    /// The update authority's keys.
-    pub trusted: TrustedKeys,
+    /// The device's root of trust at start (`None`: every manifest is refused).
+    pub root: Option<TrustedRoot>,
     /// The application's hooks.
     pub handler: Arc<dyn UpdateHandler>,
     /// Download tuning.
@@ -54,7 +54,7 @@ pub(crate) struct UpdateConfig {
 impl std::fmt::Debug for UpdateConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("UpdateConfig")
-            .field("trusted_keys", &self.trusted.len())
+            .field("root_version", &self.root.as_ref().map(|r| r.version))
             .field("settings", &self.settings)
             .field("factory_sequence", &self.factory_sequence)
             .finish_non_exhaustive()
@@ -72,6 +72,7 @@ pub(crate) enum AgentOut {
 
 #[derive(Default)]
 struct Pending {
+    root: Option<TrustedRoot>,
     manifest: Option<Vec<u8>>,
     chunks: VecDeque<Vec<u8>>,
     chunk_bytes: usize,
@@ -85,6 +86,10 @@ struct Inbox {
     ready: Condvar,
     wants_chunks: AtomicBool,
     dropped: AtomicU64,
+    /// The machine's clock floor, for the rest of the client's trust decisions.
+    time_floor_ms: AtomicU64,
+    /// Withdrawals not acted on (empty, unsigned, foreign, for another offer).
+    withdrawals_ignored: AtomicU64,
 }
 
 impl Inbox {
@@ -118,7 +123,7 @@ impl AgentHandle {
             None
         });
         let mcfg = MachineConfig {
-            trusted: cfg.trusted,
+            root: cfg.root,
             device_class,
             factory_version,
             factory_sequence: cfg.factory_sequence,
@@ -160,7 +165,24 @@ impl AgentHandle {
         Ok(AgentHandle { inbox, stopped })
     }
 
-    /// A (retained) manifest arrived; empty: the offer was withdrawn.
+    /// The device accepted a new root (already persisted): manifests from now on are checked
+    /// against it.
+    pub(crate) fn root(&self, root: TrustedRoot) {
+        self.inbox.lock().root = Some(root);
+        self.inbox.ready.notify_one();
+    }
+
+    /// The floor under the agent's clock (build time, newest issue time accepted).
+    pub(crate) fn time_floor_ms(&self) -> u64 {
+        self.inbox.time_floor_ms.load(Ordering::Relaxed)
+    }
+
+    /// Withdrawals seen and not acted on, since start.
+    pub(crate) fn withdrawals_ignored(&self) -> u64 {
+        self.inbox.withdrawals_ignored.load(Ordering::Relaxed)
+    }
+
+    /// A (retained) manifest, or a signed withdrawal, arrived.
     pub(crate) fn manifest(&self, bytes: Vec<u8>) {
         self.inbox.lock().manifest = Some(bytes);
         self.inbox.ready.notify_one();
@@ -218,9 +240,20 @@ fn run(mut machine: Machine<DirStorage>, inbox: &Inbox) {
         inbox
             .wants_chunks
             .store(machine.wants_chunks(), Ordering::Relaxed);
+        inbox
+            .time_floor_ms
+            .store(machine.time_floor_ms(), Ordering::Relaxed);
+        inbox
+            .withdrawals_ignored
+            .store(machine.withdrawals_ignored(), Ordering::Relaxed);
         let work = {
             let mut p = inbox.lock();
-            if !p.stop && p.manifest.is_none() && p.chunks.is_empty() && p.connected.is_none() {
+            if !p.stop
+                && p.root.is_none()
+                && p.manifest.is_none()
+                && p.chunks.is_empty()
+                && p.connected.is_none()
+            {
                 p = inbox
                     .ready
                     .wait_timeout(p, TICK)
@@ -232,10 +265,14 @@ fn run(mut machine: Machine<DirStorage>, inbox: &Inbox) {
             }
             let chunks = std::mem::take(&mut p.chunks);
             p.chunk_bytes = 0;
-            (p.connected.take(), p.manifest.take(), chunks)
+            (p.root.take(), p.connected.take(), p.manifest.take(), chunks)
         };
-        let (connected, manifest, chunks) = work;
+        let (root, connected, manifest, chunks) = work;
         let now = fleet_proto::time::now_ms();
+        // A root first: a manifest that came with it is judged by it.
+        if let Some(r) = root {
+            machine.set_root(r, now);
+        }
         match connected {
             Some(true) => machine.connected(now),
             Some(false) => machine.disconnected(),

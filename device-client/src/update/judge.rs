@@ -12,7 +12,7 @@ use std::fmt::Display;
 use fleet_proto::manifest::{self, DeviceFacts};
 use fleet_proto::report::bounded_detail;
 use fleet_proto::signing::{TrustedKeys, VerifiedManifest};
-use fleet_proto::v1::UpdateError;
+use fleet_proto::v1::{UpdateError, UpdateManifest};
 
 /// Why a manifest was refused: the code reported upward in `UpdateProgress`, and a detail
 /// (bounded and free of control characters, see [`bounded_detail`]).
@@ -51,12 +51,19 @@ pub(crate) fn judge(
     Ok(verified)
 }
 
+/// Checks an already authenticated manifest again: structure, then class, expiry and
+/// anti-rollback.
+pub(crate) fn recheck(m: &UpdateManifest, facts: &DeviceFacts<'_>) -> Result<(), Rejection> {
+    manifest::validate(m).map_err(|e| Rejection::new(e.code(), e))?;
+    manifest::check_freshness(m, facts).map_err(|e| Rejection::new(e.code(), e))
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use fleet_proto::signing::UpdateSigner;
-    use fleet_proto::v1::{Component, Signature, SignedManifest, UpdateManifest};
+    use fleet_proto::v1::{Component, Signature, SignedManifest};
     use fleet_proto::{Message, MAX_DETAIL_LEN};
 
     fn manifest(sequence: u64, class: &str, expires_at_ms: u64) -> UpdateManifest {

@@ -30,8 +30,10 @@
 
 use std::sync::Arc;
 
+use fleet_proto::command::verify_withdrawal;
 use fleet_proto::manifest::DeviceFacts;
 use fleet_proto::signing::TrustedKeys;
+use fleet_proto::trust::TrustedRoot;
 use fleet_proto::v1::{
     ChunkRequest, SignedManifest, UpdateError, UpdateManifest, UpdatePhase, UpdateProgress,
 };
@@ -42,7 +44,7 @@ use tracing::{debug, info, warn};
 
 use super::download::{ChunkOutcome, Download, DownloadSettings};
 use super::install::{Decision, HandlerError, StagedImage, UpdateHandler};
-use super::judge::{judge, Rejection};
+use super::judge::{judge, recheck, Rejection};
 use super::storage::{Staged, StagedKind, Storage};
 
 use fleet_proto::limits::{MAX_PROOF_LEN, MAX_SIGNED_MANIFEST_LEN as MAX_MANIFEST_BYTES};
@@ -57,8 +59,9 @@ pub(crate) const DEFAULT_STORAGE_BUDGET: u64 = 1 << 30;
 /// What the machine is configured with.
 #[derive(Clone)]
 pub(crate) struct MachineConfig {
-    /// The update authority's keys.
-    pub trusted: TrustedKeys,
+    /// The device's root of trust at start (its `updates` role signs manifests); `None`:
+    /// every manifest is refused (NO_ROOT).
+    pub root: Option<TrustedRoot>,
     /// The device's class (manifests for another are refused).
     pub device_class: String,
     /// The firmware version the device shipped with.
@@ -191,6 +194,11 @@ impl Journal {
     }
 }
 
+/// The manifest keys of a root: its `updates` role (none without a root).
+fn keys_of(root: Option<&TrustedRoot>) -> TrustedKeys {
+    root.map_or_else(TrustedKeys::new, |r| TrustedKeys::from_role(&r.updates))
+}
+
 /// The name staged files of the manifest with this digest (hex) go by: its first 16 bytes.
 fn staging_key(digest: &str) -> String {
     digest.chars().take(32).collect()
@@ -252,6 +260,8 @@ pub(crate) type Sink = Box<dyn FnMut(Output) + Send>;
 /// The agent's state machine.
 pub(crate) struct Machine<S: Storage> {
     cfg: MachineConfig,
+    /// The keys of the current root's `updates` role (empty without a root).
+    keys: TrustedKeys,
     store: S,
     handler: Arc<dyn UpdateHandler>,
     journal: Journal,
@@ -260,6 +270,10 @@ pub(crate) struct Machine<S: Storage> {
     out: Vec<Output>,
     sink: Option<Sink>,
     last_report: Option<UpdateProgress>,
+    /// Withdrawals not acted on: empty messages, bad or foreign signatures, other offers.
+    withdrawals_ignored: u64,
+    /// The last manifest refused for want of trusted signatures (judged again by a new root).
+    refused_for_keys: Option<Vec<u8>>,
 }
 
 impl<S: Storage> Machine<S> {
@@ -296,8 +310,10 @@ impl<S: Storage> Machine<S> {
             .as_ref()
             .and_then(|f| hex::decode(&f.report).ok())
             .and_then(|b| UpdateProgress::decode(b.as_slice()).ok());
+        let keys = keys_of(cfg.root.as_ref());
         let mut m = Machine {
             cfg,
+            keys,
             store,
             handler,
             journal,
@@ -306,6 +322,8 @@ impl<S: Storage> Machine<S> {
             out: Vec::new(),
             sink: None,
             last_report,
+            withdrawals_ignored: 0,
+            refused_for_keys: None,
         };
         if let Some(p) = problem {
             warn!(problem = %p, "update state lost; the anti-rollback floor is the factory sequence");
@@ -395,15 +413,61 @@ impl<S: Storage> Machine<S> {
         self.save()
     }
 
-    /// Judges manifest `bytes` for this device (the envelope's bounds are checked by
-    /// `TrustedKeys::verify_encoded` before anything is decoded).
-    fn judge(&self, bytes: &[u8], now_ms: u64) -> Result<UpdateManifest, Rejection> {
-        let facts = DeviceFacts {
+    fn facts(&self, now_ms: u64) -> DeviceFacts<'_> {
+        DeviceFacts {
             device_class: &self.cfg.device_class,
             installed_sequence: self.installed_sequence(),
             now_ms: self.trusted_now(now_ms),
-        };
-        judge(bytes, &self.cfg.trusted, &facts).map(|v| v.manifest)
+        }
+    }
+
+    /// Judges manifest `bytes` for this device against the `updates` role of the current
+    /// root (the envelope's bounds are checked by `TrustedKeys::verify_encoded` before
+    /// anything is decoded). No root, or an expired one, refuses everything.
+    fn judge(&self, bytes: &[u8], now_ms: u64) -> Result<UpdateManifest, Rejection> {
+        let now = self.trusted_now(now_ms);
+        match &self.cfg.root {
+            None => {
+                return Err(Rejection {
+                    code: UpdateError::NoRoot,
+                    detail: "the device holds no root of trust".into(),
+                })
+            }
+            Some(r) if r.expired(now) => {
+                return Err(Rejection {
+                    code: UpdateError::RootExpired,
+                    detail: format!(
+                        "the device's root (version {}) expired at {} ms (now {now} ms)",
+                        r.version, r.expires_at_ms
+                    ),
+                })
+            }
+            Some(_) => {}
+        }
+        judge(bytes, &self.keys, &self.facts(now_ms)).map(|v| v.manifest)
+    }
+
+    /// Checks a manifest verified earlier (journaled work) again: structure, class, expiry
+    /// and anti-rollback, not its signatures: the update in progress keeps the manifest it
+    /// verified when the root changes.
+    fn recheck(&self, m: &UpdateManifest, now_ms: u64) -> Result<(), Rejection> {
+        recheck(m, &self.facts(now_ms))
+    }
+
+    /// A new root: manifests from now on are checked against its `updates` role. The update
+    /// in progress is not judged again; the last manifest refused for want of trusted
+    /// signatures is (it may have arrived just before the root that vouches for it).
+    pub(crate) fn set_root(&mut self, root: TrustedRoot, now_ms: u64) {
+        self.keys = keys_of(Some(&root));
+        self.cfg.root = Some(root);
+        if let Some(bytes) = self.refused_for_keys.take() {
+            self.manifest(&bytes, now_ms);
+        }
+    }
+
+    /// The floor under the clock: the build time, or the newest issue time accepted.
+    pub(crate) fn time_floor_ms(&self) -> u64 {
+        self.journal.time_floor_ms.max(self.cfg.build_time_ms)
     }
 
     // ---- reports ----
@@ -574,22 +638,64 @@ impl<S: Storage> Machine<S> {
         self.maybe_request(now_ms);
     }
 
-    /// A manifest arrived (retained on `devices/{id}/update/manifest`); empty: the offer was
-    /// withdrawn.
+    /// Withdrawals seen and not acted on, since start.
+    pub(crate) fn withdrawals_ignored(&self) -> u64 {
+        self.withdrawals_ignored
+    }
+
+    /// A withdrawal arrived: acted on only if the `commands` role of the current root signed
+    /// it and it names the manifest in progress (by digest); then the update in progress is
+    /// dropped. Anything else is logged and counted, and the update goes on.
+    fn withdrawal(&mut self, signed: &SignedManifest, now_ms: u64) {
+        let now = self.trusted_now(now_ms);
+        let w = match verify_withdrawal(self.cfg.root.as_ref(), signed, now) {
+            Ok(w) => w,
+            Err(e) => {
+                self.withdrawals_ignored += 1;
+                warn!(error = %e, "update withdrawal not acted on");
+                return;
+            }
+        };
+        let ours = self
+            .work
+            .as_ref()
+            .is_some_and(|work| work.digest == hex::encode(&w.manifest_sha256));
+        if !ours {
+            self.withdrawals_ignored += 1;
+            info!(update_id = %w.update_id, "a signed withdrawal of another offer; the update goes on");
+            return;
+        }
+        if let Some(work) = self.work.take() {
+            info!(update_id = %work.manifest.update_id, reason = %w.reason, "the update offer was withdrawn; dropping the update in progress");
+            self.journal.current = None;
+            if let Err(e) = self.save() {
+                warn!(error = %e, "could not journal the withdrawal");
+            }
+            if let Err(e) = self.store.clear_staging(None) {
+                warn!(error = %e, "could not clear the staging area");
+            }
+            self.handler.withdrawn(&work.manifest);
+        }
+    }
+
+    /// A message arrived on `devices/{id}/update/manifest` (retained): a signed manifest, or
+    /// a signed withdrawal of one. An empty message withdraws nothing (anyone who may publish
+    /// there could send one): it is counted and logged.
     pub(crate) fn manifest(&mut self, bytes: &[u8], now_ms: u64) {
         if bytes.is_empty() {
-            if let Some(w) = self.work.take() {
-                info!(update_id = %w.manifest.update_id, "the update offer was withdrawn; dropping the update in progress");
-                self.journal.current = None;
-                if let Err(e) = self.save() {
-                    warn!(error = %e, "could not journal the withdrawal");
-                }
-                if let Err(e) = self.store.clear_staging(None) {
-                    warn!(error = %e, "could not clear the staging area");
-                }
-                self.handler.withdrawn(&w.manifest);
-            }
+            self.withdrawals_ignored += 1;
+            info!(
+                "an empty message on the manifest topic; only a signed withdrawal drops an update"
+            );
             return;
+        }
+        if bytes.len() <= MAX_MANIFEST_BYTES {
+            if let Ok(s) = wire::decode_signed_manifest_bounded(bytes) {
+                if !s.withdrawal.is_empty() {
+                    self.withdrawal(&s, now_ms);
+                    return;
+                }
+            }
         }
         if bytes.len() > MAX_MANIFEST_BYTES {
             let rej = Rejection {
@@ -631,6 +737,17 @@ impl<S: Storage> Machine<S> {
             Ok(m) => m,
             Err(rej) => {
                 warn!(code = ?rej.code, detail = %bounded_detail(&rej.detail), "update manifest rejected");
+                // A manifest the current root's keys do not vouch for may be signed for the
+                // next root, which can arrive just after it: kept (the newest one only) to be
+                // judged again when the root changes.
+                self.refused_for_keys = matches!(
+                    rej.code,
+                    UpdateError::UnknownKey
+                        | UpdateError::BelowThreshold
+                        | UpdateError::NoRoot
+                        | UpdateError::RootExpired
+                )
+                .then(|| bytes.to_vec());
                 if self.work.is_some() {
                     // A refused manifest does not cancel a genuine update in progress.
                     self.report_aside(bytes, rej, now_ms);
@@ -663,6 +780,7 @@ impl<S: Storage> Machine<S> {
             }
         }
         info!(update_id = %m.update_id, version = %m.version, sequence = m.sequence, "update manifest verified");
+        self.refused_for_keys = None;
         self.journal.time_floor_ms = self.journal.time_floor_ms.max(m.issued_at_ms);
         let w = Work {
             signed: bytes.to_vec(),
@@ -770,7 +888,7 @@ impl<S: Storage> Machine<S> {
             return;
         };
         info!(update_id = %m.update_id, phase = ?cur.phase, "resuming the update in progress");
-        let mut w = Work {
+        let w = Work {
             signed,
             digest,
             manifest: m,
@@ -778,14 +896,12 @@ impl<S: Storage> Machine<S> {
         };
         match cur.phase {
             Phase::Deferred | Phase::Downloading => {
-                // Judged again: it may have expired, or the floor moved.
-                match self.judge(&w.signed, now_ms) {
-                    Ok(m) => w.manifest = m,
-                    Err(rej) => {
-                        self.work = Some(w);
-                        self.finish(Ending::failed(rej), now_ms);
-                        return;
-                    }
+                // Checked again: it may have expired, or the floor moved. (Its signatures
+                // were checked when it was journaled; a root change since does not undo that.)
+                if let Err(rej) = self.recheck(&w.manifest, now_ms) {
+                    self.work = Some(w);
+                    self.finish(Ending::failed(rej), now_ms);
+                    return;
                 }
                 if cur.phase == Phase::Deferred {
                     self.work = Some(w);
@@ -814,8 +930,8 @@ impl<S: Storage> Machine<S> {
 
     fn reoffer(&mut self, w: Work, now_ms: u64) {
         // Expired while deferred?
-        match self.judge(&w.signed, now_ms) {
-            Ok(_) => self.offer(w, now_ms),
+        match self.recheck(&w.manifest, now_ms) {
+            Ok(()) => self.offer(w, now_ms),
             Err(rej) => {
                 self.work = Some(w);
                 self.finish(Ending::failed(rej), now_ms);

@@ -661,3 +661,239 @@ fn d13_a_final_report_never_leaves_before_it_is_journaled() {
     rig.serve(1, 20_000);
     assert_eq!(phase(rig.m.last_report().unwrap()), UpdatePhase::Committed);
 }
+
+/// A root of version `version`, signed by the fleet's root key, whose `updates` role is
+/// `updates` with `threshold` and whose `commands` role is `commands`.
+fn root(
+    version: u64,
+    expires_at_ms: u64,
+    updates: &[&fleet_proto::signing::UpdateSigner],
+    threshold: u32,
+    commands: &[&fleet_proto::signing::UpdateSigner],
+) -> fleet_proto::trust::TrustedRoot {
+    fleet_proto::trust::TrustedRoot::provisioned(&crate::trust::tests::signed_root(
+        version,
+        expires_at_ms,
+        &[&FLEET.root_signer],
+        updates,
+        threshold,
+        commands,
+        &[&FLEET.root_signer],
+    ))
+    .unwrap()
+}
+
+/// A machine started with `root` (connected), and the report its first manifest gets.
+fn judged_with(
+    root: Option<fleet_proto::trust::TrustedRoot>,
+    signed: &[u8],
+    now: u64,
+) -> UpdateProgress {
+    let disk = SimDisk::default();
+    let app = Arc::new(App::default());
+    let cfg = super::machine::MachineConfig { root, ..config() };
+    let mut m = start_with(cfg, &disk, &app, now);
+    m.connected(now);
+    m.manifest(signed, now);
+    let Some(p) = m.take_output().into_iter().rev().find_map(|o| match o {
+        Output::Report(p) => Some(p),
+        Output::Request(_) => None,
+    }) else {
+        panic!("no report");
+    };
+    p
+}
+
+/// The `updates` role's threshold counts: with 2 of 2 required, one signature is refused
+/// (BELOW_THRESHOLD); both pass.
+#[test]
+fn a_manifest_below_the_updates_threshold_is_rejected() {
+    let second = fleet_proto::signing::UpdateSigner::generate();
+    let r2 = root(2, u64::MAX / 2, &[&FLEET.signer, &second], 2, &[&second]);
+    let one = judged_with(Some(r2.clone()), &FLEET.releases[1].signed, 10_000);
+    assert_eq!(
+        (phase(&one), one.error()),
+        (UpdatePhase::Rejected, UpdateError::BelowThreshold),
+        "{}",
+        one.detail
+    );
+    let both = fleet_proto::signing::sign_manifest_with(
+        &FLEET.releases[1].manifest,
+        &[&FLEET.signer, &second],
+    )
+    .unwrap()
+    .encode_to_vec();
+    let ok = judged_with(Some(r2), &both, 10_000);
+    assert_eq!(phase(&ok), UpdatePhase::Downloading, "{}", ok.detail);
+}
+
+/// No root: every manifest is refused (NO_ROOT). An expired root: refused (ROOT_EXPIRED),
+/// judged by the floored clock (a clock reading 0 does not revive it).
+#[test]
+fn no_root_or_an_expired_root_rejects_every_manifest() {
+    let p = judged_with(None, &FLEET.releases[1].signed, 10_000);
+    assert_eq!(
+        (phase(&p), p.error()),
+        (UpdatePhase::Rejected, UpdateError::NoRoot)
+    );
+    let short = root(2, 20_000, &[&FLEET.signer], 1, &[&FLEET.signer]);
+    let p = judged_with(Some(short.clone()), &FLEET.releases[1].signed, 20_000);
+    assert_eq!(
+        (phase(&p), p.error()),
+        (UpdatePhase::Rejected, UpdateError::RootExpired),
+        "{}",
+        p.detail
+    );
+    // Before the expiry it passes.
+    let p = judged_with(Some(short.clone()), &FLEET.releases[1].signed, 19_999);
+    assert_eq!(phase(&p), UpdatePhase::Downloading);
+    // A clock gone back below the build time does not make the root fresh again.
+    let disk = SimDisk::default();
+    let app = Arc::new(App::default());
+    let cfg = super::machine::MachineConfig {
+        root: Some(short),
+        build_time_ms: 30_000,
+        ..config()
+    };
+    let mut m = start_with(cfg, &disk, &app, 0);
+    m.connected(0);
+    m.manifest(&FLEET.releases[1].signed, 0);
+    let Some(Output::Report(p)) = m.take_output().pop() else {
+        panic!("no report");
+    };
+    assert_eq!(p.error(), UpdateError::RootExpired);
+}
+
+/// After a root change that replaces the `updates` key, a manifest signed by the rotated-out
+/// key is refused (UNKNOWN_KEY) and one by the new key taken; a download begun under the old
+/// root keeps the manifest it verified and finishes.
+#[test]
+fn after_a_rotation_only_the_new_updates_key_is_trusted() {
+    let new_key = fleet_proto::signing::UpdateSigner::generate();
+    let mut rig = Rig::new();
+    rig.m.manifest(&FLEET.releases[1].signed, 10_000); // fw-3, old key: downloading
+    assert!(rig.m.wants_chunks());
+    rig.reports();
+    rig.m
+        .set_root(root(2, u64::MAX / 2, &[&new_key], 1, &[&new_key]), 10_000);
+    // The rotated-out key signs fw-4: refused, the download goes on.
+    rig.m.manifest(&FLEET.releases[2].signed, 10_001);
+    let r = rig.reports().pop().unwrap();
+    assert_eq!(
+        (r.update_id.as_str(), phase(&r), r.error()),
+        ("fw-4", UpdatePhase::Rejected, UpdateError::UnknownKey),
+        "{}",
+        r.detail
+    );
+    assert!(rig.m.wants_chunks(), "the download in progress was dropped");
+    // (Later: the outstanding request is asked again.)
+    rig.serve(1, 100_000);
+    let done = rig.m.last_report().unwrap().clone();
+    assert_eq!(
+        (done.update_id.as_str(), phase(&done)),
+        ("fw-3", UpdatePhase::Committed)
+    );
+    // The new key signs a newer release: taken.
+    let next = release(&new_key, 7, &[("rootfs", 7, 2048)], false, false);
+    rig.m.manifest(&next.signed, 10_003);
+    assert!(rig.m.wants_chunks());
+    assert_eq!(
+        rig.reports()
+            .pop()
+            .map(|r| (r.update_id, phase_of(r.phase))),
+        Some(("fw-7".to_owned(), UpdatePhase::Downloading))
+    );
+}
+
+fn phase_of(p: i32) -> UpdatePhase {
+    UpdatePhase::try_from(p).unwrap()
+}
+
+/// Only a withdrawal signed by the `commands` role of the current root and naming the
+/// manifest in progress drops it. An empty retained message, an unsigned withdrawal, one
+/// signed by another key (here: the updates key of another fleet) and a valid one for another
+/// offer are counted and the download goes on.
+#[test]
+fn only_a_signed_withdrawal_of_this_offer_drops_the_update() {
+    use fleet_proto::command::{sign_withdrawal, withdrawal_of};
+    let commands = fleet_proto::signing::UpdateSigner::generate();
+    let stranger = fleet_proto::signing::UpdateSigner::generate();
+    let disk = SimDisk::default();
+    let app = Arc::new(App::default());
+    let cfg = super::machine::MachineConfig {
+        root: Some(root(1, u64::MAX / 2, &[&FLEET.signer], 1, &[&commands])),
+        ..config()
+    };
+    let mut m = start_with(cfg, &disk, &app, 10_000);
+    m.connected(10_000);
+    let r = &FLEET.releases[1];
+    m.manifest(&r.signed, 10_000);
+    assert!(m.wants_chunks());
+    let this = withdrawal_of("fw-3", &r.manifest.encode_to_vec(), 10_000, "abort");
+    let other = withdrawal_of(
+        "fw-4",
+        &FLEET.releases[2].manifest.encode_to_vec(),
+        10_000,
+        "abort",
+    );
+    let attempts = [
+        ("empty", Vec::new()),
+        (
+            "unsigned",
+            sign_withdrawal(&this, &[]).unwrap().encode_to_vec(),
+        ),
+        (
+            "another key",
+            sign_withdrawal(&this, &[&stranger])
+                .unwrap()
+                .encode_to_vec(),
+        ),
+        (
+            "the updates key (not the commands role)",
+            sign_withdrawal(&this, &[&FLEET.signer])
+                .unwrap()
+                .encode_to_vec(),
+        ),
+        (
+            "another offer",
+            sign_withdrawal(&other, &[&commands])
+                .unwrap()
+                .encode_to_vec(),
+        ),
+    ];
+    for (n, (what, bytes)) in attempts.iter().enumerate() {
+        m.manifest(bytes, 10_001);
+        assert!(m.wants_chunks(), "{what}: the update was dropped");
+        assert_eq!(m.withdrawals_ignored(), n as u64 + 1, "{what}");
+    }
+    assert_eq!(app.calls(), ["offer fw-3"]);
+    let signed = sign_withdrawal(&this, &[&commands])
+        .unwrap()
+        .encode_to_vec();
+    m.manifest(&signed, 10_002);
+    assert!(!m.wants_chunks());
+    assert_eq!(app.calls(), ["offer fw-3", "withdrawn fw-3"]);
+    assert_eq!(m.withdrawals_ignored(), 5);
+    let j: Journal = serde_json::from_slice(&disk.lock().durable_journal().unwrap()).unwrap();
+    assert!(j.current.is_none());
+}
+
+/// A manifest signed for the next root can arrive just before that root: refused (no update
+/// in progress, nothing journaled), then taken when the root comes, without waiting for the
+/// gateway to send it again.
+#[test]
+fn a_manifest_signed_for_the_next_root_is_taken_when_that_root_arrives() {
+    let new_key = fleet_proto::signing::UpdateSigner::generate();
+    let next = release(&new_key, 7, &[("rootfs", 7, 2048)], false, false);
+    let mut rig = Rig::new();
+    rig.m.manifest(&next.signed, 10_000);
+    let r = rig.reports().pop().unwrap();
+    assert_eq!(
+        (phase(&r), r.error()),
+        (UpdatePhase::Rejected, UpdateError::UnknownKey)
+    );
+    rig.m
+        .set_root(root(2, u64::MAX / 2, &[&new_key], 1, &[&new_key]), 10_001);
+    assert!(rig.m.wants_chunks(), "not taken when its root arrived");
+    assert_eq!(rig.app.calls(), ["offer fw-7"]);
+}

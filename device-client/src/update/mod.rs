@@ -26,4 +26,4 @@ pub(crate) mod storage;
 
 pub(crate) use agent::UpdateConfig;
 pub use install::{Decision, HandlerError, SlotInstaller, StagedImage, UpdateHandler};
-pub(crate) use machine::DEFAULT_STORAGE_BUDGET;
+pub(crate) use machine::{build_time_ms, DEFAULT_STORAGE_BUDGET};

@@ -24,7 +24,8 @@ use std::sync::{Arc, LazyLock, Mutex};
 
 use fleet_proto::chunker::summarize;
 use fleet_proto::merkle::{self, Hash, MerkleTree};
-use fleet_proto::signing::{TrustedKeys, UpdateSigner};
+use fleet_proto::signing::UpdateSigner;
+use fleet_proto::trust::TrustedRoot;
 use fleet_proto::v1::{Chunk, ChunkRequest, UpdateManifest, UpdatePhase};
 use fleet_proto::Message;
 use proptest::prelude::*;
@@ -48,7 +49,9 @@ pub(super) struct Release {
 }
 
 pub(super) struct Fleet {
-    pub(super) trusted: TrustedKeys,
+    /// The fleet's root: `root_signer` signs roots, `signer` manifests (threshold 1).
+    pub(super) root: TrustedRoot,
+    pub(super) root_signer: UpdateSigner,
     pub(super) signer: UpdateSigner,
     pub(super) releases: Vec<Release>,
 }
@@ -104,8 +107,17 @@ pub(super) fn release(
 
 pub(super) static FLEET: LazyLock<Fleet> = LazyLock::new(|| {
     let signer = UpdateSigner::generate();
-    let mut trusted = TrustedKeys::new();
-    trusted.add(signer.verifying_key());
+    let root_signer = UpdateSigner::generate();
+    let root = TrustedRoot::provisioned(&crate::trust::tests::signed_root(
+        1,
+        u64::MAX / 2,
+        &[&root_signer],
+        &[&signer],
+        1,
+        &[&signer],
+        &[&root_signer],
+    ))
+    .unwrap();
     let releases = vec![
         release(
             &signer,
@@ -127,7 +139,8 @@ pub(super) static FLEET: LazyLock<Fleet> = LazyLock::new(|| {
         ),
     ];
     Fleet {
-        trusted,
+        root,
+        root_signer,
         signer,
         releases,
     }
@@ -318,7 +331,7 @@ struct World {
 
 pub(super) fn config() -> MachineConfig {
     MachineConfig {
-        trusted: FLEET.trusted.clone(),
+        root: Some(FLEET.root.clone()),
         device_class: "pump".into(),
         factory_version: "1.0".into(),
         factory_sequence: 1,

@@ -23,7 +23,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use fleet_demo::fleet::{self, FleetOptions};
-use fleet_proto::signing::TrustedKeys;
 use fleet_proto::v1::{StatusReport, UpdatePhase};
 use fleet_proto::Message;
 use fleet_tests::procs::{cpu_seconds, status_kib, GatewayProc};
@@ -98,7 +97,7 @@ async fn main() -> Result<(), Error> {
     let dir = tempfile::tempdir()?;
     let gw = GatewayProc::start(dir.path(), a.devices as u32, &[]);
     let pki = gw.pki();
-    let (signer, _, public) = authority(dir.path());
+    let (signer, _, _) = authority(dir.path());
     let image_path = dir.path().join("image");
     let size = a.image_mib << 20;
     write_image(&image_path, size, 42);
@@ -110,8 +109,7 @@ async fn main() -> Result<(), Error> {
     let upload = t.elapsed();
     let chunks = rec.images.first().map_or(0, |i| i.chunk_count);
 
-    let mut keys = TrustedKeys::new();
-    keys.add_pem(&std::fs::read_to_string(&public)?)?;
+    let root = std::fs::read(pki.join("trust/root.bin"))?;
     fleet::fresh_root(&a.state)?;
     let ids: Vec<String> = (1..=a.devices).map(|i| format!("dev-{i:04}")).collect();
     let devices = fleet::start(&FleetOptions {
@@ -122,7 +120,7 @@ async fn main() -> Result<(), Error> {
         ids: ids.clone(),
         class: "test-class".into(),
         version: "1.0.0".into(),
-        keys,
+        root: Some(root),
         slots: false,
     })?;
     fleet::wait_connected(&devices).await?;

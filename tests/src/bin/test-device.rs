@@ -2,10 +2,15 @@
 //! (SIGKILL, restarts). Once its state is open and its `--reports` are queued it prints its
 //! ready line, `{"ready":{"queued":N}}` (connected or not). Then it prints what it does on
 //! stdout, one line per event: `connected`, `ran COMMAND_ID`, `answered COMMAND_ID` (result
-//! journaled), `flushed`, and with `--update-key` one line per update report:
+//! journaled), `flushed`, one line per update report:
 //! `update UPDATE_ID PHASE HELD/TOTAL rejected=N error=ERROR` (phase and error in lower case),
-//! and `{"withdrawn":{"update_id":ID}}` when the gateway withdraws an offer it was deferring
-//! or downloading.
+//! `{"withdrawn":{"update_id":ID}}` when a signed withdrawal drops an offer it was deferring
+//! or downloading, and, as they change, `root_version N` (the root of trust it holds; first
+//! printed once the client runs), `commands_refused N`, `withdrawals_ignored N` and
+//! `roots_refused N`.
+//!
+//! Commands and updates need `--root FILE` (the fleet's signed root, e.g. the development
+//! PKI's `trust/root.bin`): without it the device refuses them all (NO_ROOT).
 //!
 //! Every command run is appended (and synced) to `--ran-log` before it is answered, so a test
 //! can count executions across restarts.
@@ -19,7 +24,6 @@ use device_client::{
     Decision, DeviceClient, DownloadSettings, HandlerError, Health, SlotInstaller, StagedImage,
     StatusReport, UpdateHandler,
 };
-use fleet_proto::signing::TrustedKeys;
 use fleet_proto::v1::UpdateManifest;
 
 #[derive(Parser)]
@@ -53,8 +57,13 @@ struct Args {
     /// Device class.
     #[arg(long, default_value = "test-class")]
     class: String,
-    /// Update authority public key (PEM): takes updates signed by it.
+    /// The root of trust (an encoded SignedRoot): its `commands` role signs the commands the
+    /// device runs, its `updates` role the manifests it takes.
     #[arg(long)]
+    root: Option<PathBuf>,
+    /// Ignored (updates are checked against the root's `updates` role); accepted so that
+    /// invocations written before roots existed still run.
+    #[arg(long, hide = true)]
     update_key: Option<PathBuf>,
     /// Anti-rollback sequence of the factory firmware.
     #[arg(long, default_value_t = 0)]
@@ -146,11 +155,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (host, port) = a.gateway.rsplit_once(':').ok_or("--gateway HOST:PORT")?;
     let dev = a.pki.join("devices");
     let mut builder = DeviceClient::builder();
-    if let Some(key) = &a.update_key {
-        let mut keys = TrustedKeys::new();
-        keys.add_pem(&std::fs::read_to_string(key)?)?;
+    if let Some(root) = &a.root {
+        builder = builder.trust_root_file(root);
+    }
+    if a.update_key.is_some() && a.root.is_none() {
+        eprintln!("--update-key is ignored: give the fleet's root with --root");
+    }
+    {
         builder = builder
-            .update_keys(keys)
             .factory_sequence(a.factory_sequence)
             .defer_retry(Duration::from_secs(1))
             .download_settings(DownloadSettings {
@@ -207,18 +219,42 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         });
     }
     {
-        // Chunks the update agent dropped unread, printed as the count changes.
+        // Counters, printed as they change (the root version also at start).
         let c = client.clone();
         tokio::spawn(async move {
-            let mut last = 0;
+            let mut last: Option<[u64; 5]> = None;
             loop {
-                let n = c.stats().update_chunks_dropped;
-                if n != last {
-                    last = n;
+                let s = c.stats();
+                let now = [
+                    s.update_chunks_dropped,
+                    s.root_version,
+                    s.commands_refused,
+                    s.withdrawals_ignored,
+                    s.roots_refused,
+                ];
+                let names = [
+                    "update_chunks_dropped",
+                    "root_version",
+                    "commands_refused",
+                    "withdrawals_ignored",
+                    "roots_refused",
+                ];
+                {
                     let mut out = std::io::stdout().lock();
-                    let _ = writeln!(out, "update_chunks_dropped {n}");
+                    for (i, (name, n)) in names.iter().zip(now).enumerate() {
+                        let before = last.map(|l| l[i]);
+                        // Counters from their first change; the root version at once.
+                        let show = match before {
+                            None => name == &"root_version" || n != 0,
+                            Some(b) => b != n,
+                        };
+                        if show {
+                            let _ = writeln!(out, "{name} {n}");
+                        }
+                    }
                     let _ = out.flush();
                 }
+                last = Some(now);
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         });
