@@ -175,6 +175,27 @@ impl GatewayProc {
     /// An SDK client for service `svc-0001`, signing commands with the development PKI's
     /// commands key (`trust/commands-1.key`).
     pub async fn fleet(&self) -> cloud_client::FleetClient {
+        self.fleet_builder()
+            .command_key_file(self.pki().join("trust/commands-1.key"))
+            .connect()
+            .await
+            .unwrap_or_else(|e| panic!("SDK connect: {e}"))
+    }
+
+    /// An SDK client for service `svc-0001` that signs commands with `signers` instead of the
+    /// development commands key (after a rotation, or to play a key the root does not name).
+    pub async fn fleet_signing_with(
+        &self,
+        signers: Vec<std::sync::Arc<dyn fleet_proto::signing::Signer>>,
+    ) -> cloud_client::FleetClient {
+        self.fleet_builder()
+            .command_signers(signers)
+            .connect()
+            .await
+            .unwrap_or_else(|e| panic!("SDK connect: {e}"))
+    }
+
+    fn fleet_builder(&self) -> cloud_client::FleetClientBuilder {
         let pki = self.pki();
         cloud_client::FleetClient::builder()
             .gateway("127.0.0.1", self.addr.port())
@@ -183,10 +204,6 @@ impl GatewayProc {
                 pki.join("services/svc-0001.crt"),
                 pki.join("services/svc-0001.key"),
             )
-            .command_key_file(pki.join("trust/commands-1.key"))
-            .connect()
-            .await
-            .unwrap_or_else(|e| panic!("SDK connect: {e}"))
     }
 
     /// Runs `fleetctl` as `svc-0001` against this gateway with `args`, bounded by `within`

@@ -22,16 +22,20 @@ pub fn write_image(path: &Path, size: usize, seed: u64) -> Vec<u8> {
 }
 
 /// The update authority's key written to `dir/authority.pem` (and `.pem.pub`): the signer and
-/// the public key's path. When `dir` holds a gateway's data (see `GatewayProc`), this is the
-/// development PKI's `updates` key (`data/pki/trust/updates-1.key`), the one the devices'
-/// root of trust names; else a fresh key.
+/// the public key's path. `dir` must hold a gateway's data (start the `GatewayProc` first): the
+/// key is its development PKI's `updates` key (`data/pki/trust/updates-1.key`), the one the
+/// devices' root of trust names. (A fresh key would be refused by every device.)
 pub fn authority(dir: &Path) -> (UpdateSigner, PathBuf, PathBuf) {
     let pki_key = dir.join("data/pki/trust/updates-1.key");
-    let signer = match std::fs::read_to_string(&pki_key) {
-        Ok(pem) => UpdateSigner::from_pkcs8_pem(&pem)
-            .unwrap_or_else(|e| panic!("{}: {e}", pki_key.display())),
-        Err(_) => UpdateSigner::generate(),
-    };
+    let pem = std::fs::read_to_string(&pki_key).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e}: start the gateway in {} before asking for its updates key",
+            pki_key.display(),
+            dir.display()
+        )
+    });
+    let signer =
+        UpdateSigner::from_pkcs8_pem(&pem).unwrap_or_else(|e| panic!("{}: {e}", pki_key.display()));
     let private = dir.join("authority.pem");
     let public = dir.join("authority.pem.pub");
     let pem = signer.to_pkcs8_pem().unwrap_or_else(|e| panic!("key: {e}"));

@@ -126,6 +126,7 @@ async fn a_command_redelivered_while_it_runs_gets_the_applications_result() {
             pki.join("devices/dev-0001.key"),
         )
         .state_dir(dir.path().join("dev-0001-state"))
+        .trust_root_file(pki.join("trust/root.bin"))
         .backoff(Duration::from_millis(100), Duration::from_millis(500))
         .start()
         .unwrap();

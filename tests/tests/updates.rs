@@ -308,7 +308,6 @@ async fn a_connection_cut_every_hundred_chunks_still_completes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn corrupted_chunks_are_rejected_and_persistent_corruption_fails_cleanly() {
     let dir = tempfile::tempdir().unwrap();
-    let (signer, _, public) = authority(dir.path());
     let image_path = dir.path().join("img");
     let image = write_image(&image_path, 1 << 20, 4);
 
@@ -316,11 +315,14 @@ async fn corrupted_chunks_are_rejected_and_persistent_corruption_fails_cleanly()
     // deployed to `device`; the device's target record once it reaches `until`.
     let run =
         |name: &'static str, every: &'static str, device: &'static str, until: UpdatePhase| {
-            let (dir, image_path, signer, public) = (dir.path(), &image_path, &signer, &public);
+            let (dir, image_path) = (dir.path(), &image_path);
             async move {
                 let at = dir.join(name);
                 std::fs::create_dir_all(&at).unwrap();
                 let gw = GatewayProc::start(&at, 2, &[("GATEWAY_TEST_CORRUPT_CHUNKS", every)]);
+                // Each gateway has its own development PKI, so its own updates key.
+                let (signer, _, public) = authority(&at);
+                let (signer, public) = (&signer, &public);
                 // The switch is announced before the ready line, so it is in the log by now.
                 assert!(
                     gw.logged("corrupts chunks"),
