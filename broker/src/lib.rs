@@ -67,7 +67,8 @@ pub use assembly::{Gateway, GatewayError, GatewayHandle};
 pub use bridge::BridgeError;
 pub use config::{
     AclSettings, BridgeSettings, CommandSettings, ConfigError, DeniedPublish, GatewayConfig,
-    IdentitySettings, Limits, MetricsSettings, MqttSettings, StaleCrl, TlsSettings, UpdateSettings,
+    IdentitySettings, Limits, MetricsSettings, MqttSettings, StaleCrl, TlsSettings, TrustSettings,
+    UpdateSettings,
 };
 pub use devpki::ensure as ensure_dev_pki;
 pub use edge::EdgeError;

@@ -1,8 +1,9 @@
 //! `demo`: the whole product on one machine, unattended. Starts a gateway (in this process)
 //! with a fresh development PKI, a simulated fleet of devices on the real device library (one
-//! process, each device with its own certificate, mTLS connection and state), sends a command
-//! to all of them, rolls out a signed update in two batches with live progress, prints a
-//! summary and exits 0 when everything succeeded.
+//! process, each device with its own certificate, mTLS connection and state), sends a signed
+//! command to all of them, rotates the commands key (root of trust version 2) and shows the old
+//! key refused and the new one obeyed, rolls out a signed update in two batches with live
+//! progress, prints a summary and exits 0 when everything succeeded.
 //!
 //! ```sh
 //! cargo run --release --bin demo -- [--devices 100] [--image-kib 2048] [--churn 5] [--keep-running]
@@ -18,9 +19,12 @@ use cloud_client::{
     build_update, CampaignState, DeployUpdate, FleetClient, ImageSpec, SendCommand, UpdatePhase,
     UpdateRecord, UpdateSpec,
 };
-use fleet_broker::{Gateway, GatewayConfig, MetricsSettings};
+use fleet_broker::{Gateway, GatewayConfig, MetricsSettings, TrustSettings};
 use fleet_demo::fleet::{self, FleetOptions};
-use fleet_proto::signing::UpdateSigner;
+use fleet_proto::signing::{Signer, UpdateSigner};
+use fleet_proto::trust::build;
+use fleet_proto::v1::{CommandRefusal, Root, SignedRoot};
+use fleet_proto::Message;
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
@@ -136,6 +140,10 @@ async fn run(a: Args) -> Result<bool, Error> {
         listen: ([127, 0, 0, 1], port).into(),
         data_dir: data.join("gateway"),
         metrics: MetricsSettings { listen: None },
+        // The devices' root of trust, which the gateway distributes (and replaces below).
+        trust: TrustSettings {
+            root: Some(pki.join("trust/root.bin")),
+        },
         ..GatewayConfig::default()
     };
     let gateway = Gateway::bind(config, files).await?;
@@ -229,7 +237,76 @@ async fn run(a: Args) -> Result<bool, Error> {
         ),
     );
 
-    // 2. A signed update, built and uploaded like `fleetctl update create`.
+    // 2. A key rotation while the fleet runs: a new commands key, named by root version 2, which
+    // two of the three root keys sign (the ceremony `fleetctl trust new/sign/combine/publish`
+    // runs on separate machines). Then a command signed with the old key, which every device
+    // refuses, and one with the new key.
+    let t_rot = Instant::now();
+    let rotation = rotate_commands_key(&pki, &sdk, n).await?;
+    step(
+        t0,
+        &format!(
+            "root of trust version 2 (new commands key {}) taken by {n}/{n} devices in {:.2} s",
+            rotation.new_key.key_id(),
+            t_rot.elapsed().as_secs_f64()
+        ),
+    );
+    let old_key = sdk
+        .send_command(SendCommand {
+            device_class: CLASS.into(),
+            name: "blink".into(),
+            payload: b"1".to_vec(),
+            ttl_ms: 60_000,
+            ..SendCommand::default()
+        })
+        .await?
+        .wait(Duration::from_secs(60))
+        .await?;
+    let refused = old_key
+        .iter()
+        .filter(|r| r.result.as_ref().map(|x| x.refusal()) == Some(CommandRefusal::Untrusted))
+        .count();
+    step(
+        t0,
+        &format!(
+            "command signed with the old commands key: {refused}/{} refused by the devices (untrusted)",
+            old_key.len()
+        ),
+    );
+    let sdk = FleetClient::builder()
+        .gateway("localhost", port)
+        .pem_files(
+            pki.join("ca.crt"),
+            pki.join("services/svc-0001.crt"),
+            pki.join("services/svc-0001.key"),
+        )
+        .command_signer(rotation.new_key.clone())
+        .connect()
+        .await?;
+    let new_key = sdk
+        .send_command(SendCommand {
+            device_class: CLASS.into(),
+            name: "blink".into(),
+            payload: b"2".to_vec(),
+            ttl_ms: 60_000,
+            ..SendCommand::default()
+        })
+        .await?
+        .wait(Duration::from_secs(60))
+        .await?;
+    let rotated_ok = new_key
+        .iter()
+        .filter(|r| r.state() == cloud_client::CommandState::Succeeded)
+        .count();
+    step(
+        t0,
+        &format!(
+            "command signed with the new commands key: {rotated_ok}/{} succeeded",
+            new_key.len()
+        ),
+    );
+
+    // 3. A signed update, built and uploaded like `fleetctl update create`.
     let image = data.join("rootfs-1.1.0.img");
     write_image(&image, a.image_kib * 1024)?;
     let signer =
@@ -289,7 +366,7 @@ async fn run(a: Args) -> Result<bool, Error> {
     let roll = t_roll.elapsed();
     println!();
 
-    // 3. Summary.
+    // 4. Summary.
     let committed = record
         .targets
         .iter()
@@ -324,6 +401,12 @@ async fn run(a: Args) -> Result<bool, Error> {
         records.len()
     );
     println!(
+        "  {:<22} root version 2 on {n} devices; old commands key refused {refused}/{}, new key {rotated_ok}/{} succeeded",
+        "key rotation",
+        old_key.len(),
+        new_key.len()
+    );
+    println!(
         "  {:<22} {committed} committed, {failed} failed ({})",
         "update demo-1.1.0",
         lower(state.as_str_name(), "CAMPAIGN_STATE_")
@@ -341,7 +424,11 @@ async fn run(a: Args) -> Result<bool, Error> {
         roll.as_secs_f64(),
         t0.elapsed().as_secs_f64()
     );
-    let success = ok == n && committed == n && state == CampaignState::Completed;
+    let success = ok == n
+        && refused == n
+        && rotated_ok == n
+        && committed == n
+        && state == CampaignState::Completed;
     println!(
         "{}",
         if success {
@@ -367,6 +454,49 @@ async fn run(a: Args) -> Result<bool, Error> {
     let _ = stop_tx.send(());
     let _ = served.await;
     Ok(success)
+}
+
+/// What the rotation made.
+struct Rotation {
+    /// The new commands key (a real fleet makes it on its holder's machine or HSM).
+    new_key: std::sync::Arc<UpdateSigner>,
+}
+
+/// Drafts root version 2 with a new commands key, has two of the three development root keys
+/// sign it, publishes it through the gateway and waits until every device reports it.
+async fn rotate_commands_key(pki: &Path, sdk: &FleetClient, n: usize) -> Result<Rotation, Error> {
+    let trust = pki.join("trust");
+    let current = SignedRoot::decode(std::fs::read(trust.join("root.bin"))?.as_slice())?;
+    let mut next = Root::decode(current.root.as_slice())?;
+    next.version += 1;
+    let new_key = std::sync::Arc::new(UpdateSigner::generate());
+    next.commands = Some(build::role(&[Signer::verifying_key(new_key.as_ref())], 1));
+    let mut signed = build::encode(&next);
+    for holder in ["root-1.key", "root-2.key"] {
+        let key = UpdateSigner::from_pkcs8_pem(&std::fs::read_to_string(trust.join(holder))?)?;
+        build::add_signature(&key, &mut signed)?;
+    }
+    sdk.publish_root(signed.encode_to_vec()).await?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let on_v2 = sdk
+            .status(&[])
+            .await?
+            .iter()
+            .filter(|d| {
+                d.trust
+                    .as_ref()
+                    .is_some_and(|t| t.root_version == next.version)
+            })
+            .count();
+        if on_v2 >= n {
+            return Ok(Rotation { new_key });
+        }
+        if Instant::now() > deadline {
+            return Err(format!("{on_v2}/{n} devices took the new root in 60 s").into());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 fn lower(name: &str, prefix: &str) -> String {

@@ -110,7 +110,7 @@ fn announce_ready(gateway: &Gateway) -> std::io::Result<()> {
     out.flush()
 }
 
-async fn run(config: GatewayConfig, args: Args) -> ExitCode {
+async fn run(mut config: GatewayConfig, args: Args) -> ExitCode {
     let files = match (&config.tls.ca, &config.tls.cert, &config.tls.key) {
         (Some(ca), Some(cert), Some(key)) => TlsFiles {
             ca: ca.clone(),
@@ -125,6 +125,13 @@ async fn run(config: GatewayConfig, args: Args) -> ExitCode {
                     info!(dir = %dir.display(), "created a development PKI");
                 }
                 info!(dir = %dir.display(), "using the development PKI (device certificates in devices/)");
+                // Its devices are provisioned with its root: distribute that one unless the
+                // configuration names another.
+                let root = dir.join("trust/root.bin");
+                if config.trust.root.is_none() && root.exists() {
+                    info!(root = %root.display(), "distributing the development PKI's root of trust");
+                    config.trust.root = Some(root);
+                }
                 files
             }
             Err(e) => {
