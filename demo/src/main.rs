@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use cloud_client::{
-    build_update, CampaignState, DeployUpdate, FleetClient, ImageSpec, SendCommand, UpdatePhase,
-    UpdateRecord, UpdateSpec,
+    build_update, CampaignState, CommandRecord, DeployUpdate, FleetClient, ImageSpec, SendCommand,
+    UpdatePhase, UpdateRecord, UpdateSpec,
 };
 use fleet_broker::{Gateway, GatewayConfig, MetricsSettings, TrustSettings};
 use fleet_demo::fleet::{self, FleetOptions};
@@ -213,17 +213,7 @@ async fn run(a: Args) -> Result<bool, Error> {
 
     // 1. A command to the whole class.
     let t_cmd = Instant::now();
-    let records = sdk
-        .send_command(SendCommand {
-            device_class: CLASS.into(),
-            name: "blink".into(),
-            payload: b"3".to_vec(),
-            ttl_ms: 60_000,
-            ..SendCommand::default()
-        })
-        .await?
-        .wait(Duration::from_secs(60))
-        .await?;
+    let records = blink(&sdk, b"3").await?;
     let ok = records
         .iter()
         .filter(|r| r.state() == cloud_client::CommandState::Succeeded)
@@ -251,17 +241,7 @@ async fn run(a: Args) -> Result<bool, Error> {
             t_rot.elapsed().as_secs_f64()
         ),
     );
-    let old_key = sdk
-        .send_command(SendCommand {
-            device_class: CLASS.into(),
-            name: "blink".into(),
-            payload: b"1".to_vec(),
-            ttl_ms: 60_000,
-            ..SendCommand::default()
-        })
-        .await?
-        .wait(Duration::from_secs(60))
-        .await?;
+    let old_key = blink(&sdk, b"1").await?;
     let refused = old_key
         .iter()
         .filter(|r| r.result.as_ref().map(|x| x.refusal()) == Some(CommandRefusal::Untrusted))
@@ -283,17 +263,7 @@ async fn run(a: Args) -> Result<bool, Error> {
         .command_signer(rotation.new_key.clone())
         .connect()
         .await?;
-    let new_key = sdk
-        .send_command(SendCommand {
-            device_class: CLASS.into(),
-            name: "blink".into(),
-            payload: b"2".to_vec(),
-            ttl_ms: 60_000,
-            ..SendCommand::default()
-        })
-        .await?
-        .wait(Duration::from_secs(60))
-        .await?;
+    let new_key = blink(&sdk, b"2").await?;
     let rotated_ok = new_key
         .iter()
         .filter(|r| r.state() == cloud_client::CommandState::Succeeded)
@@ -454,6 +424,22 @@ async fn run(a: Args) -> Result<bool, Error> {
     let _ = stop_tx.send(());
     let _ = served.await;
     Ok(success)
+}
+
+/// Command `blink` with `payload` to every device of the class, signed with the client's key;
+/// the records once all are final.
+async fn blink(sdk: &FleetClient, payload: &[u8]) -> Result<Vec<CommandRecord>, Error> {
+    Ok(sdk
+        .send_command(SendCommand {
+            device_class: CLASS.into(),
+            name: "blink".into(),
+            payload: payload.to_vec(),
+            ttl_ms: 60_000,
+            ..SendCommand::default()
+        })
+        .await?
+        .wait(Duration::from_secs(60))
+        .await?)
 }
 
 /// What the rotation made.

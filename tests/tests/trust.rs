@@ -243,6 +243,44 @@ async fn forged_replayed_and_expired_commands_are_refused_and_reported() {
     let _ = k.files;
 }
 
+/// Update `id` built from `image` and signed by every one of `signers`, uploaded and offered
+/// to dev-0001: the device's final record.
+async fn offer(
+    fleet: &FleetClient,
+    image: &Path,
+    id: &str,
+    sequence: u64,
+    signers: &[&UpdateSigner],
+) -> v1::TargetRecord {
+    let mut p = Publish::new(id, image);
+    p.sequence = sequence;
+    let mut built = cloud_client::build_update(&p.spec(), signers[0]).unwrap();
+    for s in &signers[1..] {
+        built.signed.signatures.push(s.sign(&built.signed.manifest));
+    }
+    let rec = fleet.create_update(built.signed.clone()).await.unwrap();
+    fleet
+        .upload_images(&built, &rec.images, |_, _| {})
+        .await
+        .unwrap();
+    fleet
+        .deploy_update(DeployUpdate {
+            update_id: id.into(),
+            device_ids: vec!["dev-0001".into()],
+            ..DeployUpdate::default()
+        })
+        .await
+        .unwrap();
+    eventually_async(WAIT, format!("{id} finishes on the device"), async || {
+        let r = fleet.get_update(id).await.unwrap();
+        match r.targets.first() {
+            Some(t) if t.phase().is_final() => Ok(t.clone()),
+            _ => Err(r),
+        }
+    })
+    .await
+}
+
 /// The updates role rotated to two new keys with threshold 2 while the device runs: a manifest
 /// signed by the rotated-out key, and one signed by only one of the new keys, are both
 /// refused and the campaign shows why; one signed by both installs.
@@ -273,64 +311,22 @@ async fn after_an_updates_rotation_old_keys_and_short_thresholds_are_refused() {
 
     let image = dir.path().join("img");
     write_image(&image, 64 << 10, 7);
-    let deploy = |id: &str| DeployUpdate {
-        update_id: id.into(),
-        device_ids: vec!["dev-0001".into()],
-        ..DeployUpdate::default()
-    };
-    let outcome = |id: String| {
-        let fleet = &fleet;
-        async move {
-            eventually_async(WAIT, format!("{id} finishes on the device"), async || {
-                let r = fleet.get_update(&id).await.unwrap();
-                match r.targets.first() {
-                    Some(t) if t.phase().is_final() => Ok(t.clone()),
-                    _ => Err(r),
-                }
-            })
-            .await
-        }
-    };
-
     // Signed by the rotated-out key (the development update-signing key).
-    let mut p = Publish::new("u-old-key", &image);
-    p.sequence = 20;
-    p.run(&fleet, &k.updates).await;
-    fleet.deploy_update(deploy("u-old-key")).await.unwrap();
-    let t = outcome("u-old-key".into()).await;
+    let t = offer(&fleet, &image, "u-old-key", 20, &[&k.updates]).await;
     assert_eq!(
         (t.phase(), t.error()),
         (UpdatePhase::Rejected, UpdateError::UnknownKey),
         "{t:?}"
     );
-
     // Signed by one of the two new keys.
-    let mut p = Publish::new("u-one-key", &image);
-    p.sequence = 21;
-    p.run(&fleet, &new1).await;
-    fleet.deploy_update(deploy("u-one-key")).await.unwrap();
-    let t = outcome("u-one-key".into()).await;
+    let t = offer(&fleet, &image, "u-one-key", 21, &[&new1]).await;
     assert_eq!(
         (t.phase(), t.error()),
         (UpdatePhase::Rejected, UpdateError::BelowThreshold),
         "{t:?}"
     );
-
     // Signed by both: installed.
-    let mut p = Publish::new("u-both", &image);
-    p.sequence = 22;
-    let mut built = cloud_client::build_update(&p.spec(), &new1).unwrap();
-    built
-        .signed
-        .signatures
-        .push(new2.sign(&built.signed.manifest));
-    let rec = fleet.create_update(built.signed.clone()).await.unwrap();
-    fleet
-        .upload_images(&built, &rec.images, |_, _| {})
-        .await
-        .unwrap();
-    fleet.deploy_update(deploy("u-both")).await.unwrap();
-    let t = outcome("u-both".into()).await;
+    let t = offer(&fleet, &image, "u-both", 22, &[&new1, &new2]).await;
     assert_eq!(t.phase(), UpdatePhase::Committed, "{t:?}");
 }
 
