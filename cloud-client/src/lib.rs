@@ -32,6 +32,7 @@
 #![warn(missing_docs, unreachable_pub)]
 
 mod client;
+mod error;
 mod rollout;
 mod signed;
 mod trust;

@@ -17,7 +17,7 @@ use fleet_proto::signing::Signer;
 use fleet_proto::v1::{self, SendCommand, SignedManifest};
 use rand_core::RngCore;
 
-use crate::client::SdkError;
+use crate::error::SdkError;
 
 /// Lifetime of a signed command whose `SendCommand.ttl_ms` is 0: one hour, the gateway's
 /// default for unsigned commands too. A signed command must expire (devices refuse one that

@@ -330,12 +330,17 @@ impl TrustedKeys {
         Self::default()
     }
 
-    /// The keys and threshold of a role of the fleet's root (the `updates` role for manifests).
-    pub fn from_role(role: &crate::trust::RoleKeys) -> Self {
-        Self {
-            keys: role.keys().map(|(id, k)| (id.to_owned(), *k)).collect(),
-            threshold: role.threshold(),
+    /// `keys`, of which `threshold` (at least 1) distinct ones must sign. The keys of a role of
+    /// the fleet's root: `trust::RoleKeys::trusted_keys`.
+    pub fn with_threshold(keys: impl IntoIterator<Item = VerifyingKey>, threshold: u32) -> Self {
+        let mut t = Self {
+            keys: BTreeMap::new(),
+            threshold: threshold.max(1),
+        };
+        for k in keys {
+            t.add(k);
         }
+        t
     }
 
     /// How many distinct trusted keys must sign (at least 1).

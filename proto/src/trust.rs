@@ -22,7 +22,7 @@ use ed25519_dalek::{Signature as Ed25519Signature, VerifyingKey};
 use prost::Message as _;
 
 use crate::limits::{MAX_SIGNATURES, MAX_SIGNED_MANIFEST_LEN};
-use crate::signing::key_id;
+use crate::signing::{key_id, TrustedKeys};
 use crate::v1::{self, SignatureAlgorithm};
 
 /// Prefix of every signed root message (domain separation from manifests and commands).
@@ -191,6 +191,11 @@ impl RoleKeys {
             keys,
             threshold: r.threshold,
         })
+    }
+
+    /// The role's keys and threshold for verifying manifests (the `updates` role).
+    pub fn trusted_keys(&self) -> TrustedKeys {
+        TrustedKeys::with_threshold(self.keys.iter().map(|(_, k)| *k), self.threshold)
     }
 
     /// The keys of the role with their ids.

@@ -196,7 +196,7 @@ impl Journal {
 
 /// The manifest keys of a root: its `updates` role (none without a root).
 fn keys_of(root: Option<&TrustedRoot>) -> TrustedKeys {
-    root.map_or_else(TrustedKeys::new, |r| TrustedKeys::from_role(&r.updates))
+    root.map_or_else(TrustedKeys::new, |r| r.updates.trusted_keys())
 }
 
 /// The name staged files of the manifest with this digest (hex) go by: its first 16 bytes.
