@@ -184,13 +184,7 @@ async fn run(a: Args) -> Result<bool, Error> {
         &format!("{n} devices connected (mTLS, one certificate each), firmware 1.0.0"),
     );
 
-    let sdk = FleetClient::builder()
-        .gateway("localhost", port)
-        .pem_files(
-            pki.join("ca.crt"),
-            pki.join("services/svc-0001.crt"),
-            pki.join("services/svc-0001.key"),
-        )
+    let sdk = service(&pki, port)
         // Commands and withdrawals are signed with the development PKI's commands key.
         .command_key_file(pki.join("trust/commands-1.key"))
         .connect()
@@ -214,10 +208,7 @@ async fn run(a: Args) -> Result<bool, Error> {
     // 1. A command to the whole class.
     let t_cmd = Instant::now();
     let records = blink(&sdk, b"3").await?;
-    let ok = records
-        .iter()
-        .filter(|r| r.state() == cloud_client::CommandState::Succeeded)
-        .count();
+    let ok = succeeded(&records);
     step(
         t0,
         &format!(
@@ -253,21 +244,12 @@ async fn run(a: Args) -> Result<bool, Error> {
             old_key.len()
         ),
     );
-    let sdk = FleetClient::builder()
-        .gateway("localhost", port)
-        .pem_files(
-            pki.join("ca.crt"),
-            pki.join("services/svc-0001.crt"),
-            pki.join("services/svc-0001.key"),
-        )
+    let sdk = service(&pki, port)
         .command_signer(rotation.new_key.clone())
         .connect()
         .await?;
     let new_key = blink(&sdk, b"2").await?;
-    let rotated_ok = new_key
-        .iter()
-        .filter(|r| r.state() == cloud_client::CommandState::Succeeded)
-        .count();
+    let rotated_ok = succeeded(&new_key);
     step(
         t0,
         &format!(
@@ -424,6 +406,24 @@ async fn run(a: Args) -> Result<bool, Error> {
     let _ = stop_tx.send(());
     let _ = served.await;
     Ok(success)
+}
+
+/// A client of service `svc-0001` of the development PKI; commands are signed with the key
+/// the caller gives.
+fn service(pki: &Path, port: u16) -> cloud_client::FleetClientBuilder {
+    FleetClient::builder().gateway("localhost", port).pem_files(
+        pki.join("ca.crt"),
+        pki.join("services/svc-0001.crt"),
+        pki.join("services/svc-0001.key"),
+    )
+}
+
+/// How many of `records` succeeded.
+fn succeeded(records: &[CommandRecord]) -> usize {
+    records
+        .iter()
+        .filter(|r| r.state() == cloud_client::CommandState::Succeeded)
+        .count()
 }
 
 /// Command `blink` with `payload` to every device of the class, signed with the client's key;

@@ -304,8 +304,10 @@ impl TrustService {
             .and_then(|b| TrustReport::decode(b.as_slice()).ok())
             .is_none_or(|o| differs(&o, &report));
         self.reports.insert(device.clone(), report.clone());
-        self.recount();
         if changed {
+            // An unchanged report (a reconnect) cannot move the gauge; expiry is the periodic
+            // recount's.
+            self.recount();
             info!(device, root_version = report.root_version, root_expired = report.root_expired, refused_version = report.refused_version, refusal = ?report.refusal(), "device trust changed");
             let ev = TrustEvent {
                 device_id: device.clone(),
