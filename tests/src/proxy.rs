@@ -122,6 +122,8 @@ pub struct Relay {
     pub addr: SocketAddr,
     target: Arc<Mutex<Option<Target>>>,
     refused: Arc<AtomicU64>,
+    /// Bumped by [`Relay::sever`]: every connection relayed before closes.
+    severed: tokio::sync::watch::Sender<u64>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -135,6 +137,8 @@ impl Relay {
         let target = Arc::new(Mutex::new(target));
         let refused = Arc::new(AtomicU64::new(0));
         let (current, counter) = (target.clone(), refused.clone());
+        let (severed, _) = tokio::sync::watch::channel(0u64);
+        let cuts = severed.clone();
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let to = match current.lock() {
@@ -142,9 +146,15 @@ impl Relay {
                     Err(p) => p.into_inner().clone(),
                 };
                 let counter = counter.clone();
+                let mut cut = cuts.subscribe();
                 tokio::spawn(async move {
-                    if !relay(client, to).await {
-                        counter.fetch_add(1, Ordering::Relaxed);
+                    tokio::select! {
+                        relayed = relay(client, to) => if !relayed {
+                            counter.fetch_add(1, Ordering::Relaxed);
+                        },
+                        // Severed: both sockets are dropped, so both ends see the connection
+                        // close.
+                        _ = cut.changed() => {}
                     }
                 });
             }
@@ -153,6 +163,7 @@ impl Relay {
             addr,
             target,
             refused,
+            severed,
             task,
         })
     }
@@ -170,6 +181,13 @@ impl Relay {
             Ok(mut g) => *g = target,
             Err(p) => *p.into_inner() = target,
         }
+    }
+
+    /// Closes every connection relayed so far (a cable pulled: both ends see their connection
+    /// drop). New connections go on to the current target; point it to `None` first to keep
+    /// the link down.
+    pub fn sever(&self) {
+        self.severed.send_modify(|n| *n += 1);
     }
 
     /// `localhost:PORT`, for clients that check the server's name.

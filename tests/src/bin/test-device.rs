@@ -14,6 +14,16 @@
 //!
 //! Every command run is appended (and synced) to `--ran-log` before it is answered, so a test
 //! can count executions across restarts.
+//!
+//! Steady reporting for long-running tests: `--report-every MS` queues a report (its
+//! `metrics["i"]` a counter of this run) every MS ms, after one boot report at start, until
+//! the file `--report-stop` exists. `--acked-log FILE` gets the highest sequence the device
+//! holds acknowledged (synced) each time it grows: the library's outbox is a queue numbered
+//! without gaps and an acknowledgement removes a prefix of it, so everything queued before,
+//! minus what still waits, has been acknowledged. Once the stop file exists and nothing
+//! waits, `drained SEQ` is printed (SEQ: the last report queued). `--committed-log FILE` gets
+//! `committing ID` before and `committed ID` after each update commit (synced), so a kill
+//! between a commit and a line on stdout is not missed.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -85,6 +95,28 @@ struct Args {
     /// The self-test lasts until this file exists (at most two minutes).
     #[arg(long)]
     self_test_until: Option<std::path::PathBuf>,
+    /// Queue a status report every MS ms (after a boot report), until `--report-stop` exists.
+    #[arg(long)]
+    report_every: Option<u64>,
+    /// Stop the steady reports once this file exists.
+    #[arg(long)]
+    report_stop: Option<PathBuf>,
+    /// Append the highest acknowledged sequence here (synced) each time it grows.
+    #[arg(long)]
+    acked_log: Option<PathBuf>,
+    /// Append `committing ID` / `committed ID` here (synced) around each update commit.
+    #[arg(long)]
+    committed_log: Option<PathBuf>,
+}
+
+/// Appends `line` to `path` and syncs it to disk.
+fn append_synced(path: &std::path::Path, line: &str) -> std::io::Result<()> {
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?;
+    writeln!(f, "{line}")?;
+    f.sync_all()
 }
 
 /// The default A/B slots, with a self-test that can be told to fail.
@@ -95,6 +127,7 @@ struct Slots {
     /// Present: the first commit aborts the process and leaves this file behind.
     abort_marker: Option<std::path::PathBuf>,
     self_test_until: Option<std::path::PathBuf>,
+    committed_log: Option<PathBuf>,
 }
 
 impl UpdateHandler for Slots {
@@ -129,7 +162,14 @@ impl UpdateHandler for Slots {
                 std::process::abort();
             }
         }
-        self.inner.commit(m)
+        if let Some(log) = &self.committed_log {
+            append_synced(log, &format!("committing {}", m.update_id))?;
+        }
+        self.inner.commit(m)?;
+        if let Some(log) = &self.committed_log {
+            append_synced(log, &format!("committed {}", m.update_id))?;
+        }
+        Ok(())
     }
     fn rollback(&self, m: &UpdateManifest) -> Result<(), HandlerError> {
         self.inner.rollback(m)
@@ -139,6 +179,63 @@ impl UpdateHandler for Slots {
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "{line}");
         let _ = out.flush();
+    }
+}
+
+/// A report of class `class` with `metrics["i"] = i`.
+fn report(class: &str, i: u64) -> StatusReport {
+    let mut r = StatusReport {
+        timestamp_ms: fleet_proto::time::now_ms(),
+        firmware_version: "1.0.0".into(),
+        device_class: class.to_owned(),
+        health: Health::Ok.into(),
+        ..StatusReport::default()
+    };
+    r.metrics.insert("i".into(), i as f64);
+    r
+}
+
+/// Queues a report every `every` until `stop` exists; records the acknowledged prefix in
+/// `acked_log` as it grows; prints `drained SEQ` once stopped with nothing waiting. `last`:
+/// the sequence of the report queued last (the boot report).
+async fn steady_reports(
+    client: DeviceClient,
+    every: Duration,
+    mut last: u64,
+    stop: Option<PathBuf>,
+    acked_log: Option<PathBuf>,
+    class: String,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let mut i = 1u64;
+    let mut acked = 0u64;
+    let mut next = tokio::time::Instant::now() + every;
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    let stopped = || stop.as_ref().is_some_and(|f| f.exists());
+    loop {
+        tick.tick().await;
+        let halted = stopped();
+        if !halted && tokio::time::Instant::now() >= next {
+            last = client.report(report(&class, i)).await?;
+            i += 1;
+            next += every;
+        }
+        // Reports are numbered without gaps and acknowledged as a prefix: all but the
+        // `outbox_len` newest of those queued up to `last` are acknowledged. (A report dropped
+        // from a full outbox would count as acknowledged: it is announced on stdout.)
+        let s = client.stats();
+        let upto = last.saturating_sub(s.outbox_len as u64);
+        if upto > acked {
+            acked = upto;
+            if let Some(log) = &acked_log {
+                append_synced(log, &acked.to_string())?;
+            }
+        }
+        if halted && s.outbox_len == 0 {
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "drained {last} dropped={}", s.reports_dropped);
+            let _ = out.flush();
+            return Ok(());
+        }
     }
 }
 
@@ -175,6 +272,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 defer_until: std::time::Instant::now() + Duration::from_secs(a.defer_for),
                 abort_marker: a.abort_in_commit.then(|| a.state.join("aborted-in-commit")),
                 self_test_until: a.self_test_until.clone(),
+                committed_log: a.committed_log.clone(),
             });
     }
     #[cfg(feature = "fault-injection")]
@@ -197,17 +295,27 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let _ = out.flush();
     };
     for i in 0..a.reports {
-        let mut r = StatusReport {
-            timestamp_ms: fleet_proto::time::now_ms(),
-            firmware_version: "1.0.0".into(),
-            device_class: a.class.clone(),
-            health: Health::Ok.into(),
-            ..StatusReport::default()
-        };
-        r.metrics.insert("i".into(), i as f64);
-        client.report(r).await?;
+        client.report(report(&a.class, i)).await?;
     }
+    let steady = match a.report_every {
+        Some(ms) => {
+            // The boot report: the sequence of this run's first report is known at once.
+            let first = client.report(report(&a.class, 0)).await?;
+            Some((Duration::from_millis(ms.max(1)), first))
+        }
+        None => None,
+    };
     say(serde_json::json!({ "ready": { "queued": a.reports } }).to_string());
+    if let Some((every, first)) = steady {
+        let c = client.clone();
+        let (stop, acked_log, class) =
+            (a.report_stop.clone(), a.acked_log.clone(), a.class.clone());
+        tokio::spawn(async move {
+            if let Err(e) = steady_reports(c, every, first, stop, acked_log, class).await {
+                eprintln!("steady reports stopped: {e}");
+            }
+        });
+    }
     {
         let c = client.clone();
         tokio::spawn(async move {
