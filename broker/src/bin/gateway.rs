@@ -87,6 +87,13 @@ fn fault_switches() -> Result<(), String> {
             .map_err(|_| format!("{CORRUPT} must be a number, not {v:?}"))?;
         fleet_broker::fault::corrupt_chunks_every(n);
     }
+    const ACK_FIRST: &str = "GATEWAY_TEST_STATUS_ACK_FIRST_MS";
+    if let Ok(v) = std::env::var(ACK_FIRST) {
+        let ms = v
+            .parse()
+            .map_err(|_| format!("{ACK_FIRST} must be a number of ms, not {v:?}"))?;
+        fleet_broker::fault::status_ack_first(Duration::from_millis(ms));
+    }
     Ok(())
 }
 

@@ -103,6 +103,14 @@ async fn run(
         if items.is_empty() {
             continue;
         }
+        // The test-only broken order: acknowledged now, stored later.
+        #[cfg(feature = "fault-injection")]
+        if let Some(delay) = crate::fault::status_ack_first_delay() {
+            for reply in replies.drain(..) {
+                let _ = reply.send(StatusVerdict::Stored);
+            }
+            tokio::time::sleep(delay).await;
+        }
         let now = fleet_proto::time::now_ms();
         let written = store
             .call("store status reports", move |s| {
