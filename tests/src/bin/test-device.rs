@@ -17,13 +17,15 @@
 //!
 //! Steady reporting for long-running tests: `--report-every MS` queues a report (its
 //! `metrics["i"]` a counter of this run) every MS ms, after one boot report at start, until
-//! the file `--report-stop` exists. `--acked-log FILE` gets the highest sequence the device
-//! holds acknowledged (synced) each time it grows: the library's outbox is a queue numbered
-//! without gaps and an acknowledgement removes a prefix of it, so everything queued before,
-//! minus what still waits, has been acknowledged. Once the stop file exists and nothing
-//! waits, `drained SEQ` is printed (SEQ: the last report queued). `--committed-log FILE` gets
-//! `committing ID` before and `committed ID` after each update commit (synced), so a kill
-//! between a commit and a line on stdout is not missed.
+//! the file `--report-stop` exists. `--report-log FILE` gets `q SEQ` for every report queued
+//! (once `report()` has returned: it is on disk) and `a SEQ`, synced, each time the highest
+//! sequence the device holds acknowledged grows: the library's outbox drops an acknowledged
+//! prefix, so all but the `outbox_len` newest reports are acknowledged. (A device killed
+//! inside `report()` may leave a sequence unused: the library writes its counter first. Such
+//! a sequence has no `q` line.) Once the stop file exists and nothing waits, `drained SEQ
+//! dropped=N` is printed (SEQ: the last report queued; N: reports dropped from a full outbox).
+//! `--committed-log FILE` gets `committing ID` before and `committed ID` after each update
+//! commit (synced), so a kill between a commit and a line on stdout is not missed.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -101,9 +103,9 @@ struct Args {
     /// Stop the steady reports once this file exists.
     #[arg(long)]
     report_stop: Option<PathBuf>,
-    /// Append the highest acknowledged sequence here (synced) each time it grows.
+    /// Append `q SEQ` per report queued and `a SEQ` (synced) as the acknowledged prefix grows.
     #[arg(long)]
-    acked_log: Option<PathBuf>,
+    report_log: Option<PathBuf>,
     /// Append `committing ID` / `committed ID` here (synced) around each update commit.
     #[arg(long)]
     committed_log: Option<PathBuf>,
@@ -195,17 +197,30 @@ fn report(class: &str, i: u64) -> StatusReport {
     r
 }
 
-/// Queues a report every `every` until `stop` exists; records the acknowledged prefix in
-/// `acked_log` as it grows; prints `drained SEQ` once stopped with nothing waiting. `last`:
-/// the sequence of the report queued last (the boot report).
+/// Queues a report every `every` until `stop` exists, logging each in `log`; records the
+/// acknowledged prefix in `log` as it grows; prints `drained SEQ` once stopped with nothing
+/// waiting. `last`: the sequence of the report queued last (the boot report).
 async fn steady_reports(
     client: DeviceClient,
     every: Duration,
     mut last: u64,
     stop: Option<PathBuf>,
-    acked_log: Option<PathBuf>,
+    log: Option<PathBuf>,
     class: String,
 ) -> Result<(), Box<dyn std::error::Error>> {
+    // A write that returned survives a SIGKILL (it is in the kernel's cache); only the
+    // acknowledgements, which the device acts on, are synced too.
+    let queued = |seq: u64| -> std::io::Result<()> {
+        if let Some(log) = &log {
+            let mut f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(log)?;
+            writeln!(f, "q {seq}")?;
+        }
+        Ok(())
+    };
+    queued(last)?;
     let mut i = 1u64;
     let mut acked = 0u64;
     let mut next = tokio::time::Instant::now() + every;
@@ -216,18 +231,18 @@ async fn steady_reports(
         let halted = stopped();
         if !halted && tokio::time::Instant::now() >= next {
             last = client.report(report(&class, i)).await?;
+            queued(last)?;
             i += 1;
             next += every;
         }
-        // Reports are numbered without gaps and acknowledged as a prefix: all but the
-        // `outbox_len` newest of those queued up to `last` are acknowledged. (A report dropped
-        // from a full outbox would count as acknowledged: it is announced on stdout.)
+        // All but the `outbox_len` newest of the reports queued up to `last` are acknowledged
+        // (a report dropped from a full outbox would count too: `drained` says how many).
         let s = client.stats();
         let upto = last.saturating_sub(s.outbox_len as u64);
         if upto > acked {
             acked = upto;
-            if let Some(log) = &acked_log {
-                append_synced(log, &acked.to_string())?;
+            if let Some(log) = &log {
+                append_synced(log, &format!("a {acked}"))?;
             }
         }
         if halted && s.outbox_len == 0 {
@@ -308,10 +323,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     say(serde_json::json!({ "ready": { "queued": a.reports } }).to_string());
     if let Some((every, first)) = steady {
         let c = client.clone();
-        let (stop, acked_log, class) =
-            (a.report_stop.clone(), a.acked_log.clone(), a.class.clone());
+        let (stop, report_log, class) =
+            (a.report_stop.clone(), a.report_log.clone(), a.class.clone());
         tokio::spawn(async move {
-            if let Err(e) = steady_reports(c, every, first, stop, acked_log, class).await {
+            if let Err(e) = steady_reports(c, every, first, stop, report_log, class).await {
                 eprintln!("steady reports stopped: {e}");
             }
         });
