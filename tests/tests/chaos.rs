@@ -11,9 +11,10 @@
 //!
 //! Environment: `FLEET_CHAOS_SEED`, `FLEET_CHAOS_DEVICES` (50), `FLEET_CHAOS_SECONDS` (length
 //! of the fault phase, 60; large: a soak), `FLEET_CHAOS_COMMANDS` (5 per second of the fault
-//! phase), `FLEET_CHAOS_SAMPLES=PATH` (one CSV line per second: unix_ms, gateway_rss_kib,
-//! gateway_fds, connections, bridge_queue_depth, bridge_connected, commands_open — submitted
-//! minus completed and expired since that gateway process started), and
+//! phase), `FLEET_CHAOS_SAMPLES=PATH` (one CSV line appended per second, after a header line
+//! when the file is new: unix_ms, gateway_rss_kib, gateway_fds, connections,
+//! bridge_queue_depth, bridge_connected, commands_open — submitted minus completed and expired
+//! since that gateway process started), and
 //! `FLEET_CHAOS_BREAK=status-ack-order` (the gateway acknowledges status reports before it
 //! stores them: a broken guarantee the test must catch).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -42,7 +43,7 @@ const MAX_FDS: u64 = 1024;
 /// Most the setup (processes started, update published, fleet connected) may take.
 const SETUP: Duration = Duration::from_secs(60);
 /// Most the settling after the fault phase may take (every wait in it shares this deadline).
-const SETTLE: Duration = Duration::from_secs(150);
+const SETTLE: Duration = Duration::from_secs(120);
 /// The delay of the broken status path: long enough that a SIGKILL lands in the gap.
 const BROKEN_ACK_DELAY_MS: &str = "1500";
 
@@ -942,6 +943,10 @@ fn metric(body: &str, name: &str) -> Option<f64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
+/// The first line of a new samples file.
+const CSV_HEADER: &str =
+    "unix_ms,gateway_rss_kib,gateway_fds,connections,bridge_queue_depth,bridge_connected,commands_open";
+
 /// Every second: the gateway's RSS and open fds (kept), and a CSV line when asked.
 async fn sample(current: Current, samples: Arc<Mutex<Vec<[u64; 2]>>>, csv: Option<PathBuf>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -993,6 +998,9 @@ async fn sample(current: Current, samples: Arc<Mutex<Vec<[u64; 2]>>>, csv: Optio
         }
         if let Some(path) = &csv {
             use std::io::Write;
+            if !path.exists() {
+                let _ = std::fs::write(path, format!("{CSV_HEADER}\n"));
+            }
             if let Ok(mut f) = std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
