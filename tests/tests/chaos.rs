@@ -468,6 +468,14 @@ async fn run(cfg: Config, sum: Shared) {
         ));
     }
     let mut gw = Some(start_gateway(dir, cfg.devices, &env));
+    if cfg.broken {
+        // A gateway built without the test switches would ignore the variable and pass.
+        let said = "status reports are acknowledged before they are stored";
+        fleet_testkit::eventually(Duration::from_secs(10), said, || {
+            gw.as_ref().unwrap().logged(said)
+        })
+        .await;
+    }
     let current: Current = Arc::new(Mutex::new(None));
     {
         let g = gw.as_ref().unwrap();

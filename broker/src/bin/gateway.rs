@@ -93,6 +93,12 @@ fn fault_switches() -> Result<(), String> {
             .parse()
             .map_err(|_| format!("{ACK_FIRST} must be a number of ms, not {v:?}"))?;
         fleet_broker::fault::status_ack_first(Duration::from_millis(ms));
+        if ms > 0 {
+            warn!(
+                delay_ms = ms,
+                "test switch: status reports are acknowledged before they are stored"
+            );
+        }
     }
     Ok(())
 }
