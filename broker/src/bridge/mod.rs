@@ -3,13 +3,18 @@
 //! jitter).
 //!
 //! * **Up** (store and forward): every message bound upstream is in the store's queue before
-//!   it is sent, and leaves it only when the upstream broker acknowledges it (QoS 1). Status
-//!   reports enter the queue in the transaction that stores them, before the device gets its
-//!   acknowledgement (the status owner, `services::status`, does that when
-//!   [`carries_status`]); other upward topics (API responses, events, presence, update progress)
-//!   are queued as the bridge's link receives them. Order is kept; after a reconnect the queue
-//!   is sent again from its head (at least once: subscribers drop duplicates by sequence or
-//!   id). The queue has a disk budget; over it the oldest messages are dropped and counted.
+//!   it is sent, and leaves it only when the upstream broker acknowledges it (QoS 1). The
+//!   window, the acknowledgements, the cursor into the queue and the backoff are the I/O-free
+//!   [`machine`]; this module drives it. Status reports enter the queue in the transaction
+//!   that stores them, before the device gets its acknowledgement (the status owner,
+//!   `services::status`, does that when [`carries_status`]). Every other upward topic
+//!   (presence, update progress, API responses, events) comes through the bridge's link, a
+//!   persistent session of the MQTT core: the core answers a device's publish only once the
+//!   message is durable in that session's queue, and the bridge confirms it to the core only
+//!   once the transaction that queues it upward has committed, so nothing a device saw
+//!   acknowledged is lost to a crash. Order is kept; after a reconnect the queue is sent again
+//!   from its head (at least once: subscribers drop duplicates by sequence or id). The queue
+//!   has a disk budget; over it the oldest messages are dropped and counted.
 //! * **Down**: the fleet API requests addressed to this gateway
 //!   (`gateways/{id}/fleet/api/+/request`) are published into the local router, where the
 //!   API answers them as if the service were connected here; answers and events flow up.

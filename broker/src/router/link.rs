@@ -38,6 +38,10 @@ pub(crate) struct Received {
 /// services re-send what matters (commands until their result, manifests are retained).
 const MAX_UNACKED: usize = 48;
 
+/// How long a link waits for the answer to its subscription (a persistent session's comes
+/// once the store has made it durable).
+const SUBACK_WITHIN: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Most bytes taken from the core at once.
 const PULL_BYTES: usize = 1 << 20;
 
@@ -67,7 +71,7 @@ impl ServiceLink {
         name: &str,
         filters: &[&str],
     ) -> Result<Self, LinkError> {
-        Self::open_session(router, name, filters, false)
+        Self::open_session(router, name, filters, false).await
     }
 
     /// Opens the durable link of service `name`: a persistent session, resumed if the store
@@ -83,10 +87,10 @@ impl ServiceLink {
         name: &str,
         filters: &[&str],
     ) -> Result<Self, LinkError> {
-        Self::open_session(router, name, filters, true)
+        Self::open_session(router, name, filters, true).await
     }
 
-    fn open_session(
+    async fn open_session(
         router: &Router,
         name: &str,
         filters: &[&str],
@@ -155,11 +159,26 @@ impl ServiceLink {
                     .collect(),
             }),
         );
-        this.pull(|p| {
-            if let Packet::SubAck(s) = p {
-                suback = Some(s.codes.clone());
+        // A persistent session's SUBACK waits until its subscription is durable.
+        let wait = tokio::time::timeout(SUBACK_WITHIN, async {
+            loop {
+                this.pull(|p| {
+                    if let Packet::SubAck(s) = p {
+                        suback = Some(s.codes.clone());
+                    }
+                });
+                if suback.is_some() || this.port.closed().is_some() {
+                    return;
+                }
+                let wake = this.port.wake.clone();
+                wake.notified().await;
             }
         });
+        if wait.await.is_err() {
+            return Err(fail(format!(
+                "no answer to its subscription within {SUBACK_WITHIN:?}"
+            )));
+        }
         match suback {
             Some(codes) if codes.iter().all(|c| matches!(c, SubAckCode::Granted(_))) => Ok(this),
             other => Err(fail(format!("subscription refused: {other:?}"))),
