@@ -347,3 +347,115 @@ async fn an_update_through_the_cloud_broker_crosses_the_uplink_once() {
     assert!(ratio < 1.2, "{ratio}");
     assert!(ratio >= 1.0, "the image must have come down: {ratio}");
 }
+
+/// A device (raw MQTT client, device certificate) publishes `n` update progress reports at
+/// QoS 1 to the gateway at 127.0.0.1:`port` and returns once every one is acknowledged.
+async fn publish_progress_acknowledged(pki: &Path, port: u16, n: u32) {
+    use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, QoS, TlsConfiguration, Transport};
+    let tls = fleet_certs::client_tls(
+        &pki.join("ca.crt"),
+        &pki.join("devices/dev-0001.crt"),
+        &pki.join("devices/dev-0001.key"),
+    )
+    .unwrap();
+    let mut o = MqttOptions::new("dev-0001", "localhost", port);
+    o.set_transport(Transport::Tls(TlsConfiguration::Rustls(tls.config)))
+        .set_keep_alive(Duration::from_secs(10));
+    let (client, mut eventloop) = AsyncClient::new(o, 2 * n as usize);
+    for i in 1..=n {
+        let report = fleet_proto::v1::UpdateProgress {
+            update_id: "fw-kill".into(),
+            chunks_held: i,
+            chunks_total: n,
+            ..Default::default()
+        };
+        client
+            .try_publish(
+                "devices/dev-0001/update/progress",
+                QoS::AtLeastOnce,
+                false,
+                report.encode_to_vec(),
+            )
+            .unwrap();
+    }
+    let mut acked = 0;
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while acked < n {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Incoming::PubAck(_))) => acked += 1,
+                Ok(_) => {}
+                Err(e) => panic!("the device's connection failed: {e}"),
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{acked} of {n} progress reports acknowledged"));
+}
+
+/// Upward messages other than status reports are as safe as those: a device's progress
+/// reports, acknowledged by the gateway while the uplink is down, survive a SIGKILL right
+/// after the last acknowledgement and all arrive upstream once it is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn progress_reports_acknowledged_to_a_device_survive_a_kill_during_an_outage() {
+    const N: u32 = 200;
+    let dir = tempfile::tempdir().unwrap();
+    let (relay, cloud_port) = cloud_relay();
+    let gw = gateway(dir.path(), 1, cloud_port);
+    let mut broker = cloud(dir.path(), &gw, relay);
+    wait_bridged(&gw).await;
+    let pki = gw.pki();
+    let mut obs = Observer::start(
+        cloud_port,
+        &pki.join("ca.crt"),
+        &pki.join("services/svc-0001.crt"),
+        &pki.join("services/svc-0001.key"),
+        "cloud-observer",
+        "gateways/gw-0001/devices/+/update/progress",
+    );
+    assert!(obs.wait_subscribed(Duration::from_secs(20)).await);
+    broker.stop();
+    eventually(
+        Duration::from_secs(30),
+        "the bridge sees the outage",
+        || gw.metric("bridge_connected") == 0.0,
+    )
+    .await;
+
+    let port: u16 = gw.address().rsplit_once(':').unwrap().1.parse().unwrap();
+    publish_progress_acknowledged(&pki, port, N).await;
+    gw.kill();
+    let _gw = gateway(dir.path(), 1, cloud_port);
+    broker.restart();
+
+    let held = |obs: &Observer| {
+        obs.seen()
+            .iter()
+            .map(|(_, p)| {
+                fleet_proto::v1::UpdateProgress::decode(p.as_slice())
+                    .unwrap()
+                    .chunks_held
+            })
+            .collect::<std::collections::BTreeSet<u32>>()
+    };
+    eventually(
+        Duration::from_secs(60),
+        "every acknowledged report arrives upstream",
+        || {
+            let got = held(&obs);
+            if got.len() == N as usize {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{} of {N} distinct; missing from {:?}",
+                    got.len(),
+                    (1..=N).find(|i| !got.contains(i))
+                ))
+            }
+        },
+    )
+    .await;
+    eprintln!(
+        "{} progress reports received upstream for {N} acknowledged",
+        obs.seen().len()
+    );
+}

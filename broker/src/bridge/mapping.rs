@@ -41,22 +41,36 @@ impl Mapping {
         self.down.iter().map(|f| self.upstream(f)).collect()
     }
 
-    /// What the bridge's local link subscribes to.
-    pub(crate) fn up_filters(&self) -> &[String] {
-        &self.up
+    /// What the bridge's local link subscribes to: the `up` filters, less those that match
+    /// nothing but status reports when the status owner queues those (`status_queued`).
+    pub(crate) fn link_filters(&self, status_queued: bool) -> Vec<String> {
+        self.up
+            .iter()
+            .filter(|f| !(status_queued && only_status(f)))
+            .cloned()
+            .collect()
     }
 
-    /// Whether a message the link received is queued by the link (status reports are not:
-    /// the store queued them already).
+    /// Whether a message the link received is queued by the link: it matches an `up` filter
+    /// (the link's stored session may keep subscriptions of an earlier configuration) and is
+    /// not a status report (the store queued those already).
     pub(crate) fn queue_from_link(&self, local: &str) -> bool {
-        !matches!(
-            topics::parse(local),
-            Ok(Topic::Device {
-                kind: DeviceTopic::Status,
-                ..
-            })
-        )
+        self.up.iter().any(|f| filter::matches(f, local))
+            && !matches!(
+                topics::parse(local),
+                Ok(Topic::Device {
+                    kind: DeviceTopic::Status,
+                    ..
+                })
+            )
     }
+}
+
+/// Whether every topic `filter` matches is a device's status topic (`devices/+/status`,
+/// `devices/{id}/status`).
+fn only_status(filter: &str) -> bool {
+    let levels: Vec<&str> = filter.split('/').collect();
+    matches!(levels[..], ["devices", id, "status"] if id != "#")
 }
 
 /// Whether the `up` filters carry device status reports. Those are queued in the transaction
@@ -95,9 +109,33 @@ mod tests {
             m.down_subscriptions(),
             ["gateways/gw-1/fleet/api/+/request"]
         );
-        assert!(status_up(m.up_filters()));
+        assert!(status_up(&BridgeSettings::default().up));
         assert!(!m.queue_from_link("devices/d1/status"));
         assert!(m.queue_from_link("devices/d1/presence"));
         assert!(m.queue_from_link("fleet/events/commands/d1"));
+        // Outside the up filters (a subscription the stored session kept): not queued.
+        assert!(!m.queue_from_link("devices/d1/cmd"));
+    }
+
+    #[test]
+    fn the_link_leaves_status_to_the_store_when_the_store_queues_it() {
+        let m = Mapping::new(
+            GatewayId::new("gw-1").unwrap(),
+            [
+                "devices/+/status",
+                "devices/d1/status",
+                "devices/+/#",
+                "+/+/status",
+                "devices/+/presence",
+            ]
+            .map(String::from)
+            .to_vec(),
+            Vec::new(),
+        );
+        assert_eq!(
+            m.link_filters(true),
+            ["devices/+/#", "+/+/status", "devices/+/presence"]
+        );
+        assert_eq!(m.link_filters(false).len(), 5);
     }
 }

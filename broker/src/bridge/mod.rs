@@ -3,26 +3,31 @@
 //! jitter).
 //!
 //! * **Up** (store and forward): every message bound upstream is in the store's queue before
-//!   it is sent, and leaves it only when the upstream broker acknowledges it (QoS 1). Status
-//!   reports enter the queue in the transaction that stores them, before the device gets its
-//!   acknowledgement (the status owner, `services::status`, does that when
-//!   [`carries_status`]); other upward topics (API responses, events, presence, update progress)
-//!   are queued as the bridge's link receives them. Order is kept; after a reconnect the queue
-//!   is sent again from its head (at least once: subscribers drop duplicates by sequence or
-//!   id). The queue has a disk budget; over it the oldest messages are dropped and counted.
+//!   it is sent, and leaves it only when the upstream broker acknowledges it (QoS 1). The
+//!   window, the acknowledgements, the cursor into the queue and the backoff are the I/O-free
+//!   [`machine`]; this module drives it. Status reports enter the queue in the transaction
+//!   that stores them, before the device gets its acknowledgement (the status owner,
+//!   `services::status`, does that when [`carries_status`]). Every other upward topic
+//!   (presence, update progress, API responses, events) comes through the bridge's link, a
+//!   persistent session of the MQTT core: the core answers a device's publish only once the
+//!   message is durable in that session's queue, and the bridge confirms it to the core only
+//!   once the transaction that queues it upward has committed, so nothing a device saw
+//!   acknowledged is lost to a crash. Order is kept; after a reconnect the queue is sent again
+//!   from its head (at least once: subscribers drop duplicates by sequence or id). The queue
+//!   has a disk budget; over it the oldest messages are dropped and counted.
 //! * **Down**: the fleet API requests addressed to this gateway
 //!   (`gateways/{id}/fleet/api/+/request`) are published into the local router, where the
 //!   API answers them as if the service were connected here; answers and events flow up.
 //!
 //! Topic rules are in [`mapping`].
 
+pub(crate) mod machine;
 pub(crate) mod mapping;
 
-use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
-use fleet_backoff::{Backoff, BackoffConfig};
+use fleet_backoff::BackoffConfig;
 use rand_core::RngCore;
 use rumqttc::{
     AsyncClient, ConnectionError, Event, EventLoop, Incoming, MqttOptions, Outgoing, QoS,
@@ -31,6 +36,7 @@ use rumqttc::{
 use tokio::time::{sleep_until, Instant};
 use tracing::{debug, info, warn};
 
+use self::machine::{Action, Machine, Row};
 use self::mapping::Mapping;
 use crate::config::BridgeSettings;
 use crate::metrics::Metrics;
@@ -38,12 +44,10 @@ use crate::router::Router;
 use crate::router::{LinkError, Received, ServiceLink};
 use crate::store::SharedStore;
 
-/// Upward messages in flight (sent, not yet acknowledged).
-const WINDOW: usize = 64;
-/// How often the queue is pumped, acknowledgements flushed, and the gauges refreshed.
+/// How often the machine is ticked: acknowledgements flushed, the queue read, housekeeping.
 const TICK: Duration = Duration::from_millis(50);
-/// Acknowledged messages removed from the queue in one transaction, at most.
-const ACK_BATCH: usize = 256;
+/// Local messages queued upward in one transaction, at most.
+const LOCAL_BATCH: usize = 512;
 
 /// Why the bridge cannot start.
 #[derive(Debug, thiserror::Error)]
@@ -74,7 +78,16 @@ pub(crate) struct BridgeTls {
     pub key: std::path::PathBuf,
 }
 
-/// The bridge task.
+/// Local messages taken from the link but not yet in the upward queue (the store failed):
+/// queued again on the next tick, confirmed to the core only then.
+#[derive(Default)]
+struct Unqueued {
+    msgs: Vec<(String, Vec<u8>)>,
+    confirm: Vec<u16>,
+}
+
+/// The bridge task: the driver of [`Machine`] (rumqttc, the store, the clock), the down path,
+/// and the local link's intake.
 pub(crate) struct Bridge {
     mapping: Mapping,
     store: SharedStore,
@@ -83,16 +96,10 @@ pub(crate) struct Bridge {
     eventloop: EventLoop,
     metrics: Arc<Metrics>,
     settings: BridgeSettings,
-    connected: bool,
-    /// Sent, not yet numbered by rumqttc: (queue seq, payload bytes), in send order.
-    unnumbered: VecDeque<(i64, usize)>,
-    /// Sent and numbered, awaiting PUBACK.
-    inflight: HashMap<u16, (i64, usize)>,
-    /// Highest queue position handed to rumqttc on this connection.
-    cursor: i64,
-    /// Acknowledged, to be removed from the queue.
-    acked: Vec<i64>,
-    backoff: Backoff,
+    machine: Machine,
+    /// Rows of the last read, until handed to the client.
+    fetched: std::collections::VecDeque<(i64, String, Vec<u8>)>,
+    unqueued: Unqueued,
     retry_at: Option<Instant>,
 }
 
@@ -118,8 +125,11 @@ impl Bridge {
         let gateway =
             fleet_proto::GatewayId::new(&id).map_err(|e| BridgeError::Id(e.to_string()))?;
         let mapping = Mapping::new(gateway, settings.up.clone(), settings.down.clone());
-        let filters: Vec<&str> = mapping.up_filters().iter().map(String::as_str).collect();
-        let link = ServiceLink::open(router, "bridge", &filters).await?;
+        let filters = mapping.link_filters(carries_status(&settings));
+        let filters: Vec<&str> = filters.iter().map(String::as_str).collect();
+        // Durable: what a device publishes upward is in the link's stored session queue before
+        // the device's PUBACK, and is confirmed only once it is in the upward queue.
+        let link = ServiceLink::open_durable(router, "bridge", &filters).await?;
         let mut options = MqttOptions::new(id.clone(), host, port);
         options
             .set_transport(Transport::Tls(TlsConfiguration::Rustls(client.config)))
@@ -129,7 +139,7 @@ impl Bridge {
             .set_inflight(100);
         let (mqtt, eventloop) = AsyncClient::new(options, 256);
         info!(gateway_id = %id, upstream = %upstream, "bridge configured");
-        let backoff = Backoff::new(BackoffConfig {
+        let machine = Machine::new(BackoffConfig {
             initial: settings.reconnect_min,
             max: settings.reconnect_max,
             // Never retry at once: the upstream broker may be refusing us on purpose.
@@ -144,12 +154,9 @@ impl Bridge {
             eventloop,
             metrics,
             settings,
-            connected: false,
-            unnumbered: VecDeque::new(),
-            inflight: HashMap::new(),
-            cursor: 0,
-            acked: Vec::new(),
-            backoff,
+            machine,
+            fetched: std::collections::VecDeque::new(),
+            unqueued: Unqueued::default(),
             retry_at: None,
         })
     }
@@ -158,87 +165,91 @@ impl Bridge {
     pub(crate) async fn run(mut self) {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut ticks = 0u64;
         loop {
             let retry_at = self.retry_at;
             tokio::select! {
-                ev = self.eventloop.poll(), if retry_at.is_none() => self.on_event(ev).await,
+                ev = self.eventloop.poll(), if retry_at.is_none() => self.on_event(ev),
                 () = sleep_until(retry_at.unwrap_or_else(Instant::now)), if retry_at.is_some() => {
                     self.retry_at = None;
                 }
-                msg = self.link.recv() => match msg {
+                msg = self.link.recv_unconfirmed() => match msg {
                     Some(first) => self.take_local(first).await,
                     None => break,
                 },
                 _ = tick.tick() => {
-                    ticks += 1;
-                    self.flush_acks().await;
-                    self.pump().await;
-                    if ticks.is_multiple_of(20) {
-                        self.housekeeping().await;
+                    if !self.unqueued.msgs.is_empty() || !self.unqueued.confirm.is_empty() {
+                        self.queue_local().await;
                     }
+                    self.machine.tick(Instant::now().into_std());
                 }
             }
+            self.execute().await;
         }
         info!("bridge stopped");
     }
 
-    /// Queues what the local link received (and whatever else it has ready).
-    async fn take_local(&mut self, first: Received) {
-        let mut batch = Vec::new();
+    /// Queues what the local link received (and whatever else it has ready), then confirms it
+    /// to the core.
+    async fn take_local(&mut self, first: (Received, Option<u16>)) {
         let mut next = Some(first);
-        while let Some(m) = next.take() {
+        let mut taken = 0;
+        while let Some((m, confirm)) = next.take() {
             if self.mapping.queue_from_link(&m.topic) {
-                batch.push((m.topic, m.payload.to_vec()));
+                self.unqueued.msgs.push((m.topic, m.payload.to_vec()));
             }
-            if batch.len() >= 512 {
+            self.unqueued.confirm.extend(confirm);
+            taken += 1;
+            if taken >= LOCAL_BATCH {
                 break;
             }
-            if let Ok(Some(m)) = tokio::time::timeout(Duration::ZERO, self.link.recv()).await {
+            if let Ok(Some(m)) =
+                tokio::time::timeout(Duration::ZERO, self.link.recv_unconfirmed()).await
+            {
                 next = Some(m);
             }
         }
-        if batch.is_empty() {
-            return;
-        }
-        let now = fleet_proto::time::now_ms();
-        if self
-            .store
-            .call("queue upward messages", move |s| {
-                s.enqueue_uplink(&batch, now)
-            })
-            .await
-            .is_err()
-        {
-            warn!("upward messages could not be queued; they are lost");
-        }
-        self.pump().await;
+        self.queue_local().await;
     }
 
-    async fn on_event(&mut self, ev: Result<Event, ConnectionError>) {
+    /// Writes the taken messages to the upward queue in one transaction; once it committed,
+    /// confirms them to the core (which then forgets them). When the store fails they are kept
+    /// and tried again on the next tick: unconfirmed, the core still holds them, so not even
+    /// a restart meanwhile loses them.
+    async fn queue_local(&mut self) {
+        let Unqueued { msgs, confirm } = std::mem::take(&mut self.unqueued);
+        if !msgs.is_empty() {
+            let now = fleet_proto::time::now_ms();
+            let batch = msgs.clone();
+            let queued = self
+                .store
+                .call("queue upward messages", move |s| {
+                    s.enqueue_uplink(&batch, now)
+                })
+                .await;
+            if queued.is_err() {
+                warn!(
+                    messages = msgs.len(),
+                    "upward messages could not be queued; trying again"
+                );
+                self.unqueued = Unqueued { msgs, confirm };
+                return;
+            }
+            self.machine.queued();
+        }
+        for id in confirm {
+            self.link.confirm(id);
+        }
+    }
+
+    fn on_event(&mut self, ev: Result<Event, ConnectionError>) {
+        let now = Instant::now().into_std();
         match ev {
             Ok(Event::Incoming(Incoming::ConnAck(ack))) => {
                 // Unacknowledged messages are sent again from the queue, in order; rumqttc's
-                // own copies would only duplicate them.
+                // own copies (and anything it took before the connection was lost) would only
+                // duplicate them and shift the numbering the machine relies on.
                 self.eventloop.pending.clear();
-                self.flush_acks().await;
-                self.unnumbered.clear();
-                self.inflight.clear();
-                self.cursor = 0;
-                self.connected = true;
-                self.backoff.connected(Instant::now().into_std());
-                Metrics::set(&self.metrics.bridge_connected, 1);
-                Metrics::inc(&self.metrics.bridge_connects);
-                info!(
-                    session_present = ack.session_present,
-                    "bridge connected upstream"
-                );
-                for f in self.mapping.down_subscriptions() {
-                    if let Err(e) = self.mqtt.try_subscribe(f, QoS::AtLeastOnce) {
-                        warn!(error = %e, "bridge: could not queue a subscription");
-                    }
-                }
-                self.pump().await;
+                self.machine.connected(now, ack.session_present);
             }
             Ok(Event::Incoming(Incoming::Publish(p))) => {
                 Metrics::inc(&self.metrics.bridge_messages_down);
@@ -255,20 +266,10 @@ impl Bridge {
                     }
                 }
             }
-            Ok(Event::Outgoing(Outgoing::Publish(pkid))) if pkid != 0 => {
-                if let Some(x) = self.unnumbered.pop_front() {
-                    self.inflight.insert(pkid, x);
-                }
-            }
+            Ok(Event::Outgoing(Outgoing::Publish(pkid))) if pkid != 0 => self.machine.sent(pkid),
             Ok(Event::Incoming(Incoming::PubAck(ack))) => {
-                if let Some((seq, bytes)) = self.inflight.remove(&ack.pkid) {
-                    Metrics::inc(&self.metrics.bridge_messages_up);
-                    Metrics::add(&self.metrics.bridge_bytes_up, bytes as u64);
-                    self.acked.push(seq);
-                    if self.acked.len() >= ACK_BATCH {
-                        self.flush_acks().await;
-                    }
-                    self.pump().await;
+                if !self.machine.puback(ack.pkid) {
+                    debug!(pkid = ack.pkid, "bridge: PUBACK for no message in flight");
                 }
             }
             Ok(Event::Incoming(Incoming::SubAck(ack))) => {
@@ -282,70 +283,98 @@ impl Bridge {
             }
             Ok(_) => {}
             Err(e) => {
-                if self.connected {
+                if self.machine.is_connected() {
                     warn!(error = %e, "bridge: upstream connection lost");
                 } else {
                     debug!(error = %e, "bridge: cannot reach upstream");
                 }
-                self.connected = false;
-                Metrics::set(&self.metrics.bridge_connected, 0);
-                let now = Instant::now();
-                let delay = self
-                    .backoff
-                    .failed(now.into_std(), rand_core::OsRng.next_u64());
-                self.retry_at = Some(now + delay);
+                self.machine.disconnected(now, rand_core::OsRng.next_u64());
             }
         }
     }
 
-    /// Hands queued messages to rumqttc while the window has room.
-    async fn pump(&mut self) {
-        if !self.connected {
-            return;
+    /// Carries out what the machine asks for, in order.
+    async fn execute(&mut self) {
+        while let Some(action) = self.machine.poll_action() {
+            match action {
+                Action::Read { read, after, room } => {
+                    let rows = self
+                        .store
+                        .call("read the upward queue", move |s| {
+                            s.uplink_after(after, room)
+                        })
+                        .await
+                        .unwrap_or_default();
+                    let meta: Vec<Row> = rows
+                        .iter()
+                        .map(|r| Row {
+                            seq: r.seq,
+                            len: r.payload.len(),
+                        })
+                        .collect();
+                    self.fetched = rows
+                        .into_iter()
+                        .map(|r| (r.seq, r.topic, r.payload))
+                        .collect();
+                    self.machine.rows(read, &meta);
+                }
+                Action::Publish(row) => self.publish(row),
+                Action::Remove(seqs) => {
+                    let done = seqs.clone();
+                    let ok = self
+                        .store
+                        .call("remove acknowledged upward messages", move |s| {
+                            s.uplink_done(&done)
+                        })
+                        .await
+                        .is_ok();
+                    self.machine.removed(&seqs, ok);
+                }
+                Action::Up { session_present } => {
+                    Metrics::set(&self.metrics.bridge_connected, 1);
+                    Metrics::inc(&self.metrics.bridge_connects);
+                    info!(session_present, "bridge connected upstream");
+                    for f in self.mapping.down_subscriptions() {
+                        if let Err(e) = self.mqtt.try_subscribe(f, QoS::AtLeastOnce) {
+                            warn!(error = %e, "bridge: could not queue a subscription");
+                        }
+                    }
+                }
+                Action::Down { retry_at, .. } => {
+                    Metrics::set(&self.metrics.bridge_connected, 0);
+                    self.fetched.clear();
+                    self.retry_at = Some(Instant::from_std(retry_at));
+                }
+                Action::Delivered(row) => {
+                    Metrics::inc(&self.metrics.bridge_messages_up);
+                    Metrics::add(&self.metrics.bridge_bytes_up, row.len as u64);
+                }
+                Action::Housekeeping => self.housekeeping().await,
+            }
         }
-        let room = WINDOW.saturating_sub(self.unnumbered.len() + self.inflight.len());
-        if room == 0 {
-            return;
+    }
+
+    /// Hands row `row` of the last read to rumqttc.
+    fn publish(&mut self, row: Row) {
+        while self.fetched.front().is_some_and(|r| r.0 < row.seq) {
+            self.fetched.pop_front();
         }
-        let after = self.cursor;
-        let Ok(rows) = self
-            .store
-            .call("read the upward queue", move |s| {
-                s.uplink_after(after, room)
-            })
-            .await
-        else {
+        let Some((_, local, payload)) = self.fetched.pop_front().filter(|r| r.0 == row.seq) else {
+            // Not from the last read (cannot happen: the machine asks for rows it was given).
+            self.machine.unsent(row.seq);
             return;
         };
-        for r in rows {
-            let topic = self.mapping.upstream(&r.topic);
-            let len = r.payload.len();
-            if self
-                .mqtt
-                .try_publish(topic, QoS::AtLeastOnce, false, r.payload)
-                .is_err()
-            {
-                break;
-            }
-            self.unnumbered.push_back((r.seq, len));
-            self.cursor = r.seq;
+        let topic = self.mapping.upstream(&local);
+        if self
+            .mqtt
+            .try_publish(topic, QoS::AtLeastOnce, false, payload)
+            .is_err()
+        {
+            self.machine.unsent(row.seq);
         }
     }
 
-    async fn flush_acks(&mut self) {
-        if self.acked.is_empty() {
-            return;
-        }
-        let done = std::mem::take(&mut self.acked);
-        let _ = self
-            .store
-            .call("remove acknowledged upward messages", move |s| {
-                s.uplink_done(&done)
-            })
-            .await;
-    }
-
-    /// Every second: keep the queue within its budget and refresh the gauges.
+    /// Keeps the queue within its budget and refreshes the gauges.
     async fn housekeeping(&mut self) {
         let max = self.settings.max_queue_bytes;
         let Ok((dropped, stats)) = self

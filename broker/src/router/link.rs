@@ -1,6 +1,10 @@
-//! A service's in-process link into the MQTT core: an ordinary clean session of the `Internal`
-//! role, without a socket. It subscribes at QoS 1, receives publishes (acknowledging each as
-//! it takes it), and publishes at QoS 1.
+//! A service's in-process link into the MQTT core: an ordinary session of the `Internal` role,
+//! without a socket. It subscribes at QoS 1, receives publishes, and publishes at QoS 1.
+//!
+//! Most links are clean sessions that acknowledge each publish as they take it into memory.
+//! A durable link ([`ServiceLink::open_durable`]) is a persistent session that acknowledges a
+//! publish only when its service says it is safe ([`ServiceLink::confirm`]): the core keeps the
+//! message in the session's stored queue until then, and a restarted gateway delivers it again.
 
 use std::collections::VecDeque;
 
@@ -34,6 +38,10 @@ pub(crate) struct Received {
 /// services re-send what matters (commands until their result, manifests are retained).
 const MAX_UNACKED: usize = 48;
 
+/// How long a link waits for the answer to its subscription (a persistent session's comes
+/// once the store has made it durable).
+const SUBACK_WITHIN: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Most bytes taken from the core at once.
 const PULL_BYTES: usize = 1 << 20;
 
@@ -41,7 +49,9 @@ pub(crate) struct ServiceLink {
     name: String,
     router: Router,
     port: Port,
-    inbox: VecDeque<Received>,
+    /// Received publishes and, on a durable link, the packet id to confirm.
+    inbox: VecDeque<(Received, Option<u16>)>,
+    durable: bool,
     next_id: u16,
     unacked: usize,
     out: Vec<Packet>,
@@ -61,6 +71,31 @@ impl ServiceLink {
         name: &str,
         filters: &[&str],
     ) -> Result<Self, LinkError> {
+        Self::open_session(router, name, filters, false).await
+    }
+
+    /// Opens the durable link of service `name`: a persistent session, resumed if the store
+    /// kept it, subscribed to `filters` at QoS 1. Its QoS 1 publishes are acknowledged only
+    /// through [`ServiceLink::confirm`] (received with [`ServiceLink::recv_unconfirmed`]), so
+    /// the core holds each in the session's stored queue until the service has made it safe;
+    /// after a restart it delivers again whatever was not confirmed. The core answers the
+    /// publisher only once that queue write is durable. The session outlives the link (and
+    /// keeps receiving, up to the core's offline caps) until a clean link of the same name
+    /// replaces it.
+    pub(crate) async fn open_durable(
+        router: &Router,
+        name: &str,
+        filters: &[&str],
+    ) -> Result<Self, LinkError> {
+        Self::open_session(router, name, filters, true).await
+    }
+
+    async fn open_session(
+        router: &Router,
+        name: &str,
+        filters: &[&str],
+        durable: bool,
+    ) -> Result<Self, LinkError> {
         let fail = |reason: String| LinkError {
             name: name.to_owned(),
             reason,
@@ -76,7 +111,7 @@ impl ServiceLink {
             key,
             Connect {
                 level: 4,
-                clean_session: true,
+                clean_session: !durable,
                 keep_alive: 0,
                 client_id: name.to_owned(),
                 will: None,
@@ -89,6 +124,7 @@ impl ServiceLink {
             router: router.clone(),
             port,
             inbox: VecDeque::new(),
+            durable,
             next_id: 0,
             unacked: 0,
             out: Vec::new(),
@@ -123,11 +159,26 @@ impl ServiceLink {
                     .collect(),
             }),
         );
-        this.pull(|p| {
-            if let Packet::SubAck(s) = p {
-                suback = Some(s.codes.clone());
+        // A persistent session's SUBACK waits until its subscription is durable.
+        let wait = tokio::time::timeout(SUBACK_WITHIN, async {
+            loop {
+                this.pull(|p| {
+                    if let Packet::SubAck(s) = p {
+                        suback = Some(s.codes.clone());
+                    }
+                });
+                if suback.is_some() || this.port.closed().is_some() {
+                    return;
+                }
+                let wake = this.port.wake.clone();
+                wake.notified().await;
             }
         });
+        if wait.await.is_err() {
+            return Err(fail(format!(
+                "no answer to its subscription within {SUBACK_WITHIN:?}"
+            )));
+        }
         match suback {
             Some(codes) if codes.iter().all(|c| matches!(c, SubAckCode::Granted(_))) => Ok(this),
             other => Err(fail(format!("subscription refused: {other:?}"))),
@@ -140,8 +191,9 @@ impl ServiceLink {
     }
 
     /// Takes what the core has for this link: publishes go to the inbox (acknowledged at
-    /// once: the link has taken them), acknowledgements of its own publishes are counted,
-    /// anything else goes to `other`.
+    /// once: the link has taken them; on a durable link, QoS 1 ones wait for
+    /// [`ServiceLink::confirm`]), acknowledgements of its own publishes are counted, anything
+    /// else goes to `other`.
     fn pull(&mut self, mut other: impl FnMut(&Packet)) {
         loop {
             self.out.clear();
@@ -160,16 +212,19 @@ impl ServiceLink {
                         packet_id,
                         ..
                     }) => {
+                        let mut confirm = None;
                         match (qos, packet_id) {
+                            (QoS::AtLeastOnce, Some(id)) if self.durable => confirm = Some(id),
                             (QoS::AtLeastOnce, Some(id)) => {
                                 self.router.packet(&self.port, Packet::PubAck(id))
                             }
+                            // Links subscribe at QoS 1: the core never sends them QoS 2.
                             (QoS::ExactlyOnce, Some(id)) => {
                                 self.router.packet(&self.port, Packet::PubRec(id))
                             }
                             _ => {}
                         }
-                        self.inbox.push_back(Received { topic, payload });
+                        self.inbox.push_back((Received { topic, payload }, confirm));
                     }
                     Packet::PubRel(id) => self.router.packet(&self.port, Packet::PubComp(id)),
                     Packet::PubAck(_) => self.unacked = self.unacked.saturating_sub(1),
@@ -182,6 +237,13 @@ impl ServiceLink {
 
     /// The next publish routed to this link; `None` when the core closed the link.
     pub(crate) async fn recv(&mut self) -> Option<Received> {
+        self.recv_unconfirmed().await.map(|(r, _)| r)
+    }
+
+    /// The next publish routed to this link and, on a durable link, the packet id to pass to
+    /// [`ServiceLink::confirm`] once the service has made the message safe (`None`: nothing
+    /// to confirm); `None` when the core closed the link.
+    pub(crate) async fn recv_unconfirmed(&mut self) -> Option<(Received, Option<u16>)> {
         loop {
             if let Some(r) = self.inbox.pop_front() {
                 return Some(r);
@@ -196,6 +258,12 @@ impl ServiceLink {
                 wake.notified().await;
             }
         }
+    }
+
+    /// Acknowledges a publish received on a durable link: the core removes it from the
+    /// session's queue (it is not delivered again after a restart).
+    pub(crate) fn confirm(&mut self, packet_id: u16) {
+        self.router.packet(&self.port, Packet::PubAck(packet_id));
     }
 
     fn send(&mut self, topic: String, payload: Vec<u8>, retain: bool) -> Result<(), LinkError> {

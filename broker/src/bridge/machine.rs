@@ -1,0 +1,305 @@
+//! The bridge's upward flow as an I/O-free state machine: values in, actions out.
+//!
+//! The driver (the parent module) owns the MQTT client, the store and the clock. It feeds the
+//! machine what happens (connected, disconnected, rows read from the store's upward queue, the
+//! client gave a publish its packet id, a PUBACK came, rows were removed, time passed, new rows
+//! were queued locally) and carries out the [`Action`]s it returns, in order: read the queue
+//! after a position, hand a row to the client, remove acknowledged rows, wait before the next
+//! connection attempt, count.
+//!
+//! The rules it keeps:
+//! * A row leaves the queue only after a PUBACK, on the connection that sent it, for the packet
+//!   id the client gave that row. The client numbers QoS 1 publishes in the order it is handed
+//!   them, so the machine binds each packet id it is told about ([`Machine::sent`]) to the
+//!   oldest row handed over and not yet numbered.
+//! * At most [`WINDOW`] rows are handed over and unacknowledged at any time.
+//! * A connection starts from the queue's head: whatever the previous one left unacknowledged
+//!   is sent again, in queue order (at least once; subscribers drop duplicates by sequence or
+//!   id). Rows already acknowledged but not yet removed are skipped, so a row is repeated only
+//!   when no PUBACK for it ever arrived. On a new connection the driver must drop whatever the
+//!   client still holds from the previous one (its own re-sends would only duplicate rows and
+//!   shift the numbering).
+//! * Everything here is rebuilt from the store alone after a restart: a new machine starts at
+//!   the head of whatever the queue still holds.
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use fleet_backoff::{Backoff, BackoffConfig};
+
+/// Upward messages in flight (handed to the client, not yet acknowledged).
+pub(crate) const WINDOW: usize = 64;
+/// Acknowledged rows that make a removal transaction on their own (otherwise they are removed
+/// on the next tick).
+pub(crate) const ACK_BATCH: usize = 256;
+/// How often the queue is trimmed to its budget and its gauges refreshed.
+pub(crate) const HOUSEKEEPING: Duration = Duration::from_secs(1);
+
+/// One row of the upward queue, as far as the machine cares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Row {
+    /// Queue position.
+    pub seq: i64,
+    /// Payload bytes (for the byte counters).
+    pub len: usize,
+}
+
+/// What the driver must do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Action {
+    /// Read up to `room` rows after position `after`, oldest first, and report them with
+    /// [`Machine::rows`] quoting `read` (also when the read failed: with no rows).
+    Read {
+        /// Number of this read.
+        read: u64,
+        /// Queue position to read after.
+        after: i64,
+        /// Most rows wanted.
+        room: usize,
+    },
+    /// Hand this row (from the read just reported) to the client at QoS 1. When the client
+    /// refuses it, report [`Machine::unsent`].
+    Publish(Row),
+    /// Remove these acknowledged rows in one transaction and report [`Machine::removed`].
+    Remove(Vec<i64>),
+    /// A connection is up: set the gauge, count it, subscribe downward.
+    Up {
+        /// The upstream broker kept the session.
+        session_present: bool,
+    },
+    /// The connection failed or was lost: set the gauge, and do not poll the client for a new
+    /// attempt before `retry_at`.
+    Down {
+        /// Earliest next attempt.
+        retry_at: Instant,
+        /// A connection was up (rather than an attempt failing).
+        was_up: bool,
+    },
+    /// The upstream broker acknowledged a row: count it and its bytes.
+    Delivered(Row),
+    /// Trim the queue to its budget and refresh its gauges.
+    Housekeeping,
+}
+
+/// The outstanding read.
+#[derive(Debug, Clone, Copy)]
+struct Reading {
+    read: u64,
+    room: usize,
+    /// Rows were queued after the read was asked for: it may have missed them.
+    stale: bool,
+}
+
+/// The bridge's upward state machine.
+#[derive(Debug)]
+pub(crate) struct Machine {
+    backoff: Backoff,
+    connected: bool,
+    /// Number of the last read asked for.
+    reads: u64,
+    reading: Option<Reading>,
+    /// Highest queue position handed to the client (or skipped) on this connection.
+    cursor: i64,
+    /// Handed to the client, not yet numbered, in hand-over order.
+    unnumbered: VecDeque<Row>,
+    /// Numbered and awaiting PUBACK on this connection.
+    inflight: HashMap<u16, Row>,
+    /// Acknowledged, removal not yet asked for.
+    acked: Vec<i64>,
+    /// Acknowledged, removal not yet confirmed: never handed over again.
+    done: BTreeSet<i64>,
+    next_housekeeping: Option<Instant>,
+    actions: VecDeque<Action>,
+}
+
+impl Machine {
+    /// A disconnected machine; `backoff` paces the connection attempts. The driver polls the
+    /// client (which connects) until told otherwise.
+    pub(crate) fn new(backoff: BackoffConfig) -> Self {
+        Machine {
+            backoff: Backoff::new(backoff),
+            connected: false,
+            reads: 0,
+            reading: None,
+            cursor: 0,
+            unnumbered: VecDeque::new(),
+            inflight: HashMap::new(),
+            acked: Vec::new(),
+            done: BTreeSet::new(),
+            next_housekeeping: None,
+            actions: VecDeque::new(),
+        }
+    }
+
+    /// The next thing to do.
+    pub(crate) fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    /// Whether a connection is up.
+    pub(crate) fn is_connected(&self) -> bool {
+        self.connected
+    }
+
+    /// Rows handed to the client on this connection and not yet acknowledged.
+    pub(crate) fn unacknowledged(&self) -> usize {
+        self.unnumbered.len() + self.inflight.len()
+    }
+
+    /// The client connected (CONNACK accepted). Everything the previous connection left
+    /// unacknowledged is sent again from the queue's head.
+    pub(crate) fn connected(&mut self, now: Instant, session_present: bool) {
+        self.forget_connection();
+        self.connected = true;
+        self.backoff.connected(now);
+        self.actions.push_back(Action::Up { session_present });
+        self.flush();
+        self.pump();
+    }
+
+    /// The connection (or an attempt) failed; `random` is the jitter of the next delay.
+    pub(crate) fn disconnected(&mut self, now: Instant, random: u64) {
+        let was_up = self.connected;
+        self.forget_connection();
+        self.connected = false;
+        let delay = self.backoff.failed(now, random);
+        self.actions.push_back(Action::Down {
+            retry_at: now + delay,
+            was_up,
+        });
+    }
+
+    fn forget_connection(&mut self) {
+        self.cursor = 0;
+        self.unnumbered.clear();
+        self.inflight.clear();
+        // A read asked for on the previous connection is stale when it comes back.
+        self.reading = None;
+        self.actions
+            .retain(|a| !matches!(a, Action::Publish(_) | Action::Read { .. }));
+    }
+
+    /// Rows read for `read` (none when the read failed), oldest first.
+    pub(crate) fn rows(&mut self, read: u64, rows: &[Row]) {
+        let Some(r) = self.reading.filter(|r| r.read == read) else {
+            return;
+        };
+        self.reading = None;
+        for row in rows {
+            if row.seq <= self.cursor {
+                continue;
+            }
+            if self.done.contains(&row.seq) {
+                self.cursor = row.seq;
+                continue;
+            }
+            if self.unacknowledged() >= WINDOW {
+                break;
+            }
+            self.cursor = row.seq;
+            self.unnumbered.push_back(*row);
+            self.actions.push_back(Action::Publish(*row));
+        }
+        if r.stale || rows.len() >= r.room {
+            self.pump();
+        }
+    }
+
+    /// The client refused the publish of row `seq` (and so every later one of the same read):
+    /// they are read again on the next tick (not at once: the client may still be full).
+    pub(crate) fn unsent(&mut self, seq: i64) {
+        while self.unnumbered.back().is_some_and(|r| r.seq >= seq) {
+            self.unnumbered.pop_back();
+        }
+        // A read asked for meanwhile started past the refused rows.
+        self.reading = None;
+        self.actions.retain(|a| {
+            !matches!(a, Action::Publish(r) if r.seq >= seq) && !matches!(a, Action::Read { .. })
+        });
+        self.cursor = self.cursor.min(seq - 1);
+    }
+
+    /// The client gave the oldest unnumbered publish packet id `pkid`.
+    pub(crate) fn sent(&mut self, pkid: u16) {
+        if let Some(row) = self.unnumbered.pop_front() {
+            self.inflight.insert(pkid, row);
+        }
+    }
+
+    /// A PUBACK for `pkid` on the current connection; whether it acknowledged a row.
+    pub(crate) fn puback(&mut self, pkid: u16) -> bool {
+        let Some(row) = self.inflight.remove(&pkid) else {
+            return false;
+        };
+        self.actions.push_back(Action::Delivered(row));
+        self.done.insert(row.seq);
+        self.acked.push(row.seq);
+        if self.acked.len() >= ACK_BATCH {
+            self.flush();
+        }
+        self.pump();
+        true
+    }
+
+    /// Rows from [`Action::Remove`] were removed (`ok`) or the removal failed (asked again on
+    /// the next tick).
+    pub(crate) fn removed(&mut self, seqs: &[i64], ok: bool) {
+        if ok {
+            for s in seqs {
+                self.done.remove(s);
+            }
+        } else {
+            self.acked.extend_from_slice(seqs);
+        }
+    }
+
+    /// New rows were queued locally.
+    pub(crate) fn queued(&mut self) {
+        if let Some(r) = &mut self.reading {
+            r.stale = true;
+        }
+        self.pump();
+    }
+
+    /// Time passed: acknowledgements are flushed, the queue read, housekeeping done when due.
+    pub(crate) fn tick(&mut self, now: Instant) {
+        self.flush();
+        self.pump();
+        if self.next_housekeeping.is_none_or(|t| now >= t) {
+            self.next_housekeeping = Some(now + HOUSEKEEPING);
+            self.actions.push_back(Action::Housekeeping);
+        }
+    }
+
+    fn flush(&mut self) {
+        if !self.acked.is_empty() {
+            self.actions
+                .push_back(Action::Remove(std::mem::take(&mut self.acked)));
+        }
+    }
+
+    /// Asks for rows while the window has room.
+    fn pump(&mut self) {
+        if !self.connected || self.reading.is_some() {
+            return;
+        }
+        let room = WINDOW.saturating_sub(self.unacknowledged());
+        if room == 0 {
+            return;
+        }
+        self.reads += 1;
+        self.reading = Some(Reading {
+            read: self.reads,
+            room,
+            stale: false,
+        });
+        self.actions.push_back(Action::Read {
+            read: self.reads,
+            after: self.cursor,
+            room,
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests;
