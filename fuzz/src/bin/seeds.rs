@@ -14,7 +14,7 @@ use fleet_mqtt::codec::encode;
 use fleet_mqtt::{Connect, Packet, Publish, QoS, Subscribe, Unsubscribe, Will};
 use fleet_proto::limits::MAX_PROOF_LEN;
 use fleet_proto::merkle::{self, MerkleTree};
-use fleet_proto::signing::{sign_manifest_with, Signer, TrustedKeys};
+use fleet_proto::signing::{sign_manifest_with, Signer};
 use fleet_proto::trust::build;
 use fleet_proto::{command, v1, wire, Message as _};
 
@@ -323,7 +323,7 @@ fn check_device_seeds(keys: &Keys) {
         "the root chain seed is refused: {:?}",
         walk.refused
     );
-    if let Err(e) = TrustedKeys::from_role(&root.updates).verify_encoded(&signed_manifest(keys)) {
+    if let Err(e) = root.updates.trusted_keys().verify_encoded(&signed_manifest(keys)) {
         panic!("the manifest seed is refused: {e}");
     }
     let component = image_summary().component(COMPONENT);
