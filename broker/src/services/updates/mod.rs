@@ -17,7 +17,7 @@
 
 mod api;
 pub(crate) mod campaign;
-mod limits;
+pub(crate) mod limits;
 pub(crate) mod queue;
 
 use std::collections::HashMap;
