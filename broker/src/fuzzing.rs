@@ -6,8 +6,8 @@
 //! reach those checks through the thin wrappers below. Each wrapper calls the gateway's own
 //! function and only converts its types (errors become their messages, so that the crate's
 //! error enums stay private); nothing here changes what the gateway does. Where a service
-//! checks a message inline in its task (command results, update progress), the wrapper runs
-//! the same decode and the same helper the task calls, and says where that code is.
+//! checks a message inline in its task (command results, chunk requests), the wrapper runs
+//! the same decode and the same helpers the task calls, and says where that code is.
 
 use bytes::Bytes;
 use fleet_proto::v1::{
@@ -19,7 +19,7 @@ use fleet_proto::{GatewayId, Message as _};
 use crate::acl::filter;
 use crate::bridge::mapping;
 use crate::router::Received;
-use crate::services::updates::{limits, queue};
+use crate::services::updates::{self, limits, queue};
 use crate::services::{commands, registry, status, trust};
 
 /// The bridge's topic rules (`bridge/mapping.rs`).
@@ -124,14 +124,10 @@ pub fn command_result(payload: &[u8]) -> Result<CommandResult, String> {
     }
 }
 
-/// Update progress: decoded, and refused without a phase, as the update service's
-/// `on_progress` does before it hands it to the campaign (`services/updates/mod.rs`).
+/// Update progress as the update service checks it before it hands it to a campaign
+/// (`services/updates/mod.rs`, `checked_progress`).
 pub fn update_progress(payload: &[u8]) -> Result<UpdateProgress, String> {
-    let p = UpdateProgress::decode(payload).map_err(|e| e.to_string())?;
-    if p.phase == 0 {
-        return Err("update progress without a phase".to_owned());
-    }
-    Ok(p)
+    updates::checked_progress(payload).map_err(|e| e.to_string())
 }
 
 /// A chunk request for a component of `chunk_count` chunks: decoded, its ids checked, its
