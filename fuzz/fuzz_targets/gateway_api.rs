@@ -4,6 +4,8 @@
 //! gateway's current one) and the update service's own bounds on `CreateUpdate` and
 //! `UploadChunk` (`check_create`, `check_upload`, through `fleet_broker::fuzzing`).
 //!
+//! Each input is also read as a bare `UploadChunk` and a bare `SignedManifest`.
+//!
 //! Beyond "never panics": a decoded request re-encodes to bytes that decode to the same
 //! request (what the gateway forwards to its services is what it was sent); a `CreateUpdate`
 //! is accepted only with 1 to `MAX_SIGNATURES` bounded signatures and a valid manifest whose
@@ -92,6 +94,14 @@ fn upload(u: &v1::UploadChunk) {
 }
 
 fuzz_target!(|data: &[u8]| {
+    // The same bytes as a bare body too: the update service's bounds are reached without the
+    // fuzzer having to keep an envelope's lengths consistent.
+    if let Ok(u) = v1::UploadChunk::decode(data) {
+        upload(&u);
+    }
+    if let Ok(signed) = v1::SignedManifest::decode(data) {
+        create(&signed);
+    }
     let Ok(req) = v1::ApiRequest::decode(data) else {
         return;
     };

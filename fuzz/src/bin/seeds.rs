@@ -252,6 +252,19 @@ fn api_seeds(keys: &Keys) {
             proof: first.proof,
         })),
     );
+    write(t, "bare_signed_manifest", &signed_manifest(keys));
+    write(
+        t,
+        "bare_upload_chunk",
+        &v1::UploadChunk {
+            update_id: UPDATE_ID.into(),
+            component: COMPONENT.into(),
+            index: 1,
+            data: vec![0x5a; 64],
+            proof: vec![vec![1; 32], vec![2; 32]],
+        }
+        .encode_to_vec(),
+    );
     write(
         t,
         "publish_root",
