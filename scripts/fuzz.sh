@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
 # Fuzzing with libFuzzer on the stable toolchain (see fuzz/STATUS.md for why this engine).
 #   ./scripts/fuzz.sh TARGET SECONDS   run one target for SECONDS on its seed corpus
-#   ./scripts/fuzz.sh smoke [SECONDS]  every target a few seconds (default 5)
+#   ./scripts/fuzz.sh smoke [SECONDS]  the seeds, then every target a few seconds (default 5)
 #   ./scripts/fuzz.sh build            only build every target
+#   ./scripts/fuzz.sh seeds            rewrite fuzz/corpus/ (src/bin/seeds.rs), checking that
+#                                      the seeds pass the checks they are meant to pass
 #   ./scripts/fuzz.sh list             the targets
-# Prints the executions and crashes of each run; exits non-zero when a target crashed (the
-# input is kept in fuzz/artifacts/TARGET/). New coverage-increasing inputs accumulate in
-# fuzz/work/TARGET/ (not in the repository); the seeds in fuzz/corpus/TARGET/ are only read.
+# Prints the executions and crashes of each run; exits non-zero when a target does not build,
+# crashes (the input is kept in fuzz/artifacts/TARGET/) or runs no input at all. New
+# coverage-increasing inputs accumulate in fuzz/work/TARGET/ (not in the repository); the
+# seeds in fuzz/corpus/TARGET/ are only read.
 #
 # FUZZ_SANITIZER=none builds without AddressSanitizer (faster, finds only panics, aborts and
-# bounded-allocation breaches); the default is address.
+# bounded-allocation breaches); the default is address. FUZZ_BUILD=0 runs what was built
+# before without building (e.g. build under the shared build lock, run outside it).
 #
 # The fuzz crate lives outside the workspace (own Cargo.lock, own target directory), so none
 # of this touches the main build. Needs a C++ compiler (libfuzzer-sys builds libFuzzer from
@@ -17,18 +21,19 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-targets=(mqtt_codec device_inputs gateway_api merkle_proof acl_match)
+targets=(mqtt_codec device_inputs gateway_api gateway_device_inputs merkle_proof acl_match bridge_mapping)
 
 usage() {
-    sed -n '2,7p' "$0" >&2
+    sed -n '2,9p' "$0" >&2
     exit 2
 }
 
 [ $# -ge 1 ] || usage
 case "$1" in
     list) printf '%s\n' "${targets[@]}"; exit 0 ;;
-    smoke) run=("${targets[@]}"); seconds="${2:-5}" ;;
+    smoke) run=("${targets[@]}"); seconds="${2:-5}"; seeds=1 ;;
     build) run=("${targets[@]}"); seconds=1; build_only=1 ;;
+    seeds) run=(); seconds=1; seeds=1; build_only=1 ;;
     *)
         [ $# -eq 2 ] || usage
         printf '%s\n' "${targets[@]}" | grep -qx -- "$1" || { echo "unknown target: $1" >&2; usage; }
@@ -42,7 +47,11 @@ if ! command -v c++ >/dev/null 2>&1; then
     [ "$(id -u)" -eq 0 ] || sudo="sudo"
     $sudo apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq g++
+    command -v c++ >/dev/null 2>&1 || { echo "no C++ compiler after installing g++" >&2; exit 1; }
 fi
+
+# The fuzz crate is outside the workspace, so `cargo fmt --all` does not see it: checked here.
+[ "$1" != smoke ] || (cd fuzz && cargo fmt --check)
 
 host="$(rustc -vV | sed -n 's/^host: //p')"
 # The instrumentation cargo-fuzz passes, with stable rustc: SanitizerCoverage's inline 8-bit
@@ -59,9 +68,29 @@ case "${FUZZ_SANITIZER:-address}" in
     *) echo "FUZZ_SANITIZER is address or none" >&2; exit 2 ;;
 esac
 
+# The cc crate builds C dependencies (SQLite in fleet-broker) with the sanitizer it finds in
+# the Rust flags; SQLite's amalgamation has equally named static tables of the same size,
+# which ASan's strictest one-definition check reports at startup. Level 1 still reports
+# globals whose sizes differ.
+export ASAN_OPTIONS="detect_odr_violation=1${ASAN_OPTIONS:+:$ASAN_OPTIONS}"
+
 # --target keeps these flags off build scripts and proc macros (the host build).
-(cd fuzz && RUSTFLAGS="$flags" cargo build --locked --release --target "$host" \
-    $(printf -- '--bin %s ' "${run[@]}"))
+if ((${#run[@]})) && [ "${FUZZ_BUILD:-1}" != 0 ]; then
+    (cd fuzz && RUSTFLAGS="$flags" cargo build --locked --release --target "$host" \
+        $(printf -- '--bin %s ' "${run[@]}"))
+fi
+
+if [ -n "${seeds:-}" ]; then
+    # The same flags, so the dependencies built for the targets are reused. The program
+    # panics (and this script fails) when a seed no longer passes its checks.
+    (cd fuzz && RUSTFLAGS="$flags" cargo run --locked --release --target "$host" --bin seeds)
+    if git rev-parse --is-inside-work-tree >/dev/null 2>&1 &&
+        [ -n "$(git status --porcelain -- fuzz/corpus)" ]; then
+        echo "fuzz/corpus/ differs from what src/bin/seeds.rs writes:" >&2
+        git status --short -- fuzz/corpus >&2
+        [ "$1" = seeds ] || exit 1
+    fi
+fi
 
 [ -z "${build_only:-}" ] || exit 0
 
@@ -82,7 +111,8 @@ for t in "${run[@]}"; do
     rate=$(sed -n 's/^stat::average_exec_per_sec: *//p' "$log" | tail -1)
     crashes=$((after - before))
     echo "$t: ${execs:-?} executions in ${seconds} s (${rate:-?}/s), ${crashes} crash(es), exit ${rc}"
-    if [ "$rc" -ne 0 ] || [ "$crashes" -ne 0 ]; then
+    # No executions means the target did not really run: a failure, not a pass.
+    if [ "$rc" -ne 0 ] || [ "$crashes" -ne 0 ] || [ "${execs:-0}" -eq 0 ]; then
         failed+=("$t")
         echo "--- $t: end of $log" >&2
         tail -40 "$log" >&2

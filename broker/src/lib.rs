@@ -54,6 +54,9 @@ mod edge;
 #[cfg(feature = "fault-injection")]
 pub mod fault;
 mod firmware;
+/// Entry points for the fuzz targets in `fuzz/`; not an API (see the module).
+#[doc(hidden)]
+pub mod fuzzing;
 mod http;
 mod metrics;
 mod ports;

@@ -1,53 +1,25 @@
 //! Topic name and filter validation and matching (`fleet_mqtt::topic`, which the gateway's ACL
-//! in broker/src/acl/ uses for every decision) against a plain reference written here from
-//! MQTT 3.1.1 section 4.7.
+//! in broker/src/acl/ uses for every decision), the ACL's own checks (`check_name`,
+//! `check_filter`) and its containment test (`within`, which decides whether a subscription
+//! stays inside what a rule allows), against the plain reference in `fleet_fuzz::reference`
+//! (MQTT 3.1.1 section 4.7).
+//!
+//! `within` is meant to be sound, not complete: when it says yes, every topic the inner
+//! filter matches is matched by the outer one (checked on the reference's witness topics);
+//! for a topic name as the inner filter it is exact (the outer filter matches the name).
 //!
 //! Input: a mode byte, then `filter\ntopic`. In mode 0 the bytes are taken as they are; in
 //! the others each byte is mapped onto a small alphabet (`a`, `b`, `/`, `+`, `#`, `$`, empty
 //! level), so that wildcards, empty levels and `$` topics meet often enough to match.
 #![no_main]
 
+use fleet_broker::fuzzing::{check_filter, check_name, within};
+use fleet_fuzz::reference::{
+    matches as ref_matches, valid_filter as ref_valid_filter, valid_name as ref_valid_name,
+    witnesses,
+};
 use fleet_mqtt::topic::{matches, valid_filter, valid_name};
 use libfuzzer_sys::fuzz_target;
-
-/// Reference: a topic name is non-empty, without `+`, `#` or NUL.
-fn ref_valid_name(t: &str) -> bool {
-    !t.is_empty() && t.chars().all(|c| c != '+' && c != '#' && c != '\0')
-}
-
-/// Reference: a filter is non-empty, without NUL; every level is `+`, or `#` as the last
-/// level, or contains neither.
-fn ref_valid_filter(f: &str) -> bool {
-    if f.is_empty() || f.contains('\0') {
-        return false;
-    }
-    let levels: Vec<&str> = f.split('/').collect();
-    levels.iter().enumerate().all(|(i, l)| {
-        *l == "+" || (*l == "#" && i == levels.len() - 1) || !(l.contains('+') || l.contains('#'))
-    })
-}
-
-/// Reference matching on levels, recursively.
-fn ref_levels(f: &[&str], t: &[&str]) -> bool {
-    match (f.split_first(), t.split_first()) {
-        // `#` matches the parent level too, and any number of levels below.
-        (Some((&"#", _)), _) => true,
-        (Some((&"+", fr)), Some((_, tr))) => ref_levels(fr, tr),
-        (Some((a, fr)), Some((b, tr))) => a == b && ref_levels(fr, tr),
-        (None, None) => true,
-        _ => false,
-    }
-}
-
-fn ref_matches(f: &str, t: &str) -> bool {
-    let f: Vec<&str> = f.split('/').collect();
-    let t: Vec<&str> = t.split('/').collect();
-    // A wildcard as the first level never matches a `$` topic [MQTT-4.7.2-1].
-    if t[0].starts_with('$') && (f[0] == "+" || f[0] == "#") {
-        return false;
-    }
-    ref_levels(&f, &t)
-}
 
 fn alphabet(bytes: &[u8]) -> String {
     bytes
@@ -86,6 +58,37 @@ fuzz_target!(|data: &[u8]| {
         "filter {filter:?}"
     );
     assert_eq!(valid_name(topic), ref_valid_name(topic), "topic {topic:?}");
+    assert_eq!(
+        check_filter(filter).is_ok(),
+        ref_valid_filter(filter),
+        "ACL filter {filter:?}"
+    );
+    assert_eq!(
+        check_name(topic).is_ok(),
+        ref_valid_name(topic),
+        "ACL topic {topic:?}"
+    );
+    // The second line read as a filter too: the inner filter of a containment test.
+    if ref_valid_filter(filter) && ref_valid_filter(topic) {
+        let (inner, outer) = (topic, filter);
+        let within = within(inner, outer);
+        if ref_valid_name(inner) {
+            assert_eq!(
+                within,
+                ref_matches(outer, inner),
+                "within({inner:?}, {outer:?})"
+            );
+        }
+        if within {
+            for w in witnesses(inner, outer) {
+                assert!(ref_matches(inner, &w), "witness {w:?} of {inner:?}");
+                assert!(
+                    ref_matches(outer, &w),
+                    "within({inner:?}, {outer:?}) but {outer:?} does not match {w:?}"
+                );
+            }
+        }
+    }
     if ref_valid_filter(filter) && ref_valid_name(topic) {
         assert_eq!(
             matches(filter, topic),

@@ -37,7 +37,7 @@ fn device() -> &'static Device {
     static DEVICE: OnceLock<Device> = OnceLock::new();
     DEVICE.get_or_init(|| {
         let root = device_root();
-        let updates = TrustedKeys::from_role(&root.updates);
+        let updates = root.updates.trusted_keys();
         let component = manifest().components.remove(0);
         Device {
             root,

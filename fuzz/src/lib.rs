@@ -138,3 +138,77 @@ pub fn manifest() -> v1::UpdateManifest {
         description: "fuzzing seed".into(),
     }
 }
+
+/// Plain references for topic names and filters, written from MQTT 3.1.1 section 4.7, that
+/// the targets hold the gateway's matching against (the ACL's, the router's and the bridge's).
+pub mod reference {
+    /// A topic name is non-empty, without `+`, `#` or NUL, at most 65,535 bytes.
+    pub fn valid_name(t: &str) -> bool {
+        !t.is_empty() && t.len() <= 65_535 && t.chars().all(|c| c != '+' && c != '#' && c != '\0')
+    }
+
+    /// A filter is non-empty, without NUL, at most 65,535 bytes; every level is `+`, or `#`
+    /// as the last level, or contains neither.
+    pub fn valid_filter(f: &str) -> bool {
+        if f.is_empty() || f.len() > 65_535 || f.contains('\0') {
+            return false;
+        }
+        let levels: Vec<&str> = f.split('/').collect();
+        levels.iter().enumerate().all(|(i, l)| {
+            *l == "+"
+                || (*l == "#" && i == levels.len() - 1)
+                || !(l.contains('+') || l.contains('#'))
+        })
+    }
+
+    /// Matching on levels, recursively.
+    fn levels(f: &[&str], t: &[&str]) -> bool {
+        match (f.split_first(), t.split_first()) {
+            // `#` matches the parent level too, and any number of levels below.
+            (Some((&"#", _)), _) => true,
+            (Some((&"+", fr)), Some((_, tr))) => levels(fr, tr),
+            (Some((a, fr)), Some((b, tr))) => a == b && levels(fr, tr),
+            (None, None) => true,
+            _ => false,
+        }
+    }
+
+    /// Whether the (valid) filter `f` matches the (valid) topic name `t`.
+    pub fn matches(f: &str, t: &str) -> bool {
+        let f: Vec<&str> = f.split('/').collect();
+        let t: Vec<&str> = t.split('/').collect();
+        // A wildcard as the first level never matches a `$` topic [MQTT-4.7.2-1].
+        if t[0].starts_with('$') && (f[0] == "+" || f[0] == "#") {
+            return false;
+        }
+        levels(&f, &t)
+    }
+
+    /// Topic names that stand for everything the (valid) filter `inner` matches, as far as a
+    /// filter `outer` can tell them apart: every `+` becomes a level `outer` does not name,
+    /// and a final `#` becomes 0 to `outer`'s depth + 1 such levels. `inner` is within `outer`
+    /// if and only if `outer` matches all of them.
+    pub fn witnesses(inner: &str, outer: &str) -> Vec<String> {
+        let longest = outer.split('/').map(str::len).max().unwrap_or(0);
+        // Longer than any level of `outer`, so equal to none; not a `$` level.
+        let fresh = "z".repeat(longest + 1);
+        let mut levels: Vec<&str> = inner
+            .split('/')
+            .map(|l| if l == "+" { fresh.as_str() } else { l })
+            .collect();
+        if levels.last() != Some(&"#") {
+            return vec![levels.join("/")];
+        }
+        levels.pop();
+        let depth = outer.split('/').count() + 1;
+        (0..=depth)
+            .map(|extra| {
+                let mut t = levels.clone();
+                t.extend(std::iter::repeat_n(fresh.as_str(), extra));
+                t.join("/")
+            })
+            // `#` with no level before it and none added is no topic.
+            .filter(|t| !t.is_empty())
+            .collect()
+    }
+}

@@ -105,7 +105,7 @@ pub(super) fn to_record(c: &StoredCommand) -> CommandRecord {
 
 /// The final state a device's result closes a command with; `None` for a result that closes
 /// nothing (no status).
-pub(super) fn closing_state(status: CommandStatus) -> Option<CommandState> {
+pub(crate) fn closing_state(status: CommandStatus) -> Option<CommandState> {
     match status {
         CommandStatus::Succeeded => Some(CommandState::Succeeded),
         CommandStatus::Failed => Some(CommandState::Failed),

@@ -31,13 +31,13 @@ pub(crate) enum Refused {
 }
 
 /// A checked presence message.
-struct PresenceItem {
+pub(crate) struct PresenceItem {
     device: String,
     class: String,
     bytes: Vec<u8>,
 }
 
-fn presence_item(msg: &Received) -> Result<PresenceItem, Refused> {
+pub(crate) fn presence_item(msg: &Received) -> Result<PresenceItem, Refused> {
     let Ok(Topic::Device {
         id,
         kind: DeviceTopic::Presence,

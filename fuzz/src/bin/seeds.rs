@@ -14,7 +14,7 @@ use fleet_mqtt::codec::encode;
 use fleet_mqtt::{Connect, Packet, Publish, QoS, Subscribe, Unsubscribe, Will};
 use fleet_proto::limits::MAX_PROOF_LEN;
 use fleet_proto::merkle::{self, MerkleTree};
-use fleet_proto::signing::{sign_manifest_with, Signer, TrustedKeys};
+use fleet_proto::signing::{sign_manifest_with, Signer};
 use fleet_proto::trust::build;
 use fleet_proto::{command, v1, wire, Message as _};
 
@@ -252,6 +252,19 @@ fn api_seeds(keys: &Keys) {
             proof: first.proof,
         })),
     );
+    write(t, "bare_signed_manifest", &signed_manifest(keys));
+    write(
+        t,
+        "bare_upload_chunk",
+        &v1::UploadChunk {
+            update_id: UPDATE_ID.into(),
+            component: COMPONENT.into(),
+            index: 1,
+            data: vec![0x5a; 64],
+            proof: vec![vec![1; 32], vec![2; 32]],
+        }
+        .encode_to_vec(),
+    );
     write(
         t,
         "publish_root",
@@ -296,6 +309,191 @@ fn acl_seeds() {
             format!("\x00{f}\n{topic}").as_bytes(),
         );
     }
+    // Containment: "outer\ninner", both filters (the ACL's `within`).
+    let nested = [
+        ("devices/+/cmd", "devices/dev-1/cmd"),
+        ("devices/dev-1/#", "devices/dev-1/update/+"),
+        ("#", "$SYS/#"),
+        ("+/#", "#"),
+    ];
+    for (i, (outer, inner)) in nested.iter().enumerate() {
+        write(
+            t,
+            &format!("within{i}"),
+            format!("\x00{outer}\n{inner}").as_bytes(),
+        );
+    }
+}
+
+/// The gateway's default bridge rules.
+const BRIDGE_UP: [&str; 5] = [
+    "fleet/api/+/response",
+    "fleet/events/#",
+    "devices/+/status",
+    "devices/+/presence",
+    "devices/+/update/progress",
+];
+const BRIDGE_DOWN: &str = "fleet/api/+/request";
+
+fn bridge_seeds() {
+    // Layout: mode byte, then lines: gateway id, filters (first byte even: up, odd: down),
+    // a local topic, an upstream topic.
+    let t = "bridge_mapping";
+    let mut rules = String::from("gw-1\n");
+    for f in BRIDGE_UP {
+        rules.push_str(&format!("u{f}\n"));
+    }
+    rules.push_str(&format!("d{BRIDGE_DOWN}\n"));
+    let cases = [
+        (
+            "defaults",
+            "devices/dev-1/status",
+            "gateways/gw-1/fleet/api/svc-1/request",
+        ),
+        (
+            "command_down",
+            "fleet/api/svc-1/response",
+            "gateways/gw-1/devices/dev-1/cmd",
+        ),
+        (
+            "other_gateway",
+            "devices/dev-1/presence",
+            "gateways/gw-10/fleet/api/s/request",
+        ),
+        ("dollar", "$SYS/x", "gateways/gw-1/$SYS/x"),
+    ];
+    for (name, local, upstream) in cases {
+        write(
+            t,
+            name,
+            format!("\x00{rules}{local}\n{upstream}").as_bytes(),
+        );
+    }
+    write(
+        t,
+        "everything_down",
+        b"\x00gw-1\nu#\nd#\nfleet/x\ngateways/gw-1/devices/dev-1/cmd",
+    );
+}
+
+/// Device-to-gateway messages the gateway accepts, one per kind (the first byte picks it).
+fn gateway_device_messages() -> Vec<(&'static str, Vec<u8>)> {
+    let status = v1::StatusReport {
+        sequence: 7,
+        timestamp_ms: NOW_MS,
+        firmware_version: "1.0".into(),
+        device_class: DEVICE_CLASS.into(),
+        ..Default::default()
+    };
+    let presence = v1::Presence {
+        state: v1::PresenceState::Online.into(),
+        timestamp_ms: NOW_MS,
+        device_class: DEVICE_CLASS.into(),
+        session_id: "s-1".into(),
+        ..Default::default()
+    };
+    let result = v1::CommandResult {
+        command_id: "cmd-1".into(),
+        status: v1::CommandStatus::Succeeded.into(),
+        output: b"ok".to_vec(),
+        completed_at_ms: NOW_MS,
+        command_digest: vec![7; 32],
+        ..Default::default()
+    };
+    let progress = v1::UpdateProgress {
+        update_id: UPDATE_ID.into(),
+        phase: v1::UpdatePhase::Downloading.into(),
+        chunks_held: 2,
+        chunks_total: 5,
+        timestamp_ms: NOW_MS,
+        ..Default::default()
+    };
+    let get = v1::ChunkRequest {
+        update_id: UPDATE_ID.into(),
+        component: COMPONENT.into(),
+        ranges: vec![v1::ChunkRange { start: 1, end: 3 }],
+        bitmap: vec![0b1001_0000],
+        bitmap_offset: 0,
+        window: 4,
+        request_id: 9,
+    };
+    let trust = v1::TrustReport {
+        root_version: 2,
+        root_expires_at_ms: NOW_MS + 1,
+        ..Default::default()
+    };
+    // Chunk request parameters: count mode 0 with 5 chunks, windows 16 and 64.
+    let get_params = [0u8, 5, 0, 0, 0, 15, 63];
+    vec![
+        ("status", [&[0u8, 0][..], &status.encode_to_vec()].concat()),
+        (
+            "presence",
+            [&[1u8, 0][..], &presence.encode_to_vec()].concat(),
+        ),
+        ("command_result", tagged(2, &result.encode_to_vec())),
+        ("update_progress", tagged(3, &progress.encode_to_vec())),
+        (
+            "chunk_request",
+            [&[4u8][..], &get_params, &get.encode_to_vec()].concat(),
+        ),
+        (
+            "trust_report",
+            [&[5u8, 3][..], &trust.encode_to_vec()].concat(),
+        ),
+    ]
+}
+
+fn gateway_device_seeds() {
+    for (name, bytes) in gateway_device_messages() {
+        write("gateway_device_inputs", name, &bytes);
+    }
+}
+
+/// The device-to-gateway seeds, and the update requests of the API seeds, must pass the
+/// gateway's checks.
+fn check_gateway_seeds(keys: &Keys) {
+    use fleet_broker::fuzzing;
+    if let Err(e) = fuzzing::check_create(&manifest_envelope(keys), &manifest(), 1 << 30) {
+        panic!("the create_update seed is refused by the gateway: {e}");
+    }
+    let first = match v1::Chunk::decode(chunks()[0].as_slice()) {
+        Ok(c) => c,
+        Err(e) => panic!("{e}"),
+    };
+    let upload = v1::UploadChunk {
+        update_id: first.update_id,
+        component: first.component,
+        index: first.index,
+        data: first.data,
+        proof: first.proof,
+    };
+    if let Err(e) = fuzzing::check_upload(&upload) {
+        panic!("the upload_chunk seed is refused by the gateway: {e}");
+    }
+    for (name, bytes) in gateway_device_messages() {
+        let payload = match name {
+            "status" | "presence" | "trust_report" => &bytes[2..],
+            "chunk_request" => &bytes[8..],
+            _ => &bytes[1..],
+        };
+        let verdict = match name {
+            "status" => fuzzing::status_report(DEVICE_ID, payload),
+            "presence" => fuzzing::presence(&format!("devices/{DEVICE_ID}/presence"), payload),
+            "command_result" => fuzzing::command_result(payload).map(drop),
+            "update_progress" => fuzzing::update_progress(payload).map(drop),
+            "chunk_request" => fuzzing::chunk_request(payload, 5, 16, 64).map(|(_, wanted)| {
+                assert_eq!(
+                    wanted,
+                    [1, 2, 4],
+                    "the chunk request seed wants other chunks"
+                );
+            }),
+            _ => fuzzing::trust_report(payload, Some(3), NOW_MS).map(drop),
+        };
+        if let Err(e) = verdict {
+            panic!("the {name} seed is refused by the gateway: {e}");
+        }
+    }
 }
 
 /// The device seeds must pass every check, or the fuzzer would start from refusals only.
@@ -323,7 +521,11 @@ fn check_device_seeds(keys: &Keys) {
         "the root chain seed is refused: {:?}",
         walk.refused
     );
-    if let Err(e) = TrustedKeys::from_role(&root.updates).verify_encoded(&signed_manifest(keys)) {
+    if let Err(e) = root
+        .updates
+        .trusted_keys()
+        .verify_encoded(&signed_manifest(keys))
+    {
         panic!("the manifest seed is refused: {e}");
     }
     let component = image_summary().component(COMPONENT);
@@ -348,9 +550,12 @@ fn check_device_seeds(keys: &Keys) {
 fn main() {
     let keys = Keys::fixed();
     check_device_seeds(&keys);
+    check_gateway_seeds(&keys);
     mqtt_seeds();
     device_seeds(&keys);
     api_seeds(&keys);
     merkle_seeds();
     acl_seeds();
+    bridge_seeds();
+    gateway_device_seeds();
 }

@@ -17,7 +17,7 @@
 
 mod api;
 pub(crate) mod campaign;
-mod limits;
+pub(crate) mod limits;
 pub(crate) mod queue;
 
 use std::collections::HashMap;
@@ -77,6 +77,32 @@ struct Served {
     /// The SignedManifest exactly as registered.
     signed: Vec<u8>,
     components: Vec<ServedComponent>,
+}
+
+/// Why a device's `UpdateProgress` is dropped.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum BadProgress {
+    /// Not protobuf of an `UpdateProgress`.
+    #[error("bad protobuf: {0}")]
+    Decode(#[from] prost::DecodeError),
+    /// No phase: nothing to record.
+    #[error("update progress without a phase")]
+    NoPhase,
+}
+
+/// A device's `UpdateProgress`, checked before it reaches a campaign: it decodes and names a
+/// phase. Its free text (`detail`, `running_version`) is cut to the contract's bound with
+/// control characters replaced ([`fleet_proto::bounded_detail`], what a conforming device
+/// sends anyway), so a device cannot make its campaign record or a log line as large as a
+/// packet, nor write control characters into either.
+pub(crate) fn checked_progress(payload: &[u8]) -> Result<UpdateProgress, BadProgress> {
+    let mut p = UpdateProgress::decode(payload)?;
+    if p.phase == 0 {
+        return Err(BadProgress::NoPhase);
+    }
+    p.detail = fleet_proto::bounded_detail(&p.detail);
+    p.running_version = fleet_proto::bounded_detail(&p.running_version);
+    Ok(p)
 }
 
 /// Decodes a registered SignedManifest and its UpdateManifest.
@@ -451,20 +477,11 @@ impl UpdateService {
     }
 
     async fn on_progress(&mut self, device: &str, payload: &[u8]) {
-        let p = match UpdateProgress::decode(payload) {
-            Ok(p) if p.phase != 0 => p,
-            Ok(_) => {
-                if let Some(suppressed) = self.metrics.malformed_payload() {
-                    warn!(
-                        device,
-                        suppressed, "update progress without a phase; dropped"
-                    );
-                }
-                return;
-            }
+        let p = match checked_progress(payload) {
+            Ok(p) => p,
             Err(e) => {
                 if let Some(suppressed) = self.metrics.malformed_payload() {
-                    warn!(device, error = %e, suppressed, "update progress: bad protobuf; dropped");
+                    warn!(device, error = %e, suppressed, "update progress dropped");
                 }
                 return;
             }
@@ -555,5 +572,54 @@ impl UpdateService {
         if let Err(e) = self.link.publish_retained(topic, bytes).await {
             warn!(device, error = %e, "could not publish a manifest");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use fleet_proto::v1::UpdatePhase;
+    use fleet_proto::MAX_DETAIL_LEN;
+
+    // Found by the gateway_device_inputs fuzz target: a device's progress text went into the
+    // campaign record and the "device finished an update" log line whole (up to a packet).
+    #[test]
+    fn progress_text_is_cut_to_the_contracts_bound() {
+        let long = UpdateProgress {
+            update_id: "fw-1".into(),
+            phase: UpdatePhase::Failed.into(),
+            detail: format!("line\n{}", "x".repeat(1 << 20)),
+            running_version: "v".repeat(100_000),
+            ..Default::default()
+        };
+        let p = checked_progress(&long.encode_to_vec()).unwrap();
+        assert!(p.detail.len() <= MAX_DETAIL_LEN, "{} bytes", p.detail.len());
+        assert!(!p.detail.chars().any(char::is_control));
+        assert!(p.detail.starts_with("line"));
+        assert!(p.running_version.len() <= MAX_DETAIL_LEN);
+        assert_eq!((p.update_id.as_str(), p.phase), ("fw-1", long.phase));
+
+        let short = UpdateProgress {
+            detail: "disk full".into(),
+            running_version: "1.2.3".into(),
+            ..long
+        };
+        assert_eq!(checked_progress(&short.encode_to_vec()).unwrap(), short);
+        assert!(matches!(
+            checked_progress(&UpdateProgress::default().encode_to_vec()),
+            Err(BadProgress::NoPhase)
+        ));
+        assert!(matches!(
+            checked_progress(b"\xff"),
+            Err(BadProgress::Decode(_))
+        ));
+
+        // The fuzzer's input: phase 16 (unknown, not 0), a detail of 16 control characters.
+        let mut found = vec![0x38, 0x10, 0x10, 0x10, 0x32];
+        found.extend([0x10; 43]);
+        let p = checked_progress(&found).unwrap();
+        assert_eq!(p.phase, 16);
+        assert_eq!(p.detail, "\u{fffd}".repeat(16));
     }
 }
