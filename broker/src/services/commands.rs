@@ -15,7 +15,7 @@
 //! The store is the truth: the service keeps only which devices are connected, so a restart
 //! (or a crash) loses nothing but that, and the edge re-tells it as devices reconnect.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -51,7 +51,7 @@ pub(crate) struct CommandService {
     pub(super) settings: CommandSettings,
     pub(super) metrics: Arc<Metrics>,
     /// Devices with a live session.
-    pub(super) online: HashSet<String>,
+    pub(super) online: Online,
     events: mpsc::UnboundedReceiver<SessionEvent>,
     /// Where update requests of the fleet API go.
     pub(super) updates: mpsc::UnboundedSender<super::updates::ApiCall>,
@@ -138,6 +138,43 @@ fn covers_cmd_topic(filter: &str, device: &str) -> bool {
     crate::acl::filter::matches(filter, &topic)
 }
 
+/// The devices with a live session, counted per device: one connection's `Connected` and
+/// `Disconnected` always come in that order, but a device that reconnects gets its new
+/// session's `Connected` before the old connection (taken over, or not yet seen dead) has
+/// ended. A set would then mark a live device offline when the old one's `Disconnected`
+/// arrives, and its commands would wait for its next reconnect.
+#[derive(Debug, Default)]
+pub(crate) struct Online {
+    sessions: HashMap<String, u32>,
+}
+
+impl Online {
+    /// A session of `id` opened.
+    pub(crate) fn connected(&mut self, id: &str) {
+        *self.sessions.entry(id.to_owned()).or_insert(0) += 1;
+    }
+
+    /// A session of `id` ended.
+    pub(crate) fn disconnected(&mut self, id: &str) {
+        if let Some(n) = self.sessions.get_mut(id) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.sessions.remove(id);
+            }
+        }
+    }
+
+    /// Whether `id` has a live session.
+    pub(crate) fn contains(&self, id: &str) -> bool {
+        self.sessions.contains_key(id)
+    }
+
+    /// Whether no device has one.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.sessions.is_empty()
+    }
+}
+
 impl CommandService {
     /// Opens the service's link.
     pub(crate) async fn start(
@@ -157,7 +194,7 @@ impl CommandService {
             store,
             settings,
             metrics,
-            online: HashSet::new(),
+            online: Online::default(),
             events,
             updates,
             trust,
@@ -202,7 +239,7 @@ impl CommandService {
                 id,
                 session_present,
             } => {
-                self.online.insert(id.clone());
+                self.online.connected(&id);
                 // With its session kept, the device's subscription is already in the router.
                 if session_present {
                     self.deliver_open(&id).await;
@@ -214,7 +251,7 @@ impl CommandService {
                 }
             }
             SessionEvent::Disconnected { id } => {
-                self.online.remove(&id);
+                self.online.disconnected(&id);
             }
         }
     }
@@ -490,6 +527,50 @@ mod tests {
         // Far away: no longer than the cap.
         assert_eq!(next_sweep_in(0, Some(u64::MAX), None, r), MAX_SLEEP);
         assert_eq!(next_sweep_in(0, None, Some(u64::MAX), r), MAX_SLEEP);
+    }
+
+    #[test]
+    fn a_late_disconnect_of_a_replaced_session_leaves_the_device_online() {
+        let mut o = Online::default();
+        o.connected("dev-1");
+        // It reconnects; the old connection's end is seen only afterwards.
+        o.connected("dev-1");
+        o.disconnected("dev-1");
+        assert!(o.contains("dev-1"));
+        o.disconnected("dev-1");
+        assert!(!o.contains("dev-1") && o.is_empty());
+        // An end without a start (never sent, but harmless) changes nothing.
+        o.disconnected("dev-2");
+        assert!(o.is_empty());
+    }
+
+    proptest! {
+        /// Whatever the interleaving of several connections of several devices (each
+        /// connection's start before its end), a device is online exactly while one of its
+        /// connections has started and not ended.
+        #[test]
+        fn online_while_any_connection_is_live(
+            order in proptest::collection::vec((0usize..3, 0usize..4), 0..40),
+        ) {
+            let mut o = Online::default();
+            // (device, connection) -> started, ended
+            let mut state = [[(false, false); 4]; 3];
+            for (d, c) in order {
+                let id = format!("dev-{d}");
+                let (started, ended) = state[d][c];
+                if !started {
+                    o.connected(&id);
+                    state[d][c].0 = true;
+                } else if !ended {
+                    o.disconnected(&id);
+                    state[d][c].1 = true;
+                }
+                for (dev, conns) in state.iter().enumerate() {
+                    let live = conns.iter().any(|&(s, e)| s && !e);
+                    prop_assert_eq!(o.contains(&format!("dev-{dev}")), live);
+                }
+            }
+        }
     }
 
     proptest! {
