@@ -24,7 +24,7 @@ use crate::edge::{self, Edge, EdgeHandle, EdgeParts, Sessions};
 use crate::firmware::FirmwareDir;
 use crate::metrics::Metrics;
 use crate::ports::{DirectSink, StatusIntake};
-use crate::router::Router;
+use crate::router::{Router, ServiceLink};
 use crate::services::{self, ServiceDeps};
 use crate::store::{SessionWriter, SharedStore, Store, StoreError};
 use crate::tls::TlsFiles;
@@ -237,6 +237,15 @@ impl Gateway {
             )
             .await?;
             tokio::spawn(bridge.run());
+        } else {
+            // A bridge configured before left its durable link's session in the store, where it
+            // would go on collecting upward messages until it expired: a clean link of the same
+            // name discards it.
+            drop(
+                ServiceLink::open(&router, bridge::LINK, &[])
+                    .await
+                    .map_err(bridge::BridgeError::from)?,
+            );
         }
 
         let direct: Arc<dyn DirectSink> = sessions;

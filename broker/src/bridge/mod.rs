@@ -49,6 +49,9 @@ const TICK: Duration = Duration::from_millis(50);
 /// Local messages queued upward in one transaction, at most.
 const LOCAL_BATCH: usize = 512;
 
+/// The name of the bridge's durable link into the MQTT core (its stored session's id).
+pub(crate) const LINK: &str = "bridge";
+
 /// Why the bridge cannot start.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -129,7 +132,7 @@ impl Bridge {
         let filters: Vec<&str> = filters.iter().map(String::as_str).collect();
         // Durable: what a device publishes upward is in the link's stored session queue before
         // the device's PUBACK, and is confirmed only once it is in the upward queue.
-        let link = ServiceLink::open_durable(router, "bridge", &filters).await?;
+        let link = ServiceLink::open_durable(router, LINK, &filters).await?;
         let mut options = MqttOptions::new(id.clone(), host, port);
         options
             .set_transport(Transport::Tls(TlsConfiguration::Rustls(client.config)))
