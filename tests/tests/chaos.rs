@@ -323,7 +323,13 @@ fn with<T>(s: &Shared, f: impl FnOnce(&mut Summary) -> T) -> T {
 async fn chaos() {
     let cfg = Config::from_env();
     let seed = cfg.seed;
-    eprintln!("chaos: seed {seed} (rerun with FLEET_CHAOS_SEED={seed})");
+    {
+        use std::io::Write as _;
+        let _ = writeln!(
+            std::io::stderr(),
+            "chaos: seed {seed} (rerun with FLEET_CHAOS_SEED={seed})"
+        );
+    }
     let summary: Shared = Arc::new(Mutex::new(Summary {
         seed,
         devices: cfg.devices,
@@ -341,7 +347,11 @@ async fn chaos() {
         tokio::time::timeout(hard, CatchUnwind(Box::pin(run(cfg, summary.clone())))).await;
     let text = with(&summary, |s| s.to_string());
     match outcome {
-        Ok(Ok(())) => eprintln!("{text}"),
+        // Past the test harness's capture, so that a passing run shows it too.
+        Ok(Ok(())) => {
+            use std::io::Write as _;
+            let _ = writeln!(std::io::stderr(), "{text}");
+        }
         Ok(Err(p)) => {
             let why = p
                 .downcast_ref::<String>()
