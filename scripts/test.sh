@@ -26,3 +26,6 @@ fi
 ./scripts/deadline.sh 2400 "building the tests" cargo test --workspace --locked --no-run "$@"
 ./scripts/deadline.sh "${FLEET_TEST_DEADLINE:-1200}" "the test suite" \
     cargo test --workspace --locked --no-fail-fast "$@"
+# Every fuzz target a few seconds on its seeds (its own workspace and target directory; fails
+# when a target does not build, crashes or runs no input). Installs g++ when missing.
+./scripts/deadline.sh 900 "the fuzz smoke run" ./scripts/fuzz.sh smoke

@@ -82,7 +82,10 @@ fuzz_target!(|data: &[u8]| {
     // With status queued by the store, the link leaves out only filters that match nothing
     // but status topics.
     let link = m.link_filters(true);
-    assert!(link.iter().all(|f| up.contains(f)), "{link:?} within {up:?}");
+    assert!(
+        link.iter().all(|f| up.contains(f)),
+        "{link:?} within {up:?}"
+    );
     assert_eq!(
         status_up(&up),
         up.iter().any(|f| matches(f, "devices/x/status"))
