@@ -17,7 +17,7 @@
 use std::sync::OnceLock;
 
 use fleet_broker::fuzzing::{check_create, check_upload};
-use fleet_fuzz::{device_root, NOW_MS};
+use fleet_fuzz::{bounded, device_root, NOW_MS};
 use fleet_proto::chunker::MAX_CHUNK_SIZE;
 use fleet_proto::ids::validate_id;
 use fleet_proto::limits::{MAX_KEY_ID_LEN, MAX_PROOF_LEN, MAX_SIGNATURES};
@@ -33,18 +33,6 @@ fn current_root() -> &'static TrustedRoot {
 
 /// The gateway's default `updates.max_update_bytes` (1 GiB).
 const BUDGET: u64 = 1 << 30;
-/// The longest refusal message: a bounded log line and API error.
-const MAX_REFUSAL_LEN: usize = 512;
-
-fn bounded<T>(r: &Result<T, String>) {
-    if let Err(e) = r {
-        assert!(
-            e.len() <= MAX_REFUSAL_LEN,
-            "refusal of {} bytes: {e:.200}",
-            e.len()
-        );
-    }
-}
 
 /// The update service's bounds on a `CreateUpdate`: as the service does, the signed manifest
 /// is re-encoded and decoded with its manifest, then checked.

@@ -18,7 +18,7 @@
 #![no_main]
 
 use fleet_broker::fuzzing::{self, MAX_RANGES, MAX_TRUST_REPORT_LEN};
-use fleet_fuzz::NOW_MS;
+use fleet_fuzz::{bounded, NOW_MS};
 use fleet_proto::ids::validate_id;
 use fleet_proto::topics::{self, DeviceTopic, Topic};
 use fleet_proto::v1::{
@@ -28,9 +28,6 @@ use fleet_proto::v1::{
 use fleet_proto::{DeviceId, Message as _, MAX_DETAIL_LEN};
 use libfuzzer_sys::fuzz_target;
 
-/// The longest refusal message: a bounded log line.
-const MAX_REFUSAL_LEN: usize = 512;
-
 /// Device ids and topics the status and presence checks are given: valid and invalid.
 const DEVICES: [&str; 4] = ["dev-1", "", "a/b", "dev-1/../x"];
 const PRESENCE_TOPICS: [&str; 4] = [
@@ -39,16 +36,6 @@ const PRESENCE_TOPICS: [&str; 4] = [
     "devices//presence",
     "fleet/api/x/request",
 ];
-
-fn bounded<T>(r: &Result<T, String>) {
-    if let Err(e) = r {
-        assert!(
-            e.len() <= MAX_REFUSAL_LEN,
-            "refusal of {} bytes: {e:.200}",
-            e.len()
-        );
-    }
-}
 
 fn u32_at(bytes: &[u8], at: usize) -> u32 {
     let mut b = [0u8; 4];

@@ -103,6 +103,21 @@ impl Keys {
     }
 }
 
+/// The longest refusal message the gateway's checks may give: a bounded log line and API
+/// error.
+pub const MAX_REFUSAL_LEN: usize = 512;
+
+/// Asserts that a refusal, if `r` is one, is bounded.
+pub fn bounded<T>(r: &Result<T, String>) {
+    if let Err(e) = r {
+        assert!(
+            e.len() <= MAX_REFUSAL_LEN,
+            "refusal of {} bytes: {e:.200}",
+            e.len()
+        );
+    }
+}
+
 /// The root every target's device holds (version 1).
 pub fn device_root() -> TrustedRoot {
     match TrustedRoot::provisioned(&Keys::fixed().signed_root(1)) {

@@ -71,6 +71,20 @@ async fn wait_bridged(gw: &GatewayProc) {
 }
 
 /// The cloud broker's stable address, held before the gateway that bridges to it starts.
+/// A cloud service (svc-0001) subscribed upstream to `filter`.
+async fn observer(pki: &Path, cloud_port: u16, filter: &str) -> Observer {
+    let mut obs = Observer::start(
+        cloud_port,
+        &pki.join("ca.crt"),
+        &pki.join("services/svc-0001.crt"),
+        &pki.join("services/svc-0001.key"),
+        "cloud-observer",
+        filter,
+    );
+    assert!(obs.wait_subscribed(Duration::from_secs(20)).await);
+    obs
+}
+
 fn cloud_relay() -> (Relay, u16) {
     let relay = Relay::start(None).unwrap();
     let port = relay.addr.port();
@@ -189,15 +203,7 @@ async fn outage(kill_gateway: bool) {
     let mut broker = cloud(dir.path(), &gw, relay);
     wait_bridged(&gw).await;
     let pki = gw.pki();
-    let mut obs = Observer::start(
-        cloud_port,
-        &pki.join("ca.crt"),
-        &pki.join("services/svc-0001.crt"),
-        &pki.join("services/svc-0001.key"),
-        "cloud-observer",
-        "gateways/gw-0001/devices/+/status",
-    );
-    assert!(obs.wait_subscribed(Duration::from_secs(20)).await);
+    let obs = observer(&pki, cloud_port, "gateways/gw-0001/devices/+/status").await;
 
     // The uplink goes down; the devices publish 2 x 500 reports, all acknowledged by the
     // gateway (stored) while the cloud is unreachable.
@@ -404,15 +410,12 @@ async fn progress_reports_acknowledged_to_a_device_survive_a_kill_during_an_outa
     let mut broker = cloud(dir.path(), &gw, relay);
     wait_bridged(&gw).await;
     let pki = gw.pki();
-    let mut obs = Observer::start(
+    let obs = observer(
+        &pki,
         cloud_port,
-        &pki.join("ca.crt"),
-        &pki.join("services/svc-0001.crt"),
-        &pki.join("services/svc-0001.key"),
-        "cloud-observer",
         "gateways/gw-0001/devices/+/update/progress",
-    );
-    assert!(obs.wait_subscribed(Duration::from_secs(20)).await);
+    )
+    .await;
     broker.stop();
     eventually(
         Duration::from_secs(30),
