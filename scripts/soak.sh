@@ -28,12 +28,13 @@ rm -f "$samples"
 # As the test suite builds them: the gateway and test-device with their test switches, and
 # soak-plot.
 cargo test --workspace --locked --no-run
-# The test's own deadline grows with the fault phase; this one is the backstop.
+# The test's own deadline grows with the fault phase; this one is the backstop. `--workspace`
+# keeps the features of the build above, so nothing is built again.
 deadline=$((seconds + 1800))
 status=0
 FLEET_CHAOS_SECONDS="$seconds" FLEET_CHAOS_SAMPLES="$samples" \
     ./scripts/deadline.sh "$deadline" "the soak run" \
-    cargo test --locked -p fleet-tests --test chaos -- --nocapture 2>&1 | tee "$out/soak.log" || status=$?
+    cargo test --workspace --locked --test chaos -- --nocapture 2>&1 | tee "$out/soak.log" || status=$?
 if [ -s "$samples" ]; then
     ./target/debug/soak-plot "$samples" "$out/soak.svg"
 else
