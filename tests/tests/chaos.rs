@@ -1088,6 +1088,7 @@ impl Checks {
         let mut p = Vec::new();
         let mut phases: BTreeMap<String, u64> = BTreeMap::new();
         let mut gap = 0;
+        let mut rerun = 0u64;
         let Some(rec) = rec else {
             self.add(
                 "rollout: every device committed once or its failure is reported",
@@ -1103,21 +1104,19 @@ impl Checks {
             .collect();
         for o in opts {
             let log = lines(&o.state.with_file_name(format!("{}-commits.log", o.id)));
-            let committed = log
-                .iter()
-                .filter(|l| *l == &format!("committed {UPDATE}"))
-                .count();
-            let committing = log
-                .iter()
-                .filter(|l| *l == &format!("committing {UPDATE}"))
-                .count();
+            let commits = match commit_history(&log, UPDATE) {
+                Ok(c) => c,
+                Err(e) => {
+                    p.push(format!("{}: {e}", o.id));
+                    continue;
+                }
+            };
+            let (committed, committing) = (commits.committed, commits.committing);
+            rerun += commits.reruns as u64;
             let phase = targets.get(o.id.as_str()).copied();
             *phases
                 .entry(phase.map_or("not a target".into(), phase_name))
                 .or_default() += 1;
-            if committed > 1 {
-                p.push(format!("{} committed {committed} times", o.id));
-            }
             match phase {
                 Some(UpdatePhase::Committed) => {
                     let active = device_client::SlotInstaller::new(&o.state)
@@ -1149,6 +1148,12 @@ impl Checks {
         }
         if gap > 0 {
             phases.insert("committed (killed before its log line)".into(), gap);
+        }
+        if rerun > 0 {
+            phases.insert(
+                "commit hook run again at the next start (killed before the journal)".into(),
+                rerun,
+            );
         }
         let detail = format!("{phases:?}");
         with(sum, |s| s.rollout = phases);
@@ -1407,4 +1412,135 @@ impl Checks {
             format!("max RSS {rss} KiB, max fds {fds}"),
         );
     }
+}
+
+/// What one device's commit log (`started`, `installing ID`, `committing ID`, `committed ID`,
+/// `journaled ID` lines) says about update `id`.
+#[derive(Debug, PartialEq, Eq)]
+struct Commits {
+    /// Whether a commit hook completed (0 or 1: a second is an error or a rerun).
+    committed: usize,
+    /// Commit hooks begun.
+    committing: usize,
+    /// Commit hooks run again by a later start: allowed while the commit is not journaled,
+    /// because the agent journals a commit after its hook, so a kill in between runs the
+    /// (idempotent) hook once more; it is then the first thing that start does.
+    reruns: usize,
+}
+
+/// Reads a commit log: the update is committed once, except that while the commit is not
+/// journaled, a start may run the commit hook again, first thing. Anything else (two commits
+/// in one start, a commit after the journal has it, an install after a commit) is an error
+/// naming what happened.
+fn commit_history(log: &[String], id: &str) -> Result<Commits, String> {
+    let line = |what: &str| format!("{what} {id}");
+    let (installing, committing, committed, journaled) = (
+        line("installing"),
+        line("committing"),
+        line("committed"),
+        line("journaled"),
+    );
+    // The lines of each start.
+    let mut starts: Vec<Vec<&str>> = vec![Vec::new()];
+    for l in log {
+        if l == "started" {
+            starts.push(Vec::new());
+        } else if let Some(cur) = starts.last_mut() {
+            cur.push(l.as_str());
+        }
+    }
+    let mut c = Commits {
+        committed: 0,
+        committing: 0,
+        reruns: 0,
+    };
+    let mut is_journaled = false;
+    for (n, lines) in starts.iter().enumerate() {
+        c.committing += lines.iter().filter(|l| **l == committing).count();
+        let mut done_here = 0;
+        for (k, l) in lines.iter().enumerate() {
+            if *l == journaled {
+                is_journaled = true;
+            } else if *l == installing && c.committed > 0 {
+                return Err(format!("installed again in start {n}, after it committed"));
+            } else if *l == committed {
+                done_here += 1;
+                if done_here > 1 {
+                    return Err(format!("committed twice in start {n}: {lines:?}"));
+                }
+                if c.committed > 0 {
+                    let first_thing = lines[..k].iter().all(|l| *l == committing);
+                    if is_journaled || !first_thing {
+                        return Err(format!(
+                            "committed again in start {n} ({lines:?}), after the journal had it"
+                        ));
+                    }
+                    c.reruns += 1;
+                }
+                c.committed = 1;
+            }
+        }
+    }
+    Ok(c)
+}
+
+#[test]
+fn commit_history_tells_a_rerun_from_a_second_commit() {
+    let log = |s: &str| -> Vec<String> { s.split(',').map(str::to_owned).collect() };
+    let ok = |s: &str| commit_history(&log(s), "u").unwrap();
+    let once = "started,installing u,committing u,committed u";
+    let journaled = format!("{once},journaled u");
+    assert_eq!(
+        ok(once),
+        Commits {
+            committed: 1,
+            committing: 1,
+            reruns: 0
+        }
+    );
+    // Killed right after the hook, before the journal: the next start runs it again first.
+    let rerun = format!("{once},started,committing u,committed u,started");
+    assert_eq!(
+        ok(&rerun),
+        Commits {
+            committed: 1,
+            committing: 2,
+            reruns: 1
+        }
+    );
+    // Killed inside the hook.
+    let cut = "started,installing u,committing u,started,committing u,committed u";
+    assert_eq!(
+        ok(cut),
+        Commits {
+            committed: 1,
+            committing: 2,
+            reruns: 0
+        }
+    );
+    let not = |s: &str| commit_history(&log(s), "u").unwrap_err();
+    // Twice in one start.
+    not(&format!("{once},committing u,committed u"));
+    // A start killed before it resumed, or inside the hook, and the next one finishes.
+    let late = format!("{once},started,started,committing u,started,committing u,committed u");
+    assert_eq!(
+        ok(&late),
+        Commits {
+            committed: 1,
+            committing: 3,
+            reruns: 1
+        }
+    );
+    // Again after the journal had it: in the same start, or in a later one.
+    not(&format!("{journaled},started,committing u,committed u"));
+    not(&format!(
+        "{journaled},started,journaled u,committing u,committed u"
+    ));
+    // Not first thing in its start.
+    not(&format!("{once},started,x,committing u,committed u"));
+    // Installed again.
+    not(&format!(
+        "{once},started,installing u,committing u,committed u"
+    ));
+    not(&format!("{once},started,installing u"));
 }

@@ -166,7 +166,9 @@ pub trait UpdateHandler: Send + Sync + 'static {
         Ok(())
     }
 
-    /// Makes the update on trial permanent, for every component at once.
+    /// Makes the update on trial permanent, for every component at once. It must be
+    /// idempotent: the agent journals the commit after this returns, so a power cut in between
+    /// calls it again, first thing, on the next start.
     fn commit(&self, manifest: &UpdateManifest) -> Result<(), HandlerError>;
 
     /// Abandons the installed or trial update; the previous firmware stays or comes back.

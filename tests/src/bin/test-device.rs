@@ -24,8 +24,11 @@
 //! inside `report()` may leave a sequence unused: the library writes its counter first. Such
 //! a sequence has no `q` line.) Once the stop file exists and nothing waits, `drained SEQ
 //! dropped=N` is printed (SEQ: the last report queued; N: reports dropped from a full outbox).
-//! `--committed-log FILE` gets `committing ID` before and `committed ID` after each update
-//! commit (synced), so a kill between a commit and a line on stdout is not missed.
+//! `--committed-log FILE` gets `started` at each start, `installing ID` before each install,
+//! `committing ID` before and `committed ID` after each update commit, and `journaled ID` when
+//! the agent's report of the commit (sent only once journaled) is seen (all synced): a kill
+//! between a commit and a line on stdout is not missed, and a commit hook run again by the next
+//! start (killed before the agent journaled the first) can be told from a second commit.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -36,7 +39,7 @@ use device_client::{
     Decision, DeviceClient, DownloadSettings, HandlerError, Health, SlotInstaller, StagedImage,
     StatusReport, UpdateHandler,
 };
-use fleet_proto::v1::UpdateManifest;
+use fleet_proto::v1::{UpdateManifest, UpdatePhase};
 
 #[derive(Parser)]
 struct Args {
@@ -106,7 +109,8 @@ struct Args {
     /// Append `q SEQ` per report queued and `a SEQ` (synced) as the acknowledged prefix grows.
     #[arg(long)]
     report_log: Option<PathBuf>,
-    /// Append `committing ID` / `committed ID` here (synced) around each update commit.
+    /// Append `started` at start, `installing ID` before an install, `committing ID` /
+    /// `committed ID` around each update commit, `journaled ID` once it is journaled (synced).
     #[arg(long)]
     committed_log: Option<PathBuf>,
 }
@@ -141,6 +145,9 @@ impl UpdateHandler for Slots {
         }
     }
     fn install(&self, m: &UpdateManifest, images: &[StagedImage]) -> Result<(), HandlerError> {
+        if let Some(log) = &self.committed_log {
+            append_synced(log, &format!("installing {}", m.update_id))?;
+        }
         self.inner.install(m, images)
     }
     fn self_test(&self, _m: &UpdateManifest) -> Result<(), HandlerError> {
@@ -264,6 +271,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         )
         .init();
     let a = Args::parse();
+    if let Some(log) = &a.committed_log {
+        append_synced(log, "started")?;
+    }
     let (host, port) = a.gateway.rsplit_once(':').ok_or("--gateway HOST:PORT")?;
     let dev = a.pki.join("devices");
     let mut builder = DeviceClient::builder();
@@ -384,8 +394,20 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     {
         let mut reports = client.update_reports();
+        let committed_log = a.committed_log.clone();
         tokio::spawn(async move {
             loop {
+                // The agent sends a final report only once it is journaled.
+                let journaled = reports
+                    .borrow()
+                    .as_ref()
+                    .filter(|p| p.phase() == UpdatePhase::Committed)
+                    .map(|p| p.update_id.clone());
+                if let (Some(log), Some(id)) = (&committed_log, journaled) {
+                    if let Err(e) = append_synced(log, &format!("journaled {id}")) {
+                        eprintln!("commit log: {e}");
+                    }
+                }
                 let line = reports.borrow_and_update().as_ref().map(|p| {
                     format!(
                         "update {} {} {}/{} rejected={} error={}",
