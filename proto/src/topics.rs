@@ -241,6 +241,23 @@ impl<'a> FleetTopic<'a> {
     }
 }
 
+/// Where gateway `gateway` announces itself upstream (retained `GatewayPresence`, and its
+/// will): `gateways/{gateway_id}/presence`. Not a local topic: nothing below a gateway's prefix
+/// is mapped down but `bridge.down`.
+pub fn gateway_presence_topic(gateway: &GatewayId) -> String {
+    format!("{GATEWAYS}/{gateway}/presence")
+}
+
+/// Every gateway's presence, upstream.
+pub const ALL_GATEWAY_PRESENCE: &str = "gateways/+/presence";
+
+/// The gateway whose presence topic `upstream` is, if it is one.
+pub fn parse_gateway_presence(upstream: &str) -> Option<&str> {
+    let rest = upstream.strip_prefix(GATEWAYS)?.strip_prefix('/')?;
+    let (gateway, tail) = rest.split_once('/')?;
+    (tail == "presence" && !gateway.is_empty()).then_some(gateway)
+}
+
 /// The upstream name of a local topic: `gateways/{gateway_id}/{local}`.
 pub fn to_upstream(gateway: &GatewayId, local: &str) -> String {
     format!("{GATEWAYS}/{gateway}/{local}")
@@ -264,6 +281,23 @@ mod tests {
 
     fn dev(s: &str) -> DeviceId {
         DeviceId::new(s).unwrap_or_else(|e| panic!("{s}: {e}"))
+    }
+
+    #[test]
+    fn gateway_presence_topics_round_trip() {
+        let gw = GatewayId::new("gw-0001").unwrap_or_else(|e| panic!("{e}"));
+        let t = gateway_presence_topic(&gw);
+        assert_eq!(t, "gateways/gw-0001/presence");
+        assert_eq!(parse_gateway_presence(&t), Some("gw-0001"));
+        for other in [
+            "gateways//presence",
+            "gateways/gw-0001/presence/x",
+            "gateways/gw-0001/devices/d/presence",
+            "gateway/gw-0001/presence",
+            "gateways/gw-0001",
+        ] {
+            assert_eq!(parse_gateway_presence(other), None, "{other}");
+        }
     }
 
     #[test]
