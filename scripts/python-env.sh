@@ -19,19 +19,25 @@ mkdir -p "$dir"
 exec 9>"$dir/.lock"
 flock 9
 
-if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
-    echo "Installing python3-venv" >&2
-    sudo=""
+install_python() {
+    echo "Installing python3 and python3-venv" >&2
+    local sudo=""
     [ "$(id -u)" -eq 0 ] || sudo="sudo"
     $sudo apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq python3 python3-venv
-fi
+}
+command -v python3 >/dev/null 2>&1 || install_python
 
 venv="$dir/venv"
 want="$(printf '%s\n' "$(python3 --version 2>&1)" "${pins[@]}")"
 if [ "$(cat "$venv/.fleet-pins" 2>/dev/null)" != "$want" ]; then
     rm -rf "$venv"
-    python3 -m venv "$venv"
+    # Debian's python3 makes a venv only with python3-venv (ensurepip) installed.
+    if ! python3 -m venv "$venv" >/dev/null 2>&1; then
+        rm -rf "$venv"
+        install_python
+        python3 -m venv "$venv"
+    fi
     "$venv/bin/pip" install --disable-pip-version-check -q "${pins[@]}"
     printf '%s\n' "$want" >"$venv/.fleet-pins"
 fi

@@ -19,6 +19,10 @@ if ((${#missing[@]})); then
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}"
 fi
 
+# The Python example service's venv and generated classes (tests/tests/python_service.rs;
+# pip runs only on the first call, and python3-venv is installed when missing).
+./scripts/deadline.sh 600 "the Python environment" ./scripts/python-env.sh
+
 # Build first (a clean build on 2 cores takes minutes and cannot hang), then run under a
 # deadline: a test that hangs fails the run with a message naming it, well inside CI's limit,
 # instead of running until something kills it. Every test bounds its own waits; this is the
