@@ -194,37 +194,40 @@ async fn a_python_service_sends_a_durable_command_through_the_cloud_broker() {
         path("services/svc-0001.key"),
         path("trust/commands-1.key"),
     );
-    let out = tokio::task::block_in_place(|| {
-        service(
-            &python,
-            &[
-                "send",
-                "--host",
-                "localhost",
-                "--port",
-                &port,
-                "--ca",
-                &ca,
-                "--cert",
-                &cert,
-                "--key",
-                &key,
-                "--command-key",
-                &command_key,
-                "--gateway",
-                GW,
-                "--device",
-                "dev-0001",
-                "--name",
-                "ping",
-                "--payload",
-                "up",
-                "--timeout",
-                "30",
-            ],
-            Duration::from_secs(60),
-        )
-    });
+    let send = |command_key: &str| {
+        tokio::task::block_in_place(|| {
+            service(
+                &python,
+                &[
+                    "send",
+                    "--host",
+                    "localhost",
+                    "--port",
+                    &port,
+                    "--ca",
+                    &ca,
+                    "--cert",
+                    &cert,
+                    "--key",
+                    &key,
+                    "--command-key",
+                    command_key,
+                    "--gateway",
+                    GW,
+                    "--device",
+                    "dev-0001",
+                    "--name",
+                    "ping",
+                    "--payload",
+                    "up",
+                    "--timeout",
+                    "30",
+                ],
+                Duration::from_secs(60),
+            )
+        })
+    };
+    let out = send(&command_key);
     assert!(
         out.status.success(),
         "{}\nstdout: {}\nstderr: {}",
@@ -257,4 +260,19 @@ async fn a_python_service_sends_a_durable_command_through_the_cloud_broker() {
     assert_eq!(recs.len(), 1, "{recs:?}");
     assert_eq!(recs[0].state(), cloud_client::CommandState::Succeeded);
     assert_eq!(recs[0].issued_by, "svc-0001");
+
+    // Signed by a key the fleet's root does not name: the device refuses it without running
+    // it, and the service says so with its own exit status and the same JSON line.
+    let stranger = dir.path().join("stranger.key");
+    std::fs::write(&stranger, UpdateSigner::generate().to_pkcs8_pem().unwrap()).unwrap();
+    let out = send(stranger.to_str().unwrap());
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let result: serde_json::Value = serde_json::from_str(text(&out.stdout).trim()).unwrap();
+    assert_eq!(result["state"], "REJECTED", "{result}");
+    assert!(
+        text(&out.stderr).contains("ended REJECTED"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(opts.ran(), vec![command_id]);
 }
