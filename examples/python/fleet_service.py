@@ -82,6 +82,8 @@ FINAL_STATES = {
 # How often the command's state is re-read while waiting (an event missed over a reconnect
 # only delays the answer).
 POLL_INTERVAL_S = 2.0
+# Messages that do not decode are skipped and counted; only the first few are logged.
+MAX_BAD_MESSAGE_LOGS = 3
 
 EXIT_OK, EXIT_NOT_SUCCEEDED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 
@@ -173,6 +175,7 @@ class Api:
         self.inbox = queue.Queue()  # ("response", ApiResponse) | ("event", CommandEvent)
         self.subscribed = threading.Event()
         self.connect_error = None
+        self.bad_messages = 0
         self.client = mqtt.Client(
             mqtt.CallbackAPIVersion.VERSION2,
             client_id=f"{service}:{secrets.token_hex(6)}",
@@ -214,8 +217,10 @@ class Api:
                 self.inbox.put(("response", fleet_pb2.ApiResponse.FromString(msg.payload)))
             else:
                 self.inbox.put(("event", fleet_pb2.CommandEvent.FromString(msg.payload)))
-        except Exception as e:  # a bad payload is skipped, said once per message
-            sys.stderr.write(f"fleet_service: skipped a bad message on {msg.topic}: {e}\n")
+        except Exception as e:  # a payload that does not decode: counted, skipped
+            self.bad_messages += 1
+            if self.bad_messages <= MAX_BAD_MESSAGE_LOGS:
+                sys.stderr.write(f"fleet_service: skipped a bad message on {msg.topic}: {e}\n")
 
     def connect(self, host, port, within):
         deadline = time.monotonic() + within
@@ -316,6 +321,8 @@ def run_send(args):
                     record = r
     finally:
         api.close()
+        if api.bad_messages > MAX_BAD_MESSAGE_LOGS:
+            sys.stderr.write(f"fleet_service: {api.bad_messages} bad messages skipped in all\n")
     output = record.result.output
     try:
         output_field = {"output": output.decode("utf-8")}
