@@ -5,8 +5,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Debian package -> command the tests run.
-# (mosquitto, the cloud broker of the bridge tests, lives in /usr/sbin.)
-declare -A tools=([openssl]=openssl [mosquitto-clients]=mosquitto_pub [mosquitto]=mosquitto)
+# (mosquitto, the cloud broker of the bridge tests, and nats-server, the cloud cluster of the
+# cluster tests, live in /usr/sbin.)
+declare -A tools=([openssl]=openssl [mosquitto-clients]=mosquitto_pub [mosquitto]=mosquitto
+    [nats-server]=nats-server)
 missing=()
 for pkg in "${!tools[@]}"; do
     command -v "${tools[$pkg]}" >/dev/null 2>&1 || [ -x "/usr/sbin/${tools[$pkg]}" ] || missing+=("$pkg")
