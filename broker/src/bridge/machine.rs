@@ -11,7 +11,7 @@
 //! * A row leaves the queue only after a PUBACK, on the connection that sent it, for the packet
 //!   id the client gave that row. The client numbers QoS 1 publishes in the order it is handed
 //!   them, so the machine binds each packet id it is told about ([`Machine::sent`]) to the
-//!   oldest row handed over and not yet numbered.
+//!   oldest publish (row or presence) handed over and not yet numbered.
 //! * At most [`WINDOW`] rows are handed over and unacknowledged at any time.
 //! * A connection starts from the queue's head: whatever the previous one left unacknowledged
 //!   is sent again, in queue order (at least once; subscribers drop duplicates by sequence or
