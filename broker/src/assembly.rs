@@ -14,16 +14,16 @@ use std::time::Duration;
 
 use std::sync::OnceLock;
 
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tracing::{error, info};
 
 use crate::acl::PolicyAuthorizer;
-use crate::bridge::{self, Bridge, BridgeTls};
+use crate::bridge::{self, Bridge, BridgeTls, DeviceCounts};
 use crate::config::GatewayConfig;
 use crate::edge::{self, Edge, EdgeHandle, EdgeParts, Sessions};
 use crate::firmware::FirmwareDir;
 use crate::metrics::Metrics;
-use crate::ports::{DirectSink, StatusIntake};
+use crate::ports::{DirectSink, SessionEvent, StatusIntake};
 use crate::router::{Router, ServiceLink};
 use crate::services::{self, ServiceDeps};
 use crate::store::{SessionWriter, SharedStore, Store, StoreError};
@@ -103,8 +103,62 @@ fn health_sources(
                     .map_err(|e| e.to_string())
             })
         }),
-        bridge_configured: config.bridge.upstream.is_some(),
+        bridge_configured: config.bridge.enabled(),
     }
+}
+
+/// How long a clean shutdown waits for the bridge to say the gateway is going offline.
+const BRIDGE_STOP: Duration = Duration::from_secs(5);
+
+/// The device counts the bridge announces upstream: devices online from the edge's session
+/// events (passed on to the services unchanged and in order), devices known from the store
+/// (counted once a second, starting from `known`).
+fn count_devices(
+    mut from_edge: mpsc::UnboundedReceiver<SessionEvent>,
+    store: SharedStore,
+    known: u32,
+) -> (
+    mpsc::UnboundedReceiver<SessionEvent>,
+    watch::Receiver<DeviceCounts>,
+) {
+    let (to_services, events) = mpsc::unbounded_channel();
+    let (counts, counts_rx) = watch::channel(DeviceCounts { known, online: 0 });
+    tokio::spawn(async move {
+        let mut online = services::commands::Online::default();
+        let mut live = 0u32;
+        let mut recount = tokio::time::interval(Duration::from_secs(1));
+        recount.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                ev = from_edge.recv() => {
+                    let Some(ev) = ev else { break };
+                    match &ev {
+                        SessionEvent::Connected { id, .. } => {
+                            live += u32::from(!online.contains(id));
+                            online.connected(id);
+                        }
+                        SessionEvent::Disconnected { id } => {
+                            let was = online.contains(id);
+                            online.disconnected(id);
+                            live -= u32::from(was && !online.contains(id));
+                        }
+                        SessionEvent::Subscribed { .. } => {}
+                    }
+                    counts.send_if_modified(|c| std::mem::replace(&mut c.online, live) != live);
+                    if to_services.send(ev).is_err() {
+                        break;
+                    }
+                }
+                _ = recount.tick() => {
+                    if let Ok(n) = store.call("count devices", |s| s.device_count()).await {
+                        let known = u32::try_from(n).unwrap_or(u32::MAX);
+                        counts.send_if_modified(|c| std::mem::replace(&mut c.known, known) != known);
+                    }
+                }
+            }
+        }
+    });
+    (events, counts_rx)
 }
 
 /// The MQTT core and the writer of its persistent state: the writer reports durable writes to
@@ -152,6 +206,8 @@ pub struct Gateway {
     /// Notified when the MQTT core's store writes fail: the gateway stops (it may not
     /// acknowledge what it cannot keep).
     store_failed: Arc<Notify>,
+    /// The bridge's stop signal and task, when one is configured.
+    bridge: Option<(oneshot::Sender<()>, tokio::task::JoinHandle<()>)>,
 }
 
 /// A handle to a running gateway: reload and metrics, usable from signal handlers and tests.
@@ -221,8 +277,20 @@ impl Gateway {
             metrics_addr = Some(bound);
         }
 
-        if config.bridge.upstream.is_some() {
+        let mut session_events_rx = session_events_rx;
+        let mut bridge_task = None;
+        if config.bridge.enabled() {
             let b = &config.bridge;
+            let known = store
+                .call("count devices", |s| s.device_count())
+                .await
+                .unwrap_or(0);
+            let (events, devices) = count_devices(
+                session_events_rx,
+                store.clone(),
+                u32::try_from(known).unwrap_or(u32::MAX),
+            );
+            session_events_rx = events;
             let bridge_tls = BridgeTls {
                 ca: b.ca.clone().unwrap_or_else(|| tls_files.ca.clone()),
                 cert: b.cert.clone().unwrap_or_else(|| tls_files.cert.clone()),
@@ -234,9 +302,11 @@ impl Gateway {
                 b.clone(),
                 &bridge_tls,
                 metrics.clone(),
+                devices,
             )
             .await?;
-            tokio::spawn(bridge.run());
+            let (stop, stopped) = oneshot::channel();
+            bridge_task = Some((stop, tokio::spawn(bridge.run(stopped))));
         } else {
             // A bridge configured before left its durable link's session in the store, where it
             // would go on collecting upward messages until it expired: a clean link of the same
@@ -268,6 +338,7 @@ impl Gateway {
             metrics,
             metrics_addr,
             store_failed,
+            bridge: bridge_task,
         })
     }
 
@@ -290,7 +361,8 @@ impl Gateway {
     }
 
     /// Serves until `shutdown` resolves, then stops accepting, asks every connection to close
-    /// (publishing wills) and waits up to `grace` for them.
+    /// (publishing wills) and waits up to `grace` for them; then the bridge announces the
+    /// gateway offline upstream (waiting a few seconds at most).
     pub async fn serve(self, shutdown: impl std::future::Future<Output = ()>, grace: Duration) {
         let store_failed = self.store_failed.clone();
         let stop = async move {
@@ -302,6 +374,10 @@ impl Gateway {
             }
         };
         self.edge.serve(stop, grace).await;
+        if let Some((stop, task)) = self.bridge {
+            let _ = stop.send(());
+            let _ = tokio::time::timeout(BRIDGE_STOP, task).await;
+        }
     }
 }
 

@@ -291,9 +291,12 @@ pub struct CommandSettings {
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(default, deny_unknown_fields)]
 pub struct BridgeSettings {
-    /// Upstream broker, `HOST:PORT` (mTLS; HOST is checked against its certificate). Unset
-    /// (the default): no bridge.
-    pub upstream: Option<String>,
+    /// Upstream broker addresses, `HOST:PORT` each (mTLS; HOST is checked against its
+    /// certificate): a list (`["a:8883", "b:8883"]`), one string, or in the environment a
+    /// comma-separated list. The bridge connects to the first; a failed attempt or a lost
+    /// connection moves it to the next, round robin. Empty (the default): no bridge.
+    #[serde(deserialize_with = "one_or_many")]
+    pub upstream: Vec<String>,
     /// This gateway's id upstream. Default: the id in the gateway's certificate.
     pub gateway_id: Option<String>,
     /// CA bundle the upstream broker's certificate must chain to. Default: `tls.ca` (or the
@@ -306,6 +309,11 @@ pub struct BridgeSettings {
     /// MQTT keep-alive upstream. Default 30 s.
     #[serde(with = "humantime_serde")]
     pub keep_alive: Duration,
+    /// The gateway's presence upstream (`gateways/{id}/presence`, retained) is published when
+    /// the bridge connects and again when the device counts change, at most this often.
+    /// Default 10 s.
+    #[serde(with = "humantime_serde")]
+    pub presence_interval: Duration,
     /// Reconnect delay: exponential from `reconnect_min` to `reconnect_max`, with full jitter.
     /// Defaults 500 ms and 30 s.
     #[serde(with = "humantime_serde")]
@@ -325,15 +333,50 @@ pub struct BridgeSettings {
     pub down: Vec<String>,
 }
 
+impl BridgeSettings {
+    /// Whether a bridge is configured (at least one upstream address).
+    pub fn enabled(&self) -> bool {
+        !self.upstream.is_empty()
+    }
+}
+
+/// `HOST:PORT` split, with a non-empty host and a port from 1 to 65535.
+pub(crate) fn parse_host_port(addr: &str) -> Option<(&str, u16)> {
+    let (host, port) = addr.rsplit_once(':')?;
+    let port = port.parse::<u16>().ok().filter(|p| *p > 0)?;
+    (!host.is_empty()).then_some((host, port))
+}
+
+/// A list of strings given as a list, or as one string of comma-separated items (how an
+/// environment variable carries a list). Items are trimmed; empty ones are left out.
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    let items = match OneOrMany::deserialize(d)? {
+        OneOrMany::One(s) => s.split(',').map(str::to_owned).collect(),
+        OneOrMany::Many(v) => v,
+    };
+    Ok(items
+        .into_iter()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .collect())
+}
+
 impl Default for BridgeSettings {
     fn default() -> Self {
         Self {
-            upstream: None,
+            upstream: Vec::new(),
             gateway_id: None,
             ca: None,
             cert: None,
             key: None,
             keep_alive: Duration::from_secs(30),
+            presence_interval: Duration::from_secs(10),
             reconnect_min: Duration::from_millis(500),
             reconnect_max: Duration::from_secs(30),
             max_queue_bytes: 256 << 20,
@@ -500,13 +543,15 @@ impl GatewayConfig {
             return bad("commands.max_ttl must be at least commands.default_ttl");
         }
         let b = &self.bridge;
-        if let Some(up) = &b.upstream {
-            let ok = up
-                .rsplit_once(':')
-                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
-            if !ok {
-                return bad("bridge.upstream must be HOST:PORT");
+        for up in &b.upstream {
+            if parse_host_port(up).is_none() {
+                return Err(ConfigError::Invalid(format!(
+                    "bridge.upstream {up:?} is not HOST:PORT (a port from 1 to 65535)"
+                )));
             }
+        }
+        if b.presence_interval < Duration::from_secs(1) {
+            return bad("bridge.presence_interval must be at least 1 s");
         }
         if b.cert.is_some() != b.key.is_some() {
             return bad("bridge.cert and bridge.key must be set together");
@@ -573,9 +618,42 @@ mod tests {
             "[identity]\ncn_fallback_role = \"admin\"",
             "[commands]\nredeliver_after = \"0s\"",
             "[commands]\nmax_ttl = \"1m\"",
+            "[bridge]\nupstream = [\"a:8883\", \"b\"]",
+            "[bridge]\nupstream = \"a:8883,:8883\"",
+            "[bridge]\nupstream = \"a:0\"",
+            "[bridge]\nupstream = [\"a:70000\"]",
+            "[bridge]\npresence_interval = \"0s\"",
         ] {
             std::fs::write(&f, bad).unwrap_or_else(|e| panic!("{e}"));
             assert!(GatewayConfig::load(Some(&f)).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn the_bridge_takes_one_address_a_list_or_a_comma_separated_string() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let f = dir.path().join("g.toml");
+        let load = |text: &str| {
+            std::fs::write(&f, text).unwrap_or_else(|e| panic!("{e}"));
+            GatewayConfig::load(Some(&f)).map(|c| c.bridge)
+        };
+        let b = load("").unwrap_or_else(|e| panic!("{e}"));
+        assert!(!b.enabled());
+        assert_eq!(b.presence_interval, Duration::from_secs(10));
+        let one = load("[bridge]\nupstream = \"cloud:8883\"").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(one.upstream, ["cloud:8883"]);
+        assert!(one.enabled());
+        let list = load("[bridge]\nupstream = [\"a:8883\", \"[::1]:8884\"]")
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(list.upstream, ["a:8883", "[::1]:8884"]);
+        // How GATEWAY__BRIDGE__UPSTREAM arrives: one string.
+        let env = load("[bridge]\nupstream = \"a:8883, b:8883\"").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(env.upstream, ["a:8883", "b:8883"]);
+        // The error names the bad address.
+        let err = load("[bridge]\nupstream = [\"a:8883\", \"nowhere\"]")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("\"nowhere\" is not HOST:PORT"), "{err}");
     }
 }

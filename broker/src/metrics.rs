@@ -136,6 +136,12 @@ series! {
     bridge_bytes_down: counter "bridge_bytes_down_total" "Payload bytes received from upstream.",
     /// Queued messages dropped to keep the queue within its disk budget.
     bridge_dropped: counter "bridge_dropped_total" "Queued messages dropped over the disk budget.",
+    /// Index (from 0) in `bridge.upstream` of the address the bridge is connected to or tries
+    /// next (gauge).
+    bridge_upstream_index: gauge "bridge_upstream_index" "Index in bridge.upstream of the address in use.",
+    /// Moves of the bridge to the next upstream address after a failed attempt or a lost
+    /// connection.
+    bridge_failovers: counter "bridge_failovers_total" "Bridge moves to the next upstream address.",
     /// Messages the MQTT core dropped: QoS 0 for a full queue, the oldest of an offline
     /// session's queue over its cap, the queue of an expired session.
     messages_dropped: counter "messages_dropped_total" "Messages dropped by the MQTT core (queue caps, QoS 0 under pressure).",
@@ -250,7 +256,7 @@ mod tests {
     use super::*;
 
     /// The series as the README and the dashboards know them: name and type, in order.
-    const EXPORTED: [(&str, &str); 41] = [
+    const EXPORTED: [(&str, &str); 43] = [
         ("connections", "gauge"),
         ("tcp_accepted_total", "counter"),
         ("handshake_failures_total", "counter"),
@@ -289,6 +295,8 @@ mod tests {
         ("bridge_bytes_up_total", "counter"),
         ("bridge_bytes_down_total", "counter"),
         ("bridge_dropped_total", "counter"),
+        ("bridge_upstream_index", "gauge"),
+        ("bridge_failovers_total", "counter"),
         ("messages_dropped_total", "counter"),
         ("subscriptions_revoked_total", "counter"),
         ("clients_closed_over_limits_total", "counter"),

@@ -11,7 +11,7 @@
 //! * A row leaves the queue only after a PUBACK, on the connection that sent it, for the packet
 //!   id the client gave that row. The client numbers QoS 1 publishes in the order it is handed
 //!   them, so the machine binds each packet id it is told about ([`Machine::sent`]) to the
-//!   oldest row handed over and not yet numbered.
+//!   oldest publish (row or presence) handed over and not yet numbered.
 //! * At most [`WINDOW`] rows are handed over and unacknowledged at any time.
 //! * A connection starts from the queue's head: whatever the previous one left unacknowledged
 //!   is sent again, in queue order (at least once; subscribers drop duplicates by sequence or
@@ -21,6 +21,17 @@
 //!   shift the numbering).
 //! * Everything here is rebuilt from the store alone after a restart: a new machine starts at
 //!   the head of whatever the queue still holds.
+//! * Upstream addresses: every failed attempt and every lost connection moves to the next one
+//!   of the list, round robin (so each of `n` addresses is tried within `n` failures), paced by
+//!   the same backoff (reset by a connection that lasted [`BackoffConfig::healthy_after`]). A
+//!   switch is only a new connection: the queue rules above are the same whichever address
+//!   the rows went to.
+//! * The gateway's presence: announced (online, with the device counts) on every new
+//!   connection, then again when the counts change, at most once per presence interval, and
+//!   offline when the bridge stops. Its publishes are QoS 1 like the rows and are numbered by
+//!   the client in the same sequence, so the machine keeps them in its hand-over order (a
+//!   presence PUBACK never acknowledges a row); they are not rows and do not take room in
+//!   the window.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -34,6 +45,33 @@ pub(crate) const WINDOW: usize = 64;
 pub(crate) const ACK_BATCH: usize = 256;
 /// How often the queue is trimmed to its budget and its gauges refreshed.
 pub(crate) const HOUSEKEEPING: Duration = Duration::from_secs(1);
+
+/// What the gateway announces upstream about its devices.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct DeviceCounts {
+    /// Devices the gateway has stored anything from.
+    pub known: u32,
+    /// Devices connected now.
+    pub online: u32,
+}
+
+/// The machine's settings.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct MachineConfig {
+    /// Paces the connection attempts.
+    pub backoff: BackoffConfig,
+    /// Number of upstream addresses (at least one).
+    pub upstreams: usize,
+    /// Presence updates after the first on a connection: at most one per this.
+    pub presence_interval: Duration,
+}
+
+/// A publish handed to the client, as the machine tracks it until its PUBACK.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Handed {
+    Row(Row),
+    Presence { online: bool },
+}
 
 /// One row of the upward queue, as far as the machine cares.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,12 +106,29 @@ pub(crate) enum Action {
         session_present: bool,
     },
     /// The connection failed or was lost: set the gauge, and do not poll the client for a new
-    /// attempt before `retry_at`.
+    /// attempt before `retry_at`, which goes to upstream address `upstream`.
     Down {
         /// Earliest next attempt.
         retry_at: Instant,
         /// A connection was up (rather than an attempt failing).
         was_up: bool,
+        /// Index of the address the next attempt goes to.
+        upstream: usize,
+        /// It is not the one that just failed (count a fail-over).
+        switched: bool,
+    },
+    /// Publish the gateway's presence (retained, QoS 1) with these counts. When the client
+    /// refuses it, report [`Machine::presence_unsent`].
+    Presence {
+        /// Online (or the bridge is stopping).
+        online: bool,
+        /// The device counts to announce.
+        counts: DeviceCounts,
+    },
+    /// The upstream broker acknowledged a presence publish.
+    Announced {
+        /// The online flag it carried.
+        online: bool,
     },
     /// The upstream broker acknowledged a row: count it and its bytes.
     Delivered(Row),
@@ -94,6 +149,18 @@ struct Reading {
 #[derive(Debug)]
 pub(crate) struct Machine {
     backoff: Backoff,
+    upstreams: usize,
+    /// Index of the address connected to, or tried next.
+    upstream: usize,
+    presence_interval: Duration,
+    /// The latest device counts.
+    counts: DeviceCounts,
+    /// Counts last announced on this connection (none: not yet, or the client refused it).
+    announced: Option<DeviceCounts>,
+    /// When presence was last handed to the client on this connection.
+    announced_at: Option<Instant>,
+    /// The bridge is stopping: nothing more is announced.
+    stopping: bool,
     connected: bool,
     /// Number of the last read asked for.
     reads: u64,
@@ -101,9 +168,9 @@ pub(crate) struct Machine {
     /// Highest queue position handed to the client (or skipped) on this connection.
     cursor: i64,
     /// Handed to the client, not yet numbered, in hand-over order.
-    unnumbered: VecDeque<Row>,
+    unnumbered: VecDeque<Handed>,
     /// Numbered and awaiting PUBACK on this connection.
-    inflight: HashMap<u16, Row>,
+    inflight: HashMap<u16, Handed>,
     /// Acknowledged, removal not yet asked for.
     acked: Vec<i64>,
     /// Acknowledged, removal not yet confirmed: never handed over again.
@@ -113,11 +180,18 @@ pub(crate) struct Machine {
 }
 
 impl Machine {
-    /// A disconnected machine; `backoff` paces the connection attempts. The driver polls the
-    /// client (which connects) until told otherwise.
-    pub(crate) fn new(backoff: BackoffConfig) -> Self {
+    /// A disconnected machine that tries the first address first. The driver polls the client
+    /// (which connects) until told otherwise.
+    pub(crate) fn new(config: MachineConfig) -> Self {
         Machine {
-            backoff: Backoff::new(backoff),
+            backoff: Backoff::new(config.backoff),
+            upstreams: config.upstreams.max(1),
+            upstream: 0,
+            presence_interval: config.presence_interval,
+            counts: DeviceCounts::default(),
+            announced: None,
+            announced_at: None,
+            stopping: false,
             connected: false,
             reads: 0,
             reading: None,
@@ -143,29 +217,44 @@ impl Machine {
 
     /// Rows handed to the client on this connection and not yet acknowledged.
     pub(crate) fn unacknowledged(&self) -> usize {
-        self.unnumbered.len() + self.inflight.len()
+        let rows = |h: &Handed| matches!(h, Handed::Row(_));
+        self.unnumbered.iter().filter(|h| rows(h)).count()
+            + self.inflight.values().filter(|h| rows(h)).count()
+    }
+
+    /// Index of the upstream address connected to, or tried next.
+    pub(crate) fn upstream(&self) -> usize {
+        self.upstream
     }
 
     /// The client connected (CONNACK accepted). Everything the previous connection left
-    /// unacknowledged is sent again from the queue's head.
+    /// unacknowledged is sent again from the queue's head; the gateway announces itself.
     pub(crate) fn connected(&mut self, now: Instant, session_present: bool) {
         self.forget_connection();
         self.connected = true;
         self.backoff.connected(now);
         self.actions.push_back(Action::Up { session_present });
+        if !self.stopping {
+            self.announce(now, true);
+        }
         self.flush();
         self.pump();
     }
 
-    /// The connection (or an attempt) failed; `random` is the jitter of the next delay.
+    /// The connection (or an attempt) failed; `random` is the jitter of the next delay. The
+    /// next attempt goes to the next address.
     pub(crate) fn disconnected(&mut self, now: Instant, random: u64) {
         let was_up = self.connected;
         self.forget_connection();
         self.connected = false;
         let delay = self.backoff.failed(now, random);
+        let before = self.upstream;
+        self.upstream = (self.upstream + 1) % self.upstreams;
         self.actions.push_back(Action::Down {
             retry_at: now + delay,
             was_up,
+            upstream: self.upstream,
+            switched: self.upstream != before,
         });
     }
 
@@ -173,10 +262,66 @@ impl Machine {
         self.cursor = 0;
         self.unnumbered.clear();
         self.inflight.clear();
+        self.announced = None;
+        self.announced_at = None;
         // A read asked for on the previous connection is stale when it comes back.
         self.reading = None;
-        self.actions
-            .retain(|a| !matches!(a, Action::Publish(_) | Action::Read { .. }));
+        self.actions.retain(|a| {
+            !matches!(
+                a,
+                Action::Publish(_) | Action::Read { .. } | Action::Presence { .. }
+            )
+        });
+    }
+
+    /// The device counts are now `counts`: announced when they differ from the last announced
+    /// ones and the presence interval has passed (otherwise on a later tick).
+    pub(crate) fn devices(&mut self, now: Instant, counts: DeviceCounts) {
+        self.counts = counts;
+        self.announce_if_due(now);
+    }
+
+    /// The bridge is stopping: when connected, announces the gateway offline (wait for
+    /// [`Action::Announced`] with `online: false` before disconnecting); whether it did.
+    pub(crate) fn stop(&mut self, now: Instant) -> bool {
+        self.stopping = true;
+        if self.connected {
+            self.announce(now, false);
+        }
+        self.connected
+    }
+
+    /// The client refused the presence publish: it is announced again once the presence
+    /// interval has passed.
+    pub(crate) fn presence_unsent(&mut self) {
+        if let Some(i) = self
+            .unnumbered
+            .iter()
+            .rposition(|h| matches!(h, Handed::Presence { .. }))
+        {
+            self.unnumbered.remove(i);
+        }
+        self.announced = None;
+    }
+
+    fn announce_if_due(&mut self, now: Instant) {
+        let due = self.announced != Some(self.counts)
+            && self
+                .announced_at
+                .is_none_or(|at| now >= at + self.presence_interval);
+        if self.connected && !self.stopping && due {
+            self.announce(now, true);
+        }
+    }
+
+    fn announce(&mut self, now: Instant, online: bool) {
+        self.announced = Some(self.counts);
+        self.announced_at = Some(now);
+        self.unnumbered.push_back(Handed::Presence { online });
+        self.actions.push_back(Action::Presence {
+            online,
+            counts: self.counts,
+        });
     }
 
     /// Rows read for `read` (none when the read failed), oldest first.
@@ -197,7 +342,7 @@ impl Machine {
                 break;
             }
             self.cursor = row.seq;
-            self.unnumbered.push_back(*row);
+            self.unnumbered.push_back(Handed::Row(*row));
             self.actions.push_back(Action::Publish(*row));
         }
         if r.stale || rows.len() >= r.room {
@@ -208,9 +353,8 @@ impl Machine {
     /// The client refused the publish of row `seq` (and so every later one of the same read):
     /// they are read again on the next tick (not at once: the client may still be full).
     pub(crate) fn unsent(&mut self, seq: i64) {
-        while self.unnumbered.back().is_some_and(|r| r.seq >= seq) {
-            self.unnumbered.pop_back();
-        }
+        self.unnumbered
+            .retain(|h| !matches!(h, Handed::Row(r) if r.seq >= seq));
         // A read asked for meanwhile started past the refused rows.
         self.reading = None;
         self.actions.retain(|a| {
@@ -226,10 +370,15 @@ impl Machine {
         }
     }
 
-    /// A PUBACK for `pkid` on the current connection; whether it acknowledged a row.
+    /// A PUBACK for `pkid` on the current connection; whether it acknowledged a publish.
     pub(crate) fn puback(&mut self, pkid: u16) -> bool {
-        let Some(row) = self.inflight.remove(&pkid) else {
-            return false;
+        let row = match self.inflight.remove(&pkid) {
+            None => return false,
+            Some(Handed::Presence { online }) => {
+                self.actions.push_back(Action::Announced { online });
+                return true;
+            }
+            Some(Handed::Row(row)) => row,
         };
         self.actions.push_back(Action::Delivered(row));
         self.done.insert(row.seq);
@@ -261,10 +410,12 @@ impl Machine {
         self.pump();
     }
 
-    /// Time passed: acknowledgements are flushed, the queue read, housekeeping done when due.
+    /// Time passed: acknowledgements are flushed, the queue read, changed device counts
+    /// announced and housekeeping done when due.
     pub(crate) fn tick(&mut self, now: Instant) {
         self.flush();
         self.pump();
+        self.announce_if_due(now);
         if self.next_housekeeping.is_none_or(|t| now >= t) {
             self.next_housekeeping = Some(now + HOUSEKEEPING);
             self.actions.push_back(Action::Housekeeping);

@@ -18,6 +18,17 @@
 //! * **Down**: the fleet API requests addressed to this gateway
 //!   (`gateways/{id}/fleet/api/+/request`) are published into the local router, where the
 //!   API answers them as if the service were connected here; answers and events flow up.
+//! * **Fail-over**: `bridge.upstream` may list several addresses (the nodes of a cluster). The
+//!   machine picks the next one after every failed attempt or lost connection, round robin;
+//!   the driver gives rumqttc's event loop new options for it. rumqttc drops its own
+//!   unacknowledged publishes when a broker has no session for the bridge: nothing depends on
+//!   them, as every row stays in the store's queue until a PUBACK and a new connection sends
+//!   again from the queue's head.
+//! * **Presence**: the gateway announces itself upstream on [`topics::gateway_presence_topic`]
+//!   (a retained `GatewayPresence`, QoS 1): online with its version and device counts when the
+//!   bridge connects, again when the counts change (at most once per
+//!   `bridge.presence_interval`), offline when the gateway stops cleanly, and offline as the
+//!   bridge's MQTT will when it is lost otherwise.
 //!
 //! Topic rules are in [`mapping`].
 
@@ -28,15 +39,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fleet_backoff::BackoffConfig;
+use fleet_proto::topics;
+use fleet_proto::Message;
 use rand_core::RngCore;
 use rumqttc::{
-    AsyncClient, ConnectionError, Event, EventLoop, Incoming, MqttOptions, Outgoing, QoS,
+    AsyncClient, ConnectionError, Event, EventLoop, Incoming, LastWill, MqttOptions, Outgoing, QoS,
     TlsConfiguration, Transport,
 };
+use tokio::sync::{oneshot, watch};
 use tokio::time::{sleep_until, Instant};
 use tracing::{debug, info, warn};
 
-use self::machine::{Action, Machine, Row};
+pub(crate) use self::machine::DeviceCounts;
+use self::machine::{Action, Machine, MachineConfig, Row};
 use self::mapping::Mapping;
 use crate::config::BridgeSettings;
 use crate::metrics::Metrics;
@@ -51,6 +66,8 @@ const LOCAL_BATCH: usize = 512;
 
 /// The name of the bridge's durable link into the MQTT core (its stored session's id).
 pub(crate) const LINK: &str = "bridge";
+/// How long a clean stop waits for the upstream broker to acknowledge the offline presence.
+const STOP_GRACE: Duration = Duration::from_secs(3);
 
 /// Why the bridge cannot start.
 #[derive(Debug, thiserror::Error)]
@@ -65,7 +82,7 @@ pub enum BridgeError {
     /// Its local link failed.
     #[error(transparent)]
     Link(#[from] LinkError),
-    /// `upstream` is not HOST:PORT.
+    /// An `upstream` address is not HOST:PORT, or there is none.
     #[error("bridge.upstream {0:?} is not HOST:PORT")]
     Upstream(String),
 }
@@ -93,6 +110,13 @@ struct Unqueued {
 /// and the local link's intake.
 pub(crate) struct Bridge {
     mapping: Mapping,
+    gateway: fleet_proto::GatewayId,
+    /// The upstream addresses, as configured and as (host, port).
+    upstreams: Vec<(String, (String, u16))>,
+    tls: Arc<rustls::ClientConfig>,
+    /// The device counts, as the assembly keeps them.
+    devices: watch::Receiver<DeviceCounts>,
+    started_at_ms: u64,
     store: SharedStore,
     link: ServiceLink,
     mqtt: AsyncClient,
@@ -108,18 +132,27 @@ pub(crate) struct Bridge {
 
 impl Bridge {
     /// Sets up the upstream client and the local link; nothing is sent until [`Bridge::run`].
+    /// `devices` carries the device counts the gateway announces upstream.
     pub(crate) async fn start(
         router: &Router,
         store: SharedStore,
         settings: BridgeSettings,
         tls: &BridgeTls,
         metrics: Arc<Metrics>,
+        devices: watch::Receiver<DeviceCounts>,
     ) -> Result<Self, BridgeError> {
-        let upstream = settings.upstream.clone().unwrap_or_default();
-        let (host, port) = upstream
-            .rsplit_once(':')
-            .and_then(|(h, p)| Some((h.to_owned(), p.parse::<u16>().ok()?)))
-            .ok_or_else(|| BridgeError::Upstream(upstream.clone()))?;
+        let upstreams = settings
+            .upstream
+            .iter()
+            .map(|a| {
+                crate::config::parse_host_port(a)
+                    .map(|(h, p)| (a.clone(), (h.to_owned(), p)))
+                    .ok_or_else(|| BridgeError::Upstream(a.clone()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if upstreams.is_empty() {
+            return Err(BridgeError::Upstream(String::new()));
+        }
         let client = fleet_certs::client_tls(&tls.ca, &tls.cert, &tls.key)?;
         let id = settings
             .gateway_id
@@ -127,30 +160,44 @@ impl Bridge {
             .unwrap_or(client.identity.id.clone());
         let gateway =
             fleet_proto::GatewayId::new(&id).map_err(|e| BridgeError::Id(e.to_string()))?;
-        let mapping = Mapping::new(gateway, settings.up.clone(), settings.down.clone());
+        let mapping = Mapping::new(gateway.clone(), settings.up.clone(), settings.down.clone());
         let filters = mapping.link_filters(carries_status(&settings));
         let filters: Vec<&str> = filters.iter().map(String::as_str).collect();
         // Durable: what a device publishes upward is in the link's stored session queue before
         // the device's PUBACK, and is confirmed only once it is in the upward queue.
         let link = ServiceLink::open_durable(router, LINK, &filters).await?;
-        let mut options = MqttOptions::new(id.clone(), host, port);
-        options
-            .set_transport(Transport::Tls(TlsConfiguration::Rustls(client.config)))
-            .set_clean_session(false)
-            .set_keep_alive(settings.keep_alive)
-            .set_max_packet_size(4 << 20, 4 << 20)
-            .set_inflight(100);
-        let (mqtt, eventloop) = AsyncClient::new(options, 256);
-        info!(gateway_id = %id, upstream = %upstream, "bridge configured");
-        let machine = Machine::new(BackoffConfig {
-            initial: settings.reconnect_min,
-            max: settings.reconnect_max,
-            // Never retry at once: the upstream broker may be refusing us on purpose.
-            floor: Duration::from_millis(50),
-            ..BackoffConfig::default()
+        let mut machine = Machine::new(MachineConfig {
+            backoff: BackoffConfig {
+                initial: settings.reconnect_min,
+                max: settings.reconnect_max,
+                // Never retry at once: the upstream broker may be refusing us on purpose.
+                floor: Duration::from_millis(50),
+                ..BackoffConfig::default()
+            },
+            upstreams: upstreams.len(),
+            presence_interval: settings.presence_interval,
         });
+        let counts = *devices.borrow();
+        machine.devices(Instant::now().into_std(), counts);
+        let started_at_ms = fleet_proto::time::now_ms();
+        let options = options(
+            &id,
+            &upstreams[0].1,
+            &client.config,
+            &settings,
+            will(&gateway, counts, started_at_ms),
+        );
+        let (mqtt, eventloop) = AsyncClient::new(options, 256);
+        let addresses: Vec<&str> = upstreams.iter().map(|u| u.0.as_str()).collect();
+        info!(gateway_id = %id, upstream = ?addresses, "bridge configured");
+        Metrics::set(&metrics.bridge_upstream_index, 0);
         Ok(Bridge {
             mapping,
+            gateway,
+            upstreams,
+            tls: client.config,
+            devices,
+            started_at_ms,
             store,
             link,
             mqtt,
@@ -164,10 +211,15 @@ impl Bridge {
         })
     }
 
-    /// Runs until the router is gone.
-    pub(crate) async fn run(mut self) {
+    /// Runs until the router is gone or `stop` fires (or its sender is dropped). On a stop,
+    /// announces the gateway offline upstream, waits a little for the acknowledgement and
+    /// disconnects cleanly (so the broker drops the will).
+    pub(crate) async fn run(mut self, stop: oneshot::Receiver<()>) {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut stop = std::pin::pin!(stop);
+        let mut stopping: Option<Instant> = None;
+        let mut devices_open = true;
         loop {
             let retry_at = self.retry_at;
             tokio::select! {
@@ -179,6 +231,23 @@ impl Bridge {
                     Some(first) => self.take_local(first).await,
                     None => break,
                 },
+                changed = self.devices.changed(), if devices_open => match changed {
+                    Ok(()) => {
+                        let counts = *self.devices.borrow_and_update();
+                        self.machine.devices(Instant::now().into_std(), counts);
+                    }
+                    Err(_) => devices_open = false,
+                },
+                _ = &mut stop, if stopping.is_none() => {
+                    if !self.machine.stop(Instant::now().into_std()) {
+                        break;
+                    }
+                    stopping = Some(Instant::now() + STOP_GRACE);
+                }
+                () = sleep_until(stopping.unwrap_or_else(Instant::now)), if stopping.is_some() => {
+                    warn!("bridge: the offline presence was not acknowledged in time");
+                    break;
+                }
                 _ = tick.tick() => {
                     if !self.unqueued.msgs.is_empty() || !self.unqueued.confirm.is_empty() {
                         self.queue_local().await;
@@ -186,9 +255,47 @@ impl Bridge {
                     self.machine.tick(Instant::now().into_std());
                 }
             }
-            self.execute().await;
+            if self.execute().await {
+                self.disconnect().await;
+                break;
+            }
         }
         info!("bridge stopped");
+    }
+
+    /// Says goodbye to the upstream broker (a DISCONNECT: it drops the will), waiting a little
+    /// for the packet to go out.
+    async fn disconnect(&mut self) {
+        if self.mqtt.try_disconnect().is_err() {
+            return;
+        }
+        let sent = async {
+            loop {
+                match self.eventloop.poll().await {
+                    Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(1), sent).await;
+        Metrics::set(&self.metrics.bridge_connected, 0);
+    }
+
+    /// rumqttc options for upstream address `index`, with the gateway's will.
+    fn options_for(&self, index: usize) -> MqttOptions {
+        let counts = *self.devices.borrow();
+        options(
+            self.gateway.as_str(),
+            &self.upstreams[index % self.upstreams.len()].1,
+            &self.tls,
+            &self.settings,
+            will(&self.gateway, counts, self.started_at_ms),
+        )
+    }
+
+    /// The gateway's presence now.
+    fn presence(&self, online: bool, counts: DeviceCounts) -> Vec<u8> {
+        presence(&self.gateway, online, counts, self.started_at_ms).encode_to_vec()
     }
 
     /// Queues what the local link received (and whatever else it has ready), then confirms it
@@ -296,8 +403,10 @@ impl Bridge {
         }
     }
 
-    /// Carries out what the machine asks for, in order.
-    async fn execute(&mut self) {
+    /// Carries out what the machine asks for, in order; true once the upstream broker
+    /// acknowledged the offline presence of a stop.
+    async fn execute(&mut self) -> bool {
+        let mut offline = false;
         while let Some(action) = self.machine.poll_action() {
             match action {
                 Action::Read { read, after, room } => {
@@ -336,18 +445,48 @@ impl Bridge {
                 Action::Up { session_present } => {
                     Metrics::set(&self.metrics.bridge_connected, 1);
                     Metrics::inc(&self.metrics.bridge_connects);
-                    info!(session_present, "bridge connected upstream");
+                    let upstream = &self.upstreams[self.machine.upstream()].0;
+                    info!(session_present, %upstream, "bridge connected upstream");
                     for f in self.mapping.down_subscriptions() {
                         if let Err(e) = self.mqtt.try_subscribe(f, QoS::AtLeastOnce) {
                             warn!(error = %e, "bridge: could not queue a subscription");
                         }
                     }
                 }
-                Action::Down { retry_at, .. } => {
+                Action::Down {
+                    retry_at,
+                    was_up,
+                    upstream,
+                    switched,
+                } => {
                     Metrics::set(&self.metrics.bridge_connected, 0);
                     self.fetched.clear();
                     self.retry_at = Some(Instant::from_std(retry_at));
+                    // Also when the address stays: the will carries the latest counts.
+                    self.eventloop.mqtt_options = self.options_for(upstream);
+                    if switched {
+                        Metrics::inc(&self.metrics.bridge_failovers);
+                        Metrics::set(&self.metrics.bridge_upstream_index, upstream as u64);
+                        let next = &self.upstreams[upstream].0;
+                        if was_up {
+                            info!(%next, "bridge: upstream lost; trying the next address");
+                        } else {
+                            debug!(%next, "bridge: trying the next upstream address");
+                        }
+                    }
                 }
+                Action::Presence { online, counts } => {
+                    let payload = self.presence(online, counts);
+                    let topic = topics::gateway_presence_topic(&self.gateway);
+                    if self
+                        .mqtt
+                        .try_publish(topic, QoS::AtLeastOnce, true, payload)
+                        .is_err()
+                    {
+                        self.machine.presence_unsent();
+                    }
+                }
+                Action::Announced { online } => offline |= !online,
                 Action::Delivered(row) => {
                     Metrics::inc(&self.metrics.bridge_messages_up);
                     Metrics::add(&self.metrics.bridge_bytes_up, row.len as u64);
@@ -355,6 +494,7 @@ impl Bridge {
                 Action::Housekeeping => self.housekeeping().await,
             }
         }
+        offline
     }
 
     /// Hands row `row` of the last read to rumqttc.
@@ -404,9 +544,55 @@ impl Bridge {
     }
 }
 
+/// The client options for one upstream address (`host`, `port`).
+fn options(
+    client_id: &str,
+    (host, port): &(String, u16),
+    tls: &Arc<rustls::ClientConfig>,
+    settings: &BridgeSettings,
+    will: LastWill,
+) -> MqttOptions {
+    let mut o = MqttOptions::new(client_id, host.clone(), *port);
+    o.set_transport(Transport::Tls(TlsConfiguration::Rustls(tls.clone())))
+        .set_clean_session(false)
+        .set_keep_alive(settings.keep_alive)
+        .set_max_packet_size(4 << 20, 4 << 20)
+        .set_inflight(100)
+        .set_last_will(will);
+    o
+}
+
+/// The gateway's presence message.
+fn presence(
+    gateway: &fleet_proto::GatewayId,
+    online: bool,
+    counts: DeviceCounts,
+    started_at_ms: u64,
+) -> fleet_proto::v1::GatewayPresence {
+    fleet_proto::v1::GatewayPresence {
+        gateway_id: gateway.to_string(),
+        online,
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        devices_known: counts.known,
+        devices_online: counts.online,
+        timestamp_ms: fleet_proto::time::now_ms(),
+        started_at_ms,
+    }
+}
+
+/// The bridge's will: the gateway offline, retained, on its presence topic.
+fn will(gateway: &fleet_proto::GatewayId, counts: DeviceCounts, started_at_ms: u64) -> LastWill {
+    LastWill::new(
+        topics::gateway_presence_topic(gateway),
+        presence(gateway, false, counts, started_at_ms).encode_to_vec(),
+        QoS::AtLeastOnce,
+        true,
+    )
+}
+
 /// Whether stored status reports are to be queued upward: a bridge is configured and its `up`
 /// filters carry device status. The assembly decides this from the configuration and tells
 /// the status owner, which queues them in the transaction that stores them.
 pub(crate) fn carries_status(settings: &BridgeSettings) -> bool {
-    settings.upstream.is_some() && mapping::status_up(&settings.up)
+    settings.enabled() && mapping::status_up(&settings.up)
 }

@@ -135,6 +135,16 @@ impl Store {
             .map_err(|e| err(&self.path, e))
     }
 
+    /// Number of devices with a stored state (the devices the gateway knows).
+    pub(crate) fn device_count(&self) -> Result<u64, StoreError> {
+        self.conn
+            .query_row("SELECT COUNT(*) FROM device_state", [], |r| {
+                r.get::<_, i64>(0)
+            })
+            .map(|n| u64::try_from(n).unwrap_or(0))
+            .map_err(|e| err(&self.path, e))
+    }
+
     /// The last known state of every device, by id.
     pub fn device_states(&self) -> Result<Vec<DeviceState>, StoreError> {
         let mut stmt = self

@@ -15,6 +15,24 @@ fn backoff() -> BackoffConfig {
     }
 }
 
+fn config() -> MachineConfig {
+    MachineConfig {
+        backoff: backoff(),
+        upstreams: 1,
+        presence_interval: Duration::from_secs(10),
+    }
+}
+
+/// The packet id the unit tests give the presence announced on a connection.
+const PRESENCE_PKID: u16 = 9_999;
+
+/// Connects `m`; the client numbers the presence it announces first, and its PUBACK comes.
+fn connect(m: &mut Machine, now: Instant, session_present: bool) {
+    m.connected(now, session_present);
+    m.sent(PRESENCE_PKID);
+    assert!(m.puback(PRESENCE_PKID));
+}
+
 fn row(seq: i64) -> Row {
     Row {
         seq,
@@ -59,8 +77,8 @@ fn removals(actions: &[Action]) -> Vec<Vec<i64>> {
 
 /// A connected machine that has read and handed over rows `seqs`, numbered 1, 2, ...
 fn with_inflight(now: Instant, seqs: &[i64]) -> Machine {
-    let mut m = Machine::new(backoff());
-    m.connected(now, false);
+    let mut m = Machine::new(config());
+    connect(&mut m, now, false);
     let (read, after, room) = read_of(&drain(&mut m));
     assert_eq!((after, room), (0, WINDOW));
     let rows: Vec<Row> = seqs.iter().copied().map(row).collect();
@@ -75,7 +93,7 @@ fn with_inflight(now: Instant, seqs: &[i64]) -> Machine {
 #[test]
 fn nothing_is_read_or_sent_while_disconnected() {
     let now = Instant::now();
-    let mut m = Machine::new(backoff());
+    let mut m = Machine::new(config());
     m.queued();
     m.tick(now);
     assert_eq!(drain(&mut m), [Action::Housekeeping]);
@@ -84,7 +102,7 @@ fn nothing_is_read_or_sent_while_disconnected() {
 #[test]
 fn a_connection_reads_from_the_head_with_the_whole_window() {
     let now = Instant::now();
-    let mut m = Machine::new(backoff());
+    let mut m = Machine::new(config());
     m.connected(now, true);
     let a = drain(&mut m);
     assert_eq!(
@@ -92,6 +110,10 @@ fn a_connection_reads_from_the_head_with_the_whole_window() {
         [
             Action::Up {
                 session_present: true
+            },
+            Action::Presence {
+                online: true,
+                counts: DeviceCounts::default()
             },
             Action::Read {
                 read: 1,
@@ -137,7 +159,7 @@ fn a_puback_from_the_previous_connection_is_ignored_after_a_reconnect() {
     let now = Instant::now();
     let mut m = with_inflight(now, &[1, 2]);
     m.disconnected(now, 0);
-    m.connected(now + Duration::from_secs(1), true);
+    connect(&mut m, now + Duration::from_secs(1), true);
     drain(&mut m);
     assert!(!m.puback(1));
     assert!(!m.puback(2));
@@ -148,8 +170,8 @@ fn a_puback_from_the_previous_connection_is_ignored_after_a_reconnect() {
 #[test]
 fn a_packet_id_given_before_its_row_was_handed_over_binds_nothing() {
     let now = Instant::now();
-    let mut m = Machine::new(backoff());
-    m.connected(now, false);
+    let mut m = Machine::new(config());
+    connect(&mut m, now, false);
     drain(&mut m);
     m.sent(4);
     assert!(!m.puback(4));
@@ -159,8 +181,8 @@ fn a_packet_id_given_before_its_row_was_handed_over_binds_nothing() {
 fn the_window_caps_rows_in_flight() {
     let now = Instant::now();
     let seqs: Vec<i64> = (1..=100).collect();
-    let mut m = Machine::new(backoff());
-    m.connected(now, false);
+    let mut m = Machine::new(config());
+    connect(&mut m, now, false);
     let (read, _, room) = read_of(&drain(&mut m));
     let rows: Vec<Row> = seqs.iter().copied().map(row).collect();
     // A reader returning more than asked for still fills only the window.
@@ -186,7 +208,7 @@ fn a_reconnect_sends_again_from_the_head_skipping_what_was_acknowledged() {
         matches!(a[..], [Action::Down { was_up: true, .. }]),
         "{a:?}"
     );
-    m.connected(now + Duration::from_secs(1), true);
+    connect(&mut m, now + Duration::from_secs(1), true);
     let a = drain(&mut m);
     // Row 2 was acknowledged: removed before the read, never sent again.
     assert_eq!(removals(&a), [vec![2]]);
@@ -209,7 +231,7 @@ fn a_failed_removal_is_asked_again_and_the_row_is_not_sent_again_meanwhile() {
     assert_eq!(removals(&a), [vec![1]]);
     m.removed(&[1], false);
     m.disconnected(now, 0);
-    m.connected(now, true);
+    connect(&mut m, now, true);
     let a = drain(&mut m);
     assert_eq!(removals(&a), [vec![1]]);
     let (read, ..) = read_of(&a);
@@ -220,12 +242,12 @@ fn a_failed_removal_is_asked_again_and_the_row_is_not_sent_again_meanwhile() {
 #[test]
 fn a_read_from_the_previous_connection_is_ignored() {
     let now = Instant::now();
-    let mut m = Machine::new(backoff());
-    m.connected(now, false);
+    let mut m = Machine::new(config());
+    connect(&mut m, now, false);
     let (old, ..) = read_of(&drain(&mut m));
     m.disconnected(now, 0);
     m.rows(old, &[row(1)]);
-    m.connected(now, false);
+    connect(&mut m, now, false);
     let a = drain(&mut m);
     let (new, after, _) = read_of(&a);
     assert_ne!(old, new);
@@ -239,8 +261,8 @@ fn a_read_from_the_previous_connection_is_ignored() {
 #[test]
 fn a_refused_hand_over_is_read_again() {
     let now = Instant::now();
-    let mut m = Machine::new(backoff());
-    m.connected(now, false);
+    let mut m = Machine::new(config());
+    connect(&mut m, now, false);
     let (read, ..) = read_of(&drain(&mut m));
     m.rows(read, &[row(4), row(6), row(8)]);
     assert_eq!(m.poll_action(), Some(Action::Publish(row(4))));
@@ -256,8 +278,8 @@ fn a_refused_hand_over_is_read_again() {
 #[test]
 fn a_read_that_filled_its_room_or_missed_new_rows_reads_on() {
     let now = Instant::now();
-    let mut m = Machine::new(backoff());
-    m.connected(now, false);
+    let mut m = Machine::new(config());
+    connect(&mut m, now, false);
     let (read, ..) = read_of(&drain(&mut m));
     // Short read, nothing queued meanwhile: wait for the next event.
     m.rows(read, &[row(1)]);
@@ -275,8 +297,8 @@ fn a_read_that_filled_its_room_or_missed_new_rows_reads_on() {
 #[test]
 fn acknowledgements_are_removed_in_batches() {
     let now = Instant::now();
-    let mut m = Machine::new(backoff());
-    m.connected(now, false);
+    let mut m = Machine::new(config());
+    connect(&mut m, now, false);
     let mut removed = Vec::new();
     let mut next = 1i64;
     let mut pkid = 0u16;
@@ -303,12 +325,14 @@ fn acknowledgements_are_removed_in_batches() {
 #[test]
 fn reconnects_back_off_and_housekeeping_runs_once_a_second() {
     let t0 = Instant::now();
-    let mut m = Machine::new(backoff());
+    let mut m = Machine::new(config());
     let mut retry = Vec::new();
     for i in 0..6 {
         m.disconnected(t0 + Duration::from_secs(i), u64::MAX);
         match drain(&mut m)[..] {
-            [Action::Down { retry_at, was_up }] => {
+            [Action::Down {
+                retry_at, was_up, ..
+            }] => {
                 assert!(!was_up);
                 retry.push(retry_at - (t0 + Duration::from_secs(i)));
             }
@@ -325,6 +349,144 @@ fn reconnects_back_off_and_housekeeping_runs_once_a_second() {
     assert!(hk(&mut m, t0));
     assert!(!hk(&mut m, t0 + Duration::from_millis(500)));
     assert!(hk(&mut m, t0 + Duration::from_millis(1000)));
+}
+
+#[test]
+fn every_address_is_tried_in_turn_and_a_switch_sends_again_from_the_head() {
+    let t0 = Instant::now();
+    let mut m = Machine::new(MachineConfig {
+        upstreams: 3,
+        ..config()
+    });
+    assert_eq!(m.upstream(), 0);
+    let mut tried = vec![m.upstream()];
+    for i in 0..6u64 {
+        m.disconnected(t0 + Duration::from_secs(i), 0);
+        match drain(&mut m)[..] {
+            [Action::Down {
+                upstream, switched, ..
+            }] => {
+                assert!(switched);
+                assert_eq!(upstream, m.upstream());
+                tried.push(upstream);
+            }
+            ref a => panic!("{a:?}"),
+        }
+    }
+    assert_eq!(tried, [0, 1, 2, 0, 1, 2, 0]);
+    // Rows unacknowledged on one address go again, from the head, to the next one.
+    connect(&mut m, t0, false);
+    let (read, ..) = read_of(&drain(&mut m));
+    m.rows(read, &[row(1), row(2)]);
+    assert_eq!(published(&drain(&mut m)), [1, 2]);
+    m.sent(1);
+    m.sent(2);
+    assert!(m.puback(1));
+    m.disconnected(t0, 0);
+    assert_eq!(m.upstream(), 1);
+    connect(&mut m, t0, false);
+    let a = drain(&mut m);
+    let (read, after, room) = read_of(&a);
+    assert_eq!((after, room), (0, WINDOW));
+    m.rows(read, &[row(1), row(2)]);
+    assert_eq!(published(&drain(&mut m)), [2]);
+}
+
+#[test]
+fn one_address_is_never_a_switch() {
+    let mut m = Machine::new(config());
+    m.disconnected(Instant::now(), 0);
+    assert!(matches!(
+        drain(&mut m)[..],
+        [Action::Down {
+            upstream: 0,
+            switched: false,
+            ..
+        }]
+    ));
+}
+
+fn presences(actions: &[Action]) -> Vec<(bool, DeviceCounts)> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Presence { online, counts } => Some((*online, *counts)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn presence_goes_out_on_connect_then_on_changes_at_most_once_an_interval() {
+    let t0 = Instant::now();
+    let counts = |known, online| DeviceCounts { known, online };
+    let mut m = Machine::new(config());
+    // Disconnected: nothing to announce yet.
+    m.devices(t0, counts(2, 1));
+    assert!(presences(&drain(&mut m)).is_empty());
+    m.connected(t0, false);
+    let a = drain(&mut m);
+    assert_eq!(presences(&a), [(true, counts(2, 1))]);
+    // The presence is numbered before the rows read after it, and its PUBACK is no row's.
+    let (read, ..) = read_of(&a);
+    m.rows(read, &[row(1)]);
+    drain(&mut m);
+    m.sent(1);
+    m.sent(2);
+    assert!(m.puback(1));
+    assert_eq!(drain(&mut m), [Action::Announced { online: true }]);
+    assert_eq!(m.unacknowledged(), 1);
+    // Unchanged counts: nothing, however long.
+    m.tick(t0 + Duration::from_secs(60));
+    m.devices(t0 + Duration::from_secs(60), counts(2, 1));
+    assert!(presences(&drain(&mut m)).is_empty());
+    // A change within the interval waits for it; the latest counts go.
+    let t1 = t0 + Duration::from_secs(61);
+    m.devices(t1, counts(3, 2));
+    assert_eq!(presences(&drain(&mut m)), [(true, counts(3, 2))]);
+    m.devices(t1 + Duration::from_secs(1), counts(3, 3));
+    m.devices(t1 + Duration::from_secs(2), counts(4, 3));
+    m.tick(t1 + Duration::from_secs(9));
+    assert!(presences(&drain(&mut m)).is_empty());
+    m.tick(t1 + Duration::from_secs(10));
+    assert_eq!(presences(&drain(&mut m)), [(true, counts(4, 3))]);
+    // A refused hand-over is announced again after the interval.
+    m.devices(t1 + Duration::from_secs(20), counts(5, 3));
+    assert_eq!(presences(&drain(&mut m)), [(true, counts(5, 3))]);
+    m.presence_unsent();
+    m.tick(t1 + Duration::from_secs(21));
+    assert!(presences(&drain(&mut m)).is_empty());
+    m.tick(t1 + Duration::from_secs(30));
+    assert_eq!(presences(&drain(&mut m)), [(true, counts(5, 3))]);
+    // A new connection announces at once.
+    m.disconnected(t1 + Duration::from_secs(31), 0);
+    m.connected(t1 + Duration::from_secs(31), true);
+    assert_eq!(presences(&drain(&mut m)), [(true, counts(5, 3))]);
+}
+
+#[test]
+fn stopping_announces_offline_once_and_nothing_after() {
+    let t0 = Instant::now();
+    let mut m = Machine::new(config());
+    assert!(!m.stop(t0), "nothing to announce while disconnected");
+    let mut m = Machine::new(config());
+    connect(&mut m, t0, false);
+    drain(&mut m);
+    assert!(m.stop(t0));
+    let a = drain(&mut m);
+    assert_eq!(presences(&a), [(false, DeviceCounts::default())]);
+    m.sent(7);
+    assert!(m.puback(7));
+    assert_eq!(drain(&mut m), [Action::Announced { online: false }]);
+    m.devices(
+        t0 + Duration::from_secs(60),
+        DeviceCounts {
+            known: 1,
+            online: 1,
+        },
+    );
+    m.tick(t0 + Duration::from_secs(60));
+    assert!(presences(&drain(&mut m)).is_empty());
 }
 
 // ---- The model: a store queue, a client numbering in order, an upstream broker. ----
@@ -355,6 +517,23 @@ enum Op {
     Tick(u16),
     /// The gateway is killed and restarted: the machine is rebuilt from the store alone.
     Crash,
+    /// A connection attempt fails (when the machine allows one).
+    AttemptFails,
+    /// The device counts change.
+    Devices(u8, u8),
+}
+
+/// Upstream addresses in the model.
+const UPSTREAMS: usize = 3;
+/// The model's presence interval.
+const PRESENCE_INTERVAL: Duration = Duration::from_secs(1);
+
+fn model_config() -> MachineConfig {
+    MachineConfig {
+        backoff: backoff(),
+        upstreams: UPSTREAMS,
+        presence_interval: PRESENCE_INTERVAL,
+    }
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -371,6 +550,8 @@ fn op() -> impl Strategy<Value = Op> {
         2 => Just(Op::Connect),
         2 => (1u16..1500).prop_map(Op::Tick),
         1 => Just(Op::Crash),
+        1 => Just(Op::AttemptFails),
+        2 => (0u8..4, 0u8..4).prop_map(|(k, o)| Op::Devices(k, o)),
     ]
 }
 
@@ -406,12 +587,30 @@ struct Model {
     upstream: Vec<i64>,
     first_seen: HashSet<i64>,
     faults: usize,
+    /// The current device counts.
+    counts: DeviceCounts,
+    /// Every presence handed to the client: (online, counts). In the client's and the wire's
+    /// queues, presence `i` is `-(i + 1)`.
+    presences: Vec<(bool, DeviceCounts)>,
+    /// When presence was last handed over on this connection.
+    presence_at: Option<Instant>,
+    /// Presence the upstream broker received, in order.
+    upstream_presence: Vec<(bool, DeviceCounts)>,
+    /// A presence PUBACK just handed to the machine.
+    expect_announced: Option<bool>,
+    /// The address the model is connected to (or last tried).
+    address: usize,
+}
+
+/// Whether an entry of the client's or the wire's queues is a row (not presence).
+fn is_row(seq: i64) -> bool {
+    seq > 0
 }
 
 impl Model {
     fn new() -> Self {
         Model {
-            m: Machine::new(backoff()),
+            m: Machine::new(model_config()),
             now: Instant::now(),
             queue: BTreeMap::new(),
             next_seq: 1,
@@ -433,6 +632,12 @@ impl Model {
             upstream: Vec::new(),
             first_seen: HashSet::new(),
             faults: 0,
+            counts: DeviceCounts::default(),
+            presences: Vec::new(),
+            presence_at: None,
+            upstream_presence: Vec::new(),
+            expect_announced: None,
+            address: 0,
         }
     }
 
@@ -461,7 +666,9 @@ impl Model {
                     self.sent_here.push(r.seq);
                     self.client.push_back(r.seq);
                     // (b) the window, as the client and the wire see it.
-                    prop_assert!(self.client.len() + self.wire.len() <= WINDOW);
+                    let rows = self.client.iter().filter(|s| is_row(**s)).count()
+                        + self.wire.values().filter(|s| is_row(**s)).count();
+                    prop_assert!(rows <= WINDOW);
                 }
                 Action::Remove(seqs) => {
                     // (a) removed only after its PUBACK.
@@ -471,7 +678,37 @@ impl Model {
                     self.removes.push_back(seqs);
                 }
                 Action::Up { .. } => prop_assert!(self.connected),
-                Action::Down { retry_at, .. } => self.retry_at = Some(retry_at),
+                Action::Down {
+                    retry_at,
+                    upstream,
+                    switched,
+                    ..
+                } => {
+                    // (f) round robin: each failure moves to the next address.
+                    prop_assert_eq!(upstream, (self.address + 1) % UPSTREAMS);
+                    prop_assert!(switched);
+                    self.address = upstream;
+                    self.retry_at = Some(retry_at);
+                }
+                Action::Presence { online, counts } => {
+                    prop_assert!(self.connected, "presence while disconnected");
+                    prop_assert!(online);
+                    prop_assert_eq!(counts, self.counts);
+                    // (g) after a connection's first, at most one per interval.
+                    if let Some(at) = self.presence_at {
+                        prop_assert!(self.now >= at + PRESENCE_INTERVAL, "presence too soon");
+                    }
+                    self.presence_at = Some(self.now);
+                    if std::mem::take(&mut self.refuse_next) {
+                        self.m.presence_unsent();
+                        continue;
+                    }
+                    self.presences.push((online, counts));
+                    self.client.push_back(-(self.presences.len() as i64));
+                }
+                Action::Announced { online } => {
+                    prop_assert_eq!(self.expect_announced.take(), Some(online));
+                }
                 Action::Delivered(r) => {
                     prop_assert_eq!(self.expect_delivered.take(), Some(r.seq));
                 }
@@ -519,7 +756,10 @@ impl Model {
             }
             Op::BrokerTakes { lose } => {
                 if let Some((pkid, seq)) = self.to_broker.pop_front() {
-                    if self.first_seen.insert(seq) {
+                    if !is_row(seq) {
+                        let p = self.presences[(-seq - 1) as usize];
+                        self.upstream_presence.push(p);
+                    } else if self.first_seen.insert(seq) {
                         // (e) first deliveries in queue order.
                         prop_assert!(
                             self.first_seen.iter().all(|&s| s <= seq),
@@ -534,7 +774,9 @@ impl Model {
                             seq
                         );
                     }
-                    self.upstream.push(seq);
+                    if is_row(seq) {
+                        self.upstream.push(seq);
+                    }
                     if !lose {
                         self.to_client.push_back(pkid);
                     }
@@ -543,9 +785,13 @@ impl Model {
             Op::AckArrives => {
                 if let Some(pkid) = self.to_client.pop_front() {
                     let seq = self.wire.remove(&pkid).expect("acked on the wire");
-                    self.acked.insert(seq);
-                    self.expect_delivered = Some(seq);
-                    prop_assert!(self.m.puback(pkid), "PUBACK of row {} not taken", seq);
+                    if is_row(seq) {
+                        self.acked.insert(seq);
+                        self.expect_delivered = Some(seq);
+                    } else {
+                        self.expect_announced = Some(self.presences[(-seq - 1) as usize].0);
+                    }
+                    prop_assert!(self.m.puback(pkid), "PUBACK of {} not taken", seq);
                 }
             }
             Op::StaleAck(i) => {
@@ -591,12 +837,27 @@ impl Model {
                     self.m.disconnected(self.now, self.now_bits());
                 }
             }
+            Op::AttemptFails => {
+                if !self.connected && self.retry_at.is_none_or(|t| self.now >= t) {
+                    self.faults += 1;
+                    self.m.disconnected(self.now, self.now_bits());
+                }
+            }
             Op::Connect => {
                 if !self.connected && self.retry_at.is_none_or(|t| self.now >= t) {
+                    prop_assert_eq!(self.m.upstream(), self.address);
                     self.connected = true;
                     self.sent_here.clear();
+                    self.presence_at = None;
                     self.m.connected(self.now, self.faults.is_multiple_of(2));
                 }
+            }
+            Op::Devices(known, online) => {
+                self.counts = DeviceCounts {
+                    known: u32::from(known),
+                    online: u32::from(online),
+                };
+                self.m.devices(self.now, self.counts);
             }
             Op::Tick(ms) => {
                 self.now += Duration::from_millis(u64::from(ms));
@@ -610,7 +871,10 @@ impl Model {
                 self.removes.clear();
                 self.refuse_next = false;
                 self.retry_at = None;
-                self.m = Machine::new(backoff());
+                self.address = 0;
+                self.m = Machine::new(model_config());
+                // The assembly hands the new bridge the counts before it runs.
+                self.m.devices(self.now, self.counts);
             }
         }
         self.run()
@@ -620,7 +884,28 @@ impl Model {
         (self.faults as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)
     }
 
-    /// (c) With the link up and nothing lost, everything queued arrives and the queue drains.
+    /// Delivers everything in transit on a live connection.
+    fn deliver(&mut self) -> Result<(), TestCaseError> {
+        while !self.reads.is_empty() {
+            self.step(Op::ReadDone { fail: false })?;
+        }
+        while !self.client.is_empty() {
+            self.step(Op::ClientSends)?;
+        }
+        while !self.to_broker.is_empty() {
+            self.step(Op::BrokerTakes { lose: false })?;
+        }
+        while !self.to_client.is_empty() {
+            self.step(Op::AckArrives)?;
+        }
+        while !self.removes.is_empty() {
+            self.step(Op::RemoveDone { fail: false })?;
+        }
+        Ok(())
+    }
+
+    /// (c) With the link up and nothing lost, everything queued arrives and the queue drains;
+    /// (h) the upstream broker ends up with the gateway online and its current counts.
     fn settle(&mut self) -> Result<(), TestCaseError> {
         // A PUBACK lost on a live connection is only recovered by a new connection (MQTT
         // 3.1.1 re-sends nothing within one): the lossy one ends first.
@@ -635,21 +920,7 @@ impl Model {
                 }
                 self.step(Op::Connect)?;
             }
-            while !self.reads.is_empty() {
-                self.step(Op::ReadDone { fail: false })?;
-            }
-            while !self.client.is_empty() {
-                self.step(Op::ClientSends)?;
-            }
-            while !self.to_broker.is_empty() {
-                self.step(Op::BrokerTakes { lose: false })?;
-            }
-            while !self.to_client.is_empty() {
-                self.step(Op::AckArrives)?;
-            }
-            while !self.removes.is_empty() {
-                self.step(Op::RemoveDone { fail: false })?;
-            }
+            self.deliver()?;
             if self.queue.is_empty() {
                 break;
             }
@@ -660,6 +931,15 @@ impl Model {
         for s in &self.all {
             prop_assert!(delivered.contains(s), "row {} never delivered", s);
         }
+        prop_assert!(self.connected);
+        for _ in 0..3 {
+            if self.upstream_presence.last() == Some(&(true, self.counts)) {
+                break;
+            }
+            self.step(Op::Tick(PRESENCE_INTERVAL.as_millis() as u16))?;
+            self.deliver()?;
+        }
+        prop_assert_eq!(self.upstream_presence.last(), Some(&(true, self.counts)));
         Ok(())
     }
 }
