@@ -130,7 +130,7 @@ impl Default for Rollout {
 }
 
 /// The class a device last told the gateway (its presence, else its status report).
-fn class_of(s: &DeviceStatus) -> Option<&str> {
+pub(crate) fn class_of(s: &DeviceStatus) -> Option<&str> {
     s.presence
         .as_ref()
         .map(|p| p.device_class.as_str())
