@@ -3,6 +3,7 @@
 #![warn(missing_docs)]
 
 pub mod brokers;
+pub mod fleet;
 pub mod mosquitto;
 pub use fleet_testkit::mqtt;
 pub mod procs;

@@ -1,0 +1,158 @@
+//! Fleet-wide operations from the cloud: two gateway processes on one fleet PKI, bridged to
+//! one cloud broker, test-devices behind each, and the SDK on ONE connection to the cloud
+//! broker listing the gateways, reading every device's status and commanding a class across
+//! both gateways.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use cloud_client::{CommandState, FleetClient, GatewayPresence, SendCommand};
+use fleet_testkit::eventually_async;
+use fleet_tests::fleet::{CloudBroker, FleetGateway, FleetPki};
+
+fn presence(gw: &str, online: bool, devices: u32) -> GatewayPresence {
+    GatewayPresence {
+        gateway_id: gw.into(),
+        online,
+        version: "test".into(),
+        devices_known: devices,
+        devices_online: devices,
+        ..GatewayPresence::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_cloud_connection_lists_reads_and_commands_the_fleet() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = FleetPki::init(&dir.path().join("pki"), 3, 4);
+    let cloud = CloudBroker::mosquitto(dir.path(), &pki);
+    let up = cloud.addresses();
+    let gw1 = FleetGateway::start(
+        dir.path(),
+        &pki,
+        1,
+        &up,
+        &[("dev-0001", "pump"), ("dev-0002", "valve")],
+    )
+    .await;
+    let gw2 = FleetGateway::start(
+        dir.path(),
+        &pki,
+        2,
+        &up,
+        &[("dev-0003", "pump"), ("dev-0004", "pump")],
+    )
+    .await;
+    // Presence as the gateways' bridges publish it (retained). gw-0003 says it is online but
+    // no such process runs: it must be reported as not answering, not fail the fleet calls.
+    cloud.publish_presence(&pki, "gw-0001", &presence("gw-0001", true, 2));
+    cloud.publish_presence(&pki, "gw-0002", &presence("gw-0002", true, 2));
+    cloud.publish_presence(&pki, "gw-0003", &presence("gw-0003", true, 0));
+
+    let fleet: FleetClient = pki
+        .sdk("localhost", cloud.port())
+        .fleet()
+        .request_timeout(Duration::from_secs(3))
+        .connect()
+        .await
+        .unwrap();
+    let gateways = fleet.gateways().await.unwrap();
+    let ids: Vec<_> = gateways
+        .iter()
+        .map(|p| (p.gateway_id.as_str(), p.online))
+        .collect();
+    assert_eq!(
+        ids,
+        [("gw-0001", true), ("gw-0002", true), ("gw-0003", true)]
+    );
+
+    // Every device of every answering gateway, with its gateway.
+    let status = eventually_async(
+        Duration::from_secs(30),
+        "every device's status reaches the cloud",
+        async || {
+            let s = fleet.fleet_status().await.unwrap();
+            (s.devices.iter().filter(|d| d.status.connected).count() == 4).then_some(s)
+        },
+    )
+    .await;
+    let seen: Vec<_> = status
+        .devices
+        .iter()
+        .map(|d| {
+            (
+                d.gateway_id.as_str(),
+                d.status.device_id.as_str(),
+                d.device_class().unwrap_or_default(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("gw-0001", "dev-0001", "pump"),
+            ("gw-0001", "dev-0002", "valve"),
+            ("gw-0002", "dev-0003", "pump"),
+            ("gw-0002", "dev-0004", "pump"),
+        ]
+    );
+    let unreachable: Vec<_> = status
+        .unreachable
+        .iter()
+        .map(|f| f.gateway_id.as_str())
+        .collect();
+    assert_eq!(unreachable, ["gw-0003"]);
+
+    // One gateway through the fleet connection, like via_broker.
+    let one = fleet.gateway("gw-0002").unwrap().status(&[]).await.unwrap();
+    assert_eq!(one.len(), 2);
+
+    // A class command: every pump on both gateways runs it, under one command id.
+    let cmd = fleet
+        .send_class_command(
+            "pump",
+            SendCommand {
+                name: "ping".into(),
+                payload: b"all".to_vec(),
+                ..SendCommand::default()
+            },
+        )
+        .await
+        .unwrap();
+    let id = cmd.command_id().to_owned();
+    let out = cmd.wait(Duration::from_secs(30)).await;
+    let got: Vec<_> = out
+        .records
+        .iter()
+        .map(|r| {
+            (
+                r.gateway_id.as_str(),
+                r.record.device_id.as_str(),
+                r.record.state(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("gw-0001", "dev-0001", CommandState::Succeeded),
+            ("gw-0002", "dev-0003", CommandState::Succeeded),
+            ("gw-0002", "dev-0004", CommandState::Succeeded),
+        ],
+        "{out:?}"
+    );
+    for r in &out.records {
+        assert_eq!(r.record.command_id, id);
+        assert_eq!(r.record.result.as_ref().unwrap().output, b"ok:ping:all");
+    }
+    let failed: Vec<_> = out.failed.iter().map(|f| f.gateway_id.as_str()).collect();
+    assert_eq!(failed, ["gw-0003"]);
+    // The valve was no target.
+    let valve = fleet
+        .gateway("gw-0001")
+        .unwrap()
+        .get_command(&id, Some("dev-0002"))
+        .await;
+    assert!(valve.as_ref().map_or(true, Vec::is_empty), "{valve:?}");
+    drop((gw1, gw2));
+}
