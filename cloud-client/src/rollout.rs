@@ -116,6 +116,7 @@ impl Rollout {
             batch_size: self.batch.resolve(targets),
             // 0 would mean "never pause" on the wire; 100 says so explicitly.
             max_failures_percent: self.max_failures_percent.clamp(1, 100),
+            add_targets: false,
         }
     }
 }
