@@ -34,6 +34,7 @@
 mod client;
 mod error;
 mod fleet;
+mod fleet_rollout;
 mod rollout;
 mod signed;
 mod trust;
@@ -49,6 +50,9 @@ pub use fleet_proto::v1::{
     ApiErrorCode, CampaignAction, CampaignRecord, CampaignState, CommandEvent, CommandRecord,
     CommandState, DeployUpdate, DeviceStatus, GatewayPresence, ImageState, SendCommand,
     TargetRecord, TrustEvent, TrustRecord, TrustReport, UpdateError, UpdatePhase, UpdateRecord,
+};
+pub use fleet_rollout::{
+    DeployBatch, FleetProgress, FleetRolloutPlan, FleetRolloutState, FleetTarget, TargetState,
 };
 pub use rollout::{BatchSize, BatchSizeError, Rollout};
 pub use signed::DEFAULT_COMMAND_TTL;
