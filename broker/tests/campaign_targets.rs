@@ -108,11 +108,30 @@ async fn added_targets_form_the_next_batch_of_the_campaign() {
         ..DeployUpdate::default()
     });
     assert_eq!(refused(&mut api, with_batch).await, ApiErrorCode::Invalid);
+    let other_threshold = api_request::Body::DeployUpdate(DeployUpdate {
+        update_id: "u-1".into(),
+        device_ids: vec!["dev-2".into()],
+        max_failures_percent: 50,
+        add_targets: true,
+        ..DeployUpdate::default()
+    });
+    assert_eq!(
+        refused(&mut api, other_threshold).await,
+        ApiErrorCode::Invalid
+    );
 
     // Added while dev-1 works: a second batch, not offered yet; a retry changes nothing.
     let r = update(&mut api, add(&["dev-1", "dev-2"])).await;
     assert_eq!(targets(&r), [("dev-1", 0, true), ("dev-2", 1, false)]);
-    let r = update(&mut api, add(&["dev-2"])).await;
+    // The campaign's own threshold (100: never pause) may be repeated.
+    let same = api_request::Body::DeployUpdate(DeployUpdate {
+        update_id: "u-1".into(),
+        device_ids: vec!["dev-2".into()],
+        max_failures_percent: 100,
+        add_targets: true,
+        ..DeployUpdate::default()
+    });
+    let r = update(&mut api, same).await;
     assert_eq!(targets(&r), [("dev-1", 0, true), ("dev-2", 1, false)]);
     assert_eq!(r.campaign.unwrap().batches, 2);
 

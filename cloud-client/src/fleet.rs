@@ -2,17 +2,26 @@
 //! ([`FleetClientBuilder::fleet`](crate::FleetClientBuilder::fleet)): the status of every
 //! device on every online gateway, and a command to every device of a class across gateways.
 //! Each gateway is asked in parallel, each request bounded by the client's request timeout; a
-//! gateway that does not answer is reported, never fatal to the others.
+//! gateway that does not answer is reported, never fatal to the others. And an update rolled
+//! out to a class across gateways under one set of batch rules
+//! ([`fleet_update`](FleetClient::fleet_update)).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use fleet_proto::v1::{CommandRecord, DeviceStatus, GatewayPresence, SendCommand};
+use fleet_proto::v1::{
+    CommandRecord, DeployUpdate, DeviceStatus, GatewayPresence, SendCommand, TargetRecord,
+};
 use tokio::task::JoinSet;
+use tracing::warn;
 
 use crate::client::{CommandHandle, FleetClient, SdkError};
-use crate::rollout::class_of;
+use crate::fleet_rollout::{
+    DeployBatch, FleetProgress, FleetRolloutPlan, FleetRolloutState, FleetTarget, TargetState,
+};
+use crate::rollout::{class_of, Rollout};
 use crate::signed::new_command_id;
+use crate::updates::BuiltUpdate;
 
 /// A gateway that did not answer, or refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -266,5 +275,176 @@ impl FleetClient {
         out.handles.sort_by(|a, b| a.0.cmp(&b.0));
         out.failed.sort_by(|a, b| a.gateway_id.cmp(&b.gateway_id));
         Ok(out)
+    }
+}
+
+/// How [`FleetClient::fleet_update`] drives a fleet rollout.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FleetUpdateOptions {
+    /// Batch size (of the whole fleet's targets) and failure threshold.
+    pub rollout: Rollout,
+    /// How often gateways with devices in flight are asked for their update records.
+    /// Default 2 s.
+    pub poll: Duration,
+    /// How long to follow the rollout before [`SdkError::Timeout`]; the rollout's state stays
+    /// on the gateways and a new call continues it. Default 1 h.
+    pub timeout: Duration,
+    /// Go on past a pause at the threshold found when starting (a rollout restored from the
+    /// gateways pauses again where it paused). Default false.
+    pub resume: bool,
+}
+
+impl Default for FleetUpdateOptions {
+    fn default() -> Self {
+        FleetUpdateOptions {
+            rollout: Rollout::default(),
+            poll: Duration::from_secs(2),
+            timeout: Duration::from_secs(3600),
+            resume: false,
+        }
+    }
+}
+
+/// Where a fleet rollout stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FleetUpdateReport {
+    /// Completed or paused.
+    pub state: FleetRolloutState,
+    /// Counts.
+    pub progress: FleetProgress,
+    /// Every target in rollout order with its state.
+    pub targets: Vec<(FleetTarget, TargetState)>,
+    /// Online gateways that did not answer the status query (their devices are not targets).
+    pub unreachable: Vec<GatewayFailure>,
+}
+
+impl FleetClient {
+    /// Rolls `built` out to every device of its class on every online gateway, under ONE set
+    /// of batch and threshold rules for the whole fleet ([`FleetRolloutPlan`]): each gateway
+    /// holding targets gets the update registered and its images uploaded once (what it
+    /// already holds is skipped), then fleet batch after fleet batch is handed to the
+    /// gateways concerned (`DeployUpdate` with `add_targets`; each gateway's own campaign
+    /// never pauses, the fleet rule does). Returns when the rollout completes or pauses.
+    ///
+    /// Restartable: it starts from the gateways' update records, so calling it again after
+    /// the service died (or after a pause, with `resume`) continues the same rollout.
+    /// `progress` is called after every change.
+    pub async fn fleet_update(
+        &self,
+        built: &BuiltUpdate,
+        opts: &FleetUpdateOptions,
+        mut progress: impl FnMut(&FleetRolloutPlan),
+    ) -> Result<FleetUpdateReport, SdkError> {
+        let deadline = tokio::time::Instant::now() + opts.timeout;
+        let update_id = built.manifest.update_id.clone();
+        let status = self.fleet_status().await?;
+        let targets: Vec<FleetTarget> = status
+            .of_class(&built.manifest.device_class)
+            .map(|d| FleetTarget {
+                gateway_id: d.gateway_id.clone(),
+                device_id: d.status.device_id.clone(),
+            })
+            .collect();
+        let gateways: std::collections::BTreeSet<String> =
+            targets.iter().map(|t| t.gateway_id.clone()).collect();
+        // Register and upload on every gateway concerned, in parallel: its current targets
+        // come back with the record.
+        let mut set = JoinSet::new();
+        for gw in &gateways {
+            let client = self.gateway(gw)?;
+            let built = built.clone();
+            set.spawn(async move {
+                let r: Result<Vec<TargetRecord>, SdkError> = async {
+                    let rec = client.create_update(built.signed.clone()).await?;
+                    client.upload_images(&built, &rec.images, |_, _| {}).await?;
+                    Ok(client.get_update(&built.manifest.update_id).await?.targets)
+                }
+                .await;
+                (client.gateway_id().unwrap_or_default().to_owned(), r)
+            });
+        }
+        let mut records = BTreeMap::new();
+        while let Some(done) = set.join_next().await {
+            let (gw, r) = done.map_err(|e| SdkError::Protocol(format!("upload task: {e}")))?;
+            match r {
+                Ok(t) => {
+                    records.insert(gw, t);
+                }
+                Err(e) => {
+                    return Err(SdkError::Gateway {
+                        gateway_id: gw,
+                        what: "registering and uploading the update".into(),
+                        source: Box::new(e),
+                    })
+                }
+            }
+        }
+        let (mut plan, mut next) = FleetRolloutPlan::restore(targets, opts.rollout, &records);
+        if opts.resume {
+            next.extend(plan.resume());
+        }
+        loop {
+            if !next.is_empty() {
+                self.deploy_batches(&update_id, std::mem::take(&mut next))
+                    .await?;
+                progress(&plan);
+            }
+            if *plan.state() != FleetRolloutState::Running {
+                break;
+            }
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return Err(SdkError::Timeout(opts.timeout));
+            }
+            tokio::time::sleep_until((now + opts.poll).min(deadline)).await;
+            let before = plan.progress();
+            for gw in plan.in_flight().into_keys() {
+                match self.gateway(&gw)?.get_update(&update_id).await {
+                    Ok(rec) => {
+                        for t in &rec.targets {
+                            next.extend(plan.on_record(&gw, t));
+                        }
+                    }
+                    // Asked again at the next poll.
+                    Err(e) => warn!(gateway = %gw, error = %e, "fleet rollout: no update record"),
+                }
+            }
+            if next.is_empty() && plan.progress() != before {
+                progress(&plan);
+            }
+        }
+        Ok(FleetUpdateReport {
+            state: plan.state().clone(),
+            progress: plan.progress(),
+            targets: plan.targets().to_vec(),
+            unreachable: status.unreachable,
+        })
+    }
+
+    /// Hands each gateway its devices of a fleet batch.
+    async fn deploy_batches(
+        &self,
+        update_id: &str,
+        batches: Vec<DeployBatch>,
+    ) -> Result<(), SdkError> {
+        for b in batches {
+            let req = DeployUpdate {
+                update_id: update_id.to_owned(),
+                device_ids: b.device_ids,
+                add_targets: true,
+                // The fleet's rule pauses; the gateway's campaign never does.
+                max_failures_percent: 100,
+                ..DeployUpdate::default()
+            };
+            self.gateway(&b.gateway_id)?
+                .deploy_update(req)
+                .await
+                .map_err(|e| SdkError::Gateway {
+                    gateway_id: b.gateway_id.clone(),
+                    what: format!("deploying fleet batch {}", b.batch + 1),
+                    source: Box::new(e),
+                })?;
+        }
+        Ok(())
     }
 }

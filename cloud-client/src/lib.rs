@@ -42,7 +42,8 @@ mod updates;
 
 pub use client::{CommandHandle, FleetClient, FleetClientBuilder, FleetEvent, SdkError};
 pub use fleet::{
-    FleetCommand, FleetCommandOutcome, FleetCommandRecord, FleetDevice, FleetStatus, GatewayFailure,
+    FleetCommand, FleetCommandOutcome, FleetCommandRecord, FleetDevice, FleetStatus,
+    FleetUpdateOptions, FleetUpdateReport, GatewayFailure,
 };
 pub use fleet_backoff::BackoffConfig;
 pub use fleet_proto::signing::{SignError, Signer};

@@ -156,3 +156,137 @@ async fn one_cloud_connection_lists_reads_and_commands_the_fleet() {
     assert!(valve.as_ref().map_or(true, Vec::is_empty), "{valve:?}");
     drop((gw1, gw2));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_update_rolls_out_to_a_class_across_gateways_under_one_batch_rule() {
+    use cloud_client::{
+        build_update, BatchSize, FleetRolloutState, FleetUpdateOptions, Rollout, TargetState,
+    };
+    use fleet_proto::signing::UpdateSigner;
+    use fleet_tests::updates::{write_image, Publish};
+
+    let dir = tempfile::tempdir().unwrap();
+    let pki = FleetPki::init(&dir.path().join("pki"), 2, 4);
+    let cloud = CloudBroker::mosquitto(dir.path(), &pki);
+    let up = cloud.addresses();
+    let gw1 = FleetGateway::start(
+        dir.path(),
+        &pki,
+        1,
+        &up,
+        &[("dev-0001", "pump"), ("dev-0002", "valve")],
+    )
+    .await;
+    let gw2 = FleetGateway::start(
+        dir.path(),
+        &pki,
+        2,
+        &up,
+        &[("dev-0003", "pump"), ("dev-0004", "pump")],
+    )
+    .await;
+    cloud.publish_presence(&pki, "gw-0001", &presence("gw-0001", true, 2));
+    cloud.publish_presence(&pki, "gw-0002", &presence("gw-0002", true, 2));
+    let fleet = pki
+        .sdk("localhost", cloud.port())
+        .fleet()
+        .connect()
+        .await
+        .unwrap();
+    eventually_async(
+        Duration::from_secs(30),
+        "the pumps' classes are known",
+        async || {
+            let s = fleet.fleet_status().await.unwrap();
+            (s.of_class("pump").count() == 3).then_some(())
+        },
+    )
+    .await;
+
+    let image_path = dir.path().join("img");
+    let size = 256 << 10;
+    write_image(&image_path, size, 7);
+    let key = std::fs::read_to_string(pki.dir.join("trust/updates-1.key")).unwrap();
+    let signer = UpdateSigner::from_pkcs8_pem(&key).unwrap();
+    let mut publish = Publish::new("fw-fleet", &image_path);
+    publish.class = "pump";
+    let built = build_update(&publish.spec(), &signer).unwrap();
+    let down_before = [
+        gw1.proc.metric("bridge_bytes_down_total"),
+        gw2.proc.metric("bridge_bytes_down_total"),
+    ];
+    let opts = FleetUpdateOptions {
+        rollout: Rollout {
+            batch: BatchSize::Devices(2),
+            max_failures_percent: 100,
+        },
+        poll: Duration::from_millis(300),
+        timeout: Duration::from_secs(60),
+        resume: false,
+    };
+    let mut seen = Vec::new();
+    let report = fleet
+        .fleet_update(&built, &opts, |p| seen.push(p.progress()))
+        .await
+        .unwrap();
+    assert_eq!(report.state, FleetRolloutState::Completed, "{report:?}");
+    let states: Vec<_> = report
+        .targets
+        .iter()
+        .map(|(t, s)| (t.gateway_id.as_str(), t.device_id.as_str(), *s))
+        .collect();
+    assert_eq!(
+        states,
+        [
+            ("gw-0001", "dev-0001", TargetState::Succeeded),
+            ("gw-0002", "dev-0003", TargetState::Succeeded),
+            ("gw-0002", "dev-0004", TargetState::Succeeded),
+        ]
+    );
+    // One fleet batch spanned both gateways; the second went to gw-0002 as a new batch of
+    // its campaign.
+    let batches = |r: &cloud_client::UpdateRecord| -> Vec<(String, u32)> {
+        r.targets
+            .iter()
+            .map(|t| (t.device_id.clone(), t.batch))
+            .collect()
+    };
+    let r1 = fleet
+        .gateway("gw-0001")
+        .unwrap()
+        .get_update("fw-fleet")
+        .await
+        .unwrap();
+    let r2 = fleet
+        .gateway("gw-0002")
+        .unwrap()
+        .get_update("fw-fleet")
+        .await
+        .unwrap();
+    assert_eq!(batches(&r1), [("dev-0001".to_owned(), 0)]);
+    assert_eq!(
+        batches(&r2),
+        [("dev-0003".to_owned(), 0), ("dev-0004".to_owned(), 1)]
+    );
+    assert!(
+        seen.iter().any(|p| p.deployed == 2 && p.succeeded < 2),
+        "the first batch ran alone: {seen:?}"
+    );
+    // Each gateway's uplink carried the image once (plus requests and answers).
+    for (gw, before) in [&gw1, &gw2].iter().zip(down_before) {
+        let carried = gw.proc.metric("bridge_bytes_down_total") - before;
+        let ratio = carried / size as f64;
+        assert!((1.0..1.5).contains(&ratio), "{}: {ratio}", gw.id);
+    }
+    // Restarted (a new call): restored from the gateways' records, nothing is deployed again.
+    let again = fleet.fleet_update(&built, &opts, |_| {}).await.unwrap();
+    assert_eq!(again.state, FleetRolloutState::Completed);
+    assert_eq!(again.targets, report.targets);
+    let r2 = fleet
+        .gateway("gw-0002")
+        .unwrap()
+        .get_update("fw-fleet")
+        .await
+        .unwrap();
+    assert_eq!(r2.campaign.unwrap().batches, 2);
+}

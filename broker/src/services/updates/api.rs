@@ -406,7 +406,13 @@ impl UpdateService {
         req: DeployUpdate,
         record: &UpdateRecord,
     ) -> Result<UpdateRecord, ApiError> {
-        if req.batch_size != 0 || req.max_failures_percent != 0 || !req.device_class.is_empty() {
+        let threshold = self
+            .campaigns
+            .get(&req.update_id)
+            .map(|c| c.record.max_failures_percent);
+        let same_threshold =
+            req.max_failures_percent == 0 || Some(req.max_failures_percent) == threshold;
+        if req.batch_size != 0 || !same_threshold || !req.device_class.is_empty() {
             return Err(invalid(
                 "add_targets takes device_ids only: the campaign keeps its batch size, threshold and class",
             ));
