@@ -154,6 +154,69 @@ async fn one_cloud_connection_lists_reads_and_commands_the_fleet() {
         .get_command(&id, Some("dev-0002"))
         .await;
     assert!(valve.as_ref().map_or(true, Vec::is_empty), "{valve:?}");
+
+    // The same through fleetctl, against the cloud broker.
+    let fleetctl = |args: &[&str]| {
+        let mut cmd = std::process::Command::new(fleet_tests::procs::bin("fleetctl"));
+        cmd.arg("--gateway")
+            .arg(&up[0])
+            .arg("--pki")
+            .arg(&pki.dir)
+            .args(["--request-timeout", "3s", "--json", "fleet"])
+            .args(args);
+        let out = fleet_testkit::run(cmd, Duration::from_secs(60));
+        let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "fleetctl {args:?}: {e}: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+        (out.status.code(), doc)
+    };
+    let (code, doc) = fleetctl(&["gateways"]);
+    assert_eq!(code, Some(0));
+    let listed: Vec<_> = doc
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["gateway_id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(listed, ["gw-0001", "gw-0002", "gw-0003"]);
+    let (code, doc) = fleetctl(&["status", "--class", "pump"]);
+    assert_eq!(code, Some(0));
+    let pumps: Vec<_> = doc["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            format!(
+                "{}/{}",
+                d["gateway_id"].as_str().unwrap(),
+                d["device_id"].as_str().unwrap()
+            )
+        })
+        .collect();
+    assert_eq!(
+        pumps,
+        ["gw-0001/dev-0001", "gw-0002/dev-0003", "gw-0002/dev-0004"]
+    );
+    assert_eq!(doc["unreachable"][0]["gateway_id"], "gw-0003");
+    let (code, doc) = fleetctl(&[
+        "command",
+        "--class",
+        "valve",
+        "--name",
+        "ping",
+        "--payload",
+        "v",
+    ]);
+    assert_eq!(code, Some(1), "gw-0003 did not answer: {doc}");
+    assert_eq!(doc["records"].as_array().unwrap().len(), 1, "{doc}");
+    assert_eq!(doc["records"][0]["device_id"], "dev-0002");
+    assert_eq!(doc["records"][0]["state"], "succeeded");
+    assert_eq!(doc["records"][0]["result_output"], "ok:ping:v");
+    assert_eq!(doc["failed"][0]["gateway_id"], "gw-0003");
     drop((gw1, gw2));
 }
 
