@@ -1,7 +1,7 @@
 //! The SDK's connection: one rumqttc session driven by a task, requests matched to responses
 //! by request id, events fanned out to every listener.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -11,14 +11,14 @@ use fleet_proto::signing::{Signer, UpdateSigner};
 use fleet_proto::topics::{self, FleetTopic, Topic};
 use fleet_proto::v1::{
     api_request, api_response, ApiRequest, ApiResponse, CommandEvent, CommandRecord, DeviceStatus,
-    GetCommand, GetStatus, SendCommand, TrustEvent,
+    GatewayPresence, GetCommand, GetStatus, SendCommand, TrustEvent,
 };
 use fleet_proto::Message;
 use rand_core::RngCore;
 use rumqttc::{
     AsyncClient, Event, EventLoop, Incoming, MqttOptions, QoS, TlsConfiguration, Transport,
 };
-use tokio::sync::{broadcast, oneshot, watch};
+use tokio::sync::{broadcast, oneshot, watch, Notify};
 use tracing::{debug, warn};
 
 use crate::signed::{signed_request, Issue};
@@ -34,9 +34,22 @@ pub struct FleetClientBuilder {
     request_timeout: Duration,
     connect_timeout: Duration,
     reconnect: BackoffConfig,
-    via: Option<fleet_proto::GatewayId>,
+    scope: Scope,
+    presence_quiet: Duration,
+    presence_max_wait: Duration,
     signers: Vec<Arc<dyn Signer>>,
     key_files: Vec<PathBuf>,
+}
+
+/// Which gateways a connection reaches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Scope {
+    /// Connected to the gateway itself: local topics.
+    Direct,
+    /// One gateway through a cloud broker: its topics under `gateways/{id}/`.
+    Via(fleet_proto::GatewayId),
+    /// Every gateway through a cloud broker ([`FleetClient::gateway`] picks one).
+    Fleet,
 }
 
 impl FleetClientBuilder {
@@ -83,8 +96,27 @@ impl FleetClientBuilder {
     pub fn via_broker(mut self, gateway_id: &str) -> Result<Self, SdkError> {
         let id = fleet_proto::GatewayId::new(gateway_id)
             .map_err(|e| SdkError::Config(format!("gateway id {gateway_id:?}: {e}")))?;
-        self.via = Some(id);
+        self.scope = Scope::Via(id);
         Ok(self)
+    }
+
+    /// Reach every gateway bridged to a cloud MQTT broker (the address given to
+    /// [`gateway`](Self::gateway)) over this one connection: the client subscribes to the
+    /// responses and events of all of them (`gateways/+/...`) and to their retained presence;
+    /// [`FleetClient::gateway`] addresses one, [`FleetClient::gateways`] lists them.
+    pub fn fleet(mut self) -> Self {
+        self.scope = Scope::Fleet;
+        self
+    }
+
+    /// When the list of gateways is complete after (re)subscribing (see
+    /// [`FleetClient::gateways`]): once no presence message has arrived for `quiet` since the
+    /// subscription was granted (or since the last one), and at the latest `max_wait` after
+    /// the grant. Defaults 300 ms and 5 s.
+    pub fn presence_settle(mut self, quiet: Duration, max_wait: Duration) -> Self {
+        self.presence_quiet = quiet;
+        self.presence_max_wait = max_wait.max(quiet);
+        self
     }
 
     /// Adds a key of the root's `commands` role that signs every command and update
@@ -145,10 +177,15 @@ impl FleetClientBuilder {
             mqtt,
             service_id,
             pending: Mutex::new(HashMap::new()),
-            events: broadcast::channel(4096).0,
-            trust_events: broadcast::channel(1024).0,
+            events: Mutex::new(HashMap::new()),
+            trust_events: Mutex::new(HashMap::new()),
+            fleet_events: broadcast::channel(4096).0,
             request_timeout: self.request_timeout,
-            via: self.via,
+            scope: self.scope,
+            presence: Mutex::new(PresenceTable::default()),
+            presence_changed: Notify::new(),
+            presence_quiet: self.presence_quiet,
+            presence_max_wait: self.presence_max_wait,
             signers,
         });
         let backoff = Backoff::new(self.reconnect);
@@ -160,7 +197,13 @@ impl FleetClientBuilder {
         .await
         .map(|r| r.is_ok());
         match waited {
-            Ok(true) => Ok(FleetClient { inner }),
+            Ok(true) => {
+                let gateway = match &inner.scope {
+                    Scope::Via(gw) => Some(gw.clone()),
+                    Scope::Direct | Scope::Fleet => None,
+                };
+                Ok(FleetClient { inner, gateway })
+            }
             Ok(false) => Err(SdkError::Stopped),
             Err(_) => {
                 let last = match &*ready_rx.borrow() {
@@ -191,26 +234,109 @@ enum Ready {
     Subscribed,
 }
 
+/// A command event, and the gateway it came from (through a cloud broker).
+#[derive(Debug, Clone, PartialEq)]
+pub struct FleetEvent {
+    /// The gateway (empty when connected to the gateway itself).
+    pub gateway_id: String,
+    /// The event.
+    pub event: CommandEvent,
+}
+
+/// A waiting request: the gateway it went to (its key in [`Inner::events`]) and its answer.
+struct Pending {
+    gateway: String,
+    tx: oneshot::Sender<ApiResponse>,
+}
+
+/// Gateways' presence as the cloud broker last delivered it.
+#[derive(Default)]
+struct PresenceTable {
+    gateways: BTreeMap<String, GatewayPresence>,
+    /// When the presence subscription was last granted.
+    granted_at: Option<tokio::time::Instant>,
+    /// When the last presence message arrived.
+    last_at: Option<tokio::time::Instant>,
+}
+
+/// Per gateway (key: its id; "" when connected to the gateway itself) event channels are made
+/// when a client of that gateway first asks for them: events nobody listens to are dropped.
+type Channels<T> = Mutex<HashMap<String, broadcast::Sender<T>>>;
+
 struct Inner {
     mqtt: AsyncClient,
     service_id: String,
-    pending: Mutex<HashMap<String, oneshot::Sender<ApiResponse>>>,
-    events: broadcast::Sender<CommandEvent>,
-    trust_events: broadcast::Sender<TrustEvent>,
+    pending: Mutex<HashMap<String, Pending>>,
+    events: Channels<CommandEvent>,
+    trust_events: Channels<TrustEvent>,
+    fleet_events: broadcast::Sender<FleetEvent>,
     request_timeout: Duration,
-    /// Through a cloud broker: topics are under `gateways/{id}/`.
-    via: Option<fleet_proto::GatewayId>,
+    scope: Scope,
+    presence: Mutex<PresenceTable>,
+    presence_changed: Notify,
+    presence_quiet: Duration,
+    presence_max_wait: Duration,
     /// Keys of the `commands` role.
     signers: Vec<Arc<dyn Signer>>,
 }
 
 impl Inner {
-    /// The topic on the broker the client is connected to.
-    fn topic(&self, local: &str) -> String {
-        match &self.via {
-            Some(gw) => topics::to_upstream(gw, local),
-            None => local.to_owned(),
+    /// The filter on the connected broker for a local filter of every gateway this
+    /// connection reaches.
+    fn filter(&self, local: &str) -> String {
+        match &self.scope {
+            Scope::Direct => local.to_owned(),
+            Scope::Via(gw) => topics::to_upstream(gw, local),
+            Scope::Fleet => format!("{}/+/{local}", topics::GATEWAYS),
         }
+    }
+
+    /// The gateway a topic on the connected broker belongs to ("" directly) and its local
+    /// name; `None` for a topic of no gateway this connection reaches.
+    fn split<'a>(&'a self, topic: &'a str) -> Option<(&'a str, &'a str)> {
+        match &self.scope {
+            Scope::Direct => Some(("", topic)),
+            Scope::Via(gw) => topics::from_upstream(gw, topic).map(|l| (gw.as_str(), l)),
+            Scope::Fleet => {
+                let rest = topic.strip_prefix(topics::GATEWAYS)?.strip_prefix('/')?;
+                let (gw, local) = rest.split_once('/')?;
+                fleet_proto::GatewayId::new(gw).ok()?;
+                (!local.is_empty()).then_some((gw, local))
+            }
+        }
+    }
+
+    fn sender<T: Clone>(
+        channels: &Channels<T>,
+        gateway: &str,
+        capacity: usize,
+    ) -> broadcast::Sender<T> {
+        lock(channels)
+            .entry(gateway.to_owned())
+            .or_insert_with(|| broadcast::channel(capacity).0)
+            .clone()
+    }
+
+    fn on_presence(&self, gateway: &str, payload: &[u8]) {
+        let mut table = lock(&self.presence);
+        table.last_at = Some(tokio::time::Instant::now());
+        if payload.is_empty() {
+            // A retained presence cleared: the gateway is gone from the fleet.
+            table.gateways.remove(gateway);
+        } else {
+            match GatewayPresence::decode(payload) {
+                Ok(mut p) => {
+                    if p.gateway_id != gateway {
+                        debug!(gateway, claimed = %p.gateway_id, "presence names another gateway; its topic wins");
+                        p.gateway_id = gateway.to_owned();
+                    }
+                    table.gateways.insert(gateway.to_owned(), p);
+                }
+                Err(e) => warn!(gateway, error = %e, "bad gateway presence"),
+            }
+        }
+        drop(table);
+        self.presence_changed.notify_waiters();
     }
 }
 
@@ -227,9 +353,14 @@ async fn drive(
     ready: watch::Sender<Ready>,
     mut backoff: Backoff,
 ) {
-    let response_topic = inner.topic(&topics::api_response_topic(&inner.service_id));
-    let events_topic = inner.topic(topics::ALL_COMMAND_EVENTS);
-    let trust_topic = inner.topic(&topics::trust_events_topic("+"));
+    let mut filters = vec![
+        inner.filter(&topics::api_response_topic(&inner.service_id)),
+        inner.filter(topics::ALL_COMMAND_EVENTS),
+        inner.filter(&topics::trust_events_topic("+")),
+    ];
+    if inner.scope == Scope::Fleet {
+        filters.push(topics::ALL_GATEWAY_PRESENCE.to_owned());
+    }
     let mut sub_pkid = None;
     loop {
         if ready.is_closed() && Arc::strong_count(&inner) == 1 {
@@ -239,11 +370,10 @@ async fn drive(
         match eventloop.poll().await {
             Ok(Event::Incoming(Incoming::ConnAck(_))) => {
                 backoff.connected(tokio::time::Instant::now().into_std());
-                let filters = vec![
-                    rumqttc::SubscribeFilter::new(response_topic.clone(), QoS::AtLeastOnce),
-                    rumqttc::SubscribeFilter::new(events_topic.clone(), QoS::AtLeastOnce),
-                    rumqttc::SubscribeFilter::new(trust_topic.clone(), QoS::AtLeastOnce),
-                ];
+                let filters = filters
+                    .iter()
+                    .map(|f| rumqttc::SubscribeFilter::new(f.clone(), QoS::AtLeastOnce))
+                    .collect::<Vec<_>>();
                 if let Err(e) = inner.mqtt.try_subscribe_many(filters) {
                     warn!(error = %e, "could not subscribe");
                 }
@@ -260,6 +390,8 @@ async fn drive(
                         "the gateway refused the API subscriptions (check its ACL)".into(),
                     ));
                 } else {
+                    // Retained presence follows the grant.
+                    lock(&inner.presence).granted_at = Some(tokio::time::Instant::now());
                     let _ = ready.send(Ready::Subscribed);
                 }
             }
@@ -285,12 +417,16 @@ async fn drive(
 }
 
 fn on_publish(inner: &Inner, topic: &str, payload: &[u8]) {
-    let topic = match &inner.via {
-        Some(gw) => match topics::from_upstream(gw, topic) {
-            Some(local) => local,
-            None => return,
-        },
-        None => topic,
+    if inner.scope == Scope::Fleet {
+        if let Some(gw) = topics::parse_gateway_presence(topic) {
+            if fleet_proto::GatewayId::new(gw).is_ok() {
+                inner.on_presence(gw, payload);
+            }
+            return;
+        }
+    }
+    let Some((gateway, topic)) = inner.split(topic) else {
+        return;
     };
     let Ok(Topic::Fleet { path }) = topics::parse(topic) else {
         return;
@@ -298,41 +434,61 @@ fn on_publish(inner: &Inner, topic: &str, payload: &[u8]) {
     if path.starts_with("events/trust/") {
         match TrustEvent::decode(payload) {
             Ok(ev) => {
-                let _ = inner.trust_events.send(ev);
+                if let Some(tx) = lock(&inner.trust_events).get(gateway) {
+                    let _ = tx.send(ev);
+                }
             }
-            Err(e) => warn!(error = %e, "bad trust event from the gateway"),
+            Err(e) => warn!(gateway, error = %e, "bad trust event from the gateway"),
         }
         return;
     }
     match FleetTopic::parse(path) {
         Some(FleetTopic::ApiResponse { .. }) => match ApiResponse::decode(payload) {
             Ok(r) => {
-                if let Some(tx) = lock(&inner.pending).remove(&r.request_id) {
-                    let _ = tx.send(r);
+                let mut pending = lock(&inner.pending);
+                // Only the gateway the request went to answers it.
+                if pending
+                    .get(&r.request_id)
+                    .is_some_and(|p| p.gateway == gateway)
+                {
+                    if let Some(p) = pending.remove(&r.request_id) {
+                        let _ = p.tx.send(r);
+                    }
                 }
             }
-            Err(e) => warn!(error = %e, "bad API response from the gateway"),
+            Err(e) => warn!(gateway, error = %e, "bad API response from the gateway"),
         },
         Some(FleetTopic::CommandEvents { .. }) => match CommandEvent::decode(payload) {
             Ok(ev) => {
-                let _ = inner.events.send(ev);
+                if let Some(tx) = lock(&inner.events).get(gateway) {
+                    let _ = tx.send(ev.clone());
+                }
+                let _ = inner.fleet_events.send(FleetEvent {
+                    gateway_id: gateway.to_owned(),
+                    event: ev,
+                });
             }
-            Err(e) => warn!(error = %e, "bad command event from the gateway"),
+            Err(e) => warn!(gateway, error = %e, "bad command event from the gateway"),
         },
         _ => {}
     }
 }
 
-/// A connection to the fleet API of one gateway. Cheap to clone.
+/// A connection to the fleet API of one gateway, or to every gateway bridged to a cloud
+/// broker ([`FleetClientBuilder::fleet`]; [`gateway`](FleetClient::gateway) addresses one of
+/// them over the same connection). Cheap to clone.
 #[derive(Clone)]
 pub struct FleetClient {
     inner: Arc<Inner>,
+    /// The gateway this client addresses through a cloud broker.
+    gateway: Option<fleet_proto::GatewayId>,
 }
 
 impl std::fmt::Debug for FleetClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("FleetClient")
             .field("service_id", &self.inner.service_id)
+            .field("gateway", &self.gateway)
             .finish()
     }
 }
@@ -350,9 +506,52 @@ impl FleetClient {
                 Duration::from_millis(200),
                 Duration::from_secs(5),
             ),
-            via: None,
+            scope: Scope::Direct,
+            presence_quiet: Duration::from_millis(300),
+            presence_max_wait: Duration::from_secs(5),
             signers: Vec::new(),
             key_files: Vec::new(),
+        }
+    }
+
+    /// This client for gateway `gateway_id`, over the same connection. Only a fleet connection
+    /// ([`FleetClientBuilder::fleet`]) reaches several gateways; elsewhere it is
+    /// [`SdkError::Config`].
+    pub fn gateway(&self, gateway_id: &str) -> Result<FleetClient, SdkError> {
+        if self.inner.scope != Scope::Fleet {
+            return Err(SdkError::Config(
+                "only a fleet connection (FleetClientBuilder::fleet) addresses gateways by id"
+                    .into(),
+            ));
+        }
+        let id = fleet_proto::GatewayId::new(gateway_id)
+            .map_err(|e| SdkError::Config(format!("gateway id {gateway_id:?}: {e}")))?;
+        Ok(FleetClient {
+            inner: self.inner.clone(),
+            gateway: Some(id),
+        })
+    }
+
+    /// The gateway this client addresses through a cloud broker, if it addresses one.
+    pub fn gateway_id(&self) -> Option<&str> {
+        self.gateway.as_ref().map(|g| g.as_str())
+    }
+
+    /// Whether this is a fleet connection ([`FleetClientBuilder::fleet`]).
+    pub fn is_fleet(&self) -> bool {
+        self.inner.scope == Scope::Fleet
+    }
+
+    /// Key of this client's gateway in the per-gateway tables.
+    fn key(&self) -> &str {
+        self.gateway_id().unwrap_or_default()
+    }
+
+    /// The topic on the connected broker of this client's gateway's `local` topic.
+    fn topic(&self, local: &str) -> String {
+        match &self.gateway {
+            Some(gw) => topics::to_upstream(gw, local),
+            None => local.to_owned(),
         }
     }
 
@@ -363,13 +562,57 @@ impl FleetClient {
 
     /// Every command event from now on (state changes of every command on the gateway).
     pub fn events(&self) -> broadcast::Receiver<CommandEvent> {
-        self.inner.events.subscribe()
+        Inner::sender(&self.inner.events, self.key(), 4096).subscribe()
+    }
+
+    /// Every command event from now on, of every gateway this connection reaches, with the
+    /// gateway it came from.
+    pub fn fleet_events(&self) -> broadcast::Receiver<FleetEvent> {
+        self.inner.fleet_events.subscribe()
     }
 
     /// Every trust event from now on: a device's TrustReport changed (the root it holds, a
     /// root it refused, an expired root that froze it).
     pub fn trust_events(&self) -> broadcast::Receiver<TrustEvent> {
-        self.inner.trust_events.subscribe()
+        Inner::sender(&self.inner.trust_events, self.key(), 1024).subscribe()
+    }
+
+    /// Every gateway whose presence the cloud broker holds (retained `GatewayPresence` on
+    /// `gateways/+/presence`; a gateway that went away without a clean shutdown is listed
+    /// with `online == false`, from its will), by id. Only on a fleet connection.
+    ///
+    /// When the list is complete: the broker sends the retained presence messages right after
+    /// it grants the subscription, so the first call waits until no presence message has
+    /// arrived for a quiet period since the grant or since the last message, at most a bound
+    /// after the grant ([`FleetClientBuilder::presence_settle`], defaults 300 ms and 5 s).
+    /// Afterwards the list is kept up to date by live presence messages and returned at once.
+    pub async fn gateways(&self) -> Result<Vec<GatewayPresence>, SdkError> {
+        if self.inner.scope != Scope::Fleet {
+            return Err(SdkError::Config(
+                "listing gateways needs a fleet connection (FleetClientBuilder::fleet)".into(),
+            ));
+        }
+        loop {
+            let changed = self.inner.presence_changed.notified();
+            let wake = {
+                let table = lock(&self.inner.presence);
+                let Some(granted) = table.granted_at else {
+                    return Err(SdkError::Stopped);
+                };
+                let now = tokio::time::Instant::now();
+                let quiet_since = table.last_at.map_or(granted, |l| l.max(granted));
+                let settled = quiet_since + self.inner.presence_quiet;
+                let cap = granted + self.inner.presence_max_wait;
+                if now >= settled || now >= cap {
+                    return Ok(table.gateways.values().cloned().collect());
+                }
+                settled.min(cap)
+            };
+            tokio::select! {
+                _ = changed => {}
+                _ = tokio::time::sleep_until(wake) => {}
+            }
+        }
     }
 
     pub(crate) async fn request(
@@ -379,8 +622,19 @@ impl FleetClient {
         let mut b = [0u8; 8];
         rand_core::OsRng.fill_bytes(&mut b);
         let request_id = hex::encode(b);
+        if self.inner.scope == Scope::Fleet && self.gateway.is_none() {
+            return Err(SdkError::Config(
+                "a fleet connection sends requests to one gateway: FleetClient::gateway(id)".into(),
+            ));
+        }
         let (tx, rx) = oneshot::channel();
-        lock(&self.inner.pending).insert(request_id.clone(), tx);
+        lock(&self.inner.pending).insert(
+            request_id.clone(),
+            Pending {
+                gateway: self.key().to_owned(),
+                tx,
+            },
+        );
         let req = ApiRequest {
             request_id: request_id.clone(),
             body: Some(body),
@@ -389,8 +643,7 @@ impl FleetClient {
             .inner
             .mqtt
             .publish(
-                self.inner
-                    .topic(&topics::api_request_topic(&self.inner.service_id)),
+                self.topic(&topics::api_request_topic(&self.inner.service_id)),
                 QoS::AtLeastOnce,
                 false,
                 req.encode_to_vec(),
@@ -573,26 +826,39 @@ mod tests {
     use super::*;
     use fleet_proto::v1::TrustReport;
 
-    /// A client that never connects (its event loop is not polled).
-    fn offline() -> Inner {
+    /// A connection that never connects (its event loop is not polled).
+    fn offline(scope: Scope) -> Inner {
         let (mqtt, _eventloop) = AsyncClient::new(MqttOptions::new("t", "localhost", 1), 8);
         Inner {
             mqtt,
             service_id: "svc-0001".into(),
             pending: Mutex::new(HashMap::new()),
-            events: broadcast::channel(8).0,
-            trust_events: broadcast::channel(8).0,
+            events: Mutex::new(HashMap::new()),
+            trust_events: Mutex::new(HashMap::new()),
+            fleet_events: broadcast::channel(8).0,
             request_timeout: Duration::from_secs(1),
-            via: None,
+            scope,
+            presence: Mutex::new(PresenceTable::default()),
+            presence_changed: Notify::new(),
+            presence_quiet: Duration::from_millis(300),
+            presence_max_wait: Duration::from_secs(5),
             signers: Vec::new(),
+        }
+    }
+
+    fn client(inner: Inner, gateway: Option<&str>) -> FleetClient {
+        FleetClient {
+            inner: Arc::new(inner),
+            gateway: gateway.map(|g| fleet_proto::GatewayId::new(g).unwrap()),
         }
     }
 
     #[tokio::test]
     async fn trust_events_reach_their_listeners_and_command_events_theirs() {
-        let inner = offline();
-        let mut trust = inner.trust_events.subscribe();
-        let mut commands = inner.events.subscribe();
+        let fleet = client(offline(Scope::Direct), None);
+        let inner = &*fleet.inner;
+        let mut trust = fleet.trust_events();
+        let mut commands = fleet.events();
         let ev = TrustEvent {
             device_id: "dev-0001".into(),
             report: Some(TrustReport {
@@ -601,7 +867,7 @@ mod tests {
             }),
         };
         on_publish(
-            &inner,
+            inner,
             &topics::trust_events_topic("dev-0001"),
             &ev.encode_to_vec(),
         );
@@ -609,18 +875,160 @@ mod tests {
         assert!(commands.try_recv().is_err());
         // Garbage is dropped (and logged), not delivered.
         on_publish(
-            &inner,
+            inner,
             &topics::trust_events_topic("dev-0001"),
             &[0xff, 0xff],
         );
         assert!(trust.try_recv().is_err());
         let cev = CommandEvent::default();
         on_publish(
-            &inner,
+            inner,
             &topics::command_events_topic("dev-0001"),
             &cev.encode_to_vec(),
         );
         assert_eq!(commands.try_recv().unwrap(), cev);
         assert!(trust.try_recv().is_err());
+    }
+
+    #[tokio::test]
+    async fn a_fleet_connection_tells_gateways_apart() {
+        let fleet = client(offline(Scope::Fleet), None);
+        let gw1 = fleet.gateway("gw-0001").unwrap();
+        let gw2 = fleet.gateway("gw-0002").unwrap();
+        let (mut ev1, mut ev2, mut all) = (gw1.events(), gw2.events(), fleet.fleet_events());
+        let cev = CommandEvent {
+            foreign: true,
+            ..CommandEvent::default()
+        };
+        let up = |gw: &str, local: &str| format!("gateways/{gw}/{local}");
+        on_publish(
+            &fleet.inner,
+            &up("gw-0002", &topics::command_events_topic("dev-0001")),
+            &cev.encode_to_vec(),
+        );
+        assert_eq!(ev2.try_recv().unwrap(), cev);
+        assert!(ev1.try_recv().is_err(), "gw-0001 did not send it");
+        let got = all.try_recv().unwrap();
+        assert_eq!(
+            (got.gateway_id.as_str(), got.event),
+            ("gw-0002", cev.clone())
+        );
+        // A response is taken only from the gateway its request went to.
+        let (tx, mut rx) = oneshot::channel();
+        lock(&fleet.inner.pending).insert(
+            "r1".into(),
+            Pending {
+                gateway: "gw-0001".into(),
+                tx,
+            },
+        );
+        let resp = ApiResponse {
+            request_id: "r1".into(),
+            ..ApiResponse::default()
+        };
+        let resp_topic = topics::api_response_topic("svc-0001");
+        on_publish(
+            &fleet.inner,
+            &up("gw-0002", &resp_topic),
+            &resp.encode_to_vec(),
+        );
+        assert!(rx.try_recv().is_err());
+        on_publish(
+            &fleet.inner,
+            &up("gw-0001", &resp_topic),
+            &resp.encode_to_vec(),
+        );
+        assert_eq!(rx.try_recv().unwrap(), resp);
+        // Topics of no gateway, and bad ids, are ignored.
+        on_publish(
+            &fleet.inner,
+            &topics::command_events_topic("dev-0001"),
+            &cev.encode_to_vec(),
+        );
+        on_publish(
+            &fleet.inner,
+            &up("$bad", &topics::command_events_topic("d")),
+            &[],
+        );
+        assert!(all.try_recv().is_err());
+        // Requests need a gateway.
+        assert!(matches!(fleet.status(&[]).await, Err(SdkError::Config(_))));
+        // Only a fleet connection picks gateways.
+        assert!(client(offline(Scope::Direct), None)
+            .gateway("gw-0001")
+            .is_err());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_gateway_list_is_complete_after_a_quiet_period() {
+        let fleet = client(offline(Scope::Fleet), None);
+        let presence = |gw: &str, online: bool| GatewayPresence {
+            gateway_id: gw.into(),
+            online,
+            ..GatewayPresence::default()
+        };
+        lock(&fleet.inner.presence).granted_at = Some(tokio::time::Instant::now());
+        let inner = fleet.inner.clone();
+        let start = tokio::time::Instant::now();
+        // Retained presence trickles in 200 ms apart (each within the quiet period).
+        let feeder = tokio::spawn(async move {
+            for (i, gw) in ["gw-0001", "gw-0002", "gw-0003"].into_iter().enumerate() {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                let p = presence(gw, i != 1);
+                on_publish(
+                    &inner,
+                    &topics::gateway_presence_topic(&gw.parse().unwrap()),
+                    &p.encode_to_vec(),
+                );
+            }
+        });
+        let list = fleet.gateways().await.unwrap();
+        feeder.await.unwrap();
+        let ids: Vec<_> = list
+            .iter()
+            .map(|p| (p.gateway_id.as_str(), p.online))
+            .collect();
+        assert_eq!(
+            ids,
+            [("gw-0001", true), ("gw-0002", false), ("gw-0003", true)]
+        );
+        assert!(
+            start.elapsed() >= Duration::from_millis(900),
+            "{:?}",
+            start.elapsed()
+        );
+        // Settled: later calls answer at once, live changes included (an empty retained
+        // message removes a gateway).
+        on_publish(&fleet.inner, "gateways/gw-0002/presence", &[]);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let t = tokio::time::Instant::now();
+        let list = fleet.gateways().await.unwrap();
+        assert_eq!(t.elapsed(), Duration::ZERO);
+        assert_eq!(list.len(), 2);
+        // A stream that never goes quiet is cut at the bound.
+        let fleet = client(offline(Scope::Fleet), None);
+        lock(&fleet.inner.presence).granted_at = Some(tokio::time::Instant::now());
+        let inner = fleet.inner.clone();
+        let start = tokio::time::Instant::now();
+        let feeder = tokio::spawn(async move {
+            for i in 0..100u32 {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let gw = format!("gw-{i:04}");
+                on_publish(
+                    &inner,
+                    &format!("gateways/{gw}/presence"),
+                    &presence(&gw, true).encode_to_vec(),
+                );
+            }
+        });
+        let list = fleet.gateways().await.unwrap();
+        assert_eq!(start.elapsed(), Duration::from_secs(5));
+        assert!((45..=50).contains(&list.len()), "{}", list.len());
+        feeder.abort();
+        // Not on a single gateway's connection.
+        assert!(client(offline(Scope::Direct), None)
+            .gateways()
+            .await
+            .is_err());
     }
 }

@@ -53,6 +53,16 @@ pub enum SdkError {
     /// A signer (a key file, an HSM) failed.
     #[error(transparent)]
     Sign(#[from] fleet_proto::signing::SignError),
+    /// One gateway of a fleet-wide operation failed it.
+    #[error("gateway {gateway_id}: {what}: {source}")]
+    Gateway {
+        /// The gateway.
+        gateway_id: String,
+        /// What was being done.
+        what: String,
+        /// Why it failed.
+        source: Box<SdkError>,
+    },
     /// The request is not valid (found before anything was signed or sent).
     #[error("invalid request: {0}")]
     Invalid(String),

@@ -33,18 +33,27 @@
 
 mod client;
 mod error;
+mod fleet;
+mod fleet_rollout;
 mod rollout;
 mod signed;
 mod trust;
 mod updates;
 
-pub use client::{CommandHandle, FleetClient, FleetClientBuilder, SdkError};
+pub use client::{CommandHandle, FleetClient, FleetClientBuilder, FleetEvent, SdkError};
+pub use fleet::{
+    FleetCommand, FleetCommandOutcome, FleetCommandRecord, FleetDevice, FleetStatus,
+    FleetUpdateOptions, FleetUpdateReport, GatewayFailure,
+};
 pub use fleet_backoff::BackoffConfig;
 pub use fleet_proto::signing::{SignError, Signer};
 pub use fleet_proto::v1::{
     ApiErrorCode, CampaignAction, CampaignRecord, CampaignState, CommandEvent, CommandRecord,
-    CommandState, DeployUpdate, DeviceStatus, ImageState, SendCommand, TargetRecord, TrustEvent,
-    TrustRecord, TrustReport, UpdateError, UpdatePhase, UpdateRecord,
+    CommandState, DeployUpdate, DeviceStatus, GatewayPresence, ImageState, SendCommand,
+    TargetRecord, TrustEvent, TrustRecord, TrustReport, UpdateError, UpdatePhase, UpdateRecord,
+};
+pub use fleet_rollout::{
+    DeployBatch, FleetProgress, FleetRolloutPlan, FleetRolloutState, FleetTarget, TargetState,
 };
 pub use rollout::{BatchSize, BatchSizeError, Rollout};
 pub use signed::DEFAULT_COMMAND_TTL;

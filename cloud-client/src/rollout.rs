@@ -116,6 +116,7 @@ impl Rollout {
             batch_size: self.batch.resolve(targets),
             // 0 would mean "never pause" on the wire; 100 says so explicitly.
             max_failures_percent: self.max_failures_percent.clamp(1, 100),
+            add_targets: false,
         }
     }
 }
@@ -130,7 +131,7 @@ impl Default for Rollout {
 }
 
 /// The class a device last told the gateway (its presence, else its status report).
-fn class_of(s: &DeviceStatus) -> Option<&str> {
+pub(crate) fn class_of(s: &DeviceStatus) -> Option<&str> {
     s.presence
         .as_ref()
         .map(|p| p.device_class.as_str())

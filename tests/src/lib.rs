@@ -4,6 +4,7 @@
 
 pub mod brokers;
 pub mod cluster;
+pub mod fleet;
 pub mod mosquitto;
 pub use fleet_testkit::mqtt;
 pub mod procs;

@@ -158,6 +158,44 @@ impl Store {
         Ok(true)
     }
 
+    /// Adds targets (each with its position in rollout order) to a campaign and saves its
+    /// record, in one transaction.
+    pub(crate) fn add_campaign_targets(
+        &mut self,
+        update_id: &str,
+        campaign: &CampaignRecord,
+        targets: &[(usize, TargetRecord)],
+    ) -> Result<(), StoreError> {
+        let path = self.path.clone();
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(|e| err(&path, e))?;
+        tx.execute(
+            "UPDATE campaigns SET state = ?2, record = ?3 WHERE update_id = ?1",
+            params![update_id, campaign.state, campaign.encode_to_vec()],
+        )
+        .map_err(|e| err(&path, e))?;
+        {
+            let mut stmt = tx
+                .prepare(
+                    "INSERT INTO update_targets (update_id, device_id, position, record)
+                     VALUES (?1, ?2, ?3, ?4)",
+                )
+                .map_err(|e| err(&path, e))?;
+            for (i, t) in targets {
+                stmt.execute(params![
+                    update_id,
+                    t.device_id,
+                    *i as i64,
+                    t.encode_to_vec()
+                ])
+                .map_err(|e| err(&path, e))?;
+            }
+        }
+        tx.commit().map_err(|e| err(&path, e))
+    }
+
     /// Saves a campaign's record and the given targets' records in one transaction.
     pub(crate) fn save_campaign(
         &mut self,

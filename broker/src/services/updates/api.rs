@@ -4,8 +4,8 @@
 use fleet_proto::ids::validate_id;
 use fleet_proto::v1::{
     api_request, api_response, ApiError, ApiErrorCode, CampaignAction, CampaignState,
-    ControlCampaign, CreateUpdate, DeployUpdate, GetUpdate, ImageState, UpdateRecord, UploadChunk,
-    UploadChunkResponse,
+    ControlCampaign, CreateUpdate, DeployUpdate, GetUpdate, ImageState, TargetRecord, UpdateRecord,
+    UploadChunk, UploadChunkResponse,
 };
 use fleet_proto::Message;
 use sha2::{Digest as _, Sha256};
@@ -301,6 +301,9 @@ impl UpdateService {
                 i.component, i.chunks_held, i.chunk_count
             )));
         }
+        if req.add_targets && self.campaigns.contains_key(&req.update_id) {
+            return self.add_targets(req, &record).await;
+        }
         if self.campaigns.contains_key(&req.update_id) {
             return Err(api_error(
                 ApiErrorCode::Conflict,
@@ -392,6 +395,90 @@ impl UpdateService {
         info!(service, update_id = %req.update_id, devices = c.targets.len(), batch_size = c.record.batch_size, max_failures_percent = c.record.max_failures_percent, "campaign deployed");
         let effects = c.start(now);
         self.campaigns.insert(req.update_id.clone(), c);
+        self.apply(&req.update_id, effects).await;
+        self.record(&req.update_id).await
+    }
+
+    /// DeployUpdate with `add_targets` on an update that has a campaign: the new devices
+    /// become one batch at its end (see `Campaign::add_batch`), stored before any offer.
+    async fn add_targets(
+        &mut self,
+        req: DeployUpdate,
+        record: &UpdateRecord,
+    ) -> Result<UpdateRecord, ApiError> {
+        let threshold = self
+            .campaigns
+            .get(&req.update_id)
+            .map(|c| c.record.max_failures_percent);
+        let same_threshold =
+            req.max_failures_percent == 0 || Some(req.max_failures_percent) == threshold;
+        if req.batch_size != 0 || !same_threshold || !req.device_class.is_empty() {
+            return Err(invalid(
+                "add_targets takes device_ids only: the campaign keeps its batch size, threshold and class",
+            ));
+        }
+        for d in &req.device_ids {
+            validate_id(d).map_err(|e| invalid(format!("device id {d:?}: {e}")))?;
+        }
+        let mut ids = req.device_ids.clone();
+        ids.sort();
+        ids.dedup();
+        let known = self
+            .store
+            .call("classes of targets", move |s| {
+                ids.into_iter()
+                    .map(|d| {
+                        let class = s.device_state(&d)?.and_then(|st| st.device_class);
+                        Ok((d, class))
+                    })
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .await
+            .map_err(|_| unavailable())?;
+        if let Some(why) = wrong_class(&record.device_class, &known) {
+            return Err(invalid(why));
+        }
+        if record.expires_at_ms <= fleet_proto::time::now_ms() {
+            return Err(invalid("the manifest has expired; sign a new one"));
+        }
+        let Some(c) = self.campaigns.get_mut(&req.update_id) else {
+            return Err(api_error(ApiErrorCode::NotFound, "no campaign"));
+        };
+        if c.targets.len() + req.device_ids.len() > MAX_TARGETS {
+            return Err(invalid(format!("more than {MAX_TARGETS} targets")));
+        }
+        let before = (c.record.clone(), c.targets.clone());
+        let now = fleet_proto::time::now_ms();
+        let added = c
+            .add_batch(&req.device_ids, now)
+            .map_err(|e| api_error(ApiErrorCode::Conflict, e.0))?;
+        let Some((positions, mut effects)) = added else {
+            return self.record(&req.update_id).await;
+        };
+        let rec = c.record.clone();
+        let batch = rec.batches.saturating_sub(1);
+        let new: Vec<(usize, TargetRecord)> = positions
+            .iter()
+            .filter_map(|&i| c.targets.get(i).cloned().map(|t| (i, t)))
+            .collect();
+        let id = req.update_id.clone();
+        let stored = self
+            .store
+            .call("add campaign targets", move |s| {
+                s.add_campaign_targets(&id, &rec, &new)
+            })
+            .await;
+        if stored.is_err() {
+            // Nothing was written: forget the batch, as if the request had not come.
+            let (record, targets) = before;
+            self.campaigns
+                .insert(req.update_id.clone(), Campaign::from_parts(record, targets));
+            return Err(unavailable());
+        }
+        info!(update_id = %req.update_id, devices = positions.len(), batch, "targets added to the campaign");
+        // The new targets (offered flags included) and the record are stored: only offer.
+        effects.campaign_changed = false;
+        effects.changed.clear();
         self.apply(&req.update_id, effects).await;
         self.record(&req.update_id).await
     }

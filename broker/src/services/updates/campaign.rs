@@ -117,6 +117,53 @@ impl Campaign {
         Self::from_parts(record, targets)
     }
 
+    /// Adds the `devices` that are not yet targets as one new batch at the end (order kept,
+    /// duplicates dropped). When the campaign had completed it runs again with the new batch
+    /// offered at once; otherwise the batch waits its turn (and a resume). Returns the
+    /// positions of the new targets (to be stored with their records before the offers) and
+    /// the effects, or `None` when no device is new (a retry). Refused on an aborted campaign.
+    pub(crate) fn add_batch(
+        &mut self,
+        devices: &[String],
+        now_ms: u64,
+    ) -> Result<Option<(Vec<usize>, Effects)>, ControlError> {
+        if self.state() == CampaignState::Aborted {
+            return Err(ControlError(
+                "the campaign was aborted; deploy a new update".into(),
+            ));
+        }
+        let batch = self.record.batches;
+        let first = self.targets.len();
+        for d in devices {
+            if self.index.contains_key(d) {
+                continue;
+            }
+            self.index.insert(d.clone(), self.targets.len());
+            self.targets.push(TargetRecord {
+                device_id: d.clone(),
+                batch,
+                ..Default::default()
+            });
+        }
+        if self.targets.len() == first {
+            return Ok(None);
+        }
+        self.record.batches = batch + 1;
+        self.record.updated_at_ms = now_ms;
+        let mut e = Effects {
+            campaign_changed: true,
+            ..Effects::default()
+        };
+        if self.state() == CampaignState::Completed {
+            // Completing judged every earlier batch: the new one is offered without a check.
+            self.record.state = CampaignState::Running.into();
+            self.record.reason = String::new();
+            self.record.current_batch = batch;
+            self.offer_batch(batch, &mut e);
+        }
+        Ok(Some(((first..self.targets.len()).collect(), e)))
+    }
+
     /// The target record of `device`, if it is one.
     pub(crate) fn target(&self, device: &str) -> Option<&TargetRecord> {
         self.index.get(device).map(|&i| &self.targets[i])
@@ -483,5 +530,50 @@ mod tests {
         assert_eq!(e.offer, vec!["d1"]);
         assert!(c.control(CampaignAction::Resume, 5).is_err());
         assert!(c.control(CampaignAction::Unspecified, 5).is_err());
+    }
+
+    #[test]
+    fn added_batches_wait_their_turn_and_reopen_a_completed_campaign() {
+        let mut c = Campaign::plan(&devices(2), 0, 100, "svc", 1);
+        let e = c.start(1);
+        assert_eq!(e.offer, ["d0", "d1"]);
+        // Added while the first batch runs: queued behind it, nothing offered yet.
+        let (new, e) = c
+            .add_batch(&["d1".into(), "d2".into(), "d2".into()], 2)
+            .unwrap()
+            .unwrap();
+        assert_eq!(new, [2]);
+        assert!(e.offer.is_empty() && e.campaign_changed);
+        assert_eq!((c.record.batches, c.targets[2].batch), (2, 1));
+        // A retry adds nothing.
+        assert!(c
+            .add_batch(&["d0".into(), "d2".into()], 3)
+            .unwrap()
+            .is_none());
+        c.on_progress("d0", &report(UpdatePhase::Committed), 4)
+            .unwrap();
+        let e = c
+            .on_progress("d1", &report(UpdatePhase::Failed), 5)
+            .unwrap();
+        assert_eq!(e.offer, ["d2"], "the added batch follows the first");
+        let e = c
+            .on_progress("d2", &report(UpdatePhase::Committed), 6)
+            .unwrap();
+        assert!(e.offer.is_empty());
+        assert_eq!(c.record.state(), CampaignState::Completed);
+        // Added after completion: the campaign runs again and offers it at once.
+        let (new, e) = c.add_batch(&["d3".into()], 7).unwrap().unwrap();
+        assert_eq!((new, e.offer), (vec![3], vec!["d3".to_owned()]));
+        assert_eq!(c.record.state(), CampaignState::Running);
+        assert_eq!((c.record.current_batch, c.record.batches), (2, 3));
+        assert!(c.is_active("d3"));
+        c.on_progress("d3", &report(UpdatePhase::Committed), 8)
+            .unwrap();
+        assert_eq!(c.record.state(), CampaignState::Completed);
+        // Never to an aborted campaign.
+        let mut c = Campaign::plan(&devices(1), 0, 100, "svc", 1);
+        c.start(1);
+        c.control(CampaignAction::Abort, 2).unwrap();
+        assert!(c.add_batch(&["d9".into()], 3).is_err());
     }
 }

@@ -1,9 +1,11 @@
-//! `fleetctl`: the operator's CLI for the fleet API of a gateway.
+//! `fleetctl`: the operator's CLI for the fleet API of a gateway (and, with `fleetctl fleet`,
+//! of every gateway bridged to a cloud broker).
 //!
 //! Exit codes: 0 done (every target succeeded); 1 a target failed, was rejected or expired
 //! (`trust verify`: the root is refused); 2 bad usage; 3 the gateway could not be reached or did
 //! not answer; 4 the gateway refused the request; 5 unusable certificates.
 
+mod fleet;
 mod trust;
 mod update;
 
@@ -113,6 +115,11 @@ enum Cmd {
     /// v2.* --out v2.bin`, `trust verify --current root.bin v2.bin`, `trust publish v2.bin`.
     #[command(subcommand)]
     Trust(trust::TrustCmd),
+    /// Every gateway bridged to the cloud broker given as --gateway, over one connection:
+    /// list the gateways, read every device's status, command a class, roll an update out to
+    /// a class across gateways.
+    #[command(subcommand)]
+    Fleet(fleet::FleetCmd),
     /// Last known status and presence of devices (all when none is named).
     Status {
         /// Device ids.
@@ -339,6 +346,9 @@ impl From<SdkError> for Failure {
             SdkError::NoCommandKey | SdkError::CommandKey { .. } => Failure::Usage(e.to_string()),
             SdkError::Tls(_) | SdkError::NotAService(_) => Failure::Certs(e.to_string()),
             SdkError::Api { .. } => Failure::Refused(e.to_string()),
+            SdkError::Gateway { ref source, .. } if matches!(**source, SdkError::Api { .. }) => {
+                Failure::Refused(e.to_string())
+            }
             _ => Failure::Unreachable(e.to_string()),
         }
     }
@@ -385,6 +395,20 @@ fn main() -> ExitCode {
 }
 
 async fn connect(conn: &Conn) -> Result<FleetClient, Failure> {
+    connect_to(conn, false).await
+}
+
+/// A fleet connection to the cloud broker given as --gateway (`fleetctl fleet`).
+async fn connect_fleet(conn: &Conn) -> Result<FleetClient, Failure> {
+    if conn.via.is_some() {
+        return Err(Failure::Usage(
+            "`fleetctl fleet` reaches every gateway: leave out --via".into(),
+        ));
+    }
+    connect_to(conn, true).await
+}
+
+async fn connect_to(conn: &Conn, fleet: bool) -> Result<FleetClient, Failure> {
     let (host, port) = conn
         .gateway
         .rsplit_once(':')
@@ -408,6 +432,9 @@ async fn connect(conn: &Conn) -> Result<FleetClient, Failure> {
         .connect_timeout(conn.connect_timeout);
     if let Some(gw) = &conn.via {
         b = b.via_broker(gw)?;
+    }
+    if fleet {
+        b = b.fleet();
     }
     if conn.command_key.is_empty() {
         let dev = conn.pki.join("trust").join("commands-1.key");
@@ -466,6 +493,7 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
     match cli.cmd {
         Cmd::Update(cmd) => update::run(cmd, &cli.conn, cli.json).await,
         Cmd::Trust(cmd) => trust::run(cmd, &cli.conn, cli.json).await,
+        Cmd::Fleet(cmd) => fleet::run(cmd, &cli.conn, cli.json).await,
         Cmd::Command(CommandCmd::Send {
             devices,
             class,

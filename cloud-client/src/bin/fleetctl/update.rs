@@ -123,7 +123,7 @@ pub enum UpdateCmd {
 }
 
 /// `16KiB`, `1MiB`, `4096`.
-fn size(s: &str) -> Result<u32, String> {
+pub(crate) fn size(s: &str) -> Result<u32, String> {
     let t = s.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (n, unit) = t.split_at(split);
