@@ -89,7 +89,9 @@ pub struct FleetProgress {
     pub failed: usize,
 }
 
-/// The fleet rollout state machine. See the [module documentation](self).
+/// The fleet rollout state machine: the targets in (gateway, device) order cut into batches,
+/// the next batch once the current one has finished, a pause past the failure threshold, and
+/// [`restore`](Self::restore) from the gateways' records after a restart.
 #[derive(Debug, Clone)]
 pub struct FleetRolloutPlan {
     /// In rollout order; the first `deployed` have been deployed.

@@ -3,6 +3,11 @@
 //! (`fleet/api/{service_id}/...`, `fleet/events/...`) over MQTT with the service's
 //! certificate. The CLI `fleetctl` is built on it.
 //!
+//! Through a cloud broker, [`FleetClientBuilder::fleet`] reaches every bridged gateway over one
+//! connection: [`FleetClient::gateways`], [`FleetClient::fleet_status`],
+//! [`FleetClient::send_class_command`] and [`FleetClient::fleet_update`] (one rollout with one
+//! set of batch rules across gateways, [`FleetRolloutPlan`]).
+//!
 //! ```no_run
 //! # async fn demo() -> Result<(), cloud_client::SdkError> {
 //! use cloud_client::{FleetClient, SendCommand};

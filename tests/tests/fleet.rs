@@ -352,4 +352,59 @@ async fn an_update_rolls_out_to_a_class_across_gateways_under_one_batch_rule() {
         .await
         .unwrap();
     assert_eq!(r2.campaign.unwrap().batches, 2);
+
+    // The next version through fleetctl.
+    let image2 = dir.path().join("img2");
+    write_image(&image2, 64 << 10, 8);
+    let mut cmd = std::process::Command::new(fleet_tests::procs::bin("fleetctl"));
+    cmd.arg("--gateway")
+        .arg(&up[0])
+        .arg("--pki")
+        .arg(&pki.dir)
+        .args(["--json", "fleet", "update", "--class", "pump", "--image"])
+        .arg(&image2)
+        .args([
+            "--component",
+            "rootfs",
+            "--version",
+            "1.2.0",
+            "--sequence",
+            "12",
+        ])
+        .args([
+            "--batch",
+            "2",
+            "--max-failures",
+            "100",
+            "--timeout",
+            "60s",
+            "--key",
+        ])
+        .arg(pki.dir.join("trust/updates-1.key"));
+    let out = fleet_testkit::run(cmd, Duration::from_secs(90));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+    assert_eq!(out.status.code(), Some(0), "{doc}");
+    assert_eq!(doc["update_id"], "pump-1.2.0");
+    assert_eq!(doc["state"], "completed");
+    let committed: Vec<_> = doc["targets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            format!(
+                "{} {}",
+                t["device_id"].as_str().unwrap(),
+                t["state"].as_str().unwrap()
+            )
+        })
+        .collect();
+    assert_eq!(
+        committed,
+        [
+            "dev-0001 committed",
+            "dev-0003 committed",
+            "dev-0004 committed"
+        ]
+    );
 }
