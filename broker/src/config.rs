@@ -331,12 +331,30 @@ pub struct BridgeSettings {
     /// Local topic filters that flow down (subscribed upstream under the gateway's prefix).
     /// Default: the fleet API requests.
     pub down: Vec<String>,
+    /// Characters the upstream broker does not take in a topic (it closes the connection of a
+    /// client that publishes one). A local message whose upstream topic holds one of them is
+    /// not sent up (it stays stored locally where it is stored anyway); it is counted
+    /// (`bridge_refused_topics`) and logged. Default empty: Mosquitto, EMQX and HiveMQ take any
+    /// UTF-8. For NATS set `". "`. The gateway id must hold none of them.
+    pub refuse_topic_chars: String,
 }
 
 impl BridgeSettings {
     /// Whether a bridge is configured (at least one upstream address).
     pub fn enabled(&self) -> bool {
         !self.upstream.is_empty()
+    }
+}
+
+/// Checks that the gateway id `id` holds none of `refuse` (`bridge.refuse_topic_chars`):
+/// every upward topic starts with it, so the upstream broker would take nothing.
+pub(crate) fn check_gateway_id(id: &str, refuse: &str) -> Result<(), ConfigError> {
+    match id.chars().find(|c| refuse.contains(*c)) {
+        None => Ok(()),
+        Some(c) => Err(ConfigError::Invalid(format!(
+            "the gateway id {id:?} holds {c:?}, which bridge.refuse_topic_chars says the upstream \
+             broker does not take in a topic: choose another bridge.gateway_id"
+        ))),
     }
 }
 
@@ -390,6 +408,7 @@ impl Default for BridgeSettings {
             .map(String::from)
             .to_vec(),
             down: vec!["fleet/api/+/request".into()],
+            refuse_topic_chars: String::new(),
         }
     }
 }
@@ -572,6 +591,12 @@ impl GatewayConfig {
                 return bad("bridge.up and bridge.down must be valid MQTT topic filters");
             }
         }
+        if b.refuse_topic_chars.contains(['/', '+', '#']) {
+            return bad("bridge.refuse_topic_chars cannot hold '/', '+' or '#'");
+        }
+        if let Some(id) = &b.gateway_id {
+            check_gateway_id(id, &b.refuse_topic_chars)?;
+        }
         let u = &self.updates;
         if u.default_window == 0 || u.max_window < u.default_window || u.max_window > 256 {
             return bad(
@@ -655,5 +680,31 @@ mod tests {
             .map(|e| e.to_string())
             .unwrap_or_default();
         assert!(err.contains("\"nowhere\" is not HOST:PORT"), "{err}");
+    }
+
+    #[test]
+    fn refused_topic_characters_are_checked_against_the_gateway_id() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let f = dir.path().join("g.toml");
+        let load = |text: &str| {
+            std::fs::write(&f, text).unwrap_or_else(|e| panic!("{e}"));
+            GatewayConfig::load(Some(&f)).map(|c| c.bridge)
+        };
+        let b = load("").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(b.refuse_topic_chars, "");
+        let nats = load("[bridge]\nrefuse_topic_chars = \". \"\ngateway_id = \"gw-1\"")
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(nats.refuse_topic_chars, ". ");
+        let err = load("[bridge]\nrefuse_topic_chars = \". \"\ngateway_id = \"site.1\"")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            err.contains("\"site.1\" holds '.'") && err.contains("bridge.gateway_id"),
+            "{err}"
+        );
+        assert!(load("[bridge]\nrefuse_topic_chars = \"/\"").is_err());
+        assert!(check_gateway_id("gw 1", " ").is_err());
+        assert!(check_gateway_id("gw.1", "").is_ok());
     }
 }

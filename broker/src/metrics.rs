@@ -142,6 +142,9 @@ series! {
     /// Moves of the bridge to the next upstream address after a failed attempt or a lost
     /// connection.
     bridge_failovers: counter "bridge_failovers_total" "Bridge moves to the next upstream address.",
+    /// Local messages not sent up because their upstream topic holds a character of
+    /// `bridge.refuse_topic_chars` (the upstream broker would close the connection).
+    bridge_refused_topics: counter "bridge_refused_topics_total" "Messages not sent up: their topic holds a character the upstream broker refuses.",
     /// Messages the MQTT core dropped: QoS 0 for a full queue, the oldest of an offline
     /// session's queue over its cap, the queue of an expired session.
     messages_dropped: counter "messages_dropped_total" "Messages dropped by the MQTT core (queue caps, QoS 0 under pressure).",
@@ -152,28 +155,43 @@ series! {
     clients_closed_over_limits: counter "clients_closed_over_limits_total" "Clients closed for exceeding a cap, stalling, or not reading.",
 }
 
-/// A log line budget: at most a few lines per second for one kind of event, so a flood of bad
-/// input is counted in full but logged in a handful of lines, each saying how many were left
-/// out since the last one.
-#[derive(Debug, Default)]
+/// A log line budget: at most a few lines per window (by default per second) for one kind of
+/// event, so a flood of bad input is counted in full but logged in a handful of lines, each
+/// saying how many were left out since the last one.
+#[derive(Debug)]
 pub(crate) struct LogBudget {
+    lines: u32,
+    window: std::time::Duration,
     state: std::sync::Mutex<(Option<std::time::Instant>, u32, u64)>,
 }
 
 /// The budget of "payload did not decode" lines, shared by every service.
 static MALFORMED_LOG: LogBudget = LogBudget::new();
 
+impl Default for LogBudget {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl LogBudget {
-    /// A fresh budget.
+    /// A fresh budget of [`LogBudget::LINES`] per [`LogBudget::WINDOW`].
     pub(crate) const fn new() -> Self {
+        Self::per(Self::LINES, Self::WINDOW)
+    }
+
+    /// A fresh budget of `lines` per `window`, for events that repeat slowly but for long.
+    pub(crate) const fn per(lines: u32, window: std::time::Duration) -> Self {
         LogBudget {
+            lines,
+            window,
             state: std::sync::Mutex::new((None, 0, 0)),
         }
     }
 
-    /// Lines per window.
+    /// Lines per window, by default.
     pub(crate) const LINES: u32 = 5;
-    /// The window.
+    /// The window, by default.
     pub(crate) const WINDOW: std::time::Duration = std::time::Duration::from_secs(1);
 
     /// Whether a line may be logged at `now`; if so, how many were suppressed before it.
@@ -183,11 +201,11 @@ impl LogBudget {
             Err(p) => p.into_inner(),
         };
         let (start, used, suppressed) = &mut *g;
-        if start.is_none_or(|s| now.duration_since(s) >= Self::WINDOW) {
+        if start.is_none_or(|s| now.duration_since(s) >= self.window) {
             *start = Some(now);
             *used = 0;
         }
-        if *used < Self::LINES {
+        if *used < self.lines {
             *used += 1;
             Some(std::mem::take(suppressed))
         } else {
@@ -256,7 +274,7 @@ mod tests {
     use super::*;
 
     /// The series as the README and the dashboards know them: name and type, in order.
-    const EXPORTED: [(&str, &str); 43] = [
+    const EXPORTED: [(&str, &str); 44] = [
         ("connections", "gauge"),
         ("tcp_accepted_total", "counter"),
         ("handshake_failures_total", "counter"),
@@ -297,6 +315,7 @@ mod tests {
         ("bridge_dropped_total", "counter"),
         ("bridge_upstream_index", "gauge"),
         ("bridge_failovers_total", "counter"),
+        ("bridge_refused_topics_total", "counter"),
         ("messages_dropped_total", "counter"),
         ("subscriptions_revoked_total", "counter"),
         ("clients_closed_over_limits_total", "counter"),
@@ -313,6 +332,12 @@ mod tests {
             b.allow_at(t0 + LogBudget::WINDOW),
             Some(100 - u64::from(LogBudget::LINES))
         );
+        // A slower budget: one line a minute.
+        let minute = std::time::Duration::from_secs(60);
+        let slow = LogBudget::per(1, minute);
+        assert_eq!(slow.allow_at(t0), Some(0));
+        assert_eq!(slow.allow_at(t0 + LogBudget::WINDOW), None);
+        assert_eq!(slow.allow_at(t0 + minute), Some(1));
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! The cloud side on a three-node NATS cluster (JetStream, MQTT listener, mTLS with the
 //! certificate as the user, an ACL per gateway and per service), with the fleet's own PKI:
 //! who gets in, what each identity may publish and subscribe to across nodes, a gateway bridged
-//! to one node serving a service on another, and a persistent subscriber whose node dies.
+//! to one node serving a service on another, a persistent subscriber whose node dies, and a
+//! device id the cluster refuses in a topic not blocking the uplink.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::SocketAddr;
@@ -465,4 +466,98 @@ async fn a_persistent_subscriber_gets_what_was_published_while_its_node_was_down
         },
     )
     .await;
+}
+
+/// NATS closes a connection that publishes a topic with `.` or a space. With
+/// `bridge.refuse_topic_chars` set, a device whose id holds a `.` does not block the uplink:
+/// its messages stay on the gateway (counted), the next device's reports go up, and the bridge
+/// keeps its one connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_the_cluster_refuses_does_not_block_the_uplink() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = fleet_pki(&dir.path().join("gw"));
+    let mut fleet = Pki::open(&pki).unwrap();
+    fleet
+        .issue(
+            &Identity::new(Role::Device, "dev.0002").unwrap(),
+            Validity::days_from_now(365),
+            &ServerNames::default(),
+        )
+        .unwrap();
+    let cluster = cluster(dir.path(), &pki).await;
+    let nodes = cluster.mqtt_addrs();
+    let svc = |ext: &str| pki.join("services").join(format!("svc-0001.{ext}"));
+
+    let mut reports = Observer::start(
+        nodes[2].port(),
+        &pki.join("ca.crt"),
+        &svc("crt"),
+        &svc("key"),
+        "status-watch",
+        "gateways/gw-0001/devices/+/status",
+    );
+    assert!(reports.wait_subscribed(EXCHANGE).await);
+
+    let gw = GatewayProc::start(
+        &dir.path().join("gw"),
+        1,
+        &[
+            (
+                "GATEWAY__BRIDGE__UPSTREAM",
+                &format!("localhost:{}", nodes[0].port()),
+            ),
+            ("GATEWAY__BRIDGE__RECONNECT_MAX", "1s"),
+            ("GATEWAY__BRIDGE__REFUSE_TOPIC_CHARS", ". "),
+        ],
+    );
+    eventually(Duration::from_secs(30), "the bridge connects", || {
+        gw.metric("bridge_connected") == 1.0
+    })
+    .await;
+
+    // dev.0002's reports are stored, and so queued upward, first.
+    let mut dotted = DeviceOpts::new(dir.path(), "dev.0002");
+    dotted.reports = 2;
+    let _dotted = DeviceProc::start(&gw.address(), &pki, &dotted);
+    eventually(Duration::from_secs(30), "dev.0002's reports stored", || {
+        let stored = gw.metric("status_stored_total");
+        (stored >= 2.0).then_some(()).ok_or(stored)
+    })
+    .await;
+
+    let mut opts = DeviceOpts::new(dir.path(), "dev-0001");
+    opts.reports = 3;
+    let _dev = DeviceProc::start(&gw.address(), &pki, &opts);
+    eventually(
+        Duration::from_secs(20),
+        "dev-0001's 3 reports on node 3",
+        || {
+            let seen: Vec<(String, u64)> = reports
+                .seen()
+                .iter()
+                .map(|(t, p)| {
+                    let seq = fleet_proto::v1::StatusReport::decode(p.as_slice())
+                        .unwrap()
+                        .sequence;
+                    (t.clone(), seq)
+                })
+                .collect();
+            let topic = "gateways/gw-0001/devices/dev-0001/status";
+            let ours: Vec<u64> = seen
+                .iter()
+                .filter(|(t, _)| t == topic)
+                .map(|(_, s)| *s)
+                .collect();
+            (ours == [1, 2, 3]).then_some(()).ok_or(seen)
+        },
+    )
+    .await;
+    assert!(gw.metric("bridge_refused_topics_total") >= 2.0);
+    assert_eq!(
+        gw.metric("bridge_connects_total"),
+        1.0,
+        "the bridge reconnected"
+    );
+    assert_eq!(gw.metric("bridge_connected"), 1.0);
+    assert!(gw.logged("not sent up"));
 }

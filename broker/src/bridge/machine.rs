@@ -19,6 +19,9 @@
 //!   when no PUBACK for it ever arrived. On a new connection the driver must drop whatever the
 //!   client still holds from the previous one (its own re-sends would only duplicate rows and
 //!   shift the numbering).
+//! * A row the driver says the upstream broker would refuse ([`Machine::refused`]: its topic
+//!   holds a character the broker does not take) is never handed over: it leaves the queue
+//!   like an acknowledged one, without being counted as delivered.
 //! * Everything here is rebuilt from the store alone after a restart: a new machine starts at
 //!   the head of whatever the queue still holds.
 //! * Upstream addresses: every failed attempt and every lost connection moves to the next one
@@ -348,6 +351,20 @@ impl Machine {
         if r.stale || rows.len() >= r.room {
             self.pump();
         }
+    }
+
+    /// Rows `seqs` (of a read about to be reported) must never be handed over: the upstream
+    /// broker refuses their topics. They are removed with the next acknowledged ones; the
+    /// number not already on their way out (count those).
+    pub(crate) fn refused(&mut self, seqs: &[i64]) -> usize {
+        let mut new = 0;
+        for &seq in seqs {
+            if self.done.insert(seq) {
+                self.acked.push(seq);
+                new += 1;
+            }
+        }
+        new
     }
 
     /// The client refused the publish of row `seq` (and so every later one of the same read):

@@ -1,7 +1,9 @@
 //! Which topics cross the bridge and what they are called on each side, I/O-free. Upstream,
 //! this gateway's tree is `gateways/{gateway_id}/{local topic}`. Only topics matching a `down`
 //! filter come in: the cloud cannot publish into the rest of the local tree (device command
-//! topics, other services' responses) through the bridge.
+//! topics, other services' responses) through the bridge. Nothing goes up whose upstream
+//! topic holds a character the upstream broker refuses (`bridge.refuse_topic_chars`): such a
+//! publish would only get the connection closed, again after every reconnect.
 
 use fleet_proto::topics::{self, DeviceTopic, Topic};
 use fleet_proto::GatewayId;
@@ -14,12 +16,31 @@ pub(crate) struct Mapping {
     gateway: GatewayId,
     up: Vec<String>,
     down: Vec<String>,
+    /// Characters the upstream broker does not take in a topic.
+    refuse: String,
 }
 
 impl Mapping {
     /// Rules for `gateway` with local filters `up` and `down`.
     pub(crate) fn new(gateway: GatewayId, up: Vec<String>, down: Vec<String>) -> Self {
-        Mapping { gateway, up, down }
+        Mapping {
+            gateway,
+            up,
+            down,
+            refuse: String::new(),
+        }
+    }
+
+    /// The same rules, sending up no topic that holds one of `chars`.
+    pub(crate) fn refusing(mut self, chars: &str) -> Self {
+        self.refuse = chars.to_owned();
+        self
+    }
+
+    /// Whether the upstream name of local topic `local` holds a character the upstream broker
+    /// refuses: such a message is not sent up.
+    pub(crate) fn refused(&self, local: &str) -> bool {
+        !self.refuse.is_empty() && self.upstream(local).contains(|c| self.refuse.contains(c))
     }
 
     /// The upstream name of a local topic.
@@ -65,6 +86,18 @@ impl Mapping {
             )
     }
 }
+
+/// `topic` cut to at most [`SHOWN`] bytes (at a character boundary), for a log line.
+pub(crate) fn shown(topic: &str) -> &str {
+    let mut end = topic.len().min(SHOWN);
+    while !topic.is_char_boundary(end) {
+        end -= 1;
+    }
+    &topic[..end]
+}
+
+/// Bytes of a topic a log line shows, at most.
+const SHOWN: usize = 120;
 
 /// Whether every topic `filter` matches is a device's status topic (`devices/+/status`,
 /// `devices/{id}/status`).
@@ -137,5 +170,34 @@ mod tests {
             ["devices/+/#", "+/+/status", "devices/+/presence"]
         );
         assert_eq!(m.link_filters(false).len(), 5);
+    }
+
+    #[test]
+    fn topics_with_a_refused_character_do_not_go_up() {
+        let plain = mapping();
+        assert!(!plain.refused("devices/dev.0002/status"));
+        let nats = mapping().refusing(". ");
+        assert!(nats.refused("devices/dev.0002/status"));
+        assert!(nats.refused("devices/dev 2/presence"));
+        assert!(nats.refused("fleet/events/commands/dev.0002"));
+        assert!(!nats.refused("devices/dev-0001/status"));
+        assert!(!nats.refused("fleet/api/svc-1/response"));
+        // The check is on the upstream name, prefix included.
+        let dotted =
+            Mapping::new(GatewayId::new("gw.1").unwrap(), Vec::new(), Vec::new()).refusing(".");
+        assert!(dotted.refused("devices/d1/status"));
+    }
+
+    #[test]
+    fn a_logged_topic_is_cut_at_a_character_boundary() {
+        assert_eq!(shown("devices/d1/status"), "devices/d1/status");
+        let long = "é".repeat(100);
+        let cut = shown(&long);
+        assert!(
+            cut.len() <= SHOWN && cut.len() >= SHOWN - 1,
+            "{}",
+            cut.len()
+        );
+        assert!(long.starts_with(cut));
     }
 }

@@ -30,6 +30,13 @@
 //!   `bridge.presence_interval`), offline when the gateway stops cleanly, and offline as the
 //!   bridge's MQTT will when it is lost otherwise.
 //!
+//! * **Refused topics**: a broker that does not take some characters in a topic closes the
+//!   connection of a client that publishes one (NATS: `.` and space). Such a message would be
+//!   sent again after every reconnect and block everything behind it, so with
+//!   `bridge.refuse_topic_chars` set it is not sent up: the link does not queue it, and a row
+//!   already queued (a status report, or one queued before the setting) leaves the queue
+//!   unsent. Either way it is counted and logged (a few lines a minute).
+//!
 //! Topic rules are in [`mapping`].
 
 pub(crate) mod machine;
@@ -54,7 +61,7 @@ pub(crate) use self::machine::DeviceCounts;
 use self::machine::{Action, Machine, MachineConfig, Row};
 use self::mapping::Mapping;
 use crate::config::BridgeSettings;
-use crate::metrics::Metrics;
+use crate::metrics::{LogBudget, Metrics};
 use crate::router::Router;
 use crate::router::{LinkError, Received, ServiceLink};
 use crate::store::SharedStore;
@@ -68,6 +75,13 @@ const LOCAL_BATCH: usize = 512;
 pub(crate) const LINK: &str = "bridge";
 /// How long a clean stop waits for the upstream broker to acknowledge the offline presence.
 const STOP_GRACE: Duration = Duration::from_secs(3);
+/// Log lines for a lost upstream connection, at most (a flapping link is seen in the
+/// counters; the log keeps a few lines a minute and says how many it left out).
+const LOST_LINES: u32 = 3;
+/// Log lines for messages not sent up for a refused topic, at most per [`LOG_WINDOW`].
+const REFUSED_LINES: u32 = 5;
+/// The window of the bridge's log budgets.
+const LOG_WINDOW: Duration = Duration::from_secs(60);
 
 /// Why the bridge cannot start.
 #[derive(Debug, thiserror::Error)]
@@ -128,6 +142,10 @@ pub(crate) struct Bridge {
     fetched: std::collections::VecDeque<(i64, String, Vec<u8>)>,
     unqueued: Unqueued,
     retry_at: Option<Instant>,
+    /// Budget of "upstream connection lost" lines.
+    lost_log: LogBudget,
+    /// Budget of "topic refused" lines.
+    refused_log: LogBudget,
 }
 
 impl Bridge {
@@ -160,7 +178,11 @@ impl Bridge {
             .unwrap_or(client.identity.id.clone());
         let gateway =
             fleet_proto::GatewayId::new(&id).map_err(|e| BridgeError::Id(e.to_string()))?;
-        let mapping = Mapping::new(gateway.clone(), settings.up.clone(), settings.down.clone());
+        // Checked at load when configured; the certificate's id only now.
+        crate::config::check_gateway_id(&id, &settings.refuse_topic_chars)
+            .map_err(|e| BridgeError::Id(e.to_string()))?;
+        let mapping = Mapping::new(gateway.clone(), settings.up.clone(), settings.down.clone())
+            .refusing(&settings.refuse_topic_chars);
         let filters = mapping.link_filters(carries_status(&settings));
         let filters: Vec<&str> = filters.iter().map(String::as_str).collect();
         // Durable: what a device publishes upward is in the link's stored session queue before
@@ -208,6 +230,8 @@ impl Bridge {
             fetched: std::collections::VecDeque::new(),
             unqueued: Unqueued::default(),
             retry_at: None,
+            lost_log: LogBudget::per(LOST_LINES, LOG_WINDOW),
+            refused_log: LogBudget::per(REFUSED_LINES, LOG_WINDOW),
         })
     }
 
@@ -305,7 +329,11 @@ impl Bridge {
         let mut taken = 0;
         while let Some((m, confirm)) = next.take() {
             if self.mapping.queue_from_link(&m.topic) {
-                self.unqueued.msgs.push((m.topic, m.payload.to_vec()));
+                if self.mapping.refused(&m.topic) {
+                    self.note_refused(&m.topic);
+                } else {
+                    self.unqueued.msgs.push((m.topic, m.payload.to_vec()));
+                }
             }
             self.unqueued.confirm.extend(confirm);
             taken += 1;
@@ -319,6 +347,19 @@ impl Bridge {
             }
         }
         self.queue_local().await;
+    }
+
+    /// Counts a message not sent up because of its topic, and logs it within the budget.
+    fn note_refused(&self, local: &str) {
+        Metrics::inc(&self.metrics.bridge_refused_topics);
+        if let Some(suppressed) = self.refused_log.allow() {
+            warn!(
+                topic = mapping::shown(local),
+                suppressed,
+                refuse_topic_chars = ?self.settings.refuse_topic_chars,
+                "bridge: not sent up: the upstream broker refuses a character of this topic"
+            );
+        }
     }
 
     /// Writes the taken messages to the upward queue in one transaction; once it committed,
@@ -394,7 +435,9 @@ impl Bridge {
             Ok(_) => {}
             Err(e) => {
                 if self.machine.is_connected() {
-                    warn!(error = %e, "bridge: upstream connection lost");
+                    if let Some(suppressed) = self.lost_log.allow() {
+                        warn!(error = %e, suppressed, "bridge: upstream connection lost");
+                    }
                 } else {
                     debug!(error = %e, "bridge: cannot reach upstream");
                 }
@@ -417,6 +460,11 @@ impl Bridge {
                         })
                         .await
                         .unwrap_or_default();
+                    for r in rows.iter().filter(|r| self.mapping.refused(&r.topic)) {
+                        if self.machine.refused(&[r.seq]) > 0 {
+                            self.note_refused(&r.topic);
+                        }
+                    }
                     let meta: Vec<Row> = rows
                         .iter()
                         .map(|r| Row {

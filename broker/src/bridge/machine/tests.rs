@@ -91,6 +91,49 @@ fn with_inflight(now: Instant, seqs: &[i64]) -> Machine {
 }
 
 #[test]
+fn a_refused_row_is_never_handed_over_and_leaves_the_queue_undelivered() {
+    let now = Instant::now();
+    let mut m = Machine::new(config());
+    connect(&mut m, now, false);
+    let (read, _, _) = read_of(&drain(&mut m));
+    assert_eq!(m.refused(&[2]), 1);
+    m.rows(read, &[row(1), row(2), row(3)]);
+    assert_eq!(published(&drain(&mut m)), [1, 3]);
+    // Read again before its removal (a stale read): not counted twice.
+    assert_eq!(m.refused(&[2]), 0);
+
+    // A reconnect before the removal starts from the head and still skips it.
+    m.disconnected(now, 0);
+    connect(&mut m, now, false);
+    let a = drain(&mut m);
+    // The connection flushed the refused row's removal.
+    let mut removed: Vec<i64> = removals(&a).concat();
+    assert_eq!(removed, [2]);
+    let (read, after, _) = read_of(&a);
+    assert_eq!(after, 0);
+    m.rows(read, &[row(1), row(2), row(3)]);
+    assert_eq!(published(&drain(&mut m)), [1, 3]);
+    m.sent(1);
+    m.sent(2);
+    assert!(m.puback(1));
+    assert!(m.puback(2));
+    m.tick(now);
+    let a = drain(&mut m);
+    let delivered: Vec<i64> = a
+        .iter()
+        .filter_map(|a| match a {
+            Action::Delivered(r) => Some(r.seq),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(delivered, [1, 3]);
+    removed.extend(removals(&a).concat());
+    removed.sort_unstable();
+    assert_eq!(removed, [1, 2, 3]);
+    assert_eq!(m.unacknowledged(), 0);
+}
+
+#[test]
 fn nothing_is_read_or_sent_while_disconnected() {
     let now = Instant::now();
     let mut m = Machine::new(config());
