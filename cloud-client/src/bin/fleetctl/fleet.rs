@@ -8,12 +8,12 @@ use std::time::Duration;
 
 use clap::Subcommand;
 use cloud_client::{
-    build_update, BatchSize, CommandState, FleetCommandRecord, FleetRolloutState,
-    FleetUpdateOptions, ImageSpec, Rollout, SendCommand, TargetState, UpdateSpec,
+    BatchSize, CommandState, FleetCommandRecord, FleetRolloutState, FleetUpdateOptions, Rollout,
+    SendCommand, TargetState,
 };
-use fleet_proto::signing::UpdateSigner;
 use serde::Serialize;
 
+use crate::update::{build_signed, BuildArgs};
 use crate::{connect_fleet, duration, print_json, Conn, Failure, RecordView, StatusView};
 
 #[derive(Subcommand)]
@@ -393,37 +393,22 @@ pub async fn run(cmd: FleetCmd, conn: &Conn, json: bool) -> Result<ExitCode, Fai
             resume,
             timeout,
         } => {
-            if images.len() != components.len() {
-                return Err(Failure::Usage(format!(
-                    "{} --image but {} --component: give one component name per image",
-                    images.len(),
-                    components.len()
-                )));
-            }
-            let key = key.unwrap_or_else(|| conn.pki.join("update-signing.key"));
-            let pem = std::fs::read_to_string(&key)
-                .map_err(|e| Failure::Usage(format!("--key {}: {e}", key.display())))?;
-            let signer = UpdateSigner::from_pkcs8_pem(&pem)
-                .map_err(|e| Failure::Usage(format!("--key {}: {e}", key.display())))?;
-            let spec = UpdateSpec {
-                update_id: id.unwrap_or_else(|| format!("{class}-{version}")),
-                version,
-                device_class: class,
-                sequence,
-                chunk_size,
-                expires_at_ms: fleet_proto::time::now_ms()
-                    .saturating_add(u64::try_from(expires_in.as_millis()).unwrap_or(u64::MAX)),
-                description,
-                images: images
-                    .into_iter()
-                    .zip(components)
-                    .map(|(path, component)| ImageSpec { component, path })
-                    .collect(),
-            };
-            let built = tokio::task::spawn_blocking(move || build_update(&spec, &signer))
-                .await
-                .map_err(|e| Failure::Usage(e.to_string()))?
-                .map_err(|e| Failure::Usage(e.to_string()))?;
+            let built = build_signed(
+                conn,
+                BuildArgs {
+                    images,
+                    components,
+                    version,
+                    class,
+                    sequence,
+                    key,
+                    chunk_size,
+                    id,
+                    expires_in,
+                    description,
+                },
+            )
+            .await?;
             let fleet = connect_fleet(conn).await?;
             let opts = FleetUpdateOptions {
                 rollout: Rollout {

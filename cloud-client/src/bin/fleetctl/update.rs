@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use clap::Subcommand;
 use cloud_client::{
-    build_update, BatchSize, CampaignAction, CampaignState, ImageSpec, Rollout, UpdatePhase,
-    UpdateRecord, UpdateSpec,
+    build_update, BatchSize, BuiltUpdate, CampaignAction, CampaignState, ImageSpec, Rollout,
+    UpdatePhase, UpdateRecord, UpdateSpec,
 };
 use fleet_proto::signing::UpdateSigner;
 use serde::Serialize;
@@ -453,37 +453,22 @@ pub async fn run(cmd: UpdateCmd, conn: &Conn, json: bool) -> Result<ExitCode, Fa
             expires_in,
             description,
         } => {
-            if images.len() != components.len() {
-                return Err(Failure::Usage(format!(
-                    "{} --image but {} --component: give one component name per image",
-                    images.len(),
-                    components.len()
-                )));
-            }
-            let key = key.unwrap_or_else(|| conn.pki.join("update-signing.key"));
-            let pem = std::fs::read_to_string(&key)
-                .map_err(|e| Failure::Usage(format!("--key {}: {e}", key.display())))?;
-            let signer = UpdateSigner::from_pkcs8_pem(&pem)
-                .map_err(|e| Failure::Usage(format!("--key {}: {e}", key.display())))?;
-            let spec = UpdateSpec {
-                update_id: id.unwrap_or_else(|| format!("{class}-{version}")),
-                version,
-                device_class: class,
-                sequence,
-                chunk_size,
-                expires_at_ms: fleet_proto::time::now_ms()
-                    .saturating_add(u64::try_from(expires_in.as_millis()).unwrap_or(u64::MAX)),
-                description,
-                images: images
-                    .into_iter()
-                    .zip(components)
-                    .map(|(path, component)| ImageSpec { component, path })
-                    .collect(),
-            };
-            let built = tokio::task::spawn_blocking(move || build_update(&spec, &signer))
-                .await
-                .map_err(|e| Failure::Usage(e.to_string()))?
-                .map_err(|e| Failure::Usage(e.to_string()))?;
+            let built = build_signed(
+                conn,
+                BuildArgs {
+                    images,
+                    components,
+                    version,
+                    class,
+                    sequence,
+                    key,
+                    chunk_size,
+                    id,
+                    expires_in,
+                    description,
+                },
+            )
+            .await?;
             let fleet = connect(conn).await?;
             let record = fleet.create_update(built.signed.clone()).await?;
             let tty = std::io::stderr().is_terminal() && !json;
@@ -596,4 +581,66 @@ pub(crate) fn write_private(path: &PathBuf, bytes: &[u8]) -> Result<(), Failure>
     f.write_all(bytes)
         .and_then(|()| f.sync_all())
         .map_err(|e| Failure::Usage(format!("{}: {e}", path.display())))
+}
+
+/// What `update create` and `fleet update` sign an update from.
+pub(crate) struct BuildArgs {
+    pub images: Vec<PathBuf>,
+    pub components: Vec<String>,
+    pub version: String,
+    pub class: String,
+    pub sequence: u64,
+    pub key: Option<PathBuf>,
+    pub chunk_size: u32,
+    pub id: Option<String>,
+    pub expires_in: Duration,
+    pub description: String,
+}
+
+/// Builds and signs an update from the command line's arguments (the key defaults to the
+/// development PKI's `update-signing.key`); every problem is a usage error naming its flag.
+pub(crate) async fn build_signed(conn: &Conn, a: BuildArgs) -> Result<BuiltUpdate, Failure> {
+    let BuildArgs {
+        images,
+        components,
+        version,
+        class,
+        sequence,
+        key,
+        chunk_size,
+        id,
+        expires_in,
+        description,
+    } = a;
+    if images.len() != components.len() {
+        return Err(Failure::Usage(format!(
+            "{} --image but {} --component: give one component name per image",
+            images.len(),
+            components.len()
+        )));
+    }
+    let key = key.unwrap_or_else(|| conn.pki.join("update-signing.key"));
+    let pem = std::fs::read_to_string(&key)
+        .map_err(|e| Failure::Usage(format!("--key {}: {e}", key.display())))?;
+    let signer = UpdateSigner::from_pkcs8_pem(&pem)
+        .map_err(|e| Failure::Usage(format!("--key {}: {e}", key.display())))?;
+    let spec = UpdateSpec {
+        update_id: id.unwrap_or_else(|| format!("{class}-{version}")),
+        version,
+        device_class: class,
+        sequence,
+        chunk_size,
+        expires_at_ms: fleet_proto::time::now_ms()
+            .saturating_add(u64::try_from(expires_in.as_millis()).unwrap_or(u64::MAX)),
+        description,
+        images: images
+            .into_iter()
+            .zip(components)
+            .map(|(path, component)| ImageSpec { component, path })
+            .collect(),
+    };
+    tokio::task::spawn_blocking(move || build_update(&spec, &signer))
+        .await
+        .map_err(|e| Failure::Usage(e.to_string()))?
+        .map_err(|e| Failure::Usage(e.to_string()))
 }
