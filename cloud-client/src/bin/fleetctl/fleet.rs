@@ -61,37 +61,8 @@ pub enum FleetCmd {
     /// order). Returns when the rollout completes or pauses; run it again (with --resume after
     /// a pause) to continue from what the gateways hold.
     Update {
-        /// Image file (repeatable; pair each with a --component, in the same order).
-        #[arg(long = "image", required = true)]
-        images: Vec<PathBuf>,
-        /// Component name of each --image (e.g. rootfs).
-        #[arg(long = "component", required = true)]
-        components: Vec<String>,
-        /// Firmware version after the update (e.g. 1.1.0).
-        #[arg(long)]
-        version: String,
-        /// Device class the update is for; its devices on every gateway are the targets.
-        #[arg(long)]
-        class: String,
-        /// Anti-rollback sequence: devices install only what is newer than what they have.
-        #[arg(long)]
-        sequence: u64,
-        /// Update authority signing key (PKCS#8 PEM). Default: the development PKI's
-        /// (`--pki`/update-signing.key).
-        #[arg(long)]
-        key: Option<PathBuf>,
-        /// Chunk size (1KiB to 1MiB).
-        #[arg(long, default_value = "16KiB", value_parser = crate::update::size)]
-        chunk_size: u32,
-        /// Update id. Default: CLASS-VERSION.
-        #[arg(long)]
-        id: Option<String>,
-        /// Devices refuse the manifest after this long (e.g. 30days).
-        #[arg(long, default_value = "30days", value_parser = duration)]
-        expires_in: Duration,
-        /// Release notes summary.
-        #[arg(long, default_value = "")]
-        description: String,
+        #[command(flatten)]
+        build: BuildArgs,
         /// Devices per fleet batch: a number (3), a percentage of all targets (5%) or all.
         #[arg(long, default_value_t = Rollout::DEFAULT_BATCH)]
         batch: BatchSize,
@@ -378,37 +349,13 @@ pub async fn run(cmd: FleetCmd, conn: &Conn, json: bool) -> Result<ExitCode, Fai
             })
         }
         FleetCmd::Update {
-            images,
-            components,
-            version,
-            class,
-            sequence,
-            key,
-            chunk_size,
-            id,
-            expires_in,
-            description,
+            build,
             batch,
             max_failures,
             resume,
             timeout,
         } => {
-            let built = build_signed(
-                conn,
-                BuildArgs {
-                    images,
-                    components,
-                    version,
-                    class,
-                    sequence,
-                    key,
-                    chunk_size,
-                    id,
-                    expires_in,
-                    description,
-                },
-            )
-            .await?;
+            let built = build_signed(conn, build).await?;
             let fleet = connect_fleet(conn).await?;
             let opts = FleetUpdateOptions {
                 rollout: Rollout {

@@ -27,37 +27,8 @@ pub enum UpdateCmd {
     /// Build a manifest from image files, sign it, register it on the gateway and upload the
     /// images (resuming: run it again after an interruption and only missing chunks are sent).
     Create {
-        /// Image file (repeatable; pair each with a --component, in the same order).
-        #[arg(long = "image", required = true)]
-        images: Vec<PathBuf>,
-        /// Component name of each --image (e.g. rootfs).
-        #[arg(long = "component", required = true)]
-        components: Vec<String>,
-        /// Firmware version after the update (e.g. 1.1.0).
-        #[arg(long)]
-        version: String,
-        /// Device class the update is for.
-        #[arg(long)]
-        class: String,
-        /// Anti-rollback sequence: devices install only what is newer than what they have.
-        #[arg(long)]
-        sequence: u64,
-        /// Update authority signing key (PKCS#8 PEM, see `fleetctl update keygen`). Default:
-        /// the development PKI's (`--pki`/update-signing.key).
-        #[arg(long)]
-        key: Option<PathBuf>,
-        /// Chunk size (1KiB to 1MiB).
-        #[arg(long, default_value = "16KiB", value_parser = size)]
-        chunk_size: u32,
-        /// Update id. Default: CLASS-VERSION.
-        #[arg(long)]
-        id: Option<String>,
-        /// Devices refuse the manifest after this long (e.g. 30days).
-        #[arg(long, default_value = "30days", value_parser = duration)]
-        expires_in: Duration,
-        /// Release notes summary.
-        #[arg(long, default_value = "")]
-        description: String,
+        #[command(flatten)]
+        build: BuildArgs,
     },
     /// Roll an update out to devices, batch by batch.
     ///
@@ -441,34 +412,8 @@ pub async fn run(cmd: UpdateCmd, conn: &Conn, json: bool) -> Result<ExitCode, Fa
             }
             Ok(ExitCode::SUCCESS)
         }
-        UpdateCmd::Create {
-            images,
-            components,
-            version,
-            class,
-            sequence,
-            key,
-            chunk_size,
-            id,
-            expires_in,
-            description,
-        } => {
-            let built = build_signed(
-                conn,
-                BuildArgs {
-                    images,
-                    components,
-                    version,
-                    class,
-                    sequence,
-                    key,
-                    chunk_size,
-                    id,
-                    expires_in,
-                    description,
-                },
-            )
-            .await?;
+        UpdateCmd::Create { build } => {
+            let built = build_signed(conn, build).await?;
             let fleet = connect(conn).await?;
             let record = fleet.create_update(built.signed.clone()).await?;
             let tty = std::io::stderr().is_terminal() && !json;
@@ -584,16 +529,39 @@ pub(crate) fn write_private(path: &PathBuf, bytes: &[u8]) -> Result<(), Failure>
 }
 
 /// What `update create` and `fleet update` sign an update from.
+#[derive(Debug, clap::Args)]
 pub(crate) struct BuildArgs {
+    /// Image file (repeatable; pair each with a --component, in the same order).
+    #[arg(long = "image", required = true)]
     pub images: Vec<PathBuf>,
+    /// Component name of each --image (e.g. rootfs).
+    #[arg(long = "component", required = true)]
     pub components: Vec<String>,
+    /// Firmware version after the update (e.g. 1.1.0).
+    #[arg(long)]
     pub version: String,
+    /// Device class the update is for (with `fleet update`: its devices on every gateway
+    /// are the targets).
+    #[arg(long)]
     pub class: String,
+    /// Anti-rollback sequence: devices install only what is newer than what they have.
+    #[arg(long)]
     pub sequence: u64,
+    /// Update authority signing key (PKCS#8 PEM, see `fleetctl update keygen`). Default:
+    /// the development PKI's (`--pki`/update-signing.key).
+    #[arg(long)]
     pub key: Option<PathBuf>,
+    /// Chunk size (1KiB to 1MiB).
+    #[arg(long, default_value = "16KiB", value_parser = size)]
     pub chunk_size: u32,
+    /// Update id. Default: CLASS-VERSION.
+    #[arg(long)]
     pub id: Option<String>,
+    /// Devices refuse the manifest after this long (e.g. 30days).
+    #[arg(long, default_value = "30days", value_parser = duration)]
     pub expires_in: Duration,
+    /// Release notes summary.
+    #[arg(long, default_value = "")]
     pub description: String,
 }
 
