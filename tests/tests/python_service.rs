@@ -1,5 +1,6 @@
 //! The example cloud service in Python (examples/python/fleet_service.py): paho-mqtt over mTLS to
-//! a real `mosquitto` as the cloud broker, classes generated from proto/ by grpcio-tools, and
+//! the cloud cluster (three NATS nodes, tests/src/cluster.rs; the gateway bridged to one node,
+//! the service on another), classes generated from proto/ by grpcio-tools, and
 //! commands signed in Python with the `commands` role key. Its environment comes from
 //! scripts/python-env.sh (a venv under target/python; pip and the generator run once).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -14,9 +15,9 @@ use fleet_proto::trust::{build, TrustedRoot, ROOT_FORMAT_VERSION};
 use fleet_proto::v1;
 use fleet_proto::Message;
 use fleet_testkit::eventually;
-use fleet_tests::mosquitto::Mosquitto;
+use fleet_tests::cluster::{Acl, ClusterPki, NatsCluster};
 use fleet_tests::procs::{DeviceOpts, DeviceProc, GatewayProc};
-use fleet_tests::proxy::Relay;
+use fleet_tests::proxy::{Relay, Target};
 
 const GW: &str = "gw-0001";
 
@@ -152,36 +153,44 @@ fn a_command_signed_in_python_verifies_in_rust_with_the_same_signature() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_python_service_sends_a_durable_command_through_the_cloud_broker() {
+async fn a_python_service_sends_a_durable_command_through_the_cloud_cluster() {
     let python = tokio::task::block_in_place(python);
     let dir = tempfile::tempdir().unwrap();
-    // The cloud broker's address, held before the gateway that bridges to it starts.
+    // The cloud cluster's first node is reached through a relay whose address the gateway is
+    // given before it starts (the cluster needs the PKI the gateway makes on its first start).
     let relay = Relay::start(None).unwrap();
-    let cloud_port = relay.addr.port();
     let gw = GatewayProc::start(
         dir.path(),
         1,
         &[
             (
                 "GATEWAY__BRIDGE__UPSTREAM",
-                &format!("localhost:{cloud_port}"),
+                &format!("localhost:{}", relay.addr.port()),
             ),
             ("GATEWAY__BRIDGE__RECONNECT_MAX", "1s"),
         ],
     );
     let pki = gw.pki();
-    // mosquitto with the development PKI (its server certificate is the gateway's).
-    let _cloud = Mosquitto::start(
+    // Three NATS nodes with the development PKI (their server certificate is the gateway's)
+    // and the fleet's ACL: the gateway under its prefix, the service requesting as itself.
+    let cluster = NatsCluster::start(
         &dir.path().join("cloud"),
-        relay,
-        &pki.join("ca.crt"),
-        &pki.join(format!("gateways/{GW}.crt")),
-        &pki.join(format!("gateways/{GW}.key")),
-    );
+        &ClusterPki {
+            ca: pki.join("ca.crt"),
+            server_cert: pki.join(format!("gateways/{GW}.crt")),
+            server_key: pki.join(format!("gateways/{GW}.key")),
+        },
+        &Acl::new([GW], ["svc-0001"]),
+    )
+    .await;
+    let nodes = cluster.mqtt_addrs();
+    relay.point_to(Some(Target::Tcp(nodes[0])));
     eventually(Duration::from_secs(30), "the bridge connects", || {
         gw.metric("bridge_connected") == 1.0
     })
     .await;
+    // The service talks to another node than the gateway's.
+    let cloud_port = nodes[1].port();
     let opts = DeviceOpts::new(dir.path(), "dev-0001");
     let dev = DeviceProc::start(&gw.address(), &pki, &opts);
     dev.connected(Duration::from_secs(30)).await;
