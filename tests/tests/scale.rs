@@ -4,8 +4,12 @@
 //! connection. During a fleet-wide rollout to the valves and a stream of class commands to the
 //! sensors, the node carrying the most bridges is killed: every bridge comes back on another
 //! node, the rollout completes, every command ends and ran exactly once, the gateways stay
-//! listed online. A summary (rollout time, uplink bytes per image, the nodes' RSS and CPU) is
-//! printed past the harness's capture: the figures of BENCHMARKS.md "Scale-out".
+//! listed online. While JetStream elects new leaders, requests through the cluster stall (up
+//! to tens of seconds): a class command whose answer was lost is sent again under the same
+//! command id (an idempotency key), and a rollout call ended by such an error is continued
+//! from the gateways' records; the summary counts both. A summary (rollout time, uplink bytes
+//! per image, the nodes' RSS and CPU) is printed past the harness's capture: the figures of
+//! BENCHMARKS.md "Scale-out".
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeMap;
