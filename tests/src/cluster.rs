@@ -385,6 +385,11 @@ impl NatsCluster {
         self.logs(node).iter().any(|l| l.contains(needle))
     }
 
+    /// The process id of node `node` while it runs.
+    pub fn pid(&self, node: usize) -> Option<u32> {
+        self.nodes[node].proc.as_ref().map(Proc::id)
+    }
+
     /// SIGKILL to node `node` (0-based), and reaps it.
     pub fn kill(&mut self, node: usize) {
         self.nodes[node].kill();

@@ -157,9 +157,9 @@ pub struct FleetGateway {
 
 impl FleetGateway {
     /// Starts gateway `k` of the fleet (`gw-{k}`'s certificate, the fleet's root of trust) with
-    /// its data in `dir/gw-{k}`, bridged to `upstream` (the first address), and test devices
-    /// `(id, class)` connected to it; returns once its bridge is up and every device is
-    /// connected.
+    /// its data in `dir/gw-{k}`, bridged to `upstream` (the bridge's list of addresses, tried
+    /// in this order), and test devices `(id, class)` connected to it; returns once its bridge
+    /// is up and every device is connected.
     pub async fn start(
         dir: &Path,
         pki: &FleetPki,
@@ -167,13 +167,25 @@ impl FleetGateway {
         upstream: &[String],
         devices: &[(&str, &str)],
     ) -> Self {
+        Self::start_with(dir, pki, k, upstream, devices, &[]).await
+    }
+
+    /// [`FleetGateway::start`] with `settings` added to the gateway's environment (e.g.
+    /// `GATEWAY__BRIDGE__PRESENCE_INTERVAL`).
+    pub async fn start_with(
+        dir: &Path,
+        pki: &FleetPki,
+        k: u32,
+        upstream: &[String],
+        devices: &[(&str, &str)],
+        settings: &[(&str, &str)],
+    ) -> Self {
         let id = gateway_id(k);
         let dir = dir.join(&id);
         std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
         let (cert, key) = pki.pair("gateways", &id);
-        let upstream = upstream
-            .first()
-            .unwrap_or_else(|| panic!("no upstream address"));
+        assert!(!upstream.is_empty(), "no upstream address");
+        let upstream = upstream.join(",");
         let ca = pki.ca();
         let crl = pki.dir.join("crl.pem");
         let root = pki.dir.join("trust/root.bin");
@@ -190,9 +202,10 @@ impl FleetGateway {
             .into_iter()
             .map(|(k, v)| (k, v.display().to_string()))
             .collect();
-        vars.push(("GATEWAY__BRIDGE__UPSTREAM", upstream.clone()));
+        vars.push(("GATEWAY__BRIDGE__UPSTREAM", upstream));
         vars.push(("GATEWAY__BRIDGE__RECONNECT_MAX", "1s".into()));
-        let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let mut vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        vars.extend_from_slice(settings);
         let proc = GatewayProc::start(&dir, 0, &vars);
         fleet_testkit::eventually(Duration::from_secs(30), format!("{id} bridges"), || {
             proc.metric("bridge_connected") == 1.0
