@@ -71,8 +71,19 @@ fn usage(cluster: &NatsCluster, node: usize) -> (f64, f64) {
     })
 }
 
+/// The whole scenario's deadline: its waits are bounded one by one, but their sum is large
+/// (re-sends across a long stall); past this the test fails with a clear message, and the
+/// gateways, devices and nodes are killed as the scenario is dropped.
+const DEADLINE: Duration = Duration::from_secs(420);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_fleet_rolls_out_and_commands_through_a_cluster_node_killed_mid_rollout() {
+    if tokio::time::timeout(DEADLINE, scenario()).await.is_err() {
+        panic!("the scale test did not finish within its deadline of {DEADLINE:?} (its progress lines above say where it was)");
+    }
+}
+
+async fn scenario() {
     let gateways = env_count("FLEET_SCALE_GATEWAYS", 5);
     let per_gateway = env_count("FLEET_SCALE_DEVICES", 20);
     assert!(
