@@ -352,27 +352,7 @@ impl UpdateService {
             return Err(invalid(format!("more than {MAX_TARGETS} targets")));
         }
         // Every target the gateway knows the class of must be of the manifest's class.
-        let mut ids = devices.clone();
-        ids.sort();
-        ids.dedup();
-        let known = self
-            .store
-            .call("classes of targets", move |s| {
-                ids.into_iter()
-                    .map(|d| {
-                        let class = s.device_state(&d)?.and_then(|st| st.device_class);
-                        Ok((d, class))
-                    })
-                    .collect::<Result<Vec<_>, _>>()
-            })
-            .await
-            .map_err(|_| unavailable())?;
-        if let Some(why) = wrong_class(&record.device_class, &known) {
-            return Err(invalid(why));
-        }
-        if record.expires_at_ms <= fleet_proto::time::now_ms() {
-            return Err(invalid("the manifest has expired; sign a new one"));
-        }
+        self.check_targets(&record, devices.clone()).await?;
         let now = fleet_proto::time::now_ms();
         let mut c = Campaign::plan(
             &devices,
@@ -399,6 +379,36 @@ impl UpdateService {
         self.record(&req.update_id).await
     }
 
+    /// Refuses targets the gateway knows to be of another class than the manifest's, and a
+    /// manifest that has expired.
+    async fn check_targets(
+        &self,
+        record: &UpdateRecord,
+        mut ids: Vec<String>,
+    ) -> Result<(), ApiError> {
+        ids.sort();
+        ids.dedup();
+        let known = self
+            .store
+            .call("classes of targets", move |s| {
+                ids.into_iter()
+                    .map(|d| {
+                        let class = s.device_state(&d)?.and_then(|st| st.device_class);
+                        Ok((d, class))
+                    })
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .await
+            .map_err(|_| unavailable())?;
+        if let Some(why) = wrong_class(&record.device_class, &known) {
+            return Err(invalid(why));
+        }
+        if record.expires_at_ms <= fleet_proto::time::now_ms() {
+            return Err(invalid("the manifest has expired; sign a new one"));
+        }
+        Ok(())
+    }
+
     /// DeployUpdate with `add_targets` on an update that has a campaign: the new devices
     /// become one batch at its end (see `Campaign::add_batch`), stored before any offer.
     async fn add_targets(
@@ -420,27 +430,7 @@ impl UpdateService {
         for d in &req.device_ids {
             validate_id(d).map_err(|e| invalid(format!("device id {d:?}: {e}")))?;
         }
-        let mut ids = req.device_ids.clone();
-        ids.sort();
-        ids.dedup();
-        let known = self
-            .store
-            .call("classes of targets", move |s| {
-                ids.into_iter()
-                    .map(|d| {
-                        let class = s.device_state(&d)?.and_then(|st| st.device_class);
-                        Ok((d, class))
-                    })
-                    .collect::<Result<Vec<_>, _>>()
-            })
-            .await
-            .map_err(|_| unavailable())?;
-        if let Some(why) = wrong_class(&record.device_class, &known) {
-            return Err(invalid(why));
-        }
-        if record.expires_at_ms <= fleet_proto::time::now_ms() {
-            return Err(invalid("the manifest has expired; sign a new one"));
-        }
+        self.check_targets(record, req.device_ids.clone()).await?;
         let Some(c) = self.campaigns.get_mut(&req.update_id) else {
             return Err(api_error(ApiErrorCode::NotFound, "no campaign"));
         };
