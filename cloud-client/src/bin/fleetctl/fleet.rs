@@ -14,7 +14,9 @@ use cloud_client::{
 use serde::Serialize;
 
 use crate::update::{build_signed, BuildArgs};
-use crate::{connect_fleet, duration, print_json, Conn, Failure, RecordView, StatusView};
+use crate::{
+    connect_fleet, duration, payload_bytes, print_json, Conn, Failure, RecordView, StatusView,
+};
 
 #[derive(Subcommand)]
 pub enum FleetCmd {
@@ -295,12 +297,7 @@ pub async fn run(cmd: FleetCmd, conn: &Conn, json: bool) -> Result<ExitCode, Fai
             no_wait,
             wait,
         } => {
-            let payload = match (payload, payload_file) {
-                (Some(p), _) => p.into_bytes(),
-                (None, Some(f)) => std::fs::read(&f)
-                    .map_err(|e| Failure::Usage(format!("--payload-file {}: {e}", f.display())))?,
-                (None, None) => Vec::new(),
-            };
+            let payload = payload_bytes(payload, payload_file)?;
             let fleet = connect_fleet(conn).await?;
             let cmd = fleet
                 .send_class_command(

@@ -511,12 +511,7 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
                     "name a target: --device ID (repeatable) or --class CLASS".into(),
                 ));
             }
-            let payload = match (payload, payload_file) {
-                (Some(p), _) => p.into_bytes(),
-                (None, Some(f)) => std::fs::read(&f)
-                    .map_err(|e| Failure::Usage(format!("--payload-file {}: {e}", f.display())))?,
-                (None, None) => Vec::new(),
-            };
+            let payload = payload_bytes(payload, payload_file)?;
             let fleet = connect(&cli.conn).await?;
             let handle = fleet
                 .send_command_not_before(
@@ -632,5 +627,18 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
             }
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+/// A command's argument: `--payload` as text, or the bytes of `--payload-file`, or nothing.
+pub(crate) fn payload_bytes(
+    payload: Option<String>,
+    file: Option<PathBuf>,
+) -> Result<Vec<u8>, Failure> {
+    match (payload, file) {
+        (Some(p), _) => Ok(p.into_bytes()),
+        (None, Some(f)) => std::fs::read(&f)
+            .map_err(|e| Failure::Usage(format!("--payload-file {}: {e}", f.display()))),
+        (None, None) => Ok(Vec::new()),
     }
 }
