@@ -295,6 +295,12 @@ impl Engine {
                 _ => break,
             }
         }
+        if c.inbound.is_empty() {
+            c.inbound = Default::default();
+        }
+        if c.rel_waiting.is_empty() {
+            c.rel_waiting = Default::default();
+        }
         if pushed {
             self.notify(conn);
         }

@@ -109,6 +109,10 @@ impl Engine {
             budget = budget.saturating_sub(size);
             first = false;
         }
+        // An idle connection keeps no queue storage: memory per idle connection is a target.
+        if c.control.is_empty() {
+            c.control = Default::default();
+        }
         let s = c.session;
         if c.control.is_empty() && self.send_queued(s, &mut budget, first, out) {
             let full = self
@@ -218,6 +222,9 @@ impl Engine {
         let Some(f) = sess.inflight.remove(i) else {
             return;
         };
+        if sess.inflight.is_empty() {
+            sess.inflight = Default::default();
+        }
         if sess.persistent {
             self.out.store(StoreOp::Dequeued {
                 key: sess.key.clone(),

@@ -173,6 +173,10 @@ impl Session {
         let q = self.queue.pop_front()?;
         self.queue_bytes = self.queue_bytes.saturating_sub(q.msg.payload.len());
         self.queue_pinned = self.queue_pinned.saturating_sub(usize::from(q.pinned()));
+        if self.queue.is_empty() {
+            // An idle session keeps no queue storage.
+            self.queue = VecDeque::new();
+        }
         Some(q)
     }
 
