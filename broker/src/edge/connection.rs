@@ -17,11 +17,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{watch, Semaphore};
 use tokio::time::{sleep_until, timeout, Instant};
-use tokio_rustls::server::TlsStream;
 use tracing::{debug, info, warn, Instrument};
 
 use super::preauth::Ticket;
 use super::sessions::CloseReason;
+use super::tls_stream::TlsStream;
 use super::Shared;
 use crate::acl::Decision;
 use crate::metrics::Metrics;
@@ -29,7 +29,7 @@ use crate::ports::{SessionEvent, StatusVerdict};
 use crate::router::Port;
 use fleet_proto::topics::{self, DeviceTopic, Topic};
 
-type Tls = TlsStream<TcpStream>;
+type Tls = TlsStream;
 
 /// Handles one accepted TCP connection to the end. `ticket` is its pre-authentication slot
 /// (dropped once CONNECT is handled; the connection is dropped if it is evicted first);
@@ -81,7 +81,7 @@ pub(crate) async fn handle(
             .await;
             return;
         };
-        if let Err(reason) = session(shared.clone(), opened).await {
+        if let Err(reason) = Box::pin(session(shared.clone(), opened)).await {
             debug!(%reason, "connection ended");
         }
         drop(permit);
@@ -91,8 +91,8 @@ pub(crate) async fn handle(
 }
 
 async fn handshake(shared: &Shared, tcp: TcpStream) -> Option<(Tls, Identity, Vec<u8>)> {
-    let acceptor = tokio_rustls::TlsAcceptor::from(shared.tls_config());
-    let tls = match timeout(shared.config.tls.handshake_timeout, acceptor.accept(tcp)).await {
+    let accept = TlsStream::accept(tcp, shared.tls_config());
+    let tls = match timeout(shared.config.tls.handshake_timeout, accept).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
             Metrics::inc(&shared.metrics.handshake_failures);
@@ -107,8 +107,6 @@ async fn handshake(shared: &Shared, tcp: TcpStream) -> Option<(Tls, Identity, Ve
     };
     // Client authentication is mandatory, so a completed handshake has a verified chain.
     let cert = tls
-        .get_ref()
-        .1
         .peer_certificates()
         .and_then(|c| c.first())
         .map(|c| c.to_vec());
@@ -356,7 +354,7 @@ async fn session(shared: Arc<Shared>, opened: Opened) -> Result<(), String> {
         Some(Packet::ConnAck(ack)) => (ack.code == ConnectCode::Accepted).then_some(*ack),
         _ => None,
     };
-    if let Err(e) = pump.flush(&mut wr, &mut registration.close).await {
+    if let Err(e) = Box::pin(pump.flush(&mut wr, &mut registration.close)).await {
         shared
             .router
             .disconnected(&pump.port, Disconnected::Abnormal);
@@ -480,7 +478,7 @@ impl Pump {
                     }
                 }
                 () = wake.notified() => {
-                    if let Some(end) = self.send_pending(wr, close).await {
+                    if let Some(end) = Box::pin(self.send_pending(wr, close)).await {
                         return end;
                     }
                 }
@@ -496,7 +494,7 @@ impl Pump {
                             Ok(Some(packet)) => {
                                 if let Step::Stop(end) = self.on_packet(packet).await {
                                     self.take();
-                                    let _ = self.flush(wr, close).await;
+                                    let _ = Box::pin(self.flush(wr, close)).await;
                                     return end;
                                 }
                             }
@@ -510,7 +508,7 @@ impl Pump {
                             }
                         }
                     }
-                    if let Some(end) = self.send_pending(wr, close).await {
+                    if let Some(end) = Box::pin(self.send_pending(wr, close)).await {
                         return end;
                     }
                 }
@@ -525,7 +523,7 @@ impl Pump {
                             break;
                         }
                     }
-                    if let Err(e) = self.flush(wr, close).await {
+                    if let Err(e) = Box::pin(self.flush(wr, close)).await {
                         return End::Abnormal(format!("write error: {e}"));
                     }
                 }
@@ -610,8 +608,8 @@ impl Pump {
         if more.load(std::sync::atomic::Ordering::Relaxed) {
             self.port.wake.notify_one();
         }
-        self.out = out;
-        self.out.clear();
+        // `out` is dropped, not kept for the next write: an idle connection holds no batch.
+        drop(out);
         if let Err(e) = &r {
             if e.kind() == std::io::ErrorKind::TimedOut {
                 Metrics::inc(&self.shared.metrics.clients_closed_over_limits);
@@ -637,7 +635,7 @@ impl Pump {
                 // queued for an offline session from holding a whole read buffer alive.
                 publish.payload = Bytes::copy_from_slice(&publish.payload);
                 if self.identity.role == fleet_certs::Role::Device {
-                    if let Some(step) = self.store_status(&publish).await {
+                    if let Some(step) = Box::pin(self.store_status(&publish)).await {
                         return step;
                     }
                 }

@@ -11,6 +11,7 @@
 mod connection;
 mod preauth;
 pub(crate) mod sessions;
+mod tls_stream;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
