@@ -73,11 +73,11 @@ pub(crate) async fn handle(
         let Ok(permit) = slots.try_acquire_owned() else {
             Metrics::inc(&shared.metrics.connects_refused);
             warn!("max_connections reached; CONNACK 0x03");
-            refuse(
+            Box::pin(refuse(
                 &mut opened.wr,
                 ConnectCode::ServerUnavailable,
                 shared.config.limits.write_timeout,
-            )
+            ))
             .await;
             return;
         };
@@ -217,7 +217,7 @@ async fn opening(
     identity: Identity,
     cert: Vec<u8>,
     trusted_as_of: u64,
-) -> Option<Opened> {
+) -> Option<Box<Opened>> {
     match read_connect(shared, tls, identity, cert, trusted_as_of).await {
         Ok(o) => Some(o),
         Err(reason) => {
@@ -233,7 +233,7 @@ async fn read_connect(
     identity: Identity,
     cert: Vec<u8>,
     trusted_as_of: u64,
-) -> Result<Opened, String> {
+) -> Result<Box<Opened>, String> {
     let decoder = Decoder::new(shared.config.limits.max_packet_size);
     let write_timeout = shared.config.limits.write_timeout;
     let (mut rd, mut wr) = tokio::io::split(tls);
@@ -307,7 +307,8 @@ async fn read_connect(
         refuse(&mut wr, ConnectCode::NotAuthorized, write_timeout).await;
         return Err("certificate no longer valid".into());
     }
-    Ok(Opened {
+    // Boxed: the connection's task keeps a pointer, not the whole of it, for its life.
+    Ok(Box::new(Opened {
         rd,
         wr,
         inbuf,
@@ -315,10 +316,10 @@ async fn read_connect(
         cert,
         client_id,
         connect,
-    })
+    }))
 }
 
-async fn session(shared: Arc<Shared>, opened: Opened) -> Result<(), String> {
+async fn session(shared: Arc<Shared>, opened: Box<Opened>) -> Result<(), String> {
     let Opened {
         mut rd,
         mut wr,
@@ -327,7 +328,7 @@ async fn session(shared: Arc<Shared>, opened: Opened) -> Result<(), String> {
         cert,
         client_id,
         connect,
-    } = opened;
+    } = *opened;
     let decoder = Decoder::new(shared.config.limits.max_packet_size);
     let write_timeout = shared.config.limits.write_timeout;
 
@@ -492,7 +493,8 @@ impl Pump {
                     loop {
                         match decoder.decode(inbuf) {
                             Ok(Some(packet)) => {
-                                if let Step::Stop(end) = self.on_packet(packet).await {
+                                // Boxed while it runs: the loop's own state stays small.
+                                if let Step::Stop(end) = Box::pin(self.on_packet(packet)).await {
                                     self.take();
                                     let _ = Box::pin(self.flush(wr, close)).await;
                                     return end;
@@ -512,17 +514,10 @@ impl Pump {
                         return end;
                     }
                 }
-                Some(packet) = direct.recv() => {
+                () = direct.ready() => {
                     // Bulk data from a service (firmware chunks), written as it is.
-                    Metrics::inc(&self.shared.metrics.publishes_out);
-                    self.out.push(*packet);
-                    while let Ok(p) = direct.try_recv() {
-                        Metrics::inc(&self.shared.metrics.publishes_out);
-                        self.out.push(*p);
-                        if self.out.len() >= 64 {
-                            break;
-                        }
-                    }
+                    let n = direct.take(64, &mut self.out);
+                    Metrics::add(&self.shared.metrics.publishes_out, n as u64);
                     if let Err(e) = Box::pin(self.flush(wr, close)).await {
                         return End::Abnormal(format!("write error: {e}"));
                     }
@@ -635,7 +630,7 @@ impl Pump {
                 // queued for an offline session from holding a whole read buffer alive.
                 publish.payload = Bytes::copy_from_slice(&publish.payload);
                 if self.identity.role == fleet_certs::Role::Device {
-                    if let Some(step) = Box::pin(self.store_status(&publish)).await {
+                    if let Some(step) = self.store_status(&publish).await {
                         return step;
                     }
                 }
