@@ -478,6 +478,33 @@ async fn a_certificate_revoked_after_its_handshake_is_refused_at_connect() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_with_a_crl_the_ca_did_not_sign_keeps_the_running_configuration() {
+    let mut gw = TestGateway::start().await;
+    gw.pki.revoke("dev-3").unwrap();
+    gw.handle.reload().unwrap();
+    // A CA of the same name but another key signs a CRL that revokes nothing.
+    let other_dir = tempfile::tempdir().unwrap();
+    let other = make_pki(other_dir.path());
+    std::fs::copy(other.crl_path(), gw.pki.crl_path()).unwrap();
+    let err = gw
+        .handle
+        .reload()
+        .expect_err("a CRL the CA did not sign was loaded");
+    assert!(
+        err.to_string().contains("signature does not verify"),
+        "{err}"
+    );
+    // The running CRL still refuses dev-3 at the handshake, and lets dev-1 in.
+    let mut raw = Raw::tls(&gw, "dev-3").await;
+    let (got, closed) = send_and_wait_close(&mut raw.s, &connect_packet("dev-3", 30), WAIT).await;
+    assert!(
+        got.is_empty() && closed,
+        "dev-3 got {got:?} after the refused reload"
+    );
+    Raw::connect(&gw, "dev-1", false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stale_crl_is_reported_and_can_refuse_everyone() {
     let mut gw =
         TestGateway::start_with(|c| c.tls.stale_crl = fleet_broker::StaleCrl::Refuse).await;
