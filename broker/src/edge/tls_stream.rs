@@ -1,8 +1,13 @@
 //! The server side of one TLS connection, on rustls's unbuffered connection so that the edge
 //! owns every buffer: TLS bytes read and not yet processed, plaintext decrypted and not yet
-//! read, and TLS bytes waiting to be written. Each is freed as soon as it is empty, so an idle
-//! connection holds none of them (rustls's buffered connection keeps a 4 KiB read buffer per
-//! connection for its whole life, a quarter of what an idle connection costs the gateway).
+//! read, and TLS bytes waiting to be written. Each is handed back as soon as it is empty, so an
+//! idle connection holds none of them (rustls's buffered connection keeps a 4 KiB read buffer
+//! per connection for its whole life, a quarter of what an idle connection costs the gateway).
+//!
+//! Buffers handed back go to a small per-thread reserve ([`SPARE_BUFFERS`] of at most
+//! [`SPARE_MAX_BYTES`] each) that the next connection needing one takes from: a busy connection
+//! gets and returns a buffer per read or write, and the reserve keeps that from costing an
+//! allocation, zero-filling and fresh pages each time.
 //!
 //! [`TlsStream`] is an [`AsyncRead`] + [`AsyncWrite`]. Reads and writes may interleave but are
 //! not meant to run concurrently from two tasks (the edge's connection loop does one at a
@@ -10,6 +15,7 @@
 //! the handshake may hold at most [`MAX_HANDSHAKE_INPUT`], and a write encrypts at most
 //! [`MAX_WRITE`] bytes of plaintext at a time.
 
+use std::cell::RefCell;
 use std::future::poll_fn;
 use std::io;
 use std::pin::Pin;
@@ -34,6 +40,89 @@ pub(crate) const MAX_HANDSHAKE_INPUT: usize = 64 * 1024 + 2 * READ_SIZE;
 /// Most plaintext bytes encrypted by one write.
 pub(crate) const MAX_WRITE: usize = 64 * 1024;
 
+/// Buffers each thread keeps in reserve.
+const SPARE_BUFFERS: usize = 8;
+
+/// Largest buffer kept in reserve (a write's worth of records).
+const SPARE_MAX_BYTES: usize = MAX_WRITE + 4096;
+
+thread_local! {
+    /// Buffers handed back, each with every byte initialized (`len` is its size).
+    static SPARE: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A byte buffer whose storage is taken from the reserve when needed and handed back when
+/// empty. `data[..len]` holds the bytes; every byte of `data` is initialized, so growing
+/// within it costs no zero-filling.
+#[derive(Default)]
+struct Buf {
+    data: Vec<u8>,
+    len: usize,
+}
+
+impl Buf {
+    fn filled(&self) -> &[u8] {
+        self.data.get(..self.len).unwrap_or_default()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// At least `n` bytes of room after the filled part.
+    fn room(&mut self, n: usize) -> &mut [u8] {
+        let need = self.len + n;
+        if self.data.is_empty() {
+            self.data = SPARE.with(|s| s.borrow_mut().pop()).unwrap_or_default();
+        }
+        if self.data.len() < need {
+            self.data.resize(need, 0);
+        }
+        self.data.get_mut(self.len..).unwrap_or_default()
+    }
+
+    /// `n` bytes of the room were filled.
+    fn commit(&mut self, n: usize) {
+        self.len = (self.len + n).min(self.data.len());
+    }
+
+    fn extend(&mut self, bytes: &[u8]) {
+        let room = self.room(bytes.len());
+        if let Some(dst) = room.get_mut(..bytes.len()) {
+            dst.copy_from_slice(bytes);
+            self.commit(bytes.len());
+        }
+    }
+
+    /// Drops `n` bytes from the front.
+    fn consume(&mut self, n: usize) {
+        let n = n.min(self.len);
+        self.data.copy_within(n..self.len, 0);
+        self.len -= n;
+    }
+
+    /// Hands the storage back when nothing is in it.
+    fn release_if_empty(&mut self) {
+        if self.len > 0 || self.data.capacity() == 0 {
+            return;
+        }
+        let data = std::mem::take(&mut self.data);
+        if data.len() <= SPARE_MAX_BYTES {
+            SPARE.with(|s| {
+                let mut s = s.borrow_mut();
+                if s.len() < SPARE_BUFFERS {
+                    s.push(data);
+                }
+            });
+        }
+    }
+
+    #[cfg(test)]
+    fn capacity(&self) -> usize {
+        self.data.capacity()
+    }
+}
+
 /// What to do once rustls can take application data.
 enum Op<'a> {
     /// Nothing: only process what was received and queue what rustls has to send.
@@ -55,17 +144,17 @@ enum Stop {
     PeerClosed,
 }
 
-/// A server TLS session over a TCP stream, with its buffers freed whenever they are empty.
+/// A server TLS session over a TCP stream, with its buffers handed back whenever empty.
 pub(crate) struct TlsStream {
     tcp: TcpStream,
     conn: UnbufferedServerConnection,
     /// TLS bytes received, not yet processed.
-    incoming: Vec<u8>,
+    incoming: Buf,
     /// TLS bytes to write; `[..sent]` is written already.
-    outgoing: Vec<u8>,
+    outgoing: Buf,
     sent: usize,
     /// Plaintext received; `[..taken]` is read already.
-    plain: Vec<u8>,
+    plain: Buf,
     taken: usize,
     /// The peer closed (close_notify or end of stream).
     eof: bool,
@@ -77,6 +166,32 @@ fn invalid(e: impl std::fmt::Display) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e.to_string())
 }
 
+/// Encodes into `out` with `f`, growing the room to what it asks for.
+fn encode_into<E>(
+    out: &mut Buf,
+    first_guess: usize,
+    mut f: impl FnMut(&mut [u8]) -> Result<usize, E>,
+    required: impl Fn(&E) -> Option<usize>,
+) -> io::Result<()>
+where
+    E: std::fmt::Display,
+{
+    let mut need = first_guess;
+    loop {
+        let room = out.room(need);
+        match f(room.get_mut(..need).unwrap_or_default()) {
+            Ok(n) => {
+                out.commit(n);
+                return Ok(());
+            }
+            Err(e) => match required(&e) {
+                Some(r) if r > need => need = r,
+                _ => return Err(invalid(e)),
+            },
+        }
+    }
+}
+
 impl TlsStream {
     /// Runs the server handshake on `tcp`. The caller bounds it in time.
     pub(crate) async fn accept(tcp: TcpStream, config: Arc<ServerConfig>) -> io::Result<Self> {
@@ -84,10 +199,10 @@ impl TlsStream {
         let mut s = TlsStream {
             tcp,
             conn,
-            incoming: Vec::new(),
-            outgoing: Vec::new(),
+            incoming: Buf::default(),
+            outgoing: Buf::default(),
             sent: 0,
-            plain: Vec::new(),
+            plain: Buf::default(),
             taken: 0,
             eof: false,
             close_queued: false,
@@ -107,7 +222,10 @@ impl TlsStream {
             };
             poll_fn(|cx| s.poll_send(cx)).await?;
             match stop {
-                Stop::Traffic => return Ok(s),
+                Stop::Traffic => {
+                    s.release_empty();
+                    return Ok(s);
+                }
                 Stop::PeerClosed => {
                     return Err(io::Error::new(
                         io::ErrorKind::UnexpectedEof,
@@ -115,7 +233,7 @@ impl TlsStream {
                     ))
                 }
                 Stop::Blocked => {
-                    if s.incoming.len() >= MAX_HANDSHAKE_INPUT {
+                    if s.incoming.len >= MAX_HANDSHAKE_INPUT {
                         return Err(invalid("TLS handshake input over its limit"));
                     }
                     let n = poll_fn(|cx| s.poll_fill(cx)).await?;
@@ -135,14 +253,26 @@ impl TlsStream {
         self.conn.peer_certificates()
     }
 
+    /// Hands back every buffer that is empty.
+    fn release_empty(&mut self) {
+        self.incoming.release_if_empty();
+        self.outgoing.release_if_empty();
+        self.plain.release_if_empty();
+    }
+
     /// Processes what was received (decrypted application data goes to `plain`, handshake and
     /// alert records to `outgoing`) until rustls needs more input or can take application
     /// data, then carries out `op`.
     fn process(&mut self, op: Op<'_>) -> io::Result<Stop> {
         let mut op = Some(op);
         loop {
-            let UnbufferedStatus { discard, state } =
-                self.conn.process_tls_records(&mut self.incoming);
+            let incoming_len = self.incoming.len;
+            let incoming = self
+                .incoming
+                .data
+                .get_mut(..incoming_len)
+                .unwrap_or_default();
+            let UnbufferedStatus { discard, state } = self.conn.process_tls_records(incoming);
             let mut stop = None;
             let result: io::Result<()> = match state {
                 Err(e) => Err(invalid(e)),
@@ -151,11 +281,11 @@ impl TlsStream {
                     while let Some(record) = records.next_record() {
                         match record {
                             Ok(record) => {
-                                if self.taken == self.plain.len() {
-                                    self.plain.clear();
+                                if self.taken == self.plain.len {
+                                    self.plain.len = 0;
                                     self.taken = 0;
                                 }
-                                self.plain.extend_from_slice(record.payload);
+                                self.plain.extend(record.payload);
                             }
                             Err(e) => {
                                 r = Err(invalid(e));
@@ -165,27 +295,15 @@ impl TlsStream {
                     }
                     r
                 }
-                Ok(ConnectionState::EncodeTlsData(mut encode)) => {
-                    let start = self.outgoing.len();
-                    let mut need = 1024;
-                    loop {
-                        self.outgoing.resize(start + need, 0);
-                        let out = self.outgoing.get_mut(start..).unwrap_or_default();
-                        match encode.encode(out) {
-                            Ok(n) => {
-                                self.outgoing.truncate(start + n);
-                                break Ok(());
-                            }
-                            Err(EncodeError::InsufficientSize(s)) if s.required_size > need => {
-                                need = s.required_size;
-                            }
-                            Err(e) => {
-                                self.outgoing.truncate(start);
-                                break Err(invalid(e));
-                            }
-                        }
-                    }
-                }
+                Ok(ConnectionState::EncodeTlsData(mut encode)) => encode_into(
+                    &mut self.outgoing,
+                    1024,
+                    |out| encode.encode(out),
+                    |e| match e {
+                        EncodeError::InsufficientSize(s) => Some(s.required_size),
+                        _ => None,
+                    },
+                ),
                 Ok(ConnectionState::TransmitTlsData(transmit)) => {
                     // The records are in `outgoing`, which is written before any more input
                     // is read; rustls only needs to know they are taken.
@@ -202,65 +320,41 @@ impl TlsStream {
                     Ok(())
                 }
                 Ok(ConnectionState::WriteTraffic(mut traffic)) => {
-                    let r = match op.take() {
-                        None | Some(Op::Process) => Ok(()),
-                        Some(Op::Write(data)) => {
-                            let start = self.outgoing.len();
-                            // Room for every record's header, tag and content type, and a
-                            // key update; resized if rustls asks for more.
-                            let mut need = data.len() + (data.len() / 16384 + 1) * 64 + 256;
-                            loop {
-                                self.outgoing.resize(start + need, 0);
-                                let out = self.outgoing.get_mut(start..).unwrap_or_default();
-                                match traffic.encrypt(data, out) {
-                                    Ok(n) => {
-                                        self.outgoing.truncate(start + n);
-                                        break Ok(());
-                                    }
-                                    Err(EncryptError::InsufficientSize(s))
-                                        if s.required_size > need =>
-                                    {
-                                        need = s.required_size;
-                                    }
-                                    Err(e) => {
-                                        self.outgoing.truncate(start);
-                                        break Err(invalid(e));
-                                    }
-                                }
-                            }
-                        }
-                        Some(Op::Close) => {
-                            let start = self.outgoing.len();
-                            self.outgoing.resize(start + 64, 0);
-                            let out = self.outgoing.get_mut(start..).unwrap_or_default();
-                            match traffic.queue_close_notify(out) {
-                                Ok(n) => {
-                                    self.outgoing.truncate(start + n);
-                                    Ok(())
-                                }
-                                Err(e) => {
-                                    self.outgoing.truncate(start);
-                                    Err(invalid(e))
-                                }
-                            }
-                        }
-                    };
                     stop = Some(Stop::Traffic);
-                    r
+                    match op.take() {
+                        None | Some(Op::Process) => Ok(()),
+                        // Room for every record's header, tag and content type, and a key
+                        // update; grown if rustls asks for more.
+                        Some(Op::Write(data)) => encode_into(
+                            &mut self.outgoing,
+                            data.len() + (data.len() / 16384 + 1) * 64 + 256,
+                            |out| traffic.encrypt(data, out),
+                            |e| match e {
+                                EncryptError::InsufficientSize(s) => Some(s.required_size),
+                                _ => None,
+                            },
+                        ),
+                        Some(Op::Close) => encode_into(
+                            &mut self.outgoing,
+                            64,
+                            |out| traffic.queue_close_notify(out),
+                            |e| match e {
+                                EncryptError::InsufficientSize(s) => Some(s.required_size),
+                                _ => None,
+                            },
+                        ),
+                    }
                 }
                 Ok(ConnectionState::ReadEarlyData(_)) => Err(invalid("unexpected early data")),
                 Ok(_) => Err(invalid("unexpected TLS connection state")),
             };
-            self.incoming.drain(..discard.min(self.incoming.len()));
+            self.incoming.consume(discard);
             if let Err(e) = result {
                 // Whatever rustls queued for the peer (a fatal alert) is still to be sent.
                 self.queue_pending_records();
                 return Err(e);
             }
             if let Some(stop) = stop {
-                if self.incoming.is_empty() {
-                    self.incoming = Vec::new();
-                }
                 return Ok(stop);
             }
         }
@@ -271,35 +365,44 @@ impl TlsStream {
         for _ in 0..4 {
             // The same buffer as before: rustls may refer to handshake bytes it still holds
             // there. Queued records come out before any input is looked at.
-            let UnbufferedStatus { state, .. } = self.conn.process_tls_records(&mut self.incoming);
+            let incoming_len = self.incoming.len;
+            let incoming = self
+                .incoming
+                .data
+                .get_mut(..incoming_len)
+                .unwrap_or_default();
+            let UnbufferedStatus { state, .. } = self.conn.process_tls_records(incoming);
             let Ok(ConnectionState::EncodeTlsData(mut encode)) = state else {
                 return;
             };
-            let start = self.outgoing.len();
-            self.outgoing.resize(start + 1024, 0);
-            let out = self.outgoing.get_mut(start..).unwrap_or_default();
-            match encode.encode(out) {
-                Ok(n) => self.outgoing.truncate(start + n),
-                Err(_) => {
-                    self.outgoing.truncate(start);
-                    return;
-                }
+            let queued = encode_into(
+                &mut self.outgoing,
+                1024,
+                |out| encode.encode(out),
+                |e| match e {
+                    EncodeError::InsufficientSize(s) => Some(s.required_size),
+                    _ => None,
+                },
+            );
+            if queued.is_err() {
+                return;
             }
         }
     }
 
-    /// Writes `outgoing` to the socket; ready once all of it is written (and freed).
+    /// Writes `outgoing` to the socket; ready once all of it is written (and handed back).
     fn poll_send(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        while self.sent < self.outgoing.len() {
-            let rest = self.outgoing.get(self.sent..).unwrap_or_default();
+        while self.sent < self.outgoing.len {
+            let rest = self.outgoing.filled().get(self.sent..).unwrap_or_default();
             let n = ready!(Pin::new(&mut self.tcp).poll_write(cx, rest))?;
             if n == 0 {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
             self.sent += n;
         }
-        self.outgoing = Vec::new();
+        self.outgoing.len = 0;
         self.sent = 0;
+        self.outgoing.release_if_empty();
         Poll::Ready(Ok(()))
     }
 
@@ -307,26 +410,19 @@ impl TlsStream {
     /// number of bytes read, 0 at the end of the stream.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
         loop {
-            // Readiness first, so that a connection with nothing to read allocates nothing.
+            // Readiness first, so that a connection with nothing to read holds no buffer.
             ready!(self.tcp.poll_read_ready(cx))?;
-            let used = self.incoming.len();
-            self.incoming.resize(used + READ_SIZE, 0);
-            let buf = self.incoming.get_mut(used..).unwrap_or_default();
-            match self.tcp.try_read(buf) {
+            let room = self.incoming.room(READ_SIZE);
+            let room = room.get_mut(..READ_SIZE).unwrap_or_default();
+            match self.tcp.try_read(room) {
                 Ok(n) => {
-                    self.incoming.truncate(used + n);
+                    self.incoming.commit(n);
                     return Poll::Ready(Ok(n));
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    self.incoming.truncate(used);
-                    if self.incoming.is_empty() {
-                        self.incoming = Vec::new();
-                    }
+                    self.incoming.release_if_empty();
                 }
-                Err(e) => {
-                    self.incoming.truncate(used);
-                    return Poll::Ready(Err(e));
-                }
+                Err(e) => return Poll::Ready(Err(e)),
             }
         }
     }
@@ -349,14 +445,15 @@ impl AsyncRead for TlsStream {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         loop {
-            if this.taken < this.plain.len() {
-                let available = this.plain.get(this.taken..).unwrap_or_default();
+            if this.taken < this.plain.len {
+                let available = this.plain.filled().get(this.taken..).unwrap_or_default();
                 let n = available.len().min(buf.remaining());
                 buf.put_slice(available.get(..n).unwrap_or_default());
                 this.taken += n;
-                if this.taken == this.plain.len() {
-                    this.plain = Vec::new();
+                if this.taken == this.plain.len {
+                    this.plain.len = 0;
                     this.taken = 0;
+                    this.plain.release_if_empty();
                 }
                 return Poll::Ready(Ok(()));
             }
@@ -366,18 +463,25 @@ impl AsyncRead for TlsStream {
             if !this.incoming.is_empty() {
                 let stop = this.process(Op::Process)?;
                 this.send_eagerly(cx)?;
-                if this.taken < this.plain.len() || stop == Stop::PeerClosed {
+                if this.taken < this.plain.len || stop == Stop::PeerClosed {
                     continue;
                 }
             }
-            let n = ready!(this.poll_fill(cx))?;
+            let n = match this.poll_fill(cx) {
+                Poll::Ready(r) => r?,
+                Poll::Pending => {
+                    // Waiting for the peer: nothing held that is empty.
+                    this.release_empty();
+                    return Poll::Pending;
+                }
+            };
             if n == 0 {
                 this.eof = true;
                 continue;
             }
             let stop = this.process(Op::Process)?;
             this.send_eagerly(cx)?;
-            if stop == Stop::Blocked && this.incoming.len() >= MAX_HANDSHAKE_INPUT {
+            if stop == Stop::Blocked && this.incoming.len >= MAX_HANDSHAKE_INPUT {
                 return Poll::Ready(Err(invalid("TLS input over its limit")));
             }
         }
@@ -534,6 +638,14 @@ mod tests {
             .await
             .unwrap_or_else(|_| panic!("exchange not done within {DEADLINE:?}"))
             .unwrap_or_else(|e| panic!("{e}"));
+        // Idle, as the connection loop leaves it: waiting to read with nothing to read.
+        let waiting = poll_fn(|cx| {
+            let mut b = [0u8; 16];
+            let mut rb = ReadBuf::new(&mut b);
+            Poll::Ready(Pin::new(&mut server).poll_read(cx, &mut rb).is_pending())
+        })
+        .await;
+        assert!(waiting, "the server read something nobody sent");
         assert_eq!(server.buffers_held(), 0, "an idle stream keeps a buffer");
 
         // A close_notify reads as the end of the stream.
