@@ -65,6 +65,10 @@ impl Buf {
         self.data.get(..self.len).unwrap_or_default()
     }
 
+    fn filled_mut(&mut self) -> &mut [u8] {
+        self.data.get_mut(..self.len).unwrap_or_default()
+    }
+
     fn is_empty(&self) -> bool {
         self.len == 0
     }
@@ -164,6 +168,22 @@ pub(crate) struct TlsStream {
 
 fn invalid(e: impl std::fmt::Display) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e.to_string())
+}
+
+/// The room an encoding asked for, when that is why it failed.
+fn encode_needs(e: &EncodeError) -> Option<usize> {
+    match e {
+        EncodeError::InsufficientSize(s) => Some(s.required_size),
+        _ => None,
+    }
+}
+
+/// The room an encryption asked for, when that is why it failed.
+fn encrypt_needs(e: &EncryptError) -> Option<usize> {
+    match e {
+        EncryptError::InsufficientSize(s) => Some(s.required_size),
+        _ => None,
+    }
 }
 
 /// Encodes into `out` with `f`, growing the room to what it asks for.
@@ -266,13 +286,8 @@ impl TlsStream {
     fn process(&mut self, op: Op<'_>) -> io::Result<Stop> {
         let mut op = Some(op);
         loop {
-            let incoming_len = self.incoming.len;
-            let incoming = self
-                .incoming
-                .data
-                .get_mut(..incoming_len)
-                .unwrap_or_default();
-            let UnbufferedStatus { discard, state } = self.conn.process_tls_records(incoming);
+            let UnbufferedStatus { discard, state } =
+                self.conn.process_tls_records(self.incoming.filled_mut());
             let mut stop = None;
             let result: io::Result<()> = match state {
                 Err(e) => Err(invalid(e)),
@@ -299,10 +314,7 @@ impl TlsStream {
                     &mut self.outgoing,
                     1024,
                     |out| encode.encode(out),
-                    |e| match e {
-                        EncodeError::InsufficientSize(s) => Some(s.required_size),
-                        _ => None,
-                    },
+                    encode_needs,
                 ),
                 Ok(ConnectionState::TransmitTlsData(transmit)) => {
                     // The records are in `outgoing`, which is written before any more input
@@ -329,19 +341,13 @@ impl TlsStream {
                             &mut self.outgoing,
                             data.len() + (data.len() / 16384 + 1) * 64 + 256,
                             |out| traffic.encrypt(data, out),
-                            |e| match e {
-                                EncryptError::InsufficientSize(s) => Some(s.required_size),
-                                _ => None,
-                            },
+                            encrypt_needs,
                         ),
                         Some(Op::Close) => encode_into(
                             &mut self.outgoing,
                             64,
                             |out| traffic.queue_close_notify(out),
-                            |e| match e {
-                                EncryptError::InsufficientSize(s) => Some(s.required_size),
-                                _ => None,
-                            },
+                            encrypt_needs,
                         ),
                     }
                 }
@@ -365,13 +371,8 @@ impl TlsStream {
         for _ in 0..4 {
             // The same buffer as before: rustls may refer to handshake bytes it still holds
             // there. Queued records come out before any input is looked at.
-            let incoming_len = self.incoming.len;
-            let incoming = self
-                .incoming
-                .data
-                .get_mut(..incoming_len)
-                .unwrap_or_default();
-            let UnbufferedStatus { state, .. } = self.conn.process_tls_records(incoming);
+            let UnbufferedStatus { state, .. } =
+                self.conn.process_tls_records(self.incoming.filled_mut());
             let Ok(ConnectionState::EncodeTlsData(mut encode)) = state else {
                 return;
             };
@@ -379,10 +380,7 @@ impl TlsStream {
                 &mut self.outgoing,
                 1024,
                 |out| encode.encode(out),
-                |e| match e {
-                    EncodeError::InsufficientSize(s) => Some(s.required_size),
-                    _ => None,
-                },
+                encode_needs,
             );
             if queued.is_err() {
                 return;
