@@ -216,7 +216,10 @@ impl FleetClient {
     /// gives `name`, `payload`, `ttl_ms`; its `device_ids` and `device_class` must be empty.
     /// Gateways that do not answer the status query or refuse the command are in
     /// [`FleetCommand::failed`]; [`SdkError::Api`] `NOT_FOUND` when no device of the class is
-    /// known anywhere.
+    /// known anywhere. A gateway missing from the presence list at that moment (its retained
+    /// presence not yet back after a cloud broker fail-over) is in neither: compare the
+    /// gateways of [`FleetCommand::records`] with those you expect, and send it the same
+    /// command id through [`gateway`](Self::gateway) (the id makes a repeat harmless).
     pub async fn send_class_command(
         &self,
         class: &str,

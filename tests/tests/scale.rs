@@ -309,12 +309,20 @@ async fn scenario() {
                 payload: format!("c{i}").into_bytes(),
                 ..SendCommand::default()
             };
-            // Submitted to every gateway: a gateway whose answer was lost in the fail-over is
-            // sent the same command id again (an idempotency key: the gateway answers the
-            // current state, or CONFLICT when the first submission did arrive re-signed).
+            // Submitted to every gateway: a gateway whose answer was lost in the fail-over, or
+            // that was missing from the presence list at that moment (so not a target at
+            // all), is sent the same command id again (an idempotency key: the gateway answers
+            // the current state, or CONFLICT when the first submission did arrive re-signed).
             let mut pending: Vec<String> =
                 match fleet.send_class_command("sensor", req.clone()).await {
-                    Ok(cmd) => cmd.failed().iter().map(|f| f.gateway_id.clone()).collect(),
+                    Ok(cmd) => {
+                        let records = cmd.records();
+                        gw_ids
+                            .iter()
+                            .filter(|gw| !records.iter().any(|r| &r.gateway_id == *gw))
+                            .cloned()
+                            .collect()
+                    }
                     Err(e) => {
                         log(format!("class command {i}: {e}"));
                         gw_ids.clone()
