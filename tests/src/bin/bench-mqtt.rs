@@ -401,10 +401,40 @@ fn n(v: u64) -> String {
     out
 }
 
-fn cpu_note(cpu: f64, secs: f64) -> String {
+/// CPU seconds the broker and this load generator had used at one moment. Both share the
+/// machine's cores, so the generator's share says how much was left for the broker.
+#[derive(Clone, Copy)]
+struct Cpu {
+    broker: f64,
+    generator: f64,
+}
+
+impl Cpu {
+    fn now(broker: &Broker) -> Cpu {
+        Cpu {
+            broker: broker.cpu_seconds(),
+            generator: fleet_tests::procs::cpu_seconds(std::process::id()),
+        }
+    }
+
+    /// What each used since `self`.
+    fn since(self, broker: &Broker) -> Cpu {
+        let now = Cpu::now(broker);
+        Cpu {
+            broker: now.broker - self.broker,
+            generator: now.generator - self.generator,
+        }
+    }
+}
+
+fn cpu_note(cpu: Cpu, secs: f64) -> String {
+    let share = |c: f64| 100.0 * c / secs.max(1e-9);
     format!(
-        "CPU {cpu:.1} s ({:.0} % of a core)",
-        100.0 * cpu / secs.max(1e-9)
+        "CPU {:.1} s ({:.0} % of a core; load generator {:.1} s, {:.0} %)",
+        cpu.broker,
+        share(cpu.broker),
+        cpu.generator,
+        share(cpu.generator)
     )
 }
 
@@ -413,7 +443,7 @@ async fn idle(ctx: &Ctx, broker: &Broker) -> Result<Figure, Error> {
     let n_held = ctx.args.idle.min(ctx.devices.len());
     // Let the broker finish starting up before its baseline is read.
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let (base, cpu0) = (broker.rss_kib(), broker.cpu_seconds());
+    let (base, cpu0) = (broker.rss_kib(), Cpu::now(broker));
     let opened = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
     let progress = opened.clone();
@@ -437,14 +467,15 @@ async fn idle(ctx: &Ctx, broker: &Broker) -> Result<Figure, Error> {
     tokio::time::sleep(Duration::from_secs(1)).await;
     let rss = broker.rss_kib();
     let per = rss.saturating_sub(base) as f64 / held.len().max(1) as f64;
-    let cpu = broker.cpu_seconds() - cpu0;
+    let cpu = cpu0.since(broker);
     drop(held);
     Ok(Figure {
         cell: format!(
-            "**{per:.1} KiB** (RSS {} -> {}; {} opened in {took:.1} s, CPU {cpu:.1} s)",
+            "**{per:.1} KiB** (RSS {} -> {}; {} opened in {took:.1} s, CPU {:.1} s)",
             mib(base),
             mib(rss),
-            n(n_held as u64)
+            n(n_held as u64),
+            cpu.broker
         ),
         value: per,
     })
@@ -454,7 +485,7 @@ async fn idle(ctx: &Ctx, broker: &Broker) -> Result<Figure, Error> {
 async fn connects(ctx: &Ctx, broker: &Broker) -> Result<Figure, Error> {
     let total = ctx.args.connects.min(ctx.devices.len());
     let opened = Arc::new(AtomicU64::new(0));
-    let cpu0 = broker.cpu_seconds();
+    let cpu0 = Cpu::now(broker);
     let start = Instant::now();
     let progress = opened.clone();
     watched(
@@ -482,7 +513,7 @@ async fn connects(ctx: &Ctx, broker: &Broker) -> Result<Figure, Error> {
             "**{}/s** ({} in {secs:.2} s; {}, RSS {})",
             n(rate as u64),
             n(total as u64),
-            cpu_note(broker.cpu_seconds() - cpu0, secs),
+            cpu_note(cpu0.since(broker), secs),
             mib(broker.rss_kib())
         ),
         value: rate,
@@ -505,8 +536,8 @@ struct Flow {
     deliver_secs: f64,
     /// Whether the drain ended at its bound rather than with the subscriber idle.
     drain_bound_hit: bool,
-    /// Broker CPU seconds from the first publish to the end of the drain.
-    cpu: f64,
+    /// CPU seconds from the first publish to the end of the drain.
+    cpu: Cpu,
     /// Seconds from the first publish to the end of the drain.
     measured_secs: f64,
     /// Latencies in nanoseconds, sorted (with `latency`).
@@ -578,7 +609,7 @@ async fn flow(
         );
     }
     let acked = Arc::new(AtomicU64::new(0));
-    let cpu0 = broker.cpu_seconds();
+    let cpu0 = Cpu::now(broker);
     let start = Instant::now();
     for (i, mut p) in publishers.into_iter().enumerate() {
         let (acked, plan) = (acked.clone(), plan(i, base));
@@ -629,7 +660,7 @@ async fn flow(
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    let cpu = broker.cpu_seconds() - cpu0;
+    let cpu = cpu0.since(broker);
     let measured_secs = start.elapsed().as_secs_f64();
     receivers.abort_all();
     let last = Duration::from_nanos(seen.last_nanos.load(Ordering::Relaxed));
