@@ -314,6 +314,12 @@ pub struct BridgeSettings {
     /// Default 10 s.
     #[serde(with = "humantime_serde")]
     pub presence_interval: Duration,
+    /// The presence is also published again, unchanged, once this has passed since the last
+    /// time: a presence the upstream broker lost, or the will of an earlier connection it
+    /// published after this connection's presence, is put right within it. At least
+    /// `presence_interval`. Default 60 s.
+    #[serde(with = "humantime_serde")]
+    pub presence_refresh: Duration,
     /// Reconnect delay: exponential from `reconnect_min` to `reconnect_max`, with full jitter.
     /// Defaults 500 ms and 30 s.
     #[serde(with = "humantime_serde")]
@@ -395,6 +401,7 @@ impl Default for BridgeSettings {
             key: None,
             keep_alive: Duration::from_secs(30),
             presence_interval: Duration::from_secs(10),
+            presence_refresh: Duration::from_secs(60),
             reconnect_min: Duration::from_millis(500),
             reconnect_max: Duration::from_secs(30),
             max_queue_bytes: 256 << 20,
@@ -572,6 +579,9 @@ impl GatewayConfig {
         if b.presence_interval < Duration::from_secs(1) {
             return bad("bridge.presence_interval must be at least 1 s");
         }
+        if b.presence_refresh < b.presence_interval {
+            return bad("bridge.presence_refresh must be at least bridge.presence_interval");
+        }
         if b.cert.is_some() != b.key.is_some() {
             return bad("bridge.cert and bridge.key must be set together");
         }
@@ -648,6 +658,7 @@ mod tests {
             "[bridge]\nupstream = \"a:0\"",
             "[bridge]\nupstream = [\"a:70000\"]",
             "[bridge]\npresence_interval = \"0s\"",
+            "[bridge]\npresence_refresh = \"5s\"",
         ] {
             std::fs::write(&f, bad).unwrap_or_else(|e| panic!("{e}"));
             assert!(GatewayConfig::load(Some(&f)).is_err(), "{bad}");
@@ -665,6 +676,7 @@ mod tests {
         let b = load("").unwrap_or_else(|e| panic!("{e}"));
         assert!(!b.enabled());
         assert_eq!(b.presence_interval, Duration::from_secs(10));
+        assert_eq!(b.presence_refresh, Duration::from_secs(60));
         let one = load("[bridge]\nupstream = \"cloud:8883\"").unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(one.upstream, ["cloud:8883"]);
         assert!(one.enabled());

@@ -347,6 +347,16 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     }
 }
 
+/// First wait before subscriptions the cloud broker refused are asked for again.
+const RESUBSCRIBE_MIN: Duration = Duration::from_secs(1);
+/// Longest wait between two requests of subscriptions the broker keeps refusing.
+const RESUBSCRIBE_MAX: Duration = Duration::from_secs(30);
+
+/// Drives the connection. A SUBACK that refuses any filter leaves the client not ready, and
+/// the subscriptions are asked for again on the same connection after [`RESUBSCRIBE_MIN`],
+/// doubling up to [`RESUBSCRIBE_MAX`]: a cluster refuses subscriptions while it elects
+/// leaders (NATS: "Unable to add JetStream consumer"), and taking that as final left the
+/// client deaf to every answer until its next connection.
 async fn drive(
     inner: Arc<Inner>,
     mut eventloop: EventLoop,
@@ -362,6 +372,9 @@ async fn drive(
         filters.push(topics::ALL_GATEWAY_PRESENCE.to_owned());
     }
     let mut sub_pkid = None;
+    // Counts connections, so that a request again scheduled for one is dropped after it.
+    let connection = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut resubscribe = RESUBSCRIBE_MIN;
     loop {
         if ready.is_closed() && Arc::strong_count(&inner) == 1 {
             // Every FleetClient is gone.
@@ -370,13 +383,9 @@ async fn drive(
         match eventloop.poll().await {
             Ok(Event::Incoming(Incoming::ConnAck(_))) => {
                 backoff.connected(tokio::time::Instant::now().into_std());
-                let filters = filters
-                    .iter()
-                    .map(|f| rumqttc::SubscribeFilter::new(f.clone(), QoS::AtLeastOnce))
-                    .collect::<Vec<_>>();
-                if let Err(e) = inner.mqtt.try_subscribe_many(filters) {
-                    warn!(error = %e, "could not subscribe");
-                }
+                connection.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                resubscribe = RESUBSCRIBE_MIN;
+                subscribe(&inner.mqtt, &filters);
                 sub_pkid = None;
             }
             Ok(Event::Outgoing(rumqttc::Outgoing::Subscribe(pkid))) => sub_pkid = Some(pkid),
@@ -387,8 +396,24 @@ async fn drive(
                     .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure))
                 {
                     let _ = ready.send(Ready::Connecting(
-                        "the gateway refused the API subscriptions (check its ACL)".into(),
+                        "the broker refused the API subscriptions; asking again (check its ACL \
+                         if this goes on)"
+                            .into(),
                     ));
+                    warn!(
+                        again_in = ?resubscribe,
+                        "the broker refused the API subscriptions; asking again"
+                    );
+                    let (mqtt, connections) = (inner.mqtt.clone(), connection.clone());
+                    let this = connections.load(std::sync::atomic::Ordering::Relaxed);
+                    let (wait, filters) = (resubscribe, filters.clone());
+                    tokio::spawn(async move {
+                        tokio::time::sleep(wait).await;
+                        if connections.load(std::sync::atomic::Ordering::Relaxed) == this {
+                            subscribe(&mqtt, &filters);
+                        }
+                    });
+                    resubscribe = (resubscribe * 2).min(RESUBSCRIBE_MAX);
                 } else {
                     // Retained presence follows the grant.
                     lock(&inner.presence).granted_at = Some(tokio::time::Instant::now());
@@ -413,6 +438,17 @@ async fn drive(
                 tokio::time::sleep(delay).await;
             }
         }
+    }
+}
+
+/// Subscribes to `filters` at QoS 1 (again: a subscription replaces the one it repeats).
+fn subscribe(mqtt: &AsyncClient, filters: &[String]) {
+    let filters = filters
+        .iter()
+        .map(|f| rumqttc::SubscribeFilter::new(f.clone(), QoS::AtLeastOnce))
+        .collect::<Vec<_>>();
+    if let Err(e) = mqtt.try_subscribe_many(filters) {
+        warn!(error = %e, "could not subscribe");
     }
 }
 

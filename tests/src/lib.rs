@@ -9,4 +9,5 @@ pub mod mosquitto;
 pub use fleet_testkit::mqtt;
 pub mod procs;
 pub mod proxy;
+pub mod scripted_broker;
 pub mod updates;

@@ -5,9 +5,10 @@
 //! sensors, the node carrying the most bridges is killed: every bridge comes back on another
 //! node, the rollout completes, every command ends and ran exactly once, the gateways stay
 //! listed online. While JetStream elects new leaders, requests through the cluster stall (up
-//! to tens of seconds): a class command whose answer was lost is sent again under the same
-//! command id (an idempotency key), and a rollout call ended by such an error is continued
-//! from the gateways' records; the summary counts both. A summary (rollout time, uplink bytes
+//! to tens of seconds) and subscriptions are refused (the SDK and the bridges ask for them
+//! again; `refused_subscriptions.rs` checks that on cue): a class command whose answer was
+//! lost is sent again under the same command id (an idempotency key), and a rollout call
+//! ended by such an error is continued from the gateways' records; the summary counts both. A summary (rollout time, uplink bytes
 //! per image, the nodes' RSS and CPU) is printed past the harness's capture: the figures of
 //! BENCHMARKS.md "Scale-out".
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -134,7 +135,13 @@ async fn scenario() {
                 k,
                 &upstream,
                 &pairs,
-                &[("GATEWAY__BRIDGE__PRESENCE_INTERVAL", "1s")],
+                &[
+                    ("GATEWAY__BRIDGE__PRESENCE_INTERVAL", "1s"),
+                    // The cluster can lose a presence (one published while the SDK's
+                    // subscription is being set up) or publish a will late, over the presence
+                    // of the bridge's new connection: the refresh puts it right.
+                    ("GATEWAY__BRIDGE__PRESENCE_REFRESH", "5s"),
+                ],
             )
             .await,
         );
@@ -347,7 +354,25 @@ async fn scenario() {
                     }) => {
                         pending.remove(0);
                     }
-                    Err(e) => log(format!("class command {i} to {gw}: {e}; again")),
+                    Err(e) => {
+                        let bridge = fleet_gws.iter().find(|g| g.id == gw).map(|g| {
+                            [
+                                "bridge_connected",
+                                "bridge_connects_total",
+                                "bridge_upstream_index",
+                                "bridge_queue_depth",
+                                "bridge_queue_age_seconds",
+                                "bridge_messages_up_total",
+                                "bridge_messages_down_total",
+                            ]
+                            .map(|m| format!("{m}={}", g.proc.metric(m)))
+                            .join(" ")
+                        });
+                        log(format!(
+                            "class command {i} to {gw}: {e}; again (its bridge: {})",
+                            bridge.unwrap_or_default()
+                        ))
+                    }
                 }
             }
             log(format!("class command {i} submitted"));

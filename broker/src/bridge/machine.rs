@@ -29,9 +29,16 @@
 //!   the same backoff (reset by a connection that lasted [`BackoffConfig::healthy_after`]). A
 //!   switch is only a new connection: the queue rules above are the same whichever address
 //!   the rows went to.
+//! * A downward subscription the upstream broker refuses on a connection is asked for again
+//!   on that connection, after [`RESUBSCRIBE_MIN`] doubling up to [`RESUBSCRIBE_MAX`] while the
+//!   refusals go on: a cluster refuses subscriptions while it elects new leaders (NATS:
+//!   "Unable to add JetStream consumer"), and a gateway that took the refusal as final would
+//!   hear no request until its next connection. A new connection starts from the shortest
+//!   delay.
 //! * The gateway's presence: announced (online, with the device counts) on every new
-//!   connection, then again when the counts change, at most once per presence interval, and
-//!   offline when the bridge stops. Its publishes are QoS 1 like the rows and are numbered by
+//!   connection, then again when the counts change, at most once per presence interval, again
+//!   unchanged once the presence refresh has passed since the last, and offline when the
+//!   bridge stops. Its publishes are QoS 1 like the rows and are numbered by
 //!   the client in the same sequence, so the machine keeps them in its hand-over order (a
 //!   presence PUBACK never acknowledges a row); they are not rows and do not take room in
 //!   the window.
@@ -48,6 +55,10 @@ pub(crate) const WINDOW: usize = 64;
 pub(crate) const ACK_BATCH: usize = 256;
 /// How often the queue is trimmed to its budget and its gauges refreshed.
 pub(crate) const HOUSEKEEPING: Duration = Duration::from_secs(1);
+/// First wait before a refused downward subscription is asked for again.
+pub(crate) const RESUBSCRIBE_MIN: Duration = Duration::from_secs(1);
+/// Longest wait between two requests of a subscription the broker keeps refusing.
+pub(crate) const RESUBSCRIBE_MAX: Duration = Duration::from_secs(30);
 
 /// What the gateway announces upstream about its devices.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -67,6 +78,9 @@ pub(crate) struct MachineConfig {
     pub upstreams: usize,
     /// Presence updates after the first on a connection: at most one per this.
     pub presence_interval: Duration,
+    /// Presence is announced again, changed or not, once this has passed since the last
+    /// announcement (at least `presence_interval`).
+    pub presence_refresh: Duration,
 }
 
 /// A publish handed to the client, as the machine tracks it until its PUBACK.
@@ -137,6 +151,9 @@ pub(crate) enum Action {
     Delivered(Row),
     /// Trim the queue to its budget and refresh its gauges.
     Housekeeping,
+    /// Ask again for the downward subscriptions (the broker refused one on this connection);
+    /// report a refusal again with [`Machine::subscribe_refused`].
+    Resubscribe,
 }
 
 /// The outstanding read.
@@ -156,6 +173,7 @@ pub(crate) struct Machine {
     /// Index of the address connected to, or tried next.
     upstream: usize,
     presence_interval: Duration,
+    presence_refresh: Duration,
     /// The latest device counts.
     counts: DeviceCounts,
     /// Counts last announced on this connection (none: not yet, or the client refused it).
@@ -179,6 +197,10 @@ pub(crate) struct Machine {
     /// Acknowledged, removal not yet confirmed: never handed over again.
     done: BTreeSet<i64>,
     next_housekeeping: Option<Instant>,
+    /// When refused subscriptions are asked for again (on this connection).
+    resubscribe_at: Option<Instant>,
+    /// The wait after the next refusal.
+    resubscribe_delay: Duration,
     actions: VecDeque<Action>,
 }
 
@@ -191,6 +213,7 @@ impl Machine {
             upstreams: config.upstreams.max(1),
             upstream: 0,
             presence_interval: config.presence_interval,
+            presence_refresh: config.presence_refresh.max(config.presence_interval),
             counts: DeviceCounts::default(),
             announced: None,
             announced_at: None,
@@ -204,6 +227,8 @@ impl Machine {
             acked: Vec::new(),
             done: BTreeSet::new(),
             next_housekeeping: None,
+            resubscribe_at: None,
+            resubscribe_delay: RESUBSCRIBE_MIN,
             actions: VecDeque::new(),
         }
     }
@@ -269,12 +294,29 @@ impl Machine {
         self.announced_at = None;
         // A read asked for on the previous connection is stale when it comes back.
         self.reading = None;
+        // A new connection subscribes to everything anyway.
+        self.resubscribe_at = None;
+        self.resubscribe_delay = RESUBSCRIBE_MIN;
         self.actions.retain(|a| {
             !matches!(
                 a,
-                Action::Publish(_) | Action::Read { .. } | Action::Presence { .. }
+                Action::Publish(_)
+                    | Action::Read { .. }
+                    | Action::Presence { .. }
+                    | Action::Resubscribe
             )
         });
+    }
+
+    /// The upstream broker refused a downward subscription on this connection: it is asked
+    /// for again ([`Action::Resubscribe`]) once the current delay has passed, and the delay
+    /// after that doubles (up to [`RESUBSCRIBE_MAX`]). Ignored while disconnected.
+    pub(crate) fn subscribe_refused(&mut self, now: Instant) {
+        if !self.connected || self.resubscribe_at.is_some() {
+            return;
+        }
+        self.resubscribe_at = Some(now + self.resubscribe_delay);
+        self.resubscribe_delay = (self.resubscribe_delay * 2).min(RESUBSCRIBE_MAX);
     }
 
     /// The device counts are now `counts`: announced when they differ from the last announced
@@ -308,10 +350,16 @@ impl Machine {
     }
 
     fn announce_if_due(&mut self, now: Instant) {
-        let due = self.announced != Some(self.counts)
+        let changed = self.announced != Some(self.counts)
             && self
                 .announced_at
                 .is_none_or(|at| now >= at + self.presence_interval);
+        // Also unchanged, now and then: a presence the cloud broker lost, or the will of an
+        // earlier connection it published late over this one's, is put right.
+        let stale = self
+            .announced_at
+            .is_some_and(|at| now >= at + self.presence_refresh);
+        let due = changed || stale;
         if self.connected && !self.stopping && due {
             self.announce(now, true);
         }
@@ -428,11 +476,15 @@ impl Machine {
     }
 
     /// Time passed: acknowledgements are flushed, the queue read, changed device counts
-    /// announced and housekeeping done when due.
+    /// announced, refused subscriptions asked for again and housekeeping done when due.
     pub(crate) fn tick(&mut self, now: Instant) {
         self.flush();
         self.pump();
         self.announce_if_due(now);
+        if self.connected && self.resubscribe_at.is_some_and(|t| now >= t) {
+            self.resubscribe_at = None;
+            self.actions.push_back(Action::Resubscribe);
+        }
         if self.next_housekeeping.is_none_or(|t| now >= t) {
             self.next_housekeeping = Some(now + HOUSEKEEPING);
             self.actions.push_back(Action::Housekeeping);

@@ -27,8 +27,9 @@
 //! * **Presence**: the gateway announces itself upstream on [`topics::gateway_presence_topic`]
 //!   (a retained `GatewayPresence`, QoS 1): online with its version and device counts when the
 //!   bridge connects, again when the counts change (at most once per
-//!   `bridge.presence_interval`), offline when the gateway stops cleanly, and offline as the
-//!   bridge's MQTT will when it is lost otherwise.
+//!   `bridge.presence_interval`) and unchanged every `bridge.presence_refresh`, offline when
+//!   the gateway stops cleanly, and offline as the bridge's MQTT will when it is lost
+//!   otherwise.
 //!
 //! * **Refused topics**: a broker that does not take some characters in a topic closes the
 //!   connection of a client that publishes one (NATS: `.` and space). Such a message would be
@@ -146,6 +147,8 @@ pub(crate) struct Bridge {
     lost_log: LogBudget,
     /// Budget of "topic refused" lines.
     refused_log: LogBudget,
+    /// Budget of "subscription refused" lines.
+    unsubscribed_log: LogBudget,
 }
 
 impl Bridge {
@@ -198,6 +201,7 @@ impl Bridge {
             },
             upstreams: upstreams.len(),
             presence_interval: settings.presence_interval,
+            presence_refresh: settings.presence_refresh,
         });
         let counts = *devices.borrow();
         machine.devices(Instant::now().into_std(), counts);
@@ -232,6 +236,7 @@ impl Bridge {
             retry_at: None,
             lost_log: LogBudget::per(LOST_LINES, LOG_WINDOW),
             refused_log: LogBudget::per(REFUSED_LINES, LOG_WINDOW),
+            unsubscribed_log: LogBudget::per(LOST_LINES, LOG_WINDOW),
         })
     }
 
@@ -315,6 +320,15 @@ impl Bridge {
             &self.settings,
             will(&self.gateway, counts, self.started_at_ms),
         )
+    }
+
+    /// Subscribes to the downward filters (again: a subscription replaces the one it repeats).
+    fn subscribe_down(&mut self) {
+        for f in self.mapping.down_subscriptions() {
+            if let Err(e) = self.mqtt.try_subscribe(f, QoS::AtLeastOnce) {
+                warn!(error = %e, "bridge: could not queue a subscription");
+            }
+        }
     }
 
     /// The gateway's presence now.
@@ -429,7 +443,15 @@ impl Bridge {
                     .iter()
                     .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure))
                 {
-                    warn!("the upstream broker refused the bridge's subscription (check its ACL)");
+                    // Asked for again: a cluster refuses while it elects leaders.
+                    self.machine.subscribe_refused(now);
+                    if let Some(suppressed) = self.unsubscribed_log.allow() {
+                        warn!(
+                            suppressed,
+                            "bridge: the upstream broker refused a subscription; asking again \
+                             (check its ACL if this goes on)"
+                        );
+                    }
                 }
             }
             Ok(_) => {}
@@ -495,12 +517,9 @@ impl Bridge {
                     Metrics::inc(&self.metrics.bridge_connects);
                     let upstream = &self.upstreams[self.machine.upstream()].0;
                     info!(session_present, %upstream, "bridge connected upstream");
-                    for f in self.mapping.down_subscriptions() {
-                        if let Err(e) = self.mqtt.try_subscribe(f, QoS::AtLeastOnce) {
-                            warn!(error = %e, "bridge: could not queue a subscription");
-                        }
-                    }
+                    self.subscribe_down();
                 }
+                Action::Resubscribe => self.subscribe_down(),
                 Action::Down {
                     retry_at,
                     was_up,

@@ -20,6 +20,7 @@ fn config() -> MachineConfig {
         backoff: backoff(),
         upstreams: 1,
         presence_interval: Duration::from_secs(10),
+        presence_refresh: Duration::from_secs(60),
     }
 }
 
@@ -479,9 +480,9 @@ fn presence_goes_out_on_connect_then_on_changes_at_most_once_an_interval() {
     assert!(m.puback(1));
     assert_eq!(drain(&mut m), [Action::Announced { online: true }]);
     assert_eq!(m.unacknowledged(), 1);
-    // Unchanged counts: nothing, however long.
-    m.tick(t0 + Duration::from_secs(60));
-    m.devices(t0 + Duration::from_secs(60), counts(2, 1));
+    // Unchanged counts: nothing until the refresh is due (its own test is below).
+    m.tick(t0 + Duration::from_secs(59));
+    m.devices(t0 + Duration::from_secs(59), counts(2, 1));
     assert!(presences(&drain(&mut m)).is_empty());
     // A change within the interval waits for it; the latest counts go.
     let t1 = t0 + Duration::from_secs(61);
@@ -532,6 +533,84 @@ fn stopping_announces_offline_once_and_nothing_after() {
     assert!(presences(&drain(&mut m)).is_empty());
 }
 
+#[test]
+fn unchanged_presence_is_announced_again_once_per_refresh() {
+    let t0 = Instant::now();
+    let mut m = Machine::new(config());
+    connect(&mut m, t0, true);
+    drain(&mut m);
+    m.tick(t0 + Duration::from_secs(59));
+    assert!(presences(&drain(&mut m)).is_empty());
+    m.tick(t0 + Duration::from_secs(60));
+    assert_eq!(presences(&drain(&mut m)), [(true, DeviceCounts::default())]);
+    m.tick(t0 + Duration::from_secs(119));
+    assert!(presences(&drain(&mut m)).is_empty());
+    m.tick(t0 + Duration::from_secs(120));
+    assert_eq!(presences(&drain(&mut m)).len(), 1);
+}
+
+/// Ticks `m` every 50 ms (the driver's tick) from `from` for `span`; the times at which it
+/// asked for the subscriptions again.
+fn resubscribes(m: &mut Machine, from: Instant, span: Duration) -> Vec<Duration> {
+    let mut asked = Vec::new();
+    let mut t = Duration::ZERO;
+    while t <= span {
+        m.tick(from + t);
+        if drain(m).contains(&Action::Resubscribe) {
+            asked.push(t);
+        }
+        t += Duration::from_millis(50);
+    }
+    asked
+}
+
+#[test]
+fn a_refused_subscription_is_asked_for_again_sooner_first_then_at_most_every_30_s() {
+    let t0 = Instant::now();
+    let mut m = Machine::new(config());
+    connect(&mut m, t0, true);
+    drain(&mut m);
+    let mut now = t0;
+    let mut waits = Vec::new();
+    for _ in 0..8 {
+        m.subscribe_refused(now);
+        // A second refusal while one is pending changes nothing.
+        m.subscribe_refused(now);
+        let asked = resubscribes(&mut m, now, Duration::from_secs(40));
+        assert_eq!(asked.len(), 1, "one request per refusal: {asked:?}");
+        waits.push(asked[0].as_secs());
+        now += asked[0];
+    }
+    assert_eq!(waits, [1, 2, 4, 8, 16, 30, 30, 30]);
+}
+
+#[test]
+fn a_refusal_is_forgotten_with_its_connection_and_the_next_starts_from_one_second() {
+    let t0 = Instant::now();
+    let mut m = Machine::new(config());
+    // Refused while disconnected: nothing to ask for.
+    m.subscribe_refused(t0);
+    assert!(resubscribes(&mut m, t0, Duration::from_secs(40)).is_empty());
+    connect(&mut m, t0, false);
+    drain(&mut m);
+    for _ in 0..3 {
+        m.subscribe_refused(t0);
+        let asked = resubscribes(&mut m, t0, Duration::from_secs(10));
+        assert!(!asked.is_empty());
+    }
+    m.subscribe_refused(t0);
+    m.disconnected(t0, 0);
+    // The connection that was refused is gone; a new one subscribes anyway.
+    assert!(resubscribes(&mut m, t0, Duration::from_secs(40)).is_empty());
+    connect(&mut m, t0, true);
+    drain(&mut m);
+    m.subscribe_refused(t0);
+    assert_eq!(
+        resubscribes(&mut m, t0, Duration::from_secs(5)),
+        [Duration::from_secs(1)]
+    );
+}
+
 // ---- The model: a store queue, a client numbering in order, an upstream broker. ----
 
 #[derive(Debug, Clone)]
@@ -564,18 +643,23 @@ enum Op {
     AttemptFails,
     /// The device counts change.
     Devices(u8, u8),
+    /// The broker refuses a downward subscription (answers the last SUBSCRIBE with a failure).
+    SubscriptionRefused,
 }
 
 /// Upstream addresses in the model.
 const UPSTREAMS: usize = 3;
 /// The model's presence interval.
 const PRESENCE_INTERVAL: Duration = Duration::from_secs(1);
+/// The model's presence refresh.
+const PRESENCE_REFRESH: Duration = Duration::from_secs(5);
 
 fn model_config() -> MachineConfig {
     MachineConfig {
         backoff: backoff(),
         upstreams: UPSTREAMS,
         presence_interval: PRESENCE_INTERVAL,
+        presence_refresh: PRESENCE_REFRESH,
     }
 }
 
@@ -595,6 +679,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(Op::Crash),
         1 => Just(Op::AttemptFails),
         2 => (0u8..4, 0u8..4).prop_map(|(k, o)| Op::Devices(k, o)),
+        1 => Just(Op::SubscriptionRefused),
     ]
 }
 
@@ -643,6 +728,9 @@ struct Model {
     expect_announced: Option<bool>,
     /// The address the model is connected to (or last tried).
     address: usize,
+    /// The oldest refusal of a downward subscription on this connection not yet followed by
+    /// a request for it again.
+    refused_at: Option<Instant>,
 }
 
 /// Whether an entry of the client's or the wire's queues is a row (not presence).
@@ -681,6 +769,7 @@ impl Model {
             upstream_presence: Vec::new(),
             expect_announced: None,
             address: 0,
+            refused_at: None,
         }
     }
 
@@ -756,6 +845,19 @@ impl Model {
                     prop_assert_eq!(self.expect_delivered.take(), Some(r.seq));
                 }
                 Action::Housekeeping => {}
+                Action::Resubscribe => {
+                    // (i) asked for again only on the connection that was refused, and not
+                    // before the shortest delay.
+                    prop_assert!(
+                        self.connected,
+                        "a subscription asked for while disconnected"
+                    );
+                    let refused = self.refused_at.take();
+                    prop_assert!(refused.is_some(), "a subscription asked for unrefused");
+                    if let Some(at) = refused {
+                        prop_assert!(self.now >= at + RESUBSCRIBE_MIN, "asked for again too soon");
+                    }
+                }
             }
             prop_assert!(self.m.unacknowledged() <= WINDOW);
         }
@@ -763,6 +865,7 @@ impl Model {
     }
 
     fn drop_connection(&mut self) {
+        self.refused_at = None;
         self.old_pkids.extend(self.wire.keys());
         self.client.clear();
         self.wire.clear();
@@ -905,6 +1008,32 @@ impl Model {
             Op::Tick(ms) => {
                 self.now += Duration::from_millis(u64::from(ms));
                 self.m.tick(self.now);
+                self.run()?;
+                // (j) on a live connection, presence is handed over again at least once per
+                // refresh (a tick is the first moment the machine can see it is due).
+                if self.connected {
+                    if let Some(at) = self.presence_at {
+                        prop_assert!(
+                            self.now < at + PRESENCE_REFRESH,
+                            "presence not refreshed since {:?}",
+                            self.now - at
+                        );
+                    }
+                }
+                // (i) a refusal is followed by a new request within the longest delay.
+                if let Some(at) = self.refused_at {
+                    prop_assert!(
+                        self.now < at + RESUBSCRIBE_MAX,
+                        "a refused subscription was not asked for again within {:?}",
+                        RESUBSCRIBE_MAX
+                    );
+                }
+            }
+            Op::SubscriptionRefused => {
+                if self.connected {
+                    self.refused_at.get_or_insert(self.now);
+                    self.m.subscribe_refused(self.now);
+                }
             }
             Op::Crash => {
                 self.drop_connection();
@@ -948,7 +1077,8 @@ impl Model {
     }
 
     /// (c) With the link up and nothing lost, everything queued arrives and the queue drains;
-    /// (h) the upstream broker ends up with the gateway online and its current counts.
+    /// (h) the upstream broker ends up with the gateway online and its current counts;
+    /// (i) a subscription refused on the live connection is asked for again.
     fn settle(&mut self) -> Result<(), TestCaseError> {
         // A PUBACK lost on a live connection is only recovered by a new connection (MQTT
         // 3.1.1 re-sends nothing within one): the lossy one ends first.
@@ -970,6 +1100,16 @@ impl Model {
             self.step(Op::Tick(50))?;
         }
         prop_assert!(self.queue.is_empty(), "left queued: {:?}", self.queue);
+        // (i) a refusal still open on the live connection is asked for again in time.
+        if self.refused_at.is_some() {
+            for _ in 0..21 {
+                self.step(Op::Tick(1_500))?;
+            }
+            prop_assert!(
+                self.refused_at.is_none(),
+                "a refused subscription never asked again"
+            );
+        }
         let delivered: HashSet<i64> = self.upstream.iter().copied().collect();
         for s in &self.all {
             prop_assert!(delivered.contains(s), "row {} never delivered", s);
@@ -990,6 +1130,9 @@ impl Model {
 proptest! {
     #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
 
+    /// Also (i): a refused downward subscription is asked for again on its connection, not
+    /// sooner than the shortest delay and within the longest; (j) presence is handed over
+    /// again at least once per refresh on a live connection.
     #[test]
     fn every_row_goes_up_at_least_once_in_order_and_leaves_the_queue_only_when_acknowledged(
         ops in prop::collection::vec(op(), 0..400),
