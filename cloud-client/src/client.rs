@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -373,7 +374,7 @@ async fn drive(
     }
     let mut sub_pkid = None;
     // Counts connections, so that a request again scheduled for one is dropped after it.
-    let connection = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let connection = Arc::new(AtomicU64::new(0));
     let mut resubscribe = RESUBSCRIBE_MIN;
     loop {
         if ready.is_closed() && Arc::strong_count(&inner) == 1 {
@@ -383,7 +384,7 @@ async fn drive(
         match eventloop.poll().await {
             Ok(Event::Incoming(Incoming::ConnAck(_))) => {
                 backoff.connected(tokio::time::Instant::now().into_std());
-                connection.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                connection.fetch_add(1, Ordering::Relaxed);
                 resubscribe = RESUBSCRIBE_MIN;
                 subscribe(&inner.mqtt, &filters);
                 sub_pkid = None;
@@ -405,11 +406,11 @@ async fn drive(
                         "the broker refused the API subscriptions; asking again"
                     );
                     let (mqtt, connections) = (inner.mqtt.clone(), connection.clone());
-                    let this = connections.load(std::sync::atomic::Ordering::Relaxed);
+                    let this = connections.load(Ordering::Relaxed);
                     let (wait, filters) = (resubscribe, filters.clone());
                     tokio::spawn(async move {
                         tokio::time::sleep(wait).await;
-                        if connections.load(std::sync::atomic::Ordering::Relaxed) == this {
+                        if connections.load(Ordering::Relaxed) == this {
                             subscribe(&mqtt, &filters);
                         }
                     });

@@ -10,6 +10,7 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -80,7 +81,7 @@ impl ScriptedBroker {
         let (down, _) = broadcast::channel(64);
         let (s, d) = (seen.clone(), down.clone());
         let task = tokio::spawn(async move {
-            let refused = Arc::new(Mutex::new(0usize));
+            let refused = Arc::new(AtomicUsize::new(0));
             while let Ok((tcp, _)) = listener.accept().await {
                 let (acceptor, seen, down, refused) =
                     (acceptor.clone(), s.clone(), d.subscribe(), refused.clone());
@@ -145,7 +146,7 @@ async fn serve(
     mut tls: tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
     seen: Arc<Mutex<Seen>>,
     mut down: broadcast::Receiver<Vec<u8>>,
-    refused: Arc<Mutex<usize>>,
+    refused: Arc<AtomicUsize>,
     refuse: usize,
 ) {
     let mut buf = Vec::new();
@@ -173,11 +174,7 @@ async fn serve(
                         filters.push(f);
                         rest = rest.get(1..).unwrap_or_default();
                     }
-                    let refuse_this = {
-                        let mut r = lock(&refused);
-                        *r += 1;
-                        *r <= refuse
-                    };
+                    let refuse_this = refused.fetch_add(1, Ordering::Relaxed) < refuse;
                     granted |= !refuse_this;
                     let code = if refuse_this { 0x80 } else { 0x01 };
                     let mut ack = id.to_vec();

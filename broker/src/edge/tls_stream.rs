@@ -464,23 +464,22 @@ impl AsyncRead for TlsStream {
                 if this.taken < this.plain.len || stop == Stop::PeerClosed {
                     continue;
                 }
+                if stop == Stop::Blocked && this.incoming.len >= MAX_HANDSHAKE_INPUT {
+                    return Poll::Ready(Err(invalid("TLS input over its limit")));
+                }
             }
-            let n = match this.poll_fill(cx) {
-                Poll::Ready(r) => r?,
+            // What was read is processed at the top of the loop.
+            match this.poll_fill(cx) {
+                Poll::Ready(r) => {
+                    if r? == 0 {
+                        this.eof = true;
+                    }
+                }
                 Poll::Pending => {
                     // Waiting for the peer: nothing held that is empty.
                     this.release_empty();
                     return Poll::Pending;
                 }
-            };
-            if n == 0 {
-                this.eof = true;
-                continue;
-            }
-            let stop = this.process(Op::Process)?;
-            this.send_eagerly(cx)?;
-            if stop == Stop::Blocked && this.incoming.len >= MAX_HANDSHAKE_INPUT {
-                return Poll::Ready(Err(invalid("TLS input over its limit")));
             }
         }
     }
